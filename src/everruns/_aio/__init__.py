@@ -1,0 +1,8 @@
+"""The one door to asyncio: asyncpg and grpclib bridged into Trio with trio-asyncio.
+
+Everything outside this package is Trio-only. Code here turns asyncio calls into Trio calls,
+keeps cleanup shielded and bounded, and maps foreign exceptions onto ``everruns.errors`` at the
+edge. It holds no engine logic.
+"""
+
+from everruns._aio.loop import open_aio_loop as open_aio_loop

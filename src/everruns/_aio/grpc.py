@@ -1,0 +1,283 @@
+"""grpclib bridged into Trio: serve Trio service implementations, call services from Trio.
+
+Server side: `serve_services` takes objects whose async methods are Trio functions named like
+the generated service bases' methods (`start_workflow(request) -> reply`; server streams take a
+`send` function as second argument), and runs a grpclib server that calls them through
+trio-asyncio. Everruns errors raised by a method become gRPC statuses with their message;
+anything else becomes INTERNAL with a short message (the traceback stays in the server log).
+Authentication (bearer token, constant-time comparison) happens here, before any method runs.
+
+Client side: `open_channel` and `RpcChannel.unary/stream` call generated stubs from Trio and map
+gRPC statuses back onto everruns errors. No engine logic here.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import grpclib.const
+import grpclib.exceptions
+import grpclib.server
+import trio
+import trio_asyncio
+from grpclib.client import Channel
+from grpclib.const import Status
+
+from everruns.errors import (
+    AlreadyExists,
+    ConcurrencyConflict,
+    EverrunsError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PayloadError,
+    ResourceExhausted,
+    RpcError,
+    ServerUnavailable,
+    StaleLease,
+)
+
+__all__ = ["RpcChannel", "open_channel", "serve_services", "status_for"]
+
+log = logging.getLogger("everruns.rpc")
+
+Reply = TypeVar("Reply")
+Send = Callable[[Any], Awaitable[None]]
+
+# everruns error -> gRPC status, most specific first.
+_STATUS_OF: Sequence[tuple[type[BaseException], Status]] = (
+    (NotFound, Status.NOT_FOUND),
+    (AlreadyExists, Status.ALREADY_EXISTS),
+    (StaleLease, Status.FAILED_PRECONDITION),
+    (ConcurrencyConflict, Status.ABORTED),
+    (FailedPrecondition, Status.FAILED_PRECONDITION),
+    (ResourceExhausted, Status.RESOURCE_EXHAUSTED),
+    (InvalidArgument, Status.INVALID_ARGUMENT),
+    (PayloadError, Status.INVALID_ARGUMENT),
+)
+
+# gRPC status -> everruns error raised at the client.
+_ERROR_OF: Mapping[Status, type[EverrunsError]] = {
+    Status.NOT_FOUND: NotFound,
+    Status.ALREADY_EXISTS: AlreadyExists,
+    Status.FAILED_PRECONDITION: FailedPrecondition,
+    Status.ABORTED: ConcurrencyConflict,
+    Status.RESOURCE_EXHAUSTED: ResourceExhausted,
+    Status.INVALID_ARGUMENT: InvalidArgument,
+}
+
+
+def status_for(exc: BaseException) -> Status:
+    """The gRPC status an everruns error is sent as."""
+    for kind, status in _STATUS_OF:
+        if isinstance(exc, kind):
+            return status
+    return Status.INTERNAL if not isinstance(exc, EverrunsError) else Status.UNAVAILABLE
+
+
+def _to_grpc_error(exc: BaseException, route: str) -> grpclib.exceptions.GRPCError:
+    if isinstance(exc, EverrunsError) and not isinstance(exc, RpcError):
+        status = status_for(exc)
+        if status is Status.UNAVAILABLE:
+            log.warning("%s: %s", route, exc)
+        return grpclib.exceptions.GRPCError(status, str(exc))
+    log.error("%s failed", route, exc_info=exc)
+    return grpclib.exceptions.GRPCError(
+        Status.INTERNAL, f"internal error in {route}: {type(exc).__name__}: {exc}"
+    )
+
+
+def _bearer_ok(metadata: Any, token: str | None) -> bool:
+    if token is None:
+        return True
+    got = ""
+    for key, value in metadata or ():
+        if key == "authorization":
+            got = value
+    expected = f"Bearer {token}"
+    return hmac.compare_digest(got.encode(), expected.encode())
+
+
+def _wrap_handler(
+    route: str,
+    handler: grpclib.const.Handler,
+    impl: Callable[..., Awaitable[Any]],
+    token: str | None,
+) -> grpclib.const.Handler:
+    streaming = handler.cardinality is grpclib.const.Cardinality.UNARY_STREAM
+
+    async def serve_one(stream: grpclib.server.Stream[Any, Any]) -> None:  # runs on asyncio
+        if not _bearer_ok(stream.metadata, token):
+            raise grpclib.exceptions.GRPCError(
+                Status.UNAUTHENTICATED,
+                "missing or wrong bearer token; set EVERRUNS_AUTH_TOKEN to the server's token",
+            )
+        request = await stream.recv_message()
+        if request is None:
+            raise grpclib.exceptions.GRPCError(Status.INVALID_ARGUMENT, "empty request")
+        try:
+            if streaming:
+
+                async def send(message: Any) -> None:
+                    await trio_asyncio.aio_as_trio(stream.send_message)(message)
+
+                await trio_asyncio.trio_as_aio(impl)(request, send)
+            else:
+                reply = await trio_asyncio.trio_as_aio(impl)(request)
+                await stream.send_message(reply)
+        except grpclib.exceptions.GRPCError:
+            raise
+        except Exception as exc:
+            raise _to_grpc_error(exc, route) from exc
+
+    return grpclib.const.Handler(
+        serve_one, handler.cardinality, handler.request_type, handler.reply_type
+    )
+
+
+class _Servable:
+    """A grpclib servable built from a generated base's routes and a Trio implementation."""
+
+    def __init__(self, mapping: dict[str, grpclib.const.Handler]) -> None:
+        self._mapping = mapping
+
+    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+        return self._mapping
+
+
+def _servable(base: Any, impl: Any, token: str | None) -> _Servable:
+    mapping: dict[str, grpclib.const.Handler] = {}
+    for route, handler in base.__mapping__().items():
+        # Routes are "/pkg.Service/MethodName"; the Trio method is its snake_case name, the
+        # same name the generated base gives it.
+        name = handler.func.__name__.split("__rpc_", 1)[-1]
+        method = getattr(impl, name, None)
+        if method is None:
+            raise TypeError(f"{type(impl).__name__} does not implement {route} ({name})")
+        mapping[route] = _wrap_handler(route, handler, method, token)
+    return _Servable(mapping)
+
+
+async def serve_services(
+    services: Sequence[tuple[Any, Any]],
+    host: str,
+    port: int,
+    *,
+    auth_token: str | None = None,
+    tls: ssl.SSLContext | None = None,
+    closing: trio.Event | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``(generated_base_instance, trio_impl)`` pairs on ``host:port`` until cancelled.
+
+    Reports the bound port (the real one when ``port`` is 0) through ``task_status``. On the
+    way out ``closing`` is set before connections are closed, so handlers can tell a server
+    shutdown from a client that went away.
+    """
+    server = grpclib.server.Server([_servable(base, impl, auth_token) for base, impl in services])
+    try:
+        await trio_asyncio.aio_as_trio(server.start)(host, port, ssl=tls, reuse_address=True)
+    except OSError as exc:
+        raise ServerUnavailable(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    try:
+        sockets = getattr(server._server, "sockets", None) or ()
+        bound = sockets[0].getsockname()[1] if sockets else port
+        task_status.started(bound)
+        await trio.sleep_forever()
+    finally:
+        if closing is not None:
+            closing.set()
+        server.close()
+        with trio.move_on_after(5, shield=True):
+            await trio_asyncio.aio_as_trio(server.wait_closed)()
+
+
+def _to_everruns_error(exc: BaseException, what: str) -> EverrunsError:
+    if isinstance(exc, grpclib.exceptions.GRPCError):
+        message = exc.message or exc.status.name
+        if exc.status is Status.UNAVAILABLE:
+            return ServerUnavailable(f"{what}: control plane unavailable: {message}")
+        if exc.status is Status.UNAUTHENTICATED:
+            return RpcError(message, status=exc.status.name)
+        kind = _ERROR_OF.get(exc.status)
+        if kind is not None:
+            return kind(message)
+        return RpcError(f"{what}: {exc.status.name}: {message}", status=exc.status.name)
+    if isinstance(exc, (OSError, grpclib.exceptions.StreamTerminatedError)):
+        return ServerUnavailable(f"{what}: control plane unreachable: {exc}")
+    return RpcError(f"{what}: {type(exc).__name__}: {exc}")
+
+
+_CALL_ERRORS = (
+    grpclib.exceptions.GRPCError,
+    grpclib.exceptions.StreamTerminatedError,
+    grpclib.exceptions.ProtocolError,
+    OSError,
+)
+
+
+class RpcChannel:
+    """A gRPC channel usable from Trio; carries the bearer token when one is configured."""
+
+    def __init__(self, channel: Channel, address: str, auth_token: str | None) -> None:
+        self._channel = channel
+        self.address = address
+        self._metadata = {"authorization": f"Bearer {auth_token}"} if auth_token else None
+
+    @property
+    def raw(self) -> Channel:
+        """The grpclib channel (give it to generated stubs)."""
+        return self._channel
+
+    async def unary(
+        self,
+        method: Callable[..., Awaitable[Reply]],
+        request: Any,
+        *,
+        timeout: float | None = None,
+    ) -> Reply:
+        """Call a unary stub method (e.g. ``stub.start_workflow``) and return its reply.
+
+        Raises:
+            ServerUnavailable: no control plane answered.
+            NotFound, InvalidArgument, FailedPrecondition, ...: the server's verdict.
+        """
+        try:
+            reply: Reply = await trio_asyncio.aio_as_trio(method)(
+                request, timeout=timeout, metadata=self._metadata
+            )
+        except _CALL_ERRORS as exc:
+            raise _to_everruns_error(exc, getattr(method, "__name__", "call")) from exc
+        return reply
+
+    async def stream(
+        self, method: Callable[..., AsyncIterator[Reply]], request: Any
+    ) -> AsyncIterator[Reply]:
+        """Iterate a server-streaming stub method's replies.
+
+        Raises:
+            ServerUnavailable: the stream could not be opened or broke.
+        """
+        iterator = method(request, metadata=self._metadata)
+        try:
+            async for item in trio_asyncio.aio_as_trio(iterator):
+                yield item
+        except _CALL_ERRORS as exc:
+            raise _to_everruns_error(exc, getattr(method, "__name__", "stream")) from exc
+
+
+@asynccontextmanager
+async def open_channel(
+    host: str, port: int, *, auth_token: str | None = None, tls: ssl.SSLContext | None = None
+) -> AsyncIterator[RpcChannel]:
+    """Open a channel to ``host:port`` for the block (connections are made lazily)."""
+    channel = Channel(host, port, ssl=tls)
+    try:
+        yield RpcChannel(channel, f"{host}:{port}", auth_token)
+    finally:
+        channel.close()

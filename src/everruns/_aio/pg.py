@@ -1,0 +1,309 @@
+"""A typed Trio proxy over asyncpg: pools, connections, transactions and LISTEN.
+
+The store talks to PostgreSQL only through this module. Every call crosses into asyncio with
+trio-asyncio; closing and rolling back run shielded with a bound, so a cancelled caller never
+leaks a connection or leaves a transaction open. asyncpg and OS errors are mapped onto
+``everruns.errors`` here. No SQL text lives here: callers pass it in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+import trio
+import trio_asyncio
+
+from everruns.errors import (
+    AlreadyExists,
+    DatabaseError,
+    DatabaseUnavailable,
+    FailedPrecondition,
+    InvalidArgument,
+)
+
+Row = Mapping[str, Any]
+
+_CLEANUP_SECONDS = 5.0
+
+# SQLSTATE classes that mean "the data refused it" rather than "the database is broken".
+_UNIQUE_VIOLATION = "23505"
+_CHECK_VIOLATION = "23514"
+_FK_VIOLATION = "23503"
+_NOT_NULL_VIOLATION = "23502"
+_INVALID_TEXT = "22P02"
+
+
+def map_pg_error(exc: BaseException) -> Exception:
+    """Return the everruns exception for an asyncpg/OS error (callers ``raise ... from exc``)."""
+    state = getattr(exc, "sqlstate", None)
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if state == _UNIQUE_VIOLATION:
+        return AlreadyExists(message)
+    if state in (_CHECK_VIOLATION, _NOT_NULL_VIOLATION, _INVALID_TEXT):
+        return InvalidArgument(message)
+    if state == _FK_VIOLATION:
+        return FailedPrecondition(message)
+    if isinstance(exc, (OSError, asyncpg.exceptions.ConnectionDoesNotExistError)):
+        return DatabaseUnavailable(f"PostgreSQL connection lost: {message}")
+    if isinstance(exc, asyncpg.exceptions.CannotConnectNowError):
+        return DatabaseUnavailable(f"PostgreSQL is not accepting connections: {message}")
+    return DatabaseError(f"{type(exc).__name__}: {message}")
+
+
+_MAPPED = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+
+
+class Connection:
+    """One PostgreSQL connection, usable from Trio."""
+
+    def __init__(self, raw: asyncpg.Connection) -> None:
+        self._raw = raw
+
+    async def execute(self, query: str, *args: Any) -> str:
+        """Run a statement; return its status tag (e.g. ``UPDATE 3``)."""
+        try:
+            status: str = await trio_asyncio.aio_as_trio(self._raw.execute)(query, *args)
+        except _MAPPED as exc:
+            raise map_pg_error(exc) from exc
+        return status
+
+    async def fetch(self, query: str, *args: Any) -> list[Row]:
+        """Run a query; return all rows."""
+        try:
+            rows: list[Row] = await trio_asyncio.aio_as_trio(self._raw.fetch)(query, *args)
+        except _MAPPED as exc:
+            raise map_pg_error(exc) from exc
+        return rows
+
+    async def fetchrow(self, query: str, *args: Any) -> Row | None:
+        """Run a query; return its first row or None."""
+        try:
+            row: Row | None = await trio_asyncio.aio_as_trio(self._raw.fetchrow)(query, *args)
+        except _MAPPED as exc:
+            raise map_pg_error(exc) from exc
+        return row
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        """Run a query; return the first column of its first row (None if no row)."""
+        try:
+            return await trio_asyncio.aio_as_trio(self._raw.fetchval)(query, *args)
+        except _MAPPED as exc:
+            raise map_pg_error(exc) from exc
+
+    async def executemany(self, query: str, args: Sequence[Sequence[Any]]) -> None:
+        """Run one statement for each argument tuple, pipelined."""
+        try:
+            await trio_asyncio.aio_as_trio(self._raw.executemany)(query, args)
+        except _MAPPED as exc:
+            raise map_pg_error(exc) from exc
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Connection]:
+        """Run the block in a transaction: commit on success, roll back on any exception.
+
+        Cancellation rolls back (shielded, bounded) and re-raises.
+        """
+        tx = self._raw.transaction()
+        try:
+            await trio_asyncio.aio_as_trio(tx.start)()
+        except _MAPPED as exc:
+            raise map_pg_error(exc) from exc
+        try:
+            yield self
+        except BaseException:
+            with trio.move_on_after(_CLEANUP_SECONDS, shield=True):
+                try:
+                    await trio_asyncio.aio_as_trio(tx.rollback)()
+                except _MAPPED:
+                    # The connection is gone; the server rolls the transaction back itself.
+                    pass
+            raise
+        try:
+            await trio_asyncio.aio_as_trio(tx.commit)()
+        except _MAPPED as exc:
+            raise map_pg_error(exc) from exc
+
+    async def server_version(self) -> str:
+        """Return PostgreSQL's version string, e.g. ``15.19``."""
+        return str(await self.fetchval("SHOW server_version"))
+
+
+class Pool:
+    """A pool of PostgreSQL connections, usable from Trio."""
+
+    def __init__(self, raw: asyncpg.Pool) -> None:
+        self._raw = raw
+
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[Connection]:
+        """Borrow a connection for the block; it is released (shielded) even on cancellation."""
+        try:
+            raw = await trio_asyncio.aio_as_trio(self._raw.acquire)()
+        except _MAPPED as exc:
+            raise map_pg_error(exc) from exc
+        try:
+            yield Connection(raw)
+        finally:
+            with trio.move_on_after(_CLEANUP_SECONDS, shield=True) as scope:
+                try:
+                    await trio_asyncio.aio_as_trio(self._raw.release)(raw)
+                except _MAPPED:
+                    pass
+            if scope.cancelled_caught:
+                raw.terminate()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Connection]:
+        """Borrow a connection and run the block in a transaction on it."""
+        async with self.acquire() as conn, conn.transaction():
+            yield conn
+
+    async def execute(self, query: str, *args: Any) -> str:
+        async with self.acquire() as conn:
+            return await conn.execute(query, *args)
+
+    async def fetch(self, query: str, *args: Any) -> list[Row]:
+        async with self.acquire() as conn:
+            return await conn.fetch(query, *args)
+
+    async def fetchrow(self, query: str, *args: Any) -> Row | None:
+        async with self.acquire() as conn:
+            return await conn.fetchrow(query, *args)
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        async with self.acquire() as conn:
+            return await conn.fetchval(query, *args)
+
+
+async def _connect_once(url: str, timeout: float) -> asyncpg.Connection:
+    return await trio_asyncio.aio_as_trio(asyncpg.connect)(url, timeout=timeout)
+
+
+async def wait_until_ready(url: str, *, budget: float, log: Any = None) -> None:
+    """Connect until PostgreSQL answers, backing off 0.1 s → 2 s; give up after ``budget`` s.
+
+    Raises:
+        DatabaseUnavailable: no connection within the budget (names the last cause).
+        ConfigError-like DatabaseError: the server answered but refused us (auth, no database):
+            retrying cannot help, so this is raised at once.
+    """
+    deadline = trio.current_time() + budget
+    delay = 0.1
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            conn = await _connect_once(url, timeout=max(1.0, min(10.0, budget)))
+        except (
+            asyncpg.InvalidAuthorizationSpecificationError,
+            asyncpg.InvalidPasswordError,
+            asyncpg.InvalidCatalogNameError,
+        ) as exc:
+            raise DatabaseError(f"PostgreSQL refused the connection: {exc}") from exc
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            remaining = deadline - trio.current_time()
+            if remaining <= 0:
+                raise DatabaseUnavailable(
+                    f"PostgreSQL did not accept a connection within {budget:g} s "
+                    f"({attempt} attempts; last error: {cause}); check that it is running "
+                    "and that DATABASE_URL is right"
+                ) from exc
+            if log is not None:
+                log(f"PostgreSQL not reachable yet ({cause}); retrying in {delay:.1f} s")
+            await trio.sleep(min(delay, remaining))
+            delay = min(delay * 2, 2.0)
+            continue
+        with trio.move_on_after(_CLEANUP_SECONDS, shield=True):
+            await trio_asyncio.aio_as_trio(conn.close)()
+        return
+
+
+@asynccontextmanager
+async def open_pool(
+    url: str, *, min_size: int = 1, max_size: int = 10, command_timeout: float | None = None
+) -> AsyncIterator[Pool]:
+    """Open a connection pool for the block; it is closed (shielded, bounded) on the way out."""
+    kwargs: dict[str, Any] = {"min_size": min_size, "max_size": max_size}
+    if command_timeout is not None and math.isfinite(command_timeout):
+        kwargs["command_timeout"] = command_timeout
+    try:
+        raw = await trio_asyncio.aio_as_trio(asyncpg.create_pool)(url, **kwargs)
+    except _MAPPED as exc:
+        raise map_pg_error(exc) from exc
+    try:
+        yield Pool(raw)
+    finally:
+        with trio.move_on_after(_CLEANUP_SECONDS, shield=True) as scope:
+            try:
+                await trio_asyncio.aio_as_trio(raw.close)()
+            except _MAPPED:
+                pass
+        if scope.cancelled_caught:
+            raw.terminate()
+
+
+@asynccontextmanager
+async def connect(url: str) -> AsyncIterator[Connection]:
+    """Open one dedicated connection for the block (closed shielded on the way out)."""
+    try:
+        raw = await _connect_once(url, timeout=10.0)
+    except _MAPPED as exc:
+        raise map_pg_error(exc) from exc
+    try:
+        yield Connection(raw)
+    finally:
+        with trio.move_on_after(_CLEANUP_SECONDS, shield=True) as scope:
+            try:
+                await trio_asyncio.aio_as_trio(raw.close)()
+            except _MAPPED:
+                pass
+        if scope.cancelled_caught:
+            raw.terminate()
+
+
+@asynccontextmanager
+async def listen(
+    url: str, channels: Sequence[str]
+) -> AsyncIterator[trio.MemoryReceiveChannel[tuple[str, str]]]:
+    """LISTEN on ``channels`` over a dedicated connection; notifications arrive on the channel.
+
+    The LISTEN is registered before the block starts, so nothing sent after entry is missed.
+    If the connection is lost, the receive channel is closed (receivers see EndOfChannel).
+    """
+    send, receive = trio.open_memory_channel[tuple[str, str]](1024)
+    token = trio.lowlevel.current_trio_token()
+
+    def on_notify(_conn: Any, _pid: int, channel: str, payload: str) -> None:
+        # Called on the asyncio side; a full buffer drops the wake-up, never blocks the loop:
+        # listeners treat notifications as hints and re-query the table anyway.
+        try:
+            token.run_sync_soon(_deliver, channel, payload)
+        except trio.RunFinishedError:
+            pass
+
+    def _deliver(channel: str, payload: str) -> None:
+        try:
+            send.send_nowait((channel, payload))
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    def on_lost(_conn: Any) -> None:
+        try:
+            token.run_sync_soon(send.close)
+        except trio.RunFinishedError:
+            pass
+
+    async with connect(url) as conn:
+        raw = conn._raw
+        raw.add_termination_listener(on_lost)
+        for channel in channels:
+            await trio_asyncio.aio_as_trio(raw.add_listener)(channel, on_notify)
+        try:
+            yield receive
+        finally:
+            send.close()

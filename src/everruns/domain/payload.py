@@ -1,0 +1,73 @@
+"""Exact JSON payloads: what crosses the wire and the database as bytes/text.
+
+Integers keep every digit, floats round-trip through their shortest repr, strings keep every
+code point; values JSON cannot carry (sets, bytes, NaN, objects…) are refused with a message
+naming the offending type and where it sits. No I/O here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from everruns.errors import PayloadError
+
+__all__ = ["decode", "encode", "encode_text"]
+
+
+def _check(value: Any, path: str) -> None:
+    # Walk explicitly: json.dumps' own error names neither the path nor, for NaN, the problem.
+    if value is None or isinstance(value, (bool, int, str)):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise PayloadError(
+                f"{path} is {value!r}, which JSON cannot carry; use null or a string"
+            )
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check(item, f"{path}[{i}]")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise PayloadError(
+                    f"{path} has a key of type {type(key).__name__}; JSON object keys must be str"
+                )
+            _check(item, f"{path}[{key!r}]")
+        return
+    raise PayloadError(
+        f"{path} is of type {type(value).__module__}.{type(value).__qualname__}, "
+        "which is not JSON-serializable; convert it to dict/list/str/int/float/bool/None"
+    )
+
+
+def encode_text(value: Any, *, what: str = "payload") -> str:
+    """Return the exact JSON text of ``value``.
+
+    Raises:
+        PayloadError: ``value`` contains something JSON cannot carry exactly.
+    """
+    _check(value, what)
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def encode(value: Any, *, what: str = "payload") -> bytes:
+    """Return the exact JSON of ``value`` as UTF-8 bytes (see `encode_text`)."""
+    return encode_text(value, what=what).encode()
+
+
+def decode(data: bytes | str, *, what: str = "payload") -> Any:
+    """Parse exact JSON; the empty string means null (proto3's default for bytes).
+
+    Raises:
+        PayloadError: ``data`` is not valid JSON text.
+    """
+    if not data:
+        return None
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PayloadError(f"{what} is not valid JSON: {exc}") from exc

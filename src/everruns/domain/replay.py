@@ -1,0 +1,579 @@
+"""The replay driver: run workflow code over its event history and return the new commands.
+
+`replay` is a pure function: history in, commands out. It re-executes the workflow function from
+the start with a small deterministic scheduler of plain coroutines (not Trio, whose scheduling
+order is deliberately random, and not asyncio): ctx awaitables yield a request to the driver,
+which steps ready coroutines in creation order and resolves each request from the history event
+with the same command id. The history is cut into batches at ``workflow_task_completed`` markers;
+the commands each batch issues must equal the command events recorded after its marker, or
+`NonDeterminismError` is raised; the commands issued after the last marker are the result.
+Nothing here performs I/O, reads the clock or uses global randomness; awaiting anything that is
+not a ctx operation stops the replay with `IllegalAwait` instead of hanging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import heapq
+import types
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+
+from everruns.domain import history, payload
+from everruns.domain.commands import (
+    CancelTimer,
+    CancelWorkflow,
+    Command,
+    CompleteWorkflow,
+    FailWorkflow,
+    ScheduleActivity,
+    StartChildWorkflow,
+    StartTimer,
+)
+from everruns.domain.context import WorkflowContext, WorkflowInfo, _Future, _Wait, nondeterminism
+from everruns.domain.history import HistoryEvent
+from everruns.domain.registry import Registry
+from everruns.errors import (
+    IllegalAwait,
+    InvalidArgument,
+    PayloadError,
+    WorkflowCancelled,
+)
+
+__all__ = ["ReplayResult", "error_from_exception", "replay"]
+
+# Event loops and their helpers: a frame from one of these inside workflow code means the code
+# tried to use a real event loop, which the replay driver is not.
+_FOREIGN_PACKAGES = frozenset(
+    {"trio", "asyncio", "anyio", "trio_asyncio", "sniffio", "curio", "uvloop", "outcome"}
+)
+_MAX_TRACEBACK_CHARS = 8000
+
+
+@attrs.frozen
+class ReplayResult:
+    """What a workflow task answers.
+
+    Attributes:
+        commands: the commands issued after the last marker, in issue order (not yet in the
+            history); empty when the workflow is still waiting on what it already asked for.
+        completed: the workflow function has ended, so a terminal command is either the last
+            of ``commands`` or already recorded in the history.
+        seen_sequence: the sequence number of the last history event replayed (what the
+            completion must carry so the control plane can detect a grown history).
+        cancel_requested: a ``workflow_cancel_requested`` event has been delivered.
+    """
+
+    commands: list[Command]
+    completed: bool
+    seen_sequence: int
+    cancel_requested: bool
+
+
+@attrs.define
+class _Batch:
+    inputs: list[HistoryEvent]
+    marker: HistoryEvent | None
+    recorded: list[HistoryEvent]
+
+
+class _Task:
+    """A coroutine the driver steps; index 0 is the workflow function itself."""
+
+    __slots__ = ("coro", "done", "future", "index", "token", "waiting", "wake")
+
+    def __init__(self, index: int, coro: Coroutine[Any, Any, Any]) -> None:
+        self.index = index
+        self.coro = coro
+        self.future = _Future()
+        self.done = False
+        # (True, value) to send, (False, exception) to throw; None while blocked or finished.
+        self.wake: tuple[bool, Any] | None = (True, None)
+        self.waiting: _Future | None = None
+        # Bumped on every wake-up so a stale callback (e.g. a future resolved after the task
+        # was interrupted by a cancellation) cannot wake the task a second time.
+        self.token = 0
+
+
+class _Driver:
+    def __init__(
+        self,
+        workflow_fn: Callable[..., Any],
+        info: WorkflowInfo,
+        registry: Registry | None,
+    ) -> None:
+        self.workflow_fn = workflow_fn
+        self.info = info
+        self.ctx = WorkflowContext(info, scheduler=self, registry=registry)
+        self.tasks: list[_Task] = []
+        self.ready: list[int] = []
+        self.started = False
+        self.ended = False
+        self.closed = False
+
+    # ------------------------------------------------------------------------- scheduling
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> _Future:
+        if self.closed:
+            coro.close()
+            raise GeneratorExit
+        task = _Task(len(self.tasks), coro)
+        self.tasks.append(task)
+        heapq.heappush(self.ready, task.index)
+        return task.future
+
+    def _wake(self, task: _Task, token: int, future: _Future) -> None:
+        if task.token != token or task.done:
+            return
+        task.token += 1
+        task.waiting = None
+        exc = future.exception()
+        task.wake = (True, future.value()) if exc is None else (False, exc)
+        heapq.heappush(self.ready, task.index)
+
+    def interrupt_blocked(self, reason: str) -> None:
+        """Throw `WorkflowCancelled` into every coroutine blocked on a ctx awaitable."""
+        for task in self.tasks:
+            if task.done or task.waiting is None:
+                continue
+            task.token += 1
+            task.waiting = None
+            message = "the workflow was asked to cancel" + (f": {reason}" if reason else "")
+            task.wake = (False, WorkflowCancelled(message))
+            heapq.heappush(self.ready, task.index)
+
+    def run(self) -> None:
+        """Step ready coroutines, lowest creation index first, until all are blocked."""
+        while self.ready and not self.ended:
+            task = self.tasks[heapq.heappop(self.ready)]
+            if task.wake is None or task.done:
+                continue
+            self._step(task)
+
+    def _step(self, task: _Task) -> None:
+        assert task.wake is not None
+        send, value = task.wake
+        task.wake = None
+        try:
+            yielded = task.coro.send(value) if send else task.coro.throw(value)
+        except StopIteration as stop:
+            self._finish(task, stop.value, None)
+            return
+        except Exception as exc:
+            illegal = _illegal_call(self.info, exc)
+            if illegal is not None:
+                raise illegal from exc
+            self._finish(task, None, exc)
+            return
+        if isinstance(yielded, _Wait) and yielded.ctx is self.ctx:
+            future = yielded.future
+            task.waiting = future
+            token = task.token
+            future.add_done_callback(lambda f: self._wake(task, token, f))
+            return
+        # Close at once: a Trio trap may have entered a cancel scope of the *calling* Trio
+        # task, and it must be exited before anything else runs on that task.
+        error = _illegal_yield(self.info, task.coro, yielded)
+        _close_quietly(task.coro)
+        task.done = True
+        raise error
+
+    def _finish(self, task: _Task, value: Any, exc: Exception | None) -> None:
+        task.done = True
+        if exc is None:
+            task.future.set_result(value)
+        else:
+            task.future.set_exception(exc)
+        if task.index == 0:
+            self.ended = True
+            self.ctx._emit(_terminal_command(value, exc))
+
+    # --------------------------------------------------------------------------- history
+
+    def deliver(self, event: HistoryEvent) -> None:
+        if event.type == history.WORKFLOW_STARTED:
+            if self.started:
+                raise nondeterminism(
+                    self.info, f"history has a second workflow_started at seq {event.sequence_num}"
+                )
+            self.started = True
+            self.spawn(_main(self.workflow_fn, self.ctx, event.data.get("input")))
+        elif self.ctx._apply_input(event):
+            self.interrupt_blocked(str(event.data.get("reason") or ""))
+        self.run()
+
+    def close(self) -> None:
+        """Unwind every unfinished coroutine now, so none is finalised later by the GC."""
+        self.closed = True
+        self.ctx._close()
+        for task in reversed(self.tasks):
+            if not task.done:
+                task.done = True
+                _close_quietly(task.coro)
+
+
+async def _main(workflow_fn: Callable[..., Any], ctx: WorkflowContext, input: Any) -> Any:
+    return await workflow_fn(ctx, copy.deepcopy(input))
+
+
+def _close_quietly(coro: Coroutine[Any, Any, Any]) -> None:
+    # Workflow code that raises while being discarded can change nothing any more.
+    with contextlib.suppress(Exception):
+        coro.close()
+
+
+def _terminal_command(value: Any, exc: Exception | None) -> Command:
+    if exc is None:
+        try:
+            history_value = _json_value(value)
+        except PayloadError as bad:
+            return FailWorkflow(error=error_from_exception(bad))
+        return CompleteWorkflow(result=history_value)
+    if isinstance(exc, WorkflowCancelled):
+        return CancelWorkflow()
+    return FailWorkflow(error=error_from_exception(exc))
+
+
+def _json_value(value: Any) -> Any:
+    return payload.decode(payload.encode_text(value, what="workflow result"))
+
+
+def _type_name(exc: BaseException) -> str:
+    cls = type(exc)
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _format_traceback(exc: BaseException) -> str:
+    # Source lines are left out on purpose: looking them up reads files, and replay is pure.
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain and len(chain) < 5:
+        chain.append(current)
+        current = current.__cause__ or (
+            None if current.__suppress_context__ else current.__context__
+        )
+    blocks: list[str] = []
+    for item in reversed(chain):
+        lines = ["Traceback (most recent call last):"]
+        tb = item.__traceback__
+        while tb is not None:
+            # The driver's own frames say nothing about the workflow's bug.
+            if tb.tb_frame.f_globals.get("__name__") != __name__:
+                code = tb.tb_frame.f_code
+                lines.append(f'  File "{code.co_filename}", line {tb.tb_lineno}, in {code.co_name}')
+            tb = tb.tb_next
+        lines.append(f"{_type_name(item)}: {item}")
+        blocks.append("\n".join(lines))
+    text = "\n\nThe above exception was the direct cause of the following exception:\n\n".join(
+        blocks
+    )
+    return text[-_MAX_TRACEBACK_CHARS:]
+
+
+def error_from_exception(exc: BaseException) -> dict[str, Any]:
+    """Return the ``error`` object recorded when workflow code raises ``exc``.
+
+    Returns:
+        ``{"type", "message", "traceback", "non_retryable": True}``; a workflow's failure is
+        final, so it is always non-retryable. ``type`` is the bare name for builtins and the
+        qualified name otherwise.
+    """
+    return history.error_info(
+        _type_name(exc), str(exc), traceback=_format_traceback(exc), non_retryable=True
+    )
+
+
+# ----------------------------------------------------------------------------- illegal awaits
+
+
+def _top_package(module: object) -> str:
+    return module.split(".", 1)[0] if isinstance(module, str) else ""
+
+
+def _frame_of(obj: object) -> types.FrameType | None:
+    frame = getattr(obj, "cr_frame", None) or getattr(obj, "gi_frame", None)
+    return frame if isinstance(frame, types.FrameType) else None
+
+
+def _describe_frame(frame: types.FrameType) -> str:
+    return f"{frame.f_code.co_qualname} at {frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+def _advice(what: str) -> str:
+    if "sleep" in what.lower():
+        return "Use `await ctx.sleep(seconds)` for a durable sleep."
+    return (
+        "Do I/O in an activity and run it with `await ctx.execute_activity(...)`; use "
+        "`await ctx.sleep(seconds)` to wait and `await ctx.gather(...)` for concurrency."
+    )
+
+
+def _illegal_yield(info: WorkflowInfo, coro: object, yielded: object) -> IllegalAwait:
+    # Follow the chain of awaits down from the task to find the first library call (e.g.
+    # trio.sleep) and the workflow frame that made it.
+    user_frame: types.FrameType | None = None
+    library_call: str | None = None
+    current: object = coro
+    for _ in range(200):
+        frame = _frame_of(current)
+        if frame is None:
+            break
+        module = frame.f_globals.get("__name__")
+        top = _top_package(module)
+        if top in _FOREIGN_PACKAGES:
+            library_call = f"{top}.{frame.f_code.co_qualname}"
+            break
+        # Report the coroutine that awaited, not a generator-based ``__await__`` it called.
+        is_coroutine = hasattr(current, "cr_frame")
+        if is_coroutine and not (isinstance(module, str) and module.startswith("everruns.")):
+            user_frame = frame
+        current = getattr(current, "cr_await", None) or getattr(current, "gi_yieldfrom", None)
+        if current is None:
+            break
+    if library_call is not None:
+        what = f"{library_call}()"
+    elif isinstance(yielded, _Wait):
+        what = "an operation of another workflow's ctx"
+    elif hasattr(yielded, "_asyncio_future_blocking"):
+        what = f"an asyncio future ({type(yielded).__qualname__})"
+    else:
+        kind = type(yielded)
+        origin = _top_package(kind.__module__)
+        what = f"an object of type {kind.__module__}.{kind.__qualname__}" + (
+            f" (a {origin} primitive)" if origin in _FOREIGN_PACKAGES else ""
+        )
+    where = f" in {_describe_frame(user_frame)}" if user_frame is not None else ""
+    return IllegalAwait(
+        f"{info.describe()} awaited {what}{where}, which is not a ctx operation: workflow code "
+        f"runs in everruns' deterministic replay driver, not in an event loop, and may await "
+        f"only what ctx gives it. {_advice(what)}"
+    )
+
+
+def _illegal_call(info: WorkflowInfo, exc: Exception) -> IllegalAwait | None:
+    # Outside a running loop trio.sleep/asyncio.sleep fail with RuntimeError before they yield
+    # anything; that is the same bug as awaiting them inside one, so report it the same way.
+    if not isinstance(exc, RuntimeError):
+        return None
+    tb = exc.__traceback__
+    previous: types.FrameType | None = None
+    while tb is not None:
+        frame = tb.tb_frame
+        top = _top_package(frame.f_globals.get("__name__"))
+        if top in _FOREIGN_PACKAGES:
+            what = f"{top}.{frame.f_code.co_qualname}()"
+            where = f" in {_describe_frame(previous)}" if previous is not None else ""
+            return IllegalAwait(
+                f"{info.describe()} called {what}{where}, which needs a running event loop "
+                f"({exc}): workflow code runs in everruns' deterministic replay driver and may "
+                f"await only what ctx gives it. {_advice(what)}"
+            )
+        previous = frame
+        tb = tb.tb_next
+    return None
+
+
+# --------------------------------------------------------------------------------- batching
+
+
+def _split(history_events: Sequence[HistoryEvent], info: WorkflowInfo) -> list[_Batch]:
+    if not history_events:
+        raise nondeterminism(info, "the history is empty (it must start with workflow_started)")
+    for position, event in enumerate(history_events, start=1):
+        if event.sequence_num != position:
+            raise nondeterminism(
+                info,
+                f"history event #{position} has sequence number {event.sequence_num}; "
+                "sequence numbers must run 1, 2, 3, … without gaps",
+            )
+    first = history_events[0]
+    if first.type != history.WORKFLOW_STARTED:
+        raise nondeterminism(info, f"history starts with {first.type} instead of workflow_started")
+    for key, expected in (
+        ("workflow_id", info.workflow_id),
+        ("run_id", info.run_id),
+        ("workflow_type", info.workflow_type),
+    ):
+        recorded = first.data.get(key)
+        if recorded is not None and recorded != expected:
+            raise nondeterminism(
+                info, f"workflow_started at seq 1 has {key}={recorded!r}, not {expected!r}"
+            )
+    batches: list[_Batch] = []
+    inputs: list[HistoryEvent] = []
+    for event in history_events:
+        if event.type == history.MARKER_EVENT_TYPE:
+            batches.append(_Batch(inputs=inputs, marker=event, recorded=[]))
+            inputs = []
+        elif event.type in history.COMMAND_EVENT_TYPES:
+            if not batches:
+                raise nondeterminism(
+                    info,
+                    f"history has {event.describe()} at seq {event.sequence_num}, before any "
+                    "workflow task completed",
+                )
+            batches[-1].recorded.append(event)
+        elif event.type in history.INPUT_EVENT_TYPES or event.type in history.IGNORED_EVENT_TYPES:
+            inputs.append(event)
+        else:
+            raise nondeterminism(
+                info,
+                f"history has an event of unknown type {event.type!r} at seq "
+                f"{event.sequence_num}; is this worker older than the control plane?",
+            )
+    batches.append(_Batch(inputs=inputs, marker=None, recorded=[]))
+    return batches
+
+
+def _marker_time(info: WorkflowInfo, marker: HistoryEvent) -> datetime:
+    raw = marker.data.get("time")
+    if raw is None:
+        fallback = marker.time
+        return fallback.replace(tzinfo=UTC) if fallback.tzinfo is None else fallback
+    try:
+        return history.parse_time(raw)
+    except InvalidArgument as exc:
+        raise nondeterminism(
+            info, f"the workflow_task_completed at seq {marker.sequence_num} has a bad time: {exc}"
+        ) from exc
+
+
+def _matches(command: Command, event: HistoryEvent) -> bool:
+    data = event.data
+    if isinstance(command, ScheduleActivity):
+        return (
+            event.type == history.ACTIVITY_SCHEDULED
+            and data.get("activity_id") == command.activity_id
+            and data.get("activity_type") == command.activity_type
+        )
+    if isinstance(command, StartTimer):
+        seconds = data.get("seconds")
+        return (
+            event.type == history.TIMER_STARTED
+            and data.get("timer_id") == command.timer_id
+            and isinstance(seconds, (int, float))
+            and not isinstance(seconds, bool)
+            and float(seconds) == float(command.seconds)
+        )
+    if isinstance(command, CancelTimer):
+        return event.type == history.TIMER_CANCELLED and data.get("timer_id") == command.timer_id
+    if isinstance(command, StartChildWorkflow):
+        return (
+            event.type == history.CHILD_WORKFLOW_STARTED
+            and data.get("child_id") == command.child_id
+            and data.get("workflow_type") == command.workflow_type
+        )
+    if isinstance(command, CompleteWorkflow):
+        return event.type == history.WORKFLOW_COMPLETED
+    if isinstance(command, FailWorkflow):
+        return event.type == history.WORKFLOW_FAILED
+    return event.type == history.WORKFLOW_CANCELLED
+
+
+def _compare(driver: _Driver, batch: _Batch, issued: list[Command]) -> None:
+    assert batch.marker is not None
+    recorded = batch.recorded
+    for index in range(max(len(issued), len(recorded))):
+        if index >= len(issued):
+            event = recorded[index]
+            raise nondeterminism(
+                driver.info,
+                f"history has {event.describe()} at seq {event.sequence_num}, replay issued "
+                f"no command there (only {len(issued)} for the workflow task completed at seq "
+                f"{batch.marker.sequence_num})",
+            )
+        command = issued[index]
+        if index >= len(recorded):
+            after = recorded[-1].sequence_num if recorded else batch.marker.sequence_num
+            raise nondeterminism(
+                driver.info,
+                f"history has no command event after seq {after} (the workflow task completed "
+                f"at seq {batch.marker.sequence_num} recorded {len(recorded)}), replay issued "
+                f"{command.describe()}",
+            )
+        event = recorded[index]
+        if not _matches(command, event):
+            raise nondeterminism(
+                driver.info,
+                f"history has {event.describe()} at seq {event.sequence_num}, replay issued "
+                f"{command.describe()}",
+            )
+        if isinstance(command, (ScheduleActivity, StartTimer, StartChildWorkflow)):
+            driver.ctx._confirm(command.command_id)
+
+
+# ----------------------------------------------------------------------------------- entry
+
+
+def replay(
+    workflow_fn: Callable[..., Any],
+    history_events: Sequence[HistoryEvent],
+    *,
+    info: WorkflowInfo,
+    now: datetime,
+    registry: Registry | None = None,
+) -> ReplayResult:
+    """Replay ``workflow_fn`` over its history and return the commands it issues next.
+
+    Each batch of input events (those before a ``workflow_task_completed`` marker) is delivered
+    one event at a time, in order; after each, the workflow's coroutines run until every one is
+    blocked. The commands a batch issues must equal the command events recorded after its
+    marker (type and id; activity and child types; timer seconds). During recorded batches
+    ``ctx.now()`` is the marker's ``time`` and ``ctx.is_replaying`` is true; after the last
+    marker ``ctx.now()`` is ``now``. The workflow is called as ``await workflow_fn(ctx, input)``.
+
+    Args:
+        workflow_fn: the ``async def wf(ctx, input)`` to run.
+        history_events: the run's full history, sequence numbers 1, 2, 3, …
+        info: the run's identity (checked against ``workflow_started``).
+        now: the claim time of the workflow task (timezone-aware).
+        registry: where to look up default options of activities named by string.
+
+    Returns:
+        The `ReplayResult`. A workflow that returns gives `CompleteWorkflow` (a result that is
+        not exact JSON gives `FailWorkflow` with a `PayloadError`), one that lets
+        `WorkflowCancelled` escape gives `CancelWorkflow`, any other exception
+        `FailWorkflow` with ``non_retryable`` true.
+
+    Raises:
+        NonDeterminismError: the code issued other commands than recorded, an event names an id
+            the code never issued, or the history is malformed (gaps, no ``workflow_started``
+            first, unknown event types).
+        IllegalAwait: workflow code awaited (or called) something from an event loop library,
+            or an object that is not a ctx awaitable.
+        InvalidArgument: ``now`` is naive or ``workflow_fn`` is not callable.
+    """
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise InvalidArgument(f"now must be timezone-aware, got naive {now!r}")
+    if not callable(workflow_fn):
+        raise InvalidArgument(f"workflow_fn must be callable, got {type(workflow_fn).__name__}")
+    batches = _split(history_events, info)
+    driver = _Driver(workflow_fn, info, registry)
+    result: list[Command] = []
+    try:
+        for batch in batches:
+            if batch.marker is not None:
+                driver.ctx._set_clock(_marker_time(info, batch.marker), replaying=True)
+            else:
+                driver.ctx._set_clock(now.astimezone(UTC), replaying=False)
+            for event in batch.inputs:
+                driver.deliver(event)
+            issued = driver.ctx._take_commands()
+            if batch.marker is not None:
+                _compare(driver, batch, issued)
+            else:
+                result = issued
+    finally:
+        driver.close()
+    return ReplayResult(
+        commands=result,
+        completed=driver.ended,
+        seen_sequence=history_events[-1].sequence_num,
+        cancel_requested=driver.ctx.cancel_requested,
+    )

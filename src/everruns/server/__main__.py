@@ -1,0 +1,88 @@
+"""`python -m everruns.server [migrate]`: run the control plane, or apply migrations and exit.
+
+Operator mistakes (bad variable, unreachable database) print one line and exit 2 or 1, never a
+traceback; SIGINT/SIGTERM stop it cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+
+import trio
+
+from everruns._aio import open_aio_loop
+from everruns.errors import ConfigError, EverrunsError
+from everruns.server.app import ServerInfo, serve
+from everruns.server.config import ServerConfig
+from everruns.server.database import migrate_database, open_database
+
+USAGE = """usage: python -m everruns.server [migrate]
+
+Runs the everruns control plane (no argument) or applies database migrations and exits
+(`migrate`). Configuration comes from the environment:
+  DATABASE_URL   PostgreSQL URL (default: the embedded PostgreSQL in EVERRUNS_DATA_DIR)
+  GRPC_ADDRESS   where to listen (default 127.0.0.1:9001)
+  RUNNER_MODE    only 'durable' is supported
+See docs/operations.md for the rest.
+"""
+
+log = logging.getLogger("everruns.server")
+
+
+async def _run(config: ServerConfig) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            print("Using Durable execution engine runner (PostgreSQL-backed)", flush=True)
+            info: ServerInfo = await nursery.start(serve, config)
+            print(f"everruns control plane listening on {info.address}", flush=True)
+            async for signum in signals:
+                log.info("received %s, shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+async def _migrate(config: ServerConfig) -> None:
+    async with open_aio_loop(), open_database(config) as url:
+        applied = await migrate_database(url)
+    print(f"migrations applied: {len(applied)}" + (f" ({', '.join(applied)})" if applied else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    if len(args) > 1 or (args and args[0] != "migrate"):
+        print(f"everruns.server: unknown arguments {' '.join(args)!r}\n{USAGE}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        config = ServerConfig.from_env()
+        trio.run(_migrate if args else _run, config)
+    except (EverrunsError, BaseExceptionGroup) as exc:
+        leaf = operator_error(exc)
+        if leaf is None:
+            raise
+        print(f"everruns.server: {leaf}", file=sys.stderr)
+        return 2 if isinstance(leaf, ConfigError) else 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def operator_error(exc: BaseException) -> EverrunsError | None:
+    """The everruns error an exception (group) stands for, if it holds only those."""
+    if isinstance(exc, EverrunsError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [operator_error(e) for e in exc.exceptions]
+        if leaves and all(leaf is not None for leaf in leaves):
+            return leaves[0]
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The control plane's root: database, migrations, gRPC and background duties in one nursery.
+
+`serve` reports readiness through ``task_status`` only when the database is migrated, LISTEN is
+registered and the gRPC port is bound, and everything it started unwinds when its scope is
+cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import attrs
+import trio
+
+from everruns._aio import open_aio_loop, pg
+from everruns._aio.grpc import serve_services
+from everruns._proto.everruns import v1 as pb
+from everruns.server.config import ServerConfig
+from everruns.server.database import migrate_database, open_database
+from everruns.server.duties import run_due_scanner, run_duties
+from everruns.server.engine import Engine
+from everruns.server.notifier import Notifier
+from everruns.server.services import WorkerService, WorkflowService
+from everruns.store import embedded
+from everruns.store.store import Store
+
+__all__ = ["ServerInfo", "serve"]
+
+log = logging.getLogger("everruns.server")
+
+
+@attrs.frozen
+class ServerInfo:
+    """What a started control plane reports: where it listens and which database it uses."""
+
+    address: str
+    port: int
+    database: str  # masked URL
+
+
+async def serve(
+    config: ServerConfig, *, task_status: trio.TaskStatus[ServerInfo] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run the control plane until cancelled.
+
+    Raises:
+        ConfigError, DatabaseError: the database could not be reached, started or migrated.
+        ServerUnavailable: the gRPC address cannot be bound.
+    """
+    async with open_aio_loop(), open_database(config) as url:
+        await migrate_database(url)
+        async with pg.open_pool(url, min_size=2, max_size=config.pool_size) as pool:
+            store = Store(pool)
+            notifier = Notifier()
+            engine = Engine(store, config, notifier)
+            closing = trio.Event()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(notifier.listen, url)
+                await nursery.start(run_duties, store, config)
+                await nursery.start(run_due_scanner, engine)
+                port = await nursery.start(
+                    lambda task_status: serve_services(
+                        [
+                            (pb.WorkerServiceBase(), WorkerService(engine, closing)),
+                            (pb.WorkflowServiceBase(), WorkflowService(engine)),
+                        ],
+                        config.grpc_host,
+                        config.grpc_port,
+                        auth_token=config.auth_token,
+                        closing=closing,
+                        task_status=task_status,
+                    )
+                )
+                info = ServerInfo(f"{config.grpc_host}:{port}", port, embedded.mask_url(url))
+                log.info("serving gRPC on %s", info.address)
+                task_status.started(info)

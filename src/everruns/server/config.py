@@ -1,0 +1,149 @@
+"""Control-plane configuration, read from the environment once at start.
+
+Every variable of the operator guide keeps its name and default (RUNNER_MODE, DATABASE_URL,
+GRPC_ADDRESS); everruns' own settings are prefixed EVERRUNS_. A bad value is a `ConfigError`
+whose one line names the variable, the value's problem and what to set instead.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
+import attrs
+
+from everruns.errors import ConfigError
+
+__all__ = ["ServerConfig", "parse_address", "validate_database_url"]
+
+DEFAULT_GRPC_ADDRESS = "127.0.0.1:9001"
+
+
+def parse_address(value: str, *, variable: str = "GRPC_ADDRESS") -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` too); port 0 asks the OS for a free one.
+
+    Raises:
+        ConfigError: not of the form host:port with a port in 0..65535.
+    """
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ConfigError(f"{variable}={value!r} is not host:port (e.g. {DEFAULT_GRPC_ADDRESS})")
+    return host.strip("[]"), int(port_text)
+
+
+def validate_database_url(url: str) -> str:
+    """Return ``url`` if it looks like a PostgreSQL URL.
+
+    Raises:
+        ConfigError: wrong scheme, or no database host/path; names DATABASE_URL.
+    """
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises ValueError on a bad port
+    except ValueError as exc:
+        raise ConfigError(f"DATABASE_URL is invalid: {exc}") from exc
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise ConfigError(
+            f"DATABASE_URL is invalid: scheme {parts.scheme or '(none)'!r} is not postgresql:// "
+            "(e.g. postgresql://user:password@localhost:5432/everruns)"
+        )
+    if not parts.hostname and "host=" not in parts.query:
+        raise ConfigError("DATABASE_URL is invalid: it names no host (postgresql://HOST/DB)")
+    return url
+
+
+def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if not value >= minimum:
+        raise ConfigError(f"{name}={raw!r} must be at least {minimum:g}")
+    return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={raw!r} must be at least {minimum}")
+    return value
+
+
+@attrs.frozen
+class ServerConfig:
+    """Everything the control plane reads from its environment.
+
+    Attributes:
+        database_url: PostgreSQL URL; None means the embedded PostgreSQL.
+        data_dir: the embedded PostgreSQL's data directory (None: the per-user default).
+        grpc_host, grpc_port: where gRPC listens (port 0: any free port).
+        db_connect_timeout: how long to keep retrying an unreachable database at start.
+        stale_after: seconds without a heartbeat after which a claimed task is released.
+        reclaim_interval: how often the stale-task reclaimer runs.
+        worker_lost_after: seconds without a worker heartbeat before it is marked lost.
+        max_pending_tasks: refuse new work with RESOURCE_EXHAUSTED at this many pending tasks
+            (0: no limit).
+        max_payload_bytes: the largest payload accepted in one request.
+        retention_seconds: ended workflows older than this are deleted (0: keep forever).
+        auth_token: when set, every RPC must carry it as a bearer token.
+        pool_size: PostgreSQL connections the control plane may hold.
+    """
+
+    database_url: str | None = None
+    data_dir: str | None = None
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 9001
+    db_connect_timeout: float = 30.0
+    stale_after: float = 30.0
+    reclaim_interval: float = 10.0
+    worker_lost_after: float = 30.0
+    max_pending_tasks: int = 0
+    max_payload_bytes: int = 2 * 1024 * 1024
+    retention_seconds: float = 7 * 24 * 3600.0
+    auth_token: str | None = None
+    pool_size: int = 10
+
+    @property
+    def grpc_address(self) -> str:
+        return f"{self.grpc_host}:{self.grpc_port}"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ServerConfig:
+        """Read the configuration from ``env`` (default: the process environment).
+
+        Raises:
+            ConfigError: a variable has a bad value; the message names it.
+        """
+        env = os.environ if env is None else env
+        mode = env.get("RUNNER_MODE", "durable")
+        if mode != "durable":
+            raise ConfigError(f"RUNNER_MODE={mode!r} is not supported; the only mode is 'durable'")
+        url = env.get("DATABASE_URL") or None
+        host, port = parse_address(env.get("GRPC_ADDRESS") or DEFAULT_GRPC_ADDRESS)
+        return cls(
+            database_url=validate_database_url(url) if url else None,
+            data_dir=env.get("EVERRUNS_DATA_DIR") or None,
+            grpc_host=host,
+            grpc_port=port,
+            db_connect_timeout=_float(env, "EVERRUNS_DB_CONNECT_TIMEOUT", 30.0),
+            stale_after=_float(env, "EVERRUNS_STALE_AFTER", 30.0, minimum=0.1),
+            reclaim_interval=_float(env, "EVERRUNS_RECLAIM_INTERVAL", 10.0, minimum=0.05),
+            worker_lost_after=_float(env, "EVERRUNS_WORKER_LOST_AFTER", 30.0, minimum=0.1),
+            max_pending_tasks=_int(env, "EVERRUNS_MAX_PENDING_TASKS", 0),
+            max_payload_bytes=_int(
+                env, "EVERRUNS_MAX_PAYLOAD_BYTES", 2 * 1024 * 1024, minimum=1024
+            ),
+            retention_seconds=_float(env, "EVERRUNS_RETENTION_DAYS", 7.0) * 86400.0,
+            auth_token=env.get("EVERRUNS_AUTH_TOKEN") or None,
+            pool_size=_int(env, "EVERRUNS_DB_POOL_SIZE", 10, minimum=2),
+        )

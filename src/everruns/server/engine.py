@@ -1,0 +1,656 @@
+"""The control plane's engine: what each request does to the durable state, one transaction each.
+
+Every change that belongs together happens in one transaction: a workflow task's commands are
+applied whole or not at all (events, activity tasks, timers, child runs, status); an activity's
+result is recorded together with the event that wakes its workflow. Every task operation is
+fenced by the task's lease. The engine knows nothing about gRPC (the services translate) and
+decides no policy the pure core owns (retry delays, breaker transitions).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+import trio
+
+from everruns._aio.pg import Connection
+from everruns.domain import history as ev
+from everruns.domain.breaker import BreakerConfig
+from everruns.domain.commands import (
+    CancelTimer,
+    CancelWorkflow,
+    Command,
+    CompleteWorkflow,
+    FailWorkflow,
+    ScheduleActivity,
+    StartChildWorkflow,
+    StartTimer,
+    command_from_dict,
+)
+from everruns.domain.payload import decode, encode_text
+from everruns.domain.retry import RetryPolicy
+from everruns.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+)
+from everruns.server.config import ServerConfig
+from everruns.server.notifier import Notifier
+from everruns.store.models import StoredEvent, Task, WorkflowRun
+from everruns.store.store import NewEvent, NewTask, Store
+
+__all__ = ["ClaimedTask", "Engine", "StartRequest"]
+
+log = logging.getLogger("everruns.server")
+
+_MAX_NAME = 512
+_INPUT_EVENT_TYPES = sorted(ev.INPUT_EVENT_TYPES - {ev.WORKFLOW_STARTED})
+
+
+def check_name(value: str, what: str) -> str:
+    """Return a valid type/id name or raise InvalidArgument naming the field."""
+    if not value or not value.strip():
+        raise InvalidArgument(f"{what} must not be empty")
+    if len(value) > _MAX_NAME:
+        raise InvalidArgument(f"{what} is {len(value)} characters long; the limit is {_MAX_NAME}")
+    if "\x00" in value:
+        raise InvalidArgument(f"{what} must not contain NUL characters")
+    return value
+
+
+@attrs.frozen
+class StartRequest:
+    workflow_type: str
+    input: str  # exact JSON text
+    workflow_id: str | None = None
+
+
+@attrs.frozen
+class ClaimedTask:
+    """A claimed task as handed to a worker (workflow tasks carry their history)."""
+
+    task: Task
+    workflow_type: str
+    history: list[StoredEvent]
+    claimed_at: datetime
+
+
+def _error_dict(text: str) -> dict[str, Any]:
+    try:
+        value = decode(text, what="error")
+    except Exception:
+        value = None
+    if not isinstance(value, dict):
+        return {"type": "Error", "message": str(text)[:2000], "non_retryable": False}
+    return value
+
+
+class Engine:
+    """Durable operations the control plane serves."""
+
+    def __init__(self, store: Store, config: ServerConfig, notifier: Notifier) -> None:
+        self.store = store
+        self.config = config
+        self.notifier = notifier
+        self.breakers = BreakerConfig()
+
+    # ------------------------------------------------------------------ input checks
+
+    def check_payload(self, text: str, what: str) -> str:
+        """Validate a client payload: size limit and JSON syntax. Returns it unchanged."""
+        size = len(text.encode())
+        if size > self.config.max_payload_bytes:
+            raise ResourceExhausted(
+                f"{what} is {size} bytes; the limit is {self.config.max_payload_bytes} bytes "
+                "(EVERRUNS_MAX_PAYLOAD_BYTES)"
+            )
+        try:
+            json.loads(text)
+        except ValueError as exc:
+            raise InvalidArgument(f"{what} is not valid JSON: {exc}") from exc
+        return text
+
+    async def _check_capacity(self, adding: int) -> None:
+        limit = self.config.max_pending_tasks
+        if limit and await self.store.count_pending() + adding > limit:
+            raise ResourceExhausted(
+                f"{limit} tasks are already waiting (EVERRUNS_MAX_PENDING_TASKS); retry later"
+            )
+
+    # ------------------------------------------------------------------ starting
+
+    async def start_workflows(
+        self, requests: Sequence[StartRequest]
+    ) -> list[tuple[WorkflowRun, bool]]:
+        """Start runs (idempotent per open workflow id), all in one transaction."""
+        for request in requests:
+            check_name(request.workflow_type, "workflow_type")
+            if request.workflow_id is not None:
+                check_name(request.workflow_id, "workflow_id")
+            self.check_payload(request.input, "input")
+        await self._check_capacity(len(requests))
+        results = []
+        async with self.store.transaction() as conn:
+            for request in requests:
+                results.append(await self._start(conn, request))
+        return results
+
+    async def _start(
+        self,
+        conn: Connection,
+        request: StartRequest,
+        *,
+        parent: WorkflowRun | None = None,
+        child_id: str | None = None,
+    ) -> tuple[WorkflowRun, bool]:
+        workflow_id = request.workflow_id or str(uuid.uuid4())
+        run, created = await self.store.create_workflow(
+            conn,
+            workflow_id=workflow_id,
+            workflow_type=request.workflow_type,
+            input=request.input,
+            parent_run_id=parent.run_id if parent else None,
+            parent_child_id=child_id,
+        )
+        if created:
+            started = ev.workflow_started(
+                request.workflow_type,
+                workflow_id,
+                str(run.run_id),
+                None,
+                parent=(
+                    {"workflow_id": parent.workflow_id, "run_id": str(parent.run_id)}
+                    if parent
+                    else None
+                ),
+            )
+            await self.store.append_events(
+                conn, run, [NewEvent.of(started, input=request.input)], expected_last=0
+            )
+            await self.store.ensure_workflow_task(conn, run)
+        return run, created
+
+    # ------------------------------------------------------------------ lookups
+
+    async def find_run(
+        self,
+        workflow_id: str,
+        run_id: str = "",
+        *,
+        conn: Connection | None = None,
+    ) -> WorkflowRun:
+        """The run named by workflow id and optional run id (latest run when empty)."""
+        check_name(workflow_id, "workflow_id")
+        return await self.store.get_workflow(workflow_id, _run_uuid(run_id), conn=conn)
+
+    async def _lock_open(
+        self, conn: Connection, workflow_id: str, run_id: str, verb: str
+    ) -> WorkflowRun:
+        run = await self.find_run(workflow_id, run_id, conn=conn)
+        run = await self.store.lock_run(conn, run.run_id)
+        if not run.is_open:
+            raise FailedPrecondition(
+                f"cannot {verb} workflow {workflow_id!r}: it has already ended {run.status}"
+            )
+        return run
+
+    # ------------------------------------------------------------------ signals and cancel
+
+    async def signal(self, workflow_id: str, run_id: str, name: str, payload: str) -> None:
+        """Deliver a signal to an open run."""
+        check_name(name, "signal name")
+        self.check_payload(payload, "signal payload")
+        async with self.store.transaction() as conn:
+            run = await self._lock_open(conn, workflow_id, run_id, "signal")
+            await self.store.add_signal(conn, run, name, payload)
+            event = NewEvent.of(ev.signal_received(name, None), payload=payload)
+            await self.store.append_events(conn, run, [event])
+            await self.store.ensure_workflow_task(conn, run)
+
+    async def cancel(self, workflow_id: str, run_id: str, reason: str) -> None:
+        """Request cancellation of an open run: its code sees the request, its activities are
+        cancelled (pending ones at once, running ones on their workers)."""
+        async with self.store.transaction() as conn:
+            run = await self._lock_open(conn, workflow_id, run_id, "cancel")
+            if run.cancel_requested_at is not None:
+                return  # already requested: cancelling is idempotent
+            await self.store.add_signal(conn, run, "cancel", "null", signal_type="cancel")
+            await self.store.request_run_cancel(conn, run.run_id)
+            events = [NewEvent.of(ev.workflow_cancel_requested(reason))]
+            events += await self._cancel_activities(conn, run)
+            await self.store.append_events(conn, run, events)
+            await self.store.ensure_workflow_task(conn, run)
+
+    async def _cancel_activities(self, conn: Connection, run: WorkflowRun) -> list[NewEvent]:
+        events = []
+        for task in await self.store.tasks_of_run(run.run_id, conn=conn):
+            assert task.activity_id is not None
+            if task.status == "pending":
+                await self.store.cancel_task(conn, task.task_id)
+                events.append(NewEvent.of(ev.activity_cancelled(task.activity_id)))
+            else:
+                await self.store.request_task_cancel(conn, task)
+                events.append(NewEvent.of(ev.activity_cancel_requested(task.activity_id)))
+        return events
+
+    # ------------------------------------------------------------------ claiming
+
+    async def poll(
+        self,
+        worker_id: str,
+        *,
+        workflow_types: Sequence[str],
+        activity_types: Sequence[str],
+        max_tasks: int,
+        wait_s: float,
+    ) -> list[ClaimedTask]:
+        """Claim up to ``max_tasks`` tasks, waiting up to ``wait_s`` for one to appear.
+
+        The wait is woken by NOTIFY (new or released tasks) and by the due-scanner (delayed
+        tasks becoming visible), never by polling.
+        """
+        if max_tasks <= 0:
+            return []
+        with trio.move_on_after(max(0.0, wait_s)):
+            while True:
+                version = self.notifier.tasks_version
+                claimed = await self._claim(worker_id, workflow_types, activity_types, max_tasks)
+                if claimed:
+                    return claimed
+                await self.notifier.wait_tasks(version)
+        return []
+
+    async def _claim(
+        self,
+        worker_id: str,
+        workflow_types: Sequence[str],
+        activity_types: Sequence[str],
+        limit: int,
+    ) -> list[ClaimedTask]:
+        blocked: list[str] = []
+        if activity_types:
+            async with self.store.transaction() as conn:
+                blocked, _probes = await self.store.admit_breakers(conn, self.breakers)
+        tasks = await self.store.claim_tasks(
+            worker_id,
+            workflow_types=workflow_types,
+            activity_types=activity_types,
+            limit=limit,
+            blocked_keys=blocked,
+        )
+        claimed = []
+        for task in tasks:
+            assert task.claimed_at is not None
+            if task.kind == "activity":
+                claimed.append(ClaimedTask(task, "", [], task.claimed_at))
+                continue
+            async with self.store.transaction() as conn:
+                run = await self.store.get_run(task.run_id, conn=conn)
+                if not run.is_open:
+                    await self.store.close_workflow_task(conn, task.task_id)
+                    continue
+                await self.store.set_running(conn, run.run_id)
+                events = await self.store.load_events(run.run_id, conn=conn)
+            claimed.append(ClaimedTask(task, run.workflow_type, events, task.claimed_at))
+        return claimed
+
+    # ------------------------------------------------------------------ workflow tasks
+
+    async def complete_workflow_task(
+        self,
+        task_id: uuid.UUID,
+        lease_token: int,
+        worker_id: str,
+        seen_sequence: int,
+        commands_json: str,
+        claim_time: datetime,
+    ) -> tuple[bool, bool]:
+        """Apply a workflow task's commands in one transaction.
+
+        Returns:
+            ``(accepted, superseded)``: superseded when new input events arrived meanwhile
+            (the pending workflow task replays them; nothing is lost).
+
+        Raises:
+            StaleLease: the caller does not hold the task's lease.
+            InvalidArgument: the commands are malformed.
+        """
+        commands = _parse_commands(commands_json)
+        async with self.store.transaction() as conn:
+            task = await self.store.lock_leased(conn, task_id, lease_token)
+            run = await self.store.lock_run(conn, task.run_id)
+            if not run.is_open:
+                await self.store.close_workflow_task(conn, task_id)
+                return False, True
+            if run.last_sequence_num != seen_sequence and await self.store.input_events_after(
+                conn, run.run_id, seen_sequence, _INPUT_EVENT_TYPES
+            ):
+                await self.store.close_workflow_task(conn, task_id)
+                await self.store.ensure_workflow_task(conn, run)
+                return False, True
+            events = [NewEvent.of(ev.workflow_task_completed(worker_id, claim_time))]
+            for command in commands:
+                events.extend(await self._apply(conn, run, command))
+            await self.store.append_events(conn, run, events)
+            await self.store.close_workflow_task(conn, task_id)
+            await self.store.mark_run_signals_processed(conn, run.run_id)
+        return True, False
+
+    async def _apply(self, conn: Connection, run: WorkflowRun, command: Command) -> list[NewEvent]:
+        if isinstance(command, ScheduleActivity):
+            options = command.options
+            retry = options.retry or RetryPolicy()
+            input_text = encode_text(command.input, what="activity input")
+            await self.store.enqueue_activity(
+                conn,
+                NewTask(
+                    run_id=run.run_id,
+                    workflow_id=run.workflow_id,
+                    activity_type=command.activity_type,
+                    activity_id=command.activity_id,
+                    input=input_text,
+                    retry=retry,
+                    priority=options.priority,
+                    schedule_to_start_s=options.schedule_to_start_timeout,
+                    start_to_close_s=options.start_to_close_timeout,
+                    heartbeat_timeout_s=options.heartbeat_timeout,
+                    breaker_key=options.breaker_key,
+                ),
+            )
+            return [NewEvent.of(command.to_event(), input=input_text)]
+        if isinstance(command, StartTimer):
+            await self.store.start_timer(conn, run, command.timer_id, command.seconds)
+            return [NewEvent.of(command.to_event())]
+        if isinstance(command, CancelTimer):
+            await self.store.cancel_timer(conn, run.run_id, command.timer_id)
+            return [NewEvent.of(command.to_event())]
+        if isinstance(command, StartChildWorkflow):
+            return await self._start_child(conn, run, command)
+        if isinstance(command, CompleteWorkflow):
+            result = encode_text(command.result, what="workflow result")
+            await self._end(conn, run, "completed", result=result)
+            return [NewEvent.of(command.to_event(), result=result)]
+        if isinstance(command, FailWorkflow):
+            await self._end(conn, run, "failed", error=dict(command.error))
+            return [NewEvent.of(command.to_event())]
+        if isinstance(command, CancelWorkflow):
+            await self._end(conn, run, "cancelled")
+            return [NewEvent.of(command.to_event())]
+        raise InvalidArgument(f"unknown command {command!r}")
+
+    async def _start_child(
+        self, conn: Connection, run: WorkflowRun, command: StartChildWorkflow
+    ) -> list[NewEvent]:
+        child_wid = command.workflow_id or f"{run.workflow_id}/{command.child_id}"
+        input_text = encode_text(command.input, what="child workflow input")
+        child, created = await self._start(
+            conn,
+            StartRequest(command.workflow_type, input_text, child_wid),
+            parent=run,
+            child_id=command.child_id,
+        )
+        events = [NewEvent.of(command.to_event(), input=input_text)]
+        if not created:
+            error = {
+                "type": "AlreadyExists",
+                "message": f"workflow {child_wid!r} is already running (run {child.run_id})",
+                "non_retryable": True,
+            }
+            events.append(NewEvent.of(ev.child_workflow_failed(command.child_id, error)))
+        return events
+
+    async def _end(
+        self,
+        conn: Connection,
+        run: WorkflowRun,
+        status: str,
+        *,
+        result: str | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> None:
+        ended = await self.store.end_run(conn, run.run_id, status, result=result, error=error)
+        await self.store.drop_pending_workflow_tasks(conn, run.run_id)
+        # Activities the code no longer waits for are cancelled, not left to run.
+        for task in await self.store.tasks_of_run(run.run_id, conn=conn):
+            if task.status == "pending":
+                await self.store.cancel_task(conn, task.task_id)
+            else:
+                await self.store.request_task_cancel(conn, task)
+        if ended.parent_run_id is not None and ended.parent_child_id is not None:
+            await self._tell_parent(conn, ended, status, result=result, error=error)
+
+    async def _tell_parent(
+        self,
+        conn: Connection,
+        child: WorkflowRun,
+        status: str,
+        *,
+        result: str | None,
+        error: dict[str, Any] | None,
+    ) -> None:
+        assert child.parent_run_id is not None and child.parent_child_id is not None
+        parent = await self.store.lock_run(conn, child.parent_run_id)
+        if not parent.is_open:
+            return
+        if status == "completed":
+            event = NewEvent.of(
+                ev.child_workflow_completed(child.parent_child_id, None), result=result or "null"
+            )
+        else:
+            failure = error or {
+                "type": "WorkflowCancelled",
+                "message": f"child workflow {child.workflow_id!r} was cancelled",
+            }
+            event = NewEvent.of(ev.child_workflow_failed(child.parent_child_id, failure))
+        await self.store.append_events(conn, parent, [event])
+        await self.store.ensure_workflow_task(conn, parent)
+
+    async def fail_workflow_task(
+        self,
+        task_id: uuid.UUID,
+        lease_token: int,
+        worker_id: str,
+        error_json: str,
+        *,
+        non_determinism: bool,
+    ) -> None:
+        """Record a workflow task the worker could not complete; the run is marked stuck and
+        is not retried in a loop (a new event gives it another try)."""
+        error = _error_dict(error_json)
+        async with self.store.transaction() as conn:
+            task = await self.store.lock_leased(conn, task_id, lease_token)
+            run = await self.store.lock_run(conn, task.run_id)
+            await self.store.close_workflow_task(conn, task_id)
+            if not run.is_open:
+                return
+            await self.store.append_events(
+                conn, run, [NewEvent.of(ev.workflow_task_failed({**error, "worker_id": worker_id}))]
+            )
+            kind = "non-determinism" if non_determinism else "workflow task failed"
+            reason = f"{kind}: {error.get('message', '')}"
+            await self.store.set_stuck(conn, run.run_id, reason[:4000])
+        log.error("workflow %s is stuck: %s", run.workflow_id, reason)
+
+    # ------------------------------------------------------------------ activity tasks
+
+    async def complete_activity(
+        self, task_id: uuid.UUID, lease_token: int, worker_id: str, result: str
+    ) -> None:
+        """Record an activity's result and wake its workflow, in one transaction."""
+        self.check_payload(result, "activity result")
+        async with self.store.transaction() as conn:
+            task = await self.store.complete_task(conn, task_id, lease_token, result)
+            await self._breaker_success(conn, task)
+            run = await self.store.lock_run(conn, task.run_id)
+            if not run.is_open:
+                return
+            assert task.activity_id is not None
+            events = [
+                NewEvent.of(ev.activity_started(task.activity_id, task.attempt, worker_id)),
+                NewEvent.of(
+                    ev.activity_completed(task.activity_id, None, task.attempt), result=result
+                ),
+            ]
+            await self.store.append_events(conn, run, events)
+            await self.store.ensure_workflow_task(conn, run)
+
+    async def fail_activity(
+        self,
+        task_id: uuid.UUID,
+        lease_token: int,
+        worker_id: str,
+        error_json: str,
+        *,
+        non_retryable: bool = False,
+        cancelled: bool = False,
+        release: bool = False,
+    ) -> tuple[bool, float]:
+        """Record a failed (or cancelled, or released) attempt.
+
+        Returns:
+            ``(will_retry, delay_seconds)``.
+        """
+        error = _error_dict(error_json)
+        async with self.store.transaction() as conn:
+            task = await self.store.lock_leased(conn, task_id, lease_token)
+            assert task.activity_id is not None
+            if cancelled:
+                await self.store.cancel_task(conn, task_id)
+                await self._record(
+                    conn,
+                    task,
+                    [
+                        ev.activity_started(task.activity_id, task.attempt, worker_id),
+                        ev.activity_cancelled(task.activity_id),
+                    ],
+                    wake=True,
+                )
+                return False, 0.0
+            if release:
+                outcome = await self.store.release_task(conn, task, error)
+            else:
+                outcome = await self.store._fail_locked(
+                    conn, task, error, non_retryable=non_retryable
+                )
+                await self._breaker_failure(conn, task)
+            events = [
+                ev.activity_started(task.activity_id, task.attempt, worker_id),
+                ev.activity_failed(task.activity_id, error, task.attempt, outcome.will_retry),
+            ]
+            await self._record(conn, task, events, wake=not outcome.will_retry)
+        return outcome.will_retry, outcome.delay
+
+    async def _record(
+        self, conn: Connection, task: Task, events: list[dict[str, Any]], *, wake: bool
+    ) -> None:
+        run = await self.store.lock_run(conn, task.run_id)
+        if not run.is_open:
+            return
+        await self.store.append_events(conn, run, [NewEvent.of(e) for e in events])
+        if wake:
+            await self.store.ensure_workflow_task(conn, run)
+
+    async def _breaker_success(self, conn: Connection, task: Task) -> None:
+        await self.store.record_breaker_success_if_tracked(
+            conn, task.effective_breaker_key, config=self.breakers
+        )
+
+    async def _breaker_failure(self, conn: Connection, task: Task) -> None:
+        await self.store.record_breaker_outcome(
+            conn, task.effective_breaker_key, success=False, config=self.breakers
+        )
+
+    async def heartbeat(self, task_id: uuid.UUID, lease_token: int, details: str | None) -> bool:
+        """Refresh a task's heartbeat; return whether its cancellation was requested."""
+        if details is not None:
+            self.check_payload(details, "heartbeat details")
+        return await self.store.heartbeat(task_id, lease_token, details)
+
+    # ------------------------------------------------------------------ liveness
+
+    async def release_worker(self, worker_id: str, reason: str) -> int:
+        """Release every task a worker holds (its connection dropped); return how many."""
+        async with self.store.transaction() as conn:
+            tasks = await self.store.tasks_held_by(conn, worker_id)
+            for task in tasks:
+                error = {"type": "WorkerLost", "message": reason, "non_retryable": False}
+                outcome = await self.store.release_task(conn, task, error)
+                if task.kind == "activity" and task.activity_id is not None:
+                    await self._record(
+                        conn,
+                        task,
+                        [
+                            ev.activity_failed(
+                                task.activity_id, error, task.attempt, outcome.will_retry
+                            )
+                        ],
+                        wake=not outcome.will_retry,
+                    )
+        if tasks:
+            log.warning("released %d task(s) of worker %s: %s", len(tasks), worker_id, reason)
+        return len(tasks)
+
+    # ------------------------------------------------------------------ timers
+
+    async def fire_due_timers(self) -> int:
+        """Fire every due timer (append timer_fired, wake the workflow); return how many."""
+        fired = 0
+        while True:
+            async with self.store.transaction() as conn:
+                due = await self.store.fire_due_timers(conn)
+                for run_id, timer_id in due:
+                    run = await self.store.lock_run(conn, run_id)
+                    if not run.is_open:
+                        continue
+                    await self.store.append_events(
+                        conn, run, [NewEvent.of(ev.timer_fired(timer_id))]
+                    )
+                    await self.store.ensure_workflow_task(conn, run)
+            fired += len(due)
+            if len(due) < 200:
+                return fired
+
+
+def _run_uuid(run_id: str) -> uuid.UUID | None:
+    if not run_id:
+        return None
+    try:
+        return uuid.UUID(run_id)
+    except ValueError:
+        raise InvalidArgument(f"run_id {run_id!r} is not a UUID") from None
+
+
+def parse_task_id(task_id: str) -> uuid.UUID:
+    """A task id from the wire, or InvalidArgument."""
+    try:
+        return uuid.UUID(task_id)
+    except ValueError:
+        raise InvalidArgument(f"task_id {task_id!r} is not a UUID") from None
+
+
+def _parse_commands(text: str) -> list[Command]:
+    try:
+        raw = json.loads(text) if text else []
+    except ValueError as exc:
+        raise InvalidArgument(f"commands are not valid JSON: {exc}") from exc
+    if not isinstance(raw, list):
+        raise InvalidArgument("commands must be a JSON array")
+    try:
+        return [command_from_dict(item) for item in raw]
+    except InvalidArgument:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidArgument(f"malformed command: {exc}") from exc
+
+
+def utc_from_timestamp(value: float) -> datetime:
+    """A wire timestamp (unix seconds) as an aware datetime; 0 means now."""
+    if value <= 0:
+        return datetime.now(UTC)
+    return datetime.fromtimestamp(value, UTC)

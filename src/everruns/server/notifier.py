@@ -1,0 +1,162 @@
+"""Wake-ups for the control plane: PostgreSQL NOTIFY fanned out to waiting Trio tasks.
+
+One LISTEN connection per control plane. Long-polling claims wait for "tasks changed", result
+long-polls wait for "this run changed", cancellation streams wait for "cancel this task of your
+worker", and the due-scanner waits for "a timer or delayed task was added". Notifications are
+hints: every waiter re-reads the tables after waking, so a lost notification can only delay,
+never lose, work; when the LISTEN connection is lost and re-established, everyone is woken.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import trio
+
+from everruns._aio import pg
+from everruns.errors import DatabaseError
+from everruns.store.store import CHANNEL_CANCEL, CHANNEL_RUNS, CHANNEL_TASKS, CHANNEL_TIMERS
+
+__all__ = ["CancelNotice", "Notifier"]
+
+log = logging.getLogger("everruns.server")
+
+CancelNotice = tuple[str, int]  # (task_id, lease_token)
+
+
+class Notifier:
+    """Fan-out of database notifications to the tasks waiting on them."""
+
+    def __init__(self) -> None:
+        self.tasks_version = 0
+        self._tasks_changed = trio.Event()
+        self._runs: dict[str, list[Any]] = {}  # run id -> [event, waiters]
+        self._cancels: dict[str, set[trio.MemorySendChannel[CancelNotice]]] = {}
+        self._due = trio.Event()
+
+    # ---------------------------------------------------------------- tasks
+
+    def poke_tasks(self) -> None:
+        """Tell every waiting claimer to look again."""
+        self.tasks_version += 1
+        self._tasks_changed.set()
+        self._tasks_changed = trio.Event()
+
+    async def wait_tasks(self, version: int) -> None:
+        """Wait until tasks changed after ``version`` was read (returns at once if they have)."""
+        if version != self.tasks_version:
+            return
+        await self._tasks_changed.wait()
+
+    # ---------------------------------------------------------------- runs
+
+    @contextmanager
+    def watch_run(self, run_id: str) -> Iterator[trio.Event]:
+        """An event set when the run changes; enter it BEFORE reading the run's state."""
+        entry = self._runs.get(run_id)
+        if entry is None:
+            entry = self._runs[run_id] = [trio.Event(), 0]
+        entry[1] += 1
+        try:
+            yield entry[0]
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0 and self._runs.get(run_id) is entry:
+                del self._runs[run_id]
+
+    def run_changed(self, run_id: str) -> None:
+        entry = self._runs.pop(run_id, None)
+        if entry is not None:
+            entry[0].set()
+
+    # ---------------------------------------------------------------- cancellations
+
+    @contextmanager
+    def subscribe_cancellations(
+        self, worker_id: str
+    ) -> Iterator[trio.MemoryReceiveChannel[CancelNotice]]:
+        """Receive the cancellation requests for tasks held by ``worker_id``."""
+        send, receive = trio.open_memory_channel[CancelNotice](256)
+        self._cancels.setdefault(worker_id, set()).add(send)
+        try:
+            yield receive
+        finally:
+            subscribers = self._cancels.get(worker_id)
+            if subscribers is not None:
+                subscribers.discard(send)
+                if not subscribers:
+                    del self._cancels[worker_id]
+            send.close()
+
+    def has_cancel_stream(self, worker_id: str) -> bool:
+        return bool(self._cancels.get(worker_id))
+
+    def _cancel(self, worker_id: str, task_id: str, lease_token: int) -> None:
+        for send in list(self._cancels.get(worker_id, ())):
+            try:
+                send.send_nowait((task_id, lease_token))
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                # A full or closed stream: the holder still learns from its heartbeat reply.
+                pass
+
+    # ---------------------------------------------------------------- due-scanner
+
+    def poke_due(self) -> None:
+        self._due.set()
+
+    async def wait_due(self, timeout: float | None) -> None:
+        """Wait until poked or ``timeout`` seconds pass (None: until poked)."""
+        with trio.move_on_after(float("inf") if timeout is None else max(0.0, timeout)):
+            await self._due.wait()
+        self._due = trio.Event()
+
+    # ---------------------------------------------------------------- the listener
+
+    def _dispatch(self, channel: str, payload: str) -> None:
+        if channel == CHANNEL_TASKS:
+            self.poke_tasks()
+        elif channel == CHANNEL_RUNS:
+            self.run_changed(payload)
+        elif channel == CHANNEL_TIMERS:
+            self.poke_due()
+        elif channel == CHANNEL_CANCEL:
+            worker_id, _, rest = payload.partition("\t")
+            task_id, _, lease = rest.partition("\t")
+            if lease.isdigit():
+                self._cancel(worker_id, task_id, int(lease))
+
+    def _wake_everyone(self) -> None:
+        self.poke_tasks()
+        self.poke_due()
+        for run_id in list(self._runs):
+            self.run_changed(run_id)
+
+    async def listen(
+        self, url: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """LISTEN until cancelled, reconnecting with backoff; ready once LISTEN is registered."""
+        channels = [CHANNEL_TASKS, CHANNEL_RUNS, CHANNEL_TIMERS, CHANNEL_CANCEL]
+        started = False
+        delay = 0.1
+        while True:
+            try:
+                async with pg.listen(url, channels) as notifications:
+                    if not started:
+                        task_status.started()
+                        started = True
+                    else:
+                        log.info("LISTEN connection re-established")
+                    self._wake_everyone()  # anything sent while we were away
+                    delay = 0.1
+                    async for channel, payload in notifications:
+                        self._dispatch(channel, payload)
+                log.warning("LISTEN connection lost; reconnecting")
+            except DatabaseError as exc:
+                if not started:
+                    raise
+                log.warning("LISTEN connection failed (%s); retrying in %.1f s", exc, delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, 5.0)

@@ -1,0 +1,503 @@
+"""The gRPC services of the control plane, as Trio code: proto requests in, proto replies out.
+
+Each method validates its request's fields, calls the engine or the store, and converts the
+answer. Errors are everruns exceptions; the bridge in ``everruns._aio.grpc`` turns them into gRPC
+statuses with their messages. No SQL and no engine decisions here.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+import trio
+
+from everruns._proto.everruns import v1 as pb
+from everruns.errors import InvalidArgument, NotFound
+from everruns.server.engine import (
+    ClaimedTask,
+    Engine,
+    StartRequest,
+    check_name,
+    parse_task_id,
+    utc_from_timestamp,
+)
+from everruns.store.models import DeadLetter, StoredEvent, Task, WorkerRecord, WorkflowRun
+
+__all__ = ["WorkerService", "WorkflowService"]
+
+log = logging.getLogger("everruns.server")
+
+HEARTBEAT_INTERVAL = 10.0
+_MAX_POLL_WAIT = 60.0
+_CANCEL_KEEPALIVE = 15.0
+
+
+def _ts(value: datetime | None) -> float:
+    return value.timestamp() if value is not None else 0.0
+
+
+def _text(data: bytes, what: str) -> str:
+    """A JSON payload from the wire as text ('null' when empty)."""
+    if not data:
+        return "null"
+    try:
+        return data.decode()
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(f"{what} is not UTF-8: {exc}") from exc
+
+
+def _bytes(text: str | None) -> bytes:
+    return b"" if text is None else text.encode()
+
+
+def _json_bytes(value: Any) -> bytes:
+    return b"" if value is None else json.dumps(value, ensure_ascii=False).encode()
+
+
+def _event(event: StoredEvent) -> pb.HistoryEvent:
+    return pb.HistoryEvent(
+        sequence_num=event.sequence_num,
+        type=event.type,
+        data=event.payload.encode(),
+        time=_ts(event.created_at),
+    )
+
+
+def _task(claimed: ClaimedTask) -> pb.Task:
+    task = claimed.task
+    return pb.Task(
+        task_id=str(task.task_id),
+        kind=task.kind,
+        lease_token=task.lease_token or 0,
+        workflow_id=task.workflow_id,
+        run_id=str(task.run_id),
+        workflow_type=claimed.workflow_type or (task.type_name if task.kind == "workflow" else ""),
+        activity_type=task.type_name if task.kind == "activity" else "",
+        activity_id=task.activity_id or "",
+        input=_bytes(task.input) if task.kind == "activity" else b"",
+        attempt=task.attempt,
+        max_attempts=task.max_attempts if task.kind == "activity" else 1,
+        heartbeat_timeout_s=task.heartbeat_timeout_s or 0.0,
+        start_to_close_s=task.start_to_close_s or 0.0,
+        scheduled_at=_ts(task.visible_at),
+        claimed_at=_ts(claimed.claimed_at),
+        history=[_event(e) for e in claimed.history],
+        heartbeat_details=_bytes(task.heartbeat_details),
+    )
+
+
+def _lease(token: int) -> int:
+    if token <= 0:
+        raise InvalidArgument(f"lease_token {token} is not a lease token")
+    return token
+
+
+class WorkerService:
+    """WorkerService: what workers call."""
+
+    def __init__(self, engine: Engine, shutting_down: trio.Event) -> None:
+        self.engine = engine
+        self.store = engine.store
+        self._shutting_down = shutting_down
+
+    async def register_worker(self, request: pb.RegisterWorkerRequest) -> pb.RegisterWorkerResponse:
+        check_name(request.worker_id, "worker_id")
+        if request.max_concurrency < 1:
+            raise InvalidArgument(
+                f"max_concurrency must be at least 1, got {request.max_concurrency}"
+            )
+        for name in [*request.activity_types, *request.workflow_types]:
+            check_name(name, "type name")
+        record = await self.store.register_worker(
+            request.worker_id,
+            activity_types=request.activity_types,
+            workflow_types=request.workflow_types,
+            max_concurrency=request.max_concurrency,
+            host=request.host,
+            pid=request.pid or None,
+            version=request.version,
+        )
+        log.info(
+            "worker %s registered (%d slots; workflows %s; activities %s)",
+            record.id,
+            record.max_concurrency,
+            ",".join(record.workflow_types) or "-",
+            ",".join(record.activity_types) or "-",
+        )
+        return pb.RegisterWorkerResponse(
+            heartbeat_interval_s=HEARTBEAT_INTERVAL, server_time=_ts(record.last_heartbeat_at)
+        )
+
+    async def worker_heartbeat(
+        self, request: pb.WorkerHeartbeatRequest
+    ) -> pb.WorkerHeartbeatResponse:
+        check_name(request.worker_id, "worker_id")
+        status = request.status or "active"
+        if status not in ("active", "draining"):
+            raise InvalidArgument(f"status must be active or draining, got {status!r}")
+        record = await self.store.worker_heartbeat(
+            request.worker_id, current_load=max(0, request.current_load), status=status
+        )
+        return pb.WorkerHeartbeatResponse(ok=record is not None, known=record is not None)
+
+    async def poll_tasks(self, request: pb.PollTasksRequest) -> pb.PollTasksResponse:
+        check_name(request.worker_id, "worker_id")
+        if request.wait_s < 0:
+            raise InvalidArgument(f"wait_s must not be negative, got {request.wait_s}")
+        claimed = await self.engine.poll(
+            request.worker_id,
+            workflow_types=request.workflow_types,
+            activity_types=request.activity_types,
+            max_tasks=min(request.max_tasks, 1000),
+            wait_s=min(request.wait_s, _MAX_POLL_WAIT),
+        )
+        return pb.PollTasksResponse(tasks=[_task(c) for c in claimed])
+
+    async def record_heartbeat(
+        self, request: pb.RecordHeartbeatRequest
+    ) -> pb.RecordHeartbeatResponse:
+        details = _text(request.details, "details") if request.details else None
+        cancel = await self.engine.heartbeat(
+            parse_task_id(request.task_id), _lease(request.lease_token), details
+        )
+        return pb.RecordHeartbeatResponse(cancel_requested=cancel)
+
+    async def complete_workflow_task(
+        self, request: pb.CompleteWorkflowTaskRequest
+    ) -> pb.CompleteWorkflowTaskResponse:
+        accepted, superseded = await self.engine.complete_workflow_task(
+            parse_task_id(request.task_id),
+            _lease(request.lease_token),
+            request.worker_id,
+            request.seen_sequence,
+            _text(request.commands, "commands") if request.commands else "[]",
+            utc_from_timestamp(request.claim_time),
+        )
+        return pb.CompleteWorkflowTaskResponse(accepted=accepted, superseded=superseded)
+
+    async def fail_workflow_task(
+        self, request: pb.FailWorkflowTaskRequest
+    ) -> pb.FailWorkflowTaskResponse:
+        await self.engine.fail_workflow_task(
+            parse_task_id(request.task_id),
+            _lease(request.lease_token),
+            request.worker_id,
+            _text(request.error, "error"),
+            non_determinism=request.non_determinism,
+        )
+        return pb.FailWorkflowTaskResponse()
+
+    async def complete_activity_task(
+        self, request: pb.CompleteActivityTaskRequest
+    ) -> pb.CompleteActivityTaskResponse:
+        await self.engine.complete_activity(
+            parse_task_id(request.task_id),
+            _lease(request.lease_token),
+            request.worker_id,
+            _text(request.result, "result"),
+        )
+        return pb.CompleteActivityTaskResponse(accepted=True)
+
+    async def fail_activity_task(
+        self, request: pb.FailActivityTaskRequest
+    ) -> pb.FailActivityTaskResponse:
+        will_retry, delay = await self.engine.fail_activity(
+            parse_task_id(request.task_id),
+            _lease(request.lease_token),
+            request.worker_id,
+            _text(request.error, "error"),
+            non_retryable=request.non_retryable,
+            cancelled=request.cancelled,
+            release=request.release,
+        )
+        retry_at = time.time() + delay if will_retry else 0.0
+        return pb.FailActivityTaskResponse(will_retry=will_retry, retry_at=retry_at)
+
+    async def stream_cancellations(
+        self,
+        request: pb.StreamCancellationsRequest,
+        send: Callable[[pb.Cancellation], Awaitable[None]],
+    ) -> None:
+        """Push cancellations of the worker's tasks; when the worker's connection drops (and
+        this control plane is not itself shutting down), release the tasks it held."""
+        worker_id = check_name(request.worker_id, "worker_id")
+        try:
+            with self.engine.notifier.subscribe_cancellations(worker_id) as notices:
+                await send(pb.Cancellation(keepalive=True))
+                while True:
+                    with trio.move_on_after(_CANCEL_KEEPALIVE) as idle:
+                        task_id, lease = await notices.receive()
+                    if idle.cancelled_caught:
+                        await send(pb.Cancellation(keepalive=True))
+                    else:
+                        await send(
+                            pb.Cancellation(
+                                task_id=task_id, lease_token=lease, reason="cancel requested"
+                            )
+                        )
+        finally:
+            if not self._shutting_down.is_set() and not self.engine.notifier.has_cancel_stream(
+                worker_id
+            ):
+                with trio.move_on_after(10, shield=True):
+                    await self.engine.release_worker(
+                        worker_id, f"connection of worker {worker_id} dropped"
+                    )
+
+
+class WorkflowService:
+    """WorkflowService: what clients and operators call."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.store = engine.store
+
+    async def start_workflow(self, request: pb.StartWorkflowRequest) -> pb.StartWorkflowResponse:
+        ((run, created),) = await self.engine.start_workflows([_start_request(request)])
+        return pb.StartWorkflowResponse(
+            workflow_id=run.workflow_id, run_id=str(run.run_id), created=created
+        )
+
+    async def start_workflows(self, request: pb.StartWorkflowsRequest) -> pb.StartWorkflowsResponse:
+        if len(request.requests) > 10_000:
+            raise InvalidArgument("at most 10000 workflows per StartWorkflows call")
+        results = await self.engine.start_workflows([_start_request(r) for r in request.requests])
+        return pb.StartWorkflowsResponse(
+            responses=[
+                pb.StartWorkflowResponse(
+                    workflow_id=run.workflow_id, run_id=str(run.run_id), created=created
+                )
+                for run, created in results
+            ]
+        )
+
+    async def signal_workflow(self, request: pb.SignalWorkflowRequest) -> pb.SignalWorkflowResponse:
+        await self.engine.signal(
+            request.workflow_id, request.run_id, request.name, _text(request.payload, "payload")
+        )
+        return pb.SignalWorkflowResponse()
+
+    async def cancel_workflow(self, request: pb.CancelWorkflowRequest) -> pb.CancelWorkflowResponse:
+        await self.engine.cancel(request.workflow_id, request.run_id, request.reason)
+        return pb.CancelWorkflowResponse()
+
+    async def _describe(self, run: WorkflowRun) -> pb.WorkflowDescription:
+        tasks = await self.store.tasks_of_run(run.run_id)
+        waiting = False
+        if run.is_open:
+            waiting = not await self.store.worker_serves(run.workflow_type, "workflow")
+            for task in tasks:
+                if task.status == "pending" and not waiting:
+                    waiting = not await self.store.worker_serves(task.type_name, "activity")
+        parent_wid = ""
+        if run.parent_run_id is not None:
+            try:
+                parent_wid = (await self.store.get_run(run.parent_run_id)).workflow_id
+            except NotFound:
+                parent_wid = ""
+        return pb.WorkflowDescription(
+            workflow_id=run.workflow_id,
+            run_id=str(run.run_id),
+            workflow_type=run.workflow_type,
+            status=run.status,
+            input=_bytes(run.input),
+            result=_bytes(run.result),
+            error=_json_bytes(run.error),
+            created_at=_ts(run.created_at),
+            updated_at=_ts(run.updated_at),
+            completed_at=_ts(run.completed_at),
+            stuck_reason=run.stuck_reason or "",
+            parent_workflow_id=parent_wid,
+            pending_activities=[_activity_info(t) for t in tasks],
+            waiting_for_worker=waiting,
+        )
+
+    async def describe_workflow(
+        self, request: pb.DescribeWorkflowRequest
+    ) -> pb.DescribeWorkflowResponse:
+        run = await self.engine.find_run(request.workflow_id, request.run_id)
+        return pb.DescribeWorkflowResponse(workflow=await self._describe(run))
+
+    async def get_history(self, request: pb.GetHistoryRequest) -> pb.GetHistoryResponse:
+        if request.after_sequence < 0 or request.limit < 0:
+            raise InvalidArgument("after_sequence and limit must not be negative")
+        run = await self.engine.find_run(request.workflow_id, request.run_id)
+        limit = min(request.limit or 1000, 10_000)
+        events = await self.store.load_events(run.run_id, after=request.after_sequence, limit=limit)
+        next_after = events[-1].sequence_num if len(events) == limit else 0
+        return pb.GetHistoryResponse(events=[_event(e) for e in events], next_after=next_after)
+
+    async def list_workflows(self, request: pb.ListWorkflowsRequest) -> pb.ListWorkflowsResponse:
+        if request.limit < 0:
+            raise InvalidArgument("limit must not be negative")
+        if request.status and request.status not in (
+            "pending",
+            "running",
+            "completed",
+            "failed",
+            "cancelled",
+        ):
+            raise InvalidArgument(f"unknown status {request.status!r}")
+        limit = min(request.limit or 50, 1000)
+        after = _page_cursor(request.page_token)
+        runs = await self.store.list_workflows(
+            workflow_type=request.workflow_type or None,
+            status=request.status or None,
+            limit=limit,
+            after=after,
+        )
+        token = _page_token(runs[-1].created_at, runs[-1].run_id) if len(runs) == limit else ""
+        return pb.ListWorkflowsResponse(
+            workflows=[
+                pb.WorkflowSummary(
+                    workflow_id=r.workflow_id,
+                    run_id=str(r.run_id),
+                    workflow_type=r.workflow_type,
+                    status=r.status,
+                    created_at=_ts(r.created_at),
+                    completed_at=_ts(r.completed_at),
+                )
+                for r in runs
+            ],
+            next_page_token=token,
+        )
+
+    async def await_result(self, request: pb.AwaitResultRequest) -> pb.AwaitResultResponse:
+        if request.wait_s < 0:
+            raise InvalidArgument(f"wait_s must not be negative, got {request.wait_s}")
+        run = await self.engine.find_run(request.workflow_id, request.run_id)
+        with trio.move_on_after(min(request.wait_s, _MAX_POLL_WAIT)):
+            while run.is_open:
+                with self.engine.notifier.watch_run(str(run.run_id)) as changed:
+                    run = await self.store.get_run(run.run_id)
+                    if not run.is_open:
+                        break
+                    await changed.wait()
+                run = await self.store.get_run(run.run_id)
+        return pb.AwaitResultResponse(done=not run.is_open, workflow=await self._describe(run))
+
+    async def list_dead_letters(
+        self, request: pb.ListDeadLettersRequest
+    ) -> pb.ListDeadLettersResponse:
+        limit = min(request.limit or 50, 1000)
+        letters = await self.store.list_dead_letters(
+            limit=limit, after=_page_cursor(request.page_token)
+        )
+        token = _page_token(letters[-1].dead_at, letters[-1].id) if len(letters) == limit else ""
+        return pb.ListDeadLettersResponse(
+            dead_letters=[_dead_letter(d) for d in letters], next_page_token=token
+        )
+
+    async def requeue_dead_letter(
+        self, request: pb.RequeueDeadLetterRequest
+    ) -> pb.RequeueDeadLetterResponse:
+        try:
+            letter_id = uuid.UUID(request.id)
+        except ValueError:
+            raise InvalidArgument(f"dead letter id {request.id!r} is not a UUID") from None
+        async with self.store.transaction() as conn:
+            task = await self.store.requeue_dead_letter(conn, letter_id)
+        return pb.RequeueDeadLetterResponse(task_id=str(task.task_id))
+
+    async def list_workers(self, request: pb.ListWorkersRequest) -> pb.ListWorkersResponse:
+        workers = await self.store.list_workers(include_stopped=request.include_stopped)
+        return pb.ListWorkersResponse(workers=[_worker(w) for w in workers])
+
+    async def list_circuit_breakers(
+        self, request: pb.ListCircuitBreakersRequest
+    ) -> pb.ListCircuitBreakersResponse:
+        return pb.ListCircuitBreakersResponse(
+            breakers=[
+                pb.CircuitBreaker(
+                    key=b.key,
+                    state=b.state,
+                    failure_count=b.failure_count,
+                    success_count=b.success_count,
+                    probes_in_flight=b.probes_in_flight,
+                    opened_at=_ts(b.opened_at),
+                    updated_at=_ts(b.last_failure_at or b.opened_at),
+                )
+                for b in await self.store.list_breakers()
+            ]
+        )
+
+    async def reset_circuit_breaker(
+        self, request: pb.ResetCircuitBreakerRequest
+    ) -> pb.ResetCircuitBreakerResponse:
+        await self.store.reset_breaker(check_name(request.key, "key"))
+        return pb.ResetCircuitBreakerResponse()
+
+
+def _start_request(request: pb.StartWorkflowRequest) -> StartRequest:
+    return StartRequest(
+        workflow_type=request.workflow_type,
+        input=_text(request.input, "input"),
+        workflow_id=request.workflow_id or None,
+    )
+
+
+def _activity_info(task: Task) -> pb.ActivityInfo:
+    return pb.ActivityInfo(
+        activity_id=task.activity_id or "",
+        activity_type=task.type_name,
+        status=task.status,
+        attempt=task.attempt,
+        max_attempts=task.max_attempts,
+        last_error=_json_bytes(task.last_error),
+        error_history=_json_bytes(task.error_history) if task.error_history else b"",
+        claimed_by=task.claimed_by or "",
+    )
+
+
+def _dead_letter(letter: DeadLetter) -> pb.DeadLetter:
+    return pb.DeadLetter(
+        id=str(letter.id),
+        task_id=str(letter.task_id),
+        workflow_id=letter.workflow_id,
+        run_id=str(letter.run_id),
+        activity_type=letter.activity_type,
+        input=_bytes(letter.input),
+        attempts=letter.attempts,
+        last_error=_json_bytes(letter.error_history[-1] if letter.error_history else None)
+        or _json_bytes({"message": letter.last_error}),
+        error_history=_json_bytes(letter.error_history),
+        dead_at=_ts(letter.dead_at),
+        requeued_at=_ts(letter.requeued_at),
+    )
+
+
+def _worker(worker: WorkerRecord) -> pb.WorkerInfo:
+    return pb.WorkerInfo(
+        id=worker.id,
+        status=worker.status,
+        activity_types=list(worker.activity_types),
+        workflow_types=list(worker.workflow_types),
+        max_concurrency=worker.max_concurrency,
+        current_load=worker.current_load,
+        host=worker.host,
+        pid=worker.pid or 0,
+        version=worker.version,
+        started_at=_ts(worker.started_at),
+        last_heartbeat_at=_ts(worker.last_heartbeat_at),
+    )
+
+
+def _page_token(at: datetime, row_id: uuid.UUID) -> str:
+    return base64.urlsafe_b64encode(f"{at.isoformat()}|{row_id}".encode()).decode()
+
+
+def _page_cursor(token: str) -> tuple[datetime, uuid.UUID] | None:
+    if not token:
+        return None
+    try:
+        at, _, row_id = base64.urlsafe_b64decode(token.encode()).decode().partition("|")
+        return datetime.fromisoformat(at), uuid.UUID(row_id)
+    except ValueError:
+        raise InvalidArgument(f"page_token {token!r} is not one this server issued") from None

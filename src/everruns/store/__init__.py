@@ -1,0 +1,1 @@
+"""Persistence: every SQL statement, the migrations runner and the embedded PostgreSQL."""

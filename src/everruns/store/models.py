@@ -1,0 +1,255 @@
+"""Rows as attrs values, built by named constructors (`from_row`).
+
+Payload columns stay exact JSON text here (the wire carries the same bytes); error objects are
+decoded to dicts because the engine reads them. The storage format does not leak past these.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import attrs
+
+__all__ = [
+    "DeadLetter",
+    "Signal",
+    "StoredEvent",
+    "Task",
+    "WorkerRecord",
+    "WorkflowRun",
+]
+
+Row = Mapping[str, Any]
+
+
+def _obj(text: str | None) -> dict[str, Any] | None:
+    return None if text is None else dict(json.loads(text))
+
+
+def _list(text: str | None) -> list[Any]:
+    return [] if text is None else list(json.loads(text))
+
+
+@attrs.frozen
+class WorkflowRun:
+    run_id: uuid.UUID
+    workflow_id: str
+    workflow_type: str
+    status: str
+    input: str
+    result: str | None
+    error: dict[str, Any] | None
+    parent_run_id: uuid.UUID | None
+    parent_child_id: str | None
+    last_sequence_num: int
+    cancel_requested_at: datetime | None
+    stuck_reason: str | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+
+    @property
+    def is_open(self) -> bool:
+        return self.status in ("pending", "running")
+
+    @classmethod
+    def from_row(cls, row: Row) -> WorkflowRun:
+        return cls(
+            run_id=row["id"],
+            workflow_id=row["workflow_id"],
+            workflow_type=row["workflow_type"],
+            status=row["status"],
+            input=row["input"],
+            result=row["result"],
+            error=_obj(row["error"]),
+            parent_run_id=row["parent_run_id"],
+            parent_child_id=row["parent_child_id"],
+            last_sequence_num=row["last_sequence_num"],
+            cancel_requested_at=row["cancel_requested_at"],
+            stuck_reason=row["stuck_reason"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            started_at=row["started_at"],
+            completed_at=row["completed_at"],
+        )
+
+
+@attrs.frozen
+class StoredEvent:
+    sequence_num: int
+    type: str
+    payload: str  # the whole event object as JSON text
+    created_at: datetime
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return dict(json.loads(self.payload))
+
+    @classmethod
+    def from_row(cls, row: Row) -> StoredEvent:
+        return cls(row["sequence_num"], row["event_type"], row["payload"], row["created_at"])
+
+
+@attrs.frozen
+class Task:
+    task_id: uuid.UUID
+    run_id: uuid.UUID
+    workflow_id: str
+    kind: str
+    type_name: str  # activity type, or workflow type for workflow tasks
+    activity_id: str | None
+    input: str
+    status: str
+    attempt: int
+    max_attempts: int
+    priority: int
+    visible_at: datetime
+    claimed_by: str | None
+    claimed_at: datetime | None
+    heartbeat_at: datetime | None
+    lease_token: int | None
+    retry_policy: dict[str, Any]
+    schedule_to_start_s: float | None
+    start_to_close_s: float | None
+    heartbeat_timeout_s: float | None
+    heartbeat_details: str | None
+    result: str | None
+    last_error: dict[str, Any] | None
+    error_history: list[Any]
+    breaker_key: str | None
+    cancel_requested_at: datetime | None
+    created_at: datetime
+    completed_at: datetime | None
+
+    @property
+    def effective_breaker_key(self) -> str:
+        return self.breaker_key or self.type_name
+
+    @classmethod
+    def from_row(cls, row: Row) -> Task:
+        return cls(
+            task_id=row["id"],
+            run_id=row["run_id"],
+            workflow_id=row["workflow_id"],
+            kind=row["kind"],
+            type_name=row["activity_type"],
+            activity_id=row["activity_id"],
+            input=row["input"],
+            status=row["status"],
+            attempt=row["attempt"],
+            max_attempts=row["max_attempts"],
+            priority=row["priority"],
+            visible_at=row["visible_at"],
+            claimed_by=row["claimed_by"],
+            claimed_at=row["claimed_at"],
+            heartbeat_at=row["heartbeat_at"],
+            lease_token=row["lease_token"],
+            retry_policy=_obj(row["retry_policy"]) or {},
+            schedule_to_start_s=row["schedule_to_start_s"],
+            start_to_close_s=row["start_to_close_s"],
+            heartbeat_timeout_s=row["heartbeat_timeout_s"],
+            heartbeat_details=row["heartbeat_details"],
+            result=row["result"],
+            last_error=_obj(row["last_error"]),
+            error_history=_list(row["error_history"]),
+            breaker_key=row["breaker_key"],
+            cancel_requested_at=row["cancel_requested_at"],
+            created_at=row["created_at"],
+            completed_at=row["completed_at"],
+        )
+
+
+@attrs.frozen
+class DeadLetter:
+    id: uuid.UUID
+    task_id: uuid.UUID
+    run_id: uuid.UUID
+    workflow_id: str
+    activity_type: str
+    input: str
+    attempts: int
+    last_error: str
+    error_history: list[Any]
+    dead_at: datetime
+    requeued_at: datetime | None
+    requeue_applied_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: Row) -> DeadLetter:
+        return cls(
+            id=row["id"],
+            task_id=row["task_id"],
+            run_id=row["run_id"],
+            workflow_id=row["workflow_id"],
+            activity_type=row["activity_type"],
+            input=row["input"],
+            attempts=row["attempts"],
+            last_error=row["last_error"],
+            error_history=_list(row["error_history"]),
+            dead_at=row["dead_at"],
+            requeued_at=row["requeued_at"],
+            requeue_applied_at=row["requeue_applied_at"],
+        )
+
+
+@attrs.frozen
+class WorkerRecord:
+    id: str
+    status: str
+    activity_types: tuple[str, ...]
+    workflow_types: tuple[str, ...]
+    max_concurrency: int
+    current_load: int
+    host: str
+    pid: int | None
+    version: str
+    started_at: datetime
+    last_heartbeat_at: datetime
+    stopped_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: Row) -> WorkerRecord:
+        return cls(
+            id=row["id"],
+            status=row["status"],
+            activity_types=tuple(row["activity_types"]),
+            workflow_types=tuple(row["workflow_types"]),
+            max_concurrency=row["max_concurrency"],
+            current_load=row["current_load"],
+            host=row["host"],
+            pid=row["pid"],
+            version=row["version"],
+            started_at=row["started_at"],
+            last_heartbeat_at=row["last_heartbeat_at"],
+            stopped_at=row["stopped_at"],
+        )
+
+
+@attrs.frozen
+class Signal:
+    id: int
+    run_id: uuid.UUID
+    workflow_id: str
+    signal_type: str
+    name: str
+    payload: str
+    created_at: datetime
+    processed_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: Row) -> Signal:
+        return cls(
+            id=row["id"],
+            run_id=row["run_id"],
+            workflow_id=row["workflow_id"],
+            signal_type=row["signal_type"],
+            name=row["signal_name"],
+            payload=row["payload"],
+            created_at=row["created_at"],
+            processed_at=row["processed_at"],
+        )

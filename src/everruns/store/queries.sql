@@ -1,0 +1,413 @@
+-- Every SQL statement of everruns, as named blocks. Each block starts with `-- name: NAME`,
+-- then one `--` line saying what it does. Loaded once by everruns.store.queries.
+-- Time always comes from the database (now()), so several control planes agree on it.
+
+-- name: insert_workflow
+-- Create a run unless the workflow id already has an open one (then return nothing).
+INSERT INTO durable_workflow_instances (id, workflow_id, workflow_type, input, partition_key,
+                                        parent_run_id, parent_child_id)
+VALUES ($1, $2, $3, $4::json, $2, $5, $6)
+ON CONFLICT (workflow_id) WHERE status IN ('pending', 'running') DO NOTHING
+RETURNING *;
+
+-- name: get_open_run
+-- The open run of a workflow id, if any.
+SELECT * FROM durable_workflow_instances
+WHERE workflow_id = $1 AND status IN ('pending', 'running');
+
+-- name: get_run
+-- One run by its run id.
+SELECT * FROM durable_workflow_instances WHERE id = $1;
+
+-- name: get_latest_run
+-- The newest run of a workflow id.
+SELECT * FROM durable_workflow_instances WHERE workflow_id = $1
+ORDER BY created_at DESC, id DESC LIMIT 1;
+
+-- name: lock_run
+-- Lock a run's row: the per-run mutex every history append takes.
+SELECT * FROM durable_workflow_instances WHERE id = $1 FOR UPDATE;
+
+-- name: list_workflows
+-- Runs newest first, optionally filtered by type and status, keyset-paged by (created_at, id).
+SELECT * FROM durable_workflow_instances
+WHERE ($1::text IS NULL OR workflow_type = $1)
+  AND ($2::text IS NULL OR status = $2)
+  AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4::uuid))
+ORDER BY created_at DESC, id DESC
+LIMIT $5;
+
+-- name: set_run_running
+-- A worker picked the run up: pending becomes running (ended runs are left alone).
+UPDATE durable_workflow_instances
+SET status = 'running', started_at = coalesce(started_at, now()), updated_at = now()
+WHERE id = $1 AND status IN ('pending', 'running')
+RETURNING *;
+
+-- name: end_run
+-- Record a run's end: status completed/failed/cancelled with its result or error.
+UPDATE durable_workflow_instances
+SET status = $2, result = $3::json, error = $4::json, completed_at = now(), updated_at = now()
+WHERE id = $1 AND status IN ('pending', 'running')
+RETURNING *;
+
+-- name: set_run_stuck
+-- Mark an open run as stuck (non-determinism): it stays visible and is not retried.
+UPDATE durable_workflow_instances SET stuck_reason = $2, updated_at = now()
+WHERE id = $1 AND status IN ('pending', 'running');
+
+-- name: set_cancel_requested
+-- Remember that cancellation was requested (idempotent).
+UPDATE durable_workflow_instances
+SET cancel_requested_at = coalesce(cancel_requested_at, now()), updated_at = now()
+WHERE id = $1
+RETURNING cancel_requested_at;
+
+-- name: reserve_sequence_if
+-- Optimistic append: reserve $3 sequence numbers only if the history ends at $2 now.
+UPDATE durable_workflow_instances
+SET last_sequence_num = last_sequence_num + $3, updated_at = now()
+WHERE id = $1 AND last_sequence_num = $2
+RETURNING last_sequence_num;
+
+-- name: reserve_sequence
+-- Reserve $2 sequence numbers at the end of a run's history (caller holds the run lock).
+UPDATE durable_workflow_instances
+SET last_sequence_num = last_sequence_num + $2, updated_at = now()
+WHERE id = $1
+RETURNING last_sequence_num;
+
+-- name: insert_events
+-- Insert events given as parallel arrays of sequence numbers, types and JSON texts.
+INSERT INTO durable_workflow_events (run_id, workflow_id, sequence_num, event_type, payload)
+SELECT $1, $2, s, t, p::json
+FROM unnest($3::int[], $4::text[], $5::text[]) AS e(s, t, p);
+
+-- name: load_events
+-- A run's events after a sequence number, in order.
+SELECT sequence_num, event_type, payload::text AS payload, created_at
+FROM durable_workflow_events
+WHERE run_id = $1 AND sequence_num > $2
+ORDER BY sequence_num
+LIMIT $3;
+
+-- name: insert_task
+-- Enqueue a task (workflow or activity).
+INSERT INTO durable_task_queue (id, run_id, workflow_id, kind, activity_type, activity_id, input,
+    max_attempts, priority, visible_at, retry_policy, schedule_to_start_s, start_to_close_s,
+    heartbeat_timeout_s, breaker_key, partition_key)
+VALUES ($1, $2, $3, $4, $5, $6, $7::json, $8, $9, coalesce($10, now()), $11::json, $12, $13, $14,
+        $15, $3)
+RETURNING *;
+
+-- name: ensure_workflow_task
+-- Make sure the run has one pending workflow task; returns a row only if one was created.
+INSERT INTO durable_task_queue (id, run_id, workflow_id, kind, activity_type, max_attempts,
+                                partition_key)
+VALUES ($1, $2, $3, 'workflow', $4, 2147483647, $3)
+ON CONFLICT (run_id) WHERE kind = 'workflow' AND status = 'pending' DO NOTHING
+RETURNING id;
+
+-- name: claim_tasks
+-- Claim up to $4 visible pending tasks of the served types, skipping locked rows and tasks
+-- whose circuit breaker key is in $5; every claim draws a fresh lease token.
+WITH picked AS (
+    SELECT id FROM durable_task_queue
+    WHERE status = 'pending' AND visible_at <= now()
+      AND ((kind = 'workflow' AND activity_type = ANY($2::text[]))
+        OR (kind = 'activity' AND activity_type = ANY($3::text[])
+            AND NOT (coalesce(breaker_key, activity_type) = ANY($5::text[]))))
+    ORDER BY priority DESC, visible_at
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE durable_task_queue t
+SET status = 'claimed', claimed_by = $1, claimed_at = now(), heartbeat_at = now(),
+    attempt = t.attempt + 1, lease_token = nextval('durable_lease_tokens'), updated_at = now()
+FROM picked WHERE t.id = picked.id
+RETURNING t.*;
+
+-- name: heartbeat_task
+-- Refresh a claimed task's heartbeat if the caller holds its current lease.
+UPDATE durable_task_queue
+SET heartbeat_at = now(), heartbeat_details = coalesce($3::json, heartbeat_details)
+WHERE id = $1 AND lease_token = $2 AND status = 'claimed'
+RETURNING cancel_requested_at;
+
+-- name: lock_task_lease
+-- Lock a claimed task if the caller holds its current lease.
+SELECT * FROM durable_task_queue
+WHERE id = $1 AND lease_token = $2 AND status = 'claimed'
+FOR UPDATE;
+
+-- name: get_task
+-- One task by id.
+SELECT * FROM durable_task_queue WHERE id = $1;
+
+-- name: complete_task
+-- Close a claimed task as completed with its result (caller holds the lease row lock).
+UPDATE durable_task_queue
+SET status = 'completed', result = $2::json, claimed_by = NULL, completed_at = now(),
+    updated_at = now()
+WHERE id = $1
+RETURNING *;
+
+-- name: retry_task
+-- Put a failed attempt back in the queue after a delay, keeping its error.
+UPDATE durable_task_queue
+SET status = 'pending', claimed_by = NULL, claimed_at = NULL, heartbeat_at = NULL,
+    visible_at = now() + make_interval(secs => $2), last_error = $3::json,
+    error_history = (error_history::jsonb || jsonb_build_array($3::jsonb))::json, updated_at = now()
+WHERE id = $1
+RETURNING *;
+
+-- name: kill_task
+-- Mark a task dead (attempts exhausted or non-retryable), keeping its error.
+UPDATE durable_task_queue
+SET status = 'dead', claimed_by = NULL, last_error = $2::json,
+    error_history = (error_history::jsonb || jsonb_build_array($2::jsonb))::json,
+    completed_at = now(), updated_at = now()
+WHERE id = $1
+RETURNING *;
+
+-- name: cancel_task
+-- Close a task as cancelled.
+UPDATE durable_task_queue
+SET status = 'cancelled', claimed_by = NULL, completed_at = now(), updated_at = now()
+WHERE id = $1 AND status IN ('pending', 'claimed')
+RETURNING *;
+
+-- name: insert_dead_letter
+-- Record a dead task in the dead-letter queue (same transaction that kills it).
+INSERT INTO durable_dead_letter_queue (id, task_id, run_id, workflow_id, activity_type, input,
+                                       attempts, last_error, error_history, partition_key)
+SELECT $1, t.id, t.run_id, t.workflow_id, t.activity_type, t.input, t.attempt, $3,
+       t.error_history, t.workflow_id
+FROM durable_task_queue t WHERE t.id = $2
+RETURNING *;
+
+-- name: list_dead_letters
+-- Dead letters, newest first, keyset-paged by (dead_at, id).
+SELECT * FROM durable_dead_letter_queue
+WHERE ($1::timestamptz IS NULL OR (dead_at, id) < ($1, $2::uuid))
+ORDER BY dead_at DESC, id DESC
+LIMIT $3;
+
+-- name: mark_requeue
+-- Requeue a dead letter (RPC/CLI path): stamp both columns, once.
+UPDATE durable_dead_letter_queue
+SET requeued_at = coalesce(requeued_at, now()), requeue_applied_at = now()
+WHERE id = $1 AND requeue_applied_at IS NULL
+RETURNING *;
+
+-- name: get_dead_letter
+-- One dead letter by id.
+SELECT * FROM durable_dead_letter_queue WHERE id = $1;
+
+-- name: claim_operator_requeues
+-- Requeues written by an operator's UPDATE ... SET requeued_at and not applied yet.
+UPDATE durable_dead_letter_queue d
+SET requeue_applied_at = now()
+FROM (SELECT id FROM durable_dead_letter_queue
+      WHERE requeued_at IS NOT NULL AND requeue_applied_at IS NULL
+      ORDER BY requeued_at LIMIT $1 FOR UPDATE SKIP LOCKED) r
+WHERE d.id = r.id
+RETURNING d.*;
+
+-- name: revive_task
+-- Put a dead task back in the queue with fresh attempts.
+UPDATE durable_task_queue
+SET status = 'pending', attempt = 0, claimed_by = NULL, claimed_at = NULL, heartbeat_at = NULL,
+    visible_at = now(), completed_at = NULL, updated_at = now()
+WHERE id = $1 AND status = 'dead'
+RETURNING *;
+
+-- name: find_stale_tasks
+-- Claimed tasks whose heartbeat is older than the global threshold or their own timeout.
+SELECT * FROM durable_task_queue
+WHERE status = 'claimed'
+  AND heartbeat_at < now() - make_interval(secs => least($1, coalesce(heartbeat_timeout_s, $1)))
+ORDER BY heartbeat_at
+LIMIT $2
+FOR UPDATE SKIP LOCKED;
+
+-- name: find_tasks_of_worker
+-- Claimed tasks held by one worker (its connection dropped or it shut down).
+SELECT * FROM durable_task_queue
+WHERE status = 'claimed' AND claimed_by = $1
+FOR UPDATE SKIP LOCKED;
+
+-- name: release_task
+-- Give a claimed task back to the queue at once (its attempt stays counted).
+UPDATE durable_task_queue
+SET status = 'pending', claimed_by = NULL, claimed_at = NULL, heartbeat_at = NULL,
+    visible_at = now(), last_error = $2::json,
+    error_history = (error_history::jsonb || jsonb_build_array($2::jsonb))::json, updated_at = now()
+WHERE id = $1
+RETURNING *;
+
+-- name: now
+-- The database's clock (transaction time).
+SELECT now();
+
+-- name: count_pending_tasks
+-- How many tasks wait in the queue.
+SELECT count(*) FROM durable_task_queue WHERE status = 'pending';
+
+-- name: insert_signal
+-- Record a signal for a run.
+INSERT INTO durable_signals (run_id, workflow_id, signal_type, signal_name, payload)
+VALUES ($1, $2, $3, $4, $5::json)
+RETURNING *;
+
+-- name: list_signals
+-- A run's signals in arrival order, optionally only the unprocessed ones.
+SELECT * FROM durable_signals
+WHERE run_id = $1 AND (NOT $2 OR processed_at IS NULL)
+ORDER BY id;
+
+-- name: mark_signals_processed
+-- Mark signals processed.
+UPDATE durable_signals SET processed_at = now()
+WHERE id = ANY($1::bigint[]) AND processed_at IS NULL;
+
+-- name: upsert_worker
+-- Register (or re-register) a worker as active.
+INSERT INTO durable_workers (id, status, activity_types, workflow_types, max_concurrency,
+                             current_load, host, pid, version, started_at, last_heartbeat_at)
+VALUES ($1, 'active', $2, $3, $4, 0, $5, $6, $7, now(), now())
+ON CONFLICT (id) DO UPDATE
+SET status = 'active', activity_types = $2, workflow_types = $3, max_concurrency = $4,
+    current_load = 0, host = $5, pid = $6, version = $7, started_at = now(),
+    last_heartbeat_at = now(), stopped_at = NULL
+RETURNING *;
+
+-- name: heartbeat_worker
+-- A live worker reports its load and status (active or draining).
+UPDATE durable_workers
+SET last_heartbeat_at = now(), current_load = $2, status = $3, stopped_at = NULL
+WHERE id = $1 AND status IN ('active', 'draining', 'lost')
+RETURNING *;
+
+-- name: stop_worker
+-- A worker leaves: stopped (clean exit) or lost (connection gone, heartbeats missed).
+UPDATE durable_workers
+SET status = $2, current_load = 0, stopped_at = now()
+WHERE id = $1 AND status IN ('active', 'draining')
+RETURNING *;
+
+-- name: mark_lost_workers
+-- Workers whose heartbeats stopped more than $1 seconds ago become lost.
+UPDATE durable_workers
+SET status = 'lost', stopped_at = now(), current_load = 0
+WHERE status IN ('active', 'draining') AND last_heartbeat_at < now() - make_interval(secs => $1)
+RETURNING id;
+
+-- name: list_workers
+-- Workers, newest first; stopped and lost ones only when asked.
+SELECT * FROM durable_workers
+WHERE $1 OR status IN ('active', 'draining')
+ORDER BY started_at DESC, id;
+
+-- name: ensure_breaker
+-- Create a closed breaker row for a key if none exists.
+INSERT INTO durable_circuit_breaker_state (key) VALUES ($1) ON CONFLICT (key) DO NOTHING;
+
+-- name: lock_breaker
+-- Lock one breaker row for an atomic read-transition-write.
+SELECT * FROM durable_circuit_breaker_state WHERE key = $1 FOR UPDATE;
+
+-- name: save_breaker
+-- Write a breaker's new state (caller holds the row lock).
+UPDATE durable_circuit_breaker_state
+SET state = $2, failure_count = $3, success_count = $4, probes_in_flight = $5,
+    window_started_at = $6, opened_at = $7, last_failure_at = $8, updated_at = now()
+WHERE key = $1
+RETURNING *;
+
+-- name: list_breakers
+-- All breakers by key.
+SELECT * FROM durable_circuit_breaker_state ORDER BY key;
+
+-- name: lock_unclosed_breakers
+-- Lock every breaker that is not closed (claims consult and update them atomically).
+SELECT * FROM durable_circuit_breaker_state WHERE state <> 'closed' ORDER BY key FOR UPDATE;
+
+-- name: delete_breaker
+-- Reset a breaker by removing its row (it is recreated closed on next use).
+DELETE FROM durable_circuit_breaker_state WHERE key = $1 RETURNING key;
+
+-- name: insert_timer
+-- Start a durable timer for a run, firing $4 seconds from now.
+INSERT INTO durable_timers (run_id, workflow_id, timer_id, fire_at, partition_key)
+VALUES ($1, $2, $3, now() + make_interval(secs => $4), $2)
+ON CONFLICT (run_id, timer_id) DO NOTHING
+RETURNING fire_at;
+
+-- name: cancel_timer
+-- Cancel a pending timer of a run.
+UPDATE durable_timers SET status = 'cancelled'
+WHERE run_id = $1 AND timer_id = $2 AND status = 'pending';
+
+-- name: fire_due_timers
+-- Mark up to $1 due timers fired (skipping ones another control plane is firing).
+UPDATE durable_timers t SET status = 'fired'
+FROM (SELECT id FROM durable_timers WHERE status = 'pending' AND fire_at <= now()
+      ORDER BY fire_at LIMIT $1 FOR UPDATE SKIP LOCKED) due
+WHERE t.id = due.id
+RETURNING t.run_id, t.timer_id;
+
+-- name: next_due
+-- Seconds until the next timer fires or a delayed task becomes visible (NULL: nothing waits).
+SELECT extract(epoch FROM least(
+    (SELECT min(fire_at) FROM durable_timers WHERE status = 'pending'),
+    (SELECT min(visible_at) FROM durable_task_queue WHERE status = 'pending' AND visible_at > now())
+) - now())::float8;
+
+-- name: tasks_of_run
+-- A run's tasks of one kind in the given statuses, oldest first.
+SELECT * FROM durable_task_queue
+WHERE run_id = $1 AND kind = $2 AND status = ANY($3::text[])
+ORDER BY created_at, activity_id;
+
+-- name: request_task_cancel
+-- Flag a claimed task for cancellation (its heartbeat reply and the push stream tell the holder).
+UPDATE durable_task_queue SET cancel_requested_at = coalesce(cancel_requested_at, now())
+WHERE id = $1 AND status = 'claimed'
+RETURNING claimed_by, lease_token;
+
+-- name: close_workflow_task
+-- Close a workflow task (applied, superseded or abandoned).
+UPDATE durable_task_queue
+SET status = 'completed', claimed_by = NULL, completed_at = now(), updated_at = now()
+WHERE id = $1;
+
+-- name: cancel_pending_workflow_tasks
+-- Drop the pending workflow task of an ended run.
+UPDATE durable_task_queue
+SET status = 'cancelled', completed_at = now(), updated_at = now()
+WHERE run_id = $1 AND kind = 'workflow' AND status = 'pending';
+
+-- name: worker_serves
+-- Whether a live worker serves this workflow type ($2 = 'workflow') or activity type.
+SELECT EXISTS (
+    SELECT 1 FROM durable_workers
+    WHERE status = 'active'
+      AND (CASE WHEN $2 = 'workflow' THEN $1 = ANY(workflow_types) ELSE $1 = ANY(activity_types) END)
+);
+
+-- name: mark_run_signals_processed
+-- Mark a run's signals processed once a workflow task that saw them is applied.
+UPDATE durable_signals SET processed_at = now()
+WHERE run_id = $1 AND processed_at IS NULL;
+
+-- name: input_events_after
+-- Whether events that can wake workflow code were appended after sequence $2.
+SELECT EXISTS (
+    SELECT 1 FROM durable_workflow_events
+    WHERE run_id = $1 AND sequence_num > $2 AND event_type = ANY($3::text[])
+);
+
+-- name: lock_unclosed_breaker
+-- Lock one breaker row if it is open or half-open.
+SELECT * FROM durable_circuit_breaker_state WHERE key = $1 AND state <> 'closed' FOR UPDATE;

@@ -1,0 +1,874 @@
+"""The store: every durable operation of the engine, each one transaction over PostgreSQL.
+
+Methods take and return attrs values; the SQL they run lives in ``queries.sql``. Every task
+operation after a claim is fenced by the lease token, and each compound change (kill a task and
+write its dead letter; append an event and schedule its workflow task) happens in one
+transaction. Time comes from the database clock. What this module must not do: decide policy
+that belongs to the pure core (retry delays, breaker transitions) — it calls the core for that.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+import attrs
+
+from everruns._aio.pg import Connection, Pool
+from everruns.domain import breaker as breaker_math
+from everruns.domain.payload import encode_text
+from everruns.domain.retry import RetryPolicy, decide_retry
+from everruns.errors import (
+    ConcurrencyConflict,
+    FailedPrecondition,
+    NotFound,
+    StaleLease,
+)
+from everruns.store.models import (
+    DeadLetter,
+    Signal,
+    StoredEvent,
+    Task,
+    WorkerRecord,
+    WorkflowRun,
+)
+from everruns.store.queries import QUERIES as Q
+
+__all__ = ["FailOutcome", "NewEvent", "NewTask", "Store"]
+
+CHANNEL_TASKS = "everruns_tasks"
+CHANNEL_CANCEL = "everruns_cancel"
+CHANNEL_RUNS = "everruns_runs"
+CHANNEL_TIMERS = "everruns_timers"
+
+
+@attrs.frozen
+class NewEvent:
+    """An event to append: its type, its JSON fields, and fields given as exact JSON text.
+
+    ``raw`` fields (payloads: input, result) are spliced into the event's JSON text as they
+    are, so a payload is stored byte for byte as it arrived, without a decode/encode trip.
+    """
+
+    type: str
+    data: dict[str, Any]
+    raw: dict[str, str] = attrs.field(factory=dict)
+
+    @classmethod
+    def of(cls, event: dict[str, Any], **raw: str) -> NewEvent:
+        """From a domain event dict (which carries its ``type``)."""
+        data = dict(event)
+        kind = str(data.pop("type"))
+        for key in raw:
+            data.pop(key, None)
+        return cls(kind, data, raw)
+
+    def text(self) -> str:
+        text = encode_text({"type": self.type, **self.data}, what="event")
+        if not self.raw:
+            return text
+        extra = ",".join(f"{encode_text(k)}:{v}" for k, v in self.raw.items())
+        return f"{text[:-1]},{extra}}}"
+
+
+@attrs.frozen
+class NewTask:
+    """An activity task to enqueue."""
+
+    run_id: uuid.UUID
+    workflow_id: str
+    activity_type: str
+    activity_id: str
+    input: str = "null"
+    retry: RetryPolicy = attrs.field(factory=RetryPolicy)
+    priority: int = 0
+    visible_at: datetime | None = None
+    schedule_to_start_s: float | None = None
+    start_to_close_s: float | None = None
+    heartbeat_timeout_s: float | None = None
+    breaker_key: str | None = None
+    task_id: uuid.UUID = attrs.field(factory=uuid.uuid4)
+
+
+@attrs.frozen
+class FailOutcome:
+    """What became of a failed attempt."""
+
+    task: Task
+    will_retry: bool
+    delay: float
+    dead_letter: DeadLetter | None
+
+
+def _error_line(error: dict[str, Any]) -> str:
+    kind = error.get("type") or "Error"
+    message = error.get("message") or ""
+    return f"{kind}: {message}" if message else str(kind)
+
+
+class Store:
+    """Durable operations over one connection pool."""
+
+    def __init__(self, pool: Pool, *, rng: random.Random | None = None) -> None:
+        self.pool = pool
+        self._rng = rng or random.Random()
+
+    # ---------------------------------------------------------------- transactions
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Connection]:
+        """A connection in a transaction, for callers composing several operations."""
+        async with self.pool.transaction() as conn:
+            yield conn
+
+    async def now(self, conn: Connection | None = None) -> datetime:
+        """The database clock."""
+        if conn is not None:
+            value: datetime = await conn.fetchval(Q["now"])
+            return value
+        value = await self.pool.fetchval(Q["now"])
+        return value
+
+    # ---------------------------------------------------------------- workflows
+
+    async def create_workflow(
+        self,
+        conn: Connection,
+        *,
+        workflow_id: str,
+        workflow_type: str,
+        input: str,
+        run_id: uuid.UUID | None = None,
+        parent_run_id: uuid.UUID | None = None,
+        parent_child_id: str | None = None,
+    ) -> tuple[WorkflowRun, bool]:
+        """Create a run, or return the open run of ``workflow_id`` (idempotent start).
+
+        Returns:
+            The run and whether it was created now.
+        """
+        row = await conn.fetchrow(
+            Q["insert_workflow"],
+            run_id or uuid.uuid4(),
+            workflow_id,
+            workflow_type,
+            input,
+            parent_run_id,
+            parent_child_id,
+        )
+        if row is not None:
+            return WorkflowRun.from_row(row), True
+        existing = await conn.fetchrow(Q["get_open_run"], workflow_id)
+        if existing is None:  # it ended between our insert and this read: start anew
+            return await self.create_workflow(
+                conn,
+                workflow_id=workflow_id,
+                workflow_type=workflow_type,
+                input=input,
+                run_id=run_id,
+                parent_run_id=parent_run_id,
+                parent_child_id=parent_child_id,
+            )
+        return WorkflowRun.from_row(existing), False
+
+    async def get_workflow(
+        self, workflow_id: str, run_id: uuid.UUID | None = None, *, conn: Connection | None = None
+    ) -> WorkflowRun:
+        """Return a run (the newest of ``workflow_id`` when ``run_id`` is None).
+
+        Raises:
+            NotFound: no such workflow or run.
+        """
+        db = conn or self.pool
+        if run_id is not None:
+            row = await db.fetchrow(Q["get_run"], run_id)
+            if row is not None and row["workflow_id"] != workflow_id and workflow_id:
+                row = None
+        else:
+            row = await db.fetchrow(Q["get_latest_run"], workflow_id)
+        if row is None:
+            which = f"workflow {workflow_id!r}" + (f" run {run_id}" if run_id else "")
+            raise NotFound(f"{which} not found")
+        return WorkflowRun.from_row(row)
+
+    async def get_run(self, run_id: uuid.UUID, *, conn: Connection | None = None) -> WorkflowRun:
+        """Return a run by run id.
+
+        Raises:
+            NotFound: no such run.
+        """
+        row = await (conn or self.pool).fetchrow(Q["get_run"], run_id)
+        if row is None:
+            raise NotFound(f"workflow run {run_id} not found")
+        return WorkflowRun.from_row(row)
+
+    async def lock_run(self, conn: Connection, run_id: uuid.UUID) -> WorkflowRun:
+        """Lock a run's row for this transaction (the per-run mutex) and return it."""
+        row = await conn.fetchrow(Q["lock_run"], run_id)
+        if row is None:
+            raise NotFound(f"workflow run {run_id} not found")
+        return WorkflowRun.from_row(row)
+
+    async def list_workflows(
+        self,
+        *,
+        workflow_type: str | None = None,
+        status: str | None = None,
+        limit: int = 50,
+        after: tuple[datetime, uuid.UUID] | None = None,
+    ) -> list[WorkflowRun]:
+        """Runs newest first; pass the last run's ``(created_at, run_id)`` as ``after`` to page."""
+        rows = await self.pool.fetch(
+            Q["list_workflows"],
+            workflow_type,
+            status,
+            after[0] if after else None,
+            after[1] if after else None,
+            limit,
+        )
+        return [WorkflowRun.from_row(r) for r in rows]
+
+    async def set_running(self, conn: Connection, run_id: uuid.UUID) -> None:
+        """pending → running (no-op for a running run)."""
+        await conn.execute(Q["set_run_running"], run_id)
+
+    async def end_run(
+        self,
+        conn: Connection,
+        run_id: uuid.UUID,
+        status: str,
+        *,
+        result: str | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> WorkflowRun:
+        """Record a run's end (completed with ``result``, failed with ``error``, or cancelled).
+
+        Raises:
+            FailedPrecondition: the run has already ended.
+        """
+        if status not in ("completed", "failed", "cancelled"):
+            raise ValueError(f"not a final status: {status!r}")
+        row = await conn.fetchrow(
+            Q["end_run"],
+            run_id,
+            status,
+            result if status == "completed" else None,
+            encode_text(error, what="error") if error is not None and status == "failed" else None,
+        )
+        if row is None:
+            run = await self.get_run(run_id, conn=conn)
+            raise FailedPrecondition(f"workflow {run.workflow_id!r} has already ended {run.status}")
+        await self.notify(conn, CHANNEL_RUNS, str(run_id))
+        return WorkflowRun.from_row(row)
+
+    async def request_run_cancel(self, conn: Connection, run_id: uuid.UUID) -> None:
+        """Remember that cancellation of a run was requested (idempotent)."""
+        await conn.execute(Q["set_cancel_requested"], run_id)
+
+    async def set_stuck(self, conn: Connection, run_id: uuid.UUID, reason: str) -> None:
+        """Mark an open run stuck (it stays visible and is not retried)."""
+        await conn.execute(Q["set_run_stuck"], run_id, reason)
+
+    # ---------------------------------------------------------------- events
+
+    async def append_events(
+        self,
+        conn: Connection,
+        run: WorkflowRun,
+        events: Sequence[NewEvent],
+        *,
+        expected_last: int | None = None,
+    ) -> int:
+        """Append events to a run's history; return the new last sequence number.
+
+        With ``expected_last``, the append succeeds only if the history still ends there
+        (optimistic concurrency); without it the caller must hold the run lock.
+
+        Raises:
+            ConcurrencyConflict: the history no longer ends at ``expected_last``.
+        """
+        if not events:
+            return run.last_sequence_num
+        if expected_last is None:
+            last = await conn.fetchval(Q["reserve_sequence"], run.run_id, len(events))
+        else:
+            last = await conn.fetchval(
+                Q["reserve_sequence_if"], run.run_id, expected_last, len(events)
+            )
+            if last is None:
+                raise ConcurrencyConflict(
+                    f"history of workflow {run.workflow_id!r} moved past sequence {expected_last}"
+                )
+        first = int(last) - len(events) + 1
+        await conn.execute(
+            Q["insert_events"],
+            run.run_id,
+            run.workflow_id,
+            list(range(first, int(last) + 1)),
+            [e.type for e in events],
+            [e.text() for e in events],
+        )
+        return int(last)
+
+    async def input_events_after(
+        self, conn: Connection, run_id: uuid.UUID, after: int, types: Sequence[str]
+    ) -> bool:
+        """Whether events of ``types`` were appended to the run after sequence ``after``."""
+        return bool(await conn.fetchval(Q["input_events_after"], run_id, after, list(types)))
+
+    async def load_events(
+        self,
+        run_id: uuid.UUID,
+        *,
+        after: int = 0,
+        limit: int | None = None,
+        conn: Connection | None = None,
+    ) -> list[StoredEvent]:
+        """A run's events after sequence ``after``, in order."""
+        rows = await (conn or self.pool).fetch(Q["load_events"], run_id, after, limit)
+        return [StoredEvent.from_row(r) for r in rows]
+
+    # ---------------------------------------------------------------- tasks
+
+    async def notify(self, conn: Connection, channel: str, payload: str) -> None:
+        """NOTIFY on commit of the current transaction."""
+        await conn.execute("SELECT pg_notify($1, $2)", channel, payload)
+
+    async def enqueue_activity(self, conn: Connection, task: NewTask) -> Task:
+        """Enqueue an activity task (visible at ``visible_at`` or now)."""
+        row = await conn.fetchrow(
+            Q["insert_task"],
+            task.task_id,
+            task.run_id,
+            task.workflow_id,
+            "activity",
+            task.activity_type,
+            task.activity_id,
+            task.input,
+            task.retry.max_attempts,
+            task.priority,
+            task.visible_at,
+            encode_text(task.retry.to_dict(), what="retry policy"),
+            task.schedule_to_start_s,
+            task.start_to_close_s,
+            task.heartbeat_timeout_s,
+            task.breaker_key,
+        )
+        assert row is not None
+        await self.notify(conn, CHANNEL_TASKS, f"activity:{task.activity_type}")
+        return Task.from_row(row)
+
+    async def ensure_workflow_task(self, conn: Connection, run: WorkflowRun) -> bool:
+        """Make sure the run has a pending workflow task; return True if one was created."""
+        created = await conn.fetchval(
+            Q["ensure_workflow_task"], uuid.uuid4(), run.run_id, run.workflow_id, run.workflow_type
+        )
+        if created is not None:
+            await self.notify(conn, CHANNEL_TASKS, f"workflow:{run.workflow_type}")
+        return created is not None
+
+    async def claim_tasks(
+        self,
+        worker_id: str,
+        *,
+        workflow_types: Sequence[str] = (),
+        activity_types: Sequence[str] = (),
+        limit: int,
+        blocked_keys: Sequence[str] = (),
+    ) -> list[Task]:
+        """Claim up to ``limit`` visible pending tasks of the given types.
+
+        Each claim increments the attempt and draws a fresh lease token; rows locked by another
+        claimer are skipped, so concurrent claimers never get the same task.
+        """
+        if limit <= 0 or not (workflow_types or activity_types):
+            return []
+        rows = await self.pool.fetch(
+            Q["claim_tasks"],
+            worker_id,
+            list(workflow_types),
+            list(activity_types),
+            limit,
+            list(blocked_keys),
+        )
+        return [Task.from_row(r) for r in rows]
+
+    async def get_task(self, task_id: uuid.UUID, *, conn: Connection | None = None) -> Task:
+        """Return a task.
+
+        Raises:
+            NotFound: no such task.
+        """
+        row = await (conn or self.pool).fetchrow(Q["get_task"], task_id)
+        if row is None:
+            raise NotFound(f"task {task_id} not found")
+        return Task.from_row(row)
+
+    async def _stale(self, conn: Connection, task_id: uuid.UUID, lease_token: int) -> StaleLease:
+        row = await conn.fetchrow(Q["get_task"], task_id)
+        if row is None:
+            return StaleLease(f"task {task_id} does not exist")
+        task = Task.from_row(row)
+        if task.status != "claimed":
+            return StaleLease(
+                f"task {task_id} is {task.status}; lease {lease_token} is no longer valid"
+            )
+        return StaleLease(
+            f"task {task_id} is now held by {task.claimed_by} under lease {task.lease_token}; "
+            f"lease {lease_token} is stale"
+        )
+
+    async def lock_leased(self, conn: Connection, task_id: uuid.UUID, lease_token: int) -> Task:
+        """Lock a claimed task for this transaction if ``lease_token`` is its current lease.
+
+        Raises:
+            StaleLease: the task is not claimed under that lease (anymore).
+        """
+        row = await conn.fetchrow(Q["lock_task_lease"], task_id, lease_token)
+        if row is None:
+            raise await self._stale(conn, task_id, lease_token)
+        return Task.from_row(row)
+
+    async def heartbeat(
+        self, task_id: uuid.UUID, lease_token: int, details: str | None = None
+    ) -> bool:
+        """Refresh a task's heartbeat; return whether cancellation was requested.
+
+        Raises:
+            StaleLease: the caller does not hold the task's current lease.
+        """
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(Q["heartbeat_task"], task_id, lease_token, details)
+            if row is None:
+                raise await self._stale(conn, task_id, lease_token)
+            return row["cancel_requested_at"] is not None
+
+    async def complete_task(
+        self, conn: Connection, task_id: uuid.UUID, lease_token: int, result: str
+    ) -> Task:
+        """Complete a claimed task with its result (fenced by the lease).
+
+        Raises:
+            StaleLease: the caller does not hold the task's current lease.
+        """
+        await self.lock_leased(conn, task_id, lease_token)
+        row = await conn.fetchrow(Q["complete_task"], task_id, result)
+        assert row is not None
+        return Task.from_row(row)
+
+    async def fail_task(
+        self,
+        conn: Connection,
+        task_id: uuid.UUID,
+        lease_token: int,
+        error: dict[str, Any],
+        *,
+        non_retryable: bool = False,
+    ) -> FailOutcome:
+        """Record a failed attempt: retry after backoff, or kill it into the dead-letter queue.
+
+        The dead letter is written in the same transaction that marks the task dead.
+
+        Raises:
+            StaleLease: the caller does not hold the task's current lease.
+        """
+        task = await self.lock_leased(conn, task_id, lease_token)
+        return await self._fail_locked(conn, task, error, non_retryable=non_retryable)
+
+    async def _fail_locked(
+        self, conn: Connection, task: Task, error: dict[str, Any], *, non_retryable: bool
+    ) -> FailOutcome:
+        policy = RetryPolicy.from_dict(task.retry_policy) if task.retry_policy else RetryPolicy()
+        policy = attrs.evolve(policy, max_attempts=task.max_attempts)
+        decision = decide_retry(
+            policy,
+            task.attempt,
+            str(error.get("type", "")),
+            non_retryable or bool(error.get("non_retryable")),
+            self._rng.random(),
+        )
+        entry = {**error, "attempt": task.attempt}
+        if decision.retry:
+            row = await conn.fetchrow(
+                Q["retry_task"], task.task_id, decision.delay, encode_text(entry, what="error")
+            )
+            assert row is not None
+            await self.notify(conn, CHANNEL_TIMERS, "retry")
+            return FailOutcome(Task.from_row(row), True, decision.delay, None)
+        dead_task, letter = await self._kill(conn, task, entry)
+        return FailOutcome(dead_task, False, 0.0, letter)
+
+    async def _kill(
+        self, conn: Connection, task: Task, error: dict[str, Any]
+    ) -> tuple[Task, DeadLetter]:
+        row = await conn.fetchrow(Q["kill_task"], task.task_id, encode_text(error, what="error"))
+        assert row is not None
+        letter = await conn.fetchrow(
+            Q["insert_dead_letter"], uuid.uuid4(), task.task_id, _error_line(error)
+        )
+        assert letter is not None
+        return Task.from_row(row), DeadLetter.from_row(letter)
+
+    async def release_task(
+        self, conn: Connection, task: Task, reason: dict[str, Any]
+    ) -> FailOutcome:
+        """Give a claimed task back (its holder is gone); dead-letter it past ``max_attempts``.
+
+        The attempt the holder consumed stays counted, so a task that keeps killing its
+        workers ends in the dead-letter queue instead of looping.
+        """
+        entry = {**reason, "attempt": task.attempt}
+        if task.kind == "activity" and task.attempt >= task.max_attempts:
+            dead_task, letter = await self._kill(conn, task, entry)
+            return FailOutcome(dead_task, False, 0.0, letter)
+        row = await conn.fetchrow(Q["release_task"], task.task_id, encode_text(entry))
+        assert row is not None
+        await self.notify(conn, CHANNEL_TASKS, f"{task.kind}:{task.type_name}")
+        return FailOutcome(Task.from_row(row), True, 0.0, None)
+
+    async def cancel_task(self, conn: Connection, task_id: uuid.UUID) -> Task | None:
+        """Close a pending or claimed task as cancelled; None if it had already finished."""
+        row = await conn.fetchrow(Q["cancel_task"], task_id)
+        return None if row is None else Task.from_row(row)
+
+    async def reclaim_stale(
+        self, conn: Connection, *, stale_after: float, limit: int = 500
+    ) -> list[FailOutcome]:
+        """Release claimed tasks whose heartbeat is older than ``stale_after`` seconds (or their
+        own heartbeat timeout, when shorter); each release counts the attempt."""
+        rows = await conn.fetch(Q["find_stale_tasks"], stale_after, limit)
+        outcomes = []
+        for row in rows:
+            task = Task.from_row(row)
+            outcomes.append(
+                await self.release_task(
+                    conn,
+                    task,
+                    {
+                        "type": "HeartbeatTimeout",
+                        "message": f"no heartbeat from {task.claimed_by} since {task.heartbeat_at}",
+                        "non_retryable": False,
+                    },
+                )
+            )
+        return outcomes
+
+    async def tasks_held_by(self, conn: Connection, worker_id: str) -> list[Task]:
+        """Lock and return every task a worker holds."""
+        return [Task.from_row(r) for r in await conn.fetch(Q["find_tasks_of_worker"], worker_id)]
+
+    async def count_pending(self) -> int:
+        """How many tasks wait in the queue."""
+        return int(await self.pool.fetchval(Q["count_pending_tasks"]))
+
+    async def tasks_of_run(
+        self,
+        run_id: uuid.UUID,
+        *,
+        kind: str = "activity",
+        statuses: Sequence[str] = ("pending", "claimed"),
+        conn: Connection | None = None,
+    ) -> list[Task]:
+        """A run's tasks of one kind in the given statuses, oldest first."""
+        rows = await (conn or self.pool).fetch(Q["tasks_of_run"], run_id, kind, list(statuses))
+        return [Task.from_row(r) for r in rows]
+
+    async def request_task_cancel(self, conn: Connection, task: Task) -> None:
+        """Flag a claimed task for cancellation and push the request to its holder."""
+        row = await conn.fetchrow(Q["request_task_cancel"], task.task_id)
+        if row is not None:
+            await self.notify(
+                conn, CHANNEL_CANCEL, f"{row['claimed_by']}\t{task.task_id}\t{row['lease_token']}"
+            )
+
+    async def close_workflow_task(self, conn: Connection, task_id: uuid.UUID) -> None:
+        """Close a workflow task (applied, superseded or abandoned)."""
+        await conn.execute(Q["close_workflow_task"], task_id)
+
+    async def drop_pending_workflow_tasks(self, conn: Connection, run_id: uuid.UUID) -> None:
+        """Cancel the pending workflow task of a run that has ended."""
+        await conn.execute(Q["cancel_pending_workflow_tasks"], run_id)
+
+    async def worker_serves(self, type_name: str, kind: str) -> bool:
+        """Whether an active worker serves this workflow (kind 'workflow') or activity type."""
+        return bool(await self.pool.fetchval(Q["worker_serves"], type_name, kind))
+
+    async def mark_run_signals_processed(self, conn: Connection, run_id: uuid.UUID) -> None:
+        """Mark every signal of a run processed."""
+        await conn.execute(Q["mark_run_signals_processed"], run_id)
+
+    # ---------------------------------------------------------------- timers
+
+    async def start_timer(
+        self, conn: Connection, run: WorkflowRun, timer_id: str, seconds: float
+    ) -> datetime | None:
+        """Start a durable timer; return when it fires (None if it already existed)."""
+        fire_at: datetime | None = await conn.fetchval(
+            Q["insert_timer"], run.run_id, run.workflow_id, timer_id, seconds
+        )
+        if fire_at is not None:
+            await self.notify(conn, CHANNEL_TIMERS, "timer")
+        return fire_at
+
+    async def cancel_timer(self, conn: Connection, run_id: uuid.UUID, timer_id: str) -> None:
+        """Cancel a pending timer."""
+        await conn.execute(Q["cancel_timer"], run_id, timer_id)
+
+    async def fire_due_timers(
+        self, conn: Connection, *, limit: int = 200
+    ) -> list[tuple[uuid.UUID, str]]:
+        """Mark due timers fired; return their ``(run_id, timer_id)``."""
+        rows = await conn.fetch(Q["fire_due_timers"], limit)
+        return [(r["run_id"], r["timer_id"]) for r in rows]
+
+    async def seconds_until_due(self) -> float | None:
+        """Seconds until the next timer fires or delayed task becomes visible (None: none)."""
+        value = await self.pool.fetchval(Q["next_due"])
+        return None if value is None else float(value)
+
+    # ---------------------------------------------------------------- dead letters
+
+    async def list_dead_letters(
+        self, *, limit: int = 50, after: tuple[datetime, uuid.UUID] | None = None
+    ) -> list[DeadLetter]:
+        """Dead letters newest first (keyset-paged by the last one's ``(dead_at, id)``)."""
+        rows = await self.pool.fetch(
+            Q["list_dead_letters"], after[0] if after else None, after[1] if after else None, limit
+        )
+        return [DeadLetter.from_row(r) for r in rows]
+
+    async def requeue_dead_letter(self, conn: Connection, dead_letter_id: uuid.UUID) -> Task:
+        """Put a dead letter's task back in the queue with fresh attempts.
+
+        Raises:
+            NotFound: no such dead letter.
+            FailedPrecondition: it was already requeued.
+        """
+        row = await conn.fetchrow(Q["mark_requeue"], dead_letter_id)
+        if row is None:
+            existing = await conn.fetchrow(Q["get_dead_letter"], dead_letter_id)
+            if existing is None:
+                raise NotFound(f"dead letter {dead_letter_id} not found")
+            raise FailedPrecondition(
+                f"dead letter {dead_letter_id} was already requeued at "
+                f"{existing['requeue_applied_at']}"
+            )
+        return await self._revive(conn, DeadLetter.from_row(row))
+
+    async def _revive(self, conn: Connection, letter: DeadLetter) -> Task:
+        task = await conn.fetchrow(Q["revive_task"], letter.task_id)
+        if task is None:
+            raise FailedPrecondition(
+                f"task {letter.task_id} of dead letter {letter.id} is not dead"
+            )
+        revived = Task.from_row(task)
+        await self.notify(conn, CHANNEL_TASKS, f"{revived.kind}:{revived.type_name}")
+        return revived
+
+    async def apply_operator_requeues(self, conn: Connection, *, limit: int = 100) -> list[Task]:
+        """Apply requeues an operator wrote with the runbook's ``UPDATE ... SET requeued_at``."""
+        revived = []
+        for row in await conn.fetch(Q["claim_operator_requeues"], limit):
+            letter = DeadLetter.from_row(row)
+            try:
+                revived.append(await self._revive(conn, letter))
+            except FailedPrecondition:
+                continue  # the task is not dead any more (already revived another way)
+        return revived
+
+    # ---------------------------------------------------------------- signals
+
+    async def add_signal(
+        self,
+        conn: Connection,
+        run: WorkflowRun,
+        name: str,
+        payload: str,
+        *,
+        signal_type: str = "custom",
+    ) -> Signal:
+        """Record a signal for a run (arrival order is the id order)."""
+        row = await conn.fetchrow(
+            Q["insert_signal"], run.run_id, run.workflow_id, signal_type, name, payload
+        )
+        assert row is not None
+        return Signal.from_row(row)
+
+    async def list_signals(
+        self, run_id: uuid.UUID, *, unprocessed_only: bool = False
+    ) -> list[Signal]:
+        """A run's signals in arrival order."""
+        rows = await self.pool.fetch(Q["list_signals"], run_id, unprocessed_only)
+        return [Signal.from_row(r) for r in rows]
+
+    async def mark_signals_processed(self, conn: Connection, ids: Sequence[int]) -> None:
+        """Mark signals processed."""
+        if ids:
+            await conn.execute(Q["mark_signals_processed"], list(ids))
+
+    # ---------------------------------------------------------------- workers
+
+    async def register_worker(
+        self,
+        worker_id: str,
+        *,
+        activity_types: Sequence[str],
+        workflow_types: Sequence[str],
+        max_concurrency: int,
+        host: str = "",
+        pid: int | None = None,
+        version: str = "",
+    ) -> WorkerRecord:
+        """Register (or re-register) a worker as active."""
+        row = await self.pool.fetchrow(
+            Q["upsert_worker"],
+            worker_id,
+            list(activity_types),
+            list(workflow_types),
+            max_concurrency,
+            host,
+            pid,
+            version,
+        )
+        assert row is not None
+        return WorkerRecord.from_row(row)
+
+    async def worker_heartbeat(
+        self, worker_id: str, *, current_load: int, status: str = "active"
+    ) -> WorkerRecord | None:
+        """Record a worker heartbeat; None if the worker is unknown or stopped (re-register)."""
+        if status not in ("active", "draining"):
+            raise ValueError(f"a live worker is active or draining, not {status!r}")
+        row = await self.pool.fetchrow(Q["heartbeat_worker"], worker_id, current_load, status)
+        return None if row is None else WorkerRecord.from_row(row)
+
+    async def stop_worker(self, worker_id: str, *, lost: bool = False) -> WorkerRecord | None:
+        """Mark a worker stopped (clean exit) or lost; None if it was not live."""
+        row = await self.pool.fetchrow(Q["stop_worker"], worker_id, "lost" if lost else "stopped")
+        return None if row is None else WorkerRecord.from_row(row)
+
+    async def mark_lost_workers(self, *, missed_after: float) -> list[str]:
+        """Mark workers silent for ``missed_after`` seconds as lost; return their ids."""
+        rows = await self.pool.fetch(Q["mark_lost_workers"], missed_after)
+        return [r["id"] for r in rows]
+
+    async def list_workers(self, *, include_stopped: bool = False) -> list[WorkerRecord]:
+        """Workers, newest first."""
+        rows = await self.pool.fetch(Q["list_workers"], include_stopped)
+        return [WorkerRecord.from_row(r) for r in rows]
+
+    # ---------------------------------------------------------------- circuit breakers
+
+    async def _locked_breaker(self, conn: Connection, key: str) -> breaker_math.BreakerState:
+        await conn.execute(Q["ensure_breaker"], key)
+        row = await conn.fetchrow(Q["lock_breaker"], key)
+        assert row is not None
+        return _breaker_from_row(row)
+
+    async def _save_breaker(
+        self, conn: Connection, state: breaker_math.BreakerState
+    ) -> breaker_math.BreakerState:
+        row = await conn.fetchrow(
+            Q["save_breaker"],
+            state.key,
+            state.state,
+            state.failure_count,
+            state.success_count,
+            state.probes_in_flight,
+            state.window_started_at,
+            state.opened_at,
+            state.last_failure_at,
+        )
+        assert row is not None
+        return _breaker_from_row(row)
+
+    async def record_breaker_outcome(
+        self,
+        conn: Connection,
+        key: str,
+        *,
+        success: bool,
+        config: breaker_math.BreakerConfig,
+    ) -> breaker_math.BreakerState:
+        """Apply one success or failure to a breaker atomically (row lock + pure transition)."""
+        state = await self._locked_breaker(conn, key)
+        now = await self.now(conn)
+        new = (
+            breaker_math.on_success(state, config, now)
+            if success
+            else breaker_math.on_failure(state, config, now)
+        )
+        return await self._save_breaker(conn, new)
+
+    async def record_breaker_success_if_tracked(
+        self, conn: Connection, key: str, *, config: breaker_math.BreakerConfig
+    ) -> None:
+        """Apply a success to a breaker that is not closed (a closed one has nothing to learn
+        from a success, so the common path costs one indexed read and no write)."""
+        row = await conn.fetchrow(Q["lock_unclosed_breaker"], key)
+        if row is None:
+            return
+        now = await self.now(conn)
+        await self._save_breaker(conn, breaker_math.on_success(_breaker_from_row(row), config, now))
+
+    async def get_breaker(self, key: str) -> breaker_math.BreakerState:
+        """A breaker's state (closed if it has never seen a failure)."""
+        async with self.pool.transaction() as conn:
+            return await self._locked_breaker(conn, key)
+
+    async def list_breakers(self) -> list[breaker_math.BreakerState]:
+        """Every breaker by key."""
+        return [_breaker_from_row(r) for r in await self.pool.fetch(Q["list_breakers"])]
+
+    async def reset_breaker(self, key: str) -> None:
+        """Close a breaker and forget its counts.
+
+        Raises:
+            NotFound: no breaker has that key.
+        """
+        if await self.pool.fetchval(Q["delete_breaker"], key) is None:
+            raise NotFound(f"circuit breaker {key!r} not found")
+
+    async def admit_breakers(
+        self, conn: Connection, config: breaker_math.BreakerConfig
+    ) -> tuple[list[str], dict[str, int]]:
+        """Decide, atomically, which breaker keys may hand out tasks now.
+
+        Returns:
+            The keys that are blocked, and for half-open keys the number of probes they may
+            still admit (the caller claims at most that many and reports them with
+            `start_probes`).
+        """
+        blocked: list[str] = []
+        probes: dict[str, int] = {}
+        rows = await conn.fetch(Q["lock_unclosed_breakers"])
+        if not rows:
+            return blocked, probes
+        now = await self.now(conn)
+        for row in rows:
+            state = _breaker_from_row(row)
+            budget = breaker_math.probe_budget(state, config, now)
+            if budget is None:
+                continue
+            if budget == 0:
+                blocked.append(state.key)
+            else:
+                probes[state.key] = budget
+        return blocked, probes
+
+
+def _breaker_from_row(row: Any) -> breaker_math.BreakerState:
+    return breaker_math.BreakerState(
+        key=row["key"],
+        state=row["state"],
+        failure_count=row["failure_count"],
+        success_count=row["success_count"],
+        probes_in_flight=row["probes_in_flight"],
+        window_started_at=row["window_started_at"],
+        opened_at=row["opened_at"],
+        last_failure_at=row["last_failure_at"],
+    )

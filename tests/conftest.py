@@ -1,0 +1,132 @@
+"""Test harness: Trio for every async test, and one fresh PostgreSQL database per DB test.
+
+The database comes from DATABASE_URL when set (CI runs the DB tests a second time against the
+machine's PostgreSQL 15), else from the embedded PostgreSQL started once per session. A migrated
+template database is built once; each test gets `CREATE DATABASE … TEMPLATE` of it, which takes
+milliseconds, and drops it afterwards.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+import trio
+import trio_asyncio
+from pytest_trio.plugin import automark
+
+from everruns._aio import pg
+from everruns.store.migrate import apply_migrations
+from everruns.store.store import Store
+
+_AIO_DIRS = ("integration", "e2e")
+
+
+def _run_with_aio(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    # Tests that reach asyncpg/grpclib run with a trio-asyncio loop opened around the whole test,
+    # so fixtures and the test body (separate Trio tasks) all inherit it.
+    async def main() -> Any:
+        async with trio_asyncio.open_loop():
+            return await fn(*args)
+
+    return trio.run(main, **kwargs)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    aio = [i for i in items if any(f"/{d}/" in str(i.path) for d in _AIO_DIRS)]
+    plain = [i for i in items if i not in aio]
+    automark(plain, run=trio.run)
+    automark(aio, run=_run_with_aio)
+
+
+def with_database(url: str, database: str) -> str:
+    """Return ``url`` pointing at another database on the same server."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + database))
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> Iterator[str]:
+    """URL of a PostgreSQL server to create test databases on."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        yield url
+        return
+    from everruns.store import embedded
+
+    data_dir = Path(
+        os.environ.get("EVERRUNS_TEST_DATA_DIR")
+        or Path(tempfile.gettempdir()) / f"everruns-test-pg-{os.getuid()}"
+    )
+    handle = embedded.start(data_dir)
+    try:
+        yield handle.url
+    finally:
+        embedded.stop(handle)
+
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def template_database(pg_server_url: str) -> str:
+    """Name of a freshly migrated template database (built once per session)."""
+    name = f"everruns_tpl_{os.getpid()}"
+
+    async def build() -> None:
+        async with trio_asyncio.open_loop(), pg.connect(pg_server_url) as admin:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await admin.execute(f'CREATE DATABASE "{name}"')
+        async with trio_asyncio.open_loop(), pg.connect(with_database(pg_server_url, name)) as c:
+            await apply_migrations(c)
+
+    trio.run(build)
+    return name
+
+
+@pytest.fixture
+async def database_url(pg_server_url: str, template_database: str) -> AsyncIterator[str]:
+    """URL of a fresh, migrated database for this test only."""
+    name = f"everruns_t_{os.getpid()}_{next(_counter)}"
+    async with pg.connect(pg_server_url) as admin:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+    try:
+        yield with_database(pg_server_url, name)
+    finally:
+        with trio.move_on_after(10, shield=True):
+            async with pg.connect(pg_server_url) as admin:
+                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[pg.Pool]:
+    async with pg.open_pool(database_url, min_size=1, max_size=10) as p:
+        yield p
+
+
+@pytest.fixture
+async def store(pool: pg.Pool) -> Store:
+    import random
+
+    return Store(pool, rng=random.Random(7))
+
+
+def fail_after(seconds: float) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate an async test with an absolute deadline (a hang fails fast)."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        async def run(*args: Any, **kwargs: Any) -> Any:
+            with trio.fail_after(seconds):
+                return await fn(*args, **kwargs)
+
+        return run
+
+    return wrap

@@ -1,0 +1,489 @@
+"""The store against a real PostgreSQL: every scenario of the original's PostgreSQL suite, plus
+the cases it lacked (stale leases refused, reclaim past max_attempts, breaker races)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import trio
+
+from everruns._aio.pg import Pool
+from everruns.domain.breaker import BreakerConfig
+from everruns.domain.retry import RetryPolicy
+from everruns.errors import AlreadyExists, ConcurrencyConflict, NotFound, StaleLease
+from everruns.store.models import WorkflowRun
+from everruns.store.store import NewEvent, NewTask, Store
+
+pytestmark = pytest.mark.db
+
+
+async def _run(store: Store, workflow_id: str = "wf-1", wtype: str = "checkout") -> WorkflowRun:
+    async with store.transaction() as conn:
+        run, created = await store.create_workflow(
+            conn, workflow_id=workflow_id, workflow_type=wtype, input='{"order": 1}'
+        )
+    assert created
+    return run
+
+
+async def _activity(
+    store: Store, run: WorkflowRun, activity_id: str = "1", atype: str = "charge", **kw: object
+) -> uuid.UUID:
+    async with store.transaction() as conn:
+        task = await store.enqueue_activity(
+            conn,
+            NewTask(
+                run_id=run.run_id,
+                workflow_id=run.workflow_id,
+                activity_type=atype,
+                activity_id=activity_id,
+                input='{"n": 1}',
+                **kw,  # type: ignore[arg-type]
+            ),
+        )
+    return task.task_id
+
+
+async def _claim(store: Store, worker: str, atype: str = "charge", limit: int = 10) -> list:
+    return await store.claim_tasks(worker, activity_types=[atype], limit=limit)
+
+
+async def _age_heartbeats(pool: Pool, seconds: float) -> None:
+    await pool.execute(
+        "UPDATE durable_task_queue SET heartbeat_at = heartbeat_at - make_interval(secs => $1) "
+        "WHERE status = 'claimed'",
+        seconds,
+    )
+
+
+async def test_create_and_get_workflow(store: Store) -> None:
+    with trio.fail_after(10):
+        run = await _run(store)
+        got = await store.get_workflow("wf-1")
+        assert got.run_id == run.run_id
+        assert got.status == "pending"
+        assert got.input == '{"order": 1}'
+        assert (await store.get_workflow("wf-1", run.run_id)).workflow_type == "checkout"
+
+
+async def test_idempotent_start_returns_open_run_and_restart_after_end(store: Store) -> None:
+    with trio.fail_after(10):
+        run = await _run(store)
+        async with store.transaction() as conn:
+            again, created = await store.create_workflow(
+                conn, workflow_id="wf-1", workflow_type="checkout", input="1"
+            )
+        assert not created and again.run_id == run.run_id
+        async with store.transaction() as conn:
+            await store.end_run(conn, run.run_id, "completed", result="2")
+            fresh, created = await store.create_workflow(
+                conn, workflow_id="wf-1", workflow_type="checkout", input="3"
+            )
+        assert created and fresh.run_id != run.run_id
+
+
+async def test_status_transitions_pending_running_completed_with_result(store: Store) -> None:
+    with trio.fail_after(10):
+        run = await _run(store)
+        async with store.transaction() as conn:
+            await store.set_running(conn, run.run_id)
+        assert (await store.get_run(run.run_id)).status == "running"
+        async with store.transaction() as conn:
+            await store.end_run(conn, run.run_id, "completed", result='{"ok": [1, 2.5, null]}')
+        done = await store.get_run(run.run_id)
+        assert done.status == "completed"
+        assert done.result == '{"ok": [1, 2.5, null]}'
+        assert done.completed_at is not None
+
+
+async def test_failure_is_stored(store: Store) -> None:
+    with trio.fail_after(10):
+        run = await _run(store)
+        async with store.transaction() as conn:
+            await store.end_run(conn, run.run_id, "failed", error={"type": "X", "message": "boom"})
+        failed = await store.get_run(run.run_id)
+        assert failed.status == "failed"
+        assert failed.error == {"type": "X", "message": "boom"}
+        assert failed.result is None
+
+
+async def test_not_found(store: Store) -> None:
+    with trio.fail_after(10):
+        with pytest.raises(NotFound, match="nope"):
+            await store.get_workflow("nope")
+        with pytest.raises(NotFound):
+            await store.get_run(uuid.uuid4())
+        with pytest.raises(NotFound):
+            await store.get_task(uuid.uuid4())
+
+
+async def test_events_append_and_load_in_order(store: Store) -> None:
+    with trio.fail_after(10):
+        run = await _run(store)
+        async with store.transaction() as conn:
+            last = await store.append_events(
+                conn,
+                run,
+                [
+                    NewEvent("workflow_started", {"input": 12345678901234567890}),
+                    NewEvent("activity_scheduled", {"activity_id": "1"}),
+                ],
+                expected_last=0,
+            )
+            assert last == 2
+            run = await store.lock_run(conn, run.run_id)
+            assert await store.append_events(conn, run, [NewEvent("timer_started", {})]) == 3
+        events = await store.load_events(run.run_id)
+        assert [e.sequence_num for e in events] == [1, 2, 3]
+        assert [e.type for e in events] == [
+            "workflow_started",
+            "activity_scheduled",
+            "timer_started",
+        ]
+        assert events[0].data["input"] == 12345678901234567890
+        assert [e.sequence_num for e in await store.load_events(run.run_id, after=1)] == [2, 3]
+
+
+async def test_optimistic_concurrency_conflict(store: Store) -> None:
+    with trio.fail_after(10):
+        run = await _run(store)
+        async with store.transaction() as conn:
+            await store.append_events(
+                conn, run, [NewEvent("workflow_started", {})], expected_last=0
+            )
+        with pytest.raises(ConcurrencyConflict):
+            async with store.transaction() as conn:
+                await store.append_events(conn, run, [NewEvent("x", {})], expected_last=0)
+        assert len(await store.load_events(run.run_id)) == 1
+
+
+async def test_duplicate_sequence_number_is_refused_by_the_schema(store: Store, pool: Pool) -> None:
+    with trio.fail_after(10):
+        run = await _run(store)
+        insert = (
+            "INSERT INTO durable_workflow_events (run_id, workflow_id, sequence_num, event_type, "
+            "payload) VALUES ($1, 'wf-1', 1, 'x', '{}')"
+        )
+        await pool.execute(insert, run.run_id)
+        with pytest.raises(AlreadyExists):
+            await pool.execute(insert, run.run_id)
+
+
+async def test_enqueue_and_claim_second_worker_gets_nothing(store: Store) -> None:
+    with trio.fail_after(10):
+        run = await _run(store)
+        task_id = await _activity(store, run)
+        first = await _claim(store, "w1")
+        assert [t.task_id for t in first] == [task_id]
+        assert first[0].attempt == 1 and first[0].claimed_by == "w1"
+        assert first[0].lease_token is not None
+        assert await _claim(store, "w2") == []
+
+
+async def test_claim_filtered_by_type(store: Store) -> None:
+    with trio.fail_after(10):
+        run = await _run(store)
+        await _activity(store, run, "1", "charge")
+        await _activity(store, run, "2", "ship")
+        got = await _claim(store, "w1", "ship")
+        assert [t.type_name for t in got] == ["ship"]
+        assert await _claim(store, "w1", "email") == []
+
+
+async def test_claim_orders_by_priority_then_visibility(store: Store) -> None:
+    with trio.fail_after(10):
+        run = await _run(store)
+        await _activity(store, run, "1", priority=0)
+        await _activity(store, run, "2", priority=5)
+        await _activity(store, run, "3", priority=0)
+        got = await _claim(store, "w1", limit=3)
+        assert [t.activity_id for t in got] == ["2", "1", "3"]
+
+
+async def test_completed_task_is_not_claimable_again(store: Store) -> None:
+    with trio.fail_after(10):
+        run = await _run(store)
+        await _activity(store, run)
+        (task,) = await _claim(store, "w1")
+        async with store.transaction() as conn:
+            done = await store.complete_task(conn, task.task_id, task.lease_token, '"ok"')
+        assert done.status == "completed" and done.result == '"ok"'
+        assert await _claim(store, "w2") == []
+
+
+async def test_failure_with_retry_is_claimable_only_after_delay_with_attempt_2(
+    store: Store, pool: Pool
+) -> None:
+    with trio.fail_after(10):
+        run = await _run(store)
+        await _activity(store, run, retry=RetryPolicy(initial_interval=30, maximum_interval=60))
+        (task,) = await _claim(store, "w1")
+        async with store.transaction() as conn:
+            outcome = await store.fail_task(
+                conn, task.task_id, task.lease_token, {"type": "IOError", "message": "flaky"}
+            )
+        assert outcome.will_retry and 27 <= outcome.delay <= 33
+        assert await _claim(store, "w2") == []  # not visible yet
+        await pool.execute(
+            "UPDATE durable_task_queue SET visible_at = now() WHERE id = $1", task.task_id
+        )
+        (again,) = await _claim(store, "w2")
+        assert again.attempt == 2
+        assert again.last_error is not None and again.last_error["message"] == "flaky"
+        assert again.lease_token != task.lease_token
+
+
+async def test_exhausting_retries_dead_letters_the_task(store: Store, pool: Pool) -> None:
+    with trio.fail_after(10):
+        run = await _run(store)
+        await _activity(store, run, retry=RetryPolicy(max_attempts=2))
+        for attempt in (1, 2):
+            await pool.execute("UPDATE durable_task_queue SET visible_at = now()")
+            (task,) = await _claim(store, "w1")
+            assert task.attempt == attempt
+            async with store.transaction() as conn:
+                outcome = await store.fail_task(
+                    conn, task.task_id, task.lease_token, {"type": "E", "message": f"try {attempt}"}
+                )
+        assert not outcome.will_retry
+        assert outcome.task.status == "dead"
+        letter = outcome.dead_letter
+        assert letter is not None and letter.attempts == 2
+        assert letter.last_error == "E: try 2"
+        assert [e["message"] for e in letter.error_history] == ["try 1", "try 2"]
+        assert [d.id for d in await store.list_dead_letters()] == [letter.id]
+
+
+async def test_non_retryable_error_dead_letters_at_once(store: Store) -> None:
+    with trio.fail_after(10):
+        run = await _run(store)
+        await _activity(store, run, retry=RetryPolicy(non_retryable_error_types=("ValueError",)))
+        (task,) = await _claim(store, "w1")
+        async with store.transaction() as conn:
+            outcome = await store.fail_task(
+                conn,
+                task.task_id,
+                task.lease_token,
+                {"type": "builtins.ValueError", "message": "bad"},
+            )
+        assert not outcome.will_retry and outcome.dead_letter is not None
+
+
+async def test_heartbeat_accepted_for_holder_refused_for_others(store: Store) -> None:
+    with trio.fail_after(10):
+        run = await _run(store)
+        await _activity(store, run)
+        (task,) = await _claim(store, "w1")
+        assert await store.heartbeat(task.task_id, task.lease_token, '{"progress": 1}') is False
+        with pytest.raises(StaleLease, match="stale"):
+            await store.heartbeat(task.task_id, task.lease_token + 1)
+        assert (await store.get_task(task.task_id)).heartbeat_details == '{"progress": 1}'
+
+
+async def test_stale_lease_refused_on_complete_and_fail(store: Store, pool: Pool) -> None:
+    with trio.fail_after(10):
+        run = await _run(store)
+        await _activity(store, run)
+        (old,) = await _claim(store, "w1")
+        await _age_heartbeats(pool, 60)
+        async with store.transaction() as conn:
+            assert len(await store.reclaim_stale(conn, stale_after=30)) == 1
+        (new,) = await _claim(store, "w2")
+        assert new.task_id == old.task_id and new.attempt == 2
+        with pytest.raises(StaleLease, match="held by w2"):
+            async with store.transaction() as conn:
+                await store.complete_task(conn, old.task_id, old.lease_token, '"late"')
+        with pytest.raises(StaleLease):
+            async with store.transaction() as conn:
+                await store.fail_task(conn, old.task_id, old.lease_token, {"type": "E"})
+        async with store.transaction() as conn:
+            await store.complete_task(conn, new.task_id, new.lease_token, '"on time"')
+        assert (await store.get_task(new.task_id)).result == '"on time"'
+
+
+async def test_stale_reclaim_makes_task_claimable(store: Store, pool: Pool) -> None:
+    with trio.fail_after(10):
+        run = await _run(store)
+        await _activity(store, run)
+        (task,) = await _claim(store, "w1")
+        async with store.transaction() as conn:
+            assert await store.reclaim_stale(conn, stale_after=30) == []  # fresh heartbeat
+        await _age_heartbeats(pool, 31)
+        async with store.transaction() as conn:
+            (outcome,) = await store.reclaim_stale(conn, stale_after=30)
+        assert outcome.will_retry and outcome.task.status == "pending"
+        assert outcome.task.error_history[-1]["type"] == "HeartbeatTimeout"
+        assert [t.task_id for t in await _claim(store, "w2")] == [task.task_id]
+
+
+async def test_reclaim_uses_the_task_heartbeat_timeout(store: Store, pool: Pool) -> None:
+    with trio.fail_after(10):
+        run = await _run(store)
+        await _activity(store, run, heartbeat_timeout_s=5.0)
+        await _claim(store, "w1")
+        await _age_heartbeats(pool, 6)
+        async with store.transaction() as conn:
+            assert len(await store.reclaim_stale(conn, stale_after=30)) == 1
+
+
+async def test_reclaim_past_max_attempts_dead_letters_instead_of_looping(
+    store: Store, pool: Pool
+) -> None:
+    with trio.fail_after(10):
+        run = await _run(store)
+        await _activity(store, run, retry=RetryPolicy(max_attempts=3))
+        outcomes = []
+        for _ in range(3):
+            await _claim(store, "w1")
+            await _age_heartbeats(pool, 60)
+            async with store.transaction() as conn:
+                outcomes.extend(await store.reclaim_stale(conn, stale_after=30))
+        assert [o.will_retry for o in outcomes] == [True, True, False]
+        assert outcomes[-1].task.status == "dead" and outcomes[-1].dead_letter is not None
+        assert await _claim(store, "w1") == []
+
+
+async def test_signals_in_order_and_mark_processed(store: Store) -> None:
+    with trio.fail_after(10):
+        run = await _run(store)
+        async with store.transaction() as conn:
+            for i in range(5):
+                await store.add_signal(conn, run, f"s{i}", f'{{"i": {i}}}')
+        signals = await store.list_signals(run.run_id)
+        assert [s.name for s in signals] == ["s0", "s1", "s2", "s3", "s4"]
+        async with store.transaction() as conn:
+            await store.mark_signals_processed(conn, [s.id for s in signals[:2]])
+        left = await store.list_signals(run.run_id, unprocessed_only=True)
+        assert [s.name for s in left] == ["s2", "s3", "s4"]
+
+
+async def test_worker_registration_lifecycle(store: Store, pool: Pool) -> None:
+    with trio.fail_after(10):
+        w = await store.register_worker(
+            "w1",
+            activity_types=["charge"],
+            workflow_types=["checkout"],
+            max_concurrency=10,
+            host="h",
+            pid=42,
+            version="0.1.0",
+        )
+        assert w.status == "active" and w.current_load == 0
+        beat = await store.worker_heartbeat("w1", current_load=7, status="draining")
+        assert beat is not None and beat.current_load == 7 and beat.status == "draining"
+        assert [x.id for x in await store.list_workers()] == ["w1"]
+        stopped = await store.stop_worker("w1")
+        assert stopped is not None and stopped.status == "stopped"
+        assert await store.list_workers() == []
+        assert [x.status for x in await store.list_workers(include_stopped=True)] == ["stopped"]
+        assert await store.worker_heartbeat("w1", current_load=0) is None  # must re-register
+        await store.register_worker("w2", activity_types=[], workflow_types=[], max_concurrency=1)
+        await pool.execute(
+            "UPDATE durable_workers SET last_heartbeat_at = now() - interval '1 hour'"
+        )
+        assert await store.mark_lost_workers(missed_after=30) == ["w2"]
+        again = await store.register_worker(
+            "w1", activity_types=[], workflow_types=[], max_concurrency=2
+        )
+        assert again.status == "active" and again.stopped_at is None
+
+
+async def test_dlq_requeue_makes_task_claimable_with_fresh_attempts(store: Store) -> None:
+    with trio.fail_after(10):
+        run = await _run(store)
+        await _activity(store, run, retry=RetryPolicy(max_attempts=1))
+        (task,) = await _claim(store, "w1")
+        async with store.transaction() as conn:
+            outcome = await store.fail_task(conn, task.task_id, task.lease_token, {"type": "E"})
+        assert outcome.dead_letter is not None
+        async with store.transaction() as conn:
+            revived = await store.requeue_dead_letter(conn, outcome.dead_letter.id)
+        assert revived.status == "pending" and revived.attempt == 0
+        (again,) = await _claim(store, "w2")
+        assert again.attempt == 1
+        (letter,) = await store.list_dead_letters()
+        assert letter.requeued_at is not None
+
+
+async def test_operator_requeue_by_runbook_sql(store: Store, pool: Pool) -> None:
+    with trio.fail_after(10):
+        run = await _run(store)
+        await _activity(store, run, retry=RetryPolicy(max_attempts=1))
+        (task,) = await _claim(store, "w1")
+        async with store.transaction() as conn:
+            outcome = await store.fail_task(conn, task.task_id, task.lease_token, {"type": "E"})
+        assert outcome.dead_letter is not None
+        # The reference guide's own statement, unmodified but for the id.
+        await pool.execute(
+            f"UPDATE durable_dead_letter_queue SET requeued_at = NOW() "
+            f"WHERE id = '{outcome.dead_letter.id}';"
+        )
+        async with store.transaction() as conn:
+            (revived,) = await store.apply_operator_requeues(conn)
+            assert await store.apply_operator_requeues(conn) == []
+        assert revived.task_id == task.task_id
+        assert [t.task_id for t in await _claim(store, "w2")] == [task.task_id]
+
+
+async def test_ten_tasks_three_concurrent_claimers_each_claimed_once(store: Store) -> None:
+    with trio.fail_after(20):
+        run = await _run(store)
+        for i in range(10):
+            await _activity(store, run, str(i))
+        claimed: list[uuid.UUID] = []
+
+        async def claimer(name: str) -> None:
+            while True:
+                got = await _claim(store, name, limit=1)
+                if not got:
+                    return
+                claimed.extend(t.task_id for t in got)
+
+        async with trio.open_nursery() as nursery:
+            for name in ("a", "b", "c"):
+                nursery.start_soon(claimer, name)
+        assert len(claimed) == 10 and len(set(claimed)) == 10
+
+
+async def test_concurrent_breaker_updates_lose_no_count(store: Store) -> None:
+    with trio.fail_after(20):
+        config = BreakerConfig(failure_threshold=1000, window=60.0)
+
+        async def fail_once() -> None:
+            async with store.transaction() as conn:
+                await store.record_breaker_outcome(conn, "charge", success=False, config=config)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(40):
+                nursery.start_soon(fail_once)
+        assert (await store.get_breaker("charge")).failure_count == 40
+
+
+async def test_breaker_opens_after_five_failures_and_blocks_claims(store: Store) -> None:
+    with trio.fail_after(10):
+        config = BreakerConfig()
+        run = await _run(store)
+        await _activity(store, run)
+        for _ in range(5):
+            async with store.transaction() as conn:
+                state = await store.record_breaker_outcome(
+                    conn, "charge", success=False, config=config
+                )
+        assert state.state == "open"
+        async with store.transaction() as conn:
+            blocked, probes = await store.admit_breakers(conn, config)
+        assert blocked == ["charge"] and probes == {}
+        got = await store.claim_tasks(
+            "w1", activity_types=["charge"], limit=5, blocked_keys=blocked
+        )
+        assert got == []
+        assert (await store.get_task(await _first_task(store))).attempt == 0  # no attempt charged
+        await store.reset_breaker("charge")
+        assert (await store.get_breaker("charge")).state == "closed"
+
+
+async def _first_task(store: Store) -> uuid.UUID:
+    value = await store.pool.fetchval("SELECT id FROM durable_task_queue LIMIT 1")
+    assert isinstance(value, uuid.UUID)
+    return value
