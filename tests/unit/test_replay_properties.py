@@ -10,6 +10,7 @@ into exactly what was recorded.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -203,7 +204,7 @@ class History:
 
 
 def simulate(
-    data: st.DataObject, wf: Callable[..., Any], program: list[Step]
+    rng: random.Random, wf: Callable[..., Any], program: list[Step]
 ) -> tuple[History, list[Task]]:
     """Play the control plane until the workflow ends; return the history and the tasks."""
     log = History(h.workflow_started("program", "prop", "run-prop", None))
@@ -214,22 +215,22 @@ def simulate(
     for _ in range(400):
         result = _replay(wf, log.events, clock)
         due = len(pending) + len(unsent)
-        if not result.completed and due and data.draw(st.integers(0, 9)) == 0:
+        if not result.completed and due and rng.random() < 0.1:
             pass  # superseded: the answer is dropped, more events arrive first
         else:
             tasks.append(Task(len(log.events), clock, result.commands, result.completed))
             log.append(h.workflow_task_completed("w", clock))
             for command in result.commands:
                 log.append(command.to_event())
-                _apply(data, command, pending)
+                _apply(rng, command, pending)
             if result.completed:
                 return log, tasks
         clock += timedelta(seconds=1)
         due = len(pending) + len(unsent)
         assert due, f"workflow blocked with nothing due; program={program}"
-        for _ in range(data.draw(st.integers(1, min(due, 4)))):
+        for _ in range(rng.randint(1, min(due, 4))):
             keys = sorted(pending, key=int)
-            pick = data.draw(st.integers(0, len(keys) + len(unsent) - 1))
+            pick = rng.randrange(len(keys) + len(unsent))
             if pick < len(keys):
                 queue = pending[keys[pick]]
                 log.append(queue.pop(0))
@@ -237,12 +238,12 @@ def simulate(
                     del pending[keys[pick]]
             else:
                 log.append(unsent.pop(pick - len(keys)))
-        if data.draw(st.integers(0, 7)) == 0:
+        if rng.random() < 0.125:
             log.append(h.workflow_task_scheduled())
     raise AssertionError("the simulation did not finish")
 
 
-def _apply(data: st.DataObject, command: Command, pending: dict[str, list[dict[str, Any]]]) -> None:
+def _apply(rng: random.Random, command: Command, pending: dict[str, list[dict[str, Any]]]) -> None:
     if isinstance(command, ScheduleActivity):
         activity_id, n = command.activity_id, command.input
         error = h.error_info("ActivityBoom", "boom")
@@ -252,7 +253,7 @@ def _apply(data: st.DataObject, command: Command, pending: dict[str, list[dict[s
                 out.append(h.activity_started(activity_id, attempt, "w"))
                 out.append(h.activity_failed(activity_id, error, attempt, will_retry=attempt < 3))
             pending[activity_id] = out
-        elif data.draw(st.booleans()):
+        elif rng.random() < 0.5:
             pending[activity_id] = [
                 h.activity_started(activity_id, 1, "w"),
                 h.activity_completed(activity_id, ["ok", n], 1),
@@ -291,12 +292,12 @@ def _must_not_replay(wf: Callable[..., Any], dicts: list[dict[str, Any]], what: 
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(program=programs(), data=st.data())
+@given(program=programs(), rng=st.randoms(use_true_random=True))
 def test_recorded_histories_replay_exactly_when_cut_anywhere(
-    program: list[Step], data: st.DataObject
+    program: list[Step], rng: random.Random
 ) -> None:
     wf = make_workflow(program)
-    log, tasks = simulate(data, wf, program)
+    log, tasks = simulate(rng, wf, program)
     events = log.dicts
 
     final = events[-1]
@@ -322,13 +323,13 @@ def test_recorded_histories_replay_exactly_when_cut_anywhere(
     starts = [0] + [t.seen + 1 + len(_command_block(events, t.seen)) for t in tasks[:-1]]
     for task, start in zip(tasks, starts, strict=True):
         if task.seen - start >= 2:
-            cut = data.draw(st.integers(start + 1, task.seen - 1), label="cut")
+            cut = rng.randint(start + 1, task.seen - 1)
             partial = _replay(wf, log.events[:cut], task.now)
             assert partial.commands == task.commands[: len(partial.commands)]
 
     # Changing or dropping any recorded command event is detected, naming its seq.
     positions = [i for i, e in enumerate(events) if e["type"] in h.COMMAND_EVENT_TYPES]
-    index = data.draw(st.sampled_from(positions), label="tampered index")
+    index = rng.choice(positions)
     event = events[index]
     kind = event["type"]
     if kind == h.ACTIVITY_SCHEDULED:
