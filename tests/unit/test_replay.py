@@ -27,7 +27,7 @@ from everruns.domain.commands import (
     command_from_dict,
     is_terminal,
 )
-from everruns.domain.context import WorkflowContext, WorkflowInfo
+from everruns.domain.context import ActivityHandle, WorkflowContext, WorkflowInfo
 from everruns.domain.history import HistoryEvent
 from everruns.domain.registry import Registry, activity
 from everruns.domain.replay import ReplayResult, replay
@@ -371,10 +371,17 @@ async def two_approvals(ctx: WorkflowContext, _: None) -> list[Any]:
 
 
 def test_signals_sent_before_the_wait_are_buffered_in_arrival_order() -> None:
-    sim = Sim(two_approvals)
-    sim.signal("approve", {"by": "ann"})
+    async def busy_then_two_approvals(ctx: WorkflowContext, _: None) -> list[Any]:
+        await ctx.execute_activity("busy")
+        return await two_approvals(ctx, None)
+
+    sim = Sim(busy_then_two_approvals)
+    sim.step()
+    sim.signal("approve", {"by": "ann"})  # arrive while the activity runs
     sim.signal("other", 0)
     sim.signal("approve", {"by": "bob"})
+    assert sim.step() == []
+    sim.release("1")
     assert sim.step() == [CompleteWorkflow([{"by": "ann"}, {"by": "bob"}])]
     sim.check_replays()
 
@@ -890,23 +897,27 @@ async def test_awaiting_trio_sleep_inside_trio_is_an_illegal_await() -> None:
         with trio.move_on_after(0.01) as scope:
             await trio.sleep(1)
         assert scope.cancelled_caught
-    assert "trio.sleep()" in message
-    assert "awaits_trio_sleep" in message
+    assert "awaited trio.sleep() in awaits_trio_sleep at " in message
     assert "ctx.sleep(seconds)" in message
     assert "checkout" in message
 
 
 def test_awaiting_trio_sleep_outside_trio_is_an_illegal_await() -> None:
     message = _illegal(awaits_trio_sleep)
-    assert "trio.sleep()" in message and "ctx.sleep(seconds)" in message
+    assert "called trio.sleep() in awaits_trio_sleep at " in message
+    assert "ctx.sleep(seconds)" in message
 
 
-async def test_trio_checkpoint_and_events_are_illegal_too() -> None:
-    async def wf(ctx: WorkflowContext, _: None) -> None:
+async def test_trio_events_and_checkpoints_are_illegal_too() -> None:
+    async def waits_event(ctx: WorkflowContext, _: None) -> None:
         await trio.Event().wait()
 
-    message = _illegal(wf)
-    assert "trio." in message and "ctx.execute_activity" in message
+    async def checkpoints(ctx: WorkflowContext, _: None) -> None:
+        await trio.lowlevel.checkpoint()
+
+    message = _illegal(waits_event)
+    assert "awaited trio.Event.wait()" in message and "ctx.execute_activity" in message
+    assert "awaited trio.checkpoint()" in _illegal(checkpoints)
 
 
 def test_awaiting_an_asyncio_future_is_an_illegal_await() -> None:
@@ -959,7 +970,7 @@ def test_random_uuid_and_now_are_stable_across_replays() -> None:
 
     async def wf(ctx: WorkflowContext, _: None) -> list[Any]:
         values = []
-        for _ in range(3):
+        for _round in range(3):
             values.append([ctx.random(), str(ctx.uuid4()), ctx.now().isoformat()])
             seen.append((ctx.is_replaying, *values[-1]))
             await ctx.execute_activity("tick", values[-1][1])
@@ -1143,3 +1154,30 @@ def test_history_event_validation_and_description() -> None:
     with pytest.raises(InvalidArgument):
         h.format_time(datetime(2024, 1, 1))
     assert re.fullmatch(r"\d{4}-.*\+00:00", h.workflow_task_completed("w", T0)["time"])
+
+
+def test_a_ctx_kept_from_an_earlier_replay_is_refused() -> None:
+    kept: list[WorkflowContext] = []
+    handles: list[ActivityHandle] = []
+
+    async def keeps(ctx: WorkflowContext, _: None) -> None:
+        kept.append(ctx)
+        handles.append(ctx.start_activity("a"))
+        await ctx.wait_signal("never")
+
+    Sim(keeps).step()
+    stale = kept[0]
+
+    async def awaits_stale_handle(ctx: WorkflowContext, _: None) -> None:
+        await handles[0]
+
+    assert "an operation of another workflow's ctx" in _illegal(awaits_stale_handle)
+
+    async def uses_stale_wait(ctx: WorkflowContext, _: None) -> None:
+        await stale.wait_signal("x")
+
+    async def uses_stale_command(ctx: WorkflowContext, _: None) -> None:
+        stale.start_activity("a")
+
+    assert "after its replay ended" in _illegal(uses_stale_wait)
+    assert "after its replay ended" in _illegal(uses_stale_command)

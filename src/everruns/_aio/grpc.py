@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import grpclib.const
 import grpclib.exceptions
 import grpclib.server
+import h2.exceptions
 import trio
 import trio_asyncio
 from grpclib.client import Channel
@@ -95,10 +96,7 @@ def _to_grpc_error(exc: BaseException, route: str) -> grpclib.exceptions.GRPCErr
 def _bearer_ok(metadata: Any, token: str | None) -> bool:
     if token is None:
         return True
-    got = ""
-    for key, value in metadata or ():
-        if key == "authorization":
-            got = value
+    got = str(metadata.get("authorization", "")) if metadata is not None else ""
     expected = f"Bearer {token}"
     return hmac.compare_digest(got.encode(), expected.encode())
 
@@ -132,6 +130,8 @@ def _wrap_handler(
                 await stream.send_message(reply)
         except grpclib.exceptions.GRPCError:
             raise
+        except (h2.exceptions.StreamClosedError, grpclib.exceptions.StreamTerminatedError):
+            log.debug("%s: the client went away before the reply", route)
         except Exception as exc:
             raise _to_grpc_error(exc, route) from exc
 
@@ -258,17 +258,70 @@ class RpcChannel:
     async def stream(
         self, method: Callable[..., AsyncIterator[Reply]], request: Any
     ) -> AsyncIterator[Reply]:
-        """Iterate a server-streaming stub method's replies.
+        """Iterate a server-streaming stub method's replies (e.g. ``stub.stream_cancellations``).
+
+        Each receive is its own bridged call (trio-asyncio's async-iterator wrapper does not
+        survive cancellation cleanly), and the stream is closed, shielded, when iteration ends.
 
         Raises:
             ServerUnavailable: the stream could not be opened or broke.
         """
-        iterator = method(request, metadata=self._metadata)
+        route, reply_type = _stream_route(method)
+        what = getattr(method, "__name__", "stream")
+        cm = self._channel.request(
+            route,
+            grpclib.const.Cardinality.UNARY_STREAM,
+            type(request),
+            reply_type,
+            metadata=self._metadata,
+        )
         try:
-            async for item in trio_asyncio.aio_as_trio(iterator):
-                yield item
+            stream = await trio_asyncio.aio_as_trio(cm.__aenter__)()
         except _CALL_ERRORS as exc:
-            raise _to_everruns_error(exc, getattr(method, "__name__", "stream")) from exc
+            raise _to_everruns_error(exc, what) from exc
+        try:
+            try:
+                await trio_asyncio.aio_as_trio(stream.send_message)(request, end=True)
+                while True:
+                    reply = await trio_asyncio.aio_as_trio(stream.recv_message)()
+                    if reply is None:
+                        return
+                    yield reply
+            except _CALL_ERRORS as exc:
+                raise _to_everruns_error(exc, what) from exc
+        finally:
+            with trio.move_on_after(2, shield=True):
+                try:
+                    await trio_asyncio.aio_as_trio(stream.cancel)()
+                except Exception:  # the stream is already gone; nothing to close
+                    pass
+                try:
+                    await trio_asyncio.aio_as_trio(cm.__aexit__)(None, None, None)
+                except Exception:
+                    pass
+
+
+_STREAM_ROUTES: dict[str, tuple[str, type[Any]]] = {}
+
+
+def _stream_route(method: Callable[..., Any]) -> tuple[str, type[Any]]:
+    """The route and reply type of a generated server-streaming stub method."""
+    name = getattr(method, "__name__", "")
+    found = _STREAM_ROUTES.get(name)
+    if found is None:
+        from everruns._proto.everruns import v1 as pb
+
+        routes = {
+            "stream_cancellations": (
+                "/everruns.v1.WorkerService/StreamCancellations",
+                pb.Cancellation,
+            )
+        }
+        found = routes.get(name)
+        if found is None:
+            raise TypeError(f"{name!r} is not a known server-streaming method")
+        _STREAM_ROUTES[name] = found
+    return found
 
 
 @asynccontextmanager

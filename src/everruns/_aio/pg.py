@@ -57,6 +57,14 @@ def map_pg_error(exc: BaseException) -> Exception:
 _MAPPED = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 
 
+def _drop(raw: Any) -> None:
+    """Close a connection at once without a goodbye (it may be mid-operation)."""
+    try:
+        raw.terminate()
+    except asyncpg.InterfaceError:
+        pass  # already released or closed: nothing left to drop
+
+
 class Connection:
     """One PostgreSQL connection, usable from Trio."""
 
@@ -110,22 +118,36 @@ class Connection:
         tx = self._raw.transaction()
         try:
             await trio_asyncio.aio_as_trio(tx.start)()
-        except _MAPPED as exc:
-            raise map_pg_error(exc) from exc
+        except BaseException as exc:
+            # Interrupted BEGIN: the transaction may or may not be open; never reuse that.
+            _drop(self._raw)
+            if isinstance(exc, _MAPPED):
+                raise map_pg_error(exc) from exc
+            raise
         try:
             yield self
         except BaseException:
+            rolled_back = False
             with trio.move_on_after(_CLEANUP_SECONDS, shield=True):
                 try:
                     await trio_asyncio.aio_as_trio(tx.rollback)()
+                    rolled_back = True
                 except _MAPPED:
-                    # The connection is gone; the server rolls the transaction back itself.
                     pass
+            if not rolled_back:
+                # A cancelled query can leave the connection mid-operation, so the rollback
+                # could not run: drop the connection (the server rolls back on disconnect)
+                # rather than hand a connection with an open transaction back to the pool.
+                _drop(self._raw)
             raise
         try:
             await trio_asyncio.aio_as_trio(tx.commit)()
-        except _MAPPED as exc:
-            raise map_pg_error(exc) from exc
+        except BaseException as exc:
+            # Interrupted COMMIT: the outcome is unknown to us; never reuse the connection.
+            _drop(self._raw)
+            if isinstance(exc, _MAPPED):
+                raise map_pg_error(exc) from exc
+            raise
 
     async def server_version(self) -> str:
         """Return PostgreSQL's version string, e.g. ``15.19``."""
@@ -147,6 +169,11 @@ class Pool:
             raise map_pg_error(exc) from exc
         try:
             yield Connection(raw)
+        except BaseException as exc:
+            if not isinstance(exc, Exception):
+                # Cancelled mid-query: the connection may still be busy with it; drop it.
+                _drop(raw)
+            raise
         finally:
             with trio.move_on_after(_CLEANUP_SECONDS, shield=True) as scope:
                 try:
@@ -154,7 +181,7 @@ class Pool:
                 except _MAPPED:
                     pass
             if scope.cancelled_caught:
-                raw.terminate()
+                _drop(raw)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Connection]:
@@ -244,7 +271,7 @@ async def open_pool(
             except _MAPPED:
                 pass
         if scope.cancelled_caught:
-            raw.terminate()
+            _drop(raw)
 
 
 @asynccontextmanager
@@ -263,7 +290,7 @@ async def connect(url: str) -> AsyncIterator[Connection]:
             except _MAPPED:
                 pass
         if scope.cancelled_caught:
-            raw.terminate()
+            _drop(raw)
 
 
 @asynccontextmanager

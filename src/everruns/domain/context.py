@@ -46,6 +46,7 @@ from everruns.errors import (
     ActivityCancelled,
     ActivityError,
     ChildWorkflowError,
+    IllegalAwait,
     InvalidArgument,
     NonDeterminismError,
 )
@@ -153,7 +154,10 @@ def _wait(ctx: WorkflowContext, future: _Future) -> Generator[Any, Any, Any]:
     # never change which coroutine runs next.
     if future.done():
         return future.result()
-    ctx._check_open()
+    if ctx._closing:
+        raise GeneratorExit
+    # A ctx of a finished replay still yields: the running driver sees a foreign request and
+    # reports it as an IllegalAwait.
     return (yield _Wait(ctx, future))
 
 
@@ -278,6 +282,7 @@ class WorkflowContext:
         self._now = _EPOCH
         self._replaying = False
         self._cancel_requested = False
+        self._closing = False
         self._closed = False
         self._counter = 0
         self._commands: list[Command] = []
@@ -503,7 +508,7 @@ class WorkflowContext:
         try:
             await _Blocker(self, fired)
         except Exception:
-            if not fired.done() and not self._closed:
+            if not fired.done() and not self._closing:
                 self._cancel_timer(timer_id)
             raise
 
@@ -556,15 +561,20 @@ class WorkflowContext:
             first = _Future()
 
             def settle(winner: _Future) -> None:
-                if not first.done():
-                    first.set_result(winner)
+                if first.done():
+                    return
+                if winner is fired:
+                    # Withdraw at once, so a signal recorded after the timer fired is buffered
+                    # for a later wait instead of being consumed by this one, which timed out.
+                    self._signal_waiters[name].remove(waiter)
+                first.set_result(winner)
 
             waiter.add_done_callback(settle)
             fired.add_done_callback(settle)
             try:
                 winner = await _Blocker(self, first)
             except Exception:
-                if not fired.done() and not self._closed:
+                if not fired.done() and not self._closing:
                     self._cancel_timer(timer_id)
                 raise
             if winner is fired:
@@ -572,8 +582,8 @@ class WorkflowContext:
             self._cancel_timer(timer_id)
             return waiter.value()
         finally:
-            if not waiter.done():
-                waiters = self._signal_waiters[name]
+            waiters = self._signal_waiters[name]
+            if not waiter.done() and waiter in waiters:
                 waiters.remove(waiter)
 
     # ------------------------------------------------------------------------ child workflows
@@ -640,8 +650,13 @@ class WorkflowContext:
     def _check_open(self) -> None:
         # After replay has produced its result, leftover coroutines are closed; a `finally:`
         # that tries to issue or wait must unwind instead of adding commands nobody will read.
-        if self._closed:
+        if self._closing:
             raise GeneratorExit
+        if self._closed:
+            raise IllegalAwait(
+                f"the ctx of {self._info.describe()} was used after its replay ended; use only "
+                "the ctx passed to the running workflow function (do not keep it in globals)"
+            )
 
     def _next_id(self) -> str:
         self._counter += 1
@@ -664,7 +679,11 @@ class WorkflowContext:
         self._now = now
         self._replaying = replaying
 
-    def _close(self) -> None:
+    def _begin_close(self) -> None:
+        self._closing = True
+
+    def _end_close(self) -> None:
+        self._closing = False
         self._closed = True
 
     def _confirm(self, command_id: str) -> None:

@@ -23,7 +23,8 @@ from typing import Any
 
 import attrs
 
-from everruns.domain import history, payload
+from everruns.domain import history as h
+from everruns.domain import payload
 from everruns.domain.commands import (
     CancelTimer,
     CancelWorkflow,
@@ -100,6 +101,8 @@ class _Task:
 
 
 class _Driver:
+    """Steps the workflow's coroutines and feeds them history events; one per replay call."""
+
     def __init__(
         self,
         workflow_fn: Callable[..., Any],
@@ -113,14 +116,15 @@ class _Driver:
         self.ready: list[int] = []
         self.started = False
         self.ended = False
-        self.closed = False
 
     # ------------------------------------------------------------------------- scheduling
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> _Future:
-        if self.closed:
+        try:
+            self.ctx._check_open()
+        except BaseException:
             coro.close()
-            raise GeneratorExit
+            raise
         task = _Task(len(self.tasks), coro)
         self.tasks.append(task)
         heapq.heappush(self.ready, task.index)
@@ -163,6 +167,8 @@ class _Driver:
         except StopIteration as stop:
             self._finish(task, stop.value, None)
             return
+        except IllegalAwait:
+            raise  # a bug in the workflow code: fail the workflow task, not the workflow
         except Exception as exc:
             illegal = _illegal_call(self.info, exc)
             if illegal is not None:
@@ -195,7 +201,7 @@ class _Driver:
     # --------------------------------------------------------------------------- history
 
     def deliver(self, event: HistoryEvent) -> None:
-        if event.type == history.WORKFLOW_STARTED:
+        if event.type == h.WORKFLOW_STARTED:
             if self.started:
                 raise nondeterminism(
                     self.info, f"history has a second workflow_started at seq {event.sequence_num}"
@@ -208,12 +214,12 @@ class _Driver:
 
     def close(self) -> None:
         """Unwind every unfinished coroutine now, so none is finalised later by the GC."""
-        self.closed = True
-        self.ctx._close()
+        self.ctx._begin_close()
         for task in reversed(self.tasks):
             if not task.done:
                 task.done = True
                 _close_quietly(task.coro)
+        self.ctx._end_close()
 
 
 async def _main(workflow_fn: Callable[..., Any], ctx: WorkflowContext, input: Any) -> Any:
@@ -229,10 +235,10 @@ def _close_quietly(coro: Coroutine[Any, Any, Any]) -> None:
 def _terminal_command(value: Any, exc: Exception | None) -> Command:
     if exc is None:
         try:
-            history_value = _json_value(value)
+            exact = _json_value(value)
         except PayloadError as bad:
             return FailWorkflow(error=error_from_exception(bad))
-        return CompleteWorkflow(result=history_value)
+        return CompleteWorkflow(result=exact)
     if isinstance(exc, WorkflowCancelled):
         return CancelWorkflow()
     return FailWorkflow(error=error_from_exception(exc))
@@ -284,7 +290,7 @@ def error_from_exception(exc: BaseException) -> dict[str, Any]:
         final, so it is always non-retryable. ``type`` is the bare name for builtins and the
         qualified name otherwise.
     """
-    return history.error_info(
+    return h.error_info(
         _type_name(exc), str(exc), traceback=_format_traceback(exc), non_retryable=True
     )
 
@@ -382,18 +388,18 @@ def _illegal_call(info: WorkflowInfo, exc: Exception) -> IllegalAwait | None:
 # --------------------------------------------------------------------------------- batching
 
 
-def _split(history_events: Sequence[HistoryEvent], info: WorkflowInfo) -> list[_Batch]:
-    if not history_events:
+def _split(history: Sequence[HistoryEvent], info: WorkflowInfo) -> list[_Batch]:
+    if not history:
         raise nondeterminism(info, "the history is empty (it must start with workflow_started)")
-    for position, event in enumerate(history_events, start=1):
+    for position, event in enumerate(history, start=1):
         if event.sequence_num != position:
             raise nondeterminism(
                 info,
                 f"history event #{position} has sequence number {event.sequence_num}; "
                 "sequence numbers must run 1, 2, 3, … without gaps",
             )
-    first = history_events[0]
-    if first.type != history.WORKFLOW_STARTED:
+    first = history[0]
+    if first.type != h.WORKFLOW_STARTED:
         raise nondeterminism(info, f"history starts with {first.type} instead of workflow_started")
     for key, expected in (
         ("workflow_id", info.workflow_id),
@@ -407,11 +413,11 @@ def _split(history_events: Sequence[HistoryEvent], info: WorkflowInfo) -> list[_
             )
     batches: list[_Batch] = []
     inputs: list[HistoryEvent] = []
-    for event in history_events:
-        if event.type == history.MARKER_EVENT_TYPE:
+    for event in history:
+        if event.type == h.MARKER_EVENT_TYPE:
             batches.append(_Batch(inputs=inputs, marker=event, recorded=[]))
             inputs = []
-        elif event.type in history.COMMAND_EVENT_TYPES:
+        elif event.type in h.COMMAND_EVENT_TYPES:
             if not batches:
                 raise nondeterminism(
                     info,
@@ -419,7 +425,7 @@ def _split(history_events: Sequence[HistoryEvent], info: WorkflowInfo) -> list[_
                     "workflow task completed",
                 )
             batches[-1].recorded.append(event)
-        elif event.type in history.INPUT_EVENT_TYPES or event.type in history.IGNORED_EVENT_TYPES:
+        elif event.type in h.INPUT_EVENT_TYPES or event.type in h.IGNORED_EVENT_TYPES:
             inputs.append(event)
         else:
             raise nondeterminism(
@@ -437,7 +443,7 @@ def _marker_time(info: WorkflowInfo, marker: HistoryEvent) -> datetime:
         fallback = marker.time
         return fallback.replace(tzinfo=UTC) if fallback.tzinfo is None else fallback
     try:
-        return history.parse_time(raw)
+        return h.parse_time(raw)
     except InvalidArgument as exc:
         raise nondeterminism(
             info, f"the workflow_task_completed at seq {marker.sequence_num} has a bad time: {exc}"
@@ -448,32 +454,32 @@ def _matches(command: Command, event: HistoryEvent) -> bool:
     data = event.data
     if isinstance(command, ScheduleActivity):
         return (
-            event.type == history.ACTIVITY_SCHEDULED
+            event.type == h.ACTIVITY_SCHEDULED
             and data.get("activity_id") == command.activity_id
             and data.get("activity_type") == command.activity_type
         )
     if isinstance(command, StartTimer):
         seconds = data.get("seconds")
         return (
-            event.type == history.TIMER_STARTED
+            event.type == h.TIMER_STARTED
             and data.get("timer_id") == command.timer_id
             and isinstance(seconds, (int, float))
             and not isinstance(seconds, bool)
             and float(seconds) == float(command.seconds)
         )
     if isinstance(command, CancelTimer):
-        return event.type == history.TIMER_CANCELLED and data.get("timer_id") == command.timer_id
+        return event.type == h.TIMER_CANCELLED and data.get("timer_id") == command.timer_id
     if isinstance(command, StartChildWorkflow):
         return (
-            event.type == history.CHILD_WORKFLOW_STARTED
+            event.type == h.CHILD_WORKFLOW_STARTED
             and data.get("child_id") == command.child_id
             and data.get("workflow_type") == command.workflow_type
         )
     if isinstance(command, CompleteWorkflow):
-        return event.type == history.WORKFLOW_COMPLETED
+        return event.type == h.WORKFLOW_COMPLETED
     if isinstance(command, FailWorkflow):
-        return event.type == history.WORKFLOW_FAILED
-    return event.type == history.WORKFLOW_CANCELLED
+        return event.type == h.WORKFLOW_FAILED
+    return event.type == h.WORKFLOW_CANCELLED
 
 
 def _compare(driver: _Driver, batch: _Batch, issued: list[Command]) -> None:
@@ -513,7 +519,7 @@ def _compare(driver: _Driver, batch: _Batch, issued: list[Command]) -> None:
 
 def replay(
     workflow_fn: Callable[..., Any],
-    history_events: Sequence[HistoryEvent],
+    history: Sequence[HistoryEvent],
     *,
     info: WorkflowInfo,
     now: datetime,
@@ -530,7 +536,7 @@ def replay(
 
     Args:
         workflow_fn: the ``async def wf(ctx, input)`` to run.
-        history_events: the run's full history, sequence numbers 1, 2, 3, …
+        history: the run's full history, sequence numbers 1, 2, 3, …
         info: the run's identity (checked against ``workflow_started``).
         now: the claim time of the workflow task (timezone-aware).
         registry: where to look up default options of activities named by string.
@@ -553,7 +559,7 @@ def replay(
         raise InvalidArgument(f"now must be timezone-aware, got naive {now!r}")
     if not callable(workflow_fn):
         raise InvalidArgument(f"workflow_fn must be callable, got {type(workflow_fn).__name__}")
-    batches = _split(history_events, info)
+    batches = _split(history, info)
     driver = _Driver(workflow_fn, info, registry)
     result: list[Command] = []
     try:
@@ -574,6 +580,6 @@ def replay(
     return ReplayResult(
         commands=result,
         completed=driver.ended,
-        seen_sequence=history_events[-1].sequence_num,
+        seen_sequence=history[-1].sequence_num,
         cancel_requested=driver.ctx.cancel_requested,
     )

@@ -56,7 +56,7 @@ async def serve(
             closing = trio.Event()
             async with trio.open_nursery() as nursery:
                 await nursery.start(notifier.listen, url)
-                await nursery.start(run_duties, store, config)
+                await nursery.start(run_duties, engine)
                 await nursery.start(run_due_scanner, engine)
                 port = await nursery.start(
                     lambda task_status: serve_services(

@@ -79,6 +79,17 @@ def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -
     return value
 
 
+def _tls_file(env: Mapping[str, str], name: str, partner: str) -> str | None:
+    value = env.get(name) or None
+    if value is None:
+        if env.get(partner):
+            raise ConfigError(f"{partner} is set but {name} is not; TLS needs both")
+        return None
+    if not os.path.isfile(value):
+        raise ConfigError(f"{name}={value!r} is not a readable file")
+    return value
+
+
 @attrs.frozen
 class ServerConfig:
     """Everything the control plane reads from its environment.
@@ -97,6 +108,10 @@ class ServerConfig:
         retention_seconds: ended workflows older than this are deleted (0: keep forever).
         auth_token: when set, every RPC must carry it as a bearer token.
         pool_size: PostgreSQL connections the control plane may hold.
+        schedule_to_start_timeout: default limit on an activity's wait in the queue (None: off).
+        start_to_close_timeout: default limit on one attempt's run time (None: off).
+        retention_interval: how often the retention duty looks for expired runs.
+        tls_cert, tls_key: PEM files; when both are set, gRPC is served over TLS.
     """
 
     database_url: str | None = None
@@ -112,6 +127,11 @@ class ServerConfig:
     retention_seconds: float = 7 * 24 * 3600.0
     auth_token: str | None = None
     pool_size: int = 10
+    schedule_to_start_timeout: float | None = 60.0
+    start_to_close_timeout: float | None = 300.0
+    retention_interval: float = 300.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
     @property
     def grpc_address(self) -> str:
@@ -146,4 +166,10 @@ class ServerConfig:
             retention_seconds=_float(env, "EVERRUNS_RETENTION_DAYS", 7.0) * 86400.0,
             auth_token=env.get("EVERRUNS_AUTH_TOKEN") or None,
             pool_size=_int(env, "EVERRUNS_DB_POOL_SIZE", 10, minimum=2),
+            schedule_to_start_timeout=_float(env, "EVERRUNS_SCHEDULE_TO_START_TIMEOUT", 60.0)
+            or None,
+            start_to_close_timeout=_float(env, "EVERRUNS_START_TO_CLOSE_TIMEOUT", 300.0) or None,
+            retention_interval=_float(env, "EVERRUNS_RETENTION_INTERVAL", 300.0, minimum=1.0),
+            tls_cert=_tls_file(env, "EVERRUNS_TLS_CERT", "EVERRUNS_TLS_KEY"),
+            tls_key=_tls_file(env, "EVERRUNS_TLS_KEY", "EVERRUNS_TLS_CERT"),
         )

@@ -12,9 +12,7 @@ import logging
 
 import trio
 
-from everruns.server.config import ServerConfig
 from everruns.server.engine import Engine
-from everruns.store.store import Store
 
 __all__ = ["run_duties"]
 
@@ -22,42 +20,46 @@ log = logging.getLogger("everruns.server")
 
 # Advisory lock keys, one per singleton duty.
 RECLAIM_LOCK = 0x6576_0001
+RETENTION_LOCK = 0x6576_0002
 
 
-async def reclaim_once(store: Store, config: ServerConfig) -> int:
+async def reclaim_once(engine: Engine) -> int:
     """One round: release stale tasks, mark silent workers lost, apply operator requeues.
 
     Returns:
         How many tasks were released or revived.
     """
+    store = engine.store
     async with store.transaction() as conn:
         if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", RECLAIM_LOCK):
             return 0
-        released = await store.reclaim_stale(conn, stale_after=config.stale_after)
+        released = await engine.reclaim_stale(conn)
         revived = await store.apply_operator_requeues(conn)
-    for outcome in released:
-        task = outcome.task
-        verdict = "dead-lettered" if outcome.dead_letter else "released"
-        log.warning("stale task %s (%s) %s", task.task_id, task.type_name, verdict)
     for task in revived:
         log.info("dead letter requeued by operator: task %s (%s)", task.task_id, task.type_name)
-    lost = await store.mark_lost_workers(missed_after=config.worker_lost_after)
-    for worker_id in lost:
-        log.warning("worker %s lost (no heartbeat for %.0f s)", worker_id, config.worker_lost_after)
-    return len(released) + len(revived)
+    missed = engine.config.worker_lost_after
+    for worker_id in await store.mark_lost_workers(missed_after=missed):
+        log.warning("worker %s lost (no heartbeat for %.0f s)", worker_id, missed)
+    return released + len(revived)
 
 
 async def run_duties(
-    store: Store,
-    config: ServerConfig,
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    engine: Engine, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Run the periodic duties until cancelled."""
+    """Run the periodic duties until cancelled: reclamation every ``reclaim_interval``,
+    retention every ``retention_interval`` (each round under its advisory lock)."""
     task_status.started()
+    next_retention = trio.current_time()
     while True:
-        await reclaim_once(store, config)
-        await trio.sleep(config.reclaim_interval)
+        await reclaim_once(engine)
+        if trio.current_time() >= next_retention:
+            async with engine.store.transaction() as conn:
+                mine = await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", RETENTION_LOCK)
+            if mine:
+                await engine.delete_expired()
+            next_retention = trio.current_time() + engine.config.retention_interval
+        until_retention = next_retention - trio.current_time()
+        await trio.sleep(max(0.0, min(engine.config.reclaim_interval, until_retention)))
 
 
 async def run_due_scanner(
@@ -71,7 +73,20 @@ async def run_due_scanner(
     task_status.started()
     while True:
         await engine.fire_due_timers()
+        await engine.enforce_timeouts()
+        async with engine.store.transaction() as conn:
+            await engine.store.apply_operator_requeues(conn)
         engine.notifier.poke_tasks()
-        wait = await engine.store.seconds_until_due()
+        waits = [
+            w
+            for w in (
+                await engine.store.seconds_until_due(),
+                await engine.store.seconds_until_timeout(),
+            )
+            if w is not None
+        ]
+        # Deadlines added by another control plane reach us by NOTIFY only for timers and
+        # retries, so look at least once per reclaim interval.
+        wait = min([*waits, engine.config.reclaim_interval])
         # Past-due timers another control plane is firing right now: look again shortly.
-        await engine.notifier.wait_due(None if wait is None else max(wait, 0.02))
+        await engine.notifier.wait_due(max(wait, 0.02))

@@ -33,6 +33,7 @@ from everruns.domain.commands import (
     StartTimer,
     command_from_dict,
 )
+from everruns.domain.lease import timeout_kind
 from everruns.domain.payload import decode, encode_text
 from everruns.domain.retry import RetryPolicy
 from everruns.errors import (
@@ -274,9 +275,10 @@ class Engine:
         limit: int,
     ) -> list[ClaimedTask]:
         blocked: list[str] = []
+        probes: dict[str, int] = {}
         if activity_types:
             async with self.store.transaction() as conn:
-                blocked, _probes = await self.store.admit_breakers(conn, self.breakers)
+                blocked, probes = await self.store.admit_breakers(conn, self.breakers)
         tasks = await self.store.claim_tasks(
             worker_id,
             workflow_types=workflow_types,
@@ -284,6 +286,10 @@ class Engine:
             limit=limit,
             blocked_keys=blocked,
         )
+        if probes:
+            tasks = await self._admit_probes(tasks, probes)
+        if any(t.kind == "activity" for t in tasks):
+            self.notifier.poke_due()  # new start-to-close/heartbeat deadlines to watch
         claimed = []
         for task in tasks:
             assert task.claimed_at is not None
@@ -299,6 +305,20 @@ class Engine:
                 events = await self.store.load_events(run.run_id, conn=conn)
             claimed.append(ClaimedTask(task, run.workflow_type, events, task.claimed_at))
         return claimed
+
+    async def _admit_probes(self, tasks: list[Task], probes: dict[str, int]) -> list[Task]:
+        """Let through only as many tasks of a half-open breaker as it has probe slots; the
+        others go back to the queue uncharged."""
+        kept = []
+        async with self.store.transaction() as conn:
+            for task in tasks:
+                key = task.effective_breaker_key
+                unlimited = task.kind != "activity" or key not in probes
+                if unlimited or await self.store.admit_probe(conn, key, self.breakers):
+                    kept.append(task)
+                else:
+                    await self.store.unclaim(conn, task)
+        return kept
 
     # ------------------------------------------------------------------ workflow tasks
 
@@ -340,6 +360,8 @@ class Engine:
             await self.store.append_events(conn, run, events)
             await self.store.close_workflow_task(conn, task_id)
             await self.store.mark_run_signals_processed(conn, run.run_id)
+        if any(isinstance(c, ScheduleActivity) for c in commands):
+            self.notifier.poke_due()  # new schedule-to-start deadlines to watch
         return True, False
 
     async def _apply(self, conn: Connection, run: WorkflowRun, command: Command) -> list[NewEvent]:
@@ -357,8 +379,10 @@ class Engine:
                     input=input_text,
                     retry=retry,
                     priority=options.priority,
-                    schedule_to_start_s=options.schedule_to_start_timeout,
-                    start_to_close_s=options.start_to_close_timeout,
+                    schedule_to_start_s=options.schedule_to_start_timeout
+                    or self.config.schedule_to_start_timeout,
+                    start_to_close_s=options.start_to_close_timeout
+                    or self.config.start_to_close_timeout,
                     heartbeat_timeout_s=options.heartbeat_timeout,
                     breaker_key=options.breaker_key,
                 ),
@@ -488,7 +512,9 @@ class Engine:
             task = await self.store.complete_task(conn, task_id, lease_token, result)
             await self._breaker_success(conn, task)
             run = await self.store.lock_run(conn, task.run_id)
-            if not run.is_open:
+            if not run.is_open or task.requeue_count:
+                # A requeued dead letter: its workflow was told of the failure already and has
+                # moved on; the outcome is kept on the task row for the operator.
                 return
             assert task.activity_id is not None
             events = [
@@ -550,7 +576,7 @@ class Engine:
         self, conn: Connection, task: Task, events: list[dict[str, Any]], *, wake: bool
     ) -> None:
         run = await self.store.lock_run(conn, task.run_id)
-        if not run.is_open:
+        if not run.is_open or task.requeue_count:
             return
         await self.store.append_events(conn, run, [NewEvent.of(e) for e in events])
         if wake:
@@ -595,6 +621,81 @@ class Engine:
         if tasks:
             log.warning("released %d task(s) of worker %s: %s", len(tasks), worker_id, reason)
         return len(tasks)
+
+    async def reclaim_stale(self, conn: Connection) -> int:
+        """Release tasks whose holder stopped heartbeating (the operator guide's 30 s rule)."""
+        outcomes = await self.store.reclaim_stale(conn, stale_after=self.config.stale_after)
+        for outcome in outcomes:
+            task = outcome.task
+            if task.kind == "activity" and task.activity_id is not None:
+                await self.store.release_probe(conn, task.effective_breaker_key)
+                event = ev.activity_timed_out(
+                    task.activity_id, "heartbeat", task.attempt, outcome.will_retry
+                )
+                await self._record(conn, task, [event], wake=not outcome.will_retry)
+            verdict = "dead-lettered" if outcome.dead_letter else "released"
+            log.warning("stale task %s (%s) %s", task.task_id, task.type_name, verdict)
+        return len(outcomes)
+
+    async def enforce_timeouts(self) -> int:
+        """Fail the attempts whose schedule-to-start, start-to-close or heartbeat timeout has
+        expired; each is an ``activity_timed_out`` event and counts as a failed attempt.
+        Holders of timed-out claims are told to stop."""
+        async with self.store.transaction() as conn:
+            now = await self.store.now(conn)
+            tasks = await self.store.timed_out_tasks(conn)
+            for task in tasks:
+                assert task.activity_id is not None
+                kind = timeout_kind(
+                    task.visible_at,
+                    task.claimed_at,
+                    task.heartbeat_at,
+                    now,
+                    schedule_to_start=task.schedule_to_start_s,
+                    start_to_close=task.start_to_close_s,
+                    heartbeat_timeout=task.heartbeat_timeout_s,
+                ) or ("schedule_to_start" if task.status == "pending" else "start_to_close")
+                if task.status == "claimed":
+                    await self.store.request_task_cancel(conn, task)
+                error = {
+                    "type": "ActivityTimeout",
+                    "message": f"{kind.replace('_', '-')} timeout expired",
+                    "timeout_kind": kind,
+                    "non_retryable": False,
+                }
+                outcome = await self.store.time_out(conn, task, kind, error)
+                if kind != "schedule_to_start":
+                    await self._breaker_failure(conn, task)
+                event = ev.activity_timed_out(
+                    task.activity_id, kind, outcome.task.attempt, outcome.will_retry
+                )
+                await self._record(conn, task, [event], wake=not outcome.will_retry)
+                log.warning(
+                    "activity %s of workflow %s: %s timeout (attempt %d%s)",
+                    task.type_name,
+                    task.workflow_id,
+                    kind,
+                    outcome.task.attempt,
+                    ", will retry" if outcome.will_retry else ", dead-lettered",
+                )
+        return len(tasks)
+
+    async def delete_expired(self) -> int:
+        """Delete ended runs older than the retention period, in bounded batches."""
+        if self.config.retention_seconds <= 0:
+            return 0
+        deleted = 0
+        while True:
+            async with self.store.transaction() as conn:
+                batch = await self.store.delete_expired_runs(
+                    conn, older_than=self.config.retention_seconds, limit=500
+                )
+            deleted += batch
+            if batch < 500:
+                break
+        if deleted:
+            log.info("retention: deleted %d ended workflow runs", deleted)
+        return deleted
 
     # ------------------------------------------------------------------ timers
 

@@ -140,8 +140,11 @@ class WorkerService:
     ) -> pb.WorkerHeartbeatResponse:
         check_name(request.worker_id, "worker_id")
         status = request.status or "active"
+        if status == "stopped":  # a clean exit: the worker says goodbye
+            await self.store.stop_worker(request.worker_id)
+            return pb.WorkerHeartbeatResponse(ok=True, known=True)
         if status not in ("active", "draining"):
-            raise InvalidArgument(f"status must be active or draining, got {status!r}")
+            raise InvalidArgument(f"status must be active, draining or stopped, got {status!r}")
         record = await self.store.worker_heartbeat(
             request.worker_id, current_load=max(0, request.current_load), status=status
         )
@@ -250,6 +253,7 @@ class WorkerService:
                     await self.engine.release_worker(
                         worker_id, f"connection of worker {worker_id} dropped"
                     )
+                    await self.store.stop_worker(worker_id, lost=True)
 
 
 class WorkflowService:

@@ -125,6 +125,7 @@ class Task:
     cancel_requested_at: datetime | None
     created_at: datetime
     completed_at: datetime | None
+    requeue_count: int = 0
 
     @property
     def effective_breaker_key(self) -> str:
@@ -161,6 +162,7 @@ class Task:
             cancel_requested_at=row["cancel_requested_at"],
             created_at=row["created_at"],
             completed_at=row["completed_at"],
+            requeue_count=row["requeue_count"],
         )
 
 

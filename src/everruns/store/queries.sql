@@ -218,7 +218,7 @@ RETURNING d.*;
 -- Put a dead task back in the queue with fresh attempts.
 UPDATE durable_task_queue
 SET status = 'pending', attempt = 0, claimed_by = NULL, claimed_at = NULL, heartbeat_at = NULL,
-    visible_at = now(), completed_at = NULL, updated_at = now()
+    visible_at = now(), completed_at = NULL, requeue_count = requeue_count + 1, updated_at = now()
 WHERE id = $1 AND status = 'dead'
 RETURNING *;
 
@@ -411,3 +411,55 @@ SELECT EXISTS (
 -- name: lock_unclosed_breaker
 -- Lock one breaker row if it is open or half-open.
 SELECT * FROM durable_circuit_breaker_state WHERE key = $1 AND state <> 'closed' FOR UPDATE;
+
+-- name: find_timed_out_tasks
+-- Activity tasks past a server-enforced timeout (schedule-to-start, start-to-close, heartbeat).
+SELECT * FROM durable_task_queue
+WHERE kind = 'activity' AND (
+       (status = 'pending' AND schedule_to_start_s IS NOT NULL
+        AND visible_at + make_interval(secs => schedule_to_start_s) < now())
+    OR (status = 'claimed' AND start_to_close_s IS NOT NULL
+        AND claimed_at + make_interval(secs => start_to_close_s) < now())
+    OR (status = 'claimed' AND heartbeat_timeout_s IS NOT NULL
+        AND heartbeat_at + make_interval(secs => heartbeat_timeout_s) < now()))
+LIMIT $1
+FOR UPDATE SKIP LOCKED;
+
+-- name: next_timeout
+-- Seconds until the next server-enforced activity timeout (NULL: none pending).
+SELECT extract(epoch FROM least(
+    (SELECT min(visible_at + make_interval(secs => schedule_to_start_s)) FROM durable_task_queue
+     WHERE status = 'pending' AND kind = 'activity' AND schedule_to_start_s IS NOT NULL),
+    (SELECT min(least(claimed_at + make_interval(secs => start_to_close_s),
+                      heartbeat_at + make_interval(secs => heartbeat_timeout_s)))
+     FROM durable_task_queue WHERE status = 'claimed' AND kind = 'activity')
+) - now())::float8;
+
+-- name: charge_attempt
+-- Count an attempt that never started (a schedule-to-start timeout).
+UPDATE durable_task_queue SET attempt = least(attempt + 1, max_attempts)
+WHERE id = $1
+RETURNING *;
+
+-- name: delete_expired_runs
+-- Delete up to $2 ended runs older than $1 seconds (events, tasks, signals, timers and dead
+-- letters go with them by cascade).
+DELETE FROM durable_workflow_instances
+WHERE id IN (SELECT id FROM durable_workflow_instances
+             WHERE completed_at IS NOT NULL AND completed_at < now() - make_interval(secs => $1)
+             ORDER BY completed_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+RETURNING id;
+
+-- name: release_probe
+-- A half-open breaker's probe ended without a verdict: free its slot.
+UPDATE durable_circuit_breaker_state
+SET probes_in_flight = greatest(probes_in_flight - 1, 0), updated_at = now()
+WHERE key = $1 AND state = 'half_open';
+
+-- name: unclaim_task
+-- Undo a claim that must not stand (a half-open breaker had no probe slot left): the task goes
+-- back as it was, and its attempt is not charged.
+UPDATE durable_task_queue
+SET status = 'pending', attempt = attempt - 1, claimed_by = NULL, claimed_at = NULL,
+    heartbeat_at = NULL, updated_at = now()
+WHERE id = $1 AND lease_token = $2 AND status = 'claimed';

@@ -630,6 +630,32 @@ class Store:
         value = await self.pool.fetchval(Q["next_due"])
         return None if value is None else float(value)
 
+    async def timed_out_tasks(self, conn: Connection, *, limit: int = 500) -> list[Task]:
+        """Lock activity tasks past a server-enforced timeout."""
+        return [Task.from_row(r) for r in await conn.fetch(Q["find_timed_out_tasks"], limit)]
+
+    async def time_out(
+        self, conn: Connection, task: Task, kind: str, error: dict[str, Any]
+    ) -> FailOutcome:
+        """Fail the current attempt of a locked task because a timeout of ``kind`` expired.
+
+        A schedule-to-start timeout charges the attempt the task never got to make.
+        """
+        if task.status == "pending":
+            row = await conn.fetchrow(Q["charge_attempt"], task.task_id)
+            assert row is not None
+            task = Task.from_row(row)
+        return await self._fail_locked(conn, task, error, non_retryable=False)
+
+    async def seconds_until_timeout(self) -> float | None:
+        """Seconds until the next activity timeout could expire (None: nothing to watch)."""
+        value = await self.pool.fetchval(Q["next_timeout"])
+        return None if value is None else float(value)
+
+    async def delete_expired_runs(self, conn: Connection, *, older_than: float, limit: int) -> int:
+        """Delete up to ``limit`` runs that ended more than ``older_than`` seconds ago."""
+        return len(await conn.fetch(Q["delete_expired_runs"], older_than, limit))
+
     # ---------------------------------------------------------------- dead letters
 
     async def list_dead_letters(
@@ -814,6 +840,25 @@ class Store:
             return
         now = await self.now(conn)
         await self._save_breaker(conn, breaker_math.on_success(_breaker_from_row(row), config, now))
+
+    async def release_probe(self, conn: Connection, key: str) -> None:
+        """Free a half-open breaker's probe slot (the probe ended without a verdict)."""
+        await conn.execute(Q["release_probe"], key)
+
+    async def admit_probe(
+        self, conn: Connection, key: str, config: breaker_math.BreakerConfig
+    ) -> bool:
+        """Count one more probe of a half-open breaker if it has a slot (atomic)."""
+        state = await self._locked_breaker(conn, key)
+        admitted, new = breaker_math.admit(state, config, await self.now(conn))
+        if new != state:
+            await self._save_breaker(conn, new)
+        return admitted
+
+    async def unclaim(self, conn: Connection, task: Task) -> None:
+        """Return a just-claimed task to the queue without charging its attempt."""
+        await conn.execute(Q["unclaim_task"], task.task_id, task.lease_token)
+        await self.notify(conn, CHANNEL_TASKS, f"{task.kind}:{task.type_name}")
 
     async def get_breaker(self, key: str) -> breaker_math.BreakerState:
         """A breaker's state (closed if it has never seen a failure)."""

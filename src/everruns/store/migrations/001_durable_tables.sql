@@ -76,6 +76,7 @@ CREATE TABLE durable_task_queue (
     error_history         json NOT NULL DEFAULT '[]',
     breaker_key           text,
     cancel_requested_at   timestamptz,
+    requeue_count         integer NOT NULL DEFAULT 0 CHECK (requeue_count >= 0),
     partition_key         text NOT NULL,
     created_at            timestamptz NOT NULL DEFAULT now(),
     updated_at            timestamptz NOT NULL DEFAULT now(),
@@ -124,6 +125,17 @@ CREATE INDEX durable_dead_letter_queue_dead_at ON durable_dead_letter_queue (dea
 -- requeues written by the runbook's UPDATE and not yet applied
 CREATE INDEX durable_dead_letter_queue_requeue
     ON durable_dead_letter_queue (requeued_at) WHERE requeued_at IS NOT NULL AND requeue_applied_at IS NULL;
+
+-- An operator's runbook UPDATE (SET requeued_at = NOW()) wakes the control plane at once.
+CREATE FUNCTION durable_dead_letter_requeued() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('everruns_timers', 'requeue');
+    RETURN NULL;
+END $$;
+CREATE TRIGGER durable_dead_letter_requeued
+    AFTER UPDATE OF requeued_at ON durable_dead_letter_queue
+    FOR EACH ROW WHEN (NEW.requeued_at IS NOT NULL AND NEW.requeue_applied_at IS NULL)
+    EXECUTE FUNCTION durable_dead_letter_requeued();
 
 CREATE TABLE durable_workers (
     id                 text PRIMARY KEY CHECK (length(id) BETWEEN 1 AND 256),

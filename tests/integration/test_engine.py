@@ -1,0 +1,585 @@
+"""The control plane in-process, driven over real gRPC by a scripted worker: what each RPC does
+to the durable state — timeouts, dead letters, breakers, supersession, stuck runs, retention,
+auth and bad input."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+from everruns._aio import pg
+from everruns._aio.grpc import RpcChannel, open_channel
+from everruns._proto.everruns import v1 as pb
+from everruns.domain.context import WorkflowInfo
+from everruns.domain.history import HistoryEvent
+from everruns.domain.replay import replay
+from everruns.domain.retry import RetryPolicy
+from everruns.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    RpcError,
+)
+from everruns.server import ServerConfig, serve
+
+pytestmark = pytest.mark.db
+
+
+@attrs.define
+class Plane:
+    channel: RpcChannel
+    workflows: pb.WorkflowServiceStub
+    workers: pb.WorkerServiceStub
+    port: int
+
+    async def start(self, wtype: str, input: Any = None, wid: str | None = None) -> str:
+        reply = await self.channel.unary(
+            self.workflows.start_workflow,
+            pb.StartWorkflowRequest(
+                workflow_type=wtype, input=json.dumps(input).encode(), workflow_id=wid or ""
+            ),
+        )
+        return reply.workflow_id
+
+    async def poll(
+        self, *, wf: list[str] = (), act: list[str] = (), wait: float = 5
+    ) -> list[pb.Task]:  # type: ignore[assignment]
+        reply = await self.channel.unary(
+            self.workers.poll_tasks,
+            pb.PollTasksRequest(
+                worker_id="w1",
+                max_tasks=10,
+                workflow_types=list(wf),
+                activity_types=list(act),
+                wait_s=wait,
+            ),
+        )
+        return list(reply.tasks)
+
+    async def run_workflow_task(
+        self, task: pb.Task, fn: Callable[..., Any]
+    ) -> pb.CompleteWorkflowTaskResponse:
+        history = [
+            HistoryEvent(
+                sequence_num=e.sequence_num,
+                type=e.type,
+                data=json.loads(e.data),
+                time=datetime.fromtimestamp(e.time, UTC),
+            )
+            for e in task.history
+        ]
+        result = replay(
+            fn,
+            history,
+            info=WorkflowInfo(task.workflow_id, task.run_id, task.workflow_type),
+            now=datetime.fromtimestamp(task.claimed_at, UTC),
+        )
+        return await self.channel.unary(
+            self.workers.complete_workflow_task,
+            pb.CompleteWorkflowTaskRequest(
+                task_id=task.task_id,
+                lease_token=task.lease_token,
+                worker_id="w1",
+                seen_sequence=result.seen_sequence,
+                commands=json.dumps([c.to_dict() for c in result.commands]).encode(),
+                claim_time=task.claimed_at,
+            ),
+        )
+
+    async def drive(self, fn: Callable[..., Any], wtype: str, *, steps: int = 1) -> None:
+        for _ in range(steps):
+            (task,) = await self.poll(wf=[wtype])
+            await self.run_workflow_task(task, fn)
+
+    async def describe(self, wid: str) -> pb.WorkflowDescription:
+        reply = await self.channel.unary(
+            self.workflows.describe_workflow, pb.DescribeWorkflowRequest(workflow_id=wid)
+        )
+        return reply.workflow
+
+    async def history_types(self, wid: str) -> list[str]:
+        reply = await self.channel.unary(
+            self.workflows.get_history, pb.GetHistoryRequest(workflow_id=wid)
+        )
+        return [e.type for e in reply.events]
+
+    async def complete(self, task: pb.Task, result: Any) -> None:
+        await self.channel.unary(
+            self.workers.complete_activity_task,
+            pb.CompleteActivityTaskRequest(
+                task_id=task.task_id,
+                lease_token=task.lease_token,
+                worker_id="w1",
+                result=json.dumps(result).encode(),
+            ),
+        )
+
+    async def fail(
+        self, task: pb.Task, message: str = "boom", **kw: Any
+    ) -> pb.FailActivityTaskResponse:
+        return await self.channel.unary(
+            self.workers.fail_activity_task,
+            pb.FailActivityTaskRequest(
+                task_id=task.task_id,
+                lease_token=task.lease_token,
+                worker_id="w1",
+                error=json.dumps({"type": "IOError", "message": message}).encode(),
+                **kw,
+            ),
+        )
+
+
+@asynccontextmanager
+async def plane(database_url: str, **overrides: Any) -> AsyncIterator[Plane]:
+    config = ServerConfig(database_url=database_url, grpc_port=0, **overrides)
+    token = overrides.get("auth_token")
+    async with trio.open_nursery() as nursery:
+        info = await nursery.start(serve, config)
+        async with open_channel("127.0.0.1", info.port, auth_token=token) as channel:
+            yield Plane(
+                channel,
+                pb.WorkflowServiceStub(channel.raw),
+                pb.WorkerServiceStub(channel.raw),
+                info.port,
+            )
+        nursery.cancel_scope.cancel()
+
+
+async def one_activity(ctx: Any, input: Any) -> Any:
+    return await ctx.execute_activity(
+        "flaky",
+        input,
+        retry=RetryPolicy(max_attempts=2, initial_interval=0.05),
+        start_to_close_timeout=0.3,
+    )
+
+
+async def caught_failure(ctx: Any, input: Any) -> Any:
+    try:
+        return await ctx.execute_activity("flaky", input, retry=RetryPolicy(max_attempts=1))
+    except Exception as exc:  # the workflow sees the activity's failure
+        return {"caught": type(exc).__name__, "message": str(exc)}
+
+
+async def test_start_to_close_timeout_is_enforced_and_counts_as_an_attempt(
+    database_url: str,
+) -> None:
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            wid = await p.start("one", 1)
+            await p.drive(one_activity, "one")
+            (first,) = await p.poll(act=["flaky"])
+            # Never answer: the server times the attempt out after 0.3 s and retries it.
+            (second,) = await p.poll(act=["flaky"], wait=5)
+            assert second.attempt == 2 and second.lease_token != first.lease_token
+            with pytest.raises(FailedPrecondition, match=r"stale|no longer valid|held by"):
+                await p.complete(first, "late")  # the timed-out holder can never commit
+            await p.complete(second, "ok")
+            await p.drive(one_activity, "one")
+            assert (await p.describe(wid)).status == "completed"
+            types = await p.history_types(wid)
+            assert "activity_timed_out" in types
+
+
+async def test_dead_letter_tells_the_workflow_and_runbook_requeue_is_noticed(
+    database_url: str, pool: pg.Pool
+) -> None:
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            wid = await p.start("caught", {"n": 1})
+            await p.drive(caught_failure, "caught")
+            (task,) = await p.poll(act=["flaky"])
+            reply = await p.fail(task, "disk full")
+            assert not reply.will_retry
+            letters = await p.channel.unary(
+                p.workflows.list_dead_letters, pb.ListDeadLettersRequest()
+            )
+            (letter,) = letters.dead_letters
+            assert json.loads(letter.input) == {"n": 1} and letter.attempts == 1
+            await p.drive(caught_failure, "caught")
+            final = await p.describe(wid)
+            assert final.status == "completed"
+            assert json.loads(final.result)["caught"] == "ActivityError"
+            assert "disk full" in json.loads(final.result)["message"]
+            # The operator guide's own statement: the control plane picks it up at once.
+            await pool.execute(
+                f"UPDATE durable_dead_letter_queue SET requeued_at = NOW() WHERE id = '{letter.id}';"
+            )
+            (again,) = await p.poll(act=["flaky"], wait=5)
+            assert again.task_id == task.task_id and again.attempt == 1
+
+
+async def test_requeue_by_rpc(database_url: str) -> None:
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            await p.start("caught", 2)
+            await p.drive(caught_failure, "caught")
+            (task,) = await p.poll(act=["flaky"])
+            await p.fail(task, non_retryable=True)
+            (letter,) = (
+                await p.channel.unary(p.workflows.list_dead_letters, pb.ListDeadLettersRequest())
+            ).dead_letters
+            reply = await p.channel.unary(
+                p.workflows.requeue_dead_letter, pb.RequeueDeadLetterRequest(id=letter.id)
+            )
+            assert reply.task_id == task.task_id
+            with pytest.raises(FailedPrecondition, match="already requeued"):
+                await p.channel.unary(
+                    p.workflows.requeue_dead_letter, pb.RequeueDeadLetterRequest(id=letter.id)
+                )
+            (again,) = await p.poll(act=["flaky"])
+            assert again.task_id == task.task_id
+
+
+async def test_breaker_opens_after_five_failures_and_holds_tasks_without_charging(
+    database_url: str, pool: pg.Pool
+) -> None:
+    async def many(ctx: Any, input: Any) -> Any:
+        handles = [
+            ctx.start_activity("dep", i, retry=RetryPolicy(max_attempts=5, initial_interval=0.01))
+            for i in range(8)
+        ]
+        return await ctx.gather(*handles)
+
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            await p.start("many")
+            await p.drive(many, "many")
+            tasks = await p.poll(act=["dep"])
+            for task in tasks[:5]:
+                assert (await p.fail(task)).will_retry
+            breakers = await p.channel.unary(
+                p.workflows.list_circuit_breakers, pb.ListCircuitBreakersRequest()
+            )
+            assert [(b.key, b.state) for b in breakers.breakers] == [("dep", "open")]
+            await trio.sleep(0.1)  # the retried ones are visible again, but the breaker is open
+            assert await p.poll(act=["dep"], wait=0.3) == []
+            attempts = await pool.fetch(
+                "SELECT attempt FROM durable_task_queue WHERE kind = 'activity' AND status = 'pending'"
+            )
+            assert sorted(r["attempt"] for r in attempts) == [1, 1, 1, 1, 1]
+            await p.channel.unary(
+                p.workflows.reset_circuit_breaker, pb.ResetCircuitBreakerRequest(key="dep")
+            )
+            assert len(await p.poll(act=["dep"], wait=1)) == 5
+
+
+async def test_half_open_breaker_admits_one_probe(database_url: str, pool: pg.Pool) -> None:
+    async def many(ctx: Any, input: Any) -> Any:
+        return await ctx.gather(*[ctx.start_activity("dep", i) for i in range(3)])
+
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            await p.start("many")
+            await p.drive(many, "many")
+            await pool.execute(
+                "INSERT INTO durable_circuit_breaker_state (key, state, failure_count, opened_at) "
+                "VALUES ('dep', 'open', 5, now() - interval '31 seconds')"
+            )
+            probes = await p.poll(act=["dep"], wait=1)
+            assert len(probes) == 1
+            assert await p.poll(act=["dep"], wait=0.2) == []
+            state = await pool.fetchrow("SELECT * FROM durable_circuit_breaker_state")
+            assert state is not None and state["state"] == "half_open"
+            assert state["probes_in_flight"] == 1
+
+
+async def test_superseded_workflow_task_is_replayed_not_lost(database_url: str) -> None:
+    async def waiter(ctx: Any, input: Any) -> Any:
+        return await ctx.wait_signal("go")
+
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            wid = await p.start("waiter")
+            (task,) = await p.poll(wf=["waiter"])
+            # A signal arrives while the workflow task is out.
+            await p.channel.unary(
+                p.workflows.signal_workflow,
+                pb.SignalWorkflowRequest(workflow_id=wid, name="go", payload=b'"yes"'),
+            )
+            reply = await p.run_workflow_task(task, waiter)
+            assert reply.superseded and not reply.accepted
+            await p.drive(waiter, "waiter")
+            final = await p.describe(wid)
+            assert final.status == "completed" and json.loads(final.result) == "yes"
+
+
+async def test_non_determinism_marks_the_run_stuck(database_url: str) -> None:
+    async def v1(ctx: Any, input: Any) -> Any:
+        return await ctx.execute_activity("a", 1)
+
+    async def v2(ctx: Any, input: Any) -> Any:
+        return await ctx.execute_activity("b", 1)
+
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            wid = await p.start("nd")
+            await p.drive(v1, "nd")
+            (act,) = await p.poll(act=["a"])
+            await p.complete(act, 1)
+            (task,) = await p.poll(wf=["nd"])
+            with pytest.raises(Exception) as info:
+                await p.run_workflow_task(task, v2)
+            await p.channel.unary(
+                p.workers.fail_workflow_task,
+                pb.FailWorkflowTaskRequest(
+                    task_id=task.task_id,
+                    lease_token=task.lease_token,
+                    worker_id="w1",
+                    error=json.dumps(
+                        {"type": "NonDeterminismError", "message": str(info.value)}
+                    ).encode(),
+                    non_determinism=True,
+                ),
+            )
+            described = await p.describe(wid)
+            assert described.status == "running"
+            assert "non-determinism" in described.stuck_reason
+            assert await p.poll(wf=["nd"], wait=0.3) == []  # not retried in a loop
+
+
+async def test_signal_or_cancel_of_an_ended_run_is_refused_with_its_status(
+    database_url: str,
+) -> None:
+    async def quick(ctx: Any, input: Any) -> Any:
+        return input
+
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            wid = await p.start("quick", [1, None, 2.5])
+            await p.drive(quick, "quick")
+            with pytest.raises(FailedPrecondition, match="already ended completed"):
+                await p.channel.unary(
+                    p.workflows.signal_workflow,
+                    pb.SignalWorkflowRequest(workflow_id=wid, name="x"),
+                )
+            with pytest.raises(FailedPrecondition, match="already ended completed"):
+                await p.channel.unary(
+                    p.workflows.cancel_workflow, pb.CancelWorkflowRequest(workflow_id=wid)
+                )
+            with pytest.raises(NotFound):
+                await p.channel.unary(
+                    p.workflows.cancel_workflow, pb.CancelWorkflowRequest(workflow_id="nope")
+                )
+            assert json.loads((await p.describe(wid)).result) == [1, None, 2.5]
+
+
+async def test_cancel_pushes_to_the_holder_and_cancels_pending(database_url: str) -> None:
+    async def two(ctx: Any, input: Any) -> Any:
+        return await ctx.gather(ctx.start_activity("slow", 1), ctx.start_activity("slow", 2))
+
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            await p.channel.unary(
+                p.workers.register_worker,
+                pb.RegisterWorkerRequest(
+                    worker_id="w1", activity_types=["slow"], max_concurrency=1
+                ),
+            )
+            wid = await p.start("two")
+            await p.drive(two, "two")
+            received: list[pb.Cancellation] = []
+            got_one = trio.Event()
+            async with trio.open_nursery() as nursery:
+
+                async def listen() -> None:
+                    async for c in p.channel.stream(
+                        p.workers.stream_cancellations,
+                        pb.StreamCancellationsRequest(worker_id="w1"),
+                    ):
+                        if not c.keepalive:
+                            received.append(c)
+                            got_one.set()
+
+                nursery.start_soon(listen)
+                await trio.sleep(0.2)
+                reply = await p.channel.unary(
+                    p.workers.poll_tasks,
+                    pb.PollTasksRequest(
+                        worker_id="w1", max_tasks=1, activity_types=["slow"], wait_s=1
+                    ),
+                )
+                (held,) = reply.tasks
+                started = trio.current_time()
+                await p.channel.unary(
+                    p.workflows.cancel_workflow, pb.CancelWorkflowRequest(workflow_id=wid)
+                )
+                await got_one.wait()
+                assert trio.current_time() - started < 1.0
+                assert received[0].task_id == held.task_id
+                await p.fail(held, cancelled=True)  # report while still connected
+                nursery.cancel_scope.cancel()
+            types = await p.history_types(wid)
+            assert "workflow_cancel_requested" in types
+            assert types.count("activity_cancelled") == 2  # the pending one and the held one
+
+
+async def test_dropped_worker_connection_releases_its_tasks_at_once(database_url: str) -> None:
+    async def single(ctx: Any, input: Any) -> Any:
+        return await ctx.execute_activity("job", 1)
+
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            await p.start("single")
+            await p.drive(single, "single")
+            async with open_channel("127.0.0.1", p.port) as other:
+                stub = pb.WorkerServiceStub(other.raw)
+                await other.unary(
+                    stub.register_worker,
+                    pb.RegisterWorkerRequest(
+                        worker_id="doomed", activity_types=["job"], max_concurrency=1
+                    ),
+                )
+                async with trio.open_nursery() as nursery:
+
+                    async def hold_stream() -> None:
+                        async for _ in other.stream(
+                            stub.stream_cancellations,
+                            pb.StreamCancellationsRequest(worker_id="doomed"),
+                        ):
+                            pass
+
+                    nursery.start_soon(hold_stream)
+                    reply = await other.unary(
+                        stub.poll_tasks,
+                        pb.PollTasksRequest(
+                            worker_id="doomed", max_tasks=1, activity_types=["job"], wait_s=2
+                        ),
+                    )
+                    assert len(reply.tasks) == 1
+                    nursery.cancel_scope.cancel()
+            # The channel is closed: the control plane sees the stream drop and releases the task.
+            t0 = trio.current_time()
+            (task,) = await p.poll(act=["job"], wait=5)
+            assert trio.current_time() - t0 < 2.0
+            assert task.attempt == 2
+            workers = await p.channel.unary(
+                p.workflows.list_workers, pb.ListWorkersRequest(include_stopped=True)
+            )
+            assert {w.id: w.status for w in workers.workers}["doomed"] == "lost"
+
+
+async def test_retention_deletes_old_ended_runs_with_their_rows(
+    database_url: str, pool: pg.Pool
+) -> None:
+    async def quick(ctx: Any, input: Any) -> Any:
+        return 1
+
+    with trio.fail_after(30):
+        async with plane(database_url, retention_seconds=3600.0, retention_interval=0.2) as p:
+            old = await p.start("quick")
+            await p.drive(quick, "quick")
+            fresh = await p.start("quick")
+            await pool.execute(
+                "UPDATE durable_workflow_instances SET completed_at = now() - interval '2 hours' "
+                "WHERE workflow_id = $1",
+                old,
+            )
+            for _ in range(50):
+                if (
+                    await pool.fetchval(
+                        "SELECT count(*) FROM durable_workflow_instances WHERE workflow_id = $1",
+                        old,
+                    )
+                    == 0
+                ):
+                    break
+                await trio.sleep(0.1)
+            assert await pool.fetchval("SELECT count(*) FROM durable_workflow_events") == 1
+            assert (await p.describe(fresh)).status == "pending"
+            with pytest.raises(NotFound):
+                await p.describe(old)
+
+
+async def test_auth_token_is_required_when_set(database_url: str) -> None:
+    with trio.fail_after(30):
+        async with plane(database_url, auth_token="s3cret") as p:
+            await p.start("x")  # the right token works
+            async with open_channel("127.0.0.1", p.port, auth_token="wrong") as bad:
+                with pytest.raises(RpcError, match="bearer token") as info:
+                    await bad.unary(
+                        pb.WorkflowServiceStub(bad.raw).list_workflows, pb.ListWorkflowsRequest()
+                    )
+                assert info.value.status == "UNAUTHENTICATED"
+            async with open_channel("127.0.0.1", p.port) as none:
+                with pytest.raises(RpcError, match="bearer token"):
+                    await none.unary(
+                        pb.WorkflowServiceStub(none.raw).list_workflows, pb.ListWorkflowsRequest()
+                    )
+
+
+async def test_bad_fields_get_invalid_argument_or_resource_exhausted(database_url: str) -> None:
+    with trio.fail_after(30):
+        async with plane(database_url, max_pending_tasks=3) as p:
+            call = p.channel.unary
+            with pytest.raises(InvalidArgument, match="workflow_type must not be empty"):
+                await call(p.workflows.start_workflow, pb.StartWorkflowRequest(workflow_type=""))
+            with pytest.raises(InvalidArgument, match="not valid JSON"):
+                await call(
+                    p.workflows.start_workflow,
+                    pb.StartWorkflowRequest(workflow_type="t", input=b"{nope"),
+                )
+            with pytest.raises(ResourceExhausted, match="limit is 2097152"):
+                await call(
+                    p.workflows.start_workflow,
+                    pb.StartWorkflowRequest(
+                        workflow_type="t", input=b'"' + b"x" * 3_000_000 + b'"'
+                    ),
+                )
+            with pytest.raises(InvalidArgument, match="not a UUID"):
+                await call(
+                    p.workflows.describe_workflow,
+                    pb.DescribeWorkflowRequest(workflow_id="w", run_id="not-a-uuid"),
+                )
+            with pytest.raises(InvalidArgument, match="not a UUID"):
+                await call(
+                    p.workers.record_heartbeat,
+                    pb.RecordHeartbeatRequest(task_id="zzz", lease_token=1),
+                )
+            with pytest.raises(InvalidArgument, match="must not be negative"):
+                await call(p.workers.poll_tasks, pb.PollTasksRequest(worker_id="w", wait_s=-1))
+            weird = "名前 'quoted'; DROP TABLE durable_task_queue; --"
+            wid = await p.start(weird, {"s": weird}, wid=weird)
+            assert wid == weird
+            described = await p.describe(weird)
+            assert described.workflow_type == weird and json.loads(described.input) == {"s": weird}
+            await p.start("t2")
+            await p.start("t3")
+            with pytest.raises(ResourceExhausted, match="EVERRUNS_MAX_PENDING_TASKS"):
+                await p.start("t4")
+
+
+async def test_two_control_planes_share_one_database(database_url: str) -> None:
+    async def single(ctx: Any, input: Any) -> Any:
+        return await ctx.execute_activity("job", input)
+
+    with trio.fail_after(30):
+        async with plane(database_url) as a, plane(database_url) as b:
+            for i in range(20):
+                await a.start("single", i, wid=f"wf-{i}")
+            claimed: list[str] = []
+            for p in (a, b):
+                for _ in range(2):
+                    for task in await p.poll(wf=["single"], wait=0.5):
+                        await p.run_workflow_task(task, single)
+            async with trio.open_nursery() as nursery:
+                for p in (a, b, a, b):
+
+                    async def drain(p: Plane = p) -> None:
+                        while tasks := await p.poll(act=["job"], wait=0.5):
+                            for task in tasks:
+                                claimed.append(task.task_id)
+                                await p.complete(task, "ok")
+
+                    nursery.start_soon(drain)
+            assert len(claimed) == 20 and len(set(claimed)) == 20
+            uuid.UUID(claimed[0])
