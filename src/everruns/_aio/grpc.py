@@ -43,7 +43,14 @@ from everruns.errors import (
     StaleLease,
 )
 
-__all__ = ["RpcChannel", "open_channel", "serve_services", "status_for"]
+__all__ = [
+    "RpcChannel",
+    "client_tls",
+    "open_channel",
+    "serve_services",
+    "server_tls",
+    "status_for",
+]
 
 log = logging.getLogger("everruns.rpc")
 
@@ -138,6 +145,21 @@ def _wrap_handler(
     return grpclib.const.Handler(
         serve_one, handler.cardinality, handler.request_type, handler.reply_type
     )
+
+
+def server_tls(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """A TLS context for serving gRPC (HTTP/2 over TLS) with a PEM certificate and key."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
+def client_tls(ca_file: str | None = None) -> ssl.SSLContext:
+    """A TLS context for calling a control plane; trusts ``ca_file`` (else the system CAs)."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+    context.set_alpn_protocols(["h2"])
+    return context
 
 
 class _Servable:

@@ -13,7 +13,7 @@ import attrs
 import trio
 
 from everruns._aio import open_aio_loop, pg
-from everruns._aio.grpc import serve_services
+from everruns._aio.grpc import serve_services, server_tls
 from everruns._proto.everruns import v1 as pb
 from everruns.server.config import ServerConfig
 from everruns.server.database import migrate_database, open_database
@@ -54,6 +54,11 @@ async def serve(
             notifier = Notifier()
             engine = Engine(store, config, notifier)
             closing = trio.Event()
+            tls = (
+                server_tls(config.tls_cert, config.tls_key)
+                if config.tls_cert and config.tls_key
+                else None
+            )
             async with trio.open_nursery() as nursery:
                 await nursery.start(notifier.listen, url)
                 await nursery.start(run_duties, engine)
@@ -67,6 +72,7 @@ async def serve(
                         config.grpc_host,
                         config.grpc_port,
                         auth_token=config.auth_token,
+                        tls=tls,
                         closing=closing,
                         task_status=task_status,
                     )
