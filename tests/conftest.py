@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -61,15 +62,17 @@ def pg_server_url() -> Iterator[str]:
         return
     from everruns.store import embedded
 
-    data_dir = Path(
-        os.environ.get("EVERRUNS_TEST_DATA_DIR")
-        or Path(tempfile.gettempdir()) / f"everruns-test-pg-{os.getuid()}"
-    )
+    # One cluster per session: a cluster shared between sessions would be stopped under the
+    # others by whichever session ends first.
+    chosen = os.environ.get("EVERRUNS_TEST_DATA_DIR")
+    data_dir = Path(chosen or tempfile.mkdtemp(prefix="everruns-test-pg-")) / "pg"
     handle = embedded.start(data_dir)
     try:
         yield handle.url
     finally:
         embedded.stop(handle)
+        if not chosen:
+            shutil.rmtree(data_dir.parent, ignore_errors=True)
 
 
 _counter = itertools.count()

@@ -1,0 +1,888 @@
+"""`Client` and `WorkflowHandle`: start, signal, cancel, await and inspect workflows over gRPC.
+
+This is the caller's side of `WorkflowService`. It turns Python values into exact JSON payloads
+before any request is sent (so a value JSON cannot carry fails here, naming its type), turns the
+replies into frozen attrs values with aware UTC datetimes (no protobuf class reaches the caller),
+and retries a request only when repeating it cannot change anything: reads, and a start whose
+workflow id the caller chose. It holds no engine logic and never touches PostgreSQL; it must not
+import the server or the worker.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import attrs
+import trio
+
+from everruns._aio import open_aio_loop
+from everruns._aio.grpc import RpcChannel, open_channel
+from everruns._proto.everruns import v1 as pb
+from everruns.domain.payload import decode, encode
+from everruns.domain.registry import name_of
+from everruns.domain.status import TERMINAL_WORKFLOW_STATUSES, WORKFLOW_STATUSES
+from everruns.errors import ConfigError, InvalidArgument, ServerUnavailable, WorkflowFailed
+
+__all__ = [
+    "DEFAULT_ADDRESS",
+    "CircuitBreakerInfo",
+    "Client",
+    "DeadLetterInfo",
+    "HistoryEvent",
+    "PendingActivity",
+    "WorkerInfo",
+    "WorkflowDescription",
+    "WorkflowHandle",
+    "WorkflowStart",
+    "WorkflowSummary",
+    "describe_error",
+    "parse_address",
+]
+
+DEFAULT_ADDRESS = "127.0.0.1:9001"
+
+# Delays before the 2nd, 3rd and 4th try of a retryable request: an unreachable control plane is
+# reported within about two seconds, a restarting one is ridden over.
+RETRY_DELAYS: tuple[float, ...] = (0.1, 0.4, 1.2)
+# Per-request deadline; AwaitResult adds its long-poll budget on top.
+RPC_TIMEOUT = 30.0
+# Long-poll budget of one AwaitResult: short enough that proxies keep the stream open.
+AWAIT_POLL_SECONDS = 20.0
+
+Reply = TypeVar("Reply")
+WorkflowRef = str | Callable[..., Any]
+
+
+def parse_address(value: str, *, source: str = "address") -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` too) into its parts.
+
+    Returns:
+        ``(host, port)``.
+
+    Raises:
+        ConfigError: not of the form host:port with a port in 1..65535; names ``source``.
+    """
+    host, sep, port_text = value.strip().rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) <= 65535:
+        raise ConfigError(f"{source}={value!r} is not host:port (e.g. {DEFAULT_ADDRESS})")
+    return host.strip("[]"), int(port_text)
+
+
+def _time(seconds: float) -> datetime | None:
+    # The wire's "not set" is 0.
+    return datetime.fromtimestamp(seconds, tz=UTC) if seconds else None
+
+
+def _required_time(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, tz=UTC)
+
+
+def _error(data: bytes, what: str) -> dict[str, Any] | None:
+    value = decode(data, what=what)
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return value
+    # An error object is always a dict; keep anything else readable instead of failing.
+    return {"type": "Error", "message": str(value)}
+
+
+def _error_list(data: bytes, what: str) -> tuple[dict[str, Any], ...]:
+    value = decode(data, what=what)
+    if not isinstance(value, list):
+        return ()
+    return tuple(
+        item if isinstance(item, dict) else {"type": "Error", "message": str(item)}
+        for item in value
+    )
+
+
+def describe_error(error: dict[str, Any] | None) -> str:
+    """Return an error object (``{"type", "message", ...}``) as one line ``Type: message``."""
+    if not error:
+        return ""
+    kind = str(error.get("type") or "Error")
+    message = str(error.get("message") or "").strip().splitlines()
+    return f"{kind}: {message[0]}" if message else kind
+
+
+@attrs.frozen
+class WorkflowSummary:
+    """One line of a workflow listing.
+
+    Attributes:
+        workflow_id: the business key.
+        run_id: this execution of it.
+        workflow_type: registered workflow name.
+        status: pending, running, completed, failed or cancelled.
+        created_at: when the run was started.
+        completed_at: when the run ended; None while it is open.
+    """
+
+    workflow_id: str
+    run_id: str
+    workflow_type: str
+    status: str
+    created_at: datetime
+    completed_at: datetime | None
+
+    @classmethod
+    def from_proto(cls, msg: Any) -> WorkflowSummary:
+        """Build from a ``pb.WorkflowSummary``."""
+        return cls(
+            workflow_id=msg.workflow_id,
+            run_id=msg.run_id,
+            workflow_type=msg.workflow_type,
+            status=msg.status,
+            created_at=_required_time(msg.created_at),
+            completed_at=_time(msg.completed_at),
+        )
+
+
+@attrs.frozen
+class PendingActivity:
+    """An activity of a run that has not finished yet.
+
+    Attributes:
+        activity_id: command id within the run.
+        activity_type: registered activity name.
+        status: task status, e.g. ``pending`` or ``claimed``.
+        attempt: attempts made so far.
+        max_attempts: attempts allowed in total.
+        last_error: error object of the latest failure, or None.
+        error_history: every failure's error object, oldest first.
+        claimed_by: worker holding the current claim, or None.
+    """
+
+    activity_id: str
+    activity_type: str
+    status: str
+    attempt: int
+    max_attempts: int
+    last_error: dict[str, Any] | None
+    error_history: tuple[dict[str, Any], ...]
+    claimed_by: str | None
+
+    @classmethod
+    def from_proto(cls, msg: Any) -> PendingActivity:
+        """Build from a ``pb.ActivityInfo``."""
+        return cls(
+            activity_id=msg.activity_id,
+            activity_type=msg.activity_type,
+            status=msg.status,
+            attempt=msg.attempt,
+            max_attempts=msg.max_attempts,
+            last_error=_error(msg.last_error, "last_error"),
+            error_history=_error_list(msg.error_history, "error_history"),
+            claimed_by=msg.claimed_by or None,
+        )
+
+
+@attrs.frozen
+class WorkflowDescription:
+    """Everything known about one run.
+
+    Attributes:
+        workflow_id: the business key.
+        run_id: this execution of it.
+        workflow_type: registered workflow name.
+        status: pending, running, completed, failed or cancelled.
+        input: the start input (decoded JSON).
+        result: the result (decoded JSON); None until completed.
+        error: the error object (``{"type", "message", "traceback", ...}``) when failed, else None.
+        created_at: when the run was started.
+        updated_at: last status or history change.
+        completed_at: when the run ended; None while open.
+        stuck_reason: why no progress is made (e.g. non-determinism), or None.
+        parent_workflow_id: the parent's workflow id for a child run, else None.
+        pending_activities: activities not finished yet, with their attempts and errors.
+        waiting_for_worker: no live worker serves a type this run needs.
+    """
+
+    workflow_id: str
+    run_id: str
+    workflow_type: str
+    status: str
+    input: Any
+    result: Any
+    error: dict[str, Any] | None
+    created_at: datetime
+    updated_at: datetime | None
+    completed_at: datetime | None
+    stuck_reason: str | None
+    parent_workflow_id: str | None
+    pending_activities: tuple[PendingActivity, ...]
+    waiting_for_worker: bool
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the run is still pending or running."""
+        return self.status not in TERMINAL_WORKFLOW_STATUSES
+
+    @classmethod
+    def from_proto(cls, msg: Any) -> WorkflowDescription:
+        """Build from a ``pb.WorkflowDescription``."""
+        return cls(
+            workflow_id=msg.workflow_id,
+            run_id=msg.run_id,
+            workflow_type=msg.workflow_type,
+            status=msg.status,
+            input=decode(msg.input, what="input"),
+            result=decode(msg.result, what="result"),
+            error=_error(msg.error, "error"),
+            created_at=_required_time(msg.created_at),
+            updated_at=_time(msg.updated_at),
+            completed_at=_time(msg.completed_at),
+            stuck_reason=msg.stuck_reason or None,
+            parent_workflow_id=msg.parent_workflow_id or None,
+            pending_activities=tuple(PendingActivity.from_proto(a) for a in msg.pending_activities),
+            waiting_for_worker=msg.waiting_for_worker,
+        )
+
+
+@attrs.frozen
+class HistoryEvent:
+    """One event of a run's history (see docs/internals.md, "Event history").
+
+    Attributes:
+        sequence_num: position in the history, from 1.
+        type: event type, e.g. ``activity_completed``.
+        data: the whole event as a JSON object, ``type`` included.
+        time: when it was appended.
+    """
+
+    sequence_num: int
+    type: str
+    data: dict[str, Any]
+    time: datetime
+
+    @classmethod
+    def from_proto(cls, msg: Any) -> HistoryEvent:
+        """Build from a ``pb.HistoryEvent``."""
+        data = decode(msg.data, what=f"event {msg.sequence_num}")
+        return cls(
+            sequence_num=msg.sequence_num,
+            type=msg.type,
+            data=data if isinstance(data, dict) else {"type": msg.type, "value": data},
+            time=_required_time(msg.time),
+        )
+
+
+@attrs.frozen
+class DeadLetterInfo:
+    """A task that exhausted its attempts or failed non-retryably.
+
+    Attributes:
+        id: the dead letter; pass it to `Client.requeue_dead_letter`.
+        task_id: the task that died.
+        workflow_id, run_id: its run.
+        activity_type: registered activity name.
+        input: the activity input (decoded JSON).
+        attempts: attempts made before it died.
+        last_error: error object of the final failure.
+        error_history: every failure's error object, oldest first.
+        dead_at: when it was dead-lettered.
+        requeued_at: when it was put back, or None.
+    """
+
+    id: str
+    task_id: str
+    workflow_id: str
+    run_id: str
+    activity_type: str
+    input: Any
+    attempts: int
+    last_error: dict[str, Any] | None
+    error_history: tuple[dict[str, Any], ...]
+    dead_at: datetime
+    requeued_at: datetime | None
+
+    @classmethod
+    def from_proto(cls, msg: Any) -> DeadLetterInfo:
+        """Build from a ``pb.DeadLetter``."""
+        return cls(
+            id=msg.id,
+            task_id=msg.task_id,
+            workflow_id=msg.workflow_id,
+            run_id=msg.run_id,
+            activity_type=msg.activity_type,
+            input=decode(msg.input, what="input"),
+            attempts=msg.attempts,
+            last_error=_error(msg.last_error, "last_error"),
+            error_history=_error_list(msg.error_history, "error_history"),
+            dead_at=_required_time(msg.dead_at),
+            requeued_at=_time(msg.requeued_at),
+        )
+
+
+@attrs.frozen
+class WorkerInfo:
+    """A registered worker as the control plane sees it.
+
+    Attributes:
+        id: worker id.
+        status: active, draining, stopped or lost.
+        activity_types, workflow_types: what it serves.
+        max_concurrency: task slots.
+        current_load: slots in use at its last heartbeat.
+        host, pid, version: where and what it runs.
+        started_at: when it registered.
+        last_heartbeat_at: its latest heartbeat, or None.
+    """
+
+    id: str
+    status: str
+    activity_types: tuple[str, ...]
+    workflow_types: tuple[str, ...]
+    max_concurrency: int
+    current_load: int
+    host: str
+    pid: int
+    version: str
+    started_at: datetime | None
+    last_heartbeat_at: datetime | None
+
+    @classmethod
+    def from_proto(cls, msg: Any) -> WorkerInfo:
+        """Build from a ``pb.WorkerInfo``."""
+        return cls(
+            id=msg.id,
+            status=msg.status,
+            activity_types=tuple(msg.activity_types),
+            workflow_types=tuple(msg.workflow_types),
+            max_concurrency=msg.max_concurrency,
+            current_load=msg.current_load,
+            host=msg.host,
+            pid=msg.pid,
+            version=msg.version,
+            started_at=_time(msg.started_at),
+            last_heartbeat_at=_time(msg.last_heartbeat_at),
+        )
+
+
+@attrs.frozen
+class CircuitBreakerInfo:
+    """The shared state of one circuit breaker.
+
+    Attributes:
+        key: breaker key (the activity type by default).
+        state: closed, open or half_open.
+        failure_count: failures in the current window.
+        success_count: successes while half-open.
+        probes_in_flight: half-open probes handed out and not finished.
+        opened_at: when it opened, or None while closed.
+        updated_at: last state change, or None.
+    """
+
+    key: str
+    state: str
+    failure_count: int
+    success_count: int
+    probes_in_flight: int
+    opened_at: datetime | None
+    updated_at: datetime | None
+
+    @classmethod
+    def from_proto(cls, msg: Any) -> CircuitBreakerInfo:
+        """Build from a ``pb.CircuitBreaker``."""
+        return cls(
+            key=msg.key,
+            state=msg.state,
+            failure_count=msg.failure_count,
+            success_count=msg.success_count,
+            probes_in_flight=msg.probes_in_flight,
+            opened_at=_time(msg.opened_at),
+            updated_at=_time(msg.updated_at),
+        )
+
+
+@attrs.frozen
+class WorkflowStart:
+    """One entry of `Client.start_workflows`.
+
+    Attributes:
+        workflow: the decorated workflow function or its registered name.
+        input: the input, any exact-JSON value.
+        workflow_id: the business key; None lets the server generate one.
+    """
+
+    workflow: WorkflowRef
+    input: Any = None
+    workflow_id: str | None = None
+
+
+def _check_workflow_id(workflow_id: str | None) -> str:
+    if workflow_id is None:
+        return ""
+    if not isinstance(workflow_id, str) or not workflow_id.strip():
+        raise InvalidArgument(f"workflow_id must be a non-empty string, got {workflow_id!r}")
+    return workflow_id
+
+
+def _start_request(workflow: WorkflowRef, input: Any, workflow_id: str | None) -> Any:
+    name = name_of(workflow)
+    return pb.StartWorkflowRequest(
+        workflow_type=name,
+        input=encode(input, what=f"input of workflow {name!r}"),
+        workflow_id=_check_workflow_id(workflow_id),
+    )
+
+
+def _failure(description: WorkflowDescription) -> WorkflowFailed:
+    what = f"workflow {description.workflow_id!r} (run {description.run_id})"
+    if description.status == "cancelled":
+        message = f"{what} was cancelled"
+    else:
+        detail = describe_error(description.error)
+        message = f"{what} {description.status}" + (f": {detail}" if detail else "")
+    return WorkflowFailed(message, status=description.status, error=description.error)
+
+
+class WorkflowHandle:
+    """A reference to a workflow id (and optionally one run of it) through a `Client`.
+
+    Attributes:
+        workflow_id: the business key.
+        run_id: the run this handle is pinned to, or None for "the latest run".
+        created: True when `Client.start_workflow` created this run, False when the id was
+            already running (idempotent start) or the handle came from `Client.get_handle`.
+    """
+
+    __slots__ = ("_client", "created", "run_id", "workflow_id")
+
+    def __init__(
+        self, client: Client, workflow_id: str, run_id: str | None = None, *, created: bool = False
+    ) -> None:
+        self._client = client
+        self.workflow_id = workflow_id
+        self.run_id = run_id or None
+        self.created = created
+
+    def __repr__(self) -> str:
+        return (
+            f"WorkflowHandle(workflow_id={self.workflow_id!r}, run_id={self.run_id!r}, "
+            f"created={self.created!r})"
+        )
+
+    async def result(self, timeout: float | None = None) -> Any:
+        """Wait for the run to end and return its result.
+
+        Long-polls the control plane, so the answer arrives as soon as the run ends. A handle
+        without a run id follows the run that is the latest when the wait begins.
+
+        Args:
+            timeout: seconds to wait in all; None waits as long as it takes.
+
+        Returns:
+            The workflow's result (decoded JSON).
+
+        Raises:
+            WorkflowFailed: the run ended ``failed`` or ``cancelled`` (``status`` and ``error``
+                say how).
+            TimeoutError: the run was still open after ``timeout`` seconds.
+            NotFound: no such workflow or run.
+            ServerUnavailable: the control plane stayed unreachable through the retries.
+
+        Cancelling the calling scope abandons the wait; the workflow is unaffected.
+        """
+        run_id = self.run_id or ""
+        deadline = trio.current_time() + timeout if timeout is not None else float("inf")
+        with trio.move_on_at(deadline):
+            while True:
+                # Answer before our own deadline so a timeout is reported, not a broken call.
+                wait_s = max(0.0, min(AWAIT_POLL_SECONDS, deadline - trio.current_time()))
+                reply = await self._client._call(
+                    self._client._stub.await_result,
+                    pb.AwaitResultRequest(
+                        workflow_id=self.workflow_id, run_id=run_id, wait_s=wait_s
+                    ),
+                    retry=True,
+                    timeout=wait_s + RPC_TIMEOUT,
+                )
+                description = WorkflowDescription.from_proto(reply.workflow)
+                run_id = run_id or description.run_id
+                if reply.done:
+                    if description.status == "completed":
+                        return description.result
+                    raise _failure(description)
+                if trio.current_time() >= deadline:
+                    break
+        raise TimeoutError(
+            f"workflow {self.workflow_id!r} was still open after {timeout or 0:g} s; "
+            "wait longer or check it with `everruns workflow show`"
+        )
+
+    async def signal(self, name: str, payload: Any = None) -> None:
+        """Deliver the signal ``name`` with a JSON payload to the open run.
+
+        Raises:
+            PayloadError: the payload is not exact JSON (nothing is sent).
+            InvalidArgument: the name is empty.
+            NotFound: no such workflow or run.
+            FailedPrecondition: the run has ended (the message says its final status).
+            ServerUnavailable: the control plane is unreachable (not retried: a signal is not
+                idempotent).
+        """
+        if not isinstance(name, str) or not name:
+            raise InvalidArgument("a signal name must be a non-empty string")
+        data = encode(payload, what=f"payload of signal {name!r}")
+        await self._client._call(
+            self._client._stub.signal_workflow,
+            pb.SignalWorkflowRequest(
+                workflow_id=self.workflow_id, run_id=self.run_id or "", name=name, payload=data
+            ),
+            retry=False,
+        )
+
+    async def cancel(self, reason: str = "") -> None:
+        """Ask the open run to cancel; the workflow code sees the request and may clean up.
+
+        Returns once the request is recorded, not when the run has ended (use `result`).
+
+        Raises:
+            NotFound: no such workflow or run.
+            FailedPrecondition: the run has ended (the message says its final status).
+            ServerUnavailable: the control plane is unreachable.
+        """
+        await self._client._call(
+            self._client._stub.cancel_workflow,
+            pb.CancelWorkflowRequest(
+                workflow_id=self.workflow_id, run_id=self.run_id or "", reason=reason
+            ),
+            retry=False,
+        )
+
+    async def describe(self) -> WorkflowDescription:
+        """Return the run's status, payloads and pending activities.
+
+        Raises:
+            NotFound: no such workflow or run.
+            ServerUnavailable: the control plane stayed unreachable through the retries.
+        """
+        reply = await self._client._call(
+            self._client._stub.describe_workflow,
+            pb.DescribeWorkflowRequest(workflow_id=self.workflow_id, run_id=self.run_id or ""),
+            retry=True,
+        )
+        return WorkflowDescription.from_proto(reply.workflow)
+
+    async def history(self, *, after_sequence: int = 0, page_size: int = 0) -> list[HistoryEvent]:
+        """Return the run's event history, fetching every page.
+
+        Args:
+            after_sequence: only events with a higher sequence number.
+            page_size: events per request (0: the server's default).
+
+        Raises:
+            NotFound: no such workflow or run.
+            ServerUnavailable: the control plane stayed unreachable through the retries.
+        """
+        events: list[HistoryEvent] = []
+        after = after_sequence
+        while True:
+            reply = await self._client._call(
+                self._client._stub.get_history,
+                pb.GetHistoryRequest(
+                    workflow_id=self.workflow_id,
+                    run_id=self.run_id or "",
+                    after_sequence=after,
+                    limit=page_size,
+                ),
+                retry=True,
+            )
+            events.extend(HistoryEvent.from_proto(e) for e in reply.events)
+            # Stop on an empty page too, so a server that never says "done" cannot loop us.
+            if not reply.next_after or not reply.events or reply.next_after <= after:
+                return events
+            after = reply.next_after
+
+
+class Client:
+    """A connection to an everruns control plane; open it with `Client.connect`.
+
+    Attributes:
+        address: the ``host:port`` it talks to.
+    """
+
+    def __init__(self, channel: RpcChannel) -> None:
+        self._channel = channel
+        self._stub = pb.WorkflowServiceStub(channel.raw)
+        self.address = channel.address
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(
+        cls,
+        address: str | None = None,
+        *,
+        auth_token: str | None = None,
+        tls: ssl.SSLContext | bool | None = None,
+    ) -> AsyncIterator[Client]:
+        """Open a client for the block: ``async with Client.connect("127.0.0.1:9001") as c:``.
+
+        Opens the trio-asyncio loop if none is open yet (re-entrant). Connections are made
+        lazily, so an unreachable server is reported by the first call, not here.
+
+        Args:
+            address: ``host:port``; default ``GRPC_ADDRESS`` or 127.0.0.1:9001.
+            auth_token: bearer token; default ``EVERRUNS_AUTH_TOKEN``.
+            tls: an SSL context, True for the system's default one, None/False for plaintext.
+
+        Raises:
+            ConfigError: the address is not host:port.
+        """
+        if address is None:
+            address = os.environ.get("GRPC_ADDRESS") or DEFAULT_ADDRESS
+            host, port = parse_address(address, source="GRPC_ADDRESS")
+        else:
+            host, port = parse_address(address)
+        if auth_token is None:
+            auth_token = os.environ.get("EVERRUNS_AUTH_TOKEN") or None
+        context = ssl.create_default_context() if tls is True else (tls or None)
+        leaf: BaseException | None = None
+        try:
+            async with (
+                open_aio_loop(),
+                open_channel(host, port, auth_token=auth_token, tls=context) as channel,
+            ):
+                yield cls(channel)
+        except BaseExceptionGroup as group:
+            # The aio loop's nursery wraps whatever the block raised; a caller who wrote
+            # `except NotFound` around the block must still catch it.
+            leaf = _sole_leaf(group)
+            if leaf is None:
+                raise
+        if leaf is not None:
+            # Raised outside the handler so the leaf keeps its own context, not the group.
+            raise leaf
+
+    async def _call(
+        self,
+        method: Callable[..., Awaitable[Reply]],
+        request: Any,
+        *,
+        retry: bool,
+        timeout: float = RPC_TIMEOUT,
+    ) -> Reply:
+        delays = iter(RETRY_DELAYS if retry else ())
+        while True:
+            try:
+                return await self._channel.unary(method, request, timeout=timeout)
+            except ServerUnavailable:
+                delay = next(delays, None)
+                if delay is None:
+                    raise
+            await trio.sleep(delay * random.uniform(0.9, 1.1))
+
+    async def start_workflow(
+        self, workflow: WorkflowRef, input: Any = None, *, workflow_id: str | None = None
+    ) -> WorkflowHandle:
+        """Start a run of ``workflow``, or find the open run of ``workflow_id``.
+
+        Args:
+            workflow: the decorated workflow function or its registered name. A type no worker
+                serves yet is accepted; the run waits (``describe().waiting_for_worker``).
+            input: the input, any exact-JSON value.
+            workflow_id: the business key; None lets the server generate a UUID.
+
+        Returns:
+            A handle pinned to the run; ``handle.created`` is False when ``workflow_id`` already
+            had an open run, which is returned instead of starting another.
+
+        Raises:
+            PayloadError: ``input`` is not exact JSON; raised before anything is sent.
+            InvalidArgument: bad workflow name or id.
+            ResourceExhausted: the control plane sheds load, or the input is too large.
+            ServerUnavailable: the control plane is unreachable (retried only when
+                ``workflow_id`` is given, since only then is a repeat harmless; a retry whose
+                first try did reach the server reports ``created`` False).
+        """
+        request = _start_request(workflow, input, workflow_id)
+        reply = await self._call(self._stub.start_workflow, request, retry=workflow_id is not None)
+        return WorkflowHandle(self, reply.workflow_id, reply.run_id, created=reply.created)
+
+    async def start_workflows(
+        self, starts: Sequence[WorkflowStart | tuple[Any, ...]]
+    ) -> list[WorkflowHandle]:
+        """Start several runs in one round trip.
+
+        Args:
+            starts: `WorkflowStart` values, or tuples ``(workflow, input[, workflow_id])``.
+
+        Returns:
+            One handle per entry, in order.
+
+        Raises:
+            PayloadError: an input is not exact JSON; nothing is sent.
+            InvalidArgument: an entry is malformed.
+            ServerUnavailable: the control plane is unreachable (retried only when every entry
+                names its workflow id).
+        """
+        entries = [s if isinstance(s, WorkflowStart) else _start_from_tuple(s) for s in starts]
+        requests = [_start_request(e.workflow, e.input, e.workflow_id) for e in entries]
+        if not requests:
+            return []
+        reply = await self._call(
+            self._stub.start_workflows,
+            pb.StartWorkflowsRequest(requests=requests),
+            retry=all(e.workflow_id is not None for e in entries),
+        )
+        return [
+            WorkflowHandle(self, r.workflow_id, r.run_id, created=r.created)
+            for r in reply.responses
+        ]
+
+    def get_handle(self, workflow_id: str, run_id: str | None = None) -> WorkflowHandle:
+        """Return a handle to an existing workflow id (its latest run unless ``run_id``).
+
+        Raises:
+            InvalidArgument: ``workflow_id`` is empty. An unknown id is only reported (NotFound)
+                by the handle's calls.
+        """
+        return WorkflowHandle(self, _check_workflow_id(workflow_id), run_id)
+
+    async def list_workflows(
+        self,
+        workflow_type: WorkflowRef | None = None,
+        status: str | None = None,
+        limit: int = 50,
+        page_token: str | None = None,
+    ) -> tuple[list[WorkflowSummary], str | None]:
+        """Return one page of runs, newest first.
+
+        Args:
+            workflow_type: only runs of this workflow (function or name).
+            status: only runs in this status (pending, running, completed, failed, cancelled).
+            limit: page size (at least 1).
+            page_token: the token returned with the previous page.
+
+        Returns:
+            ``(runs, next_page_token)``; the token is None on the last page.
+
+        Raises:
+            InvalidArgument: unknown status or a limit below 1.
+            ServerUnavailable: the control plane stayed unreachable through the retries.
+        """
+        if status is not None and status not in WORKFLOW_STATUSES:
+            raise InvalidArgument(f"status {status!r} is not one of {', '.join(WORKFLOW_STATUSES)}")
+        if limit < 1:
+            raise InvalidArgument(f"limit must be at least 1, got {limit}")
+        reply = await self._call(
+            self._stub.list_workflows,
+            pb.ListWorkflowsRequest(
+                workflow_type=name_of(workflow_type) if workflow_type is not None else "",
+                status=status or "",
+                limit=limit,
+                page_token=page_token or "",
+            ),
+            retry=True,
+        )
+        runs = [WorkflowSummary.from_proto(w) for w in reply.workflows]
+        return runs, reply.next_page_token or None
+
+    async def list_dead_letters(
+        self, limit: int = 50, page_token: str | None = None
+    ) -> tuple[list[DeadLetterInfo], str | None]:
+        """Return one page of dead-lettered tasks, newest first.
+
+        Returns:
+            ``(dead_letters, next_page_token)``; the token is None on the last page.
+
+        Raises:
+            InvalidArgument: a limit below 1.
+            ServerUnavailable: the control plane stayed unreachable through the retries.
+        """
+        if limit < 1:
+            raise InvalidArgument(f"limit must be at least 1, got {limit}")
+        reply = await self._call(
+            self._stub.list_dead_letters,
+            pb.ListDeadLettersRequest(limit=limit, page_token=page_token or ""),
+            retry=True,
+        )
+        letters = [DeadLetterInfo.from_proto(d) for d in reply.dead_letters]
+        return letters, reply.next_page_token or None
+
+    async def requeue_dead_letter(self, dead_letter_id: str) -> str:
+        """Put a dead-lettered task back in the queue with fresh attempts.
+
+        Returns:
+            The id of the task put back.
+
+        Raises:
+            NotFound: no such dead letter.
+            FailedPrecondition: it was requeued already.
+            ServerUnavailable: the control plane is unreachable.
+        """
+        reply = await self._call(
+            self._stub.requeue_dead_letter,
+            pb.RequeueDeadLetterRequest(id=dead_letter_id),
+            retry=False,
+        )
+        task_id: str = reply.task_id
+        return task_id
+
+    async def list_workers(self, include_stopped: bool = False) -> list[WorkerInfo]:
+        """Return the registered workers (only live ones unless ``include_stopped``).
+
+        Raises:
+            ServerUnavailable: the control plane stayed unreachable through the retries.
+        """
+        reply = await self._call(
+            self._stub.list_workers,
+            pb.ListWorkersRequest(include_stopped=include_stopped),
+            retry=True,
+        )
+        return [WorkerInfo.from_proto(w) for w in reply.workers]
+
+    async def list_circuit_breakers(self) -> list[CircuitBreakerInfo]:
+        """Return every circuit breaker with recorded state.
+
+        Raises:
+            ServerUnavailable: the control plane stayed unreachable through the retries.
+        """
+        reply = await self._call(
+            self._stub.list_circuit_breakers, pb.ListCircuitBreakersRequest(), retry=True
+        )
+        return [CircuitBreakerInfo.from_proto(b) for b in reply.breakers]
+
+    async def reset_circuit_breaker(self, key: str) -> None:
+        """Close a circuit breaker and clear its counters (idempotent).
+
+        Raises:
+            NotFound: no breaker has that key.
+            ServerUnavailable: the control plane stayed unreachable through the retries.
+        """
+        await self._call(
+            self._stub.reset_circuit_breaker,
+            pb.ResetCircuitBreakerRequest(key=key),
+            retry=True,
+        )
+
+
+def _start_from_tuple(entry: tuple[Any, ...]) -> WorkflowStart:
+    if not isinstance(entry, tuple) or not 1 <= len(entry) <= 3:
+        raise InvalidArgument(
+            "each start must be a WorkflowStart or a tuple (workflow, input[, workflow_id]), "
+            f"got {entry!r}"
+        )
+    return WorkflowStart(*entry)
+
+
+def _sole_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    return leaves[0] if len(leaves) == 1 else None

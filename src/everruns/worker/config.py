@@ -1,0 +1,175 @@
+"""Worker configuration: the few settings a worker reads from its environment, validated once.
+
+A worker knows only where the control plane is (``GRPC_ADDRESS``), who it is (``WORKER_ID``),
+how much it may run at once (``MAX_CONCURRENT_TASKS``), the bearer token it sends
+(``EVERRUNS_AUTH_TOKEN``) and how long a graceful shutdown waits for running tasks
+(``EVERRUNS_WORKER_GRACE_PERIOD``). It must never read ``DATABASE_URL``: workers hold no database
+credentials by design. A bad value is a `ConfigError` whose one line names the variable.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from collections.abc import Mapping
+
+import attrs
+
+from everruns.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_GRACE_PERIOD",
+    "DEFAULT_GRPC_ADDRESS",
+    "DEFAULT_MAX_CONCURRENT_TASKS",
+    "WorkerConfig",
+    "default_worker_id",
+    "parse_address",
+]
+
+DEFAULT_GRPC_ADDRESS = "127.0.0.1:9001"
+DEFAULT_MAX_CONCURRENT_TASKS = 10
+DEFAULT_GRACE_PERIOD = 30.0
+
+
+def parse_address(value: str, *, variable: str = "GRPC_ADDRESS") -> tuple[str, int]:
+    """Split ``host:port`` (or ``[v6]:port``) into its parts.
+
+    Args:
+        value: the address text.
+        variable: the setting it came from, named in the error.
+
+    Returns:
+        ``(host, port)`` with the brackets of an IPv6 host removed.
+
+    Raises:
+        ConfigError: not of the form host:port with a port in 1..65535.
+    """
+    host, sep, port_text = value.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) <= 65535:
+        raise ConfigError(
+            f"{variable}={value!r} is not host:port of the control plane "
+            f"(e.g. {DEFAULT_GRPC_ADDRESS})"
+        )
+    return host, int(port_text)
+
+
+def default_worker_id() -> str:
+    """Return a fresh worker id, ``hostname-pid-random``, unique per process.
+
+    The random part keeps ids unique when a pid is reused on the same host (containers).
+    """
+    return f"{socket.gethostname() or 'worker'}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def _positive_int(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _check_worker_id(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
+    if not isinstance(value, str) or not value.strip() or value.strip() != value:
+        raise ConfigError(
+            f"WORKER_ID={value!r} must be a non-empty name without surrounding spaces"
+        )
+
+
+def _check_capacity(_inst: object, _attr: attrs.Attribute[int], value: int) -> None:
+    _positive_int(value, "MAX_CONCURRENT_TASKS")
+
+
+def _check_grace(_inst: object, _attr: attrs.Attribute[float], value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ConfigError(
+            f"EVERRUNS_WORKER_GRACE_PERIOD must be a number of seconds >= 0, got {value!r}"
+        )
+
+
+def _check_threads(_inst: object, _attr: attrs.Attribute[int | None], value: int | None) -> None:
+    if value is not None:
+        _positive_int(value, "max_sync_threads")
+
+
+@attrs.frozen
+class WorkerConfig:
+    """What a worker needs to know, whether it came from the environment or from code.
+
+    Attributes:
+        host: the control plane's host.
+        port: the control plane's gRPC port.
+        worker_id: this worker's name, unique among live workers.
+        max_concurrent_tasks: task slots; the worker never holds more claimed tasks.
+        auth_token: bearer token sent with every call, if the control plane requires one.
+        grace_period: seconds a graceful shutdown lets running tasks finish.
+        max_sync_threads: threads for sync activities (default: one per task slot).
+    """
+
+    host: str
+    port: int
+    worker_id: str = attrs.field(factory=default_worker_id, validator=_check_worker_id)
+    max_concurrent_tasks: int = attrs.field(
+        default=DEFAULT_MAX_CONCURRENT_TASKS, validator=_check_capacity
+    )
+    auth_token: str | None = None
+    grace_period: float = attrs.field(default=DEFAULT_GRACE_PERIOD, validator=_check_grace)
+    max_sync_threads: int | None = attrs.field(default=None, validator=_check_threads)
+
+    @property
+    def address(self) -> str:
+        """``host:port`` as given (IPv6 hosts in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerConfig:
+        """Read the configuration from ``env`` (default: the process environment).
+
+        ``DATABASE_URL`` is deliberately not read.
+
+        Returns:
+            The configuration.
+
+        Raises:
+            ConfigError: a variable has a bad value; the one-line message names it.
+        """
+        env = os.environ if env is None else env
+        host, port = parse_address(env.get("GRPC_ADDRESS") or DEFAULT_GRPC_ADDRESS)
+        worker_id = env.get("WORKER_ID") or default_worker_id()
+        return cls(
+            host=host,
+            port=port,
+            worker_id=worker_id,
+            max_concurrent_tasks=_env_int(
+                env, "MAX_CONCURRENT_TASKS", DEFAULT_MAX_CONCURRENT_TASKS
+            ),
+            auth_token=env.get("EVERRUNS_AUTH_TOKEN") or None,
+            grace_period=_env_seconds(env, "EVERRUNS_WORKER_GRACE_PERIOD", DEFAULT_GRACE_PERIOD),
+        )
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer (e.g. {name}={default})") from None
+    if value < 1:
+        raise ConfigError(f"{name}={raw!r} must be at least 1")
+    return value
+
+
+def _env_seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number of seconds (e.g. {default:g})") from None
+    if not 0 <= value < float("inf"):
+        raise ConfigError(f"{name}={raw!r} must be a finite number of seconds >= 0")
+    return value

@@ -1,0 +1,83 @@
+"""How a worker describes a failed activity or workflow task to the control plane.
+
+An exception becomes the ``error`` object of ``docs/internals.md``: its qualified type name,
+its message, a short traceback (the last frames only, so error histories stay small) and
+whether it is non-retryable (`everruns.NonRetryableError`). Messages are bounded in size. This
+module only formats; it decides nothing about retries.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+from everruns.domain.history import error_info
+from everruns.errors import NonRetryableError
+
+__all__ = [
+    "MAX_MESSAGE_CHARS",
+    "MAX_TRACEBACK_CHARS",
+    "TRACEBACK_FRAMES",
+    "error_from_exception",
+    "make_error",
+    "short_traceback",
+    "type_name",
+]
+
+TRACEBACK_FRAMES = 10
+MAX_MESSAGE_CHARS = 4000
+MAX_TRACEBACK_CHARS = 8000
+
+
+def type_name(exc: BaseException) -> str:
+    """Return ``module.QualName`` of the exception's class (``builtins.ValueError`` too)."""
+    cls = type(exc)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _bounded(text: str, limit: int, *, keep_end: bool = False) -> str:
+    if len(text) <= limit:
+        return text
+    marker = "…"
+    return marker + text[-(limit - 1) :] if keep_end else text[: limit - 1] + marker
+
+
+def _message(exc: BaseException) -> str:
+    try:
+        text = str(exc)
+    except Exception as bad:  # a broken __str__ must not hide the original failure
+        text = f"<str() of the exception failed: {type(bad).__name__}>"
+    return _bounded(text, MAX_MESSAGE_CHARS)
+
+
+def short_traceback(exc: BaseException, *, frames: int = TRACEBACK_FRAMES) -> str:
+    """Return the traceback of ``exc`` limited to its last ``frames`` frames (per chained
+    exception) and to `MAX_TRACEBACK_CHARS` characters, keeping the end."""
+    try:
+        text = "".join(traceback.format_exception(exc, limit=-frames))
+    except Exception:  # formatting must never turn one failure into another
+        text = f"{type_name(exc)}: {_message(exc)}\n"
+    return _bounded(text, MAX_TRACEBACK_CHARS, keep_end=True)
+
+
+def make_error(type: str, message: str, *, non_retryable: bool = False) -> dict[str, Any]:
+    """Return an error object made by the worker itself (no exception, no traceback)."""
+    return error_info(type, _bounded(message, MAX_MESSAGE_CHARS), non_retryable=non_retryable)
+
+
+def error_from_exception(
+    exc: BaseException, *, non_retryable: bool | None = None
+) -> dict[str, Any]:
+    """Return the error object for an exception raised by an activity.
+
+    Args:
+        exc: the exception.
+        non_retryable: override; by default true exactly for `NonRetryableError`.
+
+    Returns:
+        ``{"type", "message", "traceback", "non_retryable"}``.
+    """
+    flag = isinstance(exc, NonRetryableError) if non_retryable is None else non_retryable
+    return error_info(
+        type_name(exc), _message(exc), traceback=short_traceback(exc), non_retryable=flag
+    )

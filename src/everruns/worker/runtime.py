@@ -1,0 +1,1208 @@
+"""The worker runtime: claim tasks from the control plane, run them, report their outcome.
+
+`Worker.run` owns one nursery holding the worker's services — the claim (poll) loop, the worker
+heartbeat, the cancellation stream — and, inside it, one nursery per claimed task holding the
+task body, its lease heartbeat and its cancellation watch: if any of them fails or the control
+plane says "cancel", the task's scope is cancelled and the others unwind. The worker claims only
+free slots (`TaskSlots`), retries every call with backoff while the control plane is
+unreachable, and never drops a finished task's outcome: it is retried until the control plane
+accepts it or says the lease is stale. Shutdown is graceful (`Worker.shutdown`): stop claiming,
+report ``draining``, give running tasks the grace period, then cancel them and release them to
+other workers. Workflow tasks are decided by the pure replay engine (`everruns.domain.replay`);
+this module never interprets history itself and never touches the database.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import random
+import socket
+import ssl
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from contextlib import aclosing
+from datetime import UTC, datetime
+from importlib import metadata
+from typing import Any, TypeVar, cast
+
+import attrs
+import trio
+
+from everruns._aio import open_aio_loop
+from everruns._aio.grpc import RpcChannel, open_channel
+from everruns._proto.everruns import v1 as pb
+from everruns.domain import payload
+from everruns.domain.context import WorkflowInfo
+from everruns.domain.history import HistoryEvent
+from everruns.domain.registry import ActivityDefinition, Registry, default_registry
+from everruns.domain.replay import replay
+from everruns.errors import (
+    ConcurrencyConflict,
+    FailedPrecondition,
+    InvalidArgument,
+    NonDeterminismError,
+    NotFound,
+    PayloadError,
+    ResourceExhausted,
+    RpcError,
+    ServerUnavailable,
+    StaleLease,
+)
+from everruns.worker.activity import ActivityContext, ActivityInfo
+from everruns.worker.backoff import Backoff
+from everruns.worker.config import (
+    DEFAULT_GRACE_PERIOD,
+    DEFAULT_GRPC_ADDRESS,
+    DEFAULT_MAX_CONCURRENT_TASKS,
+    WorkerConfig,
+    default_worker_id,
+    parse_address,
+)
+from everruns.worker.failure import error_from_exception, make_error, type_name
+from everruns.worker.slots import Slot, TaskSlots
+
+__all__ = ["Worker"]
+
+log = logging.getLogger("everruns.worker")
+
+Reply = TypeVar("Reply")
+
+POLL_WAIT = 20.0
+"""Long-poll budget of one PollTasks call, in seconds."""
+RPC_TIMEOUT = 30.0
+"""A call unanswered for this long (beyond its own long-poll budget) counts as unreachable."""
+FINAL_REPORT_BUDGET = 5.0
+"""Time a task being torn down (shutdown, cancelled run) may spend reporting its outcome."""
+DEFAULT_HEARTBEAT_INTERVAL = 10.0
+"""Worker and activity heartbeat period when the control plane names none."""
+REPLAY_THREADS = 2
+"""Replays run in threads so a long history never stalls heartbeats; they are CPU-bound, so a
+couple of threads is enough."""
+STREAM_SILENCE_LIMIT = 60.0
+"""The cancellation stream carries keepalives; silent this long, it is presumed dead and
+reopened."""
+_EARLY_CANCELS = 256
+
+# gRPC statuses (as RpcError.status) that say "try again later" rather than "no".
+_TRANSIENT_STATUSES = frozenset({"INTERNAL", "UNKNOWN", "DEADLINE_EXCEEDED", "CANCELLED"})
+
+
+def _version() -> str:
+    try:
+        return metadata.version("everruns")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _refuses_size(exc: BaseException) -> bool:
+    # RESOURCE_EXHAUSTED means both "busy, retry later" and "payload too large"; only the
+    # second must not be retried forever. The message is all the status carries.
+    text = str(exc).lower()
+    return isinstance(exc, ResourceExhausted) and ("too large" in text or "payload" in text)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Return whether a failed call should be retried with backoff.
+
+    Unreachable or restarting control planes, backpressure (RESOURCE_EXHAUSTED, except for a
+    payload that is too large) and server-side errors that may clear (INTERNAL, UNKNOWN) are
+    transient; a verdict about the request (stale lease, not found, invalid) is not.
+    """
+    if isinstance(exc, (ServerUnavailable, ConcurrencyConflict)):
+        return True
+    if isinstance(exc, ResourceExhausted):
+        return not _refuses_size(exc)
+    return isinstance(exc, RpcError) and exc.status in _TRANSIENT_STATUSES
+
+
+def _is_stale(exc: BaseException) -> bool:
+    return isinstance(exc, (FailedPrecondition, StaleLease, NotFound))
+
+
+def _time_or_none(seconds: float) -> datetime | None:
+    return datetime.fromtimestamp(seconds, UTC) if seconds else None
+
+
+# --------------------------------------------------------------------------------- outcomes
+
+
+@attrs.frozen
+class _Completed:
+    result: bytes
+
+
+@attrs.frozen
+class _Failed:
+    error: dict[str, Any]
+    non_retryable: bool
+
+
+@attrs.frozen
+class _Decided:
+    commands: bytes
+    seen_sequence: int
+
+
+@attrs.frozen
+class _WorkflowTaskFailed:
+    error: dict[str, Any]
+    non_determinism: bool
+
+
+_Outcome = _Completed | _Failed | _Decided | _WorkflowTaskFailed
+
+
+class _RunningTask:
+    """A claimed task and what the worker knows about it while it runs."""
+
+    def __init__(self, task: Any, slot: Slot) -> None:
+        self.task = task
+        self.slot = slot
+        self.slot_transferred = False
+        self.scope: trio.CancelScope | None = None
+        self.stop = trio.Event()  # set when the task must stop: cancel request or lost lease
+        self.beat_now = trio.Event()
+        self.cancel_reason: str | None = None
+        self.stale_reason: str | None = None
+        self.ctx: ActivityContext | None = None
+        self.outcome: _Outcome | None = None
+        self.claim_time: float = task.claimed_at
+
+    @property
+    def key(self) -> str:
+        return str(self.task.task_id)
+
+    def describe(self) -> str:
+        t = self.task
+        if t.kind == "activity":
+            return (
+                f"activity {t.activity_type!r} (id {t.activity_id}, attempt {t.attempt}, "
+                f"workflow_id={t.workflow_id!r})"
+            )
+        return f"workflow task of {t.workflow_type!r} (workflow_id={t.workflow_id!r})"
+
+    def request_cancel(self, reason: str) -> None:
+        if self.cancel_reason is None and self.stale_reason is None:
+            self.cancel_reason = reason
+        if self.ctx is not None:
+            self.ctx._mark_cancel_requested()
+        self.stop.set()
+
+    def mark_stale(self, reason: str) -> None:
+        if self.stale_reason is None:
+            self.stale_reason = reason
+        if self.ctx is not None:
+            self.ctx._mark_cancel_requested()
+        self.stop.set()
+
+    def poke(self) -> None:
+        self.beat_now.set()
+
+
+# ----------------------------------------------------------------------------------- worker
+
+
+class Worker:
+    """Runs the workflows and activities of a registry for one control plane.
+
+    Embed it in a Trio program with ``await nursery.start(worker.run)``, or run it as a process
+    with ``python -m everruns.worker MODULE ...``.
+
+    Args:
+        registry: where the workflow and activity functions are registered.
+        address: the control plane's ``host:port``.
+        worker_id: this worker's unique name (default ``hostname-pid-random``).
+        max_concurrent_tasks: task slots; the worker never holds more claimed tasks.
+        auth_token: bearer token, if the control plane requires one.
+        tls: TLS context for the connection (None: plaintext).
+        grace_period: seconds `shutdown` lets running tasks finish before cancelling them.
+        max_sync_threads: threads for sync activities (default: one per task slot).
+        poll_wait: long-poll budget of one claim call, in seconds.
+
+    Raises:
+        ConfigError: an argument is invalid; the message names it.
+    """
+
+    def __init__(
+        self,
+        registry: Registry = default_registry,
+        *,
+        address: str = DEFAULT_GRPC_ADDRESS,
+        worker_id: str | None = None,
+        max_concurrent_tasks: int = DEFAULT_MAX_CONCURRENT_TASKS,
+        auth_token: str | None = None,
+        tls: ssl.SSLContext | None = None,
+        grace_period: float = DEFAULT_GRACE_PERIOD,
+        max_sync_threads: int | None = None,
+        poll_wait: float = POLL_WAIT,
+    ) -> None:
+        host, port = parse_address(address, variable="address")
+        config = WorkerConfig(
+            host=host,
+            port=port,
+            worker_id=worker_id if worker_id is not None else default_worker_id(),
+            max_concurrent_tasks=max_concurrent_tasks,
+            auth_token=auth_token,
+            grace_period=grace_period,
+            max_sync_threads=max_sync_threads,
+        )
+        self._init(config, registry, tls, poll_wait)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: WorkerConfig,
+        registry: Registry = default_registry,
+        *,
+        tls: ssl.SSLContext | None = None,
+    ) -> Worker:
+        """Return a worker for ``config``."""
+        worker = cls.__new__(cls)
+        worker._init(config, registry, tls, POLL_WAIT)
+        return worker
+
+    @classmethod
+    def from_env(
+        cls,
+        registry: Registry = default_registry,
+        *,
+        env: Mapping[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> Worker:
+        """Return a worker configured from the environment (see `WorkerConfig.from_env`).
+
+        Reads ``GRPC_ADDRESS``, ``WORKER_ID``, ``MAX_CONCURRENT_TASKS``,
+        ``EVERRUNS_AUTH_TOKEN`` and ``EVERRUNS_WORKER_GRACE_PERIOD``; never ``DATABASE_URL``.
+
+        Raises:
+            ConfigError: a variable has a bad value; the message names it.
+        """
+        return cls.from_config(WorkerConfig.from_env(env), registry, tls=tls)
+
+    def _init(
+        self, config: WorkerConfig, registry: Registry, tls: ssl.SSLContext | None, poll: float
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self._tls = tls
+        self._poll_wait = poll
+        self._slots = TaskSlots(config.max_concurrent_tasks)
+        self._sync_limiter = trio.CapacityLimiter(
+            config.max_sync_threads or config.max_concurrent_tasks
+        )
+        self._replay_limiter = trio.CapacityLimiter(REPLAY_THREADS)
+        self._rng = random.Random()
+        self._running: dict[str, _RunningTask] = {}
+        self._early_cancels: OrderedDict[tuple[str, int], str] = OrderedDict()
+        self._drain_requested = trio.Event()
+        self._heartbeat_wakeup = trio.Event()
+        self._heartbeat_interval = DEFAULT_HEARTBEAT_INTERVAL
+        self._registering: trio.CancelScope | None = None
+        self._channel: RpcChannel | None = None
+        self._stub: Any = None
+        self._task_nursery: trio.Nursery | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._run_called = False
+        self._released = 0
+
+    # ------------------------------------------------------------------------ public surface
+
+    @property
+    def worker_id(self) -> str:
+        """This worker's name, as the control plane lists it."""
+        return self.config.worker_id
+
+    @property
+    def address(self) -> str:
+        """The control plane's ``host:port``."""
+        return self.config.address
+
+    @property
+    def load(self) -> int:
+        """Tasks running now."""
+        return self._slots.load
+
+    @property
+    def draining(self) -> bool:
+        """Whether `shutdown` was called."""
+        return self._drain_requested.is_set()
+
+    def shutdown(self) -> None:
+        """Start a graceful shutdown and return at once; `run` returns when it is done.
+
+        The worker stops claiming, reports ``draining``, lets running tasks finish within the
+        grace period, then cancels the rest and releases them so another worker takes them at
+        once. Calling it again does nothing. Call it from the Trio thread running the worker.
+        """
+        if self._drain_requested.is_set():
+            return
+        self._drain_requested.set()
+        if self._registering is not None:
+            self._registering.cancel()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until `shutdown` has drained the worker, or until cancelled.
+
+        Opens the trio-asyncio loop (or joins an open one) and the channel, registers, reports
+        readiness through ``task_status`` once registered, then claims and runs tasks. While
+        the control plane is unreachable it keeps retrying with backoff and never gives up.
+
+        Cancellation: an immediate stop; running tasks are cancelled and released to other
+        workers (each report shielded and bounded), finished ones still report their outcome.
+
+        Raises:
+            RpcError: the control plane refused the registration for good (e.g. a wrong
+                bearer token).
+            RuntimeError: ``run`` was already called on this worker.
+        """
+        if self._run_called:
+            raise RuntimeError("Worker.run may be called only once per Worker")
+        self._run_called = True
+        self._token = trio.lowlevel.current_trio_token()
+        cfg = self.config
+        async with (
+            open_aio_loop(),
+            open_channel(cfg.host, cfg.port, auth_token=cfg.auth_token, tls=self._tls) as channel,
+        ):
+            self._channel = channel
+            self._stub = pb.WorkerServiceStub(channel.raw)
+            with trio.CancelScope() as registering:
+                self._registering = registering
+                await self._register()
+            self._registering = None
+            if registering.cancelled_caught:
+                log.info("worker %s stopped before it could register", cfg.worker_id)
+                task_status.started()
+                return
+            log.info(
+                "worker %s registered with the control plane at %s (%d slots)",
+                cfg.worker_id,
+                cfg.address,
+                cfg.max_concurrent_tasks,
+            )
+            async with trio.open_nursery() as services:
+                services.start_soon(self._worker_heartbeat_loop)
+                # Shielded so that even an immediate stop closes the stream only after the
+                # goodbye below: its drop is what makes the control plane mark us lost.
+                stream_scope = trio.CancelScope(shield=True)
+                services.start_soon(self._cancellation_loop, stream_scope)
+                try:
+                    with trio.CancelScope() as tasks_scope:
+                        async with trio.open_nursery() as tasks:
+                            self._task_nursery = tasks
+                            poll_scope = trio.CancelScope()
+                            tasks.start_soon(self._poll_loop, poll_scope)
+                            services.start_soon(self._drain_watch, tasks_scope, poll_scope)
+                            task_status.started()
+                    if tasks_scope.cancelled_caught:
+                        log.warning(
+                            "worker %s: grace period of %g s over; %d unfinished task(s) were "
+                            "cancelled and released to other workers",
+                            cfg.worker_id,
+                            cfg.grace_period,
+                            self._released,
+                        )
+                finally:
+                    # Say goodbye while the cancellation stream is still open, so the control
+                    # plane records a clean stop rather than a lost worker.
+                    with trio.move_on_after(FINAL_REPORT_BUDGET, shield=True):
+                        await self._goodbye()
+                    stream_scope.cancel()
+                    services.cancel_scope.cancel()
+                log.info("worker %s drained and stopped", cfg.worker_id)
+
+    # ----------------------------------------------------------------------------- calls
+
+    async def _call(
+        self,
+        method: Callable[..., Awaitable[Reply]],
+        request: Any,
+        *,
+        what: str,
+        budget: float = RPC_TIMEOUT,
+    ) -> Reply:
+        """One call; no answer within ``budget`` counts as an unreachable control plane."""
+        assert self._channel is not None
+        with trio.move_on_after(budget):
+            return await self._channel.unary(method, request)
+        raise ServerUnavailable(f"{what}: no answer within {budget:g} s")
+
+    async def _call_until_answered(
+        self,
+        method: Callable[..., Awaitable[Reply]],
+        request: Any,
+        *,
+        what: str,
+        budget: float = RPC_TIMEOUT,
+    ) -> Reply:
+        """Call until the control plane gives a verdict, backing off while it cannot.
+
+        Raises:
+            FailedPrecondition, NotFound, InvalidArgument, RpcError: a non-transient verdict.
+        """
+        backoff = Backoff(rng=self._rng)
+        while True:
+            try:
+                reply = await self._call(method, request, what=what, budget=budget)
+            except (RpcError, ResourceExhausted, ConcurrencyConflict) as exc:
+                if not is_transient(exc):
+                    raise
+                delay = backoff.next_delay()
+                self._log_retry(what, exc, delay)
+                await trio.sleep(delay)
+            else:
+                if backoff.failures:
+                    log.info("control plane at %s answered %s again", self.config.address, what)
+                return reply
+
+    def _log_retry(
+        self, what: str, exc: BaseException, delay: float, *, level: int = logging.WARNING
+    ) -> None:
+        if isinstance(exc, ServerUnavailable):
+            log.log(
+                level,
+                "control plane at %s unreachable, retrying in %.1f s (%s)",
+                self.config.address,
+                delay,
+                exc,
+            )
+        else:
+            log.log(
+                level,
+                "control plane at %s refused %s for now (%s), retrying in %.1f s",
+                self.config.address,
+                what,
+                exc,
+                delay,
+            )
+
+    async def _register(self) -> None:
+        request = pb.RegisterWorkerRequest(
+            worker_id=self.config.worker_id,
+            activity_types=self.registry.activity_types(),
+            workflow_types=self.registry.workflow_types(),
+            max_concurrency=self.config.max_concurrent_tasks,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            version=_version(),
+        )
+        reply = await self._call_until_answered(
+            self._stub.register_worker, request, what="RegisterWorker"
+        )
+        interval = float(reply.heartbeat_interval_s)
+        self._heartbeat_interval = interval if interval > 0 else DEFAULT_HEARTBEAT_INTERVAL
+
+    async def _goodbye(self) -> None:
+        request = pb.WorkerHeartbeatRequest(
+            worker_id=self.config.worker_id, current_load=0, status="stopped"
+        )
+        try:
+            await self._call(self._stub.worker_heartbeat, request, what="WorkerHeartbeat")
+        except Exception as exc:
+            log.info(
+                "could not tell the control plane that worker %s stopped: %s", self.worker_id, exc
+            )
+
+    # -------------------------------------------------------------------------- services
+
+    async def _worker_heartbeat_loop(self) -> None:
+        backoff = Backoff(rng=self._rng)
+        wait = self._heartbeat_interval
+        while True:
+            with trio.move_on_after(wait):
+                await self._heartbeat_wakeup.wait()
+            self._heartbeat_wakeup = trio.Event()
+            request = pb.WorkerHeartbeatRequest(
+                worker_id=self.config.worker_id,
+                current_load=self._slots.load,
+                status="draining" if self.draining else "active",
+            )
+            try:
+                reply = await self._call(
+                    self._stub.worker_heartbeat, request, what="WorkerHeartbeat"
+                )
+                if not reply.known:
+                    log.warning(
+                        "the control plane no longer knows worker %s; registering again",
+                        self.config.worker_id,
+                    )
+                    await self._register()
+                    if self.draining:
+                        self._heartbeat_wakeup.set()
+            except Exception as exc:
+                wait = min(self._heartbeat_interval, backoff.next_delay())
+                if is_transient(exc):
+                    # The claim loop already reports the outage; say it here only once.
+                    level = logging.WARNING if backoff.failures == 1 else logging.DEBUG
+                    self._log_retry("WorkerHeartbeat", exc, wait, level=level)
+                else:
+                    log.error("worker heartbeat refused: %s (retrying in %.1f s)", exc, wait)
+                continue
+            backoff.reset()
+            wait = self._heartbeat_interval
+
+    async def _cancellation_loop(self, scope: trio.CancelScope) -> None:
+        with scope:
+            await self._follow_cancellations()
+
+    async def _follow_cancellations(self) -> None:
+        assert self._channel is not None
+        backoff = Backoff(rng=self._rng)
+        request = pb.StreamCancellationsRequest(worker_id=self.config.worker_id)
+        while True:
+            try:
+                with trio.CancelScope() as watchdog:
+                    watchdog.deadline = trio.current_time() + STREAM_SILENCE_LIMIT
+                    # RpcChannel.stream is an async generator: close it promptly, not at GC.
+                    stream = cast(
+                        AsyncGenerator[Any, None],
+                        self._channel.stream(self._stub.stream_cancellations, request),
+                    )
+                    async with aclosing(stream):
+                        async for message in stream:
+                            watchdog.deadline = trio.current_time() + STREAM_SILENCE_LIMIT
+                            backoff.reset()
+                            if not message.keepalive:
+                                self._dispatch_cancel(
+                                    message.task_id, message.lease_token, message.reason
+                                )
+                if watchdog.cancelled_caught:
+                    # A half-open connection delivers nothing, not even keepalives.
+                    why = f"nothing received for {STREAM_SILENCE_LIMIT:g} s"
+                else:
+                    why = "the control plane closed it"
+            except RpcError as exc:
+                why = str(exc)
+            except Exception as exc:  # a malformed message must not end cancellation delivery
+                log.exception("cancellation stream failed unexpectedly")
+                why = f"{type(exc).__name__}: {exc}"
+            delay = backoff.next_delay()
+            log.log(
+                logging.WARNING if backoff.failures == 1 else logging.DEBUG,
+                "cancellation stream from the control plane at %s broke (%s); reconnecting "
+                "in %.1f s",
+                self.config.address,
+                why,
+                delay,
+            )
+            await trio.sleep(delay)
+
+    def _dispatch_cancel(self, task_id: str, lease_token: int, reason: str) -> None:
+        why = reason or "cancellation requested by the control plane"
+        handle = self._running.get(task_id)
+        if handle is None:
+            # The claim reply may still be on its way: remember the request for a moment.
+            self._early_cancels[(task_id, lease_token)] = why
+            while len(self._early_cancels) > _EARLY_CANCELS:
+                self._early_cancels.popitem(last=False)
+            return
+        if handle.task.lease_token != lease_token:
+            log.debug("ignoring a cancellation of %s for another lease", handle.describe())
+            return
+        log.info("cancelling %s: %s", handle.describe(), why)
+        handle.request_cancel(why)
+
+    async def _drain_watch(
+        self, tasks_scope: trio.CancelScope, poll_scope: trio.CancelScope
+    ) -> None:
+        await self._drain_requested.wait()
+        grace = self.config.grace_period
+        log.info(
+            "worker %s draining: no new tasks; %d running task(s) have %g s to finish",
+            self.config.worker_id,
+            len(self._running),
+            grace,
+        )
+        poll_scope.cancel()
+        self._heartbeat_wakeup.set()
+        deadline = trio.current_time() + grace
+        tasks_scope.deadline = min(tasks_scope.deadline, deadline)
+        await trio.sleep_until(deadline)
+        # Sync activities cannot be interrupted; this is their only hint to stop early.
+        for handle in self._running.values():
+            if handle.ctx is not None:
+                handle.ctx._mark_cancel_requested()
+
+    # ---------------------------------------------------------------------------- claims
+
+    async def _poll_loop(self, scope: trio.CancelScope) -> None:
+        with scope:
+            activity_types = self.registry.activity_types()
+            workflow_types = self.registry.workflow_types()
+            if not activity_types and not workflow_types:
+                log.warning("worker %s serves nothing; it will not claim tasks", self.worker_id)
+                await trio.sleep_forever()
+            backoff = Backoff(rng=self._rng)
+            while True:
+                free = await self._slots.wait_claimable()
+                slots = self._slots.reserve(free)
+                used = 0
+                asked_at = trio.current_time()
+                try:
+                    request = pb.PollTasksRequest(
+                        worker_id=self.config.worker_id,
+                        max_tasks=len(slots),
+                        activity_types=activity_types,
+                        workflow_types=workflow_types,
+                        wait_s=self._poll_wait,
+                    )
+                    try:
+                        reply = await self._call(
+                            self._stub.poll_tasks,
+                            request,
+                            what="PollTasks",
+                            budget=self._poll_wait + RPC_TIMEOUT,
+                        )
+                    except Exception as exc:
+                        delay = backoff.next_delay()
+                        if is_transient(exc):
+                            self._log_retry("PollTasks", exc, delay)
+                        else:
+                            log.error("PollTasks refused: %s (retrying in %.1f s)", exc, delay)
+                            if isinstance(exc, (NotFound, FailedPrecondition)):
+                                self._heartbeat_wakeup.set()  # re-register if forgotten
+                        for slot in slots:
+                            self._slots.release(slot)
+                        slots = []
+                        await trio.sleep(delay)
+                        continue
+                    if backoff.failures:
+                        log.info("control plane at %s answers again", self.config.address)
+                        backoff.reset()
+                    used = self._start_tasks(reply.tasks, slots, what="PollTasks")
+                finally:
+                    for slot in slots[used:]:
+                        self._slots.release(slot)
+                if not used and trio.current_time() - asked_at < self._poll_wait / 2:
+                    # A long poll that comes back empty-handed at once (a control plane that
+                    # is shutting down, say) must not turn into a busy loop.
+                    await trio.sleep(min(1.0, self._poll_wait / 2))
+
+    def _start_tasks(self, tasks: Sequence[Any], slots: Sequence[Slot], *, what: str) -> int:
+        """Start each claimed task in a slot it was claimed for; return how many slots used."""
+        if len(tasks) > len(slots):
+            log.error(
+                "%s handed out %d task(s) for %d offered slot(s); the extra ones are left for "
+                "the control plane to reclaim",
+                what,
+                len(tasks),
+                len(slots),
+            )
+        assert self._task_nursery is not None
+        count = min(len(tasks), len(slots))
+        for task, slot in zip(tasks[:count], slots[:count], strict=True):
+            self._slots.start(slot)
+            self._task_nursery.start_soon(
+                self._run_task, task, slot, name=f"everruns task {task.kind} {task.task_id}"
+            )
+        return count
+
+    def _eager_offer(self, handle: _RunningTask) -> tuple[list[Slot], int]:
+        """Reserve slots for tasks a completion may hand back; the task's own slot counts."""
+        if self.draining:
+            return [], 0
+        extra = self._slots.reserve_eager(self._slots.free)
+        return extra, len(extra) + 1
+
+    def _adopt_eager(
+        self, tasks: Sequence[Any], handle: _RunningTask, extra: list[Slot], offer: int
+    ) -> int:
+        """Start eager tasks: the first takes over this task's slot; return extra slots used."""
+        if not tasks:
+            return 0
+        if offer == 0:
+            return self._start_tasks(tasks, [], what="eager dispatch")
+        assert self._task_nursery is not None
+        handle.slot_transferred = True
+        self._task_nursery.start_soon(
+            self._run_task,
+            tasks[0],
+            handle.slot,
+            name=f"everruns task {tasks[0].kind} {tasks[0].task_id}",
+        )
+        return self._start_tasks(tasks[1:], extra, what="eager dispatch")
+
+    # ------------------------------------------------------------------------------ tasks
+
+    async def _run_task(self, task: Any, slot: Slot) -> None:
+        handle = _RunningTask(task, slot)
+        self._running[handle.key] = handle
+        early = self._early_cancels.pop((handle.key, task.lease_token), None)
+        if early is not None:
+            handle.request_cancel(early)
+        try:
+            if task.kind == "activity":
+                await self._run_activity(handle)
+            elif task.kind == "workflow":
+                await self._run_workflow_task(handle)
+            else:
+                log.error(
+                    "task %s has unknown kind %r; leaving it to the control plane",
+                    task.task_id,
+                    task.kind,
+                )
+        except Exception:
+            log.exception(
+                "internal error while running %s; the control plane will release it",
+                handle.describe(),
+            )
+        finally:
+            if self._running.get(handle.key) is handle:
+                del self._running[handle.key]
+            if not handle.slot_transferred:
+                self._slots.release(slot)
+
+    async def _watch(self, handle: _RunningTask) -> None:
+        await handle.stop.wait()
+        assert handle.scope is not None
+        handle.scope.cancel()
+
+    # ------------------------------------------------------------------------- activities
+
+    async def _run_activity(self, handle: _RunningTask) -> None:
+        task = handle.task
+        definition = self.registry.get_activity(task.activity_type)
+        args: Any = None
+        if definition is None:
+            handle.outcome = _Failed(
+                make_error(
+                    "everruns.errors.NotFound",
+                    f"worker {self.worker_id} has no activity named {task.activity_type!r} "
+                    f"(it serves {', '.join(self.registry.activity_types()) or 'none'})",
+                    non_retryable=True,
+                ),
+                True,
+            )
+        else:
+            try:
+                args = payload.decode(task.input, what=f"input of activity {task.activity_type!r}")
+                previous = payload.decode(task.heartbeat_details, what="heartbeat details")
+            except PayloadError as exc:
+                handle.outcome = _Failed(error_from_exception(exc, non_retryable=True), True)
+            else:
+                handle.ctx = self._activity_context(handle, previous)
+        reported = False
+        try:
+            if handle.outcome is None and definition is not None:
+                with trio.CancelScope() as scope:
+                    handle.scope = scope
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._activity_heartbeat_loop, handle)
+                        nursery.start_soon(self._watch, handle)
+                        handle.outcome = await self._call_activity(definition, handle, args)
+                        nursery.cancel_scope.cancel()
+            await self._finish_activity(handle)
+            reported = True
+        finally:
+            if not reported:
+                with trio.move_on_after(FINAL_REPORT_BUDGET, shield=True):
+                    await self._final_activity_report(handle)
+
+    def _activity_context(self, handle: _RunningTask, previous: Any) -> ActivityContext:
+        task = handle.task
+        info = ActivityInfo(
+            workflow_id=task.workflow_id,
+            run_id=task.run_id,
+            workflow_type=task.workflow_type,
+            activity_id=task.activity_id,
+            activity_type=task.activity_type,
+            attempt=task.attempt,
+            max_attempts=task.max_attempts,
+            task_id=task.task_id,
+            heartbeat_timeout=task.heartbeat_timeout_s or None,
+            start_to_close_timeout=task.start_to_close_s or None,
+            scheduled_at=_time_or_none(task.scheduled_at),
+            started_at=_time_or_none(task.claimed_at),
+        )
+        token = self._token
+        assert token is not None
+
+        def on_heartbeat() -> None:
+            # Called from the activity (maybe in a thread): hop onto the Trio thread.
+            try:
+                token.run_sync_soon(handle.poke)
+            except trio.RunFinishedError:
+                pass
+
+        ctx = ActivityContext(info, heartbeat_details=previous, on_heartbeat=on_heartbeat)
+        if handle.cancel_reason is not None or handle.stale_reason is not None:
+            ctx._mark_cancel_requested()
+        return ctx
+
+    async def _call_activity(
+        self, definition: ActivityDefinition, handle: _RunningTask, args: Any
+    ) -> _Completed | _Failed:
+        ctx = handle.ctx
+        try:
+            if definition.is_async:
+                value = await definition.fn(ctx, args)
+            else:
+                value = await trio.to_thread.run_sync(
+                    functools.partial(definition.fn, ctx, args), limiter=self._sync_limiter
+                )
+        except Exception as exc:
+            log.info("%s failed: %s: %s", handle.describe(), type_name(exc), exc)
+            error = error_from_exception(exc)
+            return _Failed(error, bool(error["non_retryable"]))
+        try:
+            result = payload.encode(value, what=f"result of activity {definition.name!r}")
+        except PayloadError as exc:
+            return _Failed(error_from_exception(exc, non_retryable=True), True)
+        return _Completed(result)
+
+    async def _activity_heartbeat_loop(self, handle: _RunningTask) -> None:
+        task = handle.task
+        ctx = handle.ctx
+        assert ctx is not None
+        timeout = float(task.heartbeat_timeout_s)
+        interval = (
+            min(DEFAULT_HEARTBEAT_INTERVAL, timeout / 3)
+            if timeout > 0
+            else (DEFAULT_HEARTBEAT_INTERVAL)
+        )
+        # A tight loop of ctx.heartbeat() calls must not become a tight loop of RPCs.
+        min_gap = min(1.0, interval / 2)
+        backoff = Backoff(rng=self._rng)
+        last_sent = trio.current_time() - min_gap
+        due = trio.current_time() + interval
+        while True:
+            with trio.move_on_at(due):
+                await handle.beat_now.wait()
+            if trio.current_time() < last_sent + min_gap:
+                await trio.sleep_until(last_sent + min_gap)
+            handle.beat_now = trio.Event()
+            details = ctx._take_details()
+            request = pb.RecordHeartbeatRequest(
+                task_id=task.task_id, lease_token=task.lease_token, details=details or b""
+            )
+            last_sent = trio.current_time()
+            try:
+                reply = await self._call(
+                    self._stub.record_heartbeat,
+                    request,
+                    what="RecordHeartbeat",
+                    budget=max(interval, 5.0),
+                )
+            except Exception as exc:
+                if _is_stale(exc):
+                    log.warning("%s lost its lease (%s); stopping it", handle.describe(), exc)
+                    handle.mark_stale(str(exc))
+                    return
+                if details is not None:
+                    ctx._requeue_details(details)
+                delay = min(interval, backoff.next_delay())
+                if is_transient(exc):
+                    self._log_retry("RecordHeartbeat", exc, delay)
+                else:
+                    log.error("heartbeat of %s refused: %s", handle.describe(), exc)
+                due = trio.current_time() + delay
+                continue
+            backoff.reset()
+            if reply.cancel_requested:
+                log.info("cancelling %s: cancellation requested", handle.describe())
+                handle.request_cancel("cancellation requested by the workflow")
+                return
+            due = last_sent + interval
+
+    async def _finish_activity(self, handle: _RunningTask) -> None:
+        if handle.stale_reason is not None:
+            log.warning(
+                "dropping the outcome of %s: its lease is no longer valid (%s)",
+                handle.describe(),
+                handle.stale_reason,
+            )
+            return
+        outcome = handle.outcome
+        if isinstance(outcome, _Completed):
+            await self._complete_activity(handle, outcome)
+        elif isinstance(outcome, _Failed):
+            await self._fail_activity(handle, outcome)
+        else:
+            await self._fail_activity(handle, self._cancelled_failure(handle), cancelled=True)
+
+    def _cancelled_failure(self, handle: _RunningTask) -> _Failed:
+        reason = handle.cancel_reason or "cancelled"
+        return _Failed(
+            make_error("everruns.errors.ActivityCancelled", f"activity cancelled: {reason}"), False
+        )
+
+    async def _complete_activity(self, handle: _RunningTask, outcome: _Completed) -> None:
+        task = handle.task
+        extra, offer = self._eager_offer(handle)
+        used = 0
+        try:
+            request = pb.CompleteActivityTaskRequest(
+                task_id=task.task_id,
+                lease_token=task.lease_token,
+                worker_id=self.config.worker_id,
+                result=outcome.result,
+                max_eager_tasks=offer,
+            )
+            try:
+                reply = await self._call_until_answered(
+                    self._stub.complete_activity_task, request, what="CompleteActivityTask"
+                )
+            except RpcError as exc:
+                self._refused(handle, exc)
+                return
+            except (FailedPrecondition, NotFound) as exc:
+                self._dropped(handle, exc)
+                return
+            except (InvalidArgument, ResourceExhausted) as exc:
+                # The control plane will never take this result (e.g. too large): fail the
+                # attempt for good with its reason rather than retry it forever.
+                failure = _Failed(
+                    make_error(
+                        type_name(exc),
+                        f"the control plane refused the result of activity "
+                        f"{task.activity_type!r}: {exc}",
+                        non_retryable=True,
+                    ),
+                    True,
+                )
+                await self._fail_activity(handle, failure)
+                return
+            log.debug("%s completed", handle.describe())
+            used = self._adopt_eager(reply.eager_tasks, handle, extra, offer)
+        finally:
+            for slot in extra[used:]:
+                self._slots.release(slot)
+
+    async def _fail_activity(
+        self, handle: _RunningTask, failure: _Failed, *, cancelled: bool = False
+    ) -> None:
+        task = handle.task
+        request = pb.FailActivityTaskRequest(
+            task_id=task.task_id,
+            lease_token=task.lease_token,
+            worker_id=self.config.worker_id,
+            error=payload.encode(failure.error, what="error"),
+            non_retryable=failure.non_retryable,
+            cancelled=cancelled,
+        )
+        try:
+            reply = await self._call_until_answered(
+                self._stub.fail_activity_task, request, what="FailActivityTask"
+            )
+        except (FailedPrecondition, NotFound) as exc:
+            self._dropped(handle, exc)
+            return
+        except (RpcError, InvalidArgument, ResourceExhausted) as exc:
+            self._refused(handle, exc)
+            return
+        if cancelled:
+            log.info("%s reported cancelled", handle.describe())
+        elif reply.will_retry:
+            log.info("%s will be retried", handle.describe())
+        else:
+            log.warning("%s failed for good: %s", handle.describe(), failure.error["message"])
+
+    async def _final_activity_report(self, handle: _RunningTask) -> None:
+        """Report what can be reported while the worker itself is being stopped (shielded)."""
+        if handle.stale_reason is not None:
+            return
+        task = handle.task
+        outcome = handle.outcome
+        try:
+            if isinstance(outcome, _Completed):
+                await self._call_until_answered(
+                    self._stub.complete_activity_task,
+                    pb.CompleteActivityTaskRequest(
+                        task_id=task.task_id,
+                        lease_token=task.lease_token,
+                        worker_id=self.config.worker_id,
+                        result=outcome.result,
+                    ),
+                    what="CompleteActivityTask",
+                )
+                return
+            cancelled = outcome is None and handle.cancel_reason is not None
+            release = outcome is None and not cancelled
+            if isinstance(outcome, _Failed):
+                failure = outcome
+            elif cancelled:
+                failure = self._cancelled_failure(handle)
+            else:
+                failure = _Failed(
+                    make_error(
+                        "everruns.WorkerShutdown",
+                        f"worker {self.worker_id} stopped before the activity finished; "
+                        "released to another worker",
+                    ),
+                    False,
+                )
+            await self._call_until_answered(
+                self._stub.fail_activity_task,
+                pb.FailActivityTaskRequest(
+                    task_id=task.task_id,
+                    lease_token=task.lease_token,
+                    worker_id=self.config.worker_id,
+                    error=payload.encode(failure.error, what="error"),
+                    non_retryable=failure.non_retryable,
+                    cancelled=cancelled,
+                    release=release,
+                ),
+                what="FailActivityTask",
+            )
+            if release:
+                self._released += 1
+                log.info("released %s to another worker", handle.describe())
+        except Exception as exc:
+            log.warning(
+                "could not report %s while stopping (%s); the control plane will release it "
+                "when it sees this worker gone",
+                handle.describe(),
+                exc,
+            )
+
+    def _dropped(self, handle: _RunningTask, exc: BaseException) -> None:
+        log.warning(
+            "dropping the outcome of %s: the control plane says its lease is stale (%s)",
+            handle.describe(),
+            exc,
+        )
+
+    def _refused(self, handle: _RunningTask, exc: BaseException) -> None:
+        log.error("the control plane refused the outcome of %s: %s", handle.describe(), exc)
+
+    # --------------------------------------------------------------------- workflow tasks
+
+    async def _run_workflow_task(self, handle: _RunningTask) -> None:
+        reported = False
+        try:
+            with trio.CancelScope() as scope:
+                handle.scope = scope
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._watch, handle)
+                    handle.outcome = await trio.to_thread.run_sync(
+                        self._decide, handle, limiter=self._replay_limiter
+                    )
+                    nursery.cancel_scope.cancel()
+            await self._finish_workflow_task(handle)
+            reported = True
+        finally:
+            if not reported and handle.outcome is not None:
+                with trio.move_on_after(FINAL_REPORT_BUDGET, shield=True):
+                    await self._finish_workflow_task(handle, eager=False)
+
+    def _decide(self, handle: _RunningTask) -> _Decided | _WorkflowTaskFailed:
+        """Replay the workflow over its history (runs in a thread; pure)."""
+        task = handle.task
+        try:
+            definition = self.registry.workflow(task.workflow_type)
+        except NotFound as exc:
+            return _WorkflowTaskFailed(
+                make_error(
+                    type_name(exc),
+                    f"worker {self.worker_id}: {exc}",
+                    non_retryable=True,
+                ),
+                False,
+            )
+        info = WorkflowInfo(
+            workflow_id=task.workflow_id, run_id=task.run_id, workflow_type=task.workflow_type
+        )
+        try:
+            events = [
+                HistoryEvent.of(
+                    e.sequence_num,
+                    payload.decode(e.data, what=f"history event {e.sequence_num}"),
+                    time=datetime.fromtimestamp(e.time, UTC),
+                )
+                for e in task.history
+            ]
+        except (InvalidArgument, PayloadError) as exc:
+            bad = NonDeterminismError(f"{info.describe()} has an unreadable history: {exc}")
+            return _WorkflowTaskFailed(error_from_exception(bad, non_retryable=True), True)
+        if not handle.claim_time:
+            handle.claim_time = datetime.now(UTC).timestamp()
+        now = datetime.fromtimestamp(handle.claim_time, UTC)
+        try:
+            result = replay(definition.fn, events, info=info, now=now, registry=self.registry)
+            commands = payload.encode(
+                [command.to_dict() for command in result.commands], what="workflow commands"
+            )
+        except NonDeterminismError as exc:
+            return _WorkflowTaskFailed(error_from_exception(exc, non_retryable=True), True)
+        except Exception as exc:
+            return _WorkflowTaskFailed(error_from_exception(exc), False)
+        return _Decided(commands, result.seen_sequence)
+
+    async def _finish_workflow_task(self, handle: _RunningTask, *, eager: bool = True) -> None:
+        task = handle.task
+        if handle.stale_reason is not None or handle.cancel_reason is not None:
+            log.info(
+                "dropping the decision of %s: %s",
+                handle.describe(),
+                handle.stale_reason or handle.cancel_reason,
+            )
+            return
+        outcome = handle.outcome
+        if isinstance(outcome, _WorkflowTaskFailed):
+            await self._fail_workflow_task(handle, outcome)
+            return
+        assert isinstance(outcome, _Decided)
+        extra, offer = self._eager_offer(handle) if eager else ([], 0)
+        used = 0
+        try:
+            request = pb.CompleteWorkflowTaskRequest(
+                task_id=task.task_id,
+                lease_token=task.lease_token,
+                worker_id=self.config.worker_id,
+                seen_sequence=outcome.seen_sequence,
+                commands=outcome.commands,
+                claim_time=handle.claim_time,
+                max_eager_tasks=offer,
+            )
+            try:
+                reply = await self._call_until_answered(
+                    self._stub.complete_workflow_task, request, what="CompleteWorkflowTask"
+                )
+            except (FailedPrecondition, NotFound) as exc:
+                self._dropped(handle, exc)
+                return
+            except (InvalidArgument, ResourceExhausted) as exc:
+                failure = _WorkflowTaskFailed(
+                    make_error(type_name(exc), f"the control plane refused the commands: {exc}"),
+                    False,
+                )
+                await self._fail_workflow_task(handle, failure)
+                return
+            except RpcError as exc:
+                self._refused(handle, exc)
+                return
+            if reply.superseded:
+                log.debug("%s superseded by newer history", handle.describe())
+            used = self._adopt_eager(reply.eager_tasks, handle, extra, offer)
+        finally:
+            for slot in extra[used:]:
+                self._slots.release(slot)
+
+    async def _fail_workflow_task(self, handle: _RunningTask, failure: _WorkflowTaskFailed) -> None:
+        task = handle.task
+        if failure.non_determinism:
+            log.error("%s is stuck: %s", handle.describe(), failure.error["message"])
+        else:
+            log.error(
+                "%s failed: %s: %s",
+                handle.describe(),
+                failure.error["type"],
+                failure.error["message"],
+            )
+        request = pb.FailWorkflowTaskRequest(
+            task_id=task.task_id,
+            lease_token=task.lease_token,
+            worker_id=self.config.worker_id,
+            error=payload.encode(failure.error, what="error"),
+            non_determinism=failure.non_determinism,
+        )
+        try:
+            await self._call_until_answered(
+                self._stub.fail_workflow_task, request, what="FailWorkflowTask"
+            )
+        except (FailedPrecondition, NotFound) as exc:
+            self._dropped(handle, exc)
+        except (RpcError, InvalidArgument, ResourceExhausted) as exc:
+            self._refused(handle, exc)

@@ -1,0 +1,794 @@
+"""End-to-end harness: real control-plane and worker processes, killed on purpose, never leaked.
+
+`start_server` and `start_worker` launch ``python -m everruns.server`` / ``python -m
+everruns.worker`` with `trio.run_process` inside a nursery the caller owns, each in its own
+session (process group), and return once the process says it is ready. Cancelling that nursery
+terminates every process (SIGTERM, then SIGKILL after a short bound), and `open_cluster` wraps
+it all: it owns the nursery, remembers every process it started, and on the way out asserts that
+none of them (nor anything they spawned) is still alive. `ExecutionLog` reads the per-test file
+in which the activities of `tests.e2e.workflows` record each execution. The harness only starts,
+signals and observes processes; it must not reach into the engine's internals — what a test
+checks about the database it reads through the `pool` fixture.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from everruns.client import Client
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+WORKFLOWS_MODULE = "tests.e2e.workflows"
+"""What workers import by default (resolved through ``PYTHONPATH=REPO_ROOT``)."""
+
+SERVER_READY = re.compile(r"everruns control plane listening on (?P<address>\S+)")
+WORKER_READY = re.compile(r"everruns worker (?P<worker_id>\S+) serving")
+WORKER_REGISTERED = re.compile(r"worker (?P<worker_id>\S+) registered with the control plane")
+"""The worker's log line once RegisterWorker succeeded (its ready line comes before that)."""
+
+READY_TIMEOUT = 30.0
+"""Seconds a process may take to print its ready line (imports, migrations, registration)."""
+TERM_GRACE = 3.0
+"""Seconds between SIGTERM and SIGKILL when the harness stops a process."""
+WORKER_GRACE_PERIOD = "1"
+"""The workers' shutdown grace in tests, so a SIGTERM at teardown does not wait 30 s."""
+
+
+class HarnessError(AssertionError):
+    """A process did not start, exited early, or outlived its test; the message has its output."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port that was free a moment ago (bind to 0, read it, close).
+
+    The caller keeps the number, so a restarted server comes back on the same address.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def base_env(
+    env_extra: Mapping[str, str] | None = None, *, drop: Iterable[str] = ()
+) -> dict[str, str]:
+    """Return this process's environment prepared for a child everruns process.
+
+    The repository root is put first on ``PYTHONPATH`` so workers can import
+    ``tests.e2e.workflows``; output is unbuffered so ready lines arrive at once.
+    """
+    env = dict(os.environ)
+    for name in drop:
+        env.pop(name, None)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    if env_extra:
+        env.update(env_extra)
+    return env
+
+
+class ManagedProcess:
+    """One child process started by the harness, with everything it printed.
+
+    Attributes:
+        name: a label for messages (``server-1``, ``worker-a``).
+        argv: the command line.
+        lines: every line of its stdout and stderr (merged), in order.
+        log_path: where the same output is written as it arrives, or None.
+    """
+
+    def __init__(self, name: str, argv: Sequence[str], log_path: Path | None) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.lines: list[str] = []
+        self.log_path = log_path
+        self._process: trio.Process | None = None
+        self._changed = trio.Event()
+        self._eof = False
+        self._exited = trio.Event()
+
+    # ------------------------------------------------------------------------------ identity
+
+    @property
+    def process(self) -> trio.Process:
+        if self._process is None:
+            raise HarnessError(f"{self.name} was never started")
+        return self._process
+
+    @property
+    def pid(self) -> int:
+        """The process id (also its process-group id: each child leads its own session)."""
+        return self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once reaped (negative: killed by that signal), else None."""
+        return self.process.returncode
+
+    def tail(self, n: int = 40) -> str:
+        """Return the last ``n`` output lines, indented, for failure messages."""
+        shown = self.lines[-n:]
+        header = f"--- last {len(shown)} of {len(self.lines)} lines of {self.name} (pid {self.pid})"
+        return "\n".join([header, *("    " + line for line in shown)])
+
+    # ------------------------------------------------------------------------------- signals
+
+    def send_signal(self, signum: int) -> None:
+        """Send ``signum`` to the process's whole group; a no-op once the group is gone."""
+        try:
+            os.killpg(self.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def terminate(self) -> None:
+        """SIGTERM: ask for a graceful stop."""
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL (``kill -9``): no cleanup of any kind runs in the process."""
+        self.send_signal(signal.SIGKILL)
+
+    async def wait(self) -> int:
+        """Wait for the process to exit and return its status (cancellable)."""
+        code: int = await self.process.wait()
+        return code
+
+    async def kill_and_wait(self) -> int:
+        """SIGKILL the process and wait (shielded, bounded) until it is reaped.
+
+        Raises:
+            HarnessError: it was still not reaped 10 s after SIGKILL.
+        """
+        self.kill()
+        with trio.move_on_after(10, shield=True):
+            return await self.wait()
+        raise HarnessError(f"{self.name} survived SIGKILL for 10 s\n{self.tail()}")
+
+    def group_alive(self) -> bool:
+        """Whether any process of this one's group still exists (zombies included)."""
+        try:
+            os.killpg(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # the pgid was reused by someone else's process
+            return False
+        return True
+
+    # -------------------------------------------------------------------------------- output
+
+    async def wait_for_line(
+        self, pattern: re.Pattern[str] | str, *, timeout: float, since: int = 0
+    ) -> re.Match[str]:
+        """Wait until an output line (from index ``since`` on) matches ``pattern``.
+
+        Returns:
+            The match.
+
+        Raises:
+            HarnessError: the process closed its output first, or ``timeout`` passed; the
+                message carries its last lines.
+        """
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        checked = since
+        with trio.move_on_after(timeout):
+            while True:
+                while checked < len(self.lines):
+                    found = regex.search(self.lines[checked])
+                    checked += 1
+                    if found is not None:
+                        return found
+                if self._eof:
+                    raise HarnessError(
+                        f"{self.name} exited (status {self.returncode}) before printing "
+                        f"{regex.pattern!r}\n{self.tail()}"
+                    )
+                await self._changed.wait()
+        raise HarnessError(
+            f"{self.name} did not print {regex.pattern!r} within {timeout:g} s\n{self.tail()}"
+        )
+
+    async def _pump(self, stream: trio.abc.ReceiveStream) -> None:
+        # Splits on newlines ourselves: trio streams deliver arbitrary chunks.
+        pending = b""
+        log = self.log_path.open("ab") if self.log_path is not None else None
+        try:
+            async with stream:
+                async for chunk in stream:
+                    if log is not None:
+                        log.write(chunk)
+                        log.flush()
+                    pending += chunk
+                    *complete, pending = pending.split(b"\n")
+                    if complete:
+                        self.lines.extend(c.decode(errors="replace") for c in complete)
+                        self._wake()
+        except trio.BrokenResourceError:
+            pass
+        finally:
+            if pending:
+                self.lines.append(pending.decode(errors="replace"))
+            self._eof = True
+            self._wake()
+            if log is not None:
+                log.close()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _deliver_cancel(self, process: trio.Process) -> None:
+        # Called shielded by trio.run_process when the nursery is cancelled; run_process
+        # cancels this as soon as the process exits, so SIGKILL only follows a hung SIGTERM.
+        self.terminate()
+        await trio.sleep(TERM_GRACE)
+        self.kill()
+
+
+@attrs.define(eq=False)
+class ServerProcess:
+    """A running control plane.
+
+    Attributes:
+        proc: the process and its output.
+        address: ``host:port`` it listens on (the same across `restart_server`).
+        port: the port.
+        database_url: the database it serves.
+        env_extra: the extra environment it was started with (reused on restart).
+    """
+
+    proc: ManagedProcess
+    address: str
+    port: int
+    database_url: str
+    env_extra: dict[str, str]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def terminate(self) -> None:
+        """SIGTERM: the server shuts down cleanly."""
+        self.proc.terminate()
+
+    def kill(self) -> None:
+        """SIGKILL: the server vanishes without closing anything."""
+        self.proc.kill()
+
+    async def wait(self) -> int:
+        """Wait for exit; returns the status."""
+        return await self.proc.wait()
+
+    async def kill_and_wait(self) -> int:
+        """SIGKILL and wait until reaped (bounded)."""
+        return await self.proc.kill_and_wait()
+
+    def tail(self, n: int = 40) -> str:
+        return self.proc.tail(n)
+
+
+@attrs.define(eq=False)
+class WorkerProcess:
+    """A running worker.
+
+    Attributes:
+        proc: the process and its output.
+        worker_id: its ``WORKER_ID``.
+        address: the control plane it talks to.
+        modules: what it imported.
+    """
+
+    proc: ManagedProcess
+    worker_id: str
+    address: str
+    modules: tuple[str, ...]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def terminate(self) -> None:
+        """SIGTERM: the worker drains (stops claiming, finishes within its grace period)."""
+        self.proc.terminate()
+
+    def kill(self) -> None:
+        """SIGKILL (``kill -9``)."""
+        self.proc.kill()
+
+    async def wait(self) -> int:
+        """Wait for exit; returns the status."""
+        return await self.proc.wait()
+
+    async def kill_and_wait(self) -> int:
+        """SIGKILL and wait until reaped (bounded)."""
+        return await self.proc.kill_and_wait()
+
+    def tail(self, n: int = 40) -> str:
+        return self.proc.tail(n)
+
+
+async def _launch(
+    nursery: trio.Nursery,
+    name: str,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    ready: re.Pattern[str] | None,
+    *,
+    log_dir: Path | None,
+    ready_timeout: float,
+    started: list[ManagedProcess] | None,
+) -> tuple[ManagedProcess, re.Match[str] | None]:
+    log_path = log_dir / f"{name}.log" if log_dir is not None else None
+    managed = ManagedProcess(name, argv, log_path)
+    process: trio.Process = await nursery.start(
+        partial(
+            trio.run_process,
+            list(argv),
+            check=False,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=dict(env),
+            cwd=str(REPO_ROOT),
+            start_new_session=True,
+            deliver_cancel=managed._deliver_cancel,
+        )
+    )
+    managed._process = process
+    if started is not None:
+        started.append(managed)
+    assert process.stdout is not None
+    nursery.start_soon(managed._pump, process.stdout)
+    if ready is None:
+        return managed, None
+    try:
+        match = await managed.wait_for_line(ready, timeout=ready_timeout)
+    except BaseException:
+        await managed.kill_and_wait()
+        raise
+    return managed, match
+
+
+async def start_server(
+    database_url: str,
+    *,
+    nursery: trio.Nursery,
+    address: str | None = None,
+    env_extra: Mapping[str, str] | None = None,
+    name: str = "server",
+    log_dir: Path | None = None,
+    ready_timeout: float = READY_TIMEOUT,
+    started: list[ManagedProcess] | None = None,
+) -> ServerProcess:
+    """Start ``python -m everruns.server`` and return once it listens.
+
+    Args:
+        database_url: the database (``DATABASE_URL``).
+        nursery: owns the process; cancelling it stops the process (SIGTERM, then SIGKILL).
+        address: ``host:port`` to listen on; default a free loopback port. Pass a previous
+            server's address to bring a control plane back where workers expect it.
+        env_extra: extra environment (``EVERRUNS_STALE_AFTER``, ``EVERRUNS_AUTH_TOKEN``...).
+        name: label for messages and the log file.
+        log_dir: write its whole output to ``log_dir/NAME.log`` as well.
+        ready_timeout: seconds to wait for the ready line.
+        started: list the process is appended to as soon as it exists (for leak checks).
+
+    Returns:
+        The server; ``address`` is what it printed.
+
+    Raises:
+        HarnessError: it exited or stayed silent instead (its output is in the message).
+    """
+    if address is None:
+        address = f"127.0.0.1:{free_port()}"
+    extra = dict(env_extra or {})
+    env = base_env({"DATABASE_URL": database_url, "GRPC_ADDRESS": address, **extra})
+    argv = [sys.executable, "-m", "everruns.server"]
+    managed, match = await _launch(
+        nursery,
+        name,
+        argv,
+        env,
+        SERVER_READY,
+        log_dir=log_dir,
+        ready_timeout=ready_timeout,
+        started=started,
+    )
+    assert match is not None
+    printed = match["address"]
+    port = int(printed.rpartition(":")[2])
+    return ServerProcess(managed, printed, port, database_url, extra)
+
+
+async def start_worker(
+    address: str,
+    modules: Sequence[str] = (WORKFLOWS_MODULE,),
+    *,
+    nursery: trio.Nursery,
+    worker_id: str,
+    env_extra: Mapping[str, str] | None = None,
+    max_concurrent_tasks: int | None = None,
+    log_dir: Path | None = None,
+    ready_timeout: float = READY_TIMEOUT,
+    wait_ready: bool = True,
+    started: list[ManagedProcess] | None = None,
+) -> WorkerProcess:
+    """Start ``python -m everruns.worker MODULE...`` and return once it has registered.
+
+    The worker gets no ``DATABASE_URL`` (it must not need one) and a short shutdown grace
+    period unless ``env_extra`` says otherwise.
+
+    Args:
+        address: the control plane (``GRPC_ADDRESS``).
+        modules: modules defining workflows and activities.
+        nursery: owns the process.
+        worker_id: its ``WORKER_ID``.
+        env_extra: extra environment, e.g. ``E2E_LOG``.
+        max_concurrent_tasks: ``MAX_CONCURRENT_TASKS``; default the worker's own.
+        log_dir: write its whole output to ``log_dir/WORKER_ID.log`` as well.
+        ready_timeout: seconds to wait for the ready line.
+        wait_ready: False returns as soon as the process exists (e.g. no server is up yet);
+            True waits for its ready line and then for its registration.
+        started: list the process is appended to as soon as it exists (for leak checks).
+
+    Returns:
+        The worker.
+
+    Raises:
+        HarnessError: it exited or stayed silent instead (its output is in the message).
+    """
+    env_map: dict[str, str] = {
+        "GRPC_ADDRESS": address,
+        "WORKER_ID": worker_id,
+        "EVERRUNS_WORKER_GRACE_PERIOD": WORKER_GRACE_PERIOD,
+    }
+    if max_concurrent_tasks is not None:
+        env_map["MAX_CONCURRENT_TASKS"] = str(max_concurrent_tasks)
+    env_map.update(env_extra or {})
+    env = base_env(env_map, drop=("DATABASE_URL",))
+    argv = [sys.executable, "-m", "everruns.worker", *modules]
+    managed, match = await _launch(
+        nursery,
+        worker_id,
+        argv,
+        env,
+        WORKER_READY if wait_ready else None,
+        log_dir=log_dir,
+        ready_timeout=ready_timeout,
+        started=started,
+    )
+    if match is not None:
+        if match["worker_id"] != worker_id:
+            await managed.kill_and_wait()
+            raise HarnessError(
+                f"worker started with WORKER_ID={worker_id!r} announced itself as "
+                f"{match['worker_id']!r}\n{managed.tail()}"
+            )
+        try:
+            await managed.wait_for_line(WORKER_REGISTERED, timeout=ready_timeout)
+        except BaseException:
+            await managed.kill_and_wait()
+            raise
+    return WorkerProcess(managed, worker_id, address, tuple(modules))
+
+
+# ------------------------------------------------------------------------------ executions
+
+
+@attrs.frozen
+class Execution:
+    """One line of the execution log (see `tests.e2e.workflows.record`).
+
+    Attributes:
+        event: ``start``, ``end``, ``cancelled`` or ``finally``.
+        activity: the activity type.
+        workflow_id, run_id, activity_id: which activity of which run.
+        attempt: the attempt number the worker was given.
+        worker: the ``WORKER_ID`` of the process that ran it.
+        pid: that process.
+        t: ``time.monotonic()`` when recorded (comparable across processes).
+        data: whatever the activity added (input, result, label).
+    """
+
+    event: str
+    activity: str
+    workflow_id: str
+    run_id: str
+    activity_id: str
+    attempt: int
+    worker: str
+    pid: int
+    t: float
+    data: dict[str, Any]
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """The activity's identity across attempts: (run id, activity id)."""
+        return (self.run_id, self.activity_id)
+
+    @classmethod
+    def from_json(cls, entry: Mapping[str, Any]) -> Execution:
+        return cls(
+            event=str(entry["event"]),
+            activity=str(entry["activity"]),
+            workflow_id=str(entry["workflow_id"]),
+            run_id=str(entry["run_id"]),
+            activity_id=str(entry["activity_id"]),
+            attempt=int(entry["attempt"]),
+            worker=str(entry["worker"]),
+            pid=int(entry["pid"]),
+            t=float(entry["t"]),
+            data=dict(entry.get("data") or {}),
+        )
+
+
+class ExecutionLog:
+    """The file the test activities append to; pass `env` to every worker.
+
+    Every line must parse: writes are single ``O_APPEND`` writes, so a torn line is a bug worth
+    failing on.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment a worker needs to record here."""
+        return {"E2E_LOG": str(self.path)}
+
+    def records(
+        self,
+        event: str | None = None,
+        *,
+        activity: str | None = None,
+        workflow_id: str | None = None,
+    ) -> list[Execution]:
+        """Return the records so far, in file order, optionally filtered.
+
+        Raises:
+            HarnessError: a line is not a complete record.
+        """
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return []
+        found: list[Execution] = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            try:
+                item = Execution.from_json(json.loads(line))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise HarnessError(f"{self.path}:{number} is not a record: {line!r}") from exc
+            if event is not None and item.event != event:
+                continue
+            if activity is not None and item.activity != activity:
+                continue
+            if workflow_id is not None and item.workflow_id != workflow_id:
+                continue
+            found.append(item)
+        return found
+
+    def count_by_key(
+        self, event: str, *, activity: str | None = None, workflow_id: str | None = None
+    ) -> collections.Counter[tuple[str, str]]:
+        """How many ``event`` records each (run id, activity id) has."""
+        return collections.Counter(
+            r.key for r in self.records(event, activity=activity, workflow_id=workflow_id)
+        )
+
+
+# ---------------------------------------------------------------------------------- waiting
+
+
+async def wait_until(
+    predicate: Callable[[], bool | Awaitable[bool]],
+    *,
+    timeout: float,
+    what: str,
+    interval: float = 0.05,
+) -> None:
+    """Wait until ``predicate()`` (sync or async) is true, checking every ``interval`` s.
+
+    Polling is acceptable here: the harness observes other processes, which cannot wake us.
+
+    Raises:
+        HarnessError: still false after ``timeout`` seconds; the message says ``what``.
+    """
+    with trio.move_on_after(timeout):
+        while True:
+            value = predicate()
+            if not isinstance(value, bool):
+                value = await value
+            if value:
+                return
+            await trio.sleep(interval)
+    raise HarnessError(f"timed out after {timeout:g} s waiting until {what}")
+
+
+def connect(address: str) -> AbstractAsyncContextManager[Client]:
+    """Open a client to ``address`` (``async with connect(server.address) as client``)."""
+    return Client.connect(address)
+
+
+def monotonic() -> float:
+    """The clock the execution log's ``t`` uses (not trio's, which has a random offset)."""
+    return time.monotonic()
+
+
+# ---------------------------------------------------------------------------------- cluster
+
+
+class Cluster:
+    """The processes of one test; made by `open_cluster`.
+
+    Attributes:
+        database_url: the test's database.
+        log: the execution log every worker it starts records to.
+        log_dir: where each process's output file goes.
+        processes: every process started, in order.
+        servers: every control plane started, in order (several may share the database).
+        workers: every worker started, in order.
+        server: the most recently started server (None before the first).
+    """
+
+    def __init__(
+        self, nursery: trio.Nursery, database_url: str, log_dir: Path, server_env: dict[str, str]
+    ) -> None:
+        self._nursery = nursery
+        self.database_url = database_url
+        self.log_dir = log_dir
+        self.log = ExecutionLog(log_dir / "executions.jsonl")
+        self.processes: list[ManagedProcess] = []
+        self.servers: list[ServerProcess] = []
+        self.workers: list[WorkerProcess] = []
+        self.server: ServerProcess | None = None
+        self._server_env = server_env
+        self._servers = 0
+
+    @property
+    def address(self) -> str:
+        """The current server's address."""
+        if self.server is None:
+            raise HarnessError("no server has been started in this cluster")
+        return self.server.address
+
+    async def start_server(
+        self, *, address: str | None = None, env_extra: Mapping[str, str] | None = None
+    ) -> ServerProcess:
+        """Start a control plane (on ``address`` if given); see `start_server`."""
+        self._servers += 1
+        server = await start_server(
+            self.database_url,
+            nursery=self._nursery,
+            address=address,
+            env_extra={**self._server_env, **(env_extra or {})},
+            name=f"server-{self._servers}",
+            log_dir=self.log_dir,
+            started=self.processes,
+        )
+        self.server = server
+        self.servers.append(server)
+        return server
+
+    async def restart_server(self, *, kill: bool = True) -> ServerProcess:
+        """Stop the current server (SIGKILL, or SIGTERM) and start a new one on its address.
+
+        Raises:
+            HarnessError: the old one did not exit within 10 s, or the new one did not start.
+        """
+        old = self.server
+        if old is None:
+            raise HarnessError("no server to restart")
+        if kill:
+            await old.kill_and_wait()
+        else:
+            old.terminate()
+            with trio.move_on_after(10):
+                await old.wait()
+            if old.proc.returncode is None:
+                raise HarnessError(f"{old.proc.name} ignored SIGTERM for 10 s\n{old.tail()}")
+        return await self.start_server(address=old.address, env_extra=old.env_extra)
+
+    async def start_worker(
+        self,
+        worker_id: str,
+        *,
+        modules: Sequence[str] = (WORKFLOWS_MODULE,),
+        env_extra: Mapping[str, str] | None = None,
+        max_concurrent_tasks: int | None = None,
+        address: str | None = None,
+        wait_ready: bool = True,
+    ) -> WorkerProcess:
+        """Start a worker recording to `log`; see `start_worker`."""
+        worker = await start_worker(
+            address or self.address,
+            modules,
+            nursery=self._nursery,
+            worker_id=worker_id,
+            env_extra={**self.log.env, **(env_extra or {})},
+            max_concurrent_tasks=max_concurrent_tasks,
+            log_dir=self.log_dir,
+            wait_ready=wait_ready,
+            started=self.processes,
+        )
+        self.workers.append(worker)
+        return worker
+
+    def client(self, address: str | None = None) -> AbstractAsyncContextManager[Client]:
+        """A client of the current server (or ``address``)."""
+        return connect(address or self.address)
+
+    def tails(self, n: int = 30) -> str:
+        """The last lines of every process, for a failure message."""
+        return "\n".join(p.tail(n) for p in self.processes)
+
+
+@asynccontextmanager
+async def open_cluster(
+    database_url: str,
+    log_dir: Path,
+    *,
+    server_env: Mapping[str, str] | None = None,
+) -> AsyncIterator[Cluster]:
+    """Own the processes of one test: stop them all on exit and assert none outlived it.
+
+    On exit (normal or not) every process still running gets SIGTERM, then SIGKILL after
+    `TERM_GRACE` seconds; the wait is shielded by trio.run_process, so a failing or cancelled
+    test cannot leak a process. If the block raised, the tail of every process's output is
+    printed (pytest shows it with the failure).
+
+    Raises:
+        HarnessError: a process (or a child it spawned) was still alive after teardown.
+    """
+    await trio.Path(log_dir).mkdir(parents=True, exist_ok=True)
+    processes: list[ManagedProcess] = []
+    failed = True
+    try:
+        async with trio.open_nursery() as nursery:
+            cluster = Cluster(nursery, database_url, log_dir, dict(server_env or {}))
+            cluster.processes = processes
+            try:
+                yield cluster
+                failed = False
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The nursery wraps the test's own failure; show the test the failure itself.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+    finally:
+        if failed and processes:
+            print("\n".join(p.tail(60) for p in processes if p._process is not None))
+        _assert_no_survivors(processes)
+
+
+def _assert_no_survivors(processes: Sequence[ManagedProcess]) -> None:
+    leaked: list[str] = []
+    for proc in processes:
+        if proc._process is None:
+            continue
+        # A grandchild reparented to init may be a zombie for a moment before init reaps it.
+        deadline = time.monotonic() + 1.0
+        while proc.group_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if proc.returncode is None or proc.group_alive():
+            leaked.append(f"{proc.name} (pid {proc.pid}, status {proc.returncode})")
+            proc.kill()
+    if leaked:
+        raise HarnessError("processes outlived their test: " + ", ".join(leaked))

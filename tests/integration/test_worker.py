@@ -1,0 +1,774 @@
+"""The worker over real gRPC: first against a scripted fake control plane (every protocol corner:
+claims within capacity, heartbeats, cancellation, stale leases, outages, drain, release), then end
+to end against the real control plane on a fresh database."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from everruns._aio.grpc import open_channel, serve_services
+from everruns._proto.everruns import v1 as pb
+from everruns.domain import history, payload
+from everruns.domain.registry import Registry, activity, workflow
+from everruns.domain.retry import RetryPolicy
+from everruns.errors import DatabaseUnavailable, NonRetryableError, StaleLease
+from everruns.server import ServerConfig, serve
+from everruns.worker import ActivityContext, Worker
+
+# ------------------------------------------------------------------ scripted control plane
+
+
+class FakeControlPlane:
+    """A WorkerService that hands out the tasks a test pushes and records every report."""
+
+    def __init__(self, *, heartbeat_interval: float = 0.2) -> None:
+        self.heartbeat_interval = heartbeat_interval
+        self.pending: list[Any] = []
+        self.eager: list[Any] = []
+        self.registrations: list[Any] = []
+        self.worker_heartbeats: list[Any] = []
+        self.polls: list[int] = []
+        self.task_heartbeats: list[Any] = []
+        self.completed: dict[str, Any] = {}
+        self.failed: list[Any] = []
+        self.workflow_completions: list[Any] = []
+        self.workflow_failures: list[Any] = []
+        self.cancel_on_heartbeat: set[str] = set()
+        self.stale: set[str] = set()
+        self.unavailable_completions = 0
+        self.cancel_send, self.cancel_recv = trio.open_memory_channel[Any](100)
+        self._changed = trio.Event()
+
+    def _poke(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        while not predicate():
+            await self._changed.wait()
+
+    def push(self, *tasks: Any) -> None:
+        self.pending.extend(tasks)
+        self._poke()
+
+    def failures_of(self, task_id: str) -> list[Any]:
+        return [f for f in self.failed if f.task_id == task_id]
+
+    # WorkerService, as Trio methods (see everruns._aio.grpc.serve_services)
+
+    async def register_worker(self, request: Any) -> Any:
+        self.registrations.append(request)
+        self._poke()
+        return pb.RegisterWorkerResponse(
+            heartbeat_interval_s=self.heartbeat_interval, server_time=time.time()
+        )
+
+    async def worker_heartbeat(self, request: Any) -> Any:
+        self.worker_heartbeats.append(request)
+        self._poke()
+        return pb.WorkerHeartbeatResponse(ok=True, known=True)
+
+    async def poll_tasks(self, request: Any) -> Any:
+        self.polls.append(request.max_tasks)
+        with trio.move_on_after(request.wait_s):
+            while not self.pending:
+                await self._changed.wait()
+        out, self.pending = self.pending[: request.max_tasks], self.pending[request.max_tasks :]
+        for task in out:
+            task.claimed_at = time.time()
+        self._poke()
+        return pb.PollTasksResponse(tasks=out)
+
+    async def record_heartbeat(self, request: Any) -> Any:
+        if request.task_id in self.stale:
+            raise StaleLease(f"task {request.task_id} is held under another lease")
+        self.task_heartbeats.append(request)
+        self._poke()
+        return pb.RecordHeartbeatResponse(
+            cancel_requested=request.task_id in self.cancel_on_heartbeat
+        )
+
+    async def complete_activity_task(self, request: Any) -> Any:
+        if self.unavailable_completions > 0:
+            self.unavailable_completions -= 1
+            raise DatabaseUnavailable("the database is restarting")
+        if request.task_id in self.stale:
+            raise StaleLease(f"task {request.task_id} is held under another lease")
+        self.completed[request.task_id] = payload.decode(request.result)
+        eager, self.eager = (
+            self.eager[: request.max_eager_tasks],
+            self.eager[request.max_eager_tasks :],
+        )
+        self._poke()
+        return pb.CompleteActivityTaskResponse(accepted=True, eager_tasks=eager)
+
+    async def fail_activity_task(self, request: Any) -> Any:
+        self.failed.append(request)
+        self._poke()
+        return pb.FailActivityTaskResponse(will_retry=not request.non_retryable)
+
+    async def complete_workflow_task(self, request: Any) -> Any:
+        self.workflow_completions.append(request)
+        self._poke()
+        return pb.CompleteWorkflowTaskResponse(accepted=True)
+
+    async def fail_workflow_task(self, request: Any) -> Any:
+        self.workflow_failures.append(request)
+        self._poke()
+        return pb.FailWorkflowTaskResponse()
+
+    async def stream_cancellations(self, request: Any, send: Callable[[Any], Any]) -> None:
+        async for cancellation in self.cancel_recv:
+            await send(cancellation)
+
+
+@asynccontextmanager
+async def fake_control_plane(fake: FakeControlPlane, port: int = 0) -> AsyncIterator[int]:
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(
+            functools.partial(serve_services, [(pb.WorkerServiceBase(), fake)], "127.0.0.1", port)
+        )
+        yield bound
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def running(worker: Worker) -> AsyncIterator[trio.CancelScope]:
+    """Run ``worker`` for the block; the yielded scope stops it at once when cancelled."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(worker.run)
+        yield nursery.cancel_scope
+        worker.shutdown()
+
+
+_ids = iter(range(1, 1_000_000))
+
+
+def activity_task(
+    activity_type: str,
+    value: Any = None,
+    *,
+    heartbeat_timeout: float = 0.0,
+    attempt: int = 1,
+    details: Any = None,
+) -> Any:
+    n = next(_ids)
+    return pb.Task(
+        task_id=f"task-{n}",
+        kind="activity",
+        lease_token=100 + n,
+        workflow_id=f"wf-{n}",
+        run_id=f"run-{n}",
+        workflow_type="wf",
+        activity_type=activity_type,
+        activity_id="1",
+        input=payload.encode(value),
+        attempt=attempt,
+        max_attempts=3,
+        heartbeat_timeout_s=heartbeat_timeout,
+        heartbeat_details=b"" if details is None else payload.encode(details),
+    )
+
+
+def workflow_task(workflow_type: str, events: list[dict[str, Any]]) -> Any:
+    n = next(_ids)
+    return pb.Task(
+        task_id=f"task-{n}",
+        kind="workflow",
+        lease_token=100 + n,
+        workflow_id="wf-1",
+        run_id="run-1",
+        workflow_type=workflow_type,
+        attempt=1,
+        max_attempts=1,
+        history=[
+            pb.HistoryEvent(
+                sequence_num=i, type=e["type"], data=payload.encode(e), time=1_700_000_000.0 + i
+            )
+            for i, e in enumerate(events, start=1)
+        ],
+    )
+
+
+def make_worker(registry: Registry, port: int, **kw: Any) -> Worker:
+    kw.setdefault("grace_period", 5.0)
+    kw.setdefault("poll_wait", 1.0)
+    return Worker(registry, address=f"127.0.0.1:{port}", worker_id="test-worker", **kw)
+
+
+# ------------------------------------------------------------------------------ activities
+
+
+async def test_async_and_sync_activities_complete_with_exact_results() -> None:
+    reg = Registry()
+    threads: list[str] = []
+
+    @activity(registry=reg)
+    async def double(ctx: ActivityContext, n: int) -> dict[str, Any]:
+        await trio.lowlevel.checkpoint()
+        return {"n": n * 2, "attempt": ctx.attempt, "id": ctx.info.activity_id}
+
+    @activity(registry=reg)
+    def blocking(ctx: ActivityContext, text: str) -> list[Any]:
+        threads.append(threading.current_thread().name)
+        time.sleep(0.05)
+        return [text, 2**70, 0.1, None]
+
+    fake = FakeControlPlane()
+    with trio.fail_after(10):
+        async with fake_control_plane(fake) as port, running(make_worker(reg, port)):
+            a, b = activity_task("double", 21), activity_task("blocking", "héllo")
+            fake.push(a, b)
+            await fake.wait_for(lambda: len(fake.completed) == 2)
+    assert fake.completed[a.task_id] == {"n": 42, "attempt": 1, "id": "1"}
+    assert fake.completed[b.task_id] == ["héllo", 2**70, 0.1, None]
+    assert threads and threads[0] != threading.main_thread().name
+    registration = fake.registrations[0]
+    assert sorted(registration.activity_types) == ["blocking", "double"]
+    assert registration.worker_id == "test-worker" and registration.max_concurrency == 10
+
+
+async def test_failures_are_reported_with_type_traceback_and_retryability() -> None:
+    reg = Registry()
+
+    @activity(registry=reg)
+    async def broken(ctx: ActivityContext, _: Any) -> None:
+        raise ValueError("bad input 7")
+
+    @activity(registry=reg)
+    async def fatal(ctx: ActivityContext, _: Any) -> None:
+        raise NonRetryableError("card declined")
+
+    @activity(registry=reg)
+    async def weird(ctx: ActivityContext, _: Any) -> Any:
+        return {"ids": {1, 2}}
+
+    fake = FakeControlPlane()
+    with trio.fail_after(10):
+        async with fake_control_plane(fake) as port, running(make_worker(reg, port)):
+            tasks = [activity_task(t) for t in ("broken", "fatal", "weird", "nobody")]
+            fake.push(*tasks)
+            await fake.wait_for(lambda: len(fake.failed) == 4)
+    by_id = {f.task_id: f for f in fake.failed}
+    errors = {t.activity_type: payload.decode(by_id[t.task_id].error) for t in tasks}
+    flags = {t.activity_type: by_id[t.task_id].non_retryable for t in tasks}
+    assert errors["broken"]["type"] == "builtins.ValueError"
+    assert errors["broken"]["message"] == "bad input 7"
+    assert "in broken" in errors["broken"]["traceback"]
+    assert flags == {"broken": False, "fatal": True, "weird": True, "nobody": True}
+    assert errors["fatal"]["non_retryable"] is True
+    assert "set" in errors["weird"]["message"]
+    assert "nobody" in errors["nobody"]["message"]
+    assert not fake.completed
+
+
+async def test_cancellation_pushed_on_the_stream_reaches_the_activity_within_a_second() -> None:
+    reg = Registry()
+    started = trio.Event()
+    cleaned_up: list[float] = []
+
+    @activity(registry=reg)
+    async def wait_forever(ctx: ActivityContext, _: Any) -> None:
+        started.set()
+        try:
+            await trio.sleep_forever()
+        finally:
+            cleaned_up.append(trio.current_time())
+
+    fake = FakeControlPlane()
+    with trio.fail_after(10):
+        async with fake_control_plane(fake) as port, running(make_worker(reg, port)):
+            task = activity_task("wait_forever")
+            fake.push(task)
+            await started.wait()
+            # A cancellation for another lease of the same task is ignored.
+            await fake.cancel_send.send(
+                pb.Cancellation(task_id=task.task_id, lease_token=1, reason="old lease")
+            )
+            await fake.cancel_send.send(pb.Cancellation(keepalive=True))
+            await trio.sleep(0.2)
+            assert not cleaned_up
+            sent = trio.current_time()
+            await fake.cancel_send.send(
+                pb.Cancellation(
+                    task_id=task.task_id, lease_token=task.lease_token, reason="workflow cancelled"
+                )
+            )
+            await fake.wait_for(lambda: bool(fake.failed))
+            assert trio.current_time() - sent < 1.0
+    assert cleaned_up and cleaned_up[0] - sent < 1.0
+    (report,) = fake.failed
+    assert report.cancelled and not report.release
+    assert "workflow cancelled" in payload.decode(report.error)["message"]
+
+
+async def test_heartbeats_carry_details_and_a_cancel_reply_stops_the_activity() -> None:
+    reg = Registry()
+    cleaned_up = trio.Event()
+
+    @activity(registry=reg)
+    async def crunch(ctx: ActivityContext, _: Any) -> None:
+        ctx.heartbeat({"step": (ctx.heartbeat_details or {}).get("step", 0) + 1})
+        try:
+            await trio.sleep_forever()
+        finally:
+            cleaned_up.set()
+
+    fake = FakeControlPlane()
+    with trio.fail_after(10):
+        worker = functools.partial(make_worker, reg, grace_period=0.1)
+        async with fake_control_plane(fake) as port, running(worker(port)):
+            # heartbeat_timeout 30 s: the regular beat is 10 s away, so the detail below can
+            # only have come from ctx.heartbeat() sending at once.
+            task = activity_task("crunch", heartbeat_timeout=30.0, details={"step": 4})
+            fake.push(task)
+            await fake.wait_for(lambda: bool(fake.task_heartbeats))
+            assert payload.decode(fake.task_heartbeats[0].details) == {"step": 5}
+            assert fake.task_heartbeats[0].lease_token == task.lease_token
+
+            quick = activity_task("crunch", heartbeat_timeout=0.3)
+            fake.cancel_on_heartbeat.add(quick.task_id)
+            fake.push(quick)
+            await fake.wait_for(lambda: bool(fake.failures_of(quick.task_id)))
+    assert fake.failures_of(quick.task_id)[0].cancelled
+
+
+async def test_stale_lease_on_heartbeat_cancels_the_body_and_drops_the_task() -> None:
+    reg = Registry()
+    cleaned_up = trio.Event()
+
+    @activity(registry=reg)
+    async def long_job(ctx: ActivityContext, _: Any) -> str:
+        try:
+            await trio.sleep_forever()
+        finally:
+            cleaned_up.set()
+        return "never"
+
+    fake = FakeControlPlane()
+    with trio.fail_after(10):
+        async with fake_control_plane(fake) as port, running(make_worker(reg, port)) as _:
+            task = activity_task("long_job", heartbeat_timeout=0.3)
+            fake.stale.add(task.task_id)
+            fake.push(task)
+            await cleaned_up.wait()
+            await trio.sleep(0.2)
+    assert not fake.completed and not fake.failed
+
+
+async def test_a_finished_result_is_retried_until_the_control_plane_answers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    reg = Registry()
+
+    @activity(registry=reg)
+    async def quick(ctx: ActivityContext, n: int) -> int:
+        return n + 1
+
+    fake = FakeControlPlane()
+    fake.unavailable_completions = 3
+    caplog.set_level(logging.WARNING, logger="everruns.worker")
+    with trio.fail_after(10):
+        async with fake_control_plane(fake) as port, running(make_worker(reg, port)):
+            task = activity_task("quick", 1)
+            fake.push(task)
+            await fake.wait_for(lambda: task.task_id in fake.completed)
+    assert fake.completed[task.task_id] == 2
+    retries = [r for r in caplog.records if "unreachable, retrying in" in r.getMessage()]
+    assert len(retries) == 3
+
+
+async def test_unreachable_control_plane_at_start_is_retried(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    reg = Registry()
+
+    @activity(registry=reg)
+    async def echo(ctx: ActivityContext, value: Any) -> Any:
+        return value
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    caplog.set_level(logging.WARNING, logger="everruns.worker")
+    fake = FakeControlPlane()
+    worker = make_worker(reg, port)
+    with trio.fail_after(15):
+        async with trio.open_nursery() as nursery:
+            ready, stopped = trio.Event(), trio.Event()
+
+            async def run_worker() -> None:
+                async with trio.open_nursery() as inner:
+                    await inner.start(worker.run)
+                    ready.set()
+                stopped.set()
+
+            nursery.start_soon(run_worker)
+            await trio.sleep(0.8)
+            assert not ready.is_set()
+            assert any(
+                f"127.0.0.1:{port} unreachable, retrying in" in r.getMessage()
+                for r in caplog.records
+            )
+            async with fake_control_plane(fake, port):
+                await ready.wait()
+                task = activity_task("echo", "late")
+                fake.push(task)
+                await fake.wait_for(lambda: task.task_id in fake.completed)
+                worker.shutdown()
+                await stopped.wait()
+
+
+async def test_claims_never_exceed_free_slots() -> None:
+    reg = Registry()
+    active = 0
+    peak = 0
+
+    @activity(registry=reg)
+    async def slow(ctx: ActivityContext, _: Any) -> None:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        await trio.sleep(0.05)
+        active -= 1
+
+    fake = FakeControlPlane()
+    with trio.fail_after(10):
+        async with (
+            fake_control_plane(fake) as port,
+            running(make_worker(reg, port, max_concurrent_tasks=2)),
+        ):
+            tasks = [activity_task("slow") for _ in range(8)]
+            fake.push(*tasks)
+            await fake.wait_for(lambda: len(fake.completed) == 8)
+    assert peak == 2
+    assert all(1 <= m <= 2 for m in fake.polls)
+    assert max(h.current_load for h in fake.worker_heartbeats) <= 2
+
+
+async def test_eager_tasks_from_a_completion_reply_are_run() -> None:
+    reg = Registry()
+
+    @activity(registry=reg)
+    async def step(ctx: ActivityContext, n: int) -> int:
+        return n * 10
+
+    fake = FakeControlPlane()
+    with trio.fail_after(10):
+        async with (
+            fake_control_plane(fake) as port,
+            running(make_worker(reg, port, max_concurrent_tasks=1)),
+        ):
+            first, second = activity_task("step", 1), activity_task("step", 2)
+            second.claimed_at = time.time()
+            fake.eager = [second]
+            fake.push(first)
+            await fake.wait_for(lambda: len(fake.completed) == 2)
+    assert fake.completed == {first.task_id: 10, second.task_id: 20}
+    assert not fake.eager
+
+
+# -------------------------------------------------------------------------- workflow tasks
+
+
+async def test_workflow_task_replays_and_returns_commands() -> None:
+    reg = Registry()
+
+    @workflow(registry=reg)
+    async def greet(ctx: Any, who: dict[str, Any]) -> Any:
+        return await ctx.execute_activity("hello", who)
+
+    @workflow(registry=reg)
+    async def sleepy(ctx: Any, _: Any) -> None:
+        await trio.sleep(1)
+
+    started = history.workflow_started("greet", "wf-1", "run-1", {"name": "Ada"})
+    fine = workflow_task("greet", [started, history.workflow_task_scheduled()])
+    marker = history.workflow_task_completed("w", datetime(2024, 1, 1, tzinfo=UTC))
+    diverged = workflow_task(
+        "greet",
+        [
+            started,
+            history.workflow_task_scheduled(),
+            marker,
+            history.activity_scheduled("1", "goodbye", {"name": "Ada"}, {}),
+        ],
+    )
+    illegal = workflow_task(
+        "sleepy",
+        [history.workflow_started("sleepy", "wf-1", "run-1", None)],
+    )
+    fake = FakeControlPlane()
+    with trio.fail_after(10):
+        async with fake_control_plane(fake) as port, running(make_worker(reg, port)):
+            fake.push(fine, diverged, illegal)
+            await fake.wait_for(
+                lambda: len(fake.workflow_completions) + len(fake.workflow_failures) == 3
+            )
+    (done,) = fake.workflow_completions
+    assert done.task_id == fine.task_id and done.seen_sequence == 2
+    assert done.claim_time == fine.claimed_at
+    (command,) = payload.decode(done.commands)
+    assert command["type"] == "schedule_activity"
+    assert (command["activity_id"], command["activity_type"]) == ("1", "hello")
+    assert command["input"] == {"name": "Ada"}
+    failures = {f.task_id: f for f in fake.workflow_failures}
+    assert failures[diverged.task_id].non_determinism
+    assert "goodbye" in payload.decode(failures[diverged.task_id].error)["message"]
+    assert not failures[illegal.task_id].non_determinism
+    assert "IllegalAwait" in payload.decode(failures[illegal.task_id].error)["type"]
+
+
+# -------------------------------------------------------------------------------- shutdown
+
+
+async def test_shutdown_drains_then_releases_what_is_left() -> None:
+    reg = Registry()
+    slow_cleaned = trio.Event()
+    both_started = trio.Semaphore(0)
+
+    @activity(registry=reg)
+    async def quick(ctx: ActivityContext, _: Any) -> str:
+        both_started.release()
+        await trio.sleep(0.2)
+        return "done"
+
+    @activity(registry=reg)
+    async def endless(ctx: ActivityContext, _: Any) -> None:
+        both_started.release()
+        try:
+            await trio.sleep_forever()
+        finally:
+            slow_cleaned.set()
+
+    fake = FakeControlPlane(heartbeat_interval=30)
+    with trio.fail_after(10):
+        async with fake_control_plane(fake) as port:
+            worker = make_worker(reg, port, grace_period=0.6)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(worker.run)
+                q, e = activity_task("quick"), activity_task("endless")
+                fake.push(q, e)
+                await both_started.acquire()
+                await both_started.acquire()
+                begun = trio.current_time()
+                worker.shutdown()
+                await fake.wait_for(
+                    lambda: any(h.status == "draining" for h in fake.worker_heartbeats)
+                )
+                assert trio.current_time() - begun < 0.3  # reported at once, not next beat
+                # run() returns by itself once drained.
+            elapsed = trio.current_time() - begun
+            polls_after = len(fake.polls)
+            fake.push(activity_task("quick"))
+            await trio.sleep(0.1)
+            assert len(fake.polls) == polls_after
+    assert 0.5 <= elapsed < 2.0
+    assert fake.completed == {q.task_id: "done"}
+    assert slow_cleaned.is_set()
+    (release,) = fake.failed
+    assert release.task_id == e.task_id and release.release and not release.cancelled
+    assert worker.draining
+
+
+async def test_cancelling_run_stops_at_once_and_releases_running_tasks() -> None:
+    reg = Registry()
+    started = trio.Event()
+
+    @activity(registry=reg)
+    async def endless(ctx: ActivityContext, _: Any) -> None:
+        started.set()
+        await trio.sleep_forever()
+
+    fake = FakeControlPlane()
+    with trio.fail_after(10):
+        async with fake_control_plane(fake) as port:
+            with trio.CancelScope() as stop:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(make_worker(reg, port, grace_period=30).run)
+                    task = activity_task("endless")
+                    fake.push(task)
+                    await started.wait()
+                    stopped_at = trio.current_time()
+                    stop.cancel()
+            assert trio.current_time() - stopped_at < 1.0
+    (release,) = fake.failed
+    assert release.task_id == task.task_id and release.release
+
+
+# ------------------------------------------------------------------ the real control plane
+
+
+@asynccontextmanager
+async def control_plane(database_url: str) -> AsyncIterator[str]:
+    config = ServerConfig(database_url=database_url, grpc_port=0)
+    async with trio.open_nursery() as nursery:
+        info = await nursery.start(serve, config)
+        yield info.address
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def client(address: str) -> AsyncIterator[tuple[Any, Any]]:
+    host, _, port = address.rpartition(":")
+    async with open_channel(host, int(port)) as channel:
+        yield channel, pb.WorkflowServiceStub(channel.raw)
+
+
+async def _start(channel: Any, stub: Any, workflow_type: str, value: Any) -> str:
+    reply = await channel.unary(
+        stub.start_workflow,
+        pb.StartWorkflowRequest(workflow_type=workflow_type, input=payload.encode(value)),
+    )
+    return str(reply.workflow_id)
+
+
+async def _result(channel: Any, stub: Any, workflow_id: str) -> Any:
+    while True:
+        reply = await channel.unary(
+            stub.await_result, pb.AwaitResultRequest(workflow_id=workflow_id, wait_s=5)
+        )
+        if reply.done:
+            return reply.workflow
+
+
+def _e2e_registry() -> tuple[Registry, dict[str, Any]]:
+    reg = Registry()
+    seen: dict[str, Any] = {
+        "threads": [],
+        "flaky": 0,
+        "finally": [],
+        "started": trio.Event(),
+        "cleaned_up": trio.Event(),
+    }
+
+    @activity(registry=reg)
+    async def add(ctx: ActivityContext, pair: list[int]) -> int:
+        return pair[0] + pair[1]
+
+    @activity(registry=reg)
+    def shout(ctx: ActivityContext, text: str) -> str:
+        seen["threads"].append(threading.current_thread().name)
+        return text.upper()
+
+    @activity(registry=reg)
+    async def flaky(ctx: ActivityContext, _: Any) -> int:
+        seen["flaky"] += 1
+        if ctx.attempt < 3:
+            raise ConnectionError(f"try again (attempt {ctx.attempt})")
+        return ctx.attempt
+
+    @activity(registry=reg)
+    async def endless(ctx: ActivityContext, _: Any) -> None:
+        seen["started"].set()
+        try:
+            await trio.sleep_forever()
+        finally:
+            seen["finally"].append(trio.current_time())
+            seen["cleaned_up"].set()
+
+    @workflow(registry=reg)
+    async def two_steps(ctx: Any, n: int) -> dict[str, Any]:
+        total = await ctx.execute_activity(add, [n, 1])
+        text = await ctx.execute_activity(shout, f"total {total}")
+        return {"total": total, "text": text}
+
+    @workflow(registry=reg)
+    async def retrying(ctx: Any, _: Any) -> int:
+        return await ctx.execute_activity(
+            flaky, None, retry=RetryPolicy(max_attempts=5, initial_interval=0.05)
+        )
+
+    @workflow(registry=reg)
+    async def cancellable(ctx: Any, _: Any) -> None:
+        await ctx.execute_activity(endless, None)
+
+    return reg, seen
+
+
+@pytest.mark.db
+async def test_end_to_end_workflows_against_the_control_plane(database_url: str) -> None:
+    reg, seen = _e2e_registry()
+    with trio.fail_after(60):
+        async with control_plane(database_url) as address, client(address) as (channel, stub):
+            worker = Worker(reg, address=address, grace_period=2, max_concurrent_tasks=4)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(worker.run)
+
+                wf = await _start(channel, stub, "two_steps", 41)
+                done = await _result(channel, stub, wf)
+                assert done.status == "completed"
+                assert payload.decode(done.result) == {"total": 42, "text": "TOTAL 42"}
+                assert seen["threads"] and seen["threads"][0] != threading.main_thread().name
+
+                wf = await _start(channel, stub, "retrying", None)
+                done = await _result(channel, stub, wf)
+                assert done.status == "completed" and payload.decode(done.result) == 3
+                assert seen["flaky"] == 3
+
+                wf = await _start(channel, stub, "cancellable", None)
+                await seen["started"].wait()
+                asked = trio.current_time()
+                await channel.unary(
+                    stub.cancel_workflow, pb.CancelWorkflowRequest(workflow_id=wf, reason="test")
+                )
+                with trio.fail_after(1):
+                    await seen["cleaned_up"].wait()
+                assert seen["finally"][0] - asked < 1.0
+                done = await _result(channel, stub, wf)
+                assert done.status == "cancelled"
+
+                worker.shutdown()
+            workers = await channel.unary(
+                stub.list_workers, pb.ListWorkersRequest(include_stopped=True)
+            )
+            assert [w.status for w in workers.workers if w.id == worker.worker_id] == ["stopped"]
+
+
+@pytest.mark.db
+async def test_shutdown_releases_a_running_activity_to_another_worker(database_url: str) -> None:
+    reg = Registry()
+    runs: list[str] = []
+    first_started = trio.Event()
+
+    @activity(registry=reg)
+    async def sticky(ctx: ActivityContext, _: Any) -> str:
+        runs.append(ctx.info.activity_id)
+        if len(runs) == 1:
+            first_started.set()
+            await trio.sleep_forever()
+        return f"attempt {ctx.attempt}"
+
+    @workflow(registry=reg)
+    async def handoff(ctx: Any, _: Any) -> str:
+        return await ctx.execute_activity(sticky, None)
+
+    with trio.fail_after(60):
+        async with control_plane(database_url) as address, client(address) as (channel, stub):
+            first = Worker(reg, address=address, worker_id="first", grace_period=0.3)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(first.run)
+                wf = await _start(channel, stub, "handoff", None)
+                await first_started.wait()
+                first.shutdown()
+            second = Worker(reg, address=address, worker_id="second")
+            async with trio.open_nursery() as nursery:
+                await nursery.start(second.run)
+                with trio.fail_after(5):  # released at once: no 30 s stale timeout
+                    done = await _result(channel, stub, wf)
+                second.shutdown()
+    assert done.status == "completed"
+    assert payload.decode(done.result) == "attempt 2"
+    assert runs == ["1", "1"]

@@ -1,0 +1,109 @@
+"""Worker configuration from the environment: defaults, validation, one-line errors."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from everruns.errors import ConfigError
+from everruns.worker import Worker, WorkerConfig
+from everruns.worker.config import default_worker_id, parse_address
+
+
+def test_defaults_when_environment_is_empty() -> None:
+    config = WorkerConfig.from_env({})
+    assert (config.host, config.port) == ("127.0.0.1", 9001)
+    assert config.address == "127.0.0.1:9001"
+    assert config.max_concurrent_tasks == 10
+    assert config.grace_period == 30.0
+    assert config.auth_token is None
+    assert (
+        config.worker_id.startswith(f"{os.uname().nodename}-{os.getpid()}-")
+        or str(os.getpid()) in config.worker_id
+    )
+
+
+def test_reads_every_variable() -> None:
+    config = WorkerConfig.from_env(
+        {
+            "GRPC_ADDRESS": "cp.internal:7000",
+            "WORKER_ID": "w-1",
+            "MAX_CONCURRENT_TASKS": "3",
+            "EVERRUNS_AUTH_TOKEN": "s3cret",
+            "EVERRUNS_WORKER_GRACE_PERIOD": "2.5",
+        }
+    )
+    assert config == WorkerConfig(
+        host="cp.internal",
+        port=7000,
+        worker_id="w-1",
+        max_concurrent_tasks=3,
+        auth_token="s3cret",
+        grace_period=2.5,
+    )
+
+
+def test_database_url_is_never_read() -> None:
+    class Spy(dict[str, str]):
+        def get(self, key: str, default: object = None) -> object:  # type: ignore[override]
+            assert key != "DATABASE_URL", "the worker must not read DATABASE_URL"
+            return super().get(key, default)
+
+        def __getitem__(self, key: str) -> str:
+            assert key != "DATABASE_URL", "the worker must not read DATABASE_URL"
+            return super().__getitem__(key)
+
+    WorkerConfig.from_env(Spy(DATABASE_URL="postgresql://x/y"))
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("GRPC_ADDRESS", "no-port"),
+        ("GRPC_ADDRESS", "host:99999"),
+        ("GRPC_ADDRESS", ":9001"),
+        ("MAX_CONCURRENT_TASKS", "ten"),
+        ("MAX_CONCURRENT_TASKS", "0"),
+        ("EVERRUNS_WORKER_GRACE_PERIOD", "soon"),
+        ("EVERRUNS_WORKER_GRACE_PERIOD", "-1"),
+        ("EVERRUNS_WORKER_GRACE_PERIOD", "inf"),
+    ],
+)
+def test_bad_values_name_the_variable_in_one_line(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        WorkerConfig.from_env({variable: value})
+    message = str(info.value)
+    assert variable in message
+    assert "\n" not in message
+
+
+def test_worker_ids_are_unique_per_call() -> None:
+    ids = {default_worker_id() for _ in range(50)}
+    assert len(ids) == 50
+    assert all(str(os.getpid()) in i for i in ids)
+
+
+def test_ipv6_addresses() -> None:
+    assert parse_address("[::1]:9001") == ("::1", 9001)
+    assert WorkerConfig(host="::1", port=9001).address == "[::1]:9001"
+
+
+def test_worker_constructor_validates() -> None:
+    with pytest.raises(ConfigError, match="MAX_CONCURRENT_TASKS"):
+        Worker(max_concurrent_tasks=0)
+    with pytest.raises(ConfigError, match="address"):
+        Worker(address="nowhere")
+    worker = Worker(address="10.0.0.1:1234", worker_id="me", max_concurrent_tasks=4)
+    assert (worker.worker_id, worker.address, worker.load, worker.draining) == (
+        "me",
+        "10.0.0.1:1234",
+        0,
+        False,
+    )
+
+
+def test_from_env_uses_the_environment() -> None:
+    worker = Worker.from_env(env={"WORKER_ID": "from-env", "GRPC_ADDRESS": "h:1"})
+    assert worker.worker_id == "from-env"
+    assert worker.address == "h:1"

@@ -1,0 +1,100 @@
+"""How activity exceptions become error objects, and how reconnect delays grow."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from everruns.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NonRetryableError,
+    ResourceExhausted,
+    RpcError,
+    ServerUnavailable,
+)
+from everruns.worker.backoff import MAX_DELAY, Backoff, backoff_delay
+from everruns.worker.failure import (
+    MAX_MESSAGE_CHARS,
+    MAX_TRACEBACK_CHARS,
+    error_from_exception,
+    type_name,
+)
+from everruns.worker.runtime import is_transient
+
+
+class CardDeclined(Exception):
+    pass
+
+
+def _raise_deep(depth: int) -> None:
+    if depth == 0:
+        raise CardDeclined("card 4242 declined")
+    _raise_deep(depth - 1)
+
+
+def test_error_object_shape() -> None:
+    try:
+        _raise_deep(30)
+    except CardDeclined as exc:
+        error = error_from_exception(exc)
+    assert error["type"] == f"{__name__}.CardDeclined"
+    assert error["message"] == "card 4242 declined"
+    assert error["non_retryable"] is False
+    assert error["traceback"].rstrip().endswith("CardDeclined: card 4242 declined")
+    # Only the last frames are kept.
+    assert error["traceback"].count("_raise_deep") <= 10
+
+
+def test_builtin_types_are_qualified() -> None:
+    assert type_name(ValueError("x")) == "builtins.ValueError"
+
+
+def test_non_retryable_error_is_flagged() -> None:
+    class Fatal(NonRetryableError):
+        pass
+
+    assert error_from_exception(Fatal("no"))["non_retryable"] is True
+    assert error_from_exception(ValueError("no"), non_retryable=True)["non_retryable"] is True
+
+
+def test_huge_messages_and_broken_str_are_bounded() -> None:
+    error = error_from_exception(ValueError("x" * 100_000))
+    assert len(error["message"]) <= MAX_MESSAGE_CHARS
+    assert len(error["traceback"]) <= MAX_TRACEBACK_CHARS
+
+    class Broken(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("boom")
+
+    error = error_from_exception(Broken())
+    assert "str() of the exception failed" in error["message"]
+
+
+@given(st.integers(min_value=1, max_value=100_000), st.floats(min_value=0, max_value=0.999))
+def test_backoff_stays_within_bounds(failures: int, rng_value: float) -> None:
+    delay = backoff_delay(failures, rng_value)
+    assert 0.05 <= delay <= MAX_DELAY
+
+
+def test_backoff_grows_then_caps_and_resets() -> None:
+    backoff = Backoff(rng=random.Random(1))
+    delays = [backoff.next_delay() for _ in range(12)]
+    assert delays[0] < 0.15
+    assert delays[1] > delays[0]
+    assert all(d <= MAX_DELAY for d in delays)
+    assert delays[-1] > 3.5
+    backoff.reset()
+    assert backoff.next_delay() < 0.15
+
+
+def test_which_refusals_are_retried() -> None:
+    assert is_transient(ServerUnavailable("down"))
+    assert is_transient(ResourceExhausted("too many pending tasks"))
+    assert not is_transient(ResourceExhausted("payload too large: 10 MB > 2 MiB"))
+    assert is_transient(RpcError("oops", status="INTERNAL"))
+    assert not is_transient(RpcError("bad token", status="UNAUTHENTICATED"))
+    assert not is_transient(FailedPrecondition("stale lease"))
+    assert not is_transient(InvalidArgument("bad"))
