@@ -861,7 +861,7 @@ def _prepare(args: argparse.Namespace) -> None:
     args.payload_value = _json_argument("--payload", getattr(args, "payload", None))
     if args.address is not None:
         try:
-            parse_address(args.address, source="--address")
+            parse_address(args.address, setting="--address")
         except ConfigError as exc:
             raise UsageError(str(exc)) from None
 

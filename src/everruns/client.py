@@ -22,12 +22,13 @@ import attrs
 import trio
 
 from everruns._aio import open_aio_loop
-from everruns._aio.grpc import RpcChannel, open_channel
+from everruns._aio.grpc import RpcChannel, client_tls, client_tls_from_env, open_channel
 from everruns._proto.everruns import v1 as pb
+from everruns.domain.address import DEFAULT_GRPC_ADDRESS, parse_address
 from everruns.domain.payload import decode, encode
 from everruns.domain.registry import name_of
 from everruns.domain.status import TERMINAL_WORKFLOW_STATUSES, WORKFLOW_STATUSES
-from everruns.errors import ConfigError, InvalidArgument, ServerUnavailable, WorkflowFailed
+from everruns.errors import InvalidArgument, ServerUnavailable, WorkflowFailed
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -45,7 +46,7 @@ __all__ = [
     "parse_address",
 ]
 
-DEFAULT_ADDRESS = "127.0.0.1:9001"
+DEFAULT_ADDRESS = DEFAULT_GRPC_ADDRESS
 
 # Delays before the 2nd, 3rd and 4th try of a retryable request: an unreachable control plane is
 # reported within about two seconds, a restarting one is ridden over.
@@ -57,21 +58,6 @@ AWAIT_POLL_SECONDS = 20.0
 
 Reply = TypeVar("Reply")
 WorkflowRef = str | Callable[..., Any]
-
-
-def parse_address(value: str, *, source: str = "address") -> tuple[str, int]:
-    """Split ``host:port`` (``[v6]:port`` too) into its parts.
-
-    Returns:
-        ``(host, port)``.
-
-    Raises:
-        ConfigError: not of the form host:port with a port in 1..65535; names ``source``.
-    """
-    host, sep, port_text = value.strip().rpartition(":")
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) <= 65535:
-        raise ConfigError(f"{source}={value!r} is not host:port (e.g. {DEFAULT_ADDRESS})")
-    return host.strip("[]"), int(port_text)
 
 
 def _time(seconds: float) -> datetime | None:
@@ -639,12 +625,15 @@ class Client:
         """
         if address is None:
             address = os.environ.get("GRPC_ADDRESS") or DEFAULT_ADDRESS
-            host, port = parse_address(address, source="GRPC_ADDRESS")
+            host, port = parse_address(address, setting="GRPC_ADDRESS")
         else:
-            host, port = parse_address(address)
+            host, port = parse_address(address, setting="address")
         if auth_token is None:
             auth_token = os.environ.get("EVERRUNS_AUTH_TOKEN") or None
-        context = ssl.create_default_context() if tls is True else (tls or None)
+        if tls is None:
+            context = client_tls_from_env(os.environ)
+        else:
+            context = client_tls(None) if tls is True else (tls or None)
         leaf: BaseException | None = None
         try:
             async with (

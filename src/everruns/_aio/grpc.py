@@ -32,6 +32,7 @@ from grpclib.const import Status
 from everruns.errors import (
     AlreadyExists,
     ConcurrencyConflict,
+    ConfigError,
     EverrunsError,
     FailedPrecondition,
     InvalidArgument,
@@ -46,6 +47,7 @@ from everruns.errors import (
 __all__ = [
     "RpcChannel",
     "client_tls",
+    "client_tls_from_env",
     "open_channel",
     "serve_services",
     "server_tls",
@@ -160,6 +162,26 @@ def client_tls(ca_file: str | None = None) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
     context.set_alpn_protocols(["h2"])
     return context
+
+
+def client_tls_from_env(env: Mapping[str, str]) -> ssl.SSLContext | None:
+    """The TLS context callers of a control plane use, from the environment.
+
+    ``EVERRUNS_TLS_CA`` names a PEM file of certificates to trust (for a private CA);
+    ``EVERRUNS_TLS=1`` uses TLS with the system's CAs. Neither: plaintext.
+
+    Raises:
+        ConfigError: ``EVERRUNS_TLS_CA`` does not name a readable certificate file.
+    """
+    ca_file = env.get("EVERRUNS_TLS_CA") or None
+    if ca_file is not None:
+        try:
+            return client_tls(ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"EVERRUNS_TLS_CA={ca_file!r} cannot be used: {exc}") from exc
+    if env.get("EVERRUNS_TLS", "").lower() in ("1", "true", "yes"):
+        return client_tls(None)
+    return None
 
 
 class _Servable:

@@ -13,23 +13,10 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from everruns.domain.address import DEFAULT_GRPC_ADDRESS, parse_address
 from everruns.errors import ConfigError
 
-__all__ = ["ServerConfig", "parse_address", "validate_database_url"]
-
-DEFAULT_GRPC_ADDRESS = "127.0.0.1:9001"
-
-
-def parse_address(value: str, *, variable: str = "GRPC_ADDRESS") -> tuple[str, int]:
-    """Split ``host:port`` (``[v6]:port`` too); port 0 asks the OS for a free one.
-
-    Raises:
-        ConfigError: not of the form host:port with a port in 0..65535.
-    """
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
-        raise ConfigError(f"{variable}={value!r} is not host:port (e.g. {DEFAULT_GRPC_ADDRESS})")
-    return host.strip("[]"), int(port_text)
+__all__ = ["ServerConfig", "validate_database_url"]
 
 
 def validate_database_url(url: str) -> str:
@@ -149,7 +136,9 @@ class ServerConfig:
         if mode != "durable":
             raise ConfigError(f"RUNNER_MODE={mode!r} is not supported; the only mode is 'durable'")
         url = env.get("DATABASE_URL") or None
-        host, port = parse_address(env.get("GRPC_ADDRESS") or DEFAULT_GRPC_ADDRESS)
+        host, port = parse_address(
+            env.get("GRPC_ADDRESS") or DEFAULT_GRPC_ADDRESS, allow_any_port=True
+        )
         return cls(
             database_url=validate_database_url(url) if url else None,
             data_dir=env.get("EVERRUNS_DATA_DIR") or None,

@@ -108,8 +108,8 @@ class Engine:
         size = len(text.encode())
         if size > self.config.max_payload_bytes:
             raise ResourceExhausted(
-                f"{what} is {size} bytes; the limit is {self.config.max_payload_bytes} bytes "
-                "(EVERRUNS_MAX_PAYLOAD_BYTES)"
+                f"{what} is too large: {size} bytes; the limit is "
+                f"{self.config.max_payload_bytes} bytes (EVERRUNS_MAX_PAYLOAD_BYTES)"
             )
         try:
             json.loads(text)

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 
 import attrs
 
+from everruns.domain.address import DEFAULT_GRPC_ADDRESS, parse_address
 from everruns.errors import ConfigError
 
 __all__ = [
@@ -27,32 +28,8 @@ __all__ = [
     "parse_address",
 ]
 
-DEFAULT_GRPC_ADDRESS = "127.0.0.1:9001"
 DEFAULT_MAX_CONCURRENT_TASKS = 10
 DEFAULT_GRACE_PERIOD = 30.0
-
-
-def parse_address(value: str, *, variable: str = "GRPC_ADDRESS") -> tuple[str, int]:
-    """Split ``host:port`` (or ``[v6]:port``) into its parts.
-
-    Args:
-        value: the address text.
-        variable: the setting it came from, named in the error.
-
-    Returns:
-        ``(host, port)`` with the brackets of an IPv6 host removed.
-
-    Raises:
-        ConfigError: not of the form host:port with a port in 1..65535.
-    """
-    host, sep, port_text = value.strip().rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) <= 65535:
-        raise ConfigError(
-            f"{variable}={value!r} is not host:port of the control plane "
-            f"(e.g. {DEFAULT_GRPC_ADDRESS})"
-        )
-    return host, int(port_text)
 
 
 def default_worker_id() -> str:

@@ -31,7 +31,7 @@ import attrs
 import trio
 
 from everruns._aio import open_aio_loop
-from everruns._aio.grpc import RpcChannel, open_channel
+from everruns._aio.grpc import RpcChannel, client_tls_from_env, open_channel
 from everruns._proto.everruns import v1 as pb
 from everruns.domain import payload
 from everruns.domain.context import WorkflowInfo
@@ -238,7 +238,7 @@ class Worker:
         max_sync_threads: int | None = None,
         poll_wait: float = POLL_WAIT,
     ) -> None:
-        host, port = parse_address(address, variable="address")
+        host, port = parse_address(address, setting="address")
         config = WorkerConfig(
             host=host,
             port=port,
@@ -279,6 +279,8 @@ class Worker:
         Raises:
             ConfigError: a variable has a bad value; the message names it.
         """
+        if tls is None:
+            tls = client_tls_from_env(os.environ if env is None else env)
         return cls.from_config(WorkerConfig.from_env(env), registry, tls=tls)
 
     def _init(

@@ -1211,7 +1211,7 @@ class WorkerHeartbeatRequest(betterproto2.Message):
 
     status: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
     """
-    "active" or "draining" (stop handing me new tasks)
+    "active", "draining" (stop handing me new tasks) or "stopped" (clean exit)
     """
 
 

@@ -1,0 +1,36 @@
+"""The control plane's address: one parser for the server, the worker, the client and the CLI.
+
+Pure string handling; no sockets here.
+"""
+
+from __future__ import annotations
+
+from everruns.errors import ConfigError
+
+__all__ = ["DEFAULT_GRPC_ADDRESS", "parse_address"]
+
+DEFAULT_GRPC_ADDRESS = "127.0.0.1:9001"
+
+
+def parse_address(
+    value: str, *, setting: str = "GRPC_ADDRESS", allow_any_port: bool = False
+) -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` too) into its parts.
+
+    Args:
+        value: the address text.
+        setting: the variable or flag it came from, named in the error.
+        allow_any_port: accept port 0 ("any free port"), which only a listener can use.
+
+    Returns:
+        ``(host, port)`` with the brackets of an IPv6 host removed.
+
+    Raises:
+        ConfigError: not of the form host:port with a valid port; names ``setting``.
+    """
+    host, sep, port_text = value.strip().rpartition(":")
+    host = host.strip("[]")
+    lowest = 0 if allow_any_port else 1
+    if not sep or not host or not port_text.isdigit() or not lowest <= int(port_text) <= 65535:
+        raise ConfigError(f"{setting}={value!r} is not host:port (e.g. {DEFAULT_GRPC_ADDRESS})")
+    return host, int(port_text)
