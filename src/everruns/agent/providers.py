@@ -1,0 +1,579 @@
+"""LLM providers for the ``reason`` step: one call in, one reply (text and/or tool calls) out.
+
+A provider turns a `ReasonRequest` (the conversation so far in a neutral, OpenAI-like message
+format, and the tools on offer) into a `ReasonReply`. Two are built in: `ScriptedProvider`, a
+deterministic rule-based stand-in that needs no network (the default, so the demo and the tests
+run anywhere), and `OpenAIProvider`, which calls any OpenAI-compatible ``/chat/completions``
+endpoint over the Trio HTTP client in `everruns.agent._http` (chosen when ``OPENAI_API_KEY`` is
+set). Others are added with `register_provider`. Providers run inside the ``reason`` activity:
+they may do I/O, but they hold no state between calls and never see the API key in a payload
+(it is read from the worker's environment, never recorded in the history).
+
+Errors: a provider raises `NonRetryableError` when repeating the call cannot help (bad request,
+bad credentials) and any other exception (an `EverrunsError` for the network or the service
+failing) when a retry may; the ``reason`` activity's retry policy does the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import attrs
+
+from everruns.agent import _http
+from everruns.errors import (
+    ConfigError,
+    EverrunsError,
+    InvalidArgument,
+    NonRetryableError,
+    NotFound,
+)
+
+__all__ = [
+    "DEFAULT_OPENAI_BASE_URL",
+    "DEFAULT_OPENAI_MODEL",
+    "OPENAI_PROVIDER",
+    "SCRIPTED_PROVIDER",
+    "OpenAIProvider",
+    "Provider",
+    "ReasonReply",
+    "ReasonRequest",
+    "ScriptedProvider",
+    "ToolCall",
+    "default_model",
+    "default_provider_name",
+    "get_provider",
+    "parse_openai_reply",
+    "provider_names",
+    "register_provider",
+    "to_openai_messages",
+    "to_openai_tools",
+]
+
+SCRIPTED_PROVIDER = "scripted"
+OPENAI_PROVIDER = "openai"
+DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_OPENAI_MODEL = "gpt-4o-mini"
+SCRIPTED_MODEL = "scripted-1"
+SCRIPTED_SCAN_CHARS = 2000
+"""The scripted provider's rules look at the first 2,000 characters of a message."""
+
+
+# ------------------------------------------------------------------------------- values
+
+
+@attrs.frozen
+class ToolCall:
+    """A tool the model asks to run.
+
+    Attributes:
+        id: the call's id, echoed in the tool's result message.
+        name: the tool's name.
+        arguments: the arguments, a JSON object.
+        error: set when the model's arguments could not be read (the tool is not run; the
+            error goes back to the model as the call's result).
+    """
+
+    id: str
+    name: str
+    arguments: dict[str, Any] = attrs.field(factory=dict)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON form used in messages and activity results."""
+        data: dict[str, Any] = {"id": self.id, "name": self.name, "arguments": self.arguments}
+        if self.error is not None:
+            data["error"] = self.error
+        return data
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ToolCall:
+        """Build from `to_dict`'s shape.
+
+        Raises:
+            InvalidArgument: a field is missing or of the wrong type.
+        """
+        call_id, name, arguments = d.get("id"), d.get("name"), d.get("arguments", {})
+        error = d.get("error")
+        if not isinstance(call_id, str) or not isinstance(name, str) or not name:
+            raise InvalidArgument(f"a tool call needs a string id and name, got {dict(d)!r}")
+        if not isinstance(arguments, dict):
+            raise InvalidArgument(f"tool call {call_id!r} arguments must be a JSON object")
+        if error is not None and not isinstance(error, str):
+            raise InvalidArgument(f"tool call {call_id!r} error must be a string")
+        return cls(call_id, name, arguments, error)
+
+
+@attrs.frozen
+class ReasonRequest:
+    """One LLM call.
+
+    Attributes:
+        messages: the conversation, oldest first: ``{"role": "system"|"user"|"assistant"|
+            "tool", "content": ...}``; assistant messages may carry ``tool_calls`` (`ToolCall`
+            dicts), tool messages carry ``tool_call_id`` and ``name``.
+        tools: the tools on offer: ``{"name", "description", "parameters"}`` (JSON schema).
+        model: the model to use, or None for the provider's default.
+    """
+
+    messages: tuple[dict[str, Any], ...]
+    tools: tuple[dict[str, Any], ...] = ()
+    model: str | None = None
+
+    @property
+    def tool_names(self) -> frozenset[str]:
+        """The names of the tools on offer."""
+        return frozenset(str(t.get("name")) for t in self.tools)
+
+
+@attrs.frozen
+class ReasonReply:
+    """The model's answer to one call.
+
+    Attributes:
+        content: its text (may be empty when it only asks for tools).
+        tool_calls: the tools it asks to run, in order; empty when it answers.
+        model: the model that answered.
+        finish_reason: why it stopped, as the provider says (e.g. ``stop``, ``tool_calls``).
+    """
+
+    content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    model: str = ""
+    finish_reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON form (the ``reason`` activity's result)."""
+        return {
+            "content": self.content,
+            "tool_calls": [c.to_dict() for c in self.tool_calls],
+            "model": self.model,
+            "finish_reason": self.finish_reason,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ReasonReply:
+        """Build from `to_dict`'s shape.
+
+        Raises:
+            InvalidArgument: a field is of the wrong type.
+        """
+        content = d.get("content") or ""
+        calls = d.get("tool_calls") or []
+        if not isinstance(content, str) or not isinstance(calls, list):
+            raise InvalidArgument("a reply needs a string content and a list of tool_calls")
+        return cls(
+            content,
+            tuple(ToolCall.from_dict(c) for c in calls),
+            str(d.get("model") or ""),
+            str(d.get("finish_reason") or ""),
+        )
+
+
+class Provider(Protocol):
+    """What the ``reason`` activity calls."""
+
+    @property
+    def name(self) -> str:
+        """The provider's name, for messages."""
+        ...
+
+    async def complete(self, request: ReasonRequest) -> ReasonReply:
+        """Run one LLM call.
+
+        Raises:
+            NonRetryableError: retrying cannot help.
+            Exception: anything else is retried by the ``reason`` activity's policy.
+        """
+        ...
+
+
+# ----------------------------------------------------------------------------- registry
+
+ProviderFactory = Callable[[], Provider]
+
+_PROVIDERS: dict[str, ProviderFactory] = {}
+
+
+def register_provider(name: str, factory: ProviderFactory, *, replace: bool = False) -> None:
+    """Make a provider available to turns under ``name`` (in this process).
+
+    The factory is called for every ``reason`` call, so it may read the environment then.
+
+    Args:
+        name: what ``send_message(provider=...)`` names.
+        factory: returns the provider.
+        replace: allow replacing a registered provider.
+
+    Raises:
+        InvalidArgument: the name is empty or taken (and ``replace`` is false).
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidArgument(f"a provider name must be a non-empty string, got {name!r}")
+    if name in _PROVIDERS and not replace:
+        raise InvalidArgument(f"a provider named {name!r} is already registered")
+    _PROVIDERS[name] = factory
+
+
+def provider_names() -> list[str]:
+    """Return the registered provider names, sorted."""
+    return sorted(_PROVIDERS)
+
+
+def get_provider(name: str) -> Provider:
+    """Return a fresh provider registered as ``name``.
+
+    Raises:
+        NotFound: no such provider (the message lists the known ones).
+        ConfigError: the provider's configuration is missing or bad.
+    """
+    factory = _PROVIDERS.get(name)
+    if factory is None:
+        raise NotFound(
+            f"no LLM provider named {name!r} on this worker; known: {', '.join(provider_names())}"
+        )
+    return factory()
+
+
+def default_provider_name(env: Mapping[str, str] | None = None) -> str:
+    """Return ``openai`` when ``OPENAI_API_KEY`` is set, else ``scripted``."""
+    env = os.environ if env is None else env
+    return OPENAI_PROVIDER if env.get("OPENAI_API_KEY") else SCRIPTED_PROVIDER
+
+
+def default_model(provider: str, env: Mapping[str, str] | None = None) -> str:
+    """Return the model a turn uses when the message names none.
+
+    ``EVERRUNS_MODEL`` for the OpenAI provider (default ``gpt-4o-mini``); ``scripted-1`` for
+    the scripted one; the empty string (the provider's choice) for others.
+    """
+    env = os.environ if env is None else env
+    if provider == OPENAI_PROVIDER:
+        return env.get("EVERRUNS_MODEL") or DEFAULT_OPENAI_MODEL
+    if provider == SCRIPTED_PROVIDER:
+        return SCRIPTED_MODEL
+    return ""
+
+
+# ------------------------------------------------------------------------ scripted model
+
+_ARITHMETIC = re.compile(r"-?[\d(][\d\s.+\-*/%^()]*[\d)]")
+_OPERATOR = re.compile(r"[\d)]\s*(?:\*\*|//|[-+*/%^])\s*[-+(]*\s*[\d.(]")
+_TIME = re.compile(r"\b(?:time|clock|date|today)\b", re.IGNORECASE)
+_WAIT = re.compile(
+    r"\b(?:wait|sleep|pause)\b\D{0,20}?(\d+(?:\.\d+)?)\s*(?:s|secs?|seconds?)?\b", re.IGNORECASE
+)
+_URL = re.compile(r"https?://[^\s'\"<>]+")
+_GREETING = re.compile(r"^\s*(?:hi|hello|hey|good (?:morning|afternoon|evening))\b", re.IGNORECASE)
+
+
+def find_arithmetic(text: str) -> str | None:
+    """Return the longest arithmetic expression in ``text`` (e.g. ``"6 * 7"``), or None."""
+    best: str | None = None
+    for match in _ARITHMETIC.finditer(text):
+        candidate = match.group(0).strip()
+        if _OPERATOR.search(candidate) and (best is None or len(candidate) > len(best)):
+            best = candidate
+    return best
+
+
+class ScriptedProvider:
+    """A deterministic stand-in for a language model: rules, no network.
+
+    Given a user message it asks for tools when the message calls for them (only tools on
+    offer): arithmetic → ``calculator``; "time"/"clock"/"date" → ``clock``; "wait N seconds" →
+    ``sleep``; a URL → ``http_get``; any other offered tool named in the message → that tool
+    with no arguments (the rules read the message's first `SCRIPTED_SCAN_CHARS` characters).
+    Several rules may match: their calls are made together. With nothing
+    to call, it answers directly. Given tool results, it answers with them. The same request
+    always gives the same reply.
+    """
+
+    name = SCRIPTED_PROVIDER
+
+    async def complete(self, request: ReasonRequest) -> ReasonReply:
+        """Return `reply` (never fails, never waits)."""
+        return self.reply(request)
+
+    def reply(self, request: ReasonRequest) -> ReasonReply:
+        """Return the scripted reply to ``request`` (pure)."""
+        messages = list(request.messages)
+        if messages and messages[-1].get("role") == "tool":
+            return ReasonReply(
+                _answer_from_tools(messages), model=SCRIPTED_MODEL, finish_reason="stop"
+            )
+        text = ""
+        for message in reversed(messages):
+            if message.get("role") == "user":
+                text = str(message.get("content") or "")
+                break
+        # The rules' patterns backtrack; bounding what they read bounds their cost.
+        calls = self._tool_calls(text[:SCRIPTED_SCAN_CHARS], request.tool_names, messages)
+        if calls:
+            return ReasonReply("", tuple(calls), SCRIPTED_MODEL, "tool_calls")
+        return ReasonReply(_direct_answer(text), model=SCRIPTED_MODEL, finish_reason="stop")
+
+    def _tool_calls(
+        self, text: str, offered: frozenset[str], messages: Sequence[Mapping[str, Any]]
+    ) -> list[ToolCall]:
+        # Ids only need to be unique within the conversation.
+        prefix = f"call_{sum(1 for m in messages if m.get('role') == 'assistant') + 1}"
+        wanted: list[tuple[str, dict[str, Any]]] = []
+        wait = _WAIT.search(text)
+        if wait and "sleep" in offered:
+            wanted.append(("sleep", {"seconds": float(wait.group(1))}))
+        expression = find_arithmetic(_WAIT.sub(" ", text) if wait else text)
+        if expression and "calculator" in offered:
+            wanted.append(("calculator", {"expression": expression}))
+        if _TIME.search(text) and "clock" in offered:
+            wanted.append(("clock", {}))
+        url = _URL.search(text)
+        if url and "http_get" in offered:
+            wanted.append(("http_get", {"url": url.group(0).rstrip(".,;:!?)")}))
+        named = {name for name, _ in wanted}
+        for name in sorted(offered - named - {"calculator", "clock", "sleep", "http_get"}):
+            if re.search(rf"\b{re.escape(name)}\b", text):
+                wanted.append((name, {}))
+        return [ToolCall(f"{prefix}_{i}", name, args) for i, (name, args) in enumerate(wanted)]
+
+
+def _tool_block(messages: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    block: list[Mapping[str, Any]] = []
+    for message in reversed(messages):
+        if message.get("role") != "tool":
+            break
+        block.append(message)
+    return list(reversed(block))
+
+
+def _describe_result(name: str, result: Any) -> str:
+    if name == "calculator" and isinstance(result, dict) and "result" in result:
+        return f"{result.get('expression')} = {result['result']}"
+    if name == "clock" and isinstance(result, dict) and "utc" in result:
+        return f"the current UTC time is {result['utc']}"
+    if name == "sleep" and isinstance(result, dict) and "slept" in result:
+        return f"I waited {result['slept']:g} seconds"
+    if name == "http_get" and isinstance(result, dict) and "status" in result:
+        return f"GET {result.get('url')} answered HTTP {result['status']}"
+    return f"{name} returned {json.dumps(result, sort_keys=True)}"
+
+
+def _answer_from_tools(messages: Sequence[Mapping[str, Any]]) -> str:
+    parts = []
+    for message in _tool_block(messages):
+        name = str(message.get("name") or "tool")
+        if message.get("error"):
+            parts.append(f"the {name} tool failed ({message['error']})")
+        else:
+            parts.append(_describe_result(name, message.get("result")))
+    return "Here is what I found: " + "; ".join(parts) + "."
+
+
+def _direct_answer(text: str) -> str:
+    if _GREETING.search(text):
+        return (
+            "Hello! I am the everruns scripted assistant. Ask me to calculate something "
+            "(e.g. 'what is 6 * 7?') or for the time."
+        )
+    shown = " ".join(text.split())
+    if len(shown) > 200:
+        shown = shown[:199] + "…"
+    return f"You said: {shown!r}. No tool was needed, so this is my whole answer."
+
+
+# ---------------------------------------------------------------------- OpenAI-compatible
+
+
+def to_openai_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Convert neutral messages to the chat-completions format.
+
+    Raises:
+        InvalidArgument: a message has an unknown role.
+    """
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        role = message.get("role")
+        if role in ("system", "user"):
+            out.append({"role": role, "content": str(message.get("content") or "")})
+        elif role == "assistant":
+            item: dict[str, Any] = {"role": "assistant", "content": message.get("content") or None}
+            calls = message.get("tool_calls") or []
+            if calls:
+                item["tool_calls"] = [
+                    {
+                        "id": c["id"],
+                        "type": "function",
+                        "function": {
+                            "name": c["name"],
+                            "arguments": json.dumps(c.get("arguments") or {}),
+                        },
+                    }
+                    for c in calls
+                ]
+            out.append(item)
+        elif role == "tool":
+            out.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": str(message.get("tool_call_id") or ""),
+                    "content": str(message.get("content") or ""),
+                }
+            )
+        else:
+            raise InvalidArgument(f"message role {role!r} is not system/user/assistant/tool")
+    return out
+
+
+def to_openai_tools(tools: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Convert tool definitions to the chat-completions ``tools`` format."""
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": t["name"],
+                "description": t.get("description", ""),
+                "parameters": t.get("parameters") or {"type": "object", "properties": {}},
+            },
+        }
+        for t in tools
+    ]
+
+
+def parse_openai_reply(data: Any, *, model: str = "") -> ReasonReply:
+    """Read a chat-completions response body (already parsed JSON).
+
+    A tool call whose arguments are not a JSON object is kept with ``error`` set, so the model
+    is told instead of the turn failing.
+
+    Raises:
+        EverrunsError: the body does not have the chat-completions shape.
+    """
+    try:
+        choice = data["choices"][0]
+        message = choice["message"]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise EverrunsError(
+            f"the LLM response has no choices[0].message: {json.dumps(data)[:300]}"
+        ) from exc
+    if not isinstance(message, dict):
+        raise EverrunsError("the LLM response's choices[0].message is not an object")
+    calls: list[ToolCall] = []
+    for index, raw in enumerate(message.get("tool_calls") or []):
+        function = raw.get("function") if isinstance(raw, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise EverrunsError(f"the LLM response has a malformed tool call: {raw!r}"[:300])
+        call_id = str(raw.get("id") or f"call_{index}")
+        text = function.get("arguments") or "{}"
+        try:
+            arguments = json.loads(text) if isinstance(text, str) else text
+        except ValueError:
+            arguments = None
+        if isinstance(arguments, dict):
+            calls.append(ToolCall(call_id, function["name"], arguments))
+        else:
+            calls.append(
+                ToolCall(
+                    call_id,
+                    function["name"],
+                    {},
+                    f"the arguments are not a JSON object: {str(text)[:200]!r}",
+                )
+            )
+    content = message.get("content")
+    return ReasonReply(
+        content if isinstance(content, str) else "",
+        tuple(calls),
+        str(data.get("model") or model) if isinstance(data, dict) else model,
+        str(choice.get("finish_reason") or "") if isinstance(choice, dict) else "",
+    )
+
+
+def _error_detail(response: _http.HttpResponse) -> str:
+    try:
+        data = response.json()
+        message = data["error"]["message"]
+        if isinstance(message, str):
+            return message[:300]
+    except (EverrunsError, KeyError, TypeError):
+        pass
+    return response.text()[:300]
+
+
+@attrs.frozen
+class OpenAIProvider:
+    """An OpenAI-compatible chat-completions endpoint.
+
+    Attributes:
+        api_key: sent as a bearer token; never logged or recorded.
+        base_url: e.g. ``https://api.openai.com/v1`` (``/chat/completions`` is appended).
+        model: the default model when the request names none.
+    """
+
+    api_key: str = attrs.field(repr=False)
+    base_url: str = DEFAULT_OPENAI_BASE_URL
+    model: str = DEFAULT_OPENAI_MODEL
+    name: str = OPENAI_PROVIDER
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> OpenAIProvider:
+        """Build from ``OPENAI_API_KEY``, ``OPENAI_BASE_URL`` and ``EVERRUNS_MODEL``.
+
+        Raises:
+            ConfigError: ``OPENAI_API_KEY`` is not set, or ``OPENAI_BASE_URL`` is not http(s).
+        """
+        env = os.environ if env is None else env
+        key = env.get("OPENAI_API_KEY")
+        if not key:
+            raise ConfigError(
+                "OPENAI_API_KEY is not set on this worker; set it, or use the scripted provider"
+            )
+        base = (env.get("OPENAI_BASE_URL") or DEFAULT_OPENAI_BASE_URL).rstrip("/")
+        if not base.startswith(("http://", "https://")):
+            raise ConfigError(f"OPENAI_BASE_URL={base!r} must start with http:// or https://")
+        return cls(key, base, env.get("EVERRUNS_MODEL") or DEFAULT_OPENAI_MODEL)
+
+    def request_body(self, request: ReasonRequest) -> dict[str, Any]:
+        """Return the JSON body of the chat-completions call for ``request``."""
+        body: dict[str, Any] = {
+            "model": request.model or self.model,
+            "messages": to_openai_messages(request.messages),
+        }
+        if request.tools:
+            body["tools"] = to_openai_tools(request.tools)
+        return body
+
+    async def complete(self, request: ReasonRequest) -> ReasonReply:
+        """POST ``{base_url}/chat/completions`` and read the reply.
+
+        Raises:
+            NonRetryableError: the service refused the request (HTTP 4xx other than 408/409/429).
+            EverrunsError: the service is unreachable, failing (5xx, 429) or answered nonsense.
+
+        Cancellation closes the connection at once.
+        """
+        body = json.dumps(self.request_body(request)).encode()
+        response = await _http.request(
+            "POST",
+            f"{self.base_url}/chat/completions",
+            headers={
+                "Authorization": f"Bearer {self.api_key}",
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+            },
+            body=body,
+        )
+        if response.status != 200:
+            detail = _error_detail(response)
+            message = f"the LLM API answered HTTP {response.status}: {detail}"
+            if 400 <= response.status < 500 and response.status not in (408, 409, 429):
+                raise NonRetryableError(message)
+            raise EverrunsError(message)
+        return parse_openai_reply(response.json(), model=request.model or self.model)
+
+
+register_provider(SCRIPTED_PROVIDER, ScriptedProvider)
+register_provider(OPENAI_PROVIDER, OpenAIProvider.from_env)

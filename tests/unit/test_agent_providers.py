@@ -1,0 +1,348 @@
+"""LLM providers without a network: the scripted provider's rules, the chat-completions format
+(both directions), provider configuration and the provider table."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from everruns.agent.providers import (
+    DEFAULT_OPENAI_BASE_URL,
+    OpenAIProvider,
+    ReasonReply,
+    ReasonRequest,
+    ScriptedProvider,
+    ToolCall,
+    default_model,
+    default_provider_name,
+    find_arithmetic,
+    get_provider,
+    parse_openai_reply,
+    provider_names,
+    register_provider,
+    to_openai_messages,
+    to_openai_tools,
+)
+from everruns.errors import ConfigError, EverrunsError, InvalidArgument, NotFound
+
+ALL_TOOLS = ("calculator", "clock", "sleep", "http_get")
+
+
+def tools(*names: str) -> tuple[dict[str, Any], ...]:
+    return tuple(
+        {"name": n, "description": f"the {n} tool", "parameters": {"type": "object"}} for n in names
+    )
+
+
+def ask(text: str, *offered: str) -> ReasonReply:
+    request = ReasonRequest(
+        ({"role": "system", "content": "sys"}, {"role": "user", "content": text}),
+        tools(*offered),
+    )
+    return ScriptedProvider().reply(request)
+
+
+def calls(reply: ReasonReply) -> list[tuple[str, dict[str, Any]]]:
+    return [(c.name, c.arguments) for c in reply.tool_calls]
+
+
+# ----------------------------------------------------------------------------- scripted
+
+
+def test_arithmetic_asks_for_the_calculator() -> None:
+    reply = ask("What is (2 + 3) * 7?", *ALL_TOOLS)
+    assert calls(reply) == [("calculator", {"expression": "(2 + 3) * 7"})]
+    assert reply.content == "" and reply.finish_reason == "tool_calls"
+
+
+def test_time_asks_for_the_clock_and_both_rules_combine() -> None:
+    assert calls(ask("What time is it?", *ALL_TOOLS)) == [("clock", {})]
+    assert calls(ask("what is 6*7 and the current date?", *ALL_TOOLS)) == [
+        ("calculator", {"expression": "6*7"}),
+        ("clock", {}),
+    ]
+
+
+def test_wait_asks_for_sleep_and_its_number_is_not_arithmetic() -> None:
+    assert calls(ask("please wait 30 seconds", *ALL_TOOLS)) == [("sleep", {"seconds": 30.0})]
+    assert calls(ask("sleep 2.5s then compute 1+1", *ALL_TOOLS)) == [
+        ("sleep", {"seconds": 2.5}),
+        ("calculator", {"expression": "1+1"}),
+    ]
+
+
+def test_urls_use_http_get_only_when_offered() -> None:
+    assert calls(ask("fetch https://example.com/x.json.", *ALL_TOOLS)) == [
+        ("http_get", {"url": "https://example.com/x.json"})
+    ]
+    reply = ask("fetch https://example.com/", "calculator", "clock")
+    assert reply.tool_calls == () and "fetch https://example.com/" in reply.content
+
+
+def test_tools_not_offered_are_never_requested() -> None:
+    reply = ask("What is 6 * 7 at this time?", "sleep")
+    assert reply.tool_calls == ()
+    assert reply.finish_reason == "stop"
+
+
+def test_any_offered_tool_named_in_the_message_is_called() -> None:
+    assert calls(ask("please run lookup_order now", "calculator", "lookup_order")) == [
+        ("lookup_order", {})
+    ]
+    assert ask("lookup_orders", "lookup_order").tool_calls == ()  # whole words only
+
+
+def test_direct_answers() -> None:
+    assert ask("Hello!", *ALL_TOOLS).content.startswith("Hello! I am the everruns scripted")
+    reply = ask("Tell me about durable execution", *ALL_TOOLS)
+    assert "Tell me about durable execution" in reply.content
+    assert reply.tool_calls == () and reply.model == "scripted-1"
+
+
+def test_after_tool_results_it_answers_with_them() -> None:
+    messages = (
+        {"role": "user", "content": "what is 6*7 and the time"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"id": "call_1_0", "name": "calculator", "arguments": {"expression": "6*7"}},
+                {"id": "call_1_1", "name": "clock", "arguments": {}},
+                {"id": "call_1_2", "name": "sleep", "arguments": {"seconds": 1}},
+            ],
+        },
+        {
+            "role": "tool",
+            "tool_call_id": "call_1_0",
+            "name": "calculator",
+            "result": {"expression": "6*7", "result": 42},
+            "content": "{}",
+        },
+        {
+            "role": "tool",
+            "tool_call_id": "call_1_1",
+            "name": "clock",
+            "result": {"utc": "2025-01-01T00:00:00Z"},
+            "content": "{}",
+        },
+        {
+            "role": "tool",
+            "tool_call_id": "call_1_2",
+            "name": "sleep",
+            "error": "cancelled",
+            "content": "{}",
+        },
+    )
+    reply = ScriptedProvider().reply(ReasonRequest(messages, tools(*ALL_TOOLS)))
+    assert reply.tool_calls == ()
+    assert reply.content == (
+        "Here is what I found: 6*7 = 42; the current UTC time is 2025-01-01T00:00:00Z; "
+        "the sleep tool failed (cancelled)."
+    )
+
+
+def test_scripted_replies_are_deterministic_and_ids_unique_per_step() -> None:
+    first = ask("what is 1+1 and the time", *ALL_TOOLS)
+    assert first == ask("what is 1+1 and the time", *ALL_TOOLS)
+    assert [c.id for c in first.tool_calls] == ["call_1_0", "call_1_1"]
+    later = ScriptedProvider().reply(
+        ReasonRequest(
+            (
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "what is 2*2"},
+            ),
+            tools("calculator"),
+        )
+    )
+    assert [c.id for c in later.tool_calls] == ["call_2_0"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("what is 6 * 7?", "6 * 7"),
+        ("compute (1+2)*(3+4) please", "(1+2)*(3+4)"),
+        ("-3 + 4", "-3 + 4"),
+        ("2 ** 10", "2 ** 10"),
+        ("I have 3 apples", None),
+        ("version 1.2.3", None),
+    ],
+)
+def test_find_arithmetic(text: str, expected: str | None) -> None:
+    assert find_arithmetic(text) == expected
+
+
+# ------------------------------------------------------------------------------- OpenAI
+
+
+def test_messages_and_tools_convert_to_chat_completions() -> None:
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "q"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"id": "c1", "name": "calculator", "arguments": {"expression": "1+1"}}],
+        },
+        {
+            "role": "tool",
+            "tool_call_id": "c1",
+            "name": "calculator",
+            "result": {"result": 2},
+            "content": '{"result": 2}',
+        },
+        {"role": "assistant", "content": "2"},
+    ]
+    assert to_openai_messages(messages) == [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "q"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "calculator", "arguments": '{"expression": "1+1"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": '{"result": 2}'},
+        {"role": "assistant", "content": "2"},
+    ]
+    with pytest.raises(InvalidArgument, match="role"):
+        to_openai_messages([{"role": "wizard", "content": "x"}])
+    assert to_openai_tools(
+        [{"name": "clock", "description": "d", "parameters": None, "activity": "act.clock"}]
+    ) == [
+        {
+            "type": "function",
+            "function": {
+                "name": "clock",
+                "description": "d",
+                "parameters": {"type": "object", "properties": {}},
+            },
+        }
+    ]
+
+
+def test_parse_a_reply_with_tool_calls() -> None:
+    body = {
+        "model": "gpt-test",
+        "choices": [
+            {
+                "finish_reason": "tool_calls",
+                "message": {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "a",
+                            "type": "function",
+                            "function": {
+                                "name": "calculator",
+                                "arguments": '{"expression": "2*21"}',
+                            },
+                        },
+                        {
+                            "id": "b",
+                            "type": "function",
+                            "function": {"name": "clock", "arguments": "not json"},
+                        },
+                        {
+                            "id": "c",
+                            "type": "function",
+                            "function": {"name": "clock", "arguments": "[1]"},
+                        },
+                    ],
+                },
+            }
+        ],
+    }
+    reply = parse_openai_reply(body)
+    assert reply.content == "" and reply.model == "gpt-test" and reply.finish_reason == "tool_calls"
+    assert reply.tool_calls[0] == ToolCall("a", "calculator", {"expression": "2*21"})
+    assert reply.tool_calls[1].arguments == {} and "not a JSON object" in (
+        reply.tool_calls[1].error or ""
+    )
+    assert reply.tool_calls[2].error is not None
+    assert ReasonReply.from_dict(reply.to_dict()) == reply
+
+
+def test_parse_a_plain_answer_and_refuse_nonsense() -> None:
+    reply = parse_openai_reply(
+        {"choices": [{"message": {"content": "42"}, "finish_reason": "stop"}]}, model="m"
+    )
+    assert reply == ReasonReply("42", (), "m", "stop")
+    bodies: list[Any] = [{}, {"choices": []}, {"choices": [{"message": "x"}]}, [1, 2]]
+    for body in bodies:
+        with pytest.raises(EverrunsError):
+            parse_openai_reply(body)
+    with pytest.raises(EverrunsError, match="malformed tool call"):
+        parse_openai_reply({"choices": [{"message": {"tool_calls": [{"function": {}}]}}]})
+
+
+def test_openai_configuration_from_the_environment() -> None:
+    with pytest.raises(ConfigError, match="OPENAI_API_KEY"):
+        OpenAIProvider.from_env({})
+    provider = OpenAIProvider.from_env({"OPENAI_API_KEY": "sk-secret"})
+    assert provider.base_url == DEFAULT_OPENAI_BASE_URL and provider.model == "gpt-4o-mini"
+    assert "sk-secret" not in repr(provider)
+    provider = OpenAIProvider.from_env(
+        {"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": "http://127.0.0.1:1/v1/", "EVERRUNS_MODEL": "m"}
+    )
+    assert provider.base_url == "http://127.0.0.1:1/v1" and provider.model == "m"
+    with pytest.raises(ConfigError, match="OPENAI_BASE_URL"):
+        OpenAIProvider.from_env({"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": "ftp://x"})
+
+
+def test_request_body() -> None:
+    provider = OpenAIProvider("k", model="default-model")
+    request = ReasonRequest(({"role": "user", "content": "hi"},), tools("clock"), None)
+    body = provider.request_body(request)
+    assert body["model"] == "default-model"
+    assert body["messages"] == [{"role": "user", "content": "hi"}]
+    assert body["tools"][0]["function"]["name"] == "clock"
+    assert "tools" not in provider.request_body(
+        ReasonRequest(({"role": "user", "content": "x"},), (), "m")
+    )
+    json.dumps(body)  # the body is JSON
+
+
+def test_provider_choice_and_table() -> None:
+    assert default_provider_name({}) == "scripted"
+    assert default_provider_name({"OPENAI_API_KEY": "k"}) == "openai"
+    assert default_model("openai", {"EVERRUNS_MODEL": "x"}) == "x"
+    assert default_model("openai", {}) == "gpt-4o-mini"
+    assert default_model("scripted", {}) == "scripted-1"
+    assert {"scripted", "openai"} <= set(provider_names())
+    assert isinstance(get_provider("scripted"), ScriptedProvider)
+    with pytest.raises(NotFound, match="known: "):
+        get_provider("nope")
+    with pytest.raises(InvalidArgument, match="already registered"):
+        register_provider("scripted", ScriptedProvider)
+    with pytest.raises(InvalidArgument):
+        register_provider(" ", ScriptedProvider)
+
+
+def test_tool_call_values_validate() -> None:
+    assert ToolCall.from_dict({"id": "a", "name": "b"}) == ToolCall("a", "b", {})
+    for bad in (
+        {"id": 1, "name": "b"},
+        {"id": "a", "name": ""},
+        {"id": "a", "name": "b", "arguments": []},
+    ):
+        with pytest.raises(InvalidArgument):
+            ToolCall.from_dict(bad)
+
+
+def test_pathological_messages_are_answered_quickly() -> None:
+    import time
+
+    started = time.monotonic()
+    for text in ("(" * 32000, "1 " * 16000 + "x", "-" * 32000, "wait " * 6000):
+        ask(text, *ALL_TOOLS)
+    assert time.monotonic() - started < 2.0
