@@ -11,6 +11,7 @@ logic and must not reach PostgreSQL itself.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import contextvars
 import importlib
 import json
@@ -442,6 +443,64 @@ async def _workflow_cancel(client: Client, args: argparse.Namespace, out: Output
     return EXIT_OK
 
 
+def render_turn_event(event: Any) -> str:
+    """One line for a turn event: ``[step 1] tool.called calculator {"expression": "6*7"}``."""
+    data = dict(event.data)
+    label = f"[step {event.step}]" if event.step else "[turn]"
+    if event.kind == "tool.called":
+        detail = f"{data.get('tool', '')} {json.dumps(data.get('arguments'), ensure_ascii=False)}"
+    elif event.kind == "tool.result":
+        outcome = data.get("error") if "error" in data else data.get("result")
+        detail = f"{data.get('tool', '')} -> {json.dumps(outcome, ensure_ascii=False)}"
+    elif event.kind == "turn.started":
+        detail = str(data.get("text") or "")
+    elif event.kind == "input.processed":
+        detail = f"{data.get('provider')}/{data.get('model')}, tools {data.get('tools')}"
+    elif event.kind == "reason.completed":
+        calls = [c.get("name") for c in data.get("tool_calls") or []]
+        detail = f"asks for {', '.join(calls)}" if calls else str(data.get("content") or "")
+    elif event.kind in ("turn.completed", "turn.failed", "turn.cancelled"):
+        detail = str(data.get("outcome") or data.get("error") or "")
+    else:
+        detail = ""
+    line = " ".join(detail.split())[:200]
+    return f"{label} {event.kind} {line}".rstrip()
+
+
+async def _message_send(client: Client, args: argparse.Namespace, out: Output) -> int:
+    turn = await client.send_message(args.session, args.text, max_steps=args.max_steps)
+    doc: dict[str, Any] = {"session_id": args.session, "turn": turn.turn}
+    if not out.as_json:
+        print(f"message queued for turn {turn.turn} ({turn.workflow_id})", file=out.stream)
+    if args.no_follow:
+        out.emit({**doc, "workflow_id": turn.workflow_id}, "not following (--no-follow)")
+        return EXIT_OK
+    events = []
+    try:
+        with trio.fail_after(args.timeout) if args.timeout else contextlib.nullcontext():
+            async for event in turn.stream():
+                events.append(event)
+                if not out.as_json:
+                    print(render_turn_event(event), file=out.stream, flush=True)
+            result = await turn.result()
+    except trio.TooSlowError:
+        out.emit(
+            {**doc, "events": events, "timed_out": True}, f"still running after {args.timeout} s"
+        )
+        return EXIT_TIMEOUT
+    except WorkflowFailed as exc:
+        out.emit(
+            {**doc, "events": events, "status": exc.status, "error": exc.error},
+            f"turn {exc.status}: {exc}",
+        )
+        return EXIT_FAILED
+    out.emit(
+        {**doc, "events": events, "outcome": result.outcome, "answer": result.answer},
+        f"answer: {result.answer}" if result.answer is not None else f"outcome: {result.outcome}",
+    )
+    return EXIT_OK
+
+
 async def _workers_list(client: Client, args: argparse.Namespace, out: Output) -> int:
     workers = await client.list_workers(include_stopped=args.all)
     out.emit({"workers": workers}, render_workers(workers))
@@ -811,10 +870,35 @@ def _add_programs(commands: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("modules", nargs="*", metavar="MODULE", help="modules to import")
 
 
-# Each entry adds one command group. The `message send` group (the agent turn, issue 5) is added
-# here as `_add_message` once `Client.send_message` exists.
+def _add_message(commands: Any, common: argparse.ArgumentParser) -> None:
+    _, verbs = _group(
+        commands,
+        "message",
+        "talk to the agent: each message is answered by its own durable turn",
+        _example('everruns message send support-7 "what is 6 * 7?"'),
+    )
+    p = _leaf(
+        verbs,
+        "send",
+        common,
+        "send a message to a session and follow its turn live until it answers",
+        _example(
+            'everruns message send support-7 "what is 6 * 7?"',
+            'everruns --json message send support-7 "hello" --timeout 30',
+        ),
+        run=_message_send,
+    )
+    p.add_argument("session", metavar="SESSION", help="session id (created on first use)")
+    p.add_argument("text", metavar="TEXT", help="the message")
+    p.add_argument("--max-steps", type=int, default=10, metavar="N", help="LLM calls allowed")
+    p.add_argument("--timeout", type=float, default=None, metavar="S", help="give up after S s")
+    p.add_argument("--no-follow", action="store_true", help="queue the message and return")
+
+
+# Each entry adds one command group.
 _GROUPS: tuple[Callable[[Any, argparse.ArgumentParser], None], ...] = (
     _add_workflow,
+    _add_message,
     _add_workers,
     _add_dlq,
     _add_breakers,

@@ -16,7 +16,7 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 import trio
@@ -29,6 +29,9 @@ from everruns.domain.payload import decode, encode
 from everruns.domain.registry import name_of
 from everruns.domain.status import TERMINAL_WORKFLOW_STATUSES, WORKFLOW_STATUSES
 from everruns.errors import InvalidArgument, ServerUnavailable, WorkflowFailed
+
+if TYPE_CHECKING:
+    from everruns.agent.session import TurnHandle
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -735,6 +738,20 @@ class Client:
                 by the handle's calls.
         """
         return WorkflowHandle(self, _check_workflow_id(workflow_id), run_id)
+
+    async def send_message(self, session_id: str, text: str, **options: Any) -> TurnHandle:
+        """Send a message to an agent session; its own turn will answer it, after earlier ones.
+
+        A convenience for `everruns.agent.send_message` (same options: ``max_steps``,
+        ``provider``, ``model``, ``tools``, ``llm_retry``, ``tool_retry``).
+
+        Returns:
+            A `everruns.agent.TurnHandle`: ``stream()`` yields the turn's events as they
+            happen, ``result()`` gives the answer.
+        """
+        from everruns.agent.session import send_message
+
+        return await send_message(self, session_id, text, **options)
 
     async def list_workflows(
         self,

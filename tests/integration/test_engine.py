@@ -313,6 +313,35 @@ async def test_superseded_workflow_task_is_replayed_not_lost(database_url: str) 
             assert final.status == "completed" and json.loads(final.result) == "yes"
 
 
+async def test_two_workflow_tasks_out_at_once_never_apply_commands_twice(
+    database_url: str,
+) -> None:
+    async def child_per_signal(ctx: Any, input: Any) -> Any:
+        await ctx.wait_signal("go")
+        return await ctx.execute_activity("work", 1)
+
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            wid = await p.start("dup")
+            (first,) = await p.poll(wf=["dup"])  # sees only workflow_started
+            await p.channel.unary(
+                p.workflows.signal_workflow,
+                pb.SignalWorkflowRequest(workflow_id=wid, name="go"),
+            )  # the first task is out, so the signal makes a second, pending one
+            (second,) = await p.poll(wf=["dup"])  # sees the signal
+            current = await p.channel.unary(
+                p.workflows.get_history, pb.GetHistoryRequest(workflow_id=wid)
+            )
+            # The first task, replayed over the full current history, is accepted...
+            first.history = current.events
+            assert (await p.run_workflow_task(first, child_per_signal)).accepted
+            # ...and the second, decided on the same view, must not schedule the activity again.
+            reply = await p.run_workflow_task(second, child_per_signal)
+            assert reply.superseded and not reply.accepted
+            types = await p.history_types(wid)
+            assert types.count("activity_scheduled") == 1, types
+
+
 async def test_non_determinism_marks_the_run_stuck(database_url: str) -> None:
     async def v1(ctx: Any, input: Any) -> Any:
         return await ctx.execute_activity("a", 1)

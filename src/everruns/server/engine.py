@@ -51,7 +51,14 @@ __all__ = ["ClaimedTask", "Engine", "StartRequest"]
 log = logging.getLogger("everruns.server")
 
 _MAX_NAME = 512
-_INPUT_EVENT_TYPES = sorted(ev.INPUT_EVENT_TYPES - {ev.WORKFLOW_STARTED})
+# Events after a workflow task's view of the history that make its commands stale: new input
+# for the code, or another workflow task's applied commands (two tasks of one run can be out at
+# once: one claimed, one pending that a new event created meanwhile).
+_SUPERSEDING_EVENT_TYPES = sorted(
+    (ev.INPUT_EVENT_TYPES - {ev.WORKFLOW_STARTED})
+    | ev.COMMAND_EVENT_TYPES
+    | {ev.MARKER_EVENT_TYPE}
+)
 
 
 def check_name(value: str, what: str) -> str:
@@ -349,7 +356,7 @@ class Engine:
                 await self.store.close_workflow_task(conn, task_id)
                 return False, True
             if run.last_sequence_num != seen_sequence and await self.store.input_events_after(
-                conn, run.run_id, seen_sequence, _INPUT_EVENT_TYPES
+                conn, run.run_id, seen_sequence, _SUPERSEDING_EVENT_TYPES
             ):
                 await self.store.close_workflow_task(conn, task_id)
                 await self.store.ensure_workflow_task(conn, run)
