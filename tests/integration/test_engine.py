@@ -342,6 +342,28 @@ async def test_two_workflow_tasks_out_at_once_never_apply_commands_twice(
             assert types.count("activity_scheduled") == 1, types
 
 
+async def test_cancelling_a_parent_cancels_its_open_children(database_url: str) -> None:
+    async def parent(ctx: Any, input: Any) -> Any:
+        return await ctx.execute_child_workflow("kid", None, workflow_id="the-kid")
+
+    async def kid(ctx: Any, input: Any) -> Any:
+        return await ctx.wait_signal("never")
+
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            wid = await p.start("parent")
+            await p.drive(parent, "parent")
+            await p.drive(kid, "kid")  # the child now waits
+            await p.channel.unary(
+                p.workflows.cancel_workflow, pb.CancelWorkflowRequest(workflow_id=wid)
+            )
+            assert "workflow_cancel_requested" in await p.history_types("the-kid")
+            await p.drive(kid, "kid")  # the child's code lets the cancellation end it
+            assert (await p.describe("the-kid")).status == "cancelled"
+            await p.drive(parent, "parent")
+            assert (await p.describe(wid)).status == "cancelled"
+
+
 async def test_non_determinism_marks_the_run_stuck(database_url: str) -> None:
     async def v1(ctx: Any, input: Any) -> Any:
         return await ctx.execute_activity("a", 1)

@@ -55,9 +55,7 @@ _MAX_NAME = 512
 # for the code, or another workflow task's applied commands (two tasks of one run can be out at
 # once: one claimed, one pending that a new event created meanwhile).
 _SUPERSEDING_EVENT_TYPES = sorted(
-    (ev.INPUT_EVENT_TYPES - {ev.WORKFLOW_STARTED})
-    | ev.COMMAND_EVENT_TYPES
-    | {ev.MARKER_EVENT_TYPE}
+    (ev.INPUT_EVENT_TYPES - {ev.WORKFLOW_STARTED}) | ev.COMMAND_EVENT_TYPES | {ev.MARKER_EVENT_TYPE}
 )
 
 
@@ -226,14 +224,25 @@ class Engine:
         cancelled (pending ones at once, running ones on their workers)."""
         async with self.store.transaction() as conn:
             run = await self._lock_open(conn, workflow_id, run_id, "cancel")
-            if run.cancel_requested_at is not None:
-                return  # already requested: cancelling is idempotent
-            await self.store.add_signal(conn, run, "cancel", "null", signal_type="cancel")
-            await self.store.request_run_cancel(conn, run.run_id)
-            events = [NewEvent.of(ev.workflow_cancel_requested(reason))]
-            events += await self._cancel_activities(conn, run)
-            await self.store.append_events(conn, run, events)
-            await self.store.ensure_workflow_task(conn, run)
+            await self._request_cancel(conn, run, reason)
+
+    async def _request_cancel(self, conn: Connection, run: WorkflowRun, reason: str) -> None:
+        """Record a cancel request on a locked open run, cancel its activities, and pass the
+        request on to its open children (a cancelled parent does not leave orphans running)."""
+        if run.cancel_requested_at is not None:
+            return  # already requested: cancelling is idempotent
+        await self.store.add_signal(conn, run, "cancel", "null", signal_type="cancel")
+        await self.store.request_run_cancel(conn, run.run_id)
+        events = [NewEvent.of(ev.workflow_cancel_requested(reason))]
+        events += await self._cancel_activities(conn, run)
+        await self.store.append_events(conn, run, events)
+        await self.store.ensure_workflow_task(conn, run)
+        for child in await self.store.open_children(conn, run.run_id):
+            child = await self.store.lock_run(conn, child.run_id)
+            if child.is_open:
+                await self._request_cancel(
+                    conn, child, f"parent workflow {run.workflow_id!r} was cancelled"
+                )
 
     async def _cancel_activities(self, conn: Connection, run: WorkflowRun) -> list[NewEvent]:
         events = []
@@ -453,6 +462,12 @@ class Engine:
                 await self.store.cancel_task(conn, task.task_id)
             else:
                 await self.store.request_task_cancel(conn, task)
+        for child in await self.store.open_children(conn, run.run_id):
+            child = await self.store.lock_run(conn, child.run_id)
+            if child.is_open:
+                await self._request_cancel(
+                    conn, child, f"parent workflow {run.workflow_id!r} ended {status}"
+                )
         if ended.parent_run_id is not None and ended.parent_child_id is not None:
             await self._tell_parent(conn, ended, status, result=result, error=error)
 

@@ -463,3 +463,9 @@ UPDATE durable_task_queue
 SET status = 'pending', attempt = attempt - 1, claimed_by = NULL, claimed_at = NULL,
     heartbeat_at = NULL, updated_at = now()
 WHERE id = $1 AND lease_token = $2 AND status = 'claimed';
+
+-- name: open_children
+-- The open child runs of a run.
+SELECT * FROM durable_workflow_instances
+WHERE parent_run_id = $1 AND status IN ('pending', 'running')
+ORDER BY created_at;

@@ -265,6 +265,10 @@ class Store:
         await self.notify(conn, CHANNEL_RUNS, str(run_id))
         return WorkflowRun.from_row(row)
 
+    async def open_children(self, conn: Connection, run_id: uuid.UUID) -> list[WorkflowRun]:
+        """The open child runs of a run."""
+        return [WorkflowRun.from_row(r) for r in await conn.fetch(Q["open_children"], run_id)]
+
     async def request_run_cancel(self, conn: Connection, run_id: uuid.UUID) -> None:
         """Remember that cancellation of a run was requested (idempotent)."""
         await conn.execute(Q["set_cancel_requested"], run_id)
