@@ -33,6 +33,8 @@ from everruns.errors import (
     AlreadyExists,
     ConcurrencyConflict,
     ConfigError,
+    DatabaseError,
+    DatabaseUnavailable,
     EverrunsError,
     FailedPrecondition,
     InvalidArgument,
@@ -69,6 +71,8 @@ _STATUS_OF: Sequence[tuple[type[BaseException], Status]] = (
     (ResourceExhausted, Status.RESOURCE_EXHAUSTED),
     (InvalidArgument, Status.INVALID_ARGUMENT),
     (PayloadError, Status.INVALID_ARGUMENT),
+    (DatabaseUnavailable, Status.UNAVAILABLE),
+    (DatabaseError, Status.INTERNAL),
 )
 
 # gRPC status -> everruns error raised at the client.

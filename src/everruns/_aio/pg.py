@@ -206,6 +206,10 @@ class Pool:
             return await conn.fetchval(query, *args)
 
 
+async def _keep_session(_conn: Any) -> None:
+    return None
+
+
 async def _connect_once(url: str, timeout: float) -> asyncpg.Connection:
     return await trio_asyncio.aio_as_trio(asyncpg.connect)(url, timeout=timeout)
 
@@ -255,7 +259,10 @@ async def open_pool(
     url: str, *, min_size: int = 1, max_size: int = 10, command_timeout: float | None = None
 ) -> AsyncIterator[Pool]:
     """Open a connection pool for the block; it is closed (shielded, bounded) on the way out."""
-    kwargs: dict[str, Any] = {"min_size": min_size, "max_size": max_size}
+    # asyncpg's default reset runs RESET ALL/UNLISTEN (a round trip) on every release; pool
+    # connections never carry session state here (LISTEN uses dedicated connections), and an
+    # open transaction is still rolled back by asyncpg before this hook.
+    kwargs: dict[str, Any] = {"min_size": min_size, "max_size": max_size, "reset": _keep_session}
     if command_timeout is not None and math.isfinite(command_timeout):
         kwargs["command_timeout"] = command_timeout
     try:

@@ -105,6 +105,12 @@ class Engine:
         self.config = config
         self.notifier = notifier
         self.breakers = BreakerConfig()
+        # Whether some breaker may be open or half-open: then claims take the careful path
+        # (probe accounting). Refreshed at most once per second, and at once when this control
+        # plane records a failure; a stale "no" only delays half-open probes, since the fast
+        # claim never hands out tasks of an unclosed breaker.
+        self._unclosed_breakers = True
+        self._breakers_checked_at = float("-inf")
 
     # ------------------------------------------------------------------ input checks
 
@@ -290,37 +296,50 @@ class Engine:
         activity_types: Sequence[str],
         limit: int,
     ) -> list[ClaimedTask]:
-        blocked: list[str] = []
-        probes: dict[str, int] = {}
-        if activity_types:
+        if activity_types and await self._breakers_may_be_unclosed():
             async with self.store.transaction() as conn:
                 blocked, probes = await self.store.admit_breakers(conn, self.breakers)
-        tasks = await self.store.claim_tasks(
-            worker_id,
-            workflow_types=workflow_types,
-            activity_types=activity_types,
-            limit=limit,
-            blocked_keys=blocked,
-        )
-        if probes:
-            tasks = await self._admit_probes(tasks, probes)
+            tasks = await self.store.claim_tasks(
+                worker_id,
+                workflow_types=workflow_types,
+                activity_types=activity_types,
+                limit=limit,
+                blocked_keys=blocked,
+            )
+            if probes:
+                tasks = await self._admit_probes(tasks, probes)
+        else:
+            tasks = await self.store.claim_tasks_fast(
+                worker_id, workflow_types=workflow_types, activity_types=activity_types, limit=limit
+            )
         if any(t.kind == "activity" for t in tasks):
             self.notifier.poke_due()  # new start-to-close/heartbeat deadlines to watch
         claimed = []
+        workflow_tasks = [t for t in tasks if t.kind == "workflow"]
+        still_open: set[uuid.UUID] = set()
+        histories: dict[uuid.UUID, list[StoredEvent]] = {}
+        if workflow_tasks:
+            runs = [t.run_id for t in workflow_tasks]
+            still_open = await self.store.start_runs(runs)
+            histories = await self.store.load_histories([r for r in runs if r in still_open])
+            await self.store.close_workflow_tasks(
+                [t.task_id for t in workflow_tasks if t.run_id not in still_open]
+            )
         for task in tasks:
             assert task.claimed_at is not None
             if task.kind == "activity":
                 claimed.append(ClaimedTask(task, "", [], task.claimed_at))
-                continue
-            async with self.store.transaction() as conn:
-                run = await self.store.get_run(task.run_id, conn=conn)
-                if not run.is_open:
-                    await self.store.close_workflow_task(conn, task.task_id)
-                    continue
-                await self.store.set_running(conn, run.run_id)
-                events = await self.store.load_events(run.run_id, conn=conn)
-            claimed.append(ClaimedTask(task, run.workflow_type, events, task.claimed_at))
+            elif task.run_id in still_open:
+                history = histories[task.run_id]
+                claimed.append(ClaimedTask(task, task.type_name, history, task.claimed_at))
         return claimed
+
+    async def _breakers_may_be_unclosed(self) -> bool:
+        now = trio.current_time()
+        if now - self._breakers_checked_at >= 1.0:
+            self._unclosed_breakers = await self.store.any_unclosed_breaker()
+            self._breakers_checked_at = now
+        return self._unclosed_breakers
 
     async def _admit_probes(self, tasks: list[Task], probes: dict[str, int]) -> list[Task]:
         """Let through only as many tasks of a half-open breaker as it has probe slots; the
@@ -359,8 +378,7 @@ class Engine:
         """
         commands = _parse_commands(commands_json)
         async with self.store.transaction() as conn:
-            task = await self.store.lock_leased(conn, task_id, lease_token)
-            run = await self.store.lock_run(conn, task.run_id)
+            run = await self.store.lock_leased_with_run(conn, task_id, lease_token)
             if not run.is_open:
                 await self.store.close_workflow_task(conn, task_id)
                 return False, True
@@ -371,22 +389,24 @@ class Engine:
                 await self.store.ensure_workflow_task(conn, run)
                 return False, True
             events = [NewEvent.of(ev.workflow_task_completed(worker_id, claim_time))]
+            activities: list[NewTask] = []
             for command in commands:
-                events.extend(await self._apply(conn, run, command))
-            await self.store.append_events(conn, run, events)
-            await self.store.close_workflow_task(conn, task_id)
-            await self.store.mark_run_signals_processed(conn, run.run_id)
+                events.extend(await self._apply(conn, run, command, activities))
+            await self.store.enqueue_activities(conn, run, activities)
+            await self.store.apply_events_and_close(conn, run, events, task_id)
         if any(isinstance(c, ScheduleActivity) for c in commands):
             self.notifier.poke_due()  # new schedule-to-start deadlines to watch
         return True, False
 
-    async def _apply(self, conn: Connection, run: WorkflowRun, command: Command) -> list[NewEvent]:
+    async def _apply(
+        self, conn: Connection, run: WorkflowRun, command: Command, activities: list[NewTask]
+    ) -> list[NewEvent]:
+        """Apply one command; activities are collected in ``activities`` (enqueued together)."""
         if isinstance(command, ScheduleActivity):
             options = command.options
             retry = options.retry or RetryPolicy()
             input_text = encode_text(command.input, what="activity input")
-            await self.store.enqueue_activity(
-                conn,
+            activities.append(
                 NewTask(
                     run_id=run.run_id,
                     workflow_id=run.workflow_id,
@@ -401,7 +421,7 @@ class Engine:
                     or self.config.start_to_close_timeout,
                     heartbeat_timeout_s=options.heartbeat_timeout,
                     breaker_key=options.breaker_key,
-                ),
+                )
             )
             return [NewEvent.of(command.to_event(), input=input_text)]
         if isinstance(command, StartTimer):
@@ -530,23 +550,14 @@ class Engine:
     ) -> None:
         """Record an activity's result and wake its workflow, in one transaction."""
         self.check_payload(result, "activity result")
-        async with self.store.transaction() as conn:
-            task = await self.store.complete_task(conn, task_id, lease_token, result)
-            await self._breaker_success(conn, task)
-            run = await self.store.lock_run(conn, task.run_id)
-            if not run.is_open or task.requeue_count:
-                # A requeued dead letter: its workflow was told of the failure already and has
-                # moved on; the outcome is kept on the task row for the operator.
-                return
-            assert task.activity_id is not None
-            events = [
-                NewEvent.of(ev.activity_started(task.activity_id, task.attempt, worker_id)),
-                NewEvent.of(
-                    ev.activity_completed(task.activity_id, None, task.attempt), result=result
-                ),
-            ]
-            await self.store.append_events(conn, run, events)
-            await self.store.ensure_workflow_task(conn, run)
+        # One statement: the result, the two events and the workflow task (a requeued dead
+        # letter's result stays on its task row only: its workflow has moved on).
+        breaker_key = await self.store.complete_activity(task_id, lease_token, result, worker_id)
+        if breaker_key is not None:
+            async with self.store.transaction() as conn:
+                await self.store.record_breaker_success_if_tracked(
+                    conn, breaker_key, config=self.breakers
+                )
 
     async def fail_activity(
         self,
@@ -604,15 +615,12 @@ class Engine:
         if wake:
             await self.store.ensure_workflow_task(conn, run)
 
-    async def _breaker_success(self, conn: Connection, task: Task) -> None:
-        await self.store.record_breaker_success_if_tracked(
-            conn, task.effective_breaker_key, config=self.breakers
-        )
-
     async def _breaker_failure(self, conn: Connection, task: Task) -> None:
-        await self.store.record_breaker_outcome(
+        state = await self.store.record_breaker_outcome(
             conn, task.effective_breaker_key, success=False, config=self.breakers
         )
+        if state.state != "closed":
+            self._unclosed_breakers = True
 
     async def heartbeat(self, task_id: uuid.UUID, lease_token: int, details: str | None) -> bool:
         """Refresh a task's heartbeat; return whether its cancellation was requested."""

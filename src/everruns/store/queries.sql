@@ -469,3 +469,137 @@ WHERE id = $1 AND lease_token = $2 AND status = 'claimed';
 SELECT * FROM durable_workflow_instances
 WHERE parent_run_id = $1 AND status IN ('pending', 'running')
 ORDER BY created_at;
+
+-- name: complete_activity
+-- Complete a claimed activity under its lease and, if its run is open (and the task is not a
+-- requeued dead letter), append activity_started + activity_completed and make sure a workflow
+-- task is pending: one statement, one round trip. The result JSON ($3) is embedded verbatim.
+-- Returns whether the lease held, whether a workflow task was created, and the task's breaker
+-- key when that breaker is not closed (the caller then records the success).
+WITH task AS (
+    UPDATE durable_task_queue
+    SET status = 'completed', result = $3::json, claimed_by = NULL, completed_at = now(),
+        updated_at = now()
+    WHERE id = $1 AND lease_token = $2 AND status = 'claimed'
+    RETURNING run_id, activity_id, attempt, coalesce(breaker_key, activity_type) AS bkey,
+              requeue_count
+), run AS (
+    UPDATE durable_workflow_instances r
+    SET last_sequence_num = r.last_sequence_num + 2, updated_at = now()
+    FROM task
+    WHERE r.id = task.run_id AND r.status IN ('pending', 'running') AND task.requeue_count = 0
+    RETURNING r.id, r.workflow_id, r.workflow_type, r.last_sequence_num AS last
+), events AS (
+    INSERT INTO durable_workflow_events (run_id, workflow_id, sequence_num, event_type, payload)
+    SELECT run.id, run.workflow_id, run.last - 1, 'activity_started',
+           json_build_object('type', 'activity_started', 'activity_id', task.activity_id,
+                             'attempt', task.attempt, 'worker_id', $4::text)
+    FROM run, task
+    UNION ALL
+    SELECT run.id, run.workflow_id, run.last, 'activity_completed',
+           json_build_object('type', 'activity_completed', 'activity_id', task.activity_id,
+                             'attempt', task.attempt, 'result', $3::json)
+    FROM run, task
+), wft AS (
+    INSERT INTO durable_task_queue (id, run_id, workflow_id, kind, activity_type, max_attempts,
+                                    partition_key)
+    SELECT gen_random_uuid(), run.id, run.workflow_id, 'workflow', run.workflow_type,
+           2147483647, run.workflow_id
+    FROM run
+    ON CONFLICT (run_id) WHERE kind = 'workflow' AND status = 'pending' DO NOTHING
+    RETURNING activity_type
+)
+SELECT (SELECT count(*) FROM task) AS completed,
+       (SELECT count(*) FROM (SELECT pg_notify('everruns_tasks', 'workflow:' || activity_type)
+                              FROM wft) n) AS woke,
+       (SELECT b.key FROM durable_circuit_breaker_state b JOIN task ON b.key = task.bkey
+        WHERE b.state <> 'closed') AS breaker;
+
+-- name: claim_tasks_fast
+-- The claim of claim_tasks when no breaker is known to be open or half-open here: tasks of any
+-- breaker that is not closed are still left alone (checked per row by primary key).
+WITH picked AS (
+    SELECT t.id FROM durable_task_queue t
+    WHERE t.status = 'pending' AND t.visible_at <= now()
+      AND ((t.kind = 'workflow' AND t.activity_type = ANY($2::text[]))
+        OR (t.kind = 'activity' AND t.activity_type = ANY($3::text[])
+            AND NOT EXISTS (SELECT 1 FROM durable_circuit_breaker_state b
+                            WHERE b.key = coalesce(t.breaker_key, t.activity_type)
+                              AND b.state <> 'closed')))
+    ORDER BY t.priority DESC, t.visible_at
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE durable_task_queue t
+SET status = 'claimed', claimed_by = $1, claimed_at = now(), heartbeat_at = now(),
+    attempt = t.attempt + 1, lease_token = nextval('durable_lease_tokens'), updated_at = now()
+FROM picked WHERE t.id = picked.id
+RETURNING t.*;
+
+-- name: any_unclosed_breaker
+-- Whether any circuit breaker is open or half-open.
+SELECT EXISTS (SELECT 1 FROM durable_circuit_breaker_state WHERE state <> 'closed');
+
+-- name: start_runs
+-- Mark runs picked up by a worker running (pending -> running); returns the runs still open.
+UPDATE durable_workflow_instances
+SET status = 'running', started_at = coalesce(started_at, now()), updated_at = now()
+WHERE id = ANY($1::uuid[]) AND status IN ('pending', 'running')
+RETURNING id;
+
+-- name: load_histories
+-- The full histories of several runs, in order.
+SELECT run_id, sequence_num, event_type, payload::text AS payload, created_at
+FROM durable_workflow_events
+WHERE run_id = ANY($1::uuid[])
+ORDER BY run_id, sequence_num;
+
+-- name: close_workflow_tasks
+-- Close several workflow tasks at once (their runs ended meanwhile).
+UPDATE durable_task_queue
+SET status = 'completed', claimed_by = NULL, completed_at = now(), updated_at = now()
+WHERE id = ANY($1::uuid[]);
+
+-- name: lock_leased_with_run
+-- Lock a claimed task (if the caller holds its lease) together with its run.
+SELECT t.id AS task_id, r.*
+FROM durable_task_queue t JOIN durable_workflow_instances r ON r.id = t.run_id
+WHERE t.id = $1 AND t.lease_token = $2 AND t.status = 'claimed'
+FOR UPDATE;
+
+-- name: insert_activities
+-- Enqueue several activity tasks of one run (parallel arrays) and wake claimers once.
+WITH inserted AS (
+    INSERT INTO durable_task_queue (id, run_id, workflow_id, kind, activity_type, activity_id,
+        input, max_attempts, priority, visible_at, retry_policy, schedule_to_start_s,
+        start_to_close_s, heartbeat_timeout_s, breaker_key, partition_key)
+    SELECT a.id, $1, $2, 'activity', a.activity_type, a.activity_id, a.input::json,
+           a.max_attempts, a.priority, now(), a.retry_policy::json, a.s2s, a.s2c, a.hb, a.bkey, $2
+    FROM unnest($3::uuid[], $4::text[], $5::text[], $6::text[], $7::int[], $8::int[],
+                $9::text[], $10::float8[], $11::float8[], $12::float8[], $13::text[])
+         AS a(id, activity_type, activity_id, input, max_attempts, priority, retry_policy, s2s,
+              s2c, hb, bkey)
+    RETURNING activity_type
+)
+SELECT count(*) FROM (SELECT pg_notify('everruns_tasks', 'activity:' || t)
+                      FROM (SELECT DISTINCT activity_type AS t FROM inserted) d) n;
+
+-- name: apply_events_and_close
+-- Append a workflow task's events, close the task and mark the run's signals processed.
+WITH run AS (
+    UPDATE durable_workflow_instances
+    SET last_sequence_num = last_sequence_num + cardinality($3::text[]), updated_at = now()
+    WHERE id = $1
+    RETURNING workflow_id, last_sequence_num AS last
+), events AS (
+    INSERT INTO durable_workflow_events (run_id, workflow_id, sequence_num, event_type, payload)
+    SELECT $1, run.workflow_id, run.last - cardinality($3::text[]) + e.n, e.t, e.p::json
+    FROM run, unnest($3::text[], $4::text[]) WITH ORDINALITY AS e(t, p, n)
+), task AS (
+    UPDATE durable_task_queue
+    SET status = 'completed', claimed_by = NULL, completed_at = now(), updated_at = now()
+    WHERE id = $2
+), signals AS (
+    UPDATE durable_signals SET processed_at = now() WHERE run_id = $1 AND processed_at IS NULL
+)
+SELECT last FROM run;

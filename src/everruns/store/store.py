@@ -366,6 +366,56 @@ class Store:
         await self.notify(conn, CHANNEL_TASKS, f"activity:{task.activity_type}")
         return Task.from_row(row)
 
+    async def lock_leased_with_run(
+        self, conn: Connection, task_id: uuid.UUID, lease_token: int
+    ) -> WorkflowRun:
+        """Lock a claimed task under its lease together with its run; return the run.
+
+        Raises:
+            StaleLease: the task is not claimed under that lease (anymore).
+        """
+        row = await conn.fetchrow(Q["lock_leased_with_run"], task_id, lease_token)
+        if row is None:
+            raise await self._stale(conn, task_id, lease_token)
+        return WorkflowRun.from_row(row)
+
+    async def enqueue_activities(
+        self, conn: Connection, run: WorkflowRun, tasks: Sequence[NewTask]
+    ) -> None:
+        """Enqueue several activity tasks of one run in one statement (one NOTIFY per type)."""
+        if not tasks:
+            return
+        await conn.fetchval(
+            Q["insert_activities"],
+            run.run_id,
+            run.workflow_id,
+            [t.task_id for t in tasks],
+            [t.activity_type for t in tasks],
+            [t.activity_id for t in tasks],
+            [t.input for t in tasks],
+            [t.retry.max_attempts for t in tasks],
+            [t.priority for t in tasks],
+            [encode_text(t.retry.to_dict(), what="retry policy") for t in tasks],
+            [t.schedule_to_start_s for t in tasks],
+            [t.start_to_close_s for t in tasks],
+            [t.heartbeat_timeout_s for t in tasks],
+            [t.breaker_key for t in tasks],
+        )
+
+    async def apply_events_and_close(
+        self, conn: Connection, run: WorkflowRun, events: Sequence[NewEvent], task_id: uuid.UUID
+    ) -> int:
+        """Append a workflow task's events (caller holds the run lock), close the task and mark
+        the run's signals processed, in one statement; return the new last sequence number."""
+        last = await conn.fetchval(
+            Q["apply_events_and_close"],
+            run.run_id,
+            task_id,
+            [e.type for e in events],
+            [e.text() for e in events],
+        )
+        return int(last)
+
     async def ensure_workflow_task(self, conn: Connection, run: WorkflowRun) -> bool:
         """Make sure the run has a pending workflow task; return True if one was created."""
         created = await conn.fetchval(
@@ -400,6 +450,67 @@ class Store:
             list(blocked_keys),
         )
         return [Task.from_row(r) for r in rows]
+
+    async def any_unclosed_breaker(self) -> bool:
+        """Whether any circuit breaker is open or half-open."""
+        return bool(await self.pool.fetchval(Q["any_unclosed_breaker"]))
+
+    async def claim_tasks_fast(
+        self,
+        worker_id: str,
+        *,
+        workflow_types: Sequence[str] = (),
+        activity_types: Sequence[str] = (),
+        limit: int,
+    ) -> list[Task]:
+        """`claim_tasks` in one statement, leaving the tasks of every unclosed breaker alone."""
+        if limit <= 0 or not (workflow_types or activity_types):
+            return []
+        rows = await self.pool.fetch(
+            Q["claim_tasks_fast"], worker_id, list(workflow_types), list(activity_types), limit
+        )
+        return [Task.from_row(r) for r in rows]
+
+    async def start_runs(self, run_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+        """Mark runs running (pending -> running); return those still open."""
+        rows = await self.pool.fetch(Q["start_runs"], list(run_ids))
+        return {r["id"] for r in rows}
+
+    async def load_histories(
+        self, run_ids: Sequence[uuid.UUID]
+    ) -> dict[uuid.UUID, list[StoredEvent]]:
+        """The full histories of several runs in one query."""
+        histories: dict[uuid.UUID, list[StoredEvent]] = {run_id: [] for run_id in run_ids}
+        for row in await self.pool.fetch(Q["load_histories"], list(run_ids)):
+            histories[row["run_id"]].append(StoredEvent.from_row(row))
+        return histories
+
+    async def close_workflow_tasks(self, task_ids: Sequence[uuid.UUID]) -> None:
+        """Close several workflow tasks at once."""
+        if task_ids:
+            await self.pool.execute(Q["close_workflow_tasks"], list(task_ids))
+
+    async def complete_activity(
+        self, task_id: uuid.UUID, lease_token: int, result: str, worker_id: str
+    ) -> str | None:
+        """Complete an activity and wake its workflow in one statement (see queries.sql).
+
+        Returns:
+            The task's breaker key if that breaker is not closed (record the success), else
+            None.
+
+        Raises:
+            StaleLease: the caller does not hold the task's current lease.
+        """
+        row = await self.pool.fetchrow(
+            Q["complete_activity"], task_id, lease_token, result, worker_id
+        )
+        assert row is not None
+        if not row["completed"]:
+            async with self.pool.acquire() as conn:
+                raise await self._stale(conn, task_id, lease_token)
+        breaker: str | None = row["breaker"]
+        return breaker
 
     async def get_task(self, task_id: uuid.UUID, *, conn: Connection | None = None) -> Task:
         """Return a task.
