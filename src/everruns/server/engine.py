@@ -111,6 +111,7 @@ class Engine:
         # claim never hands out tasks of an unclosed breaker.
         self._unclosed_breakers = True
         self._breakers_checked_at = float("-inf")
+        self._served: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
 
     # ------------------------------------------------------------------ input checks
 
@@ -365,12 +366,17 @@ class Engine:
         seen_sequence: int,
         commands_json: str,
         claim_time: datetime,
-    ) -> tuple[bool, bool]:
+        *,
+        max_eager: int = 0,
+    ) -> tuple[bool, bool, list[ClaimedTask]]:
         """Apply a workflow task's commands in one transaction.
 
+        With ``max_eager`` > 0, up to that many of the activities it schedules that the worker
+        serves are handed to it in the reply (eager dispatch: no NOTIFY/poll round trip).
+
         Returns:
-            ``(accepted, superseded)``: superseded when new input events arrived meanwhile
-            (the pending workflow task replays them; nothing is lost).
+            ``(accepted, superseded, eager_tasks)``: superseded when new input events arrived
+            meanwhile (the pending workflow task replays them; nothing is lost).
 
         Raises:
             StaleLease: the caller does not hold the task's lease.
@@ -381,22 +387,64 @@ class Engine:
             run = await self.store.lock_leased_with_run(conn, task_id, lease_token)
             if not run.is_open:
                 await self.store.close_workflow_task(conn, task_id)
-                return False, True
+                return False, True, []
             if run.last_sequence_num != seen_sequence and await self.store.input_events_after(
                 conn, run.run_id, seen_sequence, _SUPERSEDING_EVENT_TYPES
             ):
                 await self.store.close_workflow_task(conn, task_id)
                 await self.store.ensure_workflow_task(conn, run)
-                return False, True
+                return False, True, []
             events = [NewEvent.of(ev.workflow_task_completed(worker_id, claim_time))]
             activities: list[NewTask] = []
             for command in commands:
                 events.extend(await self._apply(conn, run, command, activities))
-            await self.store.enqueue_activities(conn, run, activities)
+            eager = await self._eager_flags(worker_id, activities, max_eager)
+            claimed = await self.store.enqueue_activities(
+                conn, run, activities, eager_for=worker_id if any(eager) else None, eager=eager
+            )
             await self.store.apply_events_and_close(conn, run, events, task_id)
-        if any(isinstance(c, ScheduleActivity) for c in commands):
-            self.notifier.poke_due()  # new schedule-to-start deadlines to watch
-        return True, False
+        if activities:
+            self.notifier.poke_due()  # new schedule-to-start/start-to-close deadlines to watch
+        return True, False, [ClaimedTask(t, "", [], t.claimed_at or claim_time) for t in claimed]
+
+    async def _eager_flags(
+        self, worker_id: str, activities: Sequence[NewTask], budget: int
+    ) -> list[bool]:
+        """Which new activities go straight to the completing worker: the first ``budget`` of
+        the types it serves."""
+        if budget <= 0 or not activities:
+            return []
+        served = await self.activity_types_of(worker_id)
+        flags = []
+        for task in activities:
+            take = budget > 0 and task.activity_type in served
+            budget -= take
+            flags.append(take)
+        return flags
+
+    def note_worker(
+        self, worker_id: str, activity_types: Sequence[str], workflow_types: Sequence[str]
+    ) -> None:
+        """Remember what a worker serves (for eager dispatch)."""
+        self._served[worker_id] = (frozenset(activity_types), frozenset(workflow_types))
+
+    async def _served_by(self, worker_id: str) -> tuple[frozenset[str], frozenset[str]]:
+        served = self._served.get(worker_id)
+        if served is None:
+            record = await self.store.get_worker(worker_id)
+            if record is None:
+                return frozenset(), frozenset()
+            self.note_worker(worker_id, record.activity_types, record.workflow_types)
+            served = self._served[worker_id]
+        return served
+
+    async def activity_types_of(self, worker_id: str) -> frozenset[str]:
+        """The activity types a worker registered (cached; read once from the table)."""
+        return (await self._served_by(worker_id))[0]
+
+    async def workflow_types_of(self, worker_id: str) -> frozenset[str]:
+        """The workflow types a worker registered (cached; read once from the table)."""
+        return (await self._served_by(worker_id))[1]
 
     async def _apply(
         self, conn: Connection, run: WorkflowRun, command: Command, activities: list[NewTask]
@@ -546,18 +594,49 @@ class Engine:
     # ------------------------------------------------------------------ activity tasks
 
     async def complete_activity(
-        self, task_id: uuid.UUID, lease_token: int, worker_id: str, result: str
-    ) -> None:
-        """Record an activity's result and wake its workflow, in one transaction."""
+        self,
+        task_id: uuid.UUID,
+        lease_token: int,
+        worker_id: str,
+        result: str,
+        *,
+        eager_workflow_types: frozenset[str] | None = None,
+    ) -> list[ClaimedTask]:
+        """Record an activity's result and wake its workflow, in one statement.
+
+        With ``eager_workflow_types`` (the completing worker offers a slot and serves these
+        workflow types), the follow-up workflow task is handed to that worker in the reply.
+
+        Returns:
+            The eager workflow task, if one was handed out.
+        """
         self.check_payload(result, "activity result")
+        eager_for = worker_id if eager_workflow_types else None
         # One statement: the result, the two events and the workflow task (a requeued dead
         # letter's result stays on its task row only: its workflow has moved on).
-        breaker_key = await self.store.complete_activity(task_id, lease_token, result, worker_id)
+        breaker_key, eager_task = await self.store.complete_activity(
+            task_id, lease_token, result, worker_id, eager_for=eager_for
+        )
         if breaker_key is not None:
             async with self.store.transaction() as conn:
                 await self.store.record_breaker_success_if_tracked(
                     conn, breaker_key, config=self.breakers
                 )
+        if eager_task is None:
+            return []
+        task = await self.store.get_task(eager_task)
+        if eager_workflow_types is not None and task.type_name not in eager_workflow_types:
+            # The worker does not serve this workflow: give the task back to the queue.
+            async with self.store.transaction() as conn:
+                await self.store.unclaim(conn, task)
+            return []
+        still_open = await self.store.start_runs([task.run_id])
+        if task.run_id not in still_open:
+            await self.store.close_workflow_tasks([task.task_id])
+            return []
+        history = (await self.store.load_histories([task.run_id]))[task.run_id]
+        assert task.claimed_at is not None
+        return [ClaimedTask(task, task.type_name, history, task.claimed_at)]
 
     async def fail_activity(
         self,

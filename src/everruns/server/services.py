@@ -115,6 +115,7 @@ class WorkerService:
             )
         for name in [*request.activity_types, *request.workflow_types]:
             check_name(name, "type name")
+        self.engine.note_worker(request.worker_id, request.activity_types, request.workflow_types)
         record = await self.store.register_worker(
             request.worker_id,
             activity_types=request.activity_types,
@@ -175,15 +176,18 @@ class WorkerService:
     async def complete_workflow_task(
         self, request: pb.CompleteWorkflowTaskRequest
     ) -> pb.CompleteWorkflowTaskResponse:
-        accepted, superseded = await self.engine.complete_workflow_task(
+        accepted, superseded, eager = await self.engine.complete_workflow_task(
             parse_task_id(request.task_id),
             _lease(request.lease_token),
             request.worker_id,
             request.seen_sequence,
             _text(request.commands, "commands") if request.commands else "[]",
             utc_from_timestamp(request.claim_time),
+            max_eager=max(0, request.max_eager_tasks),
         )
-        return pb.CompleteWorkflowTaskResponse(accepted=accepted, superseded=superseded)
+        return pb.CompleteWorkflowTaskResponse(
+            accepted=accepted, superseded=superseded, eager_tasks=[_task(c) for c in eager]
+        )
 
     async def fail_workflow_task(
         self, request: pb.FailWorkflowTaskRequest
@@ -200,13 +204,17 @@ class WorkerService:
     async def complete_activity_task(
         self, request: pb.CompleteActivityTaskRequest
     ) -> pb.CompleteActivityTaskResponse:
-        await self.engine.complete_activity(
+        eager_types = None
+        if request.max_eager_tasks > 0:
+            eager_types = await self.engine.workflow_types_of(request.worker_id)
+        eager = await self.engine.complete_activity(
             parse_task_id(request.task_id),
             _lease(request.lease_token),
             request.worker_id,
             _text(request.result, "result"),
+            eager_workflow_types=eager_types or None,
         )
-        return pb.CompleteActivityTaskResponse(accepted=True)
+        return pb.CompleteActivityTaskResponse(accepted=True, eager_tasks=[_task(c) for c in eager])
 
     async def fail_activity_task(
         self, request: pb.FailActivityTaskRequest

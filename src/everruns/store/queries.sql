@@ -474,8 +474,10 @@ ORDER BY created_at;
 -- Complete a claimed activity under its lease and, if its run is open (and the task is not a
 -- requeued dead letter), append activity_started + activity_completed and make sure a workflow
 -- task is pending: one statement, one round trip. The result JSON ($3) is embedded verbatim.
--- Returns whether the lease held, whether a workflow task was created, and the task's breaker
--- key when that breaker is not closed (the caller then records the success).
+-- With $5 (a worker serving the workflow type), the workflow task is handed straight to that
+-- worker when no other workflow task of the run is out (eager dispatch; no NOTIFY then).
+-- Returns whether the lease held, the eager workflow task's id and lease, and the task's
+-- breaker key when that breaker is not closed (the caller then records the success).
 WITH task AS (
     UPDATE durable_task_queue
     SET status = 'completed', result = $3::json, claimed_by = NULL, completed_at = now(),
@@ -502,16 +504,28 @@ WITH task AS (
     FROM run, task
 ), wft AS (
     INSERT INTO durable_task_queue (id, run_id, workflow_id, kind, activity_type, max_attempts,
-                                    partition_key)
+                                    partition_key, status, claimed_by, claimed_at, heartbeat_at,
+                                    attempt, lease_token)
     SELECT gen_random_uuid(), run.id, run.workflow_id, 'workflow', run.workflow_type,
-           2147483647, run.workflow_id
-    FROM run
+           2147483647, run.workflow_id,
+           CASE WHEN e.eager THEN 'claimed' ELSE 'pending' END,
+           CASE WHEN e.eager THEN $5 END,
+           CASE WHEN e.eager THEN now() END,
+           CASE WHEN e.eager THEN now() END,
+           CASE WHEN e.eager THEN 1 ELSE 0 END,
+           CASE WHEN e.eager THEN nextval('durable_lease_tokens') END
+    FROM run, LATERAL (
+        SELECT $5::text IS NOT NULL AND NOT EXISTS (
+            SELECT 1 FROM durable_task_queue w
+            WHERE w.run_id = run.id AND w.kind = 'workflow' AND w.status IN ('pending', 'claimed')
+        ) AS eager) e
     ON CONFLICT (run_id) WHERE kind = 'workflow' AND status = 'pending' DO NOTHING
-    RETURNING activity_type
+    RETURNING id, status, activity_type, lease_token
 )
 SELECT (SELECT count(*) FROM task) AS completed,
        (SELECT count(*) FROM (SELECT pg_notify('everruns_tasks', 'workflow:' || activity_type)
-                              FROM wft) n) AS woke,
+                              FROM wft WHERE status = 'pending') n) AS woke,
+       (SELECT id FROM wft WHERE status = 'claimed') AS eager_task,
        (SELECT b.key FROM durable_circuit_breaker_state b JOIN task ON b.key = task.bkey
         WHERE b.state <> 'closed') AS breaker;
 
@@ -568,21 +582,37 @@ WHERE t.id = $1 AND t.lease_token = $2 AND t.status = 'claimed'
 FOR UPDATE;
 
 -- name: insert_activities
--- Enqueue several activity tasks of one run (parallel arrays) and wake claimers once.
+-- Enqueue several activity tasks of one run (parallel arrays). Rows flagged eager ($14) are
+-- handed straight to worker $15 (claimed, first attempt, fresh lease) unless their breaker is
+-- not closed; the others wake claimers with one NOTIFY per type. Returns the eager claims.
 WITH inserted AS (
     INSERT INTO durable_task_queue (id, run_id, workflow_id, kind, activity_type, activity_id,
         input, max_attempts, priority, visible_at, retry_policy, schedule_to_start_s,
-        start_to_close_s, heartbeat_timeout_s, breaker_key, partition_key)
+        start_to_close_s, heartbeat_timeout_s, breaker_key, partition_key, status, claimed_by,
+        claimed_at, heartbeat_at, attempt, lease_token)
     SELECT a.id, $1, $2, 'activity', a.activity_type, a.activity_id, a.input::json,
-           a.max_attempts, a.priority, now(), a.retry_policy::json, a.s2s, a.s2c, a.hb, a.bkey, $2
+           a.max_attempts, a.priority, now(), a.retry_policy::json, a.s2s, a.s2c, a.hb, a.bkey, $2,
+           CASE WHEN e.eager THEN 'claimed' ELSE 'pending' END,
+           CASE WHEN e.eager THEN $15 END,
+           CASE WHEN e.eager THEN now() END,
+           CASE WHEN e.eager THEN now() END,
+           CASE WHEN e.eager THEN 1 ELSE 0 END,
+           CASE WHEN e.eager THEN nextval('durable_lease_tokens') END
     FROM unnest($3::uuid[], $4::text[], $5::text[], $6::text[], $7::int[], $8::int[],
-                $9::text[], $10::float8[], $11::float8[], $12::float8[], $13::text[])
+                $9::text[], $10::float8[], $11::float8[], $12::float8[], $13::text[], $14::bool[])
          AS a(id, activity_type, activity_id, input, max_attempts, priority, retry_policy, s2s,
-              s2c, hb, bkey)
-    RETURNING activity_type
+              s2c, hb, bkey, want_eager),
+         LATERAL (SELECT a.want_eager AND $15::text IS NOT NULL AND NOT EXISTS (
+                      SELECT 1 FROM durable_circuit_breaker_state b
+                      WHERE b.key = coalesce(a.bkey, a.activity_type) AND b.state <> 'closed'
+                  ) AS eager) e
+    RETURNING *
+), woke AS (
+    SELECT count(*) AS n FROM (
+        SELECT pg_notify('everruns_tasks', 'activity:' || t)
+        FROM (SELECT DISTINCT activity_type AS t FROM inserted WHERE status = 'pending') d) x
 )
-SELECT count(*) FROM (SELECT pg_notify('everruns_tasks', 'activity:' || t)
-                      FROM (SELECT DISTINCT activity_type AS t FROM inserted) d) n;
+SELECT inserted.* FROM inserted, woke WHERE inserted.status = 'claimed';
 
 -- name: apply_events_and_close
 -- Append a workflow task's events, close the task and mark the run's signals processed.
@@ -603,3 +633,7 @@ WITH run AS (
     UPDATE durable_signals SET processed_at = now() WHERE run_id = $1 AND processed_at IS NULL
 )
 SELECT last FROM run;
+
+-- name: get_worker
+-- One worker's registration.
+SELECT * FROM durable_workers WHERE id = $1;

@@ -380,12 +380,24 @@ class Store:
         return WorkflowRun.from_row(row)
 
     async def enqueue_activities(
-        self, conn: Connection, run: WorkflowRun, tasks: Sequence[NewTask]
-    ) -> None:
-        """Enqueue several activity tasks of one run in one statement (one NOTIFY per type)."""
+        self,
+        conn: Connection,
+        run: WorkflowRun,
+        tasks: Sequence[NewTask],
+        *,
+        eager_for: str | None = None,
+        eager: Sequence[bool] = (),
+    ) -> list[Task]:
+        """Enqueue several activity tasks of one run in one statement (one NOTIFY per type).
+
+        Tasks flagged in ``eager`` are claimed at once for worker ``eager_for`` (unless their
+        circuit breaker is not closed); those claims are returned.
+        """
         if not tasks:
-            return
-        await conn.fetchval(
+            return []
+        flags = list(eager) if eager_for is not None else []
+        flags += [False] * (len(tasks) - len(flags))
+        rows = await conn.fetch(
             Q["insert_activities"],
             run.run_id,
             run.workflow_id,
@@ -400,7 +412,10 @@ class Store:
             [t.start_to_close_s for t in tasks],
             [t.heartbeat_timeout_s for t in tasks],
             [t.breaker_key for t in tasks],
+            flags,
+            eager_for,
         )
+        return [Task.from_row(r) for r in rows]
 
     async def apply_events_and_close(
         self, conn: Connection, run: WorkflowRun, events: Sequence[NewEvent], task_id: uuid.UUID
@@ -491,26 +506,31 @@ class Store:
             await self.pool.execute(Q["close_workflow_tasks"], list(task_ids))
 
     async def complete_activity(
-        self, task_id: uuid.UUID, lease_token: int, result: str, worker_id: str
-    ) -> str | None:
+        self,
+        task_id: uuid.UUID,
+        lease_token: int,
+        result: str,
+        worker_id: str,
+        *,
+        eager_for: str | None = None,
+    ) -> tuple[str | None, uuid.UUID | None]:
         """Complete an activity and wake its workflow in one statement (see queries.sql).
 
         Returns:
-            The task's breaker key if that breaker is not closed (record the success), else
-            None.
+            The task's breaker key if that breaker is not closed (record the success), and the
+            id of the workflow task handed to ``eager_for``, if one was.
 
         Raises:
             StaleLease: the caller does not hold the task's current lease.
         """
         row = await self.pool.fetchrow(
-            Q["complete_activity"], task_id, lease_token, result, worker_id
+            Q["complete_activity"], task_id, lease_token, result, worker_id, eager_for
         )
         assert row is not None
         if not row["completed"]:
             async with self.pool.acquire() as conn:
                 raise await self._stale(conn, task_id, lease_token)
-        breaker: str | None = row["breaker"]
-        return breaker
+        return row["breaker"], row["eager_task"]
 
     async def get_task(self, task_id: uuid.UUID, *, conn: Connection | None = None) -> Task:
         """Return a task.
@@ -896,6 +916,11 @@ class Store:
         """Mark workers silent for ``missed_after`` seconds as lost; return their ids."""
         rows = await self.pool.fetch(Q["mark_lost_workers"], missed_after)
         return [r["id"] for r in rows]
+
+    async def get_worker(self, worker_id: str) -> WorkerRecord | None:
+        """One worker's registration, or None."""
+        row = await self.pool.fetchrow(Q["get_worker"], worker_id)
+        return None if row is None else WorkerRecord.from_row(row)
 
     async def list_workers(self, *, include_stopped: bool = False) -> list[WorkerRecord]:
         """Workers, newest first."""
