@@ -71,12 +71,17 @@ async def run_due_scanner(
     announced by NOTIFY, whichever comes first; never polls on a fixed interval.
     """
     task_status.started()
+    since = await engine.store.now()
+    engine.notifier.poke_tasks()
     while True:
         await engine.fire_due_timers()
         await engine.enforce_timeouts()
         async with engine.store.transaction() as conn:
             await engine.store.apply_operator_requeues(conn)
-        engine.notifier.poke_tasks()
+        # Wake one claimer per key whose delayed tasks (retry backoff) became visible.
+        keys, since = await engine.store.newly_visible_keys(since)
+        for key in keys:
+            engine.notifier.poke_key(key)
         waits = [
             w
             for w in (

@@ -281,13 +281,20 @@ class Engine:
         """
         if max_tasks <= 0:
             return []
-        with trio.move_on_after(max(0.0, wait_s)):
+        keys = [f"workflow:{t}" for t in workflow_types] + [f"activity:{t}" for t in activity_types]
+        with self.notifier.claim_interest(keys) as interest, trio.move_on_after(max(0.0, wait_s)):
             while True:
-                version = self.notifier.tasks_version
                 claimed = await self._claim(worker_id, workflow_types, activity_types, max_tasks)
                 if claimed:
+                    interest.claimed = True
+                    if len(claimed) == max_tasks:
+                        # We took all we could: there may be more; wake the next claimer.
+                        for key in {f"{c.task.kind}:{c.task.type_name}" for c in claimed}:
+                            self.notifier.poke_key(key)
                     return claimed
-                await self.notifier.wait_tasks(version)
+                if not interest.event.is_set():  # not poked while we were claiming
+                    await interest.event.wait()
+                interest.rearm()
         return []
 
     async def _claim(

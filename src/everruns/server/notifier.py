@@ -10,7 +10,7 @@ never lose, work; when the LISTEN connection is lost and re-established, everyon
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -27,29 +27,77 @@ log = logging.getLogger("everruns.server")
 CancelNotice = tuple[str, int]  # (task_id, lease_token)
 
 
+class TaskInterest:
+    """One waiting claimer: the keys it claims and the event that wakes it."""
+
+    __slots__ = ("claimed", "event", "keys", "woken_by")
+
+    def __init__(self, keys: tuple[str, ...]) -> None:
+        self.keys = keys
+        self.event = trio.Event()
+        self.woken_by: str | None = None
+        self.claimed = False
+
+    def rearm(self) -> None:
+        """Wait again (after a claim that found nothing)."""
+        self.event = trio.Event()
+        self.woken_by = None
+
+
 class Notifier:
     """Fan-out of database notifications to the tasks waiting on them."""
 
     def __init__(self) -> None:
-        self.tasks_version = 0
-        self._tasks_changed = trio.Event()
+        # Waiting claimers, by task key ("activity:TYPE" / "workflow:TYPE"), oldest first.
+        self._claimers: dict[str, dict[TaskInterest, None]] = {}
         self._runs: dict[str, list[Any]] = {}  # run id -> [event, waiters]
         self._cancels: dict[str, set[trio.MemorySendChannel[CancelNotice]]] = {}
         self._due = trio.Event()
 
     # ---------------------------------------------------------------- tasks
+    #
+    # A new task wakes ONE waiting claimer of its key (the one waiting longest), not all of
+    # them: with a thousand idle workers, waking all would make a thousand claim queries for
+    # one task. A claimer that filled all its slots passes the wake-up on (the queue may hold
+    # more), and one that is woken but leaves without claiming passes it on too, so no
+    # wake-up is lost. Notifications are hints: every claimer also re-claims when its long-poll
+    # budget ends, and the due-scanner re-wakes keys whose delayed tasks become visible.
+
+    @contextmanager
+    def claim_interest(self, keys: Iterable[str]) -> Iterator[TaskInterest]:
+        """Register as a claimer of ``keys`` for the block (enter it BEFORE trying to claim)."""
+        interest = TaskInterest(tuple(keys))
+        for key in interest.keys:
+            self._claimers.setdefault(key, {})[interest] = None
+        try:
+            yield interest
+        finally:
+            self._forget(interest)
+            if interest.woken_by is not None and not interest.claimed:
+                self.poke_key(interest.woken_by)  # we were woken for nothing: pass it on
+
+    def _forget(self, interest: TaskInterest) -> None:
+        for key in interest.keys:
+            waiting = self._claimers.get(key)
+            if waiting is not None:
+                waiting.pop(interest, None)
+                if not waiting:
+                    del self._claimers[key]
+
+    def poke_key(self, key: str) -> None:
+        """Wake the claimer of ``key`` that has waited longest."""
+        for interest in self._claimers.get(key, {}):
+            if not interest.event.is_set():
+                interest.woken_by = key
+                interest.event.set()
+                return
 
     def poke_tasks(self) -> None:
-        """Tell every waiting claimer to look again."""
-        self.tasks_version += 1
-        self._tasks_changed.set()
-        self._tasks_changed = trio.Event()
-
-    async def wait_tasks(self, version: int) -> None:
-        """Wait until tasks changed after ``version`` was read (returns at once if they have)."""
-        if version != self.tasks_version:
-            return
-        await self._tasks_changed.wait()
+        """Wake every waiting claimer (after a reconnect: anything may have changed)."""
+        for waiting in list(self._claimers.values()):
+            for interest in waiting:
+                if not interest.event.is_set():
+                    interest.event.set()
 
     # ---------------------------------------------------------------- runs
 
@@ -117,7 +165,7 @@ class Notifier:
 
     def _dispatch(self, channel: str, payload: str) -> None:
         if channel == CHANNEL_TASKS:
-            self.poke_tasks()
+            self.poke_key(payload)
         elif channel == CHANNEL_RUNS:
             self.run_changed(payload)
         elif channel == CHANNEL_TIMERS:

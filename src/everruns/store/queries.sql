@@ -637,3 +637,10 @@ SELECT last FROM run;
 -- name: get_worker
 -- One worker's registration.
 SELECT * FROM durable_workers WHERE id = $1;
+
+-- name: newly_visible_keys
+-- Task keys (kind:type) of pending tasks that became visible after $1, with the database time.
+SELECT k.key, now() AS now
+FROM (SELECT DISTINCT kind || ':' || activity_type AS key FROM durable_task_queue
+      WHERE status = 'pending' AND visible_at > $1 AND visible_at <= now()) k
+RIGHT JOIN (SELECT 1) one ON true;
