@@ -364,6 +364,33 @@ async def test_cancelling_a_parent_cancels_its_open_children(database_url: str) 
             assert (await p.describe(wid)).status == "cancelled"
 
 
+async def test_batch_start_is_idempotent_per_open_id_even_within_one_batch(
+    database_url: str,
+) -> None:
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            first = await p.start("t", 1, wid="dup")
+            reply = await p.channel.unary(
+                p.workflows.start_workflows,
+                pb.StartWorkflowsRequest(
+                    requests=[
+                        pb.StartWorkflowRequest(workflow_type="t", workflow_id="dup", input=b"2"),
+                        pb.StartWorkflowRequest(workflow_type="t", workflow_id="new", input=b"3"),
+                        pb.StartWorkflowRequest(workflow_type="t", workflow_id="new", input=b"4"),
+                        pb.StartWorkflowRequest(workflow_type="t", input=b"12345678901234567890"),
+                    ]
+                ),
+            )
+            got = [(r.workflow_id, r.created) for r in reply.responses]
+            assert got[:3] == [("dup", False), ("new", True), ("new", False)]
+            assert reply.responses[1].run_id == reply.responses[2].run_id
+            assert got[3][1] and uuid.UUID(got[3][0])
+            assert first == "dup"
+            described = await p.describe(got[3][0])
+            assert described.input == b"12345678901234567890"
+            assert await p.history_types(got[3][0]) == ["workflow_started"]
+
+
 async def test_non_determinism_marks_the_run_stuck(database_url: str) -> None:
     async def v1(ctx: Any, input: Any) -> Any:
         return await ctx.execute_activity("a", 1)

@@ -46,7 +46,7 @@ from everruns.server.notifier import Notifier
 from everruns.store.models import StoredEvent, Task, WorkflowRun
 from everruns.store.store import NewEvent, NewTask, Store
 
-__all__ = ["ClaimedTask", "Engine", "StartRequest"]
+__all__ = ["ClaimedTask", "Engine", "StartRequest", "StartedRun"]
 
 log = logging.getLogger("everruns.server")
 
@@ -75,6 +75,14 @@ class StartRequest:
     workflow_type: str
     input: str  # exact JSON text
     workflow_id: str | None = None
+
+
+@attrs.frozen
+class StartedRun:
+    """What starting a workflow returns: its id and the run started (or found open)."""
+
+    workflow_id: str
+    run_id: uuid.UUID
 
 
 @attrs.frozen
@@ -140,18 +148,24 @@ class Engine:
 
     async def start_workflows(
         self, requests: Sequence[StartRequest]
-    ) -> list[tuple[WorkflowRun, bool]]:
-        """Start runs (idempotent per open workflow id), all in one transaction."""
+    ) -> list[tuple[StartedRun, bool]]:
+        """Start runs (idempotent per open workflow id), all in one statement."""
         for request in requests:
             check_name(request.workflow_type, "workflow_type")
             if request.workflow_id is not None:
                 check_name(request.workflow_id, "workflow_id")
             self.check_payload(request.input, "input")
         await self._check_capacity(len(requests))
-        results = []
-        async with self.store.transaction() as conn:
-            for request in requests:
-                results.append(await self._start(conn, request))
+        started = await self.store.start_workflows(
+            [(r.workflow_id or str(uuid.uuid4()), r.workflow_type, r.input) for r in requests]
+        )
+        results: list[tuple[StartedRun, bool]] = []
+        for request, (workflow_id, run_id, created) in zip(requests, started, strict=True):
+            if run_id is None:  # its open run ended in the same instant: start it again
+                retry = StartRequest(request.workflow_type, request.input, workflow_id)
+                results.extend(await self.start_workflows([retry]))
+            else:
+                results.append((StartedRun(workflow_id, run_id), created))
         return results
 
     async def _start(

@@ -644,3 +644,47 @@ SELECT k.key, now() AS now
 FROM (SELECT DISTINCT kind || ':' || activity_type AS key FROM durable_task_queue
       WHERE status = 'pending' AND visible_at > $1 AND visible_at <= now()) k
 RIGHT JOIN (SELECT 1) one ON true;
+
+-- name: start_workflows
+-- Start runs in one statement (parallel arrays, in order): each new run gets its
+-- workflow_started event and a pending workflow task; a workflow id that already has an open
+-- run gets that run back (idempotent start). Returns one row per request, in request order.
+WITH req AS (
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[])
+                  WITH ORDINALITY AS r(run_id, workflow_id, workflow_type, input, ord)
+), ins AS (
+    INSERT INTO durable_workflow_instances (id, workflow_id, workflow_type, input, partition_key,
+                                            last_sequence_num)
+    SELECT run_id, workflow_id, workflow_type, input::json, workflow_id, 1 FROM req
+    ON CONFLICT (workflow_id) WHERE status IN ('pending', 'running') DO NOTHING
+    RETURNING id, workflow_id, workflow_type
+), events AS (
+    INSERT INTO durable_workflow_events (run_id, workflow_id, sequence_num, event_type, payload)
+    SELECT ins.id, ins.workflow_id, 1, 'workflow_started',
+           json_build_object('type', 'workflow_started', 'workflow_type', ins.workflow_type,
+                             'workflow_id', ins.workflow_id, 'run_id', ins.id,
+                             'input', req.input::json)
+    FROM ins JOIN req ON req.run_id = ins.id
+), wft AS (
+    INSERT INTO durable_task_queue (id, run_id, workflow_id, kind, activity_type, max_attempts,
+                                    partition_key)
+    SELECT gen_random_uuid(), ins.id, ins.workflow_id, 'workflow', ins.workflow_type,
+           2147483647, ins.workflow_id
+    FROM ins
+    RETURNING activity_type
+), woke AS (
+    SELECT count(*) AS n FROM (
+        SELECT pg_notify('everruns_tasks', 'workflow:' || t)
+        FROM (SELECT DISTINCT activity_type AS t FROM wft) d) x
+)
+SELECT req.ord, req.workflow_id,
+       coalesce(mine.id, same.id, open.id) AS run_id,
+       mine.id IS NOT NULL AS created
+FROM req
+CROSS JOIN woke
+LEFT JOIN ins mine ON mine.id = req.run_id
+LEFT JOIN ins same ON mine.id IS NULL AND same.workflow_id = req.workflow_id
+LEFT JOIN durable_workflow_instances open
+       ON mine.id IS NULL AND same.id IS NULL AND open.workflow_id = req.workflow_id
+      AND open.status IN ('pending', 'running')
+ORDER BY req.ord;

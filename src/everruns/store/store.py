@@ -175,6 +175,25 @@ class Store:
             )
         return WorkflowRun.from_row(existing), False
 
+    async def start_workflows(
+        self, requests: Sequence[tuple[str, str, str]]
+    ) -> list[tuple[str, uuid.UUID | None, bool]]:
+        """Start ``(workflow_id, workflow_type, input)`` runs in one statement.
+
+        Returns:
+            Per request, in order: the workflow id, the run id (the new run, or the open run
+            that already had that id; None only if that run ended in the same instant) and
+            whether it was created now.
+        """
+        rows = await self.pool.fetch(
+            Q["start_workflows"],
+            [uuid.uuid4() for _ in requests],
+            [r[0] for r in requests],
+            [r[1] for r in requests],
+            [r[2] for r in requests],
+        )
+        return [(r["workflow_id"], r["run_id"], r["created"]) for r in rows]
+
     async def get_workflow(
         self, workflow_id: str, run_id: uuid.UUID | None = None, *, conn: Connection | None = None
     ) -> WorkflowRun:
