@@ -26,10 +26,10 @@ import attrs
 import trio
 
 from everruns._aio import open_aio_loop, pg
+from everruns._program import run_program
 from everruns.agent import close_session
 from everruns.client import Client
 from everruns.errors import EverrunsError, WorkflowFailed
-from everruns.server.__main__ import operator_error
 from everruns.store import embedded
 
 DEMO_DATABASE = "everruns_demo"
@@ -318,15 +318,7 @@ async def _main() -> None:
 def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     Path.home()  # fail early and clearly if HOME is unusable
-    try:
-        trio.run(_main)
-    except (EverrunsError, BaseExceptionGroup) as exc:
-        leaf = operator_error(exc)
-        if leaf is None:
-            raise
-        print(f"demo: {leaf}", file=sys.stderr)
-        return 1
-    return 0
+    return run_program("demo", _main)
 
 
 if __name__ == "__main__":

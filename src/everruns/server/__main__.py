@@ -13,7 +13,8 @@ import sys
 import trio
 
 from everruns._aio import open_aio_loop
-from everruns.errors import ConfigError, EverrunsError
+from everruns._program import run_program
+from everruns.errors import ConfigError
 from everruns.server.app import ServerInfo, serve
 from everruns.server.config import ServerConfig
 from everruns.server.database import migrate_database, open_database
@@ -61,27 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         config = ServerConfig.from_env()
-        trio.run(_migrate if args else _run, config)
-    except (EverrunsError, BaseExceptionGroup) as exc:
-        leaf = operator_error(exc)
-        if leaf is None:
-            raise
-        print(f"everruns.server: {leaf}", file=sys.stderr)
-        return 2 if isinstance(leaf, ConfigError) else 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
-
-
-def operator_error(exc: BaseException) -> EverrunsError | None:
-    """The everruns error an exception (group) stands for, if it holds only those."""
-    if isinstance(exc, EverrunsError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        leaves = [operator_error(e) for e in exc.exceptions]
-        if leaves and all(leaf is not None for leaf in leaves):
-            return leaves[0]
-    return None
+    except ConfigError as exc:
+        print(f"everruns.server: {exc}", file=sys.stderr)
+        return 2
+    return run_program("everruns.server", _migrate if args else _run, config)
 
 
 if __name__ == "__main__":

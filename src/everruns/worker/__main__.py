@@ -18,8 +18,9 @@ import sys
 
 import trio
 
+from everruns._program import run_program
 from everruns.domain.registry import default_registry
-from everruns.errors import ConfigError, EverrunsError
+from everruns.errors import ConfigError
 from everruns.worker.config import WorkerConfig
 from everruns.worker.runtime import Worker
 
@@ -93,16 +94,6 @@ async def _run(worker: Worker) -> None:
         nursery.cancel_scope.cancel()
 
 
-def _operator_error(exc: BaseException) -> EverrunsError | None:
-    if isinstance(exc, EverrunsError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        leaves = [_operator_error(e) for e in exc.exceptions]
-        if leaves and all(leaf is not None for leaf in leaves):
-            return leaves[0]
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = sys.argv[1:] if argv is None else argv
@@ -130,17 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{activities} activity types on {config.address}",
         flush=True,
     )
-    try:
-        trio.run(_run, worker)
-    except (EverrunsError, BaseExceptionGroup) as exc:
-        leaf = _operator_error(exc)
-        if leaf is None:
-            raise
-        print(f"everruns.worker: {leaf}", file=sys.stderr)
-        return 2 if isinstance(leaf, ConfigError) else 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return run_program("everruns.worker", _run, worker)
 
 
 if __name__ == "__main__":

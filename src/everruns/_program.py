@@ -1,0 +1,43 @@
+"""Running an everruns program (`python -m everruns.server`, `.worker`, the demo) the way an
+operator expects: an everruns error is one line on stderr and an exit code (2 for bad
+configuration, 1 otherwise), never a traceback; Ctrl-C before the program's own handling is 130.
+Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from everruns.errors import ConfigError, EverrunsError
+
+__all__ = ["operator_error", "run_program"]
+
+
+def operator_error(exc: BaseException) -> EverrunsError | None:
+    """The everruns error an exception (group) stands for, if it holds only everruns errors."""
+    if isinstance(exc, EverrunsError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [operator_error(e) for e in exc.exceptions]
+        if leaves and all(leaf is not None for leaf in leaves):
+            return leaves[0]
+    return None
+
+
+def run_program(program: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> int:
+    """``trio.run(fn, *args)`` and return the process exit code."""
+    try:
+        trio.run(fn, *args)
+    except (EverrunsError, BaseExceptionGroup) as exc:
+        leaf = operator_error(exc)
+        if leaf is None:
+            raise
+        print(f"{program}: {leaf}", file=sys.stderr)
+        return 2 if isinstance(leaf, ConfigError) else 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
