@@ -6,9 +6,11 @@ session (process group), and return once the process says it is ready. Cancellin
 terminates every process (SIGTERM, then SIGKILL after a short bound), and `open_cluster` wraps
 it all: it owns the nursery, remembers every process it started, and on the way out asserts that
 none of them (nor anything they spawned) is still alive. `ExecutionLog` reads the per-test file
-in which the activities of `tests.e2e.workflows` record each execution. The harness only starts,
-signals and observes processes; it must not reach into the engine's internals — what a test
-checks about the database it reads through the `pool` fixture.
+in which the activities of `tests.e2e.workflows` record each execution; `run_cli` runs the
+`everruns` command as an operator would; `private_postgres` gives a test a PostgreSQL of its
+own that it may stop and start. The harness only starts, signals and observes processes; it must
+not reach into the engine's internals — what a test checks about the database it reads through
+the `pool` fixture (or its own connection to its private PostgreSQL).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import attrs
 import trio
 
 from everruns.client import Client
+from everruns.store import embedded
+from everruns.store.embedded import EmbeddedHandle
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS_MODULE = "tests.e2e.workflows"
@@ -102,6 +106,7 @@ class ManagedProcess:
         self._changed = trio.Event()
         self._eof = False
         self._exited = trio.Event()
+        self._start_time: int | None = None
 
     # ------------------------------------------------------------------------------ identity
 
@@ -130,7 +135,13 @@ class ManagedProcess:
     # ------------------------------------------------------------------------------- signals
 
     def send_signal(self, signum: int) -> None:
-        """Send ``signum`` to the process's whole group; a no-op once the group is gone."""
+        """Send ``signum`` to the process's whole group; a no-op once the group is gone.
+
+        Other test sessions share the machine: once our group is gone its id may be reused by
+        one of theirs, which must never receive our signals (see `owns_group`).
+        """
+        if not self.owns_group():
+            return
         try:
             os.killpg(self.pid, signum)
         except ProcessLookupError:
@@ -143,6 +154,19 @@ class ManagedProcess:
     def kill(self) -> None:
         """SIGKILL (``kill -9``): no cleanup of any kind runs in the process."""
         self.send_signal(signal.SIGKILL)
+
+    def pause(self) -> None:
+        """SIGSTOP: the process hangs with its connections open (a stalled host or VM)."""
+        self.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT: a paused process carries on where it stopped."""
+        self.send_signal(signal.SIGCONT)
+
+    def output_matches(self, pattern: re.Pattern[str] | str, *, since: int = 0) -> list[str]:
+        """Return the output lines (from index ``since`` on) in which ``pattern`` occurs."""
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        return [line for line in self.lines[since:] if regex.search(line)]
 
     async def wait(self) -> int:
         """Wait for the process to exit and return its status (cancellable)."""
@@ -162,12 +186,20 @@ class ManagedProcess:
 
     def group_alive(self) -> bool:
         """Whether any process of this one's group still exists (zombies included)."""
-        try:
-            os.killpg(self.pid, 0)
-        except ProcessLookupError:
+        return self.owns_group()
+
+    def owns_group(self) -> bool:
+        """Whether the process group named by our pid exists and is still ours.
+
+        The kernel never reuses a pid that is still a group id, so while any member of our
+        group lives the id is ours. Once the group is empty, a new session leader elsewhere may
+        get the same pid (and group id); it is told apart by its start time.
+        """
+        members = _group_members(self.pid)
+        if not members:
             return False
-        except PermissionError:  # the pgid was reused by someone else's process
-            return False
+        if self.pid in members:
+            return _start_time(self.pid) == self._start_time
         return True
 
     # -------------------------------------------------------------------------------- output
@@ -236,8 +268,37 @@ class ManagedProcess:
         # Called shielded by trio.run_process when the nursery is cancelled; run_process
         # cancels this as soon as the process exits, so SIGKILL only follows a hung SIGTERM.
         self.terminate()
+        self.resume()  # a paused process acts on SIGTERM only once it runs again
         await trio.sleep(TERM_GRACE)
         self.kill()
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    # /proc/PID/stat: "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses,
+    # so split after its last ")". Fields from "state" on, numbered from 3 in proc(5).
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return text.rpartition(")")[2].split()
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (None: no such process)."""
+    fields = _proc_stat(pid)
+    return int(fields[19]) if fields is not None else None
+
+
+def _group_members(pgid: int) -> set[int]:
+    """The pids of every process (zombies included) in process group ``pgid``."""
+    members: set[int] = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        fields = _proc_stat(int(entry.name))
+        if fields is not None and int(fields[2]) == pgid:
+            members.add(int(entry.name))
+    return members
 
 
 @attrs.define(eq=False)
@@ -269,6 +330,14 @@ class ServerProcess:
     def kill(self) -> None:
         """SIGKILL: the server vanishes without closing anything."""
         self.proc.kill()
+
+    def pause(self) -> None:
+        """SIGSTOP: the server hangs with its connections open."""
+        self.proc.pause()
+
+    def resume(self) -> None:
+        """SIGCONT."""
+        self.proc.resume()
 
     async def wait(self) -> int:
         """Wait for exit; returns the status."""
@@ -310,6 +379,14 @@ class WorkerProcess:
         """SIGKILL (``kill -9``)."""
         self.proc.kill()
 
+    def pause(self) -> None:
+        """SIGSTOP: the worker hangs mid-task, its TCP connections still open."""
+        self.proc.pause()
+
+    def resume(self) -> None:
+        """SIGCONT: the worker carries on, unaware that time passed."""
+        self.proc.resume()
+
     async def wait(self) -> int:
         """Wait for exit; returns the status."""
         return await self.proc.wait()
@@ -350,6 +427,7 @@ async def _launch(
         )
     )
     managed._process = process
+    managed._start_time = _start_time(process.pid)
     if started is not None:
         started.append(managed)
     assert process.stdout is not None
@@ -592,6 +670,146 @@ class ExecutionLog:
         )
 
 
+FINISHED_EVENTS = frozenset({"end", "failed", "cancelled"})
+"""Execution-log events that end an activity body's run (``finally`` comes after one of them)."""
+
+
+def peak_concurrency(records: Sequence[Execution], worker: str | None = None) -> int:
+    """The most activity bodies that were running at one moment (on ``worker``, or anywhere).
+
+    A run starts at its ``start`` record and ends at its first finishing record (`end`,
+    `failed`, `cancelled`); a run with no finishing record (its process was killed) counts as
+    running until the last record of the log.
+    """
+    mine = [r for r in records if worker is None or r.worker == worker]
+    if not mine:
+        return 0
+    horizon = max(r.t for r in mine)
+    ends: dict[tuple[tuple[str, str], int, int], float] = {}
+    for r in mine:
+        if r.event in FINISHED_EVENTS:
+            ends.setdefault((r.key, r.attempt, r.pid), r.t)
+    marks: list[tuple[float, int]] = []
+    for r in mine:
+        if r.event == "start":
+            marks.append((r.t, 1))
+            marks.append((ends.get((r.key, r.attempt, r.pid), horizon), -1))
+    running = peak = 0
+    # At equal times count the end first: a slot freed and reused is not an overlap.
+    for _, step in sorted(marks):
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+# -------------------------------------------------------------------------------------- cli
+
+
+@attrs.frozen
+class CliResult:
+    """What one run of the ``everruns`` command did.
+
+    Attributes:
+        argv: the arguments given after the program name.
+        code: its exit status.
+        stdout, stderr: what it printed.
+    """
+
+    argv: tuple[str, ...]
+    code: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        """The JSON document it printed (run it with ``--json``).
+
+        Raises:
+            HarnessError: it failed or printed something else; the message has its output.
+        """
+        if self.code != 0:
+            raise HarnessError(f"{self.describe()} failed")
+        try:
+            return json.loads(self.stdout)
+        except ValueError as exc:
+            raise HarnessError(f"{self.describe()} did not print JSON") from exc
+
+    def describe(self) -> str:
+        """The command line and its output, for assertion messages."""
+        return (
+            f"`everruns {' '.join(self.argv)}` (exit {self.code})\n"
+            f"stdout:\n{self.stdout}\nstderr:\n{self.stderr}"
+        )
+
+
+async def run_cli(
+    address: str,
+    *args: str,
+    env_extra: Mapping[str, str] | None = None,
+    timeout: float = 30.0,
+) -> CliResult:
+    """Run ``python -m everruns.cli --address ADDRESS ARGS...`` and return what it did.
+
+    The CLI gets no ``DATABASE_URL``: an operator's command talks to the control plane only.
+
+    Raises:
+        HarnessError: it ran longer than ``timeout`` seconds (it is killed).
+    """
+    argv = ("--address", address, *args)
+    with trio.move_on_after(timeout):
+        done = await trio.run_process(
+            [sys.executable, "-m", "everruns.cli", *argv],
+            check=False,
+            capture_stdout=True,
+            capture_stderr=True,
+            stdin=subprocess.DEVNULL,
+            env=base_env(env_extra, drop=("DATABASE_URL",)),
+            cwd=str(REPO_ROOT),
+        )
+        return CliResult(
+            tuple(argv),
+            done.returncode,
+            done.stdout.decode(errors="replace"),
+            done.stderr.decode(errors="replace"),
+        )
+    raise HarnessError(f"`everruns {' '.join(argv)}` ran longer than {timeout:g} s")
+
+
+# --------------------------------------------------------------------------- private database
+
+
+async def start_private_postgres(data_dir: Path) -> EmbeddedHandle:
+    """Start (or restart) an embedded PostgreSQL of the test's own on ``data_dir``.
+
+    A restart on the same directory comes back on the same port while that port is free, so
+    the control plane's ``DATABASE_URL`` stays valid.
+    """
+    return await trio.to_thread.run_sync(embedded.start, data_dir)
+
+
+async def stop_private_postgres(handle: EmbeddedHandle) -> None:
+    """Stop it (fast shutdown: sessions are terminated, as in a real restart); shielded."""
+    with trio.CancelScope(shield=True):
+        await trio.to_thread.run_sync(embedded.stop, handle)
+
+
+@asynccontextmanager
+async def private_postgres(data_dir: Path) -> AsyncIterator[EmbeddedHandle]:
+    """A PostgreSQL for one test, stopped when the block ends however it ends.
+
+    The block may stop and start it again (`stop_private_postgres`, `start_private_postgres`);
+    the last server started on ``data_dir`` is the one stopped at the end.
+    """
+    handle = await start_private_postgres(data_dir)
+    try:
+        yield handle
+    finally:
+        # Whatever the block did, stop what runs on the directory now: start() reuses a
+        # running server (then stop() would leave it alone), so restart it to own it.
+        with trio.CancelScope(shield=True):
+            current = await trio.to_thread.run_sync(embedded.start, data_dir)
+            await trio.to_thread.run_sync(embedded.stop, attrs.evolve(current, started_by_us=True))
+
+
 # ---------------------------------------------------------------------------------- waiting
 
 
@@ -732,6 +950,10 @@ class Cluster:
     def client(self, address: str | None = None) -> AbstractAsyncContextManager[Client]:
         """A client of the current server (or ``address``)."""
         return connect(address or self.address)
+
+    async def cli(self, *args: str, address: str | None = None) -> CliResult:
+        """Run the ``everruns`` command against the current server (or ``address``)."""
+        return await run_cli(address or self.address, *args)
 
     def tails(self, n: int = 30) -> str:
         """The last lines of every process, for a failure message."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from typing import Any
 
@@ -21,7 +22,8 @@ import trio
 
 from everruns.domain.context import WorkflowContext
 from everruns.domain.registry import activity, workflow
-from everruns.errors import ActivityError, WorkflowCancelled
+from everruns.domain.retry import RetryPolicy
+from everruns.errors import ActivityError, NonRetryableError, WorkflowCancelled
 from everruns.worker.activity import ActivityContext
 
 LOG_ENV = "E2E_LOG"
@@ -151,6 +153,100 @@ async def returns_a_set(ctx: ActivityContext, _input: Any) -> Any:
     return {1, 2, 3}
 
 
+# ------------------------------------------------------------------------ fault-injection work
+
+
+class FlakyError(Exception):
+    """What the fault-injection activities raise when told to fail (retryable by default)."""
+
+
+RELEASE_POLL = 0.05
+"""How often an activity held by a release file looks for it, in seconds."""
+
+
+async def _wait_for_file(path: str) -> None:
+    # The test process, not the workflow, decides when a held activity may finish; a file is
+    # the one channel both processes see, and polling it is confined to test activities.
+    while not await trio.Path(path).exists():  # noqa: ASYNC110 - another process sets it
+        await trio.sleep(RELEASE_POLL)
+
+
+@activity
+async def flaky(ctx: ActivityContext, spec: dict[str, Any]) -> dict[str, Any]:
+    """Fail the first ``failures`` attempts with `FlakyError`, then succeed (after waiting for
+    the ``release`` file, when one is named)."""
+    attempt = ctx.info.attempt
+    record(ctx, "start", input=spec)
+    if attempt <= int(spec.get("failures", 0)):
+        record(ctx, "failed", error="FlakyError")
+        raise FlakyError(f"attempt {attempt} of flaky failed on purpose")
+    if spec.get("release"):
+        await _wait_for_file(str(spec["release"]))
+    record(ctx, "end", attempt=attempt)
+    return {"attempt": attempt}
+
+
+@activity
+async def fails(ctx: ActivityContext, spec: dict[str, Any]) -> dict[str, Any]:
+    """Raise the error ``spec["error"]`` names (``flaky``, ``value``, ``non_retryable``) on the
+    first ``failures`` attempts (all of them by default) — unless the ``fixed_flag`` file exists,
+    which stands for an operator having fixed the cause before requeueing."""
+    attempt = ctx.info.attempt
+    record(ctx, "start", input=spec)
+    fixed = bool(spec.get("fixed_flag")) and await trio.Path(str(spec["fixed_flag"])).exists()
+    failures = spec.get("failures")
+    if not fixed and (failures is None or attempt <= int(failures)):
+        kind = str(spec.get("error", "flaky"))
+        record(ctx, "failed", error=kind)
+        message = f"attempt {attempt} of fails raised {kind} on purpose"
+        if kind == "value":
+            raise ValueError(message)
+        if kind == "non_retryable":
+            raise NonRetryableError(message)
+        raise FlakyError(message)
+    record(ctx, "end", attempt=attempt, fixed=fixed)
+    return {"attempt": attempt, "fixed": fixed}
+
+
+@activity
+async def sleepy(ctx: ActivityContext, spec: dict[str, Any]) -> Any:
+    """Sleep ``seconds`` (``retry_seconds`` on later attempts), or until the ``release`` file
+    exists; record a cancellation if one interrupts it. Returns ``spec["i"]``."""
+    record(ctx, "start", input=spec)
+    seconds = float(spec.get("seconds", 0))
+    if ctx.info.attempt > 1 and "retry_seconds" in spec:
+        seconds = float(spec["retry_seconds"])
+    try:
+        if spec.get("release"):
+            await _wait_for_file(str(spec["release"]))
+        elif seconds:
+            await trio.sleep(seconds)
+    except trio.Cancelled:
+        record(ctx, "cancelled")
+        raise
+    record(ctx, "end")
+    return spec.get("i")
+
+
+@activity
+async def block_event_loop(ctx: ActivityContext, spec: dict[str, Any]) -> int:
+    """On its first attempt, block the worker's whole event loop for ``seconds`` (a sync call
+    hanging inside async code: the worker stops heartbeating); later attempts return at once."""
+    attempt = ctx.info.attempt
+    record(ctx, "start", input=spec)
+    if attempt == 1:
+        time.sleep(float(spec["seconds"]))  # noqa: ASYNC251 - blocking the loop is the fault
+    record(ctx, "end", attempt=attempt)
+    return attempt
+
+
+@activity
+async def kill_own_worker(ctx: ActivityContext, spec: Any) -> None:
+    """``kill -9`` the worker process running it: a poison task."""
+    record(ctx, "start", input=spec)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 # ----------------------------------------------------------------------------------- workflows
 
 
@@ -216,3 +312,50 @@ async def bad_result(ctx: WorkflowContext, _input: Any) -> dict[str, Any]:
             "details": exc.details,
         }
     return {"error_type": None}
+
+
+async def _run_step(ctx: WorkflowContext, step: dict[str, Any]) -> dict[str, Any]:
+    options = dict(step.get("options") or {})
+    retry = RetryPolicy.from_dict(step["retry"]) if "retry" in step else None
+    try:
+        result = await ctx.execute_activity(
+            str(step["activity"]),
+            step.get("input"),
+            retry=retry,
+            schedule_to_start_timeout=options.get("schedule_to_start_timeout"),
+            start_to_close_timeout=options.get("start_to_close_timeout"),
+            heartbeat_timeout=options.get("heartbeat_timeout"),
+            breaker_key=options.get("breaker_key"),
+        )
+    except ActivityError as exc:
+        return {
+            "ok": False,
+            "error_type": exc.error_type,
+            "attempt": exc.attempt,
+            "message": str(exc),
+            "details": exc.details,
+        }
+    return {"ok": True, "result": result}
+
+
+@workflow
+async def run_steps(ctx: WorkflowContext, spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run ``spec["steps"]`` (each: activity name, input, optional retry policy dict and
+    options), one after another or all at once (``parallel``), catching each `ActivityError`;
+    return one outcome per step: ``{"ok": True, "result"}`` or ``{"ok": False, "error_type",
+    "attempt", "message", "details"}``."""
+    steps = list(spec["steps"])
+    if spec.get("parallel"):
+        outcomes: list[dict[str, Any]] = await ctx.gather(*(_run_step(ctx, s) for s in steps))
+        return outcomes
+    return [await _run_step(ctx, step) for step in steps]
+
+
+@workflow
+async def fan_out_sleepy(ctx: WorkflowContext, spec: dict[str, Any]) -> list[Any]:
+    """Run ``count`` `sleepy` activities at once with ``spec``'s seconds/release; return their
+    indexes."""
+    template = {k: v for k, v in spec.items() if k != "count"}
+    handles = [ctx.start_activity(sleepy, {**template, "i": i}) for i in range(spec["count"])]
+    results: list[Any] = await ctx.gather(*handles)
+    return results

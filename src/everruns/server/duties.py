@@ -9,9 +9,11 @@ skips the round).
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 
 import trio
 
+from everruns.errors import DatabaseError
 from everruns.server.engine import Engine
 
 __all__ = ["run_duties"]
@@ -43,6 +45,25 @@ async def reclaim_once(engine: Engine) -> int:
     return released + len(revived)
 
 
+class _Outage:
+    """Backoff for a duty whose round failed because the database is unreachable: the duty
+    logs, waits and tries again — a PostgreSQL restart must not stop the control plane."""
+
+    def __init__(self, duty: str) -> None:
+        self.duty = duty
+        self.delay = 0.0
+
+    async def failed(self, exc: DatabaseError) -> None:
+        self.delay = min(5.0, max(0.2, self.delay * 2))
+        log.warning("%s: database unavailable (%s); retrying in %.1f s", self.duty, exc, self.delay)
+        await trio.sleep(self.delay)
+
+    def recovered(self) -> None:
+        if self.delay:
+            log.info("%s: database available again", self.duty)
+        self.delay = 0.0
+
+
 async def run_duties(
     engine: Engine, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
@@ -50,14 +71,22 @@ async def run_duties(
     retention every ``retention_interval`` (each round under its advisory lock)."""
     task_status.started()
     next_retention = trio.current_time()
+    outage = _Outage("reclaimer")
     while True:
-        await reclaim_once(engine)
-        if trio.current_time() >= next_retention:
-            async with engine.store.transaction() as conn:
-                mine = await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", RETENTION_LOCK)
-            if mine:
-                await engine.delete_expired()
-            next_retention = trio.current_time() + engine.config.retention_interval
+        try:
+            await reclaim_once(engine)
+            if trio.current_time() >= next_retention:
+                async with engine.store.transaction() as conn:
+                    mine = await conn.fetchval(
+                        "SELECT pg_try_advisory_xact_lock($1)", RETENTION_LOCK
+                    )
+                if mine:
+                    await engine.delete_expired()
+                next_retention = trio.current_time() + engine.config.retention_interval
+        except DatabaseError as exc:
+            await outage.failed(exc)
+            continue
+        outage.recovered()
         until_retention = next_retention - trio.current_time()
         await trio.sleep(max(0.0, min(engine.config.reclaim_interval, until_retention)))
 
@@ -71,27 +100,44 @@ async def run_due_scanner(
     announced by NOTIFY, whichever comes first; never polls on a fixed interval.
     """
     task_status.started()
-    since = await engine.store.now()
+    since: datetime | None = None
     engine.notifier.poke_tasks()
+    outage = _Outage("due-scanner")
     while True:
-        await engine.fire_due_timers()
-        await engine.enforce_timeouts()
-        async with engine.store.transaction() as conn:
-            await engine.store.apply_operator_requeues(conn)
-        # Wake one claimer per key whose delayed tasks (retry backoff) became visible.
-        keys, since = await engine.store.newly_visible_keys(since)
-        for key in keys:
-            engine.notifier.poke_key(key)
-        waits = [
-            w
-            for w in (
-                await engine.store.seconds_until_due(),
-                await engine.store.seconds_until_timeout(),
-            )
-            if w is not None
-        ]
-        # Deadlines added by another control plane reach us by NOTIFY only for timers and
-        # retries, so look at least once per reclaim interval.
-        wait = min([*waits, engine.config.reclaim_interval])
+        try:
+            since, wait = await _scan_once(engine, since)
+        except DatabaseError as exc:
+            await outage.failed(exc)
+            continue
+        outage.recovered()
         # Past-due timers another control plane is firing right now: look again shortly.
         await engine.notifier.wait_due(max(wait, 0.02))
+
+
+async def _scan_once(engine: Engine, since: datetime | None) -> tuple[datetime, float]:
+    """One round of the due-scanner; returns the new ``since`` and how long to sleep."""
+    if since is None:
+        since = await engine.store.now()
+    await engine.fire_due_timers()
+    await engine.enforce_timeouts()
+    async with engine.store.transaction() as conn:
+        await engine.store.apply_operator_requeues(conn)
+    # Wake one claimer per key whose delayed tasks (retry backoff) became visible, and
+    # everyone when an open breaker may now admit probes (its key need not be a type).
+    open_duration = engine.breakers.open_duration
+    if await engine.store.breakers_due_since(since, open_duration=open_duration):
+        engine.notifier.poke_tasks()
+    keys, since = await engine.store.newly_visible_keys(since)
+    for key in keys:
+        engine.notifier.poke_key(key)
+    waits = [
+        w
+        for w in (
+            await engine.store.seconds_until_due(breaker_open_duration=open_duration),
+            await engine.store.seconds_until_timeout(),
+        )
+        if w is not None
+    ]
+    # Deadlines added by another control plane reach us by NOTIFY only for timers and
+    # retries, so look at least once per reclaim interval.
+    return since, min([*waits, engine.config.reclaim_interval])

@@ -165,7 +165,10 @@ class Notifier:
 
     def _dispatch(self, channel: str, payload: str) -> None:
         if channel == CHANNEL_TASKS:
-            self.poke_key(payload)
+            if payload == "*":
+                self.poke_tasks()
+            else:
+                self.poke_key(payload)
         elif channel == CHANNEL_RUNS:
             self.run_changed(payload)
         elif channel == CHANNEL_TIMERS:

@@ -132,8 +132,14 @@ class WorkerService:
             ",".join(record.workflow_types) or "-",
             ",".join(record.activity_types) or "-",
         )
+        # Beat at least three times per stale limit, so a healthy task is never reclaimed.
+        interval = min(
+            HEARTBEAT_INTERVAL,
+            self.engine.config.stale_after / 3,
+            self.engine.config.worker_lost_after / 3,
+        )
         return pb.RegisterWorkerResponse(
-            heartbeat_interval_s=HEARTBEAT_INTERVAL, server_time=_ts(record.last_heartbeat_at)
+            heartbeat_interval_s=interval, server_time=_ts(record.last_heartbeat_at)
         )
 
     async def worker_heartbeat(

@@ -358,11 +358,22 @@ WHERE t.id = due.id
 RETURNING t.run_id, t.timer_id;
 
 -- name: next_due
--- Seconds until the next timer fires or a delayed task becomes visible (NULL: nothing waits).
+-- Seconds until the next timer fires, a delayed task becomes visible, or an open breaker may
+-- admit probes ($1: the breakers' open duration) (NULL: nothing waits).
 SELECT extract(epoch FROM least(
     (SELECT min(fire_at) FROM durable_timers WHERE status = 'pending'),
-    (SELECT min(visible_at) FROM durable_task_queue WHERE status = 'pending' AND visible_at > now())
+    (SELECT min(visible_at) FROM durable_task_queue WHERE status = 'pending' AND visible_at > now()),
+    (SELECT min(opened_at) + make_interval(secs => $1) FROM durable_circuit_breaker_state
+     WHERE state = 'open' AND opened_at + make_interval(secs => $1) > now())
 ) - now())::float8;
+
+-- name: breakers_due_since
+-- Whether an open breaker's open duration ($2) ended after $1 (its tasks may probe now).
+SELECT EXISTS (
+    SELECT 1 FROM durable_circuit_breaker_state
+    WHERE state = 'open' AND opened_at + make_interval(secs => $2) > $1
+      AND opened_at + make_interval(secs => $2) <= now()
+);
 
 -- name: tasks_of_run
 -- A run's tasks of one kind in the given statuses, oldest first.

@@ -786,10 +786,15 @@ class Store:
         now: datetime = rows[0]["now"] if rows else await self.now()
         return [r["key"] for r in rows if r["key"] is not None], now
 
-    async def seconds_until_due(self) -> float | None:
-        """Seconds until the next timer fires or delayed task becomes visible (None: none)."""
-        value = await self.pool.fetchval(Q["next_due"])
+    async def seconds_until_due(self, *, breaker_open_duration: float) -> float | None:
+        """Seconds until the next timer fires, delayed task becomes visible or open breaker may
+        admit probes (None: none)."""
+        value = await self.pool.fetchval(Q["next_due"], breaker_open_duration)
         return None if value is None else float(value)
+
+    async def breakers_due_since(self, since: datetime, *, open_duration: float) -> bool:
+        """Whether an open breaker's open duration ended after ``since``."""
+        return bool(await self.pool.fetchval(Q["breakers_due_since"], since, open_duration))
 
     async def timed_out_tasks(self, conn: Connection, *, limit: int = 500) -> list[Task]:
         """Lock activity tasks past a server-enforced timeout."""
@@ -1006,6 +1011,8 @@ class Store:
             return
         now = await self.now(conn)
         await self._save_breaker(conn, breaker_math.on_success(_breaker_from_row(row), config, now))
+        # A probe slot was freed (or the breaker closed): held tasks may go now.
+        await self.notify(conn, CHANNEL_TASKS, "*")
 
     async def release_probe(self, conn: Connection, key: str) -> None:
         """Free a half-open breaker's probe slot (the probe ended without a verdict)."""
@@ -1041,8 +1048,11 @@ class Store:
         Raises:
             NotFound: no breaker has that key.
         """
-        if await self.pool.fetchval(Q["delete_breaker"], key) is None:
-            raise NotFound(f"circuit breaker {key!r} not found")
+        async with self.pool.transaction() as conn:
+            if await conn.fetchval(Q["delete_breaker"], key) is None:
+                raise NotFound(f"circuit breaker {key!r} not found")
+            # Its held tasks may run now: wake every claimer (a breaker key need not be a type).
+            await self.notify(conn, CHANNEL_TASKS, "*")
 
     async def admit_breakers(
         self, conn: Connection, config: breaker_math.BreakerConfig

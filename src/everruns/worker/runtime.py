@@ -859,10 +859,10 @@ class Worker:
         ctx = handle.ctx
         assert ctx is not None
         timeout = float(task.heartbeat_timeout_s)
+        # The control plane announces the period it needs (it releases tasks after a few
+        # missed beats); an activity's own heartbeat timeout can only make it shorter.
         interval = (
-            min(DEFAULT_HEARTBEAT_INTERVAL, timeout / 3)
-            if timeout > 0
-            else (DEFAULT_HEARTBEAT_INTERVAL)
+            min(self._heartbeat_interval, timeout / 3) if timeout > 0 else self._heartbeat_interval
         )
         # A tight loop of ctx.heartbeat() calls must not become a tight loop of RPCs.
         min_gap = min(1.0, interval / 2)
