@@ -610,7 +610,7 @@ async def test_bad_fields_get_invalid_argument_or_resource_exhausted(database_ur
                 await call(
                     p.workflows.start_workflow,
                     pb.StartWorkflowRequest(
-                        workflow_type="t", input=b'"' + b"x" * 3_000_000 + b'"'
+                        workflow_type="t", input=b'"' + b"x" * 10_000_000 + b'"'
                     ),
                 )
             with pytest.raises(InvalidArgument, match="not a UUID"):
