@@ -487,3 +487,26 @@ async def _first_task(store: Store) -> uuid.UUID:
     value = await store.pool.fetchval("SELECT id FROM durable_task_queue LIMIT 1")
     assert isinstance(value, uuid.UUID)
     return value
+
+
+async def test_fast_claim_orders_across_types_and_leaves_unclosed_breakers_alone(
+    store: Store, pool: Pool
+) -> None:
+    with trio.fail_after(10):
+        run = await _run(store)
+        await _activity(store, run, "1", "charge", priority=0)
+        await _activity(store, run, "2", "ship", priority=5)
+        await _activity(store, run, "3", "charge", priority=9)
+        await _activity(store, run, "4", "email", priority=7)
+        await pool.execute(
+            "INSERT INTO durable_circuit_breaker_state (key, state, opened_at) "
+            "VALUES ('email', 'open', now())"
+        )
+        got = await store.claim_tasks_fast(
+            "w1", activity_types=["charge", "ship", "email"], limit=2
+        )
+        assert [t.activity_id for t in got] == ["3", "2"]
+        rest = await store.claim_tasks_fast(
+            "w2", activity_types=["charge", "ship", "email"], limit=10
+        )
+        assert [t.activity_id for t in rest] == ["1"]  # email's breaker is open

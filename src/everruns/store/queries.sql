@@ -541,19 +541,28 @@ SELECT (SELECT count(*) FROM task) AS completed,
         WHERE b.state <> 'closed') AS breaker;
 
 -- name: claim_tasks_fast
--- The claim of claim_tasks when no breaker is known to be open or half-open here: tasks of any
--- breaker that is not closed are still left alone (checked per row by primary key).
-WITH picked AS (
-    SELECT t.id FROM durable_task_queue t
-    WHERE t.status = 'pending' AND t.visible_at <= now()
-      AND ((t.kind = 'workflow' AND t.activity_type = ANY($2::text[]))
-        OR (t.kind = 'activity' AND t.activity_type = ANY($3::text[])
-            AND NOT EXISTS (SELECT 1 FROM durable_circuit_breaker_state b
-                            WHERE b.key = coalesce(t.breaker_key, t.activity_type)
-                              AND b.state <> 'closed')))
-    ORDER BY t.priority DESC, t.visible_at
+-- The claim of claim_tasks when no breaker is known to be open or half-open here (tasks of a
+-- breaker that is not closed are still left alone, checked per row by primary key). One ordered
+-- scan of the claim index per (kind, type) key, each stopping at the limit, instead of one scan
+-- of every pending row of all the types.
+WITH keys AS (
+    SELECT 'workflow' AS kind, t AS type FROM unnest($2::text[]) AS t
+    UNION ALL
+    SELECT 'activity', t FROM unnest($3::text[]) AS t
+), picked AS (
+    SELECT c.id FROM keys, LATERAL (
+        SELECT t.id, t.priority, t.visible_at FROM durable_task_queue t
+        WHERE t.status = 'pending' AND t.kind = keys.kind AND t.activity_type = keys.type
+          AND t.visible_at <= now()
+          AND (t.kind = 'workflow' OR NOT EXISTS (
+                SELECT 1 FROM durable_circuit_breaker_state b
+                WHERE b.key = coalesce(t.breaker_key, t.activity_type) AND b.state <> 'closed'))
+        ORDER BY t.priority DESC, t.visible_at
+        LIMIT $4
+        FOR UPDATE OF t SKIP LOCKED
+    ) c
+    ORDER BY c.priority DESC, c.visible_at
     LIMIT $4
-    FOR UPDATE SKIP LOCKED
 )
 UPDATE durable_task_queue t
 SET status = 'claimed', claimed_by = $1, claimed_at = now(), heartbeat_at = now(),

@@ -483,7 +483,7 @@ class Store:
             limit,
             list(blocked_keys),
         )
-        return [Task.from_row(r) for r in rows]
+        return _in_claim_order(rows)
 
     async def any_unclosed_breaker(self) -> bool:
         """Whether any circuit breaker is open or half-open."""
@@ -503,7 +503,7 @@ class Store:
         rows = await self.pool.fetch(
             Q["claim_tasks_fast"], worker_id, list(workflow_types), list(activity_types), limit
         )
-        return [Task.from_row(r) for r in rows]
+        return _in_claim_order(rows)
 
     async def start_runs(self, run_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
         """Mark runs running (pending -> running); return those still open."""
@@ -1080,6 +1080,11 @@ class Store:
             else:
                 probes[state.key] = budget
         return blocked, probes
+
+
+def _in_claim_order(rows: Sequence[Any]) -> list[Task]:
+    # UPDATE ... RETURNING gives no order: hand tasks out as the claim ranked them.
+    return sorted((Task.from_row(r) for r in rows), key=lambda t: (-t.priority, t.visible_at))
 
 
 def _breaker_from_row(row: Any) -> breaker_math.BreakerState:

@@ -1,0 +1,145 @@
+"""Simulated everruns workers for the scale workload (w7), speaking raw gRPC.
+
+``python -m bench.sim_workers --address HOST:PORT --workers 250 --out FILE`` runs that many
+workers in one asyncio process, each with its own channel (its own TCP connection, as real
+workers have): it registers, heartbeats every 10 s and long-polls PollTasks for one activity
+type; a claimed task is completed at once and its claim latency (received - ``scheduled_at``,
+same machine clock) recorded. It signals ``registered <n>`` over `bench.signals` once all its
+workers are registered, and on SIGTERM writes ``{"claims": [[scheduled_at, latency_s], ...]}``
+to ``--out`` and exits. It is a load generator: it never runs workflow code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+from grpclib.client import Channel
+
+from bench import signals
+from everruns._proto.everruns import v1 as pb
+
+ACTIVITY = "bench_scale_noop"
+HEARTBEAT_S = 10.0
+POLL_WAIT_S = 20.0
+
+
+class SimWorker:
+    """One simulated worker: registration, heartbeat loop, poll-and-complete loop."""
+
+    def __init__(self, host: str, port: int, worker_id: str, claims: list[list[float]]) -> None:
+        self.channel = Channel(host, port)
+        self.stub = pb.WorkerServiceStub(self.channel)
+        self.worker_id = worker_id
+        self.claims = claims
+
+    async def register(self) -> None:
+        for attempt in range(20):
+            try:
+                await self.stub.register_worker(
+                    pb.RegisterWorkerRequest(
+                        worker_id=self.worker_id,
+                        activity_types=[ACTIVITY],
+                        max_concurrency=1,
+                        host=socket.gethostname(),
+                        pid=os.getpid(),
+                        version="bench",
+                    ),
+                    timeout=60,
+                )
+                return
+            except Exception:
+                if attempt == 19:
+                    raise
+                await asyncio.sleep(0.2)
+
+    async def heartbeat_loop(self) -> None:
+        # Spread the first beats so 1,000 workers do not all beat in the same instant.
+        await asyncio.sleep(HEARTBEAT_S * (hash(self.worker_id) % 1000) / 1000)
+        while True:
+            try:
+                await self.stub.worker_heartbeat(
+                    pb.WorkerHeartbeatRequest(worker_id=self.worker_id, status="active"),
+                    timeout=30,
+                )
+            except Exception:
+                pass
+            await asyncio.sleep(HEARTBEAT_S)
+
+    async def poll_loop(self) -> None:
+        while True:
+            try:
+                reply = await self.stub.poll_tasks(
+                    pb.PollTasksRequest(
+                        worker_id=self.worker_id,
+                        max_tasks=1,
+                        activity_types=[ACTIVITY],
+                        wait_s=POLL_WAIT_S,
+                    ),
+                    timeout=POLL_WAIT_S + 30,
+                )
+            except Exception:
+                await asyncio.sleep(0.5)
+                continue
+            received = time.time()
+            for task in reply.tasks:
+                self.claims.append([task.scheduled_at, received - task.scheduled_at])
+                try:
+                    await self.stub.complete_activity_task(
+                        pb.CompleteActivityTaskRequest(
+                            task_id=task.task_id,
+                            lease_token=task.lease_token,
+                            worker_id=self.worker_id,
+                            result=b"null",
+                        ),
+                        timeout=30,
+                    )
+                except Exception:
+                    pass
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    host, _, port = args.address.rpartition(":")
+    claims: list[list[float]] = []
+    workers = [SimWorker(host, int(port), f"{args.name}-{i}", claims) for i in range(args.workers)]
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    sem = asyncio.Semaphore(50)
+
+    async def register(worker: SimWorker) -> None:
+        async with sem:
+            await worker.register()
+
+    await asyncio.gather(*(register(w) for w in workers))
+    signals.send("registered", str(len(workers)))
+    tasks = [asyncio.create_task(w.heartbeat_loop()) for w in workers]
+    tasks += [asyncio.create_task(w.poll_loop()) for w in workers]
+    await stop.wait()
+    # The event loop has nothing left to serve: the claims are all in, the result is small.
+    Path(args.out).write_text(json.dumps({"claims": claims}))  # noqa: ASYNC240
+    for task in tasks:
+        task.cancel()
+    for worker in workers:
+        worker.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--address", required=True)
+    parser.add_argument("--workers", type=int, required=True)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--out", required=True)
+    asyncio.run(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
