@@ -334,8 +334,11 @@ class Engine:
             tasks = await self.store.claim_tasks_fast(
                 worker_id, workflow_types=workflow_types, activity_types=activity_types, limit=limit
             )
-        if any(t.kind == "activity" for t in tasks):
-            self.notifier.poke_due()  # new start-to-close/heartbeat deadlines to watch
+        for task in tasks:
+            if task.kind == "activity":
+                self.notifier.deadline_added(
+                    _earliest(task.start_to_close_s, task.heartbeat_timeout_s)
+                )
         claimed = []
         workflow_tasks = [t for t in tasks if t.kind == "workflow"]
         still_open: set[uuid.UUID] = set()
@@ -424,8 +427,8 @@ class Engine:
                 conn, run, activities, eager_for=worker_id if any(eager) else None, eager=eager
             )
             await self.store.apply_events_and_close(conn, run, events, task_id)
-        if activities:
-            self.notifier.poke_due()  # new schedule-to-start/start-to-close deadlines to watch
+        for new in activities:
+            self.notifier.deadline_added(_earliest(new.schedule_to_start_s, new.start_to_close_s))
         return True, False, [ClaimedTask(t, "", [], t.claimed_at or claim_time) for t in claimed]
 
     async def _eager_flags(
@@ -846,6 +849,11 @@ class Engine:
             fired += len(due)
             if len(due) < 200:
                 return fired
+
+
+def _earliest(*seconds: float | None) -> float | None:
+    known = [s for s in seconds if s is not None]
+    return min(known) if known else None
 
 
 def _run_uuid(run_id: str) -> uuid.UUID | None:

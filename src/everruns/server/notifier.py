@@ -53,6 +53,9 @@ class Notifier:
         self._runs: dict[str, list[Any]] = {}  # run id -> [event, waiters]
         self._cancels: dict[str, set[trio.MemorySendChannel[CancelNotice]]] = {}
         self._due = trio.Event()
+        # When the due-scanner will next look by itself (+inf while it is scanning: a deadline
+        # made then may postdate its query, so it must look again).
+        self._due_at = float("inf")
 
     # ---------------------------------------------------------------- tasks
     #
@@ -155,11 +158,21 @@ class Notifier:
     def poke_due(self) -> None:
         self._due.set()
 
+    def deadline_added(self, seconds: float | None) -> None:
+        """A deadline ``seconds`` from now was created: wake the due-scanner only if it would
+        otherwise sleep past it (the common deadlines are minutes away; a scan per claim would
+        cost more than the claims)."""
+        if seconds is not None and trio.current_time() + seconds < self._due_at:
+            self.poke_due()
+
     async def wait_due(self, timeout: float | None) -> None:
         """Wait until poked or ``timeout`` seconds pass (None: until poked)."""
-        with trio.move_on_after(float("inf") if timeout is None else max(0.0, timeout)):
+        wait = float("inf") if timeout is None else max(0.0, timeout)
+        self._due_at = trio.current_time() + wait
+        with trio.move_on_after(wait):
             await self._due.wait()
         self._due = trio.Event()
+        self._due_at = float("inf")
 
     # ---------------------------------------------------------------- the listener
 
