@@ -174,12 +174,12 @@ async def test_start_to_close_timeout_is_enforced_and_counts_as_an_attempt(
     database_url: str,
 ) -> None:
     with trio.fail_after(30):
-        async with plane(database_url) as p:
+        async with plane(database_url, reclaim_interval=0.5) as p:
             wid = await p.start("one", 1)
             await p.drive(one_activity, "one")
             (first,) = await p.poll(act=["flaky"])
             # Never answer: the server times the attempt out after 0.3 s and retries it.
-            (second,) = await p.poll(act=["flaky"], wait=5)
+            (second,) = await p.poll(act=["flaky"], wait=10)
             assert second.attempt == 2 and second.lease_token != first.lease_token
             with pytest.raises(FailedPrecondition, match=r"stale|no longer valid|held by"):
                 await p.complete(first, "late")  # the timed-out holder can never commit

@@ -659,10 +659,13 @@ SELECT last FROM run;
 SELECT * FROM durable_workers WHERE id = $1;
 
 -- name: newly_visible_keys
--- Task keys (kind:type) of pending tasks that became visible after $1, with the database time.
+-- Task keys (kind:type) of pending tasks that became visible after $1, or that have waited
+-- visible for more than $2 seconds (a safety net: a wake-up lost anywhere costs at most one
+-- scanner round), with the database time.
 SELECT k.key, now() AS now
 FROM (SELECT DISTINCT kind || ':' || activity_type AS key FROM durable_task_queue
-      WHERE status = 'pending' AND visible_at > $1 AND visible_at <= now()) k
+      WHERE status = 'pending' AND visible_at <= now()
+        AND (visible_at > $1 OR visible_at < now() - make_interval(secs => $2))) k
 RIGHT JOIN (SELECT 1) one ON true;
 
 -- name: start_workflows

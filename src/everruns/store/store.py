@@ -779,10 +779,13 @@ class Store:
         rows = await conn.fetch(Q["fire_due_timers"], limit)
         return [(r["run_id"], r["timer_id"]) for r in rows]
 
-    async def newly_visible_keys(self, since: datetime) -> tuple[list[str], datetime]:
-        """Keys (``kind:type``) of pending tasks that became visible after ``since``, and the
-        database time to pass as ``since`` next time."""
-        rows = await self.pool.fetch(Q["newly_visible_keys"], since)
+    async def newly_visible_keys(
+        self, since: datetime, *, straggling_after: float = 1.0
+    ) -> tuple[list[str], datetime]:
+        """Keys (``kind:type``) of pending tasks that became visible after ``since`` or have
+        waited visible longer than ``straggling_after`` seconds, and the database time to pass
+        as ``since`` next time."""
+        rows = await self.pool.fetch(Q["newly_visible_keys"], since, straggling_after)
         now: datetime = rows[0]["now"] if rows else await self.now()
         return [r["key"] for r in rows if r["key"] is not None], now
 
