@@ -302,41 +302,29 @@ def _group_members(pgid: int) -> set[int]:
 
 
 @attrs.define(eq=False)
-class ServerProcess:
-    """A running control plane.
-
-    Attributes:
-        proc: the process and its output.
-        address: ``host:port`` it listens on (the same across `restart_server`).
-        port: the port.
-        database_url: the database it serves.
-        env_extra: the extra environment it was started with (reused on restart).
-    """
+class _Controlled:
+    """Signals and waits of a started process, shared by servers and workers."""
 
     proc: ManagedProcess
-    address: str
-    port: int
-    database_url: str
-    env_extra: dict[str, str]
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
     def terminate(self) -> None:
-        """SIGTERM: the server shuts down cleanly."""
+        """SIGTERM: a server shuts down cleanly; a worker drains within its grace period."""
         self.proc.terminate()
 
     def kill(self) -> None:
-        """SIGKILL: the server vanishes without closing anything."""
+        """SIGKILL (``kill -9``): the process vanishes without closing anything."""
         self.proc.kill()
 
     def pause(self) -> None:
-        """SIGSTOP: the server hangs with its connections open."""
+        """SIGSTOP: the process hangs with its TCP connections still open."""
         self.proc.pause()
 
     def resume(self) -> None:
-        """SIGCONT."""
+        """SIGCONT: it carries on, unaware that time passed."""
         self.proc.resume()
 
     async def wait(self) -> int:
@@ -352,7 +340,25 @@ class ServerProcess:
 
 
 @attrs.define(eq=False)
-class WorkerProcess:
+class ServerProcess(_Controlled):
+    """A running control plane.
+
+    Attributes:
+        proc: the process and its output.
+        address: ``host:port`` it listens on (the same across `restart_server`).
+        port: the port.
+        database_url: the database it serves.
+        env_extra: the extra environment it was started with (reused on restart).
+    """
+
+    address: str
+    port: int
+    database_url: str
+    env_extra: dict[str, str]
+
+
+@attrs.define(eq=False)
+class WorkerProcess(_Controlled):
     """A running worker.
 
     Attributes:
@@ -362,41 +368,9 @@ class WorkerProcess:
         modules: what it imported.
     """
 
-    proc: ManagedProcess
     worker_id: str
     address: str
     modules: tuple[str, ...]
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def terminate(self) -> None:
-        """SIGTERM: the worker drains (stops claiming, finishes within its grace period)."""
-        self.proc.terminate()
-
-    def kill(self) -> None:
-        """SIGKILL (``kill -9``)."""
-        self.proc.kill()
-
-    def pause(self) -> None:
-        """SIGSTOP: the worker hangs mid-task, its TCP connections still open."""
-        self.proc.pause()
-
-    def resume(self) -> None:
-        """SIGCONT: the worker carries on, unaware that time passed."""
-        self.proc.resume()
-
-    async def wait(self) -> int:
-        """Wait for exit; returns the status."""
-        return await self.proc.wait()
-
-    async def kill_and_wait(self) -> int:
-        """SIGKILL and wait until reaped (bounded)."""
-        return await self.proc.kill_and_wait()
-
-    def tail(self, n: int = 40) -> str:
-        return self.proc.tail(n)
 
 
 async def _launch(
