@@ -206,8 +206,8 @@ async def test_completed_task_is_not_claimable_again(store: Store) -> None:
         run = await _run(store)
         await _activity(store, run)
         (task,) = await _claim(store, "w1")
-        async with store.transaction() as conn:
-            done = await store.complete_task(conn, task.task_id, task.lease_token, '"ok"')
+        await store.complete_activity(task.task_id, task.lease_token, '"ok"', "w1")
+        done = await store.get_task(task.task_id)
         assert done.status == "completed" and done.result == '"ok"'
         assert await _claim(store, "w2") == []
 
@@ -292,13 +292,11 @@ async def test_stale_lease_refused_on_complete_and_fail(store: Store, pool: Pool
         (new,) = await _claim(store, "w2")
         assert new.task_id == old.task_id and new.attempt == 2
         with pytest.raises(StaleLease, match="held by w2"):
-            async with store.transaction() as conn:
-                await store.complete_task(conn, old.task_id, old.lease_token, '"late"')
+            await store.complete_activity(old.task_id, old.lease_token, '"late"', "w1")
         with pytest.raises(StaleLease):
             async with store.transaction() as conn:
                 await store.fail_task(conn, old.task_id, old.lease_token, {"type": "E"})
-        async with store.transaction() as conn:
-            await store.complete_task(conn, new.task_id, new.lease_token, '"on time"')
+        await store.complete_activity(new.task_id, new.lease_token, '"on time"', "w2")
         assert (await store.get_task(new.task_id)).result == '"on time"'
 
 

@@ -311,9 +311,10 @@ class WorkflowService:
         waiting = False
         if run.is_open:
             waiting = not await self.store.worker_serves(run.workflow_type, "workflow")
-            for task in tasks:
-                if task.status == "pending" and not waiting:
-                    waiting = not await self.store.worker_serves(task.type_name, "activity")
+            for type_name in sorted({t.type_name for t in tasks if t.status == "pending"}):
+                if waiting:
+                    break
+                waiting = not await self.store.worker_serves(type_name, "activity")
         parent_wid = ""
         if run.parent_run_id is not None:
             try:

@@ -144,14 +144,6 @@ FOR UPDATE;
 -- One task by id.
 SELECT * FROM durable_task_queue WHERE id = $1;
 
--- name: complete_task
--- Close a claimed task as completed with its result (caller holds the lease row lock).
-UPDATE durable_task_queue
-SET status = 'completed', result = $2::json, claimed_by = NULL, completed_at = now(),
-    updated_at = now()
-WHERE id = $1
-RETURNING *;
-
 -- name: retry_task
 -- Put a failed attempt back in the queue after a delay, keeping its error.
 UPDATE durable_task_queue
@@ -406,11 +398,6 @@ SELECT EXISTS (
     WHERE status = 'active'
       AND (CASE WHEN $2 = 'workflow' THEN $1 = ANY(workflow_types) ELSE $1 = ANY(activity_types) END)
 );
-
--- name: mark_run_signals_processed
--- Mark a run's signals processed once a workflow task that saw them is applied.
-UPDATE durable_signals SET processed_at = now()
-WHERE run_id = $1 AND processed_at IS NULL;
 
 -- name: input_events_after
 -- Whether events that can wake workflow code were appended after sequence $2.

@@ -601,19 +601,6 @@ class Store:
                 raise await self._stale(conn, task_id, lease_token)
             return row["cancel_requested_at"] is not None
 
-    async def complete_task(
-        self, conn: Connection, task_id: uuid.UUID, lease_token: int, result: str
-    ) -> Task:
-        """Complete a claimed task with its result (fenced by the lease).
-
-        Raises:
-            StaleLease: the caller does not hold the task's current lease.
-        """
-        await self.lock_leased(conn, task_id, lease_token)
-        row = await conn.fetchrow(Q["complete_task"], task_id, result)
-        assert row is not None
-        return Task.from_row(row)
-
     async def fail_task(
         self,
         conn: Connection,
@@ -750,10 +737,6 @@ class Store:
     async def worker_serves(self, type_name: str, kind: str) -> bool:
         """Whether an active worker serves this workflow (kind 'workflow') or activity type."""
         return bool(await self.pool.fetchval(Q["worker_serves"], type_name, kind))
-
-    async def mark_run_signals_processed(self, conn: Connection, run_id: uuid.UUID) -> None:
-        """Mark every signal of a run processed."""
-        await conn.execute(Q["mark_run_signals_processed"], run_id)
 
     # ---------------------------------------------------------------- timers
 
