@@ -501,6 +501,107 @@ async def test_cancel_pushes_to_the_holder_and_cancels_pending(database_url: str
             assert types.count("activity_cancelled") == 2  # the pending one and the held one
 
 
+async def test_scheduled_activities_wake_waiting_claimers_at_once(database_url: str) -> None:
+    """Activities a workflow task schedules for other workers (no eager dispatch) wake the
+    claimers already waiting for them by NOTIFY, one after another: each of three one-slot
+    claimers gets one at once, not after the due-scanner's safety-net round (>= 1 s)."""
+
+    async def three(ctx: Any, input: Any) -> Any:
+        return await ctx.gather(*(ctx.start_activity("job", n) for n in range(3)))
+
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            await p.start("three")
+            got: list[tuple[str, float]] = []
+            async with trio.open_nursery() as nursery:
+
+                async def claimer(n: int) -> None:
+                    reply = await p.channel.unary(
+                        p.workers.poll_tasks,
+                        pb.PollTasksRequest(
+                            worker_id=f"c{n}", max_tasks=1, activity_types=["job"], wait_s=10
+                        ),
+                    )
+                    got.extend((t.task_id, trio.current_time()) for t in reply.tasks)
+
+                for n in range(3):
+                    nursery.start_soon(claimer, n)
+                await trio.sleep(0.3)  # all three are waiting (and one found nothing)
+                scheduled = trio.current_time()
+                await p.drive(three, "three")
+            assert len({task_id for task_id, _ in got}) == 3, (got, scheduled)
+            slowest = max(at for _, at in got) - scheduled
+            assert slowest < 0.8, f"the last claimer got its task {slowest:.2f} s later"
+
+
+async def test_a_batch_of_results_is_applied_together_and_refills_the_slots(
+    database_url: str,
+) -> None:
+    """CompleteActivityTasks: results of several runs (two of one run) in one call; each is
+    accepted or refused on its own (a stale lease, a result that is not JSON), each run gets
+    its events in request order with consecutive numbers and one workflow task, and the reply
+    hands the worker the follow-up workflow tasks it serves, then queued tasks, up to
+    max_new_tasks."""
+
+    async def pair(ctx: Any, input: Any) -> Any:
+        return await ctx.gather(ctx.start_activity("job", 1), ctx.start_activity("job", 2))
+
+    async def single(ctx: Any, input: Any) -> Any:
+        return await ctx.execute_activity("job", 3)
+
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            await p.channel.unary(
+                p.workers.register_worker,
+                pb.RegisterWorkerRequest(
+                    worker_id="w1",
+                    workflow_types=["pair", "single"],
+                    activity_types=["job"],
+                    max_concurrency=10,
+                ),
+            )
+            a = await p.start("pair")
+            b = await p.start("single")
+            await p.drive(pair, "pair")
+            (task_b,) = await p.poll(wf=["single"], wait=1)
+            await p.run_workflow_task(task_b, single)
+            c = await p.start("single")  # its workflow task stays queued
+            jobs = await p.poll(act=["job"], wait=1)
+            assert sorted(t.workflow_id for t in jobs) == sorted([a, a, b])
+            by_input = {json.loads(t.input): t for t in jobs}
+            second = by_input[2]
+            results = [
+                pb.ActivityResult(task_id=t.task_id, lease_token=t.lease_token, result=r)
+                for t, r in ((by_input[1], b'"one"'), (by_input[3], b'"three"'), (second, b"x"))
+            ]
+            results.append(  # a lease that is not (or no longer) the task's
+                pb.ActivityResult(
+                    task_id=second.task_id, lease_token=second.lease_token + 1000, result=b"2"
+                )
+            )
+            reply = await p.channel.unary(
+                p.workers.complete_activity_tasks,
+                pb.CompleteActivityTasksRequest(worker_id="w1", results=results, max_new_tasks=3),
+            )
+            assert [o.accepted for o in reply.outcomes] == [True, True, False, False]
+            assert reply.outcomes[2].refused_status == "INVALID_ARGUMENT"
+            assert reply.outcomes[3].refused_status == "FAILED_PRECONDITION"
+            # a's and b's follow-up workflow tasks first (eager), then c's queued one.
+            handed = sorted((t.kind, t.workflow_id) for t in reply.new_tasks)
+            assert handed == sorted([("workflow", a), ("workflow", b), ("workflow", c)])
+            assert all(t.history for t in reply.new_tasks)
+            reply_events = await p.channel.unary(
+                p.workflows.get_history, pb.GetHistoryRequest(workflow_id=a)
+            )
+            events = [(e.sequence_num, e.type) for e in reply_events.events]
+            assert [n for n, _ in events] == list(range(1, len(events) + 1))
+            assert [t for _, t in events][-2:] == ["activity_started", "activity_completed"]
+            assert [t for _, t in events].count("activity_completed") == 1  # the bad one: no
+            # The refused result can still be reported properly under its lease.
+            await p.complete(second, 2)
+            assert (await p.history_types(a)).count("activity_completed") == 2
+
+
 async def test_dropped_worker_connection_releases_its_tasks_at_once(database_url: str) -> None:
     async def single(ctx: Any, input: Any) -> Any:
         return await ctx.execute_activity("job", 1)

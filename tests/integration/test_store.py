@@ -206,7 +206,8 @@ async def test_completed_task_is_not_claimable_again(store: Store) -> None:
         run = await _run(store)
         await _activity(store, run)
         (task,) = await _claim(store, "w1")
-        await store.complete_activity(task.task_id, task.lease_token, '"ok"', "w1")
+        done, _ = await store.complete_activities([(task.task_id, task.lease_token, '"ok"')], "w1")
+        assert list(done) == [task.task_id]
         done = await store.get_task(task.task_id)
         assert done.status == "completed" and done.result == '"ok"'
         assert await _claim(store, "w2") == []
@@ -291,12 +292,13 @@ async def test_stale_lease_refused_on_complete_and_fail(store: Store, pool: Pool
             assert len(await store.reclaim_stale(conn, stale_after=30)) == 1
         (new,) = await _claim(store, "w2")
         assert new.task_id == old.task_id and new.attempt == 2
-        with pytest.raises(StaleLease, match="held by w2"):
-            await store.complete_activity(old.task_id, old.lease_token, '"late"', "w1")
+        done, _ = await store.complete_activities([(old.task_id, old.lease_token, '"late"')], "w1")
+        assert done == {}
+        assert "held by w2" in str(await store.stale_reason(old.task_id, old.lease_token))
         with pytest.raises(StaleLease):
             async with store.transaction() as conn:
                 await store.fail_task(conn, old.task_id, old.lease_token, {"type": "E"})
-        await store.complete_activity(new.task_id, new.lease_token, '"on time"', "w2")
+        await store.complete_activities([(new.task_id, new.lease_token, '"on time"')], "w2")
         assert (await store.get_task(new.task_id)).result == '"on time"'
 
 
@@ -500,11 +502,14 @@ async def test_fast_claim_orders_across_types_and_leaves_unclosed_breakers_alone
             "INSERT INTO durable_circuit_breaker_state (key, state, opened_at) "
             "VALUES ('email', 'open', now())"
         )
-        got = await store.claim_tasks_fast(
+        got, more = await store.claim_tasks_fast(
             "w1", activity_types=["charge", "ship", "email"], limit=2
         )
         assert [t.activity_id for t in got] == ["3", "2"]
-        rest = await store.claim_tasks_fast(
-            "w2", activity_types=["charge", "ship", "email"], limit=10
+        assert more  # "1" is left
+        rest, more = await store.claim_tasks_fast(
+            "w2", activity_types=["charge", "ship", "email"], limit=1
         )
         assert [t.activity_id for t in rest] == ["1"]  # email's breaker is open
+        assert not more  # exactly what was left: nothing claimable remains
+        assert await store.claim_tasks_fast("w3", activity_types=["charge"], limit=1) == ([], False)

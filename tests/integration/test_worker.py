@@ -42,6 +42,7 @@ class FakeControlPlane:
         self.polls: list[int] = []
         self.task_heartbeats: list[Any] = []
         self.completed: dict[str, Any] = {}
+        self.result_batches: list[int] = []  # results per CompleteActivityTasks call
         self.failed: list[Any] = []
         self.workflow_completions: list[Any] = []
         self.workflow_failures: list[Any] = []
@@ -113,6 +114,30 @@ class FakeControlPlane:
         )
         self._poke()
         return pb.CompleteActivityTaskResponse(accepted=True, eager_tasks=eager)
+
+    async def complete_activity_tasks(self, request: Any) -> Any:
+        if self.unavailable_completions > 0:
+            self.unavailable_completions -= 1
+            raise DatabaseUnavailable("the database is restarting")
+        self.result_batches.append(len(request.results))
+        outcomes = []
+        for result in request.results:
+            if result.task_id in self.stale:
+                outcomes.append(
+                    pb.ActivityResultOutcome(
+                        refused_status="FAILED_PRECONDITION",
+                        message=f"task {result.task_id} is held under another lease",
+                    )
+                )
+            else:
+                self.completed[result.task_id] = payload.decode(result.result)
+                outcomes.append(pb.ActivityResultOutcome(accepted=True))
+        handed, self.eager = (
+            self.eager[: request.max_new_tasks],
+            self.eager[request.max_new_tasks :],
+        )
+        self._poke()
+        return pb.CompleteActivityTasksResponse(outcomes=outcomes, new_tasks=handed)
 
     async def fail_activity_task(self, request: Any) -> Any:
         self.failed.append(request)
@@ -238,6 +263,37 @@ async def test_async_and_sync_activities_complete_with_exact_results() -> None:
     registration = fake.registrations[0]
     assert sorted(registration.activity_types) == ["blocking", "double"]
     assert registration.worker_id == "test-worker" and registration.max_concurrency == 10
+
+
+async def test_results_ready_together_are_reported_in_one_call_and_refill_the_slots() -> None:
+    """Group commit: activities that finish while a report is in flight go out together in
+    the next call; the tasks the reply hands back run in the slots the finished ones freed."""
+    reg = Registry()
+    release = trio.Event()
+
+    @activity(registry=reg)
+    async def gated(ctx: ActivityContext, n: int) -> int:
+        if n > 0:
+            await release.wait()
+        return n
+
+    fake = FakeControlPlane()
+    with trio.fail_after(10):
+        async with fake_control_plane(fake) as port, running(make_worker(reg, port)):
+            first, rest = activity_task("gated", 0), [activity_task("gated", n) for n in (1, 2, 3)]
+            fake.push(*rest)
+            await fake.wait_for(lambda: not fake.pending)
+            await trio.sleep(0.1)  # the three are running, waiting for the release
+            follow_up = [activity_task("gated", 0) for _ in range(2)]
+            fake.eager = list(follow_up)
+            release.set()
+            fake.push(first)
+            await fake.wait_for(lambda: len(fake.completed) == 6)
+    assert sum(fake.result_batches) == 6
+    assert len(fake.result_batches) < 6, fake.result_batches  # some shared a call
+    assert max(fake.result_batches) >= 2
+    assert {fake.completed[t.task_id] for t in rest} == {1, 2, 3}
+    assert all(fake.completed[t.task_id] == 0 for t in follow_up)
 
 
 async def test_failures_are_reported_with_type_traceback_and_retryability() -> None:

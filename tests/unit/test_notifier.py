@@ -3,10 +3,14 @@ wake-up that a claimer cannot use is passed on, never lost."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from everruns.server.notifier import Notifier
+from everruns.server.notifier import QUIET_FOR, Notifier
 
 
 async def test_a_notification_wakes_only_the_longest_waiting_claimer_of_its_key() -> None:
@@ -60,3 +64,169 @@ async def test_a_wake_up_the_claimer_could_not_use_is_passed_on() -> None:
         notifier.poke_key("workflow:w")
     assert woken == ["first", "second"]
     assert notifier._claimers == {}
+
+
+# ------------------------------------------------------------------------------ claim hints
+
+
+async def test_claimers_of_a_quiet_key_wait_instead_of_querying() -> None:
+    notifier = Notifier()
+    keys = ["activity:a", "workflow:w"]
+    assert notifier.claim_needed(keys)
+    stamps = notifier.claim_started(keys)
+    # While that claim runs, another claimer of the same keys (or fewer) needs no query...
+    assert not notifier.claim_needed(keys)
+    assert not notifier.claim_needed(["activity:a"])
+    # ...but one that also claims another key does.
+    assert notifier.claim_needed(["activity:a", "activity:b"])
+    notifier.claim_ended(stamps, drained=True)
+    assert not notifier.claim_needed(keys)
+    notifier.poke_key("workflow:w")  # a new task of one key: claimers of it query again
+    assert notifier.claim_needed(keys)
+    assert not notifier.claim_needed(["activity:a"])
+    notifier.poke_tasks()  # everything may have changed
+    assert notifier.claim_needed(["activity:a"])
+
+
+async def test_a_poke_during_a_claim_is_not_hidden_by_its_empty_result() -> None:
+    notifier = Notifier()
+    stamps = notifier.claim_started(["activity:a"])
+    notifier.poke_key("activity:a")  # committed after the claim's snapshot
+    notifier.claim_ended(stamps, drained=True)
+    assert notifier.claim_needed(["activity:a"])
+
+
+async def test_the_quiet_hint_lapses() -> None:
+    clock = trio.testing.MockClock()
+    notifier = Notifier()
+
+    async def main() -> None:
+        notifier.claim_ended(notifier.claim_started(["activity:a"]), drained=True)
+        assert not notifier.claim_needed(["activity:a"])
+        clock.jump(QUIET_FOR + 0.01)
+        assert notifier.claim_needed(["activity:a"])
+
+    await trio.to_thread.run_sync(lambda: trio.run(main, clock=clock))
+
+
+async def test_a_claim_that_filled_its_slots_or_failed_wakes_a_skipped_claimer() -> None:
+    notifier = Notifier()
+    woken: list[str] = []
+
+    async def skipped() -> None:
+        with notifier.claim_interest(["activity:a"]) as interest:
+            assert not notifier.claim_needed(["activity:a"])  # it waits for a wake-up
+            await interest.event.wait()
+            woken.append("skipped")
+            interest.claimed = True
+
+    for round_ in range(2):
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                stamps = notifier.claim_started(["activity:a"])
+                nursery.start_soon(skipped)
+                await trio.testing.wait_all_tasks_blocked()
+                notifier.claim_ended(stamps, drained=False)
+        assert woken == ["skipped"] * (round_ + 1)
+        assert notifier.claim_needed(["activity:a"])
+
+
+_KEYS = ["activity:a", "activity:b", "workflow:w"]
+_key_sets = st.lists(st.sampled_from(_KEYS), min_size=1, max_size=3, unique=True)
+_operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("start"), _key_sets),
+        st.tuples(st.just("end"), st.integers(0, 5), st.booleans()),
+        st.tuples(st.just("poke"), st.sampled_from(_KEYS)),
+        st.tuples(st.just("poke_all")),
+        st.tuples(st.just("check"), _key_sets),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(operations=_operations)
+def test_a_key_is_quiet_only_if_a_claim_of_it_began_after_its_last_wake_up(
+    operations: list[tuple[Any, ...]],
+) -> None:
+    """The safety property of the hints, against a model (time stands still here): a claimer
+    skips its query only if, for every key it claims, a claim of that key began after the
+    key's last wake-up and has not handed its keys back (filled its slots, failed)."""
+
+    async def main() -> None:
+        notifier = Notifier()
+        last_poke = dict.fromkeys(_KEYS, -1)
+        running: list[tuple[list[tuple[str, tuple[int, int]]], list[str], int]] = []
+        covering: dict[str, set[int]] = {k: set() for k in _KEYS}  # claim start times
+        for clock, op in enumerate(operations, start=1):
+            if op[0] == "start":
+                running.append((notifier.claim_started(op[1]), op[1], clock))
+                for key in op[1]:
+                    covering[key].add(clock)
+            elif op[0] == "end" and running:
+                stamps, keys, began = running.pop(op[1] % len(running))
+                notifier.claim_ended(stamps, drained=op[2])
+                if not op[2]:
+                    for key in keys:
+                        covering[key].discard(began)
+                        if began > last_poke[key]:
+                            last_poke[key] = clock  # it passes the wake-up on
+            elif op[0] == "poke":
+                notifier.poke_key(op[1])
+                last_poke[op[1]] = clock
+            elif op[0] == "poke_all":
+                notifier.poke_tasks()
+                last_poke = dict.fromkeys(_KEYS, clock)
+            elif op[0] == "check" and not notifier.claim_needed(op[1]):
+                for key in op[1]:
+                    assert any(began > last_poke[key] for began in covering[key]), (key, op)
+
+    trio.run(main)
+
+
+async def test_a_full_claim_passes_the_wake_up_to_another_claimer_not_itself() -> None:
+    notifier = Notifier()
+    woken: list[str] = []
+
+    async def other() -> None:
+        with notifier.claim_interest(["activity:a"]) as interest:
+            await interest.event.wait()
+            woken.append("other")
+            interest.claimed = True
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            with notifier.claim_interest(["activity:a"]) as mine:  # waiting longest
+                nursery.start_soon(other)
+                await trio.testing.wait_all_tasks_blocked()
+                stamps = notifier.claim_started(mine.keys)
+                notifier.claim_ended(stamps, drained=False, claimer=mine)
+                assert not mine.event.is_set()
+                mine.claimed = True
+    assert woken == ["other"]
+
+
+async def test_n_new_tasks_wake_n_claimers_to_claim_side_by_side() -> None:
+    notifier = Notifier()
+    woken: list[int] = []
+
+    async def claimer(n: int) -> None:
+        with notifier.claim_interest(["activity:a"]) as interest:
+            await interest.event.wait()
+            woken.append(n)
+            interest.claimed = True
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            for n in range(5):
+                nursery.start_soon(claimer, n)
+                await trio.testing.wait_all_tasks_blocked()
+            notifier._dispatch("everruns_tasks", "activity:a\t3")  # as insert_activities says
+            await trio.testing.wait_all_tasks_blocked()
+            assert sorted(woken) == [0, 1, 2]
+            notifier._dispatch("everruns_tasks", "activity:a")  # one task: one claimer
+            await trio.testing.wait_all_tasks_blocked()
+            assert sorted(woken) == [0, 1, 2, 3]
+            notifier._dispatch("everruns_tasks", "activity:a\t9")  # more tasks than claimers
+    assert sorted(woken) == [0, 1, 2, 3, 4]

@@ -32,6 +32,7 @@ WORKER_METHODS = {
     "complete_workflow_task",
     "fail_workflow_task",
     "complete_activity_task",
+    "complete_activity_tasks",
     "fail_activity_task",
     "stream_cancellations",
 }

@@ -50,6 +50,7 @@ __all__ = [
     "RpcChannel",
     "client_tls",
     "client_tls_from_env",
+    "error_for_status",
     "open_channel",
     "serve_services",
     "server_tls",
@@ -245,17 +246,26 @@ async def serve_services(
             await trio_asyncio.aio_as_trio(server.wait_closed)()
 
 
+def _error_for(status: Status, message: str, what: str) -> EverrunsError:
+    if status is Status.UNAVAILABLE:
+        return ServerUnavailable(f"{what}: control plane unavailable: {message}")
+    if status is Status.UNAUTHENTICATED:
+        return RpcError(message, status=status.name)
+    kind = _ERROR_OF.get(status)
+    if kind is not None:
+        return kind(message)
+    return RpcError(f"{what}: {status.name}: {message}", status=status.name)
+
+
+def error_for_status(status_name: str, message: str, what: str) -> EverrunsError:
+    """The everruns error for a gRPC status named in a reply (a refused item of a batch)."""
+    status = Status.__members__.get(status_name, Status.UNKNOWN)
+    return _error_for(status, message or status.name, what)
+
+
 def _to_everruns_error(exc: BaseException, what: str) -> EverrunsError:
     if isinstance(exc, grpclib.exceptions.GRPCError):
-        message = exc.message or exc.status.name
-        if exc.status is Status.UNAVAILABLE:
-            return ServerUnavailable(f"{what}: control plane unavailable: {message}")
-        if exc.status is Status.UNAUTHENTICATED:
-            return RpcError(message, status=exc.status.name)
-        kind = _ERROR_OF.get(exc.status)
-        if kind is not None:
-            return kind(message)
-        return RpcError(f"{what}: {exc.status.name}: {message}", status=exc.status.name)
+        return _error_for(exc.status, exc.message or exc.status.name, what)
     if isinstance(exc, (OSError, grpclib.exceptions.StreamTerminatedError)):
         return ServerUnavailable(f"{what}: control plane unreachable: {exc}")
     return RpcError(f"{what}: {type(exc).__name__}: {exc}")

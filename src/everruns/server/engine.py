@@ -37,12 +37,13 @@ from everruns.domain.lease import timeout_kind
 from everruns.domain.payload import decode, encode_text
 from everruns.domain.retry import RetryPolicy
 from everruns.errors import (
+    EverrunsError,
     FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
 )
 from everruns.server.config import ServerConfig
-from everruns.server.notifier import Notifier
+from everruns.server.notifier import Notifier, TaskInterest
 from everruns.store.models import StoredEvent, Task, WorkflowRun
 from everruns.store.store import NewEvent, NewTask, Store
 
@@ -295,21 +296,49 @@ class Engine:
         """
         if max_tasks <= 0:
             return []
-        keys = [f"workflow:{t}" for t in workflow_types] + [f"activity:{t}" for t in activity_types]
+        keys = _claim_keys(workflow_types, activity_types)
         with self.notifier.claim_interest(keys) as interest, trio.move_on_after(max(0.0, wait_s)):
+            woken = False
             while True:
-                claimed = await self._claim(worker_id, workflow_types, activity_types, max_tasks)
+                claimed = await self._claim_unless_quiet(
+                    interest, worker_id, workflow_types, activity_types, max_tasks, woken=woken
+                )
                 if claimed:
                     interest.claimed = True
-                    if len(claimed) == max_tasks:
-                        # We took all we could: there may be more; wake the next claimer.
-                        for key in {f"{c.task.kind}:{c.task.type_name}" for c in claimed}:
-                            self.notifier.poke_key(key)
                     return claimed
                 if not interest.event.is_set():  # not poked while we were claiming
                     await interest.event.wait()
+                woken = interest.woken_by is not None
                 interest.rearm()
         return []
+
+    async def _claim_unless_quiet(
+        self,
+        interest: TaskInterest | None,
+        worker_id: str,
+        workflow_types: Sequence[str],
+        activity_types: Sequence[str],
+        limit: int,
+        *,
+        woken: bool,
+    ) -> list[ClaimedTask]:
+        """Claim, unless a running or recent claim of the same keys makes it pointless (a
+        claimer woken for a new task always claims: several are woken for several tasks).
+
+        A claim that left claimable tasks behind wakes the next claimer of each key (not
+        itself), which claims in turn.
+        """
+        keys = _claim_keys(workflow_types, activity_types)
+        if not woken and not self.notifier.claim_needed(keys):
+            return []
+        stamps = self.notifier.claim_started(keys)
+        drained = False
+        try:
+            claimed, more = await self._claim(worker_id, workflow_types, activity_types, limit)
+            drained = not more
+        finally:
+            self.notifier.claim_ended(stamps, drained=drained, claimer=interest)
+        return claimed
 
     async def _claim(
         self,
@@ -317,7 +346,8 @@ class Engine:
         workflow_types: Sequence[str],
         activity_types: Sequence[str],
         limit: int,
-    ) -> list[ClaimedTask]:
+    ) -> tuple[list[ClaimedTask], bool]:
+        """Claim up to ``limit`` tasks; also returns whether claimable tasks may be left."""
         if activity_types and await self._breakers_may_be_unclosed():
             async with self.store.transaction() as conn:
                 blocked, probes = await self.store.admit_breakers(conn, self.breakers)
@@ -328,12 +358,19 @@ class Engine:
                 limit=limit,
                 blocked_keys=blocked,
             )
+            more = len(tasks) == limit  # this claim cannot tell: assume so
             if probes:
                 tasks = await self._admit_probes(tasks, probes)
         else:
-            tasks = await self.store.claim_tasks_fast(
+            tasks, more = await self.store.claim_tasks_fast(
                 worker_id, workflow_types=workflow_types, activity_types=activity_types, limit=limit
             )
+        return await self._hand_out(tasks), more
+
+    async def _hand_out(self, tasks: Sequence[Task]) -> list[ClaimedTask]:
+        """What a worker gets for tasks claimed for it: activities as they are, workflow tasks
+        with their run's history (their run marked running; those of runs that ended
+        meanwhile are closed and left out)."""
         for task in tasks:
             if task.kind == "activity":
                 self.notifier.deadline_added(
@@ -624,43 +661,80 @@ class Engine:
         worker_id: str,
         result: str,
         *,
-        eager_workflow_types: frozenset[str] | None = None,
+        max_eager: int = 0,
     ) -> list[ClaimedTask]:
-        """Record an activity's result and wake its workflow, in one statement.
+        """Record an activity's result and wake its workflow (`complete_activities` for one
+        result; only the follow-up workflow task is handed back, with ``max_eager`` >= 1).
 
-        With ``eager_workflow_types`` (the completing worker offers a slot and serves these
-        workflow types), the follow-up workflow task is handed to that worker in the reply.
+        Raises:
+            StaleLease: the caller does not hold the task's lease.
+            InvalidArgument, ResourceExhausted: the result is not acceptable.
+        """
+        (verdict,), handed = await self.complete_activities(
+            worker_id,
+            [(task_id, lease_token, result)],
+            max_new_tasks=min(max_eager, 1),
+            claim_queued=False,
+        )
+        if verdict is not None:
+            raise verdict
+        return handed
+
+    async def complete_activities(
+        self,
+        worker_id: str,
+        results: Sequence[tuple[uuid.UUID, int, str]],
+        *,
+        max_new_tasks: int = 0,
+        claim_queued: bool = True,
+    ) -> tuple[list[EverrunsError | None], list[ClaimedTask]]:
+        """Record several activities' results in one statement (group commit), then claim up
+        to ``max_new_tasks`` tasks for the worker: the follow-up workflow tasks first (eager
+        dispatch), then (``claim_queued``) visible tasks of the types it serves, without
+        waiting. A requeued dead letter's result stays on its task row only: its workflow has
+        moved on.
+
+        ``results`` are ``(task_id, lease_token, result_json)``; each is checked and accepted
+        or refused on its own.
 
         Returns:
-            The eager workflow task, if one was handed out.
+            Per result, in order: None when recorded, else why it was refused (the error the
+            single call would raise); and the tasks claimed for the worker.
         """
-        self.check_payload(result, "activity result")
-        eager_for = worker_id if eager_workflow_types else None
-        # One statement: the result, the two events and the workflow task (a requeued dead
-        # letter's result stays on its task row only: its workflow has moved on).
-        breaker_key, eager_task = await self.store.complete_activity(
-            task_id, lease_token, result, worker_id, eager_for=eager_for
+        verdicts: list[EverrunsError | None] = [None] * len(results)
+        valid = []
+        for n, (task_id, lease_token, result) in enumerate(results):
+            try:
+                self.check_payload(result, "activity result")
+            except EverrunsError as exc:
+                verdicts[n] = exc
+            else:
+                valid.append((n, (task_id, lease_token, result)))
+        activity_types, workflow_types = await self._served_by(worker_id)
+        done, eager_ids = await self.store.complete_activities(
+            [result for _, result in valid],
+            worker_id,
+            eager_types=sorted(workflow_types),
+            max_eager=max(0, max_new_tasks),
         )
-        if breaker_key is not None:
+        taken: set[uuid.UUID] = set()
+        for n, (task_id, lease_token, _) in valid:
+            if task_id in done and task_id not in taken:
+                taken.add(task_id)  # a task twice in one call: one result counts, once
+            else:
+                verdicts[n] = await self.store.stale_reason(task_id, lease_token)
+        for breaker_key in {key for key in done.values() if key is not None}:
             async with self.store.transaction() as conn:
                 await self.store.record_breaker_success_if_tracked(
                     conn, breaker_key, config=self.breakers
                 )
-        if eager_task is None:
-            return []
-        task = await self.store.get_task(eager_task)
-        if eager_workflow_types is not None and task.type_name not in eager_workflow_types:
-            # The worker does not serve this workflow: give the task back to the queue.
-            async with self.store.transaction() as conn:
-                await self.store.unclaim(conn, task)
-            return []
-        still_open = await self.store.start_runs([task.run_id])
-        if task.run_id not in still_open:
-            await self.store.close_workflow_tasks([task.task_id])
-            return []
-        history = (await self.store.load_histories([task.run_id]))[task.run_id]
-        assert task.claimed_at is not None
-        return [ClaimedTask(task, task.type_name, history, task.claimed_at)]
+        handed = await self._hand_out(await self.store.get_tasks(eager_ids))
+        room = max_new_tasks - len(eager_ids)
+        if claim_queued and room > 0 and (activity_types or workflow_types):
+            handed += await self._claim_unless_quiet(
+                None, worker_id, sorted(workflow_types), sorted(activity_types), room, woken=False
+            )
+        return verdicts, handed
 
     async def fail_activity(
         self,
@@ -849,6 +923,11 @@ class Engine:
             fired += len(due)
             if len(due) < 200:
                 return fired
+
+
+def _claim_keys(workflow_types: Sequence[str], activity_types: Sequence[str]) -> list[str]:
+    """The notifier keys of the task types a claimer serves."""
+    return [f"workflow:{t}" for t in workflow_types] + [f"activity:{t}" for t in activity_types]
 
 
 def _earliest(*seconds: float | None) -> float | None:

@@ -26,6 +26,10 @@ log = logging.getLogger("everruns.server")
 
 CancelNotice = tuple[str, int]  # (task_id, lease_token)
 
+QUIET_FOR = 1.0
+"""Seconds a claim that found nothing (for keys nobody has poked since) spares later claimers
+of the same keys their own query: they wait for a wake-up instead."""
+
 
 class TaskInterest:
     """One waiting claimer: the keys it claims and the event that wakes it."""
@@ -50,6 +54,12 @@ class Notifier:
     def __init__(self) -> None:
         # Waiting claimers, by task key ("activity:TYPE" / "workflow:TYPE"), oldest first.
         self._claimers: dict[str, dict[TaskInterest, None]] = {}
+        # Claim hints: every wake-up of a key bumps its generation (a wake-up of all keys
+        # bumps the epoch); a key is quiet while a claim that began at its current
+        # (epoch, generation) is running or found nothing, for at most QUIET_FOR seconds.
+        self._generation: dict[str, int] = {}
+        self._epoch = 0
+        self._quiet: dict[str, tuple[int, int, float]] = {}
         self._runs: dict[str, list[Any]] = {}  # run id -> [event, waiters]
         self._cancels: dict[str, set[trio.MemorySendChannel[CancelNotice]]] = {}
         self._due = trio.Event()
@@ -87,16 +97,72 @@ class Notifier:
                 if not waiting:
                     del self._claimers[key]
 
-    def poke_key(self, key: str) -> None:
-        """Wake the claimer of ``key`` that has waited longest."""
+    # A thousand idle workers long-polling the same type must not each run a claim query
+    # that is bound to find nothing (they arrive together after a restart, and re-poll every
+    # long-poll budget): once a claim for some keys is running or has found nothing, and
+    # nothing has poked those keys since, another claimer of them waits for a wake-up
+    # instead. A claim that fails or is cancelled passes the wake-up on, and the hint lapses
+    # after QUIET_FOR seconds, so a hint can delay a claim, never lose one.
+
+    def _stamp(self, key: str) -> tuple[int, int]:
+        return self._epoch, self._generation.get(key, 0)
+
+    def claim_needed(self, keys: Iterable[str]) -> bool:
+        """Whether a claim for ``keys`` could find something no running or recent claim of
+        them will find."""
+        now = trio.current_time()
+        for key in keys:
+            quiet = self._quiet.get(key)
+            if quiet is None or quiet[:2] != self._stamp(key) or now - quiet[2] > QUIET_FOR:
+                return True
+        return False
+
+    def claim_started(self, keys: Iterable[str]) -> list[tuple[str, tuple[int, int]]]:
+        """Mark ``keys`` quiet while a claim of them runs; returns what `claim_ended` needs."""
+        now = trio.current_time()
+        stamps = [(key, self._stamp(key)) for key in keys]
+        for key, stamp in stamps:
+            self._quiet[key] = (*stamp, now)
+        return stamps
+
+    def claim_ended(
+        self,
+        stamps: list[tuple[str, tuple[int, int]]],
+        *,
+        drained: bool,
+        claimer: TaskInterest | None = None,
+    ) -> None:
+        """A claim marked with `claim_started` finished. One that took less than it asked for
+        (``drained``) leaves its keys quiet (a poke meanwhile has already undone that); one
+        that took all it asked for, failed or was cancelled wakes the next claimer of each
+        key other than ``claimer`` itself, which claims in its place."""
+        if drained:
+            now = trio.current_time()
+            for key, stamp in stamps:
+                if self._stamp(key) == stamp:
+                    self._quiet[key] = (*stamp, now)
+            return
+        for key, stamp in stamps:
+            if self._stamp(key) == stamp:
+                self.poke_key(key, skip=claimer)
+
+    def poke_key(self, key: str, *, count: int = 1, skip: TaskInterest | None = None) -> None:
+        """Wake the ``count`` claimers of ``key`` that have waited longest (other than
+        ``skip``): as many as there are new tasks, so that they claim side by side."""
+        self._generation[key] = self._generation.get(key, 0) + 1
+        self._quiet.pop(key, None)
         for interest in self._claimers.get(key, {}):
-            if not interest.event.is_set():
+            if count <= 0:
+                return
+            if interest is not skip and not interest.event.is_set():
                 interest.woken_by = key
                 interest.event.set()
-                return
+                count -= 1
 
     def poke_tasks(self) -> None:
         """Wake every waiting claimer (after a reconnect: anything may have changed)."""
+        self._epoch += 1
+        self._quiet.clear()
         for waiting in list(self._claimers.values()):
             for interest in waiting:
                 if not interest.event.is_set():
@@ -181,7 +247,9 @@ class Notifier:
             if payload == "*":
                 self.poke_tasks()
             else:
-                self.poke_key(payload)
+                # "kind:type", or "kind:type<TAB>n" when n tasks of it were added at once.
+                key, _, count = payload.partition("\t")
+                self.poke_key(key, count=int(count) if count.isdigit() else 1)
         elif channel == CHANNEL_RUNS:
             self.run_changed(payload)
         elif channel == CHANNEL_TIMERS:

@@ -18,8 +18,9 @@ from typing import Any
 
 import trio
 
+from everruns._aio.grpc import status_for
 from everruns._proto.everruns import v1 as pb
-from everruns.errors import InvalidArgument, NotFound
+from everruns.errors import EverrunsError, InvalidArgument, NotFound
 from everruns.server.engine import (
     ClaimedTask,
     Engine,
@@ -36,6 +37,7 @@ log = logging.getLogger("everruns.server")
 
 HEARTBEAT_INTERVAL = 10.0
 _MAX_POLL_WAIT = 60.0
+_MAX_BATCH = 1000  # results per CompleteActivityTasks call, and tasks claimed by one
 _CANCEL_KEEPALIVE = 15.0
 
 
@@ -210,17 +212,56 @@ class WorkerService:
     async def complete_activity_task(
         self, request: pb.CompleteActivityTaskRequest
     ) -> pb.CompleteActivityTaskResponse:
-        eager_types = None
-        if request.max_eager_tasks > 0:
-            eager_types = await self.engine.workflow_types_of(request.worker_id)
         eager = await self.engine.complete_activity(
             parse_task_id(request.task_id),
             _lease(request.lease_token),
             request.worker_id,
             _text(request.result, "result"),
-            eager_workflow_types=eager_types or None,
+            max_eager=max(0, request.max_eager_tasks),
         )
         return pb.CompleteActivityTaskResponse(accepted=True, eager_tasks=[_task(c) for c in eager])
+
+    async def complete_activity_tasks(
+        self, request: pb.CompleteActivityTasksRequest
+    ) -> pb.CompleteActivityTasksResponse:
+        check_name(request.worker_id, "worker_id")
+        if len(request.results) > _MAX_BATCH:
+            raise InvalidArgument(
+                f"at most {_MAX_BATCH} results per call, got {len(request.results)}"
+            )
+        refused: dict[int, EverrunsError] = {}
+        results = []
+        for n, item in enumerate(request.results):
+            try:
+                parsed = (
+                    parse_task_id(item.task_id),
+                    _lease(item.lease_token),
+                    _text(item.result, "result"),
+                )
+            except EverrunsError as exc:
+                refused[n] = exc
+            else:
+                results.append((n, parsed))
+        verdicts, claimed = await self.engine.complete_activities(
+            request.worker_id,
+            [parsed for _, parsed in results],
+            max_new_tasks=min(max(0, request.max_new_tasks), _MAX_BATCH),
+        )
+        for (n, _), verdict in zip(results, verdicts, strict=True):
+            if verdict is not None:
+                refused[n] = verdict
+        outcomes = []
+        for n in range(len(request.results)):
+            why = refused.get(n)
+            if why is None:
+                outcomes.append(pb.ActivityResultOutcome(accepted=True))
+            else:
+                outcomes.append(
+                    pb.ActivityResultOutcome(refused_status=status_for(why).name, message=str(why))
+                )
+        return pb.CompleteActivityTasksResponse(
+            outcomes=outcomes, new_tasks=[_task(c) for c in claimed]
+        )
 
     async def fail_activity_task(
         self, request: pb.FailActivityTaskRequest

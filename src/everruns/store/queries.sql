@@ -140,6 +140,10 @@ SELECT * FROM durable_task_queue
 WHERE id = $1 AND lease_token = $2 AND status = 'claimed'
 FOR UPDATE;
 
+-- name: get_tasks
+-- Several tasks by id.
+SELECT * FROM durable_task_queue WHERE id = ANY($1::uuid[]);
+
 -- name: get_task
 -- One task by id.
 SELECT * FROM durable_task_queue WHERE id = $1;
@@ -468,76 +472,96 @@ SELECT * FROM durable_workflow_instances
 WHERE parent_run_id = $1 AND status IN ('pending', 'running')
 ORDER BY created_at;
 
--- name: complete_activity
--- Complete a claimed activity under its lease and, if its run is open (and the task is not a
--- requeued dead letter), append activity_started + activity_completed and make sure a workflow
--- task is pending: one statement, one round trip. The result JSON ($3) is embedded verbatim.
--- With $5 (a worker serving the workflow type), the workflow task is handed straight to that
--- worker when no other workflow task of the run is out (eager dispatch; no NOTIFY then).
--- Returns whether the lease held, the eager workflow task's id and lease, and the task's
--- breaker key when that breaker is not closed (the caller then records the success).
-WITH task AS (
-    UPDATE durable_task_queue
-    SET status = 'completed', result = $3::json, claimed_by = NULL, completed_at = now(),
-        updated_at = now()
-    WHERE id = $1 AND lease_token = $2 AND status = 'claimed'
-    RETURNING run_id, activity_id, attempt, coalesce(breaker_key, activity_type) AS bkey,
-              requeue_count
+-- name: complete_activities
+-- Complete claimed activities under their leases and, for each one whose run is open (and that
+-- is not a requeued dead letter), append activity_started + activity_completed and make sure a
+-- workflow task is pending: one statement and one WAL flush for them all. Parallel arrays $1 task ids, $2 lease tokens, $3 results (JSON text), $4 worker id. Tasks of
+-- one run get consecutive event numbers in request order; each run reserves its numbers once
+-- and gets one workflow task. With $5 (workflow types the completing worker serves) and $6 (how
+-- many it can take), workflow tasks of those types are handed straight to worker $4 when no
+-- other workflow task of the run is out. Returns one row per completed request (ok: the lease
+-- held) with its breaker key when that breaker is not closed, then one row per eager workflow
+-- task (eager_task).
+WITH req AS (
+    SELECT * FROM unnest($1::uuid[], $2::int8[], $3::text[]) WITH ORDINALITY AS r(id, lease, result, ord)
+), task AS (
+    UPDATE durable_task_queue t
+    SET status = 'completed', result = req.result::json, claimed_by = NULL,
+        completed_at = now(), updated_at = now()
+    FROM req
+    WHERE t.id = req.id AND t.lease_token = req.lease AND t.status = 'claimed'
+    RETURNING t.id, t.run_id, t.activity_id, t.attempt, t.requeue_count, req.ord, req.result,
+              coalesce(t.breaker_key, t.activity_type) AS bkey
+), per_run AS (
+    SELECT run_id, count(*) AS n FROM task WHERE requeue_count = 0 GROUP BY run_id
 ), run AS (
     UPDATE durable_workflow_instances r
-    SET last_sequence_num = r.last_sequence_num + 2, updated_at = now()
-    FROM task
-    WHERE r.id = task.run_id AND r.status IN ('pending', 'running') AND task.requeue_count = 0
-    RETURNING r.id, r.workflow_id, r.workflow_type, r.last_sequence_num AS last
+    SET last_sequence_num = r.last_sequence_num + 2 * per_run.n, updated_at = now()
+    FROM per_run
+    WHERE r.id = per_run.run_id AND r.status IN ('pending', 'running')
+    RETURNING r.id, r.workflow_id, r.workflow_type, r.last_sequence_num - 2 * per_run.n AS base
+), numbered AS (
+    SELECT task.*, run.workflow_id,
+           run.base + 2 * row_number() OVER (PARTITION BY task.run_id ORDER BY task.ord) AS seq
+    FROM task JOIN run ON run.id = task.run_id
+    WHERE task.requeue_count = 0
 ), events AS (
     INSERT INTO durable_workflow_events (run_id, workflow_id, sequence_num, event_type, payload)
-    SELECT run.id, run.workflow_id, run.last - 1, 'activity_started',
-           json_build_object('type', 'activity_started', 'activity_id', task.activity_id,
-                             'attempt', task.attempt, 'worker_id', $4::text)
-    FROM run, task
+    SELECT run_id, workflow_id, seq - 1, 'activity_started',
+           json_build_object('type', 'activity_started', 'activity_id', activity_id,
+                             'attempt', attempt, 'worker_id', $4::text)
+    FROM numbered
     UNION ALL
-    SELECT run.id, run.workflow_id, run.last, 'activity_completed',
-           json_build_object('type', 'activity_completed', 'activity_id', task.activity_id,
-                             'attempt', task.attempt, 'result', $3::json)
-    FROM run, task
+    SELECT run_id, workflow_id, seq, 'activity_completed',
+           json_build_object('type', 'activity_completed', 'activity_id', activity_id,
+                             'attempt', attempt, 'result', result::json)
+    FROM numbered
+), offer AS (
+    SELECT run.*, e.eager AND row_number() OVER (ORDER BY e.eager DESC, run.id) <= $6 AS eager
+    FROM run, LATERAL (
+        SELECT run.workflow_type = ANY($5::text[]) AND NOT EXISTS (
+            SELECT 1 FROM durable_task_queue w
+            WHERE w.run_id = run.id AND w.kind = 'workflow' AND w.status IN ('pending', 'claimed')
+        ) AS eager) e
 ), wft AS (
     INSERT INTO durable_task_queue (id, run_id, workflow_id, kind, activity_type, max_attempts,
                                     partition_key, status, claimed_by, claimed_at, heartbeat_at,
                                     attempt, lease_token)
-    SELECT gen_random_uuid(), run.id, run.workflow_id, 'workflow', run.workflow_type,
-           2147483647, run.workflow_id,
-           CASE WHEN e.eager THEN 'claimed' ELSE 'pending' END,
-           CASE WHEN e.eager THEN $5 END,
-           CASE WHEN e.eager THEN now() END,
-           CASE WHEN e.eager THEN now() END,
-           CASE WHEN e.eager THEN 1 ELSE 0 END,
-           CASE WHEN e.eager THEN nextval('durable_lease_tokens') END
-    FROM run, LATERAL (
-        SELECT $5::text IS NOT NULL AND NOT EXISTS (
-            SELECT 1 FROM durable_task_queue w
-            WHERE w.run_id = run.id AND w.kind = 'workflow' AND w.status IN ('pending', 'claimed')
-        ) AS eager) e
+    SELECT gen_random_uuid(), offer.id, offer.workflow_id, 'workflow', offer.workflow_type,
+           2147483647, offer.workflow_id,
+           CASE WHEN offer.eager THEN 'claimed' ELSE 'pending' END,
+           CASE WHEN offer.eager THEN $4 END,
+           CASE WHEN offer.eager THEN now() END,
+           CASE WHEN offer.eager THEN now() END,
+           CASE WHEN offer.eager THEN 1 ELSE 0 END,
+           CASE WHEN offer.eager THEN nextval('durable_lease_tokens') END
+    FROM offer
     ON CONFLICT (run_id) WHERE kind = 'workflow' AND status = 'pending' DO NOTHING
-    RETURNING id, status, activity_type, lease_token
+    RETURNING id, status, activity_type
+), woke AS (
+    SELECT count(*) AS n FROM (
+        SELECT pg_notify('everruns_tasks', 'workflow:' || t || E'\t' || n)
+        FROM (SELECT activity_type AS t, count(*) AS n FROM wft WHERE status = 'pending'
+              GROUP BY activity_type) d) x
 )
-SELECT (SELECT count(*) FROM task) AS completed,
-       (SELECT count(*) FROM (SELECT pg_notify('everruns_tasks', 'workflow:' || activity_type)
-                              FROM wft WHERE status = 'pending') n) AS woke,
-       (SELECT id FROM wft WHERE status = 'claimed') AS eager_task,
-       (SELECT b.key FROM durable_circuit_breaker_state b JOIN task ON b.key = task.bkey
-        WHERE b.state <> 'closed') AS breaker;
+SELECT task.id AS task_id, b.key AS breaker, NULL::uuid AS eager_task
+FROM task LEFT JOIN durable_circuit_breaker_state b ON b.key = task.bkey AND b.state <> 'closed'
+WHERE (SELECT n FROM woke) IS NOT NULL
+UNION ALL
+SELECT NULL, NULL, wft.id FROM wft WHERE wft.status = 'claimed';
 
 -- name: claim_tasks_fast
 -- The claim of claim_tasks when no breaker is known to be open or half-open here (tasks of a
 -- breaker that is not closed are still left alone, checked per row by primary key). One ordered
 -- scan of the claim index per (kind, type) key, each stopping at the limit, instead of one scan
--- of every pending row of all the types.
+-- of every pending row of all the types. It looks at one row more than it claims: more_pending
+-- says whether claimable tasks were left behind (the caller then wakes another claimer).
 WITH keys AS (
     SELECT 'workflow' AS kind, t AS type FROM unnest($2::text[]) AS t
     UNION ALL
     SELECT 'activity', t FROM unnest($3::text[]) AS t
 ), picked AS (
-    SELECT c.id FROM keys, LATERAL (
+    SELECT c.id, c.priority, c.visible_at FROM keys, LATERAL (
         SELECT t.id, t.priority, t.visible_at FROM durable_task_queue t
         WHERE t.status = 'pending' AND t.kind = keys.kind AND t.activity_type = keys.type
           AND t.visible_at <= now()
@@ -545,17 +569,21 @@ WITH keys AS (
                 SELECT 1 FROM durable_circuit_breaker_state b
                 WHERE b.key = coalesce(t.breaker_key, t.activity_type) AND b.state <> 'closed'))
         ORDER BY t.priority DESC, t.visible_at
-        LIMIT $4
+        LIMIT $4 + 1
         FOR UPDATE OF t SKIP LOCKED
     ) c
     ORDER BY c.priority DESC, c.visible_at
-    LIMIT $4
+    LIMIT $4 + 1
+), ranked AS (
+    SELECT id, row_number() OVER (ORDER BY priority DESC, visible_at) AS rank,
+           count(*) OVER () AS found
+    FROM picked
 )
 UPDATE durable_task_queue t
 SET status = 'claimed', claimed_by = $1, claimed_at = now(), heartbeat_at = now(),
     attempt = t.attempt + 1, lease_token = nextval('durable_lease_tokens'), updated_at = now()
-FROM picked WHERE t.id = picked.id
-RETURNING t.*;
+FROM ranked WHERE t.id = ranked.id AND ranked.rank <= $4
+RETURNING t.*, ranked.found > $4 AS more_pending;
 
 -- name: any_unclosed_breaker
 -- Whether any circuit breaker is open or half-open.
@@ -591,7 +619,8 @@ FOR UPDATE;
 -- name: insert_activities
 -- Enqueue several activity tasks of one run (parallel arrays). Rows flagged eager ($14) are
 -- handed straight to worker $15 (claimed, first attempt, fresh lease) unless their breaker is
--- not closed; the others wake claimers with one NOTIFY per type. Returns the eager claims.
+-- not closed; the others wake claimers with one NOTIFY per type ("activity:TYPE<TAB>count").
+-- Returns the eager claims.
 WITH inserted AS (
     INSERT INTO durable_task_queue (id, run_id, workflow_id, kind, activity_type, activity_id,
         input, max_attempts, priority, visible_at, retry_policy, schedule_to_start_s,
@@ -616,10 +645,14 @@ WITH inserted AS (
     RETURNING *
 ), woke AS (
     SELECT count(*) AS n FROM (
-        SELECT pg_notify('everruns_tasks', 'activity:' || t)
-        FROM (SELECT DISTINCT activity_type AS t FROM inserted WHERE status = 'pending') d) x
+        SELECT pg_notify('everruns_tasks', 'activity:' || t || E'\t' || n)
+        FROM (SELECT activity_type AS t, count(*) AS n FROM inserted WHERE status = 'pending'
+              GROUP BY activity_type) d) x
 )
-SELECT inserted.* FROM inserted, woke WHERE inserted.status = 'claimed';
+-- The uncorrelated test of woke is a one-time filter, run before the scan: a plain join with
+-- woke would skip its NOTIFY whenever no row is claimed (a SELECT CTE runs only on demand).
+SELECT inserted.* FROM inserted
+WHERE inserted.status = 'claimed' AND (SELECT n FROM woke) IS NOT NULL;
 
 -- name: apply_events_and_close
 -- Append a workflow task's events, close the task and mark the run's signals processed.
@@ -684,8 +717,8 @@ WITH req AS (
     RETURNING activity_type
 ), woke AS (
     SELECT count(*) AS n FROM (
-        SELECT pg_notify('everruns_tasks', 'workflow:' || t)
-        FROM (SELECT DISTINCT activity_type AS t FROM wft) d) x
+        SELECT pg_notify('everruns_tasks', 'workflow:' || t || E'\t' || n)
+        FROM (SELECT activity_type AS t, count(*) AS n FROM wft GROUP BY activity_type) d) x
 )
 SELECT req.ord, req.workflow_id,
        coalesce(mine.id, same.id, open.id) AS run_id,

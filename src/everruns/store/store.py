@@ -475,7 +475,7 @@ class Store:
         """
         if limit <= 0 or not (workflow_types or activity_types):
             return []
-        rows = await self.pool.fetch(
+        rows: Sequence[Any] = await self.pool.fetch(
             Q["claim_tasks"],
             worker_id,
             list(workflow_types),
@@ -496,14 +496,17 @@ class Store:
         workflow_types: Sequence[str] = (),
         activity_types: Sequence[str] = (),
         limit: int,
-    ) -> list[Task]:
-        """`claim_tasks` in one statement, leaving the tasks of every unclosed breaker alone."""
+    ) -> tuple[list[Task], bool]:
+        """`claim_tasks` in one statement, leaving the tasks of every unclosed breaker alone.
+
+        Returns the tasks and whether claimable tasks of these types were left behind.
+        """
         if limit <= 0 or not (workflow_types or activity_types):
-            return []
+            return [], False
         rows = await self.pool.fetch(
             Q["claim_tasks_fast"], worker_id, list(workflow_types), list(activity_types), limit
         )
-        return _in_claim_order(rows)
+        return _in_claim_order(rows), bool(rows) and bool(rows[0]["more_pending"])
 
     async def start_runs(self, run_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
         """Mark runs running (pending -> running); return those still open."""
@@ -524,32 +527,44 @@ class Store:
         if task_ids:
             await self.pool.execute(Q["close_workflow_tasks"], list(task_ids))
 
-    async def complete_activity(
+    async def complete_activities(
         self,
-        task_id: uuid.UUID,
-        lease_token: int,
-        result: str,
+        completions: Sequence[tuple[uuid.UUID, int, str]],
         worker_id: str,
         *,
-        eager_for: str | None = None,
-    ) -> tuple[str | None, uuid.UUID | None]:
-        """Complete an activity and wake its workflow in one statement (see queries.sql).
+        eager_types: Sequence[str] = (),
+        max_eager: int = 0,
+    ) -> tuple[dict[uuid.UUID, str | None], list[uuid.UUID]]:
+        """Complete several activities (``(task_id, lease_token, result_json)``) in one
+        statement and wake their workflows, handing up to ``max_eager`` follow-up workflow
+        tasks of ``eager_types`` to ``worker_id`` (see queries.sql).
 
         Returns:
-            The task's breaker key if that breaker is not closed (record the success), and the
-            id of the workflow task handed to ``eager_for``, if one was.
-
-        Raises:
-            StaleLease: the caller does not hold the task's current lease.
+            The completed tasks (those whose lease held), each with its breaker key if that
+            breaker is not closed, and the ids of the workflow tasks handed to the worker.
         """
-        row = await self.pool.fetchrow(
-            Q["complete_activity"], task_id, lease_token, result, worker_id, eager_for
+        rows = await self.pool.fetch(
+            Q["complete_activities"],
+            [c[0] for c in completions],
+            [c[1] for c in completions],
+            [c[2] for c in completions],
+            worker_id,
+            list(eager_types),
+            max_eager,
         )
-        assert row is not None
-        if not row["completed"]:
-            async with self.pool.acquire() as conn:
-                raise await self._stale(conn, task_id, lease_token)
-        return row["breaker"], row["eager_task"]
+        done = {r["task_id"]: r["breaker"] for r in rows if r["task_id"] is not None}
+        return done, [r["eager_task"] for r in rows if r["eager_task"] is not None]
+
+    async def get_tasks(self, task_ids: Sequence[uuid.UUID]) -> list[Task]:
+        """Several tasks by id (those that exist), in no particular order."""
+        if not task_ids:
+            return []
+        return [Task.from_row(r) for r in await self.pool.fetch(Q["get_tasks"], list(task_ids))]
+
+    async def stale_reason(self, task_id: uuid.UUID, lease_token: int) -> StaleLease:
+        """Why a report under ``lease_token`` was refused (the task is gone or not yours)."""
+        async with self.pool.acquire() as conn:
+            return await self._stale(conn, task_id, lease_token)
 
     async def get_task(self, task_id: uuid.UUID, *, conn: Connection | None = None) -> Task:
         """Return a task.

@@ -31,7 +31,7 @@ import attrs
 import trio
 
 from everruns._aio import open_aio_loop
-from everruns._aio.grpc import RpcChannel, client_tls_from_env, open_channel
+from everruns._aio.grpc import RpcChannel, client_tls_from_env, error_for_status, open_channel
 from everruns._proto.everruns import v1 as pb
 from everruns.domain import payload
 from everruns.domain.context import WorkflowInfo
@@ -52,6 +52,7 @@ from everruns.errors import (
 )
 from everruns.worker.activity import ActivityContext, ActivityInfo
 from everruns.worker.backoff import Backoff
+from everruns.worker.batch import Batcher, BatcherClosed
 from everruns.worker.config import (
     DEFAULT_GRACE_PERIOD,
     DEFAULT_GRPC_ADDRESS,
@@ -84,8 +85,12 @@ STREAM_SILENCE_LIMIT = 60.0
 """The cancellation stream carries keepalives; silent this long, it is presumed dead and
 reopened."""
 _EARLY_CANCELS = 256
+MAX_RESULTS_PER_CALL = 256
+"""Activity results one CompleteActivityTasks call carries at most."""
 
 # gRPC statuses (as RpcError.status) that say "try again later" rather than "no".
+# Verdicts on a reported result: dropped (stale), refused, or failed for good (never accepted).
+_RESULT_REFUSALS = (RpcError, FailedPrecondition, NotFound, InvalidArgument, ResourceExhausted)
 _TRANSIENT_STATUSES = frozenset({"INTERNAL", "UNKNOWN", "DEADLINE_EXCEEDED", "CANCELLED"})
 
 
@@ -305,6 +310,9 @@ class Worker:
         self._channel: RpcChannel | None = None
         self._stub: Any = None
         self._task_nursery: trio.Nursery | None = None
+        self._results: Batcher[_RunningTask, BaseException | None] = Batcher(
+            self._send_results, max_batch=MAX_RESULTS_PER_CALL
+        )
         self._token: trio.lowlevel.TrioToken | None = None
         self._run_called = False
         self._released = 0
@@ -386,6 +394,7 @@ class Worker:
             )
             async with trio.open_nursery() as services:
                 services.start_soon(self._worker_heartbeat_loop)
+                await services.start(self._results.run)
                 # Shielded so that even an immediate stop closes the stream only after the
                 # goodbye below: its drop is what makes the control plane mark us lost.
                 stream_scope = trio.CancelScope(shield=True)
@@ -931,6 +940,97 @@ class Worker:
         )
 
     async def _complete_activity(self, handle: _RunningTask, outcome: _Completed) -> None:
+        """Report a result with the other results ready now (one call for all of them)."""
+        try:
+            refusal = await self._results.submit(handle)
+        except BatcherClosed:
+            await self._complete_activity_alone(handle, outcome)
+            return
+        except _RESULT_REFUSALS as exc:
+            refusal = exc
+        if refusal is None:
+            log.debug("%s completed", handle.describe())
+        else:
+            await self._result_refused(handle, refusal)
+
+    async def _send_results(self, handles: list[_RunningTask]) -> list[BaseException | None]:
+        """One CompleteActivityTasks call for a batch of results; the reply's new tasks start
+        in the slots the accepted ones free, then in free slots offered with the call."""
+        extra = [] if self.draining else self._slots.reserve_eager(self._slots.free)
+        offer = 0 if self.draining else len(handles) + len(extra)
+        used = 0
+        try:
+            results = []
+            for handle in handles:
+                assert isinstance(handle.outcome, _Completed)
+                results.append(
+                    pb.ActivityResult(
+                        task_id=handle.task.task_id,
+                        lease_token=handle.task.lease_token,
+                        result=handle.outcome.result,
+                    )
+                )
+            request = pb.CompleteActivityTasksRequest(
+                worker_id=self.config.worker_id, results=results, max_new_tasks=offer
+            )
+            reply = await self._call_until_answered(
+                self._stub.complete_activity_tasks, request, what="CompleteActivityTasks"
+            )
+            refusals: list[BaseException | None] = [
+                None
+                if o.accepted
+                else error_for_status(o.refused_status, o.message, "CompleteActivityTasks")
+                for o in reply.outcomes
+            ]
+            if len(refusals) != len(handles):
+                raise RpcError(
+                    f"CompleteActivityTasks answered {len(refusals)} outcomes for "
+                    f"{len(handles)} results"
+                )
+            freed = [h for h, refusal in zip(handles, refusals, strict=True) if refusal is None]
+            used = self._adopt_new_tasks(reply.new_tasks, freed, extra)
+        finally:
+            for slot in extra[used:]:
+                self._slots.release(slot)
+        return refusals
+
+    def _adopt_new_tasks(
+        self, tasks: Sequence[Any], freed: Sequence[_RunningTask], extra: list[Slot]
+    ) -> int:
+        """Start tasks handed back by a completion: first in the slots of the finished tasks
+        (each task's slot passes on), then in the extra slots offered; returns extra used."""
+        assert self._task_nursery is not None
+        for handle, task in zip(freed, tasks, strict=False):
+            handle.slot_transferred = True
+            self._task_nursery.start_soon(
+                self._run_task, task, handle.slot, name=f"everruns task {task.kind} {task.task_id}"
+            )
+        return self._start_tasks(tasks[len(freed) :], extra, what="CompleteActivityTasks")
+
+    async def _result_refused(self, handle: _RunningTask, exc: BaseException) -> None:
+        """Act on the control plane's refusal of a result (see `_RESULT_REFUSALS`)."""
+        task = handle.task
+        if isinstance(exc, RpcError):
+            self._refused(handle, exc)
+        elif isinstance(exc, (FailedPrecondition, NotFound)):
+            self._dropped(handle, exc)
+        elif isinstance(exc, (InvalidArgument, ResourceExhausted)):
+            # The control plane will never take this result (e.g. too large): fail the
+            # attempt for good with its reason rather than retry it forever.
+            failure = _Failed(
+                make_error(
+                    type_name(exc),
+                    f"the control plane refused the result of activity "
+                    f"{task.activity_type!r}: {exc}",
+                    non_retryable=True,
+                ),
+                True,
+            )
+            await self._fail_activity(handle, failure)
+        else:
+            raise exc
+
+    async def _complete_activity_alone(self, handle: _RunningTask, outcome: _Completed) -> None:
         task = handle.task
         extra, offer = self._eager_offer(handle)
         used = 0
@@ -946,25 +1046,8 @@ class Worker:
                 reply = await self._call_until_answered(
                     self._stub.complete_activity_task, request, what="CompleteActivityTask"
                 )
-            except RpcError as exc:
-                self._refused(handle, exc)
-                return
-            except (FailedPrecondition, NotFound) as exc:
-                self._dropped(handle, exc)
-                return
-            except (InvalidArgument, ResourceExhausted) as exc:
-                # The control plane will never take this result (e.g. too large): fail the
-                # attempt for good with its reason rather than retry it forever.
-                failure = _Failed(
-                    make_error(
-                        type_name(exc),
-                        f"the control plane refused the result of activity "
-                        f"{task.activity_type!r}: {exc}",
-                        non_retryable=True,
-                    ),
-                    True,
-                )
-                await self._fail_activity(handle, failure)
+            except _RESULT_REFUSALS as exc:
+                await self._result_refused(handle, exc)
                 return
             log.debug("%s completed", handle.describe())
             used = self._adopt_eager(reply.eager_tasks, handle, extra, offer)

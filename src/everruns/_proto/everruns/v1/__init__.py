@@ -5,6 +5,8 @@
 
 __all__ = (
     "ActivityInfo",
+    "ActivityResult",
+    "ActivityResultOutcome",
     "AwaitResultRequest",
     "AwaitResultResponse",
     "CancelWorkflowRequest",
@@ -13,6 +15,8 @@ __all__ = (
     "CircuitBreaker",
     "CompleteActivityTaskRequest",
     "CompleteActivityTaskResponse",
+    "CompleteActivityTasksRequest",
+    "CompleteActivityTasksResponse",
     "CompleteWorkflowTaskRequest",
     "CompleteWorkflowTaskResponse",
     "DeadLetter",
@@ -129,6 +133,49 @@ class ActivityInfo(betterproto2.Message):
 
 
 default_message_pool.register_message("everruns.v1", "ActivityInfo", ActivityInfo)
+
+
+@dataclass(eq=False, repr=False)
+class ActivityResult(betterproto2.Message):
+    task_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+    """
+    the claimed activity task
+    """
+
+    lease_token: "int" = betterproto2.field(2, betterproto2.TYPE_INT64)
+    """
+    from the claim
+    """
+
+    result: "bytes" = betterproto2.field(3, betterproto2.TYPE_BYTES)
+    """
+    the activity's return value as JSON
+    """
+
+
+default_message_pool.register_message("everruns.v1", "ActivityResult", ActivityResult)
+
+
+@dataclass(eq=False, repr=False)
+class ActivityResultOutcome(betterproto2.Message):
+    accepted: "bool" = betterproto2.field(1, betterproto2.TYPE_BOOL)
+    """
+    the result was recorded
+    """
+
+    refused_status: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    When refused: the gRPC status name the single call would have failed with
+    (FAILED_PRECONDITION for a stale lease, INVALID_ARGUMENT, RESOURCE_EXHAUSTED...)
+    """
+
+    message: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+    """
+    why it was refused
+    """
+
+
+default_message_pool.register_message("everruns.v1", "ActivityResultOutcome", ActivityResultOutcome)
 
 
 @dataclass(eq=False, repr=False)
@@ -320,6 +367,52 @@ class CompleteActivityTaskResponse(betterproto2.Message):
 
 default_message_pool.register_message(
     "everruns.v1", "CompleteActivityTaskResponse", CompleteActivityTaskResponse
+)
+
+
+@dataclass(eq=False, repr=False)
+class CompleteActivityTasksRequest(betterproto2.Message):
+    worker_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+    """
+    as registered
+    """
+
+    results: "list[ActivityResult]" = betterproto2.field(
+        2, betterproto2.TYPE_MESSAGE, repeated=True
+    )
+    """
+    applied together; each is accepted or refused alone
+    """
+
+    max_new_tasks: "int" = betterproto2.field(3, betterproto2.TYPE_INT32)
+    """
+    free slots, counting those these results free; 0: none
+    """
+
+
+default_message_pool.register_message(
+    "everruns.v1", "CompleteActivityTasksRequest", CompleteActivityTasksRequest
+)
+
+
+@dataclass(eq=False, repr=False)
+class CompleteActivityTasksResponse(betterproto2.Message):
+    outcomes: "list[ActivityResultOutcome]" = betterproto2.field(
+        1, betterproto2.TYPE_MESSAGE, repeated=True
+    )
+    """
+    one per result, in request order
+    """
+
+    new_tasks: "list[Task]" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, repeated=True)
+    """
+    Tasks claimed for this worker, at most max_new_tasks: follow-up workflow tasks of the
+    completed activities first, then any visible tasks of the types it serves.
+    """
+
+
+default_message_pool.register_message(
+    "everruns.v1", "CompleteActivityTasksResponse", CompleteActivityTasksResponse
 )
 
 
@@ -1573,6 +1666,28 @@ class WorkerServiceStub(betterproto2_grpclib.ServiceStub):
             metadata=metadata,
         )
 
+    async def complete_activity_tasks(
+        self,
+        message: "CompleteActivityTasksRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "CompleteActivityTasksResponse":
+        """
+        Records several activities' results in one transaction (group commit) and claims tasks
+        for the slots they free, so a busy worker reports and refills in one call.
+        """
+
+        return await self._unary_unary(
+            "/everruns.v1.WorkerService/CompleteActivityTasks",
+            message,
+            CompleteActivityTasksResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
     async def fail_activity_task(
         self,
         message: "FailActivityTaskRequest",
@@ -1956,6 +2071,16 @@ class WorkerServiceBase(betterproto2_grpclib.ServiceBase):
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
+    async def complete_activity_tasks(
+        self, message: "CompleteActivityTasksRequest"
+    ) -> "CompleteActivityTasksResponse":
+        """
+        Records several activities' results in one transaction (group commit) and claims tasks
+        for the slots they free, so a busy worker reports and refills in one call.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
     async def fail_activity_task(
         self, message: "FailActivityTaskRequest"
     ) -> "FailActivityTaskResponse":
@@ -2034,6 +2159,15 @@ class WorkerServiceBase(betterproto2_grpclib.ServiceBase):
         response = await self.complete_activity_task(request)
         await stream.send_message(response)
 
+    async def __rpc_complete_activity_tasks(
+        self,
+        stream: "grpclib.server.Stream[CompleteActivityTasksRequest, CompleteActivityTasksResponse]",
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.complete_activity_tasks(request)
+        await stream.send_message(response)
+
     async def __rpc_fail_activity_task(
         self, stream: "grpclib.server.Stream[FailActivityTaskRequest, FailActivityTaskResponse]"
     ) -> None:
@@ -2096,6 +2230,12 @@ class WorkerServiceBase(betterproto2_grpclib.ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 CompleteActivityTaskRequest,
                 CompleteActivityTaskResponse,
+            ),
+            "/everruns.v1.WorkerService/CompleteActivityTasks": grpclib.const.Handler(
+                self.__rpc_complete_activity_tasks,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                CompleteActivityTasksRequest,
+                CompleteActivityTasksResponse,
             ),
             "/everruns.v1.WorkerService/FailActivityTask": grpclib.const.Handler(
                 self.__rpc_fail_activity_task,
