@@ -28,7 +28,7 @@ from everruns.domain.address import DEFAULT_GRPC_ADDRESS, parse_address
 from everruns.domain.payload import decode, encode
 from everruns.domain.registry import name_of
 from everruns.domain.status import TERMINAL_WORKFLOW_STATUSES, WORKFLOW_STATUSES
-from everruns.errors import InvalidArgument, ServerUnavailable, WorkflowFailed
+from everruns.errors import InvalidArgument, RpcError, ServerUnavailable, WorkflowFailed
 
 if TYPE_CHECKING:
     from everruns.agent.session import TurnHandle
@@ -414,6 +414,12 @@ def _check_workflow_id(workflow_id: str | None) -> str:
     return workflow_id
 
 
+def _workflow_ids(ids: list[str | None]) -> list[str]:
+    """The workflow_ids column of a columnar start: empty when the server names them all."""
+    checked = [_check_workflow_id(i) for i in ids]
+    return checked if any(checked) else []
+
+
 def _start_request(workflow: WorkflowRef, input: Any, workflow_id: str | None) -> Any:
     name = name_of(workflow)
     return pb.StartWorkflowRequest(
@@ -717,17 +723,33 @@ class Client:
                 names its workflow id).
         """
         entries = [s if isinstance(s, WorkflowStart) else _start_from_tuple(s) for s in starts]
-        requests = [_start_request(e.workflow, e.input, e.workflow_id) for e in entries]
-        if not requests:
+        if not entries:
             return []
+        # Sent and answered in the columnar form (a few lists instead of a message per run).
+        types = [name_of(e.workflow) for e in entries]
+        request = pb.StartWorkflowsRequest(
+            workflow_types=[types[0]] if len(set(types)) == 1 else types,
+            inputs=[
+                encode(e.input, what=f"input of workflow {name!r}")
+                for e, name in zip(entries, types, strict=True)
+            ],
+            workflow_ids=_workflow_ids([e.workflow_id for e in entries]),
+            columnar_reply=True,
+        )
         reply = await self._call(
             self._stub.start_workflows,
-            pb.StartWorkflowsRequest(requests=requests),
+            request,
             retry=all(e.workflow_id is not None for e in entries),
         )
+        if len(reply.run_ids) != len(entries):
+            raise RpcError(
+                f"StartWorkflows answered {len(reply.run_ids)} runs for {len(entries)} starts"
+            )
         return [
-            WorkflowHandle(self, r.workflow_id, r.run_id, created=r.created)
-            for r in reply.responses
+            WorkflowHandle(self, workflow_id, run_id, created=created)
+            for workflow_id, run_id, created in zip(
+                reply.workflow_ids, reply.run_ids, reply.created, strict=True
+            )
         ]
 
     def get_handle(self, workflow_id: str, run_id: str | None = None) -> WorkflowHandle:

@@ -391,6 +391,44 @@ async def test_batch_start_is_idempotent_per_open_id_even_within_one_batch(
             assert await p.history_types(got[3][0]) == ["workflow_started"]
 
 
+async def test_columnar_batch_start_matches_the_message_form(database_url: str) -> None:
+    """StartWorkflows in columns: one type for all or one per start, missing inputs are null,
+    missing or empty ids are generated, idempotent per open id; the columnar reply lines up
+    with the starts; columns of the wrong length are refused whole."""
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            await p.start("t", 1, wid="dup")
+            reply = await p.channel.unary(
+                p.workflows.start_workflows,
+                pb.StartWorkflowsRequest(
+                    workflow_types=["t"],
+                    inputs=[b"2", b"3", b"4"],
+                    workflow_ids=["dup", "", "c-1"],
+                    columnar_reply=True,
+                ),
+            )
+            assert reply.responses == []
+            assert reply.workflow_ids[0] == "dup" and reply.workflow_ids[2] == "c-1"
+            assert uuid.UUID(reply.workflow_ids[1])
+            assert reply.created == [False, True, True]
+            assert len(set(reply.run_ids)) == 3
+            assert (await p.describe(reply.workflow_ids[1])).input == b"3"
+            mixed = await p.channel.unary(
+                p.workflows.start_workflows,
+                pb.StartWorkflowsRequest(workflow_types=["t", "u"], inputs=[b"5"]),
+            )
+            assert [r.created for r in mixed.responses] == [True, True]
+            second = await p.describe(mixed.responses[1].workflow_id)
+            assert second.workflow_type == "u" and second.input == b"null"
+            for bad in (
+                pb.StartWorkflowsRequest(workflow_types=["t", "u"], inputs=[b"1", b"2", b"3"]),
+                pb.StartWorkflowsRequest(workflow_types=["t", "u"], workflow_ids=["a"] * 3),
+                pb.StartWorkflowsRequest(inputs=[b"1"]),
+            ):
+                with pytest.raises(InvalidArgument, match="workflow_types must name one type"):
+                    await p.channel.unary(p.workflows.start_workflows, bad)
+
+
 async def test_non_determinism_marks_the_run_stuck(database_url: str) -> None:
     async def v1(ctx: Any, input: Any) -> Any:
         return await ctx.execute_activity("a", 1)

@@ -26,6 +26,7 @@ from everruns.domain.retry import RetryPolicy
 from everruns.errors import DatabaseUnavailable, NonRetryableError, StaleLease
 from everruns.server import ServerConfig, serve
 from everruns.worker import ActivityContext, Worker
+from everruns.worker.runtime import INLINE_REPLAY_EVENTS
 
 # ------------------------------------------------------------------ scripted control plane
 
@@ -585,6 +586,33 @@ async def test_workflow_task_replays_and_returns_commands() -> None:
     assert "goodbye" in payload.decode(failures[diverged.task_id].error)["message"]
     assert not failures[illegal.task_id].non_determinism
     assert "IllegalAwait" in payload.decode(failures[illegal.task_id].error)["type"]
+
+
+async def test_short_histories_replay_inline_and_long_ones_in_a_thread() -> None:
+    """A short history is replayed on the Trio thread (a thread hop would cost more than the
+    replay); a long one in a replay thread, so it cannot stall the worker's heartbeats."""
+    reg = Registry()
+    threads: dict[int, str] = {}
+
+    @workflow(registry=reg)
+    async def where(ctx: Any, n: int) -> Any:
+        threads[n] = threading.current_thread().name
+        return await ctx.execute_activity("a", n)
+
+    def with_signals(n: int, extra: int) -> Any:
+        events = [history.workflow_started("where", "wf-1", "run-1", n)]
+        events += [history.signal_received("s", i) for i in range(extra)]
+        return workflow_task("where", [*events, history.workflow_task_scheduled()])
+
+    short = with_signals(1, 3)
+    long = with_signals(2, INLINE_REPLAY_EVENTS + 10)
+    fake = FakeControlPlane()
+    with trio.fail_after(10):
+        async with fake_control_plane(fake) as port, running(make_worker(reg, port)):
+            fake.push(short, long)
+            await fake.wait_for(lambda: len(fake.workflow_completions) == 2)
+    assert threads[1] == threading.main_thread().name
+    assert threads[2] != threading.main_thread().name
 
 
 # -------------------------------------------------------------------------------- shutdown

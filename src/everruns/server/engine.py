@@ -158,7 +158,7 @@ class Engine:
             self.check_payload(request.input, "input")
         await self._check_capacity(len(requests))
         started = await self.store.start_workflows(
-            [(r.workflow_id or str(uuid.uuid4()), r.workflow_type, r.input) for r in requests]
+            [(r.workflow_id or "", r.workflow_type, r.input) for r in requests]
         )
         results: list[tuple[StartedRun, bool]] = []
         for request, (workflow_id, run_id, created) in zip(requests, started, strict=True):

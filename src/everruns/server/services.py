@@ -37,6 +37,7 @@ log = logging.getLogger("everruns.server")
 
 HEARTBEAT_INTERVAL = 10.0
 _MAX_POLL_WAIT = 60.0
+_MAX_STARTS = 10_000  # runs per StartWorkflows call
 _MAX_BATCH = 1000  # results per CompleteActivityTasks call, and tasks claimed by one
 _CANCEL_KEEPALIVE = 15.0
 
@@ -325,9 +326,20 @@ class WorkflowService:
         )
 
     async def start_workflows(self, request: pb.StartWorkflowsRequest) -> pb.StartWorkflowsResponse:
-        if len(request.requests) > 10_000:
-            raise InvalidArgument("at most 10000 workflows per StartWorkflows call")
-        results = await self.engine.start_workflows([_start_request(r) for r in request.requests])
+        starts = (
+            [_start_request(r) for r in request.requests]
+            if request.requests
+            else _columnar_starts(request)
+        )
+        if len(starts) > _MAX_STARTS:
+            raise InvalidArgument(f"at most {_MAX_STARTS} workflows per StartWorkflows call")
+        results = await self.engine.start_workflows(starts)
+        if request.columnar_reply:
+            return pb.StartWorkflowsResponse(
+                workflow_ids=[run.workflow_id for run, _ in results],
+                run_ids=[str(run.run_id) for run, _ in results],
+                created=[created for _, created in results],
+            )
         return pb.StartWorkflowsResponse(
             responses=[
                 pb.StartWorkflowResponse(
@@ -501,6 +513,24 @@ def _start_request(request: pb.StartWorkflowRequest) -> StartRequest:
         input=_text(request.input, "input"),
         workflow_id=request.workflow_id or None,
     )
+
+
+def _columnar_starts(request: pb.StartWorkflowsRequest) -> list[StartRequest]:
+    """The starts of a StartWorkflows request in its columnar form."""
+    types, inputs, ids = request.workflow_types, request.inputs, request.workflow_ids
+    count = max(len(types), len(inputs), len(ids))
+    if len(types) not in (1, count):
+        raise InvalidArgument(
+            f"workflow_types must name one type or one per start ({count}), got {len(types)}"
+        )
+    return [
+        StartRequest(
+            workflow_type=types[n] if len(types) > 1 else types[0],
+            input=_text(inputs[n], "input") if n < len(inputs) else "null",
+            workflow_id=(ids[n] if n < len(ids) else "") or None,
+        )
+        for n in range(count)
+    ]
 
 
 def _activity_info(task: Task) -> pb.ActivityInfo:

@@ -691,10 +691,15 @@ RIGHT JOIN (SELECT 1) one ON true;
 -- name: start_workflows
 -- Start runs in one statement (parallel arrays, in order): each new run gets its
 -- workflow_started event and a pending workflow task; a workflow id that already has an open
--- run gets that run back (idempotent start). Returns one row per request, in request order.
-WITH req AS (
-    SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[])
-                  WITH ORDINALITY AS r(run_id, workflow_id, workflow_type, input, ord)
+-- run gets that run back (idempotent start); an empty workflow id gets a generated UUID.
+-- Returns one row per request, in request order.
+WITH req AS MATERIALIZED (
+    SELECT gen_random_uuid() AS run_id,
+           CASE WHEN r.workflow_id = '' THEN gen_random_uuid()::text ELSE r.workflow_id END
+               AS workflow_id,
+           r.workflow_type, r.input, r.ord
+    FROM unnest($1::text[], $2::text[], $3::text[])
+         WITH ORDINALITY AS r(workflow_id, workflow_type, input, ord)
 ), ins AS (
     INSERT INTO durable_workflow_instances (id, workflow_id, workflow_type, input, partition_key,
                                             last_sequence_num)
@@ -720,14 +725,16 @@ WITH req AS (
         SELECT pg_notify('everruns_tasks', 'workflow:' || t || E'\t' || n)
         FROM (SELECT activity_type AS t, count(*) AS n FROM wft GROUP BY activity_type) d) x
 )
+-- The open run of a request that created nothing is looked up by index for that row only
+-- (COALESCE stops at the first value): a join would read every open run.
 SELECT req.ord, req.workflow_id,
-       coalesce(mine.id, same.id, open.id) AS run_id,
+       coalesce(mine.id, same.id,
+                (SELECT open.id FROM durable_workflow_instances open
+                 WHERE open.workflow_id = req.workflow_id
+                   AND open.status IN ('pending', 'running'))) AS run_id,
        mine.id IS NOT NULL AS created
 FROM req
-CROSS JOIN woke
 LEFT JOIN ins mine ON mine.id = req.run_id
 LEFT JOIN ins same ON mine.id IS NULL AND same.workflow_id = req.workflow_id
-LEFT JOIN durable_workflow_instances open
-       ON mine.id IS NULL AND same.id IS NULL AND open.workflow_id = req.workflow_id
-      AND open.status IN ('pending', 'running')
+WHERE (SELECT n FROM woke) IS NOT NULL
 ORDER BY req.ord;

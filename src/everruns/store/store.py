@@ -178,7 +178,8 @@ class Store:
     async def start_workflows(
         self, requests: Sequence[tuple[str, str, str]]
     ) -> list[tuple[str, uuid.UUID | None, bool]]:
-        """Start ``(workflow_id, workflow_type, input)`` runs in one statement.
+        """Start ``(workflow_id, workflow_type, input)`` runs in one statement (an empty
+        workflow id: the database generates a UUID).
 
         Returns:
             Per request, in order: the workflow id, the run id (the new run, or the open run
@@ -187,7 +188,6 @@ class Store:
         """
         rows = await self.pool.fetch(
             Q["start_workflows"],
-            [uuid.uuid4() for _ in requests],
             [r[0] for r in requests],
             [r[1] for r in requests],
             [r[2] for r in requests],

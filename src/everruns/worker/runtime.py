@@ -79,8 +79,11 @@ FINAL_REPORT_BUDGET = 5.0
 DEFAULT_HEARTBEAT_INTERVAL = 10.0
 """Worker and activity heartbeat period when the control plane names none."""
 REPLAY_THREADS = 2
-"""Replays run in threads so a long history never stalls heartbeats; they are CPU-bound, so a
-couple of threads is enough."""
+"""Replays of long histories run in threads so they never stall heartbeats; they are
+CPU-bound, so a couple of threads is enough."""
+INLINE_REPLAY_EVENTS = 32
+"""A history this short is replayed on the Trio thread: a thread hop costs more than the
+replay (workflow code orchestrates; its heavy work belongs in activities)."""
 STREAM_SILENCE_LIMIT = 60.0
 """The cancellation stream carries keepalives; silent this long, it is presumed dead and
 reopened."""
@@ -1157,14 +1160,17 @@ class Worker:
     async def _run_workflow_task(self, handle: _RunningTask) -> None:
         reported = False
         try:
-            with trio.CancelScope() as scope:
-                handle.scope = scope
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._watch, handle)
-                    handle.outcome = await trio.to_thread.run_sync(
-                        self._decide, handle, limiter=self._replay_limiter
-                    )
-                    nursery.cancel_scope.cancel()
+            if len(handle.task.history) <= INLINE_REPLAY_EVENTS:
+                handle.outcome = self._decide(handle)
+            else:
+                with trio.CancelScope() as scope:
+                    handle.scope = scope
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._watch, handle)
+                        handle.outcome = await trio.to_thread.run_sync(
+                            self._decide, handle, limiter=self._replay_limiter
+                        )
+                        nursery.cancel_scope.cancel()
             await self._finish_workflow_task(handle)
             reported = True
         finally:
