@@ -551,6 +551,7 @@ async def test_scheduled_activities_wake_waiting_claimers_at_once(database_url: 
         async with plane(database_url) as p:
             await p.start("three")
             got: list[tuple[str, float]] = []
+            answers: list[tuple[int, int, float]] = []  # claimer, tasks, when (for a failure)
             async with trio.open_nursery() as nursery:
 
                 async def claimer(n: int) -> None:
@@ -561,15 +562,17 @@ async def test_scheduled_activities_wake_waiting_claimers_at_once(database_url: 
                         ),
                     )
                     got.extend((t.task_id, trio.current_time()) for t in reply.tasks)
+                    answers.append((n, len(reply.tasks), trio.current_time() - scheduled))
 
                 for n in range(3):
                     nursery.start_soon(claimer, n)
-                await trio.sleep(0.3)  # all three are waiting (and one found nothing)
-                scheduled = trio.current_time()
+                scheduled = trio.current_time() + 0.3
+                await trio.sleep_until(scheduled)  # all three are waiting (one found nothing)
                 await p.drive(three, "three")
-            assert len({task_id for task_id, _ in got}) == 3, (got, scheduled)
+            assert len({task_id for task_id, _ in got}) == 3, answers
             slowest = max(at for _, at in got) - scheduled
-            assert slowest < 0.8, f"the last claimer got its task {slowest:.2f} s later"
+            # A lost wake-up would be repaired by the due-scanner's safety net, >= 1 s later.
+            assert slowest < 0.9, f"the last claimer got its task {slowest:.2f} s later: {answers}"
 
 
 async def test_a_batch_of_results_is_applied_together_and_refills_the_slots(

@@ -378,20 +378,17 @@ class Engine:
                 )
         claimed = []
         workflow_tasks = [t for t in tasks if t.kind == "workflow"]
-        still_open: set[uuid.UUID] = set()
         histories: dict[uuid.UUID, list[StoredEvent]] = {}
         if workflow_tasks:
-            runs = [t.run_id for t in workflow_tasks]
-            still_open = await self.store.start_runs(runs)
-            histories = await self.store.load_histories([r for r in runs if r in still_open])
+            histories = await self.store.start_runs([t.run_id for t in workflow_tasks])
             await self.store.close_workflow_tasks(
-                [t.task_id for t in workflow_tasks if t.run_id not in still_open]
+                [t.task_id for t in workflow_tasks if t.run_id not in histories]
             )
         for task in tasks:
             assert task.claimed_at is not None
             if task.kind == "activity":
                 claimed.append(ClaimedTask(task, "", [], task.claimed_at))
-            elif task.run_id in still_open:
+            elif task.run_id in histories:
                 history = histories[task.run_id]
                 claimed.append(ClaimedTask(task, task.type_name, history, task.claimed_at))
         return claimed

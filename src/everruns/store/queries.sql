@@ -590,18 +590,19 @@ RETURNING t.*, ranked.found > $4 AS more_pending;
 SELECT EXISTS (SELECT 1 FROM durable_circuit_breaker_state WHERE state <> 'closed');
 
 -- name: start_runs
--- Mark runs picked up by a worker running (pending -> running); returns the runs still open.
-UPDATE durable_workflow_instances
-SET status = 'running', started_at = coalesce(started_at, now()), updated_at = now()
-WHERE id = ANY($1::uuid[]) AND status IN ('pending', 'running')
-RETURNING id;
-
--- name: load_histories
--- The full histories of several runs, in order.
-SELECT run_id, sequence_num, event_type, payload::text AS payload, created_at
-FROM durable_workflow_events
-WHERE run_id = ANY($1::uuid[])
-ORDER BY run_id, sequence_num;
+-- Mark runs picked up by a worker running (pending -> running) and read the full histories of
+-- those still open, in order. A run still open with no event (none exists) would come back as
+-- one row of NULLs but its run_id.
+WITH started AS (
+    UPDATE durable_workflow_instances
+    SET status = 'running', started_at = coalesce(started_at, now()), updated_at = now()
+    WHERE id = ANY($1::uuid[]) AND status IN ('pending', 'running')
+    RETURNING id
+)
+SELECT started.id AS run_id, e.sequence_num, e.event_type, e.payload::text AS payload,
+       e.created_at
+FROM started LEFT JOIN durable_workflow_events e ON e.run_id = started.id
+ORDER BY started.id, e.sequence_num;
 
 -- name: close_workflow_tasks
 -- Close several workflow tasks at once (their runs ended meanwhile).

@@ -508,18 +508,17 @@ class Store:
         )
         return _in_claim_order(rows), bool(rows) and bool(rows[0]["more_pending"])
 
-    async def start_runs(self, run_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
-        """Mark runs running (pending -> running); return those still open."""
-        rows = await self.pool.fetch(Q["start_runs"], list(run_ids))
-        return {r["id"] for r in rows}
+    async def start_runs(self, run_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[StoredEvent]]:
+        """Mark runs running (pending -> running) and read their histories, in one statement.
 
-    async def load_histories(
-        self, run_ids: Sequence[uuid.UUID]
-    ) -> dict[uuid.UUID, list[StoredEvent]]:
-        """The full histories of several runs in one query."""
-        histories: dict[uuid.UUID, list[StoredEvent]] = {run_id: [] for run_id in run_ids}
-        for row in await self.pool.fetch(Q["load_histories"], list(run_ids)):
-            histories[row["run_id"]].append(StoredEvent.from_row(row))
+        Returns:
+            The full history of each run still open (runs that ended are left out).
+        """
+        histories: dict[uuid.UUID, list[StoredEvent]] = {}
+        for row in await self.pool.fetch(Q["start_runs"], list(run_ids)):
+            events = histories.setdefault(row["run_id"], [])
+            if row["sequence_num"] is not None:
+                events.append(StoredEvent.from_row(row))
         return histories
 
     async def close_workflow_tasks(self, task_ids: Sequence[uuid.UUID]) -> None:
