@@ -47,7 +47,9 @@ def map_pg_error(exc: BaseException) -> Exception:
         return InvalidArgument(message)
     if state == _FK_VIOLATION:
         return FailedPrecondition(message)
-    if isinstance(exc, (OSError, asyncpg.exceptions.ConnectionDoesNotExistError)):
+    if isinstance(exc, (OSError, asyncpg.exceptions.ConnectionDoesNotExistError)) or (
+        isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in message
+    ):
         return DatabaseUnavailable(f"PostgreSQL connection lost: {message}")
     if isinstance(exc, asyncpg.exceptions.CannotConnectNowError):
         return DatabaseUnavailable(f"PostgreSQL is not accepting connections: {message}")
@@ -115,8 +117,8 @@ class Connection:
 
         Cancellation rolls back (shielded, bounded) and re-raises.
         """
-        tx = self._raw.transaction()
         try:
+            tx = self._raw.transaction()
             await trio_asyncio.aio_as_trio(tx.start)()
         except BaseException as exc:
             # Interrupted BEGIN: the transaction may or may not be open; never reuse that.
@@ -155,33 +157,67 @@ class Connection:
 
 
 class Pool:
-    """A pool of PostgreSQL connections, usable from Trio."""
+    """A pool of PostgreSQL connections, usable from Trio.
 
-    def __init__(self, raw: asyncpg.Pool) -> None:
-        self._raw = raw
+    Kept on the Trio side: borrowing and returning a connection are plain Trio operations, so a
+    pooled query crosses into asyncio once (asyncpg's own pool costs two more crossings and
+    its bookkeeping per query, as much again as a short query). A connection comes back to the
+    pool only if it is open and idle: one cancelled mid-query, closed by a lost server, or left
+    in a transaction is dropped, and a new one is opened when needed.
+    """
+
+    def __init__(self, url: str, max_size: int, connect_kwargs: dict[str, Any]) -> None:
+        self._url = url
+        self._connect_kwargs = connect_kwargs
+        # A semaphore, not a CapacityLimiter: one task may hold two connections (a query on
+        # the pool while it holds a transaction).
+        self._slots = trio.Semaphore(max_size)
+        self._idle: list[Any] = []
+        self._closed = False
+
+    async def _connect(self) -> Any:
+        try:
+            return await trio_asyncio.aio_as_trio(asyncpg.connect)(
+                self._url, **self._connect_kwargs
+            )
+        except _MAPPED as exc:
+            raise map_pg_error(exc) from exc
+
+    def _take_idle(self) -> Any:
+        """An idle connection still open (one the server closed meanwhile is dropped)."""
+        while self._idle:
+            raw = self._idle.pop()
+            if not raw.is_closed():
+                return raw
+        return None
+
+    def _give_back(self, raw: Any) -> None:
+        if self._closed or raw.is_closed() or raw.is_in_transaction():
+            _drop(raw)
+        else:
+            self._idle.append(raw)
 
     @asynccontextmanager
     async def acquire(self) -> AsyncIterator[Connection]:
-        """Borrow a connection for the block; it is released (shielded) even on cancellation."""
-        try:
-            raw = await trio_asyncio.aio_as_trio(self._raw.acquire)()
-        except _MAPPED as exc:
-            raise map_pg_error(exc) from exc
-        try:
-            yield Connection(raw)
-        except BaseException as exc:
-            if not isinstance(exc, Exception):
-                # Cancelled mid-query: the connection may still be busy with it; drop it.
-                _drop(raw)
-            raise
-        finally:
-            with trio.move_on_after(_CLEANUP_SECONDS, shield=True) as scope:
-                try:
-                    await trio_asyncio.aio_as_trio(self._raw.release)(raw)
-                except _MAPPED:
-                    pass
-            if scope.cancelled_caught:
-                _drop(raw)
+        """Borrow a connection for the block; it is given back (or dropped) even on
+        cancellation.
+
+        Raises:
+            DatabaseUnavailable: the pool is closed, or no connection could be opened.
+        """
+        async with self._slots:
+            if self._closed:
+                raise DatabaseUnavailable("the connection pool is closed")
+            raw = self._take_idle() or await self._connect()
+            try:
+                yield Connection(raw)
+            except BaseException as exc:
+                if not isinstance(exc, Exception):
+                    # Cancelled mid-query: the connection may still be busy with it; drop it.
+                    _drop(raw)
+                raise
+            finally:
+                self._give_back(raw)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Connection]:
@@ -205,9 +241,24 @@ class Pool:
         async with self.acquire() as conn:
             return await conn.fetchval(query, *args)
 
+    async def _fill(self, count: int) -> None:
+        while len(self._idle) < count:
+            self._idle.append(await self._connect())
 
-async def _keep_session(_conn: Any) -> None:
-    return None
+    async def _close(self) -> None:
+        """Close the idle connections (politely, bounded); borrowed ones are dropped when
+        given back."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        with trio.move_on_after(_CLEANUP_SECONDS, shield=True):
+            while idle:
+                raw = idle.pop()
+                try:
+                    await trio_asyncio.aio_as_trio(raw.close)()
+                except _MAPPED:
+                    _drop(raw)
+        for raw in idle:
+            _drop(raw)
 
 
 async def _connect_once(url: str, timeout: float) -> asyncpg.Connection:
@@ -258,27 +309,17 @@ async def wait_until_ready(url: str, *, budget: float, log: Any = None) -> None:
 async def open_pool(
     url: str, *, min_size: int = 1, max_size: int = 10, command_timeout: float | None = None
 ) -> AsyncIterator[Pool]:
-    """Open a connection pool for the block; it is closed (shielded, bounded) on the way out."""
-    # asyncpg's default reset runs RESET ALL/UNLISTEN (a round trip) on every release; pool
-    # connections never carry session state here (LISTEN uses dedicated connections), and an
-    # open transaction is still rolled back by asyncpg before this hook.
-    kwargs: dict[str, Any] = {"min_size": min_size, "max_size": max_size, "reset": _keep_session}
+    """Open a pool of up to ``max_size`` connections (``min_size`` opened now) for the block;
+    it is closed (shielded, bounded) on the way out."""
+    kwargs: dict[str, Any] = {}
     if command_timeout is not None and math.isfinite(command_timeout):
         kwargs["command_timeout"] = command_timeout
+    pool = Pool(url, max_size, kwargs)
     try:
-        raw = await trio_asyncio.aio_as_trio(asyncpg.create_pool)(url, **kwargs)
-    except _MAPPED as exc:
-        raise map_pg_error(exc) from exc
-    try:
-        yield Pool(raw)
+        await pool._fill(min(min_size, max_size))
+        yield pool
     finally:
-        with trio.move_on_after(_CLEANUP_SECONDS, shield=True) as scope:
-            try:
-                await trio_asyncio.aio_as_trio(raw.close)()
-            except _MAPPED:
-                pass
-        if scope.cancelled_caught:
-            _drop(raw)
+        await pool._close()
 
 
 @asynccontextmanager

@@ -578,12 +578,20 @@ WITH keys AS (
     SELECT id, row_number() OVER (ORDER BY priority DESC, visible_at) AS rank,
            count(*) OVER () AS found
     FROM picked
+), claimed AS (
+    UPDATE durable_task_queue t
+    SET status = 'claimed', claimed_by = $1, claimed_at = now(), heartbeat_at = now(),
+        attempt = t.attempt + 1, lease_token = nextval('durable_lease_tokens'), updated_at = now()
+    FROM ranked WHERE t.id = ranked.id AND ranked.rank <= $4
+    RETURNING t.*, ranked.found > $4 AS more_pending
+), started AS (
+    -- runs whose first workflow task this is become running in the same commit
+    UPDATE durable_workflow_instances r
+    SET status = 'running', started_at = coalesce(r.started_at, now()), updated_at = now()
+    FROM claimed WHERE claimed.kind = 'workflow' AND r.id = claimed.run_id
+      AND r.status = 'pending'
 )
-UPDATE durable_task_queue t
-SET status = 'claimed', claimed_by = $1, claimed_at = now(), heartbeat_at = now(),
-    attempt = t.attempt + 1, lease_token = nextval('durable_lease_tokens'), updated_at = now()
-FROM ranked WHERE t.id = ranked.id AND ranked.rank <= $4
-RETURNING t.*, ranked.found > $4 AS more_pending;
+SELECT * FROM claimed;
 
 -- name: any_unclosed_breaker
 -- Whether any circuit breaker is open or half-open.
@@ -591,18 +599,22 @@ SELECT EXISTS (SELECT 1 FROM durable_circuit_breaker_state WHERE state <> 'close
 
 -- name: start_runs
 -- Mark runs picked up by a worker running (pending -> running) and read the full histories of
--- those still open, in order. A run still open with no event (none exists) would come back as
--- one row of NULLs but its run_id.
+-- those still open, in order. Runs already running are only read: no write, so no WAL flush
+-- (the claim statement has usually marked them already). A run still open with no event (none
+-- exists) would come back as one row of NULLs but its run_id.
 WITH started AS (
     UPDATE durable_workflow_instances
     SET status = 'running', started_at = coalesce(started_at, now()), updated_at = now()
+    WHERE id = ANY($1::uuid[]) AND status = 'pending'
+), open AS (
+    -- the statement's snapshot: runs pending (being started here) or running
+    SELECT id FROM durable_workflow_instances
     WHERE id = ANY($1::uuid[]) AND status IN ('pending', 'running')
-    RETURNING id
 )
-SELECT started.id AS run_id, e.sequence_num, e.event_type, e.payload::text AS payload,
+SELECT open.id AS run_id, e.sequence_num, e.event_type, e.payload::text AS payload,
        e.created_at
-FROM started LEFT JOIN durable_workflow_events e ON e.run_id = started.id
-ORDER BY started.id, e.sequence_num;
+FROM open LEFT JOIN durable_workflow_events e ON e.run_id = open.id
+ORDER BY open.id, e.sequence_num;
 
 -- name: close_workflow_tasks
 -- Close several workflow tasks at once (their runs ended meanwhile).

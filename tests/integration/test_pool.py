@@ -1,0 +1,62 @@
+"""The Trio-side connection pool: connections come back only when open and idle; one the
+server closed, one cancelled mid-query, or one left in a transaction is replaced, never handed
+out again; one task may hold two connections at once."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from everruns._aio import pg
+from everruns.errors import DatabaseUnavailable
+
+pytestmark = pytest.mark.db
+
+
+async def _backend_pids(pool: pg.Pool, count: int) -> set[int]:
+    pids: set[int] = set()
+    for _ in range(count):
+        pids.add(int(await pool.fetchval("SELECT pg_backend_pid()")))
+    return pids
+
+
+async def test_a_connection_the_server_closed_is_replaced(database_url: str) -> None:
+    with trio.fail_after(20):
+        async with pg.open_pool(database_url, min_size=1, max_size=2) as pool:
+            (victim,) = await _backend_pids(pool, 3)  # one idle connection, reused
+            async with pg.connect(database_url) as admin:
+                await admin.execute("SELECT pg_terminate_backend($1)", victim)
+            for _ in range(50):  # the client side notices the closed socket shortly
+                await trio.sleep(0.02)
+                try:
+                    pids = await _backend_pids(pool, 1)
+                except DatabaseUnavailable:
+                    continue  # the connection died under this query: reported, then replaced
+                if victim not in pids:
+                    break
+            assert victim not in await _backend_pids(pool, 3)
+
+
+async def test_cancelled_mid_query_or_left_in_a_transaction_is_not_reused(
+    database_url: str,
+) -> None:
+    with trio.fail_after(20):
+        async with pg.open_pool(database_url, min_size=1, max_size=2) as pool:
+            (first,) = await _backend_pids(pool, 1)
+            with trio.move_on_after(0.2):
+                await pool.execute("SELECT pg_sleep(5)")
+            second = await _backend_pids(pool, 3)
+            assert first not in second
+            async with pool.acquire() as conn:
+                stuck = int(await conn.fetchval("SELECT pg_backend_pid()"))
+                await conn.execute("BEGIN")  # a raw BEGIN nobody will end
+            assert stuck not in await _backend_pids(pool, 3)
+
+
+async def test_one_task_may_hold_two_connections(database_url: str) -> None:
+    with trio.fail_after(20):
+        async with pg.open_pool(database_url, min_size=1, max_size=2) as pool:
+            async with pool.transaction() as tx:
+                outer = int(await tx.fetchval("SELECT pg_backend_pid()"))
+                inner = int(await pool.fetchval("SELECT pg_backend_pid()"))
+            assert outer != inner
