@@ -689,7 +689,14 @@ class Worker:
                 finally:
                     for slot in slots[used:]:
                         self._slots.release(slot)
-                if not used and trio.current_time() - asked_at < self._poll_wait / 2:
+                if used:
+                    # Let the tasks just started run before this loop spends the next moment
+                    # encoding and sending its next long poll (twice: Trio may run the tasks
+                    # of one scheduling batch in either order). Measured: w4 latency p50
+                    # 7.2-7.6 -> 6.2-6.6 ms.
+                    for _ in range(2):
+                        await trio.lowlevel.checkpoint()
+                elif trio.current_time() - asked_at < self._poll_wait / 2:
                     # A long poll that comes back empty-handed at once (a control plane that
                     # is shutting down, say) must not turn into a busy loop.
                     await trio.sleep(min(1.0, self._poll_wait / 2))
