@@ -21,7 +21,7 @@ async def test_a_notification_wakes_only_the_longest_waiting_claimer_of_its_key(
         with notifier.claim_interest(keys) as interest:
             await interest.event.wait()
             woken.append(n)
-            interest.claimed = True
+            interest.rearm()  # it acts on the wake-up
 
     async with trio.open_nursery() as nursery:
         for n in range(5):
@@ -54,7 +54,7 @@ async def test_a_wake_up_the_claimer_could_not_use_is_passed_on() -> None:
         with notifier.claim_interest(["workflow:w"]) as interest:
             await interest.event.wait()
             woken.append("second")
-            interest.claimed = True
+            interest.rearm()  # it acts on the wake-up
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(leaves_without_claiming)
@@ -118,7 +118,7 @@ async def test_a_claim_that_filled_its_slots_or_failed_wakes_a_skipped_claimer()
             assert not notifier.claim_needed(["activity:a"])  # it waits for a wake-up
             await interest.event.wait()
             woken.append("skipped")
-            interest.claimed = True
+            interest.rearm()  # it acts on the wake-up
 
     for round_ in range(2):
         with trio.fail_after(5):
@@ -193,7 +193,7 @@ async def test_a_full_claim_passes_the_wake_up_to_another_claimer_not_itself() -
         with notifier.claim_interest(["activity:a"]) as interest:
             await interest.event.wait()
             woken.append("other")
-            interest.claimed = True
+            interest.rearm()  # it acts on the wake-up
 
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
@@ -203,7 +203,6 @@ async def test_a_full_claim_passes_the_wake_up_to_another_claimer_not_itself() -
                 stamps = notifier.claim_started(mine.keys)
                 notifier.claim_ended(stamps, drained=False, claimer=mine)
                 assert not mine.event.is_set()
-                mine.claimed = True
     assert woken == ["other"]
 
 
@@ -215,7 +214,7 @@ async def test_n_new_tasks_wake_n_claimers_to_claim_side_by_side() -> None:
         with notifier.claim_interest(["activity:a"]) as interest:
             await interest.event.wait()
             woken.append(n)
-            interest.claimed = True
+            interest.rearm()  # it acts on the wake-up
 
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
@@ -230,3 +229,27 @@ async def test_n_new_tasks_wake_n_claimers_to_claim_side_by_side() -> None:
             assert sorted(woken) == [0, 1, 2, 3]
             notifier._dispatch("everruns_tasks", "activity:a\t9")  # more tasks than claimers
     assert sorted(woken) == [0, 1, 2, 3, 4]
+
+
+async def test_a_wake_up_that_came_during_a_successful_claim_is_passed_on() -> None:
+    """A claimer whose claim (begun before a new task) finds an older task leaves with it; the
+    wake-up for the new task that reached it meanwhile goes to the next claimer."""
+    notifier = Notifier()
+    woken: list[str] = []
+
+    async def next_claimer() -> None:
+        with notifier.claim_interest(["activity:a"]) as interest:
+            await interest.event.wait()
+            woken.append("next")
+            interest.rearm()  # it acts on the wake-up
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            with notifier.claim_interest(["activity:a"]):  # claiming (its first claim)
+                nursery.start_soon(next_claimer)
+                await trio.testing.wait_all_tasks_blocked()
+                notifier.poke_key("activity:a")  # the new task: the longest waiter is this one
+                await trio.testing.wait_all_tasks_blocked()
+                assert woken == []
+            # it leaves with the older task it found
+    assert woken == ["next"]

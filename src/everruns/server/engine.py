@@ -304,7 +304,6 @@ class Engine:
                     interest, worker_id, workflow_types, activity_types, max_tasks, woken=woken
                 )
                 if claimed:
-                    interest.claimed = True
                     return claimed
                 if not interest.event.is_set():  # not poked while we were claiming
                     await interest.event.wait()

@@ -34,16 +34,15 @@ of the same keys their own query: they wait for a wake-up instead."""
 class TaskInterest:
     """One waiting claimer: the keys it claims and the event that wakes it."""
 
-    __slots__ = ("claimed", "event", "keys", "woken_by")
+    __slots__ = ("event", "keys", "woken_by")
 
     def __init__(self, keys: tuple[str, ...]) -> None:
         self.keys = keys
         self.event = trio.Event()
-        self.woken_by: str | None = None
-        self.claimed = False
+        self.woken_by: str | None = None  # set by a wake-up, cleared when acted on (rearm)
 
     def rearm(self) -> None:
-        """Wait again (after a claim that found nothing)."""
+        """Take the wake-up (before claiming) and wait again."""
         self.event = trio.Event()
         self.woken_by = None
 
@@ -86,8 +85,10 @@ class Notifier:
             yield interest
         finally:
             self._forget(interest)
-            if interest.woken_by is not None and not interest.claimed:
-                self.poke_key(interest.woken_by)  # we were woken for nothing: pass it on
+            if interest.woken_by is not None:
+                # A wake-up this claimer will not act on (it leaves, or it was claiming when
+                # the wake-up came and is leaving with what that claim found): pass it on.
+                self.poke_key(interest.woken_by)
 
     def _forget(self, interest: TaskInterest) -> None:
         for key in interest.keys:
