@@ -502,14 +502,49 @@ async def test_fast_claim_orders_across_types_and_leaves_unclosed_breakers_alone
             "INSERT INTO durable_circuit_breaker_state (key, state, opened_at) "
             "VALUES ('email', 'open', now())"
         )
-        got, more = await store.claim_tasks_fast(
+        got, more, _ = await store.claim_tasks_fast(
             "w1", activity_types=["charge", "ship", "email"], limit=2
         )
         assert [t.activity_id for t in got] == ["3", "2"]
         assert more  # "1" is left
-        rest, more = await store.claim_tasks_fast(
+        rest, more, _ = await store.claim_tasks_fast(
             "w2", activity_types=["charge", "ship", "email"], limit=1
         )
         assert [t.activity_id for t in rest] == ["1"]  # email's breaker is open
         assert not more  # exactly what was left: nothing claimable remains
-        assert await store.claim_tasks_fast("w3", activity_types=["charge"], limit=1) == ([], False)
+        assert await store.claim_tasks_fast("w3", activity_types=["charge"], limit=1) == (
+            [],
+            False,
+            {},
+        )
+
+
+async def test_a_claimed_workflow_task_comes_with_its_history_and_starts_its_run(
+    store: Store,
+) -> None:
+    with trio.fail_after(10):
+        run = await _run(store)
+        ended = await _run(store, "wf-2")
+        async with store.transaction() as conn:
+            for r in (run, ended):
+                await store.append_events(
+                    conn, r, [NewEvent("workflow_started", {"n": 1}), NewEvent("x", {"n": 2})]
+                )
+                await store.ensure_workflow_task(conn, r)
+        await store.pool.execute(
+            "UPDATE durable_workflow_instances SET status = 'cancelled', completed_at = now() "
+            "WHERE id = $1",
+            ended.run_id,
+        )
+        tasks, more, histories = await store.claim_tasks_fast(
+            "w1", workflow_types=["checkout"], limit=5
+        )
+        assert sorted(t.run_id for t in tasks) == sorted([run.run_id, ended.run_id])
+        assert not more
+        assert list(histories) == [run.run_id]  # the ended run's task comes without one
+        assert [(e.sequence_num, e.type) for e in histories[run.run_id]] == [
+            (1, "workflow_started"),
+            (2, "x"),
+        ]
+        assert histories[run.run_id][1].data == {"type": "x", "n": 2}
+        assert (await store.get_workflow("wf-1")).status == "running"

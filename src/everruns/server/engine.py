@@ -358,18 +358,24 @@ class Engine:
                 blocked_keys=blocked,
             )
             more = len(tasks) == limit  # this claim cannot tell: assume so
+            histories = None
             if probes:
                 tasks = await self._admit_probes(tasks, probes)
         else:
-            tasks, more = await self.store.claim_tasks_fast(
+            tasks, more, histories = await self.store.claim_tasks_fast(
                 worker_id, workflow_types=workflow_types, activity_types=activity_types, limit=limit
             )
-        return await self._hand_out(tasks), more
+        return await self._hand_out(tasks, histories), more
 
-    async def _hand_out(self, tasks: Sequence[Task]) -> list[ClaimedTask]:
+    async def _hand_out(
+        self,
+        tasks: Sequence[Task],
+        histories: dict[uuid.UUID, list[StoredEvent]] | None = None,
+    ) -> list[ClaimedTask]:
         """What a worker gets for tasks claimed for it: activities as they are, workflow tasks
         with their run's history (their run marked running; those of runs that ended
-        meanwhile are closed and left out)."""
+        meanwhile are closed and left out). ``histories``: already read by the claim, for the
+        runs still open."""
         for task in tasks:
             if task.kind == "activity":
                 self.notifier.deadline_added(
@@ -377,9 +383,9 @@ class Engine:
                 )
         claimed = []
         workflow_tasks = [t for t in tasks if t.kind == "workflow"]
-        histories: dict[uuid.UUID, list[StoredEvent]] = {}
         if workflow_tasks:
-            histories = await self.store.start_runs([t.run_id for t in workflow_tasks])
+            if histories is None:
+                histories = await self.store.start_runs([t.run_id for t in workflow_tasks])
             await self.store.close_workflow_tasks(
                 [t.task_id for t in workflow_tasks if t.run_id not in histories]
             )
@@ -387,7 +393,7 @@ class Engine:
             assert task.claimed_at is not None
             if task.kind == "activity":
                 claimed.append(ClaimedTask(task, "", [], task.claimed_at))
-            elif task.run_id in histories:
+            elif histories is not None and task.run_id in histories:
                 history = histories[task.run_id]
                 claimed.append(ClaimedTask(task, task.type_name, history, task.claimed_at))
         return claimed

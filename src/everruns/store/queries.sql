@@ -556,6 +556,7 @@ SELECT NULL, NULL, wft.id FROM wft WHERE wft.status = 'claimed';
 -- scan of the claim index per (kind, type) key, each stopping at the limit, instead of one scan
 -- of every pending row of all the types. It looks at one row more than it claims: more_pending
 -- says whether claimable tasks were left behind (the caller then wakes another claimer).
+-- Workflow tasks come with their run's history (run_open, seqs, types, payloads, times).
 WITH keys AS (
     SELECT 'workflow' AS kind, t AS type FROM unnest($2::text[]) AS t
     UNION ALL
@@ -591,7 +592,20 @@ WITH keys AS (
     FROM claimed WHERE claimed.kind = 'workflow' AND r.id = claimed.run_id
       AND r.status = 'pending'
 )
-SELECT * FROM claimed;
+-- A claimed workflow task comes with whether its run is open and the run's full history (as
+-- parallel arrays), so handing it out needs no second round trip.
+SELECT claimed.*, r.status IN ('pending', 'running') AS run_open,
+       h.seqs, h.types, h.payloads, h.times
+FROM claimed
+LEFT JOIN durable_workflow_instances r ON claimed.kind = 'workflow' AND r.id = claimed.run_id
+LEFT JOIN LATERAL (
+    SELECT array_agg(e.sequence_num ORDER BY e.sequence_num) AS seqs,
+           array_agg(e.event_type ORDER BY e.sequence_num) AS types,
+           array_agg(e.payload::text ORDER BY e.sequence_num) AS payloads,
+           array_agg(e.created_at ORDER BY e.sequence_num) AS times
+    FROM durable_workflow_events e
+    WHERE claimed.kind = 'workflow' AND e.run_id = claimed.run_id
+) h ON true;
 
 -- name: any_unclosed_breaker
 -- Whether any circuit breaker is open or half-open.

@@ -496,17 +496,35 @@ class Store:
         workflow_types: Sequence[str] = (),
         activity_types: Sequence[str] = (),
         limit: int,
-    ) -> tuple[list[Task], bool]:
+    ) -> tuple[list[Task], bool, dict[uuid.UUID, list[StoredEvent]]]:
         """`claim_tasks` in one statement, leaving the tasks of every unclosed breaker alone.
 
-        Returns the tasks and whether claimable tasks of these types were left behind.
+        Returns:
+            The tasks; whether claimable tasks of these types were left behind; and the full
+            history of each claimed workflow task's run that is still open (the statement
+            also marked those runs running). A workflow task whose run is missing from it
+            belongs to a run that has ended.
         """
         if limit <= 0 or not (workflow_types or activity_types):
-            return [], False
+            return [], False, {}
         rows = await self.pool.fetch(
             Q["claim_tasks_fast"], worker_id, list(workflow_types), list(activity_types), limit
         )
-        return _in_claim_order(rows), bool(rows) and bool(rows[0]["more_pending"])
+        histories = {
+            r["run_id"]: [
+                StoredEvent(*event)
+                for event in zip(
+                    r["seqs"] or (),
+                    r["types"] or (),
+                    r["payloads"] or (),
+                    r["times"] or (),
+                    strict=True,
+                )
+            ]
+            for r in rows
+            if r["kind"] == "workflow" and r["run_open"]
+        }
+        return _in_claim_order(rows), bool(rows) and bool(rows[0]["more_pending"]), histories
 
     async def start_runs(self, run_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[StoredEvent]]:
         """Mark runs running (pending -> running) and read their histories, in one statement.
