@@ -725,7 +725,7 @@ class Engine:
                 taken.add(task_id)  # a task twice in one call: one result counts, once
             else:
                 verdicts[n] = await self.store.stale_reason(task_id, lease_token)
-        for breaker_key in {key for key in done.values() if key is not None}:
+        for breaker_key in [key for key in done.values() if key is not None]:  # one per success
             async with self.store.transaction() as conn:
                 await self.store.record_breaker_success_if_tracked(
                     conn, breaker_key, config=self.breakers

@@ -91,9 +91,9 @@ _EARLY_CANCELS = 256
 MAX_RESULTS_PER_CALL = 256
 """Activity results one CompleteActivityTasks call carries at most."""
 
-# gRPC statuses (as RpcError.status) that say "try again later" rather than "no".
 # Verdicts on a reported result: dropped (stale), refused, or failed for good (never accepted).
 _RESULT_REFUSALS = (RpcError, FailedPrecondition, NotFound, InvalidArgument, ResourceExhausted)
+# gRPC statuses (as RpcError.status) that say "try again later" rather than "no".
 _TRANSIENT_STATUSES = frozenset({"INTERNAL", "UNKNOWN", "DEADLINE_EXCEEDED", "CANCELLED"})
 
 
