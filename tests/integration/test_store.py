@@ -4,6 +4,7 @@ the cases it lacked (stale leases refused, reclaim past max_attempts, breaker ra
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import pytest
 import trio
@@ -548,3 +549,25 @@ async def test_a_claimed_workflow_task_comes_with_its_history_and_starts_its_run
         ]
         assert histories[run.run_id][1].data == {"type": "x", "n": 2}
         assert (await store.get_workflow("wf-1")).status == "running"
+
+
+async def test_a_claim_never_waits_for_a_run_row_another_transaction_holds(store: Store) -> None:
+    """A signal holds its run's row and may then wait for the pending workflow task the claim
+    is taking: the claim must not wait for that run row in turn (a deadlock). It skips marking
+    the run running; completing the workflow task does that instead."""
+    with trio.fail_after(20):
+        run = await _run(store)
+        async with store.transaction() as conn:
+            await store.append_events(conn, run, [NewEvent("workflow_started", {})])
+            await store.ensure_workflow_task(conn, run)
+        claimed: list[Any] = []
+        async with store.transaction() as conn:
+            locked = await store.lock_run(conn, run.run_id)  # as a signal does
+            with trio.fail_after(5):  # the claim returns while the run row is still held
+                claimed.append(
+                    await store.claim_tasks_fast("w1", workflow_types=["checkout"], limit=1)
+                )
+            await store.ensure_workflow_task(conn, locked)  # the signal goes on
+        ((task,), _, histories) = claimed[0]
+        assert task.run_id == run.run_id and list(histories) == [run.run_id]
+        assert (await store.get_workflow("wf-1")).status == "pending"  # left for the completion

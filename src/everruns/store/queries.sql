@@ -586,11 +586,17 @@ WITH keys AS (
     FROM ranked WHERE t.id = ranked.id AND ranked.rank <= $4
     RETURNING t.*, ranked.found > $4 AS more_pending
 ), started AS (
-    -- runs whose first workflow task this is become running in the same commit
+    -- Runs whose first workflow task this is become running in the same commit. A run row
+    -- locked by another transaction is skipped, never waited for: that transaction (a signal,
+    -- say) may be waiting for the task row this statement holds. Completing the workflow task
+    -- marks such a run running instead.
     UPDATE durable_workflow_instances r
     SET status = 'running', started_at = coalesce(r.started_at, now()), updated_at = now()
-    FROM claimed WHERE claimed.kind = 'workflow' AND r.id = claimed.run_id
-      AND r.status = 'pending'
+    WHERE r.id IN (
+        SELECT p.id FROM durable_workflow_instances p
+        JOIN claimed ON claimed.kind = 'workflow' AND p.id = claimed.run_id
+        WHERE p.status = 'pending'
+        FOR UPDATE OF p SKIP LOCKED)
 )
 -- A claimed workflow task comes with whether its run is open and the run's full history (as
 -- parallel arrays), so handing it out needs no second round trip.
@@ -682,10 +688,13 @@ SELECT inserted.* FROM inserted
 WHERE inserted.status = 'claimed' AND (SELECT n FROM woke) IS NOT NULL;
 
 -- name: apply_events_and_close
--- Append a workflow task's events, close the task and mark the run's signals processed.
+-- Append a workflow task's events, close the task and mark the run's signals processed (a run
+-- still pending, because its claim could not mark it, becomes running).
 WITH run AS (
     UPDATE durable_workflow_instances
-    SET last_sequence_num = last_sequence_num + cardinality($3::text[]), updated_at = now()
+    SET last_sequence_num = last_sequence_num + cardinality($3::text[]), updated_at = now(),
+        status = CASE WHEN status = 'pending' THEN 'running' ELSE status END,
+        started_at = coalesce(started_at, now())
     WHERE id = $1
     RETURNING workflow_id, last_sequence_num AS last
 ), events AS (
