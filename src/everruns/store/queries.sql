@@ -494,12 +494,17 @@ WITH req AS (
               coalesce(t.breaker_key, t.activity_type) AS bkey
 ), per_run AS (
     SELECT run_id, count(*) AS n FROM task WHERE requeue_count = 0 GROUP BY run_id
+), locked AS (
+    -- Run rows are locked in id order, so two batches that share runs cannot deadlock.
+    SELECT r.id, per_run.n FROM durable_workflow_instances r JOIN per_run ON r.id = per_run.run_id
+    ORDER BY r.id
+    FOR UPDATE OF r
 ), run AS (
     UPDATE durable_workflow_instances r
-    SET last_sequence_num = r.last_sequence_num + 2 * per_run.n, updated_at = now()
-    FROM per_run
-    WHERE r.id = per_run.run_id AND r.status IN ('pending', 'running')
-    RETURNING r.id, r.workflow_id, r.workflow_type, r.last_sequence_num - 2 * per_run.n AS base
+    SET last_sequence_num = r.last_sequence_num + 2 * locked.n, updated_at = now()
+    FROM locked
+    WHERE r.id = locked.id AND r.status IN ('pending', 'running')
+    RETURNING r.id, r.workflow_id, r.workflow_type, r.last_sequence_num - 2 * locked.n AS base
 ), numbered AS (
     SELECT task.*, run.workflow_id,
            run.base + 2 * row_number() OVER (PARTITION BY task.run_id ORDER BY task.ord) AS seq
