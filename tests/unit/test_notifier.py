@@ -13,21 +13,23 @@ from hypothesis import strategies as st
 from everruns.server.notifier import QUIET_FOR, Notifier
 
 
+async def claim_once(notifier: Notifier, keys: list[str], woken: list[Any], name: Any) -> None:
+    """A claimer that waits for one wake-up, records ``name`` and acts on it."""
+    with notifier.claim_interest(keys) as interest:
+        await interest.event.wait()
+        woken.append(name)
+        interest.rearm()  # it acts on the wake-up
+
+
 async def test_a_notification_wakes_only_the_longest_waiting_claimer_of_its_key() -> None:
     notifier = Notifier()
     woken: list[int] = []
 
-    async def claimer(n: int, keys: list[str]) -> None:
-        with notifier.claim_interest(keys) as interest:
-            await interest.event.wait()
-            woken.append(n)
-            interest.rearm()  # it acts on the wake-up
-
     async with trio.open_nursery() as nursery:
         for n in range(5):
-            nursery.start_soon(claimer, n, ["activity:a"])
+            nursery.start_soon(claim_once, notifier, ["activity:a"], woken, n)
             await trio.testing.wait_all_tasks_blocked()
-        nursery.start_soon(claimer, 99, ["activity:b"])
+        nursery.start_soon(claim_once, notifier, ["activity:b"], woken, 99)
         await trio.testing.wait_all_tasks_blocked()
         notifier.poke_key("activity:a")
         await trio.testing.wait_all_tasks_blocked()
@@ -50,16 +52,10 @@ async def test_a_wake_up_the_claimer_could_not_use_is_passed_on() -> None:
             await interest.event.wait()
             woken.append("first")  # e.g. its client went away: it claims nothing
 
-    async def claims() -> None:
-        with notifier.claim_interest(["workflow:w"]) as interest:
-            await interest.event.wait()
-            woken.append("second")
-            interest.rearm()  # it acts on the wake-up
-
     async with trio.open_nursery() as nursery:
         nursery.start_soon(leaves_without_claiming)
         await trio.testing.wait_all_tasks_blocked()
-        nursery.start_soon(claims)
+        nursery.start_soon(claim_once, notifier, ["workflow:w"], woken, "second")
         await trio.testing.wait_all_tasks_blocked()
         notifier.poke_key("workflow:w")
     assert woken == ["first", "second"]
@@ -189,16 +185,10 @@ async def test_a_full_claim_passes_the_wake_up_to_another_claimer_not_itself() -
     notifier = Notifier()
     woken: list[str] = []
 
-    async def other() -> None:
-        with notifier.claim_interest(["activity:a"]) as interest:
-            await interest.event.wait()
-            woken.append("other")
-            interest.rearm()  # it acts on the wake-up
-
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             with notifier.claim_interest(["activity:a"]) as mine:  # waiting longest
-                nursery.start_soon(other)
+                nursery.start_soon(claim_once, notifier, ["activity:a"], woken, "other")
                 await trio.testing.wait_all_tasks_blocked()
                 stamps = notifier.claim_started(mine.keys)
                 notifier.claim_ended(stamps, drained=False, claimer=mine)
@@ -210,16 +200,10 @@ async def test_n_new_tasks_wake_n_claimers_to_claim_side_by_side() -> None:
     notifier = Notifier()
     woken: list[int] = []
 
-    async def claimer(n: int) -> None:
-        with notifier.claim_interest(["activity:a"]) as interest:
-            await interest.event.wait()
-            woken.append(n)
-            interest.rearm()  # it acts on the wake-up
-
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             for n in range(5):
-                nursery.start_soon(claimer, n)
+                nursery.start_soon(claim_once, notifier, ["activity:a"], woken, n)
                 await trio.testing.wait_all_tasks_blocked()
             notifier._dispatch("everruns_tasks", "activity:a\t3")  # as insert_activities says
             await trio.testing.wait_all_tasks_blocked()
@@ -237,16 +221,10 @@ async def test_a_wake_up_that_came_during_a_successful_claim_is_passed_on() -> N
     notifier = Notifier()
     woken: list[str] = []
 
-    async def next_claimer() -> None:
-        with notifier.claim_interest(["activity:a"]) as interest:
-            await interest.event.wait()
-            woken.append("next")
-            interest.rearm()  # it acts on the wake-up
-
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             with notifier.claim_interest(["activity:a"]):  # claiming (its first claim)
-                nursery.start_soon(next_claimer)
+                nursery.start_soon(claim_once, notifier, ["activity:a"], woken, "next")
                 await trio.testing.wait_all_tasks_blocked()
                 notifier.poke_key("activity:a")  # the new task: the longest waiter is this one
                 await trio.testing.wait_all_tasks_blocked()

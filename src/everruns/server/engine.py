@@ -327,7 +327,9 @@ class Engine:
         A claim that left claimable tasks behind wakes the next claimer of each key (not
         itself), which claims in turn.
         """
-        keys = _claim_keys(workflow_types, activity_types)
+        keys = (
+            interest.keys if interest is not None else _claim_keys(workflow_types, activity_types)
+        )
         if not woken and not self.notifier.claim_needed(keys):
             return []
         stamps = self.notifier.claim_started(keys)

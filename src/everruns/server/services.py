@@ -230,36 +230,36 @@ class WorkerService:
             raise InvalidArgument(
                 f"at most {_MAX_BATCH} results per call, got {len(request.results)}"
             )
-        refused: dict[int, EverrunsError] = {}
-        results = []
+        # Each result's verdict, by position: refused here (malformed) or by the engine.
+        verdicts: list[EverrunsError | None] = [None] * len(request.results)
+        parsed: list[tuple[int, tuple[uuid.UUID, int, str]]] = []
         for n, item in enumerate(request.results):
             try:
-                parsed = (
-                    parse_task_id(item.task_id),
-                    _lease(item.lease_token),
-                    _text(item.result, "result"),
+                parsed.append(
+                    (
+                        n,
+                        (
+                            parse_task_id(item.task_id),
+                            _lease(item.lease_token),
+                            _text(item.result, "result"),
+                        ),
+                    )
                 )
             except EverrunsError as exc:
-                refused[n] = exc
-            else:
-                results.append((n, parsed))
-        verdicts, claimed = await self.engine.complete_activities(
+                verdicts[n] = exc
+        applied, claimed = await self.engine.complete_activities(
             request.worker_id,
-            [parsed for _, parsed in results],
+            [result for _, result in parsed],
             max_new_tasks=min(max(0, request.max_new_tasks), _MAX_BATCH),
         )
-        for (n, _), verdict in zip(results, verdicts, strict=True):
-            if verdict is not None:
-                refused[n] = verdict
-        outcomes = []
-        for n in range(len(request.results)):
-            why = refused.get(n)
-            if why is None:
-                outcomes.append(pb.ActivityResultOutcome(accepted=True))
-            else:
-                outcomes.append(
-                    pb.ActivityResultOutcome(refused_status=status_for(why).name, message=str(why))
-                )
+        for (n, _), verdict in zip(parsed, applied, strict=True):
+            verdicts[n] = verdict
+        outcomes = [
+            pb.ActivityResultOutcome(accepted=True)
+            if why is None
+            else pb.ActivityResultOutcome(refused_status=status_for(why).name, message=str(why))
+            for why in verdicts
+        ]
         return pb.CompleteActivityTasksResponse(
             outcomes=outcomes, new_tasks=[_task(c) for c in claimed]
         )

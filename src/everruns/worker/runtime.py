@@ -727,24 +727,6 @@ class Worker:
         extra = self._slots.reserve_eager(self._slots.free)
         return extra, len(extra) + 1
 
-    def _adopt_eager(
-        self, tasks: Sequence[Any], handle: _RunningTask, extra: list[Slot], offer: int
-    ) -> int:
-        """Start eager tasks: the first takes over this task's slot; return extra slots used."""
-        if not tasks:
-            return 0
-        if offer == 0:
-            return self._start_tasks(tasks, [], what="eager dispatch")
-        assert self._task_nursery is not None
-        handle.slot_transferred = True
-        self._task_nursery.start_soon(
-            self._run_task,
-            tasks[0],
-            handle.slot,
-            name=f"everruns task {tasks[0].kind} {tasks[0].task_id}",
-        )
-        return self._start_tasks(tasks[1:], extra, what="eager dispatch")
-
     # ------------------------------------------------------------------------------ tasks
 
     async def _run_task(self, task: Any, slot: Slot) -> None:
@@ -998,14 +980,21 @@ class Worker:
                     f"{len(handles)} results"
                 )
             freed = [h for h, refusal in zip(handles, refusals, strict=True) if refusal is None]
-            used = self._adopt_new_tasks(reply.new_tasks, freed, extra)
+            used = self._adopt_new_tasks(
+                reply.new_tasks, freed, extra, what="CompleteActivityTasks"
+            )
         finally:
             for slot in extra[used:]:
                 self._slots.release(slot)
         return refusals
 
     def _adopt_new_tasks(
-        self, tasks: Sequence[Any], freed: Sequence[_RunningTask], extra: list[Slot]
+        self,
+        tasks: Sequence[Any],
+        freed: Sequence[_RunningTask],
+        extra: list[Slot],
+        *,
+        what: str,
     ) -> int:
         """Start tasks handed back by a completion: first in the slots of the finished tasks
         (each task's slot passes on), then in the extra slots offered; returns extra used."""
@@ -1015,7 +1004,7 @@ class Worker:
             self._task_nursery.start_soon(
                 self._run_task, task, handle.slot, name=f"everruns task {task.kind} {task.task_id}"
             )
-        return self._start_tasks(tasks[len(freed) :], extra, what="CompleteActivityTasks")
+        return self._start_tasks(tasks[len(freed) :], extra, what=what)
 
     async def _result_refused(self, handle: _RunningTask, exc: BaseException) -> None:
         """Act on the control plane's refusal of a result (see `_RESULT_REFUSALS`)."""
@@ -1060,7 +1049,9 @@ class Worker:
                 await self._result_refused(handle, exc)
                 return
             log.debug("%s completed", handle.describe())
-            used = self._adopt_eager(reply.eager_tasks, handle, extra, offer)
+            used = self._adopt_new_tasks(
+                reply.eager_tasks, [handle] if offer else [], extra, what="eager dispatch"
+            )
         finally:
             for slot in extra[used:]:
                 self._slots.release(slot)
@@ -1273,7 +1264,9 @@ class Worker:
                 return
             if reply.superseded:
                 log.debug("%s superseded by newer history", handle.describe())
-            used = self._adopt_eager(reply.eager_tasks, handle, extra, offer)
+            used = self._adopt_new_tasks(
+                reply.eager_tasks, [handle] if offer else [], extra, what="eager dispatch"
+            )
         finally:
             for slot in extra[used:]:
                 self._slots.release(slot)
