@@ -803,3 +803,38 @@ async def test_two_control_planes_share_one_database(database_url: str) -> None:
                     nursery.start_soon(drain)
             assert len(claimed) == 20 and len(set(claimed)) == 20
             uuid.UUID(claimed[0])
+
+
+async def test_ending_a_run_cancels_the_activities_it_no_longer_waits_for(
+    database_url: str, pool: pg.Pool
+) -> None:
+    """The end of a run with an activity still out cannot take the one-statement path; the
+    general path ends it and cancels that activity (pending: cancelled; claimed: asked to)."""
+
+    async def first_wins(ctx: Any, input: Any) -> Any:
+        fast = ctx.start_activity("fast", 1)
+        ctx.start_activity("slow", 2)
+        ctx.start_activity("never", 3)
+        return await fast
+
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            wid = await p.start("first_wins")
+            await p.drive(first_wins, "first_wins")
+            (fast,) = await p.poll(act=["fast"])
+            await p.poll(act=["slow"])
+            await p.complete(fast, "done")
+            await p.drive(first_wins, "first_wins")
+            final = await p.describe(wid)
+            assert final.status == "completed" and json.loads(final.result) == "done"
+            rows = await pool.fetch(
+                "SELECT activity_type, status, cancel_requested_at IS NOT NULL AS asked"
+                " FROM durable_task_queue WHERE workflow_id = $1 AND kind = 'activity'"
+                " ORDER BY activity_type",
+                wid,
+            )
+            assert [tuple(r) for r in rows] == [
+                ("fast", "completed", False),
+                ("never", "cancelled", False),
+                ("slow", "claimed", True),
+            ]  # the holder of "slow" learns of the cancel on its next heartbeat

@@ -14,7 +14,7 @@ from everruns.domain.breaker import BreakerConfig
 from everruns.domain.retry import RetryPolicy
 from everruns.errors import AlreadyExists, ConcurrencyConflict, NotFound, StaleLease
 from everruns.store.models import WorkflowRun
-from everruns.store.store import NewEvent, NewTask, Store
+from everruns.store.store import NewEvent, NewTask, RunEnd, Store
 
 pytestmark = pytest.mark.db
 
@@ -34,9 +34,8 @@ async def _activity(
     async with store.transaction() as conn:
         task = await store.enqueue_activity(
             conn,
+            run,
             NewTask(
-                run_id=run.run_id,
-                workflow_id=run.workflow_id,
                 activity_type=atype,
                 activity_id=activity_id,
                 input='{"n": 1}',
@@ -571,3 +570,94 @@ async def test_a_claim_never_waits_for_a_run_row_another_transaction_holds(store
         ((task,), _, histories) = claimed[0]
         assert task.run_id == run.run_id and list(histories) == [run.run_id]
         assert (await store.get_workflow("wf-1")).status == "pending"  # left for the completion
+
+
+async def _claimed_workflow_task(store: Store, run: WorkflowRun) -> Any:
+    """Give ``run`` its workflow_started event and claim its workflow task."""
+    async with store.transaction() as conn:
+        await store.append_events(conn, run, [NewEvent("workflow_started", {})])
+        await store.ensure_workflow_task(conn, run)
+    (task,), _, _ = await store.claim_tasks_fast("w1", workflow_types=[run.workflow_type], limit=1)
+    return task
+
+
+async def _footprint(pool: Pool, run: WorkflowRun) -> tuple[Any, ...]:
+    """Everything a workflow task's outcome could write for ``run``."""
+    row = await pool.fetchrow(
+        "SELECT r.status, r.last_sequence_num, r.result::text AS result,"
+        " (SELECT count(*) FROM durable_workflow_events e WHERE e.run_id = r.id) AS events,"
+        " (SELECT array_agg(t.status ORDER BY t.created_at, t.kind) FROM durable_task_queue t"
+        "  WHERE t.run_id = r.id) AS tasks"
+        " FROM durable_workflow_instances r WHERE r.id = $1",
+        run.run_id,
+    )
+    assert row is not None
+    return tuple(row)
+
+
+async def test_a_workflow_task_outcome_is_one_statement_fenced_by_lease_and_history(
+    store: Store, pool: Pool
+) -> None:
+    with trio.fail_after(10):
+        run = await _run(store)
+        task = await _claimed_workflow_task(store, run)
+        await _activity(store, run, "other")  # so that ending is not "simple"
+        events = [NewEvent("workflow_task_completed", {}), NewEvent("activity_scheduled", {})]
+        acts = [NewTask(activity_type="charge", activity_id="a1"), NewTask("charge", "a2")]
+        before = await _footprint(pool, run)
+        # Every failed condition writes nothing: a stale lease, a history that grew...
+        for lease, seen in ((task.lease_token + 1, 1), (task.lease_token, 0)):
+            applied, claimed = await store.apply_workflow_task(task.task_id, lease, seen, events)
+            assert (applied, claimed) == (False, [])
+        # ...an end of a run that still has an open activity, asked for as a simple end.
+        done = store.apply_workflow_task(
+            task.task_id, task.lease_token, 1, events, end=RunEnd("completed", result="1")
+        )
+        assert await done == (False, [])
+        assert await _footprint(pool, run) == before
+        # Applied: activities enqueued (the first eagerly claimed), events numbered after the
+        # history, the task closed, the run running.
+        applied, claimed = await store.apply_workflow_task(
+            task.task_id, task.lease_token, 1, events, acts, eager_for="w2", eager=[True]
+        )
+        assert applied and [(t.activity_id, t.claimed_by) for t in claimed] == [("a1", "w2")]
+        status, last, _, n_events, tasks = await _footprint(pool, run)
+        assert (status, last, n_events) == ("running", 3, 3)
+        assert sorted(tasks) == ["claimed", "completed", "pending", "pending"]
+        loaded = await store.load_events(run.run_id)
+        assert [(e.sequence_num, e.type) for e in loaded][1:] == [
+            (2, "workflow_task_completed"),
+            (3, "activity_scheduled"),
+        ]
+        # The same task cannot be applied twice.
+        again = await store.apply_workflow_task(task.task_id, task.lease_token, 3, events)
+        assert again == (False, [])
+
+
+async def test_a_workflow_task_ends_its_run_in_the_same_statement(store: Store, pool: Pool) -> None:
+    with trio.fail_after(10):
+        lone = await _run(store)
+        task = await _claimed_workflow_task(store, lone)
+        events = [NewEvent("workflow_task_completed", {}), NewEvent("workflow_completed", {})]
+        end = RunEnd("completed", result='{"ok": true}')
+        assert await store.apply_workflow_task(task.task_id, task.lease_token, 1, events, end=end)
+        assert await _footprint(pool, lone) == ("completed", 3, '{"ok": true}', 3, ["completed"])
+        # With simple_end_only off (the caller holds the run lock and ends the rest itself),
+        # a run with an open activity is ended too.
+        busy = await _run(store, "wf-2")
+        task = await _claimed_workflow_task(store, busy)
+        await _activity(store, busy, "left")
+        async with store.transaction() as conn:
+            failed = RunEnd("failed", error={"type": "X", "message": "boom"})
+            applied, _ = await store.apply_workflow_task(
+                task.task_id,
+                task.lease_token,
+                1,
+                events,
+                end=failed,
+                simple_end_only=False,
+                conn=conn,
+            )
+        assert applied
+        ended = await store.get_run(busy.run_id)
+        assert ended.status == "failed" and ended.error == {"type": "X", "message": "boom"}

@@ -205,7 +205,7 @@ async def test_n_new_tasks_wake_n_claimers_to_claim_side_by_side() -> None:
             for n in range(5):
                 nursery.start_soon(claim_once, notifier, ["activity:a"], woken, n)
                 await trio.testing.wait_all_tasks_blocked()
-            notifier._dispatch("everruns_tasks", "activity:a\t3")  # as insert_activities says
+            notifier._dispatch("everruns_tasks", "activity:a\t3")  # as apply_workflow_task says
             await trio.testing.wait_all_tasks_blocked()
             assert sorted(woken) == [0, 1, 2]
             notifier._dispatch("everruns_tasks", "activity:a")  # one task: one claimer

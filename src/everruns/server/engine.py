@@ -45,7 +45,7 @@ from everruns.errors import (
 from everruns.server.config import ServerConfig
 from everruns.server.notifier import Notifier, TaskInterest
 from everruns.store.models import StoredEvent, Task, WorkflowRun
-from everruns.store.store import NewEvent, NewTask, Store
+from everruns.store.store import NewEvent, NewTask, RunEnd, Store
 
 __all__ = ["ClaimedTask", "Engine", "StartRequest", "StartedRun"]
 
@@ -448,6 +448,27 @@ class Engine:
             InvalidArgument: the commands are malformed.
         """
         commands = _parse_commands(commands_json)
+        completed = NewEvent.of(ev.workflow_task_completed(worker_id, claim_time))
+        # Fast path: commands that need no read (activities, or an end alone) go in one
+        # statement, applied only if the history is still what the replay saw. Anything else,
+        # or a condition that fails, takes the general path, which says why.
+        fast = _Outcome([completed])
+        if all(_plan(self.config, command, fast) for command in commands) and not (
+            fast.end and fast.activities
+        ):
+            eager = await self._eager_flags(worker_id, fast.activities, max_eager)
+            applied, claimed = await self.store.apply_workflow_task(
+                task_id,
+                lease_token,
+                seen_sequence,
+                fast.events,
+                fast.activities,
+                eager_for=worker_id if any(eager) else None,
+                eager=eager,
+                end=fast.end,
+            )
+            if applied:
+                return True, False, self._scheduled(fast.activities, claimed, claim_time)
         async with self.store.transaction() as conn:
             run = await self.store.lock_leased_with_run(conn, task_id, lease_token)
             if not run.is_open:
@@ -459,18 +480,37 @@ class Engine:
                 await self.store.close_workflow_task(conn, task_id)
                 await self.store.ensure_workflow_task(conn, run)
                 return False, True, []
-            events = [NewEvent.of(ev.workflow_task_completed(worker_id, claim_time))]
-            activities: list[NewTask] = []
+            outcome = _Outcome([completed])
             for command in commands:
-                events.extend(await self._apply(conn, run, command, activities))
-            eager = await self._eager_flags(worker_id, activities, max_eager)
-            claimed = await self.store.enqueue_activities(
-                conn, run, activities, eager_for=worker_id if any(eager) else None, eager=eager
+                await self._apply(conn, run, command, outcome)
+            # Activities scheduled by the task that ends the run are cancelled, never handed out.
+            budget = 0 if outcome.end else max_eager
+            eager = await self._eager_flags(worker_id, outcome.activities, budget)
+            applied, claimed = await self.store.apply_workflow_task(
+                task_id,
+                lease_token,
+                run.last_sequence_num,
+                outcome.events,
+                outcome.activities,
+                eager_for=worker_id if any(eager) else None,
+                eager=eager,
+                end=outcome.end,
+                simple_end_only=False,
+                conn=conn,
             )
-            await self.store.apply_events_and_close(conn, run, events, task_id)
+            if not applied:  # we hold the task's lease and the run's lock: cannot happen
+                raise FailedPrecondition(f"workflow task {task_id} changed under its lock")
+            if outcome.end is not None:
+                await self._after_end(conn, run, outcome.end)
+        return True, False, self._scheduled(outcome.activities, claimed, claim_time)
+
+    def _scheduled(
+        self, activities: Sequence[NewTask], claimed: Sequence[Task], claim_time: datetime
+    ) -> list[ClaimedTask]:
+        """After a commit: arm the deadline watch for new activities; the eager claims."""
         for new in activities:
             self.notifier.deadline_added(_earliest(new.schedule_to_start_s, new.start_to_close_s))
-        return True, False, [ClaimedTask(t, "", [], t.claimed_at or claim_time) for t in claimed]
+        return [ClaimedTask(t, "", [], t.claimed_at or claim_time) for t in claimed]
 
     async def _eager_flags(
         self, worker_id: str, activities: Sequence[NewTask], budget: int
@@ -512,50 +552,23 @@ class Engine:
         return (await self._served_by(worker_id))[1]
 
     async def _apply(
-        self, conn: Connection, run: WorkflowRun, command: Command, activities: list[NewTask]
-    ) -> list[NewEvent]:
-        """Apply one command; activities are collected in ``activities`` (enqueued together)."""
-        if isinstance(command, ScheduleActivity):
-            options = command.options
-            retry = options.retry or RetryPolicy()
-            input_text = encode_text(command.input, what="activity input")
-            activities.append(
-                NewTask(
-                    run_id=run.run_id,
-                    workflow_id=run.workflow_id,
-                    activity_type=command.activity_type,
-                    activity_id=command.activity_id,
-                    input=input_text,
-                    retry=retry,
-                    priority=options.priority,
-                    schedule_to_start_s=options.schedule_to_start_timeout
-                    or self.config.schedule_to_start_timeout,
-                    start_to_close_s=options.start_to_close_timeout
-                    or self.config.start_to_close_timeout,
-                    heartbeat_timeout_s=options.heartbeat_timeout,
-                    breaker_key=options.breaker_key,
-                )
-            )
-            return [NewEvent.of(command.to_event(), input=input_text)]
+        self, conn: Connection, run: WorkflowRun, command: Command, outcome: _Outcome
+    ) -> None:
+        """Apply one command under the run's lock: what needs no read is planned into
+        ``outcome`` (written by one statement after the last command); timers and children
+        are written here."""
+        if _plan(self.config, command, outcome):
+            return
         if isinstance(command, StartTimer):
             await self.store.start_timer(conn, run, command.timer_id, command.seconds)
-            return [NewEvent.of(command.to_event())]
-        if isinstance(command, CancelTimer):
+            outcome.events.append(NewEvent.of(command.to_event()))
+        elif isinstance(command, CancelTimer):
             await self.store.cancel_timer(conn, run.run_id, command.timer_id)
-            return [NewEvent.of(command.to_event())]
-        if isinstance(command, StartChildWorkflow):
-            return await self._start_child(conn, run, command)
-        if isinstance(command, CompleteWorkflow):
-            result = encode_text(command.result, what="workflow result")
-            await self._end(conn, run, "completed", result=result)
-            return [NewEvent.of(command.to_event(), result=result)]
-        if isinstance(command, FailWorkflow):
-            await self._end(conn, run, "failed", error=dict(command.error))
-            return [NewEvent.of(command.to_event())]
-        if isinstance(command, CancelWorkflow):
-            await self._end(conn, run, "cancelled")
-            return [NewEvent.of(command.to_event())]
-        raise InvalidArgument(f"unknown command {command!r}")
+            outcome.events.append(NewEvent.of(command.to_event()))
+        elif isinstance(command, StartChildWorkflow):
+            outcome.events.extend(await self._start_child(conn, run, command))
+        else:
+            raise InvalidArgument(f"unknown command {command!r}")
 
     async def _start_child(
         self, conn: Connection, run: WorkflowRun, command: StartChildWorkflow
@@ -578,16 +591,9 @@ class Engine:
             events.append(NewEvent.of(ev.child_workflow_failed(command.child_id, error)))
         return events
 
-    async def _end(
-        self,
-        conn: Connection,
-        run: WorkflowRun,
-        status: str,
-        *,
-        result: str | None = None,
-        error: dict[str, Any] | None = None,
-    ) -> None:
-        ended = await self.store.end_run(conn, run.run_id, status, result=result, error=error)
+    async def _after_end(self, conn: Connection, run: WorkflowRun, end: RunEnd) -> None:
+        """What ending a run does beyond its own row (written by the statement that ended
+        it): its pending workflow task, its activities and children, its parent."""
         await self.store.drop_pending_workflow_tasks(conn, run.run_id)
         # Activities the code no longer waits for are cancelled, not left to run.
         for task in await self.store.tasks_of_run(run.run_id, conn=conn):
@@ -599,10 +605,10 @@ class Engine:
             child = await self.store.lock_run(conn, child.run_id)
             if child.is_open:
                 await self._request_cancel(
-                    conn, child, f"parent workflow {run.workflow_id!r} ended {status}"
+                    conn, child, f"parent workflow {run.workflow_id!r} ended {end.status}"
                 )
-        if ended.parent_run_id is not None and ended.parent_child_id is not None:
-            await self._tell_parent(conn, ended, status, result=result, error=error)
+        if run.parent_run_id is not None and run.parent_child_id is not None:
+            await self._tell_parent(conn, run, end.status, result=end.result, error=end.error)
 
     async def _tell_parent(
         self,
@@ -927,6 +933,58 @@ class Engine:
             fired += len(due)
             if len(due) < 200:
                 return fired
+
+
+@attrs.define
+class _Outcome:
+    """What a workflow task's commands add: events, activities to enqueue, how the run ends."""
+
+    events: list[NewEvent]
+    activities: list[NewTask] = attrs.field(factory=list)
+    end: RunEnd | None = None
+
+
+def _plan(config: ServerConfig, command: Command, outcome: _Outcome) -> bool:
+    """Add a command that needs no read (an activity, the run's end) to ``outcome``; False for
+    a command that must be applied under the run's lock (timers, children).
+
+    Raises:
+        InvalidArgument: a second command that ends the run.
+    """
+    if isinstance(command, ScheduleActivity):
+        options = command.options
+        input_text = encode_text(command.input, what="activity input")
+        outcome.activities.append(
+            NewTask(
+                activity_type=command.activity_type,
+                activity_id=command.activity_id,
+                input=input_text,
+                retry=options.retry or RetryPolicy(),
+                priority=options.priority,
+                schedule_to_start_s=options.schedule_to_start_timeout
+                or config.schedule_to_start_timeout,
+                start_to_close_s=options.start_to_close_timeout or config.start_to_close_timeout,
+                heartbeat_timeout_s=options.heartbeat_timeout,
+                breaker_key=options.breaker_key,
+            )
+        )
+        outcome.events.append(NewEvent.of(command.to_event(), input=input_text))
+        return True
+    if isinstance(command, CompleteWorkflow | FailWorkflow | CancelWorkflow):
+        if outcome.end is not None:
+            raise InvalidArgument(f"the run already ended {outcome.end.status}: {command!r}")
+        if isinstance(command, CompleteWorkflow):
+            result = encode_text(command.result, what="workflow result")
+            outcome.end = RunEnd("completed", result=result)
+            outcome.events.append(NewEvent.of(command.to_event(), result=result))
+        elif isinstance(command, FailWorkflow):
+            outcome.end = RunEnd("failed", error=dict(command.error))
+            outcome.events.append(NewEvent.of(command.to_event()))
+        else:
+            outcome.end = RunEnd("cancelled")
+            outcome.events.append(NewEvent.of(command.to_event()))
+        return True
+    return False
 
 
 def _claim_keys(workflow_types: Sequence[str], activity_types: Sequence[str]) -> list[str]:

@@ -654,66 +654,92 @@ FROM durable_task_queue t JOIN durable_workflow_instances r ON r.id = t.run_id
 WHERE t.id = $1 AND t.lease_token = $2 AND t.status = 'claimed'
 FOR UPDATE;
 
--- name: insert_activities
--- Enqueue several activity tasks of one run (parallel arrays). Rows flagged eager ($14) are
--- handed straight to worker $15 (claimed, first attempt, fresh lease) unless their breaker is
--- not closed; the others wake claimers with one NOTIFY per type ("activity:TYPE<TAB>count").
--- Returns the eager claims.
-WITH inserted AS (
+-- name: apply_workflow_task
+-- Apply a workflow task's outcome in one statement, if the caller holds the task's lease ($1,
+-- $2), the run is open and its history ends at $3: enqueue its activities (parallel arrays $6
+-- to $17; rows flagged eager in $17 are handed straight to worker $18, claimed with a fresh
+-- lease, unless their breaker is not closed; the others wake claimers with one NOTIFY per
+-- type), append its events ($4 types, $5 JSON texts), close the task, mark the run's signals
+-- processed and, with $19, end the run (status $19, result $20, error $21; a NOTIFY on
+-- everruns_runs). With $22 an end is applied only to a run with no parent, no other open task
+-- and no open child (what else an end does is the caller's, under the run lock). A run still
+-- pending (its claim could not mark it) becomes running. Writes nothing when a condition
+-- fails. Returns one row: applied, then the eager claims' columns (one row per claim).
+WITH gate AS (
+    SELECT r.id, r.workflow_id, r.last_sequence_num, r.parent_run_id
+    FROM durable_task_queue t JOIN durable_workflow_instances r ON r.id = t.run_id
+    WHERE t.id = $1 AND t.lease_token = $2 AND t.status = 'claimed'
+      AND r.status IN ('pending', 'running') AND r.last_sequence_num = $3
+    FOR UPDATE
+), ok AS (
+    SELECT gate.* FROM gate
+    WHERE $19::text IS NULL OR NOT $22::bool OR (
+        gate.parent_run_id IS NULL
+        AND NOT EXISTS (SELECT 1 FROM durable_task_queue o
+                        WHERE o.run_id = gate.id AND o.id <> $1
+                          AND o.status IN ('pending', 'claimed'))
+        AND NOT EXISTS (SELECT 1 FROM durable_workflow_instances c
+                        WHERE c.parent_run_id = gate.id AND c.status IN ('pending', 'running')))
+), inserted AS (
     INSERT INTO durable_task_queue (id, run_id, workflow_id, kind, activity_type, activity_id,
         input, max_attempts, priority, visible_at, retry_policy, schedule_to_start_s,
         start_to_close_s, heartbeat_timeout_s, breaker_key, partition_key, status, claimed_by,
         claimed_at, heartbeat_at, attempt, lease_token)
-    SELECT a.id, $1, $2, 'activity', a.activity_type, a.activity_id, a.input::json,
-           a.max_attempts, a.priority, now(), a.retry_policy::json, a.s2s, a.s2c, a.hb, a.bkey, $2,
+    SELECT a.id, ok.id, ok.workflow_id, 'activity', a.activity_type, a.activity_id,
+           a.input::json, a.max_attempts, a.priority, now(), a.retry_policy::json, a.s2s, a.s2c,
+           a.hb, a.bkey, ok.workflow_id,
            CASE WHEN e.eager THEN 'claimed' ELSE 'pending' END,
-           CASE WHEN e.eager THEN $15 END,
+           CASE WHEN e.eager THEN $18 END,
            CASE WHEN e.eager THEN now() END,
            CASE WHEN e.eager THEN now() END,
            CASE WHEN e.eager THEN 1 ELSE 0 END,
            CASE WHEN e.eager THEN nextval('durable_lease_tokens') END
-    FROM unnest($3::uuid[], $4::text[], $5::text[], $6::text[], $7::int[], $8::int[],
-                $9::text[], $10::float8[], $11::float8[], $12::float8[], $13::text[], $14::bool[])
+    FROM ok,
+         unnest($6::uuid[], $7::text[], $8::text[], $9::text[], $10::int[], $11::int[],
+                $12::text[], $13::float8[], $14::float8[], $15::float8[], $16::text[], $17::bool[])
          AS a(id, activity_type, activity_id, input, max_attempts, priority, retry_policy, s2s,
               s2c, hb, bkey, want_eager),
-         LATERAL (SELECT a.want_eager AND $15::text IS NOT NULL AND NOT EXISTS (
+         LATERAL (SELECT a.want_eager AND $18::text IS NOT NULL AND NOT EXISTS (
                       SELECT 1 FROM durable_circuit_breaker_state b
                       WHERE b.key = coalesce(a.bkey, a.activity_type) AND b.state <> 'closed'
                   ) AS eager) e
     RETURNING *
+), run AS (
+    UPDATE durable_workflow_instances r
+    SET last_sequence_num = r.last_sequence_num + cardinality($4::text[]), updated_at = now(),
+        status = coalesce($19, CASE WHEN r.status = 'pending' THEN 'running' ELSE r.status END),
+        started_at = coalesce(r.started_at, now()),
+        result = CASE WHEN $19 = 'completed' THEN $20::json ELSE r.result END,
+        error = CASE WHEN $19 = 'failed' THEN $21::json ELSE r.error END,
+        completed_at = CASE WHEN $19 IS NULL THEN r.completed_at ELSE now() END
+    FROM ok WHERE r.id = ok.id
+    RETURNING r.id
+), events AS (
+    INSERT INTO durable_workflow_events (run_id, workflow_id, sequence_num, event_type, payload)
+    SELECT ok.id, ok.workflow_id, ok.last_sequence_num + e.n, e.t, e.p::json
+    FROM ok, unnest($4::text[], $5::text[]) WITH ORDINALITY AS e(t, p, n)
+), task AS (
+    UPDATE durable_task_queue t
+    SET status = 'completed', claimed_by = NULL, completed_at = now(), updated_at = now()
+    FROM ok WHERE t.id = $1
+), signals AS (
+    UPDATE durable_signals s SET processed_at = now()
+    FROM ok WHERE s.run_id = ok.id AND s.processed_at IS NULL
 ), woke AS (
     SELECT count(*) AS n FROM (
         SELECT pg_notify('everruns_tasks', 'activity:' || t || E'\t' || n)
         FROM (SELECT activity_type AS t, count(*) AS n FROM inserted WHERE status = 'pending'
-              GROUP BY activity_type) d) x
+              GROUP BY activity_type) d
+        UNION ALL
+        SELECT pg_notify('everruns_runs', ok.id::text) FROM ok WHERE $19::text IS NOT NULL) x
 )
--- The uncorrelated test of woke is a one-time filter, run before the scan: a plain join with
--- woke would skip its NOTIFY whenever no row is claimed (a SELECT CTE runs only on demand).
-SELECT inserted.* FROM inserted
-WHERE inserted.status = 'claimed' AND (SELECT n FROM woke) IS NOT NULL;
-
--- name: apply_events_and_close
--- Append a workflow task's events, close the task and mark the run's signals processed (a run
--- still pending, because its claim could not mark it, becomes running).
-WITH run AS (
-    UPDATE durable_workflow_instances
-    SET last_sequence_num = last_sequence_num + cardinality($3::text[]), updated_at = now(),
-        status = CASE WHEN status = 'pending' THEN 'running' ELSE status END,
-        started_at = coalesce(started_at, now())
-    WHERE id = $1
-    RETURNING workflow_id, last_sequence_num AS last
-), events AS (
-    INSERT INTO durable_workflow_events (run_id, workflow_id, sequence_num, event_type, payload)
-    SELECT $1, run.workflow_id, run.last - cardinality($3::text[]) + e.n, e.t, e.p::json
-    FROM run, unnest($3::text[], $4::text[]) WITH ORDINALITY AS e(t, p, n)
-), task AS (
-    UPDATE durable_task_queue
-    SET status = 'completed', claimed_by = NULL, completed_at = now(), updated_at = now()
-    WHERE id = $2
-), signals AS (
-    UPDATE durable_signals SET processed_at = now() WHERE run_id = $1 AND processed_at IS NULL
-)
-SELECT last FROM run;
+-- The uncorrelated test of woke is a one-time filter, run before the join: a SELECT CTE runs
+-- only on demand, so a plain join would skip its NOTIFYs whenever no row is claimed.
+SELECT ok.id IS NOT NULL AS applied, inserted.*
+FROM (SELECT 1) one
+LEFT JOIN ok ON true
+LEFT JOIN inserted ON inserted.status = 'claimed'
+WHERE (SELECT n FROM woke) IS NOT NULL;
 
 -- name: get_worker
 -- One worker's registration.

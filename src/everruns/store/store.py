@@ -77,10 +77,8 @@ class NewEvent:
 
 @attrs.frozen
 class NewTask:
-    """An activity task to enqueue."""
+    """An activity task to enqueue (for a run given beside it)."""
 
-    run_id: uuid.UUID
-    workflow_id: str
     activity_type: str
     activity_id: str
     input: str = "null"
@@ -92,6 +90,16 @@ class NewTask:
     heartbeat_timeout_s: float | None = None
     breaker_key: str | None = None
     task_id: uuid.UUID = attrs.field(factory=uuid.uuid4)
+
+
+@attrs.frozen
+class RunEnd:
+    """How a workflow task ends its run: completed with ``result`` (JSON text), failed with
+    ``error``, or cancelled."""
+
+    status: str
+    result: str | None = None
+    error: dict[str, Any] | None = None
 
 
 @attrs.frozen
@@ -361,13 +369,13 @@ class Store:
         """NOTIFY on commit of the current transaction."""
         await conn.execute("SELECT pg_notify($1, $2)", channel, payload)
 
-    async def enqueue_activity(self, conn: Connection, task: NewTask) -> Task:
-        """Enqueue an activity task (visible at ``visible_at`` or now)."""
+    async def enqueue_activity(self, conn: Connection, run: WorkflowRun, task: NewTask) -> Task:
+        """Enqueue an activity task of ``run`` (visible at ``visible_at`` or now)."""
         row = await conn.fetchrow(
             Q["insert_task"],
             task.task_id,
-            task.run_id,
-            task.workflow_id,
+            run.run_id,
+            run.workflow_id,
             "activity",
             task.activity_type,
             task.activity_id,
@@ -398,57 +406,66 @@ class Store:
             raise await self._stale(conn, task_id, lease_token)
         return WorkflowRun.from_row(row)
 
-    async def enqueue_activities(
+    async def apply_workflow_task(
         self,
-        conn: Connection,
-        run: WorkflowRun,
-        tasks: Sequence[NewTask],
+        task_id: uuid.UUID,
+        lease_token: int,
+        expected_sequence: int,
+        events: Sequence[NewEvent],
+        activities: Sequence[NewTask] = (),
         *,
         eager_for: str | None = None,
         eager: Sequence[bool] = (),
-    ) -> list[Task]:
-        """Enqueue several activity tasks of one run in one statement (one NOTIFY per type).
+        end: RunEnd | None = None,
+        simple_end_only: bool = True,
+        conn: Connection | None = None,
+    ) -> tuple[bool, list[Task]]:
+        """Apply a workflow task's outcome in one statement (see queries.sql): enqueue its
+        activities, append its events, close the task, mark the run's signals processed and,
+        with ``end``, end the run.
 
-        Tasks flagged in ``eager`` are claimed at once for worker ``eager_for`` (unless their
-        circuit breaker is not closed); those claims are returned.
+        Nothing is written unless the caller holds the task's lease, the run is open and its
+        history ends at ``expected_sequence`` (and, with ``end`` and ``simple_end_only``, the
+        run has no parent, no other open task and no open child). Without ``conn`` the
+        statement is its own transaction: one round trip.
+
+        Activities flagged in ``eager`` are claimed at once for worker ``eager_for`` (unless
+        their circuit breaker is not closed).
+
+        Returns:
+            ``(applied, eager_claims)``.
         """
-        if not tasks:
-            return []
         flags = list(eager) if eager_for is not None else []
-        flags += [False] * (len(tasks) - len(flags))
-        rows = await conn.fetch(
-            Q["insert_activities"],
-            run.run_id,
-            run.workflow_id,
-            [t.task_id for t in tasks],
-            [t.activity_type for t in tasks],
-            [t.activity_id for t in tasks],
-            [t.input for t in tasks],
-            [t.retry.max_attempts for t in tasks],
-            [t.priority for t in tasks],
-            [encode_text(t.retry.to_dict(), what="retry policy") for t in tasks],
-            [t.schedule_to_start_s for t in tasks],
-            [t.start_to_close_s for t in tasks],
-            [t.heartbeat_timeout_s for t in tasks],
-            [t.breaker_key for t in tasks],
-            flags,
-            eager_for,
-        )
-        return [Task.from_row(r) for r in rows]
-
-    async def apply_events_and_close(
-        self, conn: Connection, run: WorkflowRun, events: Sequence[NewEvent], task_id: uuid.UUID
-    ) -> int:
-        """Append a workflow task's events (caller holds the run lock), close the task and mark
-        the run's signals processed, in one statement; return the new last sequence number."""
-        last = await conn.fetchval(
-            Q["apply_events_and_close"],
-            run.run_id,
+        flags += [False] * (len(activities) - len(flags))
+        rows = await (conn or self.pool).fetch(
+            Q["apply_workflow_task"],
             task_id,
+            lease_token,
+            expected_sequence,
             [e.type for e in events],
             [e.text() for e in events],
+            [t.task_id for t in activities],
+            [t.activity_type for t in activities],
+            [t.activity_id for t in activities],
+            [t.input for t in activities],
+            [t.retry.max_attempts for t in activities],
+            [t.priority for t in activities],
+            [encode_text(t.retry.to_dict(), what="retry policy") for t in activities],
+            [t.schedule_to_start_s for t in activities],
+            [t.start_to_close_s for t in activities],
+            [t.heartbeat_timeout_s for t in activities],
+            [t.breaker_key for t in activities],
+            flags,
+            eager_for,
+            end.status if end else None,
+            end.result if end and end.status == "completed" else None,
+            encode_text(end.error, what="error")
+            if end and end.status == "failed" and end.error is not None
+            else None,
+            simple_end_only,
         )
-        return int(last)
+        applied = bool(rows[0]["applied"])
+        return applied, [Task.from_row(r) for r in rows if r["id"] is not None]
 
     async def ensure_workflow_task(self, conn: Connection, run: WorkflowRun) -> bool:
         """Make sure the run has a pending workflow task; return True if one was created."""
