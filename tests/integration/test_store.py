@@ -206,7 +206,9 @@ async def test_completed_task_is_not_claimable_again(store: Store) -> None:
         run = await _run(store)
         await _activity(store, run)
         (task,) = await _claim(store, "w1")
-        done, _ = await store.complete_activities([(task.task_id, task.lease_token, '"ok"')], "w1")
+        done, _, _ = await store.complete_activities(
+            [(task.task_id, task.lease_token, '"ok"')], "w1"
+        )
         assert list(done) == [task.task_id]
         done = await store.get_task(task.task_id)
         assert done.status == "completed" and done.result == '"ok"'
@@ -292,7 +294,9 @@ async def test_stale_lease_refused_on_complete_and_fail(store: Store, pool: Pool
             assert len(await store.reclaim_stale(conn, stale_after=30)) == 1
         (new,) = await _claim(store, "w2")
         assert new.task_id == old.task_id and new.attempt == 2
-        done, _ = await store.complete_activities([(old.task_id, old.lease_token, '"late"')], "w1")
+        done, _, _ = await store.complete_activities(
+            [(old.task_id, old.lease_token, '"late"')], "w1"
+        )
         assert done == {}
         assert "held by w2" in str(await store.stale_reason(old.task_id, old.lease_token))
         with pytest.raises(StaleLease):
@@ -661,3 +665,40 @@ async def test_a_workflow_task_ends_its_run_in_the_same_statement(store: Store, 
         assert applied
         ended = await store.get_run(busy.run_id)
         assert ended.status == "failed" and ended.error == {"type": "X", "message": "boom"}
+
+
+async def test_a_follow_up_workflow_task_comes_with_the_history_its_completion_appended(
+    store: Store,
+) -> None:
+    with trio.fail_after(10):
+        run = await _run(store)
+        wft = await _claimed_workflow_task(store, run)
+        applied, _ = await store.apply_workflow_task(
+            wft.task_id,
+            wft.lease_token,
+            1,
+            [NewEvent("workflow_task_completed", {}), NewEvent("activity_scheduled", {})],
+            [NewTask("charge", "a1")],
+        )
+        assert applied
+        (task,) = await _claim(store, "w1")
+        done, handed, histories = await store.complete_activities(
+            [(task.task_id, task.lease_token, '{"paid": 1}')],
+            "w1",
+            eager_types=["checkout"],
+            max_eager=1,
+        )
+        assert list(done) == [task.task_id]
+        assert [(t.kind, t.claimed_by, t.run_id) for t in handed] == [
+            ("workflow", "w1", run.run_id)
+        ]
+        history = histories[run.run_id]
+        assert [(e.sequence_num, e.type) for e in history] == [
+            (1, "workflow_started"),
+            (2, "workflow_task_completed"),
+            (3, "activity_scheduled"),
+            (4, "activity_started"),
+            (5, "activity_completed"),
+        ]
+        assert history[-1].data["result"] == {"paid": 1}
+        assert history == await store.load_events(run.run_id)  # what a later read gives

@@ -721,7 +721,7 @@ class Engine:
             else:
                 valid.append((n, (task_id, lease_token, result)))
         activity_types, workflow_types = await self._served_by(worker_id)
-        done, eager_ids = await self.store.complete_activities(
+        done, eager, histories = await self.store.complete_activities(
             [result for _, result in valid],
             worker_id,
             eager_types=sorted(workflow_types),
@@ -738,8 +738,8 @@ class Engine:
                 await self.store.record_breaker_success_if_tracked(
                     conn, breaker_key, config=self.breakers
                 )
-        handed = await self._hand_out(await self.store.get_tasks(eager_ids))
-        room = max_new_tasks - len(eager_ids)
+        handed = await self._hand_out(eager, histories)
+        room = max_new_tasks - len(eager)
         if claim_queued and room > 0 and (activity_types or workflow_types):
             handed += await self._claim_unless_quiet(
                 None, worker_id, sorted(workflow_types), sorted(activity_types), room, woken=False

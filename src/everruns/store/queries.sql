@@ -140,10 +140,6 @@ SELECT * FROM durable_task_queue
 WHERE id = $1 AND lease_token = $2 AND status = 'claimed'
 FOR UPDATE;
 
--- name: get_tasks
--- Several tasks by id.
-SELECT * FROM durable_task_queue WHERE id = ANY($1::uuid[]);
-
 -- name: get_task
 -- One task by id.
 SELECT * FROM durable_task_queue WHERE id = $1;
@@ -479,9 +475,10 @@ ORDER BY created_at;
 -- one run get consecutive event numbers in request order; each run reserves its numbers once
 -- and gets one workflow task. With $5 (workflow types the completing worker serves) and $6 (how
 -- many it can take), workflow tasks of those types are handed straight to worker $4 when no
--- other workflow task of the run is out. Returns one row per completed request (ok: the lease
--- held) with its breaker key when that breaker is not closed, then one row per eager workflow
--- task (eager_task).
+-- other workflow task of the run is out. Returns one row per completed request (task_id: the
+-- lease held) with its breaker key when that breaker is not closed, and one row per eager
+-- workflow task (its columns, and its run's full history as parallel arrays: the events this
+-- statement appends are not in its snapshot, so they are added from the insert).
 WITH req AS (
     SELECT * FROM unnest($1::uuid[], $2::int8[], $3::text[]) WITH ORDINALITY AS r(id, lease, result, ord)
 ), task AS (
@@ -521,6 +518,7 @@ WITH req AS (
            json_build_object('type', 'activity_completed', 'activity_id', activity_id,
                              'attempt', attempt, 'result', result::json)
     FROM numbered
+    RETURNING run_id, sequence_num, event_type, payload::text AS payload, created_at
 ), offer AS (
     SELECT run.*, e.eager AND row_number() OVER (ORDER BY e.eager DESC, run.id) <= $6 AS eager
     FROM run, LATERAL (
@@ -542,18 +540,34 @@ WITH req AS (
            CASE WHEN offer.eager THEN nextval('durable_lease_tokens') END
     FROM offer
     ON CONFLICT (run_id) WHERE kind = 'workflow' AND status = 'pending' DO NOTHING
-    RETURNING id, status, activity_type
+    RETURNING *
 ), woke AS (
     SELECT count(*) AS n FROM (
         SELECT pg_notify('everruns_tasks', 'workflow:' || t || E'\t' || n)
         FROM (SELECT activity_type AS t, count(*) AS n FROM wft WHERE status = 'pending'
               GROUP BY activity_type) d) x
+), done AS (
+    SELECT task.id AS task_id, b.key AS breaker
+    FROM task LEFT JOIN durable_circuit_breaker_state b
+         ON b.key = task.bkey AND b.state <> 'closed'
+), eager AS (
+    SELECT * FROM wft WHERE wft.status = 'claimed'
 )
-SELECT task.id AS task_id, b.key AS breaker, NULL::uuid AS eager_task
-FROM task LEFT JOIN durable_circuit_breaker_state b ON b.key = task.bkey AND b.state <> 'closed'
-WHERE (SELECT n FROM woke) IS NOT NULL
-UNION ALL
-SELECT NULL, NULL, wft.id FROM wft WHERE wft.status = 'claimed';
+-- Both kinds of row in one result: a full join on a condition that never holds.
+SELECT done.*, eager.*, true AS run_open, h.seqs, h.types, h.payloads, h.times
+FROM done FULL JOIN eager ON done.task_id = eager.id
+LEFT JOIN LATERAL (
+    SELECT array_agg(e.sequence_num ORDER BY e.sequence_num) AS seqs,
+           array_agg(e.event_type ORDER BY e.sequence_num) AS types,
+           array_agg(e.payload ORDER BY e.sequence_num) AS payloads,
+           array_agg(e.created_at ORDER BY e.sequence_num) AS times
+    FROM (SELECT sequence_num, event_type, payload::text AS payload, created_at
+          FROM durable_workflow_events WHERE run_id = eager.run_id
+          UNION ALL
+          SELECT sequence_num, event_type, payload, created_at
+          FROM events WHERE run_id = eager.run_id) e
+) h ON eager.id IS NOT NULL
+WHERE (SELECT n FROM woke) IS NOT NULL;
 
 -- name: claim_tasks_fast
 -- The claim of claim_tasks when no breaker is known to be open or half-open here (tasks of a

@@ -527,21 +527,8 @@ class Store:
         rows = await self.pool.fetch(
             Q["claim_tasks_fast"], worker_id, list(workflow_types), list(activity_types), limit
         )
-        histories = {
-            r["run_id"]: [
-                StoredEvent(*event)
-                for event in zip(
-                    r["seqs"] or (),
-                    r["types"] or (),
-                    r["payloads"] or (),
-                    r["times"] or (),
-                    strict=True,
-                )
-            ]
-            for r in rows
-            if r["kind"] == "workflow" and r["run_open"]
-        }
-        return _in_claim_order(rows), bool(rows) and bool(rows[0]["more_pending"]), histories
+        more = bool(rows) and bool(rows[0]["more_pending"])
+        return _in_claim_order(rows), more, _histories(rows)
 
     async def start_runs(self, run_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[StoredEvent]]:
         """Mark runs running (pending -> running) and read their histories, in one statement.
@@ -568,14 +555,15 @@ class Store:
         *,
         eager_types: Sequence[str] = (),
         max_eager: int = 0,
-    ) -> tuple[dict[uuid.UUID, str | None], list[uuid.UUID]]:
+    ) -> tuple[dict[uuid.UUID, str | None], list[Task], dict[uuid.UUID, list[StoredEvent]]]:
         """Complete several activities (``(task_id, lease_token, result_json)``) in one
         statement and wake their workflows, handing up to ``max_eager`` follow-up workflow
         tasks of ``eager_types`` to ``worker_id`` (see queries.sql).
 
         Returns:
             The completed tasks (those whose lease held), each with its breaker key if that
-            breaker is not closed, and the ids of the workflow tasks handed to the worker.
+            breaker is not closed; the workflow tasks handed to the worker; and their runs'
+            full histories.
         """
         rows = await self.pool.fetch(
             Q["complete_activities"],
@@ -587,13 +575,8 @@ class Store:
             max_eager,
         )
         done = {r["task_id"]: r["breaker"] for r in rows if r["task_id"] is not None}
-        return done, [r["eager_task"] for r in rows if r["eager_task"] is not None]
-
-    async def get_tasks(self, task_ids: Sequence[uuid.UUID]) -> list[Task]:
-        """Several tasks by id (those that exist), in no particular order."""
-        if not task_ids:
-            return []
-        return [Task.from_row(r) for r in await self.pool.fetch(Q["get_tasks"], list(task_ids))]
+        handed = [r for r in rows if r["id"] is not None]
+        return done, [Task.from_row(r) for r in handed], _histories(handed)
 
     async def stale_reason(self, task_id: uuid.UUID, lease_token: int) -> StaleLease:
         """Why a report under ``lease_token`` was refused (the task is gone or not yours)."""
@@ -1115,6 +1098,25 @@ class Store:
             else:
                 probes[state.key] = budget
         return blocked, probes
+
+
+def _histories(rows: Sequence[Any]) -> dict[uuid.UUID, list[StoredEvent]]:
+    """The histories a statement brought with the workflow tasks it handed out (parallel
+    arrays per row), for the runs still open."""
+    return {
+        r["run_id"]: [
+            StoredEvent(*event)
+            for event in zip(
+                r["seqs"] or (),
+                r["types"] or (),
+                r["payloads"] or (),
+                r["times"] or (),
+                strict=True,
+            )
+        ]
+        for r in rows
+        if r["kind"] == "workflow" and r["run_open"]
+    }
 
 
 def _in_claim_order(rows: Sequence[Any]) -> list[Task]:
