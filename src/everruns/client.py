@@ -25,6 +25,7 @@ from everruns._aio import open_aio_loop
 from everruns._aio.grpc import RpcChannel, client_tls, client_tls_from_env, open_channel
 from everruns._proto.everruns import v1 as pb
 from everruns.domain.address import DEFAULT_GRPC_ADDRESS, parse_address
+from everruns.domain.packing import pack_blobs, unpack_uuids
 from everruns.domain.payload import decode, encode
 from everruns.domain.registry import name_of
 from everruns.domain.status import TERMINAL_WORKFLOW_STATUSES, WORKFLOW_STATUSES
@@ -725,31 +726,47 @@ class Client:
         entries = [s if isinstance(s, WorkflowStart) else _start_from_tuple(s) for s in starts]
         if not entries:
             return []
-        # Sent and answered in the columnar form (a few lists instead of a message per run).
+        # Sent and answered in the packed form: a few blobs instead of a message per run.
         types = [name_of(e.workflow) for e in entries]
-        request = pb.StartWorkflowsRequest(
-            workflow_types=[types[0]] if len(set(types)) == 1 else types,
-            inputs=[
+        inputs, ends = pack_blobs(
+            [
                 encode(e.input, what=f"input of workflow {name!r}")
                 for e, name in zip(entries, types, strict=True)
-            ],
+            ]
+        )
+        request = pb.StartWorkflowsRequest(
+            workflow_types=[types[0]] if len(set(types)) == 1 else types,
+            packed_inputs=inputs,
+            input_ends=ends,
             workflow_ids=_workflow_ids([e.workflow_id for e in entries]),
-            columnar_reply=True,
+            packed_reply=True,
         )
         reply = await self._call(
             self._stub.start_workflows,
             request,
             retry=all(e.workflow_id is not None for e in entries),
         )
-        if len(reply.run_ids) != len(entries):
+        try:
+            run_ids = unpack_uuids(reply.packed_run_ids, "packed_run_ids")
+            generated = unpack_uuids(reply.packed_generated_ids, "packed_generated_ids")
+        except InvalidArgument as exc:
+            raise RpcError(f"StartWorkflows answered malformed ids: {exc}") from exc
+        unnamed = sum(e.workflow_id is None for e in entries)
+        counts = (len(run_ids), len(reply.packed_created), len(generated))
+        if counts != (len(entries), len(entries), unnamed):
             raise RpcError(
-                f"StartWorkflows answered {len(reply.run_ids)} runs for {len(entries)} starts"
+                f"StartWorkflows answered {counts[0]} runs, {counts[1]} created flags and "
+                f"{counts[2]} generated ids for {len(entries)} starts ({unnamed} unnamed)"
             )
+        named = iter(generated)
         return [
-            WorkflowHandle(self, workflow_id, run_id, created=created)
-            for workflow_id, run_id, created in zip(
-                reply.workflow_ids, reply.run_ids, reply.created, strict=True
+            WorkflowHandle(
+                self,
+                entry.workflow_id if entry.workflow_id is not None else next(named),
+                run_id,
+                created=bool(created),
             )
+            for entry, run_id, created in zip(entries, run_ids, reply.packed_created, strict=True)
         ]
 
     def get_handle(self, workflow_id: str, run_id: str | None = None) -> WorkflowHandle:

@@ -5,6 +5,7 @@ auth and bad input."""
 from __future__ import annotations
 
 import json
+import struct
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -20,6 +21,7 @@ from everruns._aio.grpc import RpcChannel, open_channel
 from everruns._proto.everruns import v1 as pb
 from everruns.domain.context import WorkflowInfo
 from everruns.domain.history import HistoryEvent
+from everruns.domain.packing import pack_blobs, unpack_uuids
 from everruns.domain.replay import replay
 from everruns.domain.retry import RetryPolicy
 from everruns.errors import (
@@ -427,6 +429,54 @@ async def test_columnar_batch_start_matches_the_message_form(database_url: str) 
             ):
                 with pytest.raises(InvalidArgument, match="workflow_types must name one type"):
                     await p.channel.unary(p.workflows.start_workflows, bad)
+
+
+async def test_packed_batch_start_answers_in_blobs_and_refuses_bad_offsets(
+    database_url: str,
+) -> None:
+    """StartWorkflows packed: inputs cut at their end offsets, answered with 16-byte run ids,
+    one created byte per start and the generated ids of the unnamed starts only; offsets that
+    do not fit the blob are refused before anything starts."""
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            await p.start("t", 1, wid="dup")
+            inputs, ends = pack_blobs([b'"a"', b"", b"[1,2]"])
+            reply = await p.channel.unary(
+                p.workflows.start_workflows,
+                pb.StartWorkflowsRequest(
+                    workflow_types=["t"],
+                    packed_inputs=inputs,
+                    input_ends=ends,
+                    workflow_ids=["dup", "", "c-1"],
+                    packed_reply=True,
+                ),
+            )
+            assert reply.responses == [] and reply.run_ids == []
+            run_ids = unpack_uuids(reply.packed_run_ids, "run ids")
+            (generated,) = unpack_uuids(reply.packed_generated_ids, "generated ids")
+            assert len(set(run_ids)) == 3 and reply.packed_created == b"\x00\x01\x01"
+            described = await p.describe(generated)
+            assert described.run_id == run_ids[1] and described.input == b"null"
+            assert (await p.describe("c-1")).input == b"[1,2]"
+            before = await p.channel.unary(
+                p.workflows.list_workflows, pb.ListWorkflowsRequest(limit=100)
+            )
+            for blob, bad_ends, message in (
+                (b"12", struct.pack("<2I", 1, 3), r"outside 1\.\.2"),
+                (b"12", struct.pack("<1I", 1), "1 bytes after the last item"),
+                (b"12", b"\x01\x00", "4 bytes each"),
+            ):
+                with pytest.raises(InvalidArgument, match=message):
+                    await p.channel.unary(
+                        p.workflows.start_workflows,
+                        pb.StartWorkflowsRequest(
+                            workflow_types=["t"], packed_inputs=blob, input_ends=bad_ends
+                        ),
+                    )
+            after = await p.channel.unary(
+                p.workflows.list_workflows, pb.ListWorkflowsRequest(limit=100)
+            )
+            assert len(after.workflows) == len(before.workflows)
 
 
 async def test_non_determinism_marks_the_run_stuck(database_url: str) -> None:

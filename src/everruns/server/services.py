@@ -20,6 +20,7 @@ import trio
 
 from everruns._aio.grpc import status_for
 from everruns._proto.everruns import v1 as pb
+from everruns.domain.packing import pack_uuids, unpack_blobs
 from everruns.errors import EverrunsError, InvalidArgument, NotFound
 from everruns.server.engine import (
     ClaimedTask,
@@ -334,6 +335,16 @@ class WorkflowService:
         if len(starts) > _MAX_STARTS:
             raise InvalidArgument(f"at most {_MAX_STARTS} workflows per StartWorkflows call")
         results = await self.engine.start_workflows(starts)
+        if request.packed_reply:
+            return pb.StartWorkflowsResponse(
+                packed_run_ids=pack_uuids(run.run_id for run, _ in results),
+                packed_created=bytes(created for _, created in results),
+                packed_generated_ids=pack_uuids(
+                    run.workflow_id
+                    for (run, _), start in zip(results, starts, strict=True)
+                    if start.workflow_id is None
+                ),
+            )
         if request.columnar_reply:
             return pb.StartWorkflowsResponse(
                 workflow_ids=[run.workflow_id for run, _ in results],
@@ -516,8 +527,10 @@ def _start_request(request: pb.StartWorkflowRequest) -> StartRequest:
 
 
 def _columnar_starts(request: pb.StartWorkflowsRequest) -> list[StartRequest]:
-    """The starts of a StartWorkflows request in its columnar form."""
+    """The starts of a StartWorkflows request in its columnar (or packed) form."""
     types, inputs, ids = request.workflow_types, request.inputs, request.workflow_ids
+    if not inputs and (request.input_ends or request.packed_inputs):
+        inputs = unpack_blobs(request.packed_inputs, request.input_ends, "packed_inputs")
     count = max(len(types), len(inputs), len(ids))
     if len(types) not in (1, count):
         raise InvalidArgument(

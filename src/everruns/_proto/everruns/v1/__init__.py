@@ -1179,6 +1179,20 @@ class StartWorkflowsRequest(betterproto2.Message):
     answer in the response's columns instead of `responses`
     """
 
+    packed_inputs: "bytes" = betterproto2.field(6, betterproto2.TYPE_BYTES)
+    """
+    The packed form of the inputs (used when `inputs` is empty and `input_ends` is set): all
+    inputs in one blob, cut at the end offsets in input_ends (little-endian uint32, 4 bytes per
+    start). Encodes and decodes in constant time whatever the number of starts.
+    """
+
+    input_ends: "bytes" = betterproto2.field(7, betterproto2.TYPE_BYTES)
+
+    packed_reply: "bool" = betterproto2.field(8, betterproto2.TYPE_BOOL)
+    """
+    answer in the response's packed fields (takes precedence)
+    """
+
 
 default_message_pool.register_message("everruns.v1", "StartWorkflowsRequest", StartWorkflowsRequest)
 
@@ -1200,6 +1214,17 @@ class StartWorkflowsResponse(betterproto2.Message):
     run_ids: "list[str]" = betterproto2.field(3, betterproto2.TYPE_STRING, repeated=True)
 
     created: "list[bool]" = betterproto2.field(4, betterproto2.TYPE_BOOL, repeated=True)
+
+    packed_run_ids: "bytes" = betterproto2.field(5, betterproto2.TYPE_BYTES)
+    """
+    The packed answer (when asked for), in the order of the starts: run ids as 16 bytes each,
+    created as one byte each (0 or 1), and the workflow ids generated for the starts that gave
+    none, as 16-byte UUIDs in the order of those starts (the others are the ids given).
+    """
+
+    packed_created: "bytes" = betterproto2.field(6, betterproto2.TYPE_BYTES)
+
+    packed_generated_ids: "bytes" = betterproto2.field(7, betterproto2.TYPE_BYTES)
 
 
 default_message_pool.register_message(
