@@ -29,6 +29,7 @@ import trio_asyncio
 from grpclib.client import Channel
 from grpclib.const import Status
 
+from everruns._aio.wire import FastCodec
 from everruns.errors import (
     AlreadyExists,
     ConcurrencyConflict,
@@ -228,7 +229,9 @@ async def serve_services(
     way out ``closing`` is set before connections are closed, so handlers can tell a server
     shutdown from a client that went away.
     """
-    server = grpclib.server.Server([_servable(base, impl, auth_token) for base, impl in services])
+    server = grpclib.server.Server(
+        [_servable(base, impl, auth_token) for base, impl in services], codec=FastCodec()
+    )
     try:
         await trio_asyncio.aio_as_trio(server.start)(host, port, ssl=tls, reuse_address=True)
     except OSError as exc:
@@ -387,7 +390,7 @@ async def open_channel(
     host: str, port: int, *, auth_token: str | None = None, tls: ssl.SSLContext | None = None
 ) -> AsyncIterator[RpcChannel]:
     """Open a channel to ``host:port`` for the block (connections are made lazily)."""
-    channel = Channel(host, port, ssl=tls)
+    channel = Channel(host, port, ssl=tls, codec=FastCodec())
     try:
         yield RpcChannel(channel, f"{host}:{port}", auth_token)
     finally:
