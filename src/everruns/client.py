@@ -735,7 +735,7 @@ class Client:
             ]
         )
         request = pb.StartWorkflowsRequest(
-            workflow_types=[types[0]] if len(set(types)) == 1 else types,
+            packed_workflow_types=[types[0]] if len(set(types)) == 1 else types,
             packed_inputs=inputs,
             input_ends=ends,
             workflow_ids=_workflow_ids([e.workflow_id for e in entries]),
@@ -756,7 +756,8 @@ class Client:
         if counts != (len(entries), len(entries), unnamed):
             raise RpcError(
                 f"StartWorkflows answered {counts[0]} runs, {counts[1]} created flags and "
-                f"{counts[2]} generated ids for {len(entries)} starts ({unnamed} unnamed)"
+                f"{counts[2]} generated ids for {len(entries)} starts ({unnamed} unnamed); "
+                "is the control plane older than this client?"
             )
         named = iter(generated)
         return [

@@ -4,6 +4,7 @@ auth and bad input."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 import uuid
@@ -444,7 +445,7 @@ async def test_packed_batch_start_answers_in_blobs_and_refuses_bad_offsets(
             reply = await p.channel.unary(
                 p.workflows.start_workflows,
                 pb.StartWorkflowsRequest(
-                    workflow_types=["t"],
+                    packed_workflow_types=["t"],
                     packed_inputs=inputs,
                     input_ends=ends,
                     workflow_ids=["dup", "", "c-1"],
@@ -470,9 +471,20 @@ async def test_packed_batch_start_answers_in_blobs_and_refuses_bad_offsets(
                     await p.channel.unary(
                         p.workflows.start_workflows,
                         pb.StartWorkflowsRequest(
-                            workflow_types=["t"], packed_inputs=blob, input_ends=bad_ends
+                            packed_workflow_types=["t"], packed_inputs=blob, input_ends=bad_ends
                         ),
                     )
+            # What a control plane without the packed form sees of a packed request (the
+            # columns only): it refuses the named starts and has no unnamed ones to start.
+            with pytest.raises(InvalidArgument, match="workflow_types must name one type"):
+                await p.channel.unary(
+                    p.workflows.start_workflows, pb.StartWorkflowsRequest(workflow_ids=["x", "y"])
+                )
+            with contextlib.suppress(InvalidArgument):
+                nothing = await p.channel.unary(
+                    p.workflows.start_workflows, pb.StartWorkflowsRequest(columnar_reply=True)
+                )
+                assert nothing.run_ids == [] and nothing.responses == []
             after = await p.channel.unary(
                 p.workflows.list_workflows, pb.ListWorkflowsRequest(limit=100)
             )

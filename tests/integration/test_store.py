@@ -702,3 +702,56 @@ async def test_a_follow_up_workflow_task_comes_with_the_history_its_completion_a
         ]
         assert history[-1].data["result"] == {"paid": 1}
         assert history == await store.load_events(run.run_id)  # what a later read gives
+
+
+async def test_no_follow_up_task_is_handed_out_with_a_gap_in_its_history(store: Store) -> None:
+    """A completion whose snapshot predates events another transaction committed to the run
+    (it waited for the run's lock meanwhile) must not hand the follow-up workflow task out
+    with the history of its snapshot: those events would be missing from it."""
+    with trio.fail_after(20):
+        run = await _run(store)
+        wft = await _claimed_workflow_task(store, run)
+        applied, _ = await store.apply_workflow_task(
+            wft.task_id,
+            wft.lease_token,
+            1,
+            [NewEvent("workflow_task_completed", {}), NewEvent("activity_scheduled", {})],
+            [NewTask("charge", "a1")],
+        )
+        assert applied
+        (task,) = await _claim(store, "w1")
+        outcome: list[Any] = []
+        holding, proceed = trio.Event(), trio.Event()
+
+        async def complete() -> None:
+            outcome.append(
+                await store.complete_activities(
+                    [(task.task_id, task.lease_token, "1")],
+                    "w1",
+                    eager_types=["checkout"],
+                    max_eager=1,
+                )
+            )
+
+        async def other_writer() -> None:
+            async with store.transaction() as conn:
+                locked = await store.lock_run(conn, run.run_id)
+                holding.set()
+                await proceed.wait()
+                await store.append_events(conn, locked, [NewEvent("signal_received", {})])
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other_writer)
+            await holding.wait()
+            nursery.start_soon(complete)
+            await trio.sleep(0.5)
+            assert outcome == []  # it has its snapshot and waits for the run's lock
+            proceed.set()
+        done, handed, _ = outcome[0]
+        assert list(done) == [task.task_id]
+        assert handed == []  # left pending: a claim reads the whole history
+        (follow_up,), _, histories = await store.claim_tasks_fast(
+            "w1", workflow_types=["checkout"], limit=1
+        )
+        assert follow_up.run_id == run.run_id
+        assert [e.sequence_num for e in histories[run.run_id]] == [1, 2, 3, 4, 5, 6]

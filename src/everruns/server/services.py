@@ -529,7 +529,10 @@ def _start_request(request: pb.StartWorkflowRequest) -> StartRequest:
 def _columnar_starts(request: pb.StartWorkflowsRequest) -> list[StartRequest]:
     """The starts of a StartWorkflows request in its columnar (or packed) form."""
     types, inputs, ids = request.workflow_types, request.inputs, request.workflow_ids
-    if not inputs and (request.input_ends or request.packed_inputs):
+    if request.packed_workflow_types:
+        if types or inputs:
+            raise InvalidArgument("the packed form leaves workflow_types and inputs empty")
+        types = request.packed_workflow_types
         inputs = unpack_blobs(request.packed_inputs, request.input_ends, "packed_inputs")
     count = max(len(types), len(inputs), len(ids))
     if len(types) not in (1, count):

@@ -520,12 +520,16 @@ WITH req AS (
     FROM numbered
     RETURNING run_id, sequence_num, event_type, payload::text AS payload, created_at
 ), offer AS (
+    -- Eager only when the run's history in this statement's snapshot ends where the locked
+    -- row says (base): events another transaction committed after the snapshot (and a
+    -- workflow task it handed out) are invisible here, and the history sent would have a gap.
     SELECT run.*, e.eager AND row_number() OVER (ORDER BY e.eager DESC, run.id) <= $6 AS eager
     FROM run, LATERAL (
         SELECT run.workflow_type = ANY($5::text[]) AND NOT EXISTS (
             SELECT 1 FROM durable_task_queue w
             WHERE w.run_id = run.id AND w.kind = 'workflow' AND w.status IN ('pending', 'claimed')
-        ) AS eager) e
+        ) AND (SELECT s.last_sequence_num FROM durable_workflow_instances s
+               WHERE s.id = run.id) = run.base AS eager) e
 ), wft AS (
     INSERT INTO durable_task_queue (id, run_id, workflow_id, kind, activity_type, max_attempts,
                                     partition_key, status, claimed_by, claimed_at, heartbeat_at,
@@ -562,11 +566,11 @@ LEFT JOIN LATERAL (
            array_agg(e.payload ORDER BY e.sequence_num) AS payloads,
            array_agg(e.created_at ORDER BY e.sequence_num) AS times
     FROM (SELECT sequence_num, event_type, payload::text AS payload, created_at
-          FROM durable_workflow_events WHERE run_id = eager.run_id
+          FROM durable_workflow_events WHERE run_id = eager.run_id AND eager.id IS NOT NULL
           UNION ALL
           SELECT sequence_num, event_type, payload, created_at
-          FROM events WHERE run_id = eager.run_id) e
-) h ON eager.id IS NOT NULL
+          FROM events WHERE run_id = eager.run_id AND eager.id IS NOT NULL) e
+) h ON true
 WHERE (SELECT n FROM woke) IS NOT NULL;
 
 -- name: claim_tasks_fast

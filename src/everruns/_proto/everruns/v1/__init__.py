@@ -1181,9 +1181,11 @@ class StartWorkflowsRequest(betterproto2.Message):
 
     packed_inputs: "bytes" = betterproto2.field(6, betterproto2.TYPE_BYTES)
     """
-    The packed form of the inputs (used when `inputs` is empty and `input_ends` is set): all
-    inputs in one blob, cut at the end offsets in input_ends (little-endian uint32, 4 bytes per
-    start). Encodes and decodes in constant time whatever the number of starts.
+    The packed form (used when `packed_workflow_types` is set): all inputs in one blob, cut
+    at the end offsets in input_ends (little-endian uint32, 4 bytes per start); the types as
+    in workflow_types, which stays empty, so that a control plane without the packed form
+    refuses the request or starts nothing instead of starting runs without their inputs.
+    Encodes and decodes in constant time whatever the number of starts.
     """
 
     input_ends: "bytes" = betterproto2.field(7, betterproto2.TYPE_BYTES)
@@ -1192,6 +1194,10 @@ class StartWorkflowsRequest(betterproto2.Message):
     """
     answer in the response's packed fields (takes precedence)
     """
+
+    packed_workflow_types: "list[str]" = betterproto2.field(
+        9, betterproto2.TYPE_STRING, repeated=True
+    )
 
 
 default_message_pool.register_message("everruns.v1", "StartWorkflowsRequest", StartWorkflowsRequest)
