@@ -667,21 +667,27 @@ async def test_a_workflow_task_ends_its_run_in_the_same_statement(store: Store, 
         assert ended.status == "failed" and ended.error == {"type": "X", "message": "boom"}
 
 
+async def _run_with_claimed_activity(store: Store) -> tuple[WorkflowRun, Any]:
+    """A run whose first workflow task scheduled activity a1, which w1 has claimed."""
+    run = await _run(store)
+    wft = await _claimed_workflow_task(store, run)
+    applied, _ = await store.apply_workflow_task(
+        wft.task_id,
+        wft.lease_token,
+        1,
+        [NewEvent("workflow_task_completed", {}), NewEvent("activity_scheduled", {})],
+        [NewTask("charge", "a1")],
+    )
+    assert applied
+    (task,) = await _claim(store, "w1")
+    return run, task
+
+
 async def test_a_follow_up_workflow_task_comes_with_the_history_its_completion_appended(
     store: Store,
 ) -> None:
     with trio.fail_after(10):
-        run = await _run(store)
-        wft = await _claimed_workflow_task(store, run)
-        applied, _ = await store.apply_workflow_task(
-            wft.task_id,
-            wft.lease_token,
-            1,
-            [NewEvent("workflow_task_completed", {}), NewEvent("activity_scheduled", {})],
-            [NewTask("charge", "a1")],
-        )
-        assert applied
-        (task,) = await _claim(store, "w1")
+        run, task = await _run_with_claimed_activity(store)
         done, handed, histories = await store.complete_activities(
             [(task.task_id, task.lease_token, '{"paid": 1}')],
             "w1",
@@ -709,17 +715,7 @@ async def test_no_follow_up_task_is_handed_out_with_a_gap_in_its_history(store: 
     (it waited for the run's lock meanwhile) must not hand the follow-up workflow task out
     with the history of its snapshot: those events would be missing from it."""
     with trio.fail_after(20):
-        run = await _run(store)
-        wft = await _claimed_workflow_task(store, run)
-        applied, _ = await store.apply_workflow_task(
-            wft.task_id,
-            wft.lease_token,
-            1,
-            [NewEvent("workflow_task_completed", {}), NewEvent("activity_scheduled", {})],
-            [NewTask("charge", "a1")],
-        )
-        assert applied
-        (task,) = await _claim(store, "w1")
+        run, task = await _run_with_claimed_activity(store)
         outcome: list[Any] = []
         holding, proceed = trio.Event(), trio.Event()
 
