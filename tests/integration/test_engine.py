@@ -53,6 +53,13 @@ class Plane:
         )
         return reply.workflow_id
 
+    async def register(self, *, max_concurrency: int = 10, **types: list[str]) -> None:
+        """Register worker "w1" (what it serves decides its eager tasks)."""
+        await self.channel.unary(
+            self.workers.register_worker,
+            pb.RegisterWorkerRequest(worker_id="w1", max_concurrency=max_concurrency, **types),
+        )
+
     async def poll(
         self, *, wf: list[str] = (), act: list[str] = (), wait: float = 5
     ) -> list[pb.Task]:  # type: ignore[assignment]
@@ -71,6 +78,12 @@ class Plane:
     async def run_workflow_task(
         self, task: pb.Task, fn: Callable[..., Any]
     ) -> pb.CompleteWorkflowTaskResponse:
+        return await self.channel.unary(self.workers.complete_workflow_task, self.decide(task, fn))
+
+    def decide(
+        self, task: pb.Task, fn: Callable[..., Any], *, max_eager: int = 0
+    ) -> pb.CompleteWorkflowTaskRequest:
+        """Replay ``fn`` over the task's history: the completion a worker would send."""
         history = [
             HistoryEvent(
                 sequence_num=e.sequence_num,
@@ -86,16 +99,14 @@ class Plane:
             info=WorkflowInfo(task.workflow_id, task.run_id, task.workflow_type),
             now=datetime.fromtimestamp(task.claimed_at, UTC),
         )
-        return await self.channel.unary(
-            self.workers.complete_workflow_task,
-            pb.CompleteWorkflowTaskRequest(
-                task_id=task.task_id,
-                lease_token=task.lease_token,
-                worker_id="w1",
-                seen_sequence=result.seen_sequence,
-                commands=json.dumps([c.to_dict() for c in result.commands]).encode(),
-                claim_time=task.claimed_at,
-            ),
+        return pb.CompleteWorkflowTaskRequest(
+            task_id=task.task_id,
+            lease_token=task.lease_token,
+            worker_id="w1",
+            seen_sequence=result.seen_sequence,
+            commands=json.dumps([c.to_dict() for c in result.commands]).encode(),
+            claim_time=task.claimed_at,
+            max_eager_tasks=max_eager,
         )
 
     async def drive(self, fn: Callable[..., Any], wtype: str, *, steps: int = 1) -> None:
@@ -557,12 +568,7 @@ async def test_cancel_pushes_to_the_holder_and_cancels_pending(database_url: str
 
     with trio.fail_after(30):
         async with plane(database_url) as p:
-            await p.channel.unary(
-                p.workers.register_worker,
-                pb.RegisterWorkerRequest(
-                    worker_id="w1", activity_types=["slow"], max_concurrency=1
-                ),
-            )
+            await p.register(activity_types=["slow"], max_concurrency=1)
             wid = await p.start("two")
             await p.drive(two, "two")
             received: list[pb.Cancellation] = []
@@ -654,15 +660,7 @@ async def test_a_batch_of_results_is_applied_together_and_refills_the_slots(
 
     with trio.fail_after(30):
         async with plane(database_url) as p:
-            await p.channel.unary(
-                p.workers.register_worker,
-                pb.RegisterWorkerRequest(
-                    worker_id="w1",
-                    workflow_types=["pair", "single"],
-                    activity_types=["job"],
-                    max_concurrency=10,
-                ),
-            )
+            await p.register(workflow_types=["pair", "single"], activity_types=["job"])
             a = await p.start("pair")
             b = await p.start("single")
             await p.drive(pair, "pair")
@@ -900,3 +898,34 @@ async def test_ending_a_run_cancels_the_activities_it_no_longer_waits_for(
                 ("never", "cancelled", False),
                 ("slow", "claimed", True),
             ]  # the holder of "slow" learns of the cancel on its next heartbeat
+
+
+async def test_several_workflow_tasks_complete_in_one_call_each_on_its_own(
+    database_url: str,
+) -> None:
+    """CompleteWorkflowTasks applies each completion as CompleteWorkflowTask would (its own
+    eager tasks) and refuses a stale one alone, in request order."""
+
+    async def step(ctx: Any, input: Any) -> Any:
+        return await ctx.execute_activity("work", input)
+
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            await p.register(workflow_types=["step"], activity_types=["work"])
+            for n in range(3):
+                await p.start("step", n, wid=f"s-{n}")
+            tasks = await p.poll(wf=["step"])
+            assert len(tasks) == 3
+            requests = [p.decide(task, step, max_eager=1) for task in tasks]
+            requests[1].lease_token += 1000  # not the lease it holds
+            reply = await p.channel.unary(
+                p.workers.complete_workflow_tasks,
+                pb.CompleteWorkflowTasksRequest(completions=requests),
+            )
+            first, stale, third = reply.outcomes
+            assert first.accepted and third.accepted and not stale.accepted
+            assert stale.refused_status == "FAILED_PRECONDITION" and "lease" in stale.message
+            for outcome, task in ((first, tasks[0]), (third, tasks[2])):
+                (eager,) = outcome.eager_tasks
+                assert eager.kind == "activity" and eager.run_id == task.run_id
+            assert await p.history_types(tasks[1].workflow_id) == ["workflow_started"]

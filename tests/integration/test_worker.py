@@ -150,6 +150,13 @@ class FakeControlPlane:
         self._poke()
         return pb.CompleteWorkflowTaskResponse(accepted=True)
 
+    async def complete_workflow_tasks(self, request: Any) -> Any:
+        self.workflow_completions.extend(request.completions)
+        self._poke()
+        return pb.CompleteWorkflowTasksResponse(
+            outcomes=[pb.WorkflowTaskOutcome(accepted=True) for _ in request.completions]
+        )
+
     async def fail_workflow_task(self, request: Any) -> Any:
         self.workflow_failures.append(request)
         self._poke()

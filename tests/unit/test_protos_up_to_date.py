@@ -30,6 +30,7 @@ WORKER_METHODS = {
     "poll_tasks",
     "record_heartbeat",
     "complete_workflow_task",
+    "complete_workflow_tasks",
     "fail_workflow_task",
     "complete_activity_task",
     "complete_activity_tasks",

@@ -48,8 +48,11 @@ def messages(cls: type, depth: int = 0) -> st.SearchStrategy[Any]:
     for name, field in meta.meta_by_field_name.items():
         if field.proto_type == "message":
             nested = meta.cls_by_field[name]
-            item = messages(nested, depth + 1).filter(bool) if depth < 2 else st.nothing()
-            fields[name] = st.lists(item, max_size=3)
+            fields[name] = (
+                st.lists(messages(nested, depth + 1).filter(bool), max_size=3)
+                if depth < 3
+                else st.just([])
+            )
         elif field.repeated:
             fields[name] = st.lists(_SCALARS[field.proto_type], max_size=3)
         else:

@@ -21,7 +21,7 @@ import trio
 from everruns._aio.grpc import status_for
 from everruns._proto.everruns import v1 as pb
 from everruns.domain.packing import pack_uuids, unpack_blobs
-from everruns.errors import EverrunsError, InvalidArgument, NotFound
+from everruns.errors import DatabaseError, EverrunsError, InvalidArgument, NotFound
 from everruns.server.engine import (
     ClaimedTask,
     Engine,
@@ -198,6 +198,41 @@ class WorkerService:
         return pb.CompleteWorkflowTaskResponse(
             accepted=accepted, superseded=superseded, eager_tasks=[_task(c) for c in eager]
         )
+
+    async def complete_workflow_tasks(
+        self, request: pb.CompleteWorkflowTasksRequest
+    ) -> pb.CompleteWorkflowTasksResponse:
+        if len(request.completions) > _MAX_BATCH:
+            raise InvalidArgument(
+                f"at most {_MAX_BATCH} completions per call, got {len(request.completions)}"
+            )
+        # Applied concurrently (each its own transaction, as separate calls would be), so the
+        # database works on several at once; answered in request order.
+        outcomes = [pb.WorkflowTaskOutcome() for _ in request.completions]
+        failures: list[DatabaseError] = []
+
+        async def apply(n: int, completion: pb.CompleteWorkflowTaskRequest) -> None:
+            try:
+                reply = await self.complete_workflow_task(completion)
+            except DatabaseError as exc:
+                failures.append(exc)  # the whole call fails (and is retried)
+            except EverrunsError as why:
+                outcomes[n] = pb.WorkflowTaskOutcome(
+                    refused_status=status_for(why).name, message=str(why)
+                )
+            else:
+                outcomes[n] = pb.WorkflowTaskOutcome(
+                    accepted=reply.accepted,
+                    superseded=reply.superseded,
+                    eager_tasks=reply.eager_tasks,
+                )
+
+        async with trio.open_nursery() as nursery:
+            for n, completion in enumerate(request.completions):
+                nursery.start_soon(apply, n, completion)
+        if failures:
+            raise failures[0]  # those applied meanwhile read as stale when the call is retried
+        return pb.CompleteWorkflowTasksResponse(outcomes=outcomes)
 
     async def fail_workflow_task(
         self, request: pb.FailWorkflowTaskRequest

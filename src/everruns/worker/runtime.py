@@ -316,6 +316,9 @@ class Worker:
         self._results: Batcher[_RunningTask, BaseException | None] = Batcher(
             self._send_results, max_batch=MAX_RESULTS_PER_CALL
         )
+        self._decisions: Batcher[Any, Any] = Batcher(
+            self._send_decisions, max_batch=MAX_RESULTS_PER_CALL
+        )
         self._token: trio.lowlevel.TrioToken | None = None
         self._run_called = False
         self._released = 0
@@ -398,6 +401,7 @@ class Worker:
             async with trio.open_nursery() as services:
                 services.start_soon(self._worker_heartbeat_loop)
                 await services.start(self._results.run)
+                await services.start(self._decisions.run)
                 # Shielded so that even an immediate stop closes the stream only after the
                 # goodbye below: its drop is what makes the control plane mark us lost.
                 stream_scope = trio.CancelScope(shield=True)
@@ -1246,9 +1250,7 @@ class Worker:
                 max_eager_tasks=offer,
             )
             try:
-                reply = await self._call_until_answered(
-                    self._stub.complete_workflow_task, request, what="CompleteWorkflowTask"
-                )
+                reply = await self._complete_decision(request)
             except (FailedPrecondition, NotFound) as exc:
                 self._dropped(handle, exc)
                 return
@@ -1270,6 +1272,44 @@ class Worker:
         finally:
             for slot in extra[used:]:
                 self._slots.release(slot)
+
+    async def _complete_decision(self, request: Any) -> Any:
+        """Send a workflow task's commands with the other decisions ready now (one call for
+        all of them), or alone when the batcher is not running; return the task's own reply.
+
+        Raises:
+            FailedPrecondition, NotFound, InvalidArgument, ResourceExhausted, RpcError: the
+                control plane refused this task's commands (as CompleteWorkflowTask would).
+        """
+        try:
+            reply = await self._decisions.submit(request)
+        except BatcherClosed:
+            return await self._call_until_answered(
+                self._stub.complete_workflow_task, request, what="CompleteWorkflowTask"
+            )
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    async def _send_decisions(self, requests: list[Any]) -> list[Any]:
+        """One CompleteWorkflowTasks call for a batch of decisions: per decision, its reply or
+        why it was refused."""
+        reply = await self._call_until_answered(
+            self._stub.complete_workflow_tasks,
+            pb.CompleteWorkflowTasksRequest(completions=requests),
+            what="CompleteWorkflowTasks",
+        )
+        if len(reply.outcomes) != len(requests):
+            raise RpcError(
+                f"CompleteWorkflowTasks answered {len(reply.outcomes)} outcomes for "
+                f"{len(requests)} decisions"
+            )
+        return [
+            error_for_status(o.refused_status, o.message, "CompleteWorkflowTasks")
+            if o.refused_status
+            else o
+            for o in reply.outcomes
+        ]
 
     async def _fail_workflow_task(self, handle: _RunningTask, failure: _WorkflowTaskFailed) -> None:
         task = handle.task

@@ -19,6 +19,8 @@ __all__ = (
     "CompleteActivityTasksResponse",
     "CompleteWorkflowTaskRequest",
     "CompleteWorkflowTaskResponse",
+    "CompleteWorkflowTasksRequest",
+    "CompleteWorkflowTasksResponse",
     "DeadLetter",
     "DescribeWorkflowRequest",
     "DescribeWorkflowResponse",
@@ -64,6 +66,7 @@ __all__ = (
     "WorkflowServiceBase",
     "WorkflowServiceStub",
     "WorkflowSummary",
+    "WorkflowTaskOutcome",
 )
 
 from collections.abc import AsyncIterator
@@ -479,6 +482,36 @@ class CompleteWorkflowTaskResponse(betterproto2.Message):
 
 default_message_pool.register_message(
     "everruns.v1", "CompleteWorkflowTaskResponse", CompleteWorkflowTaskResponse
+)
+
+
+@dataclass(eq=False, repr=False)
+class CompleteWorkflowTasksRequest(betterproto2.Message):
+    completions: "list[CompleteWorkflowTaskRequest]" = betterproto2.field(
+        1, betterproto2.TYPE_MESSAGE, repeated=True
+    )
+    """
+    at most 1,000
+    """
+
+
+default_message_pool.register_message(
+    "everruns.v1", "CompleteWorkflowTasksRequest", CompleteWorkflowTasksRequest
+)
+
+
+@dataclass(eq=False, repr=False)
+class CompleteWorkflowTasksResponse(betterproto2.Message):
+    outcomes: "list[WorkflowTaskOutcome]" = betterproto2.field(
+        1, betterproto2.TYPE_MESSAGE, repeated=True
+    )
+    """
+    one per completion, in request order
+    """
+
+
+default_message_pool.register_message(
+    "everruns.v1", "CompleteWorkflowTasksResponse", CompleteWorkflowTasksResponse
 )
 
 
@@ -1574,6 +1607,35 @@ class WorkflowSummary(betterproto2.Message):
 default_message_pool.register_message("everruns.v1", "WorkflowSummary", WorkflowSummary)
 
 
+@dataclass(eq=False, repr=False)
+class WorkflowTaskOutcome(betterproto2.Message):
+    accepted: "bool" = betterproto2.field(1, betterproto2.TYPE_BOOL)
+    """
+    as in CompleteWorkflowTaskResponse
+    """
+
+    superseded: "bool" = betterproto2.field(2, betterproto2.TYPE_BOOL)
+    """
+    as in CompleteWorkflowTaskResponse
+    """
+
+    eager_tasks: "list[Task]" = betterproto2.field(3, betterproto2.TYPE_MESSAGE, repeated=True)
+    """
+    as in CompleteWorkflowTaskResponse
+    """
+
+    refused_status: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
+    """
+    When refused: the gRPC status name the single call would have failed with
+    (FAILED_PRECONDITION for a stale lease, INVALID_ARGUMENT...), and why.
+    """
+
+    message: "str" = betterproto2.field(5, betterproto2.TYPE_STRING)
+
+
+default_message_pool.register_message("everruns.v1", "WorkflowTaskOutcome", WorkflowTaskOutcome)
+
+
 class WorkerServiceStub(betterproto2_grpclib.ServiceStub):
     async def register_worker(
         self,
@@ -1675,6 +1737,28 @@ class WorkerServiceStub(betterproto2_grpclib.ServiceStub):
             "/everruns.v1.WorkerService/CompleteWorkflowTask",
             message,
             CompleteWorkflowTaskResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def complete_workflow_tasks(
+        self,
+        message: "CompleteWorkflowTasksRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "CompleteWorkflowTasksResponse":
+        """
+        Completes several workflow tasks in one call: each is applied as CompleteWorkflowTask would
+        apply it (its own transaction, its own eager tasks) and answered on its own.
+        """
+
+        return await self._unary_unary(
+            "/everruns.v1.WorkerService/CompleteWorkflowTasks",
+            message,
+            CompleteWorkflowTasksResponse,
             timeout=timeout,
             deadline=deadline,
             metadata=metadata,
@@ -2109,6 +2193,16 @@ class WorkerServiceBase(betterproto2_grpclib.ServiceBase):
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
+    async def complete_workflow_tasks(
+        self, message: "CompleteWorkflowTasksRequest"
+    ) -> "CompleteWorkflowTasksResponse":
+        """
+        Completes several workflow tasks in one call: each is applied as CompleteWorkflowTask would
+        apply it (its own transaction, its own eager tasks) and answered on its own.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
     async def fail_workflow_task(
         self, message: "FailWorkflowTaskRequest"
     ) -> "FailWorkflowTaskResponse":
@@ -2198,6 +2292,15 @@ class WorkerServiceBase(betterproto2_grpclib.ServiceBase):
         response = await self.complete_workflow_task(request)
         await stream.send_message(response)
 
+    async def __rpc_complete_workflow_tasks(
+        self,
+        stream: "grpclib.server.Stream[CompleteWorkflowTasksRequest, CompleteWorkflowTasksResponse]",
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.complete_workflow_tasks(request)
+        await stream.send_message(response)
+
     async def __rpc_fail_workflow_task(
         self, stream: "grpclib.server.Stream[FailWorkflowTaskRequest, FailWorkflowTaskResponse]"
     ) -> None:
@@ -2274,6 +2377,12 @@ class WorkerServiceBase(betterproto2_grpclib.ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 CompleteWorkflowTaskRequest,
                 CompleteWorkflowTaskResponse,
+            ),
+            "/everruns.v1.WorkerService/CompleteWorkflowTasks": grpclib.const.Handler(
+                self.__rpc_complete_workflow_tasks,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                CompleteWorkflowTasksRequest,
+                CompleteWorkflowTasksResponse,
             ),
             "/everruns.v1.WorkerService/FailWorkflowTask": grpclib.const.Handler(
                 self.__rpc_fail_workflow_task,
