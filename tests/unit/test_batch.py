@@ -3,6 +3,8 @@ at once, each caller gets its own result, and nothing is left waiting when the s
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import pytest
 import trio
 import trio.testing
@@ -25,13 +27,20 @@ class Recorder:
         return [i * 10 for i in items]
 
 
+def _submitter(batcher: Batcher[int, int], got: dict[int, int]) -> Callable[[int], Awaitable[None]]:
+    """A caller that submits an item and records its result in ``got``."""
+
+    async def submit(n: int) -> None:
+        got[n] = await batcher.submit(n)
+
+    return submit
+
+
 async def test_a_lone_item_goes_out_at_once_and_items_ready_together_share_a_call() -> None:
     rec = Recorder()
     batcher = Batcher(rec.send, max_batch=3)
     got: dict[int, int] = {}
-
-    async def submit(n: int) -> None:
-        got[n] = await batcher.submit(n)
+    submit = _submitter(batcher, got)
 
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
@@ -100,9 +109,7 @@ async def test_with_two_calls_allowed_the_next_batch_goes_out_while_one_is_answe
     rec = Recorder()
     batcher = Batcher(rec.send, max_batch=2, max_in_flight=2)
     got: dict[int, int] = {}
-
-    async def submit(n: int) -> None:
-        got[n] = await batcher.submit(n)
+    submit = _submitter(batcher, got)
 
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
