@@ -313,14 +313,11 @@ class Worker:
         self._channel: RpcChannel | None = None
         self._stub: Any = None
         self._task_nursery: trio.Nursery | None = None
-        # Two calls in flight, each with at most half the slots' reports: slots that finish
-        # together are answered in two halves, and one half runs while the other reports.
-        per_call = max(1, min(MAX_RESULTS_PER_CALL, (config.max_concurrent_tasks + 1) // 2))
         self._results: Batcher[_RunningTask, BaseException | None] = Batcher(
-            self._send_results, max_batch=per_call, max_in_flight=2
+            self._send_results, max_batch=MAX_RESULTS_PER_CALL
         )
         self._decisions: Batcher[Any, Any] = Batcher(
-            self._send_decisions, max_batch=per_call, max_in_flight=2
+            self._send_decisions, max_batch=MAX_RESULTS_PER_CALL
         )
         self._token: trio.lowlevel.TrioToken | None = None
         self._run_called = False
