@@ -6,7 +6,6 @@ Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import gc
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -16,13 +15,6 @@ import trio
 from everruns.errors import ConfigError, EverrunsError
 
 __all__ = ["operator_error", "run_program"]
-
-# A long-running engine process allocates many short-lived objects per task (messages, rows,
-# events) and keeps a large, stable heap (modules, registries). Collecting the youngest
-# generation every 700 net allocations, and re-walking that stable heap in every full
-# collection, showed up as tail latency; programs start with the heap frozen and a larger
-# first threshold instead.
-_GC_THRESHOLDS = (20_000, 20, 20)
 
 
 def operator_error(exc: BaseException) -> EverrunsError | None:
@@ -38,9 +30,6 @@ def operator_error(exc: BaseException) -> EverrunsError | None:
 
 def run_program(program: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> int:
     """``trio.run(fn, *args)`` and return the process exit code."""
-    gc.collect()
-    gc.freeze()  # what is alive now (imports, configuration) is never collected: skip it
-    gc.set_threshold(*_GC_THRESHOLDS)
     try:
         trio.run(fn, *args)
     except (EverrunsError, BaseExceptionGroup) as exc:
