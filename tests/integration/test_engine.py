@@ -929,3 +929,42 @@ async def test_several_workflow_tasks_complete_in_one_call_each_on_its_own(
                 (eager,) = outcome.eager_tasks
                 assert eager.kind == "activity" and eager.run_id == task.run_id
             assert await p.history_types(tasks[1].workflow_id) == ["workflow_started"]
+
+
+async def test_an_activity_only_worker_gets_queued_tasks_claimed_beside_its_results(
+    database_url: str,
+) -> None:
+    """A worker that serves no workflow gets no follow-up workflow task back, so the claim for
+    its freed slots runs beside the statement that records its results: the reply still
+    brings queued tasks, never more than offered, and the results are recorded."""
+
+    async def fan(ctx: Any, input: Any) -> Any:
+        return await ctx.gather(*(ctx.start_activity("job", n) for n in range(5)))
+
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            await p.register(activity_types=["job"])
+            wid = await p.start("fan")
+            await p.drive(fan, "fan")
+            first = await p.channel.unary(
+                p.workers.poll_tasks,
+                pb.PollTasksRequest(worker_id="w1", max_tasks=2, activity_types=["job"], wait_s=1),
+            )
+            assert len(first.tasks) == 2
+            reply = await p.channel.unary(
+                p.workers.complete_activity_tasks,
+                pb.CompleteActivityTasksRequest(
+                    worker_id="w1",
+                    results=[
+                        pb.ActivityResult(task_id=t.task_id, lease_token=t.lease_token, result=b"1")
+                        for t in first.tasks
+                    ],
+                    max_new_tasks=2,
+                ),
+            )
+            assert [o.accepted for o in reply.outcomes] == [True, True]
+            assert len(reply.new_tasks) == 2
+            assert all(t.kind == "activity" and t.workflow_id == wid for t in reply.new_tasks)
+            done = {t.task_id for t in first.tasks}
+            assert not done & {t.task_id for t in reply.new_tasks}
+            assert (await p.history_types(wid)).count("activity_completed") == 2

@@ -721,12 +721,37 @@ class Engine:
             else:
                 valid.append((n, (task_id, lease_token, result)))
         activity_types, workflow_types = await self._served_by(worker_id)
-        done, eager, histories = await self.store.complete_activities(
-            [result for _, result in valid],
-            worker_id,
-            eager_types=sorted(workflow_types),
-            max_eager=max(0, max_new_tasks),
-        )
+        # A worker that serves no workflow gets no follow-up task back, so the claim for its
+        # freed slots does not depend on the results: it runs beside their statement.
+        claimed: list[ClaimedTask] = []
+        beside = claim_queued and max_new_tasks > 0 and bool(activity_types) and not workflow_types
+
+        async def claim_beside() -> None:
+            try:
+                claimed.extend(
+                    await self._claim_unless_quiet(
+                        None, worker_id, [], sorted(activity_types), max_new_tasks, woken=False
+                    )
+                )
+            except EverrunsError as exc:  # the results stand; the slots refill by polling
+                log.warning("claim beside recorded results failed: %s", exc)
+
+        async with trio.open_nursery() as nursery:
+            if beside:
+                nursery.start_soon(claim_beside)
+            recorded: tuple[Any, ...] | EverrunsError
+            try:
+                recorded = await self.store.complete_activities(
+                    [result for _, result in valid],
+                    worker_id,
+                    eager_types=sorted(workflow_types),
+                    max_eager=max(0, max_new_tasks),
+                )
+            except EverrunsError as exc:
+                recorded = exc  # raised once the claim beside it has ended (not as a group)
+        if isinstance(recorded, EverrunsError):
+            raise recorded
+        done, eager, histories = recorded
         taken: set[uuid.UUID] = set()
         for n, (task_id, lease_token, _) in valid:
             if task_id in done and task_id not in taken:
@@ -738,9 +763,9 @@ class Engine:
                 await self.store.record_breaker_success_if_tracked(
                     conn, breaker_key, config=self.breakers
                 )
-        handed = await self._hand_out(eager, histories)
+        handed = await self._hand_out(eager, histories) + claimed
         room = max_new_tasks - len(eager)
-        if claim_queued and room > 0 and (activity_types or workflow_types):
+        if not beside and claim_queued and room > 0 and (activity_types or workflow_types):
             handed += await self._claim_unless_quiet(
                 None, worker_id, sorted(workflow_types), sorted(activity_types), room, woken=False
             )
