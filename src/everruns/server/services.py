@@ -217,9 +217,7 @@ class WorkerService:
             except DatabaseError as exc:
                 failures.append(exc)  # the whole call fails (and is retried)
             except EverrunsError as why:
-                outcomes[n] = pb.WorkflowTaskOutcome(
-                    refused_status=status_for(why).name, message=str(why)
-                )
+                outcomes[n] = pb.WorkflowTaskOutcome(**_refused(why))
             else:
                 outcomes[n] = pb.WorkflowTaskOutcome(
                     accepted=reply.accepted,
@@ -293,7 +291,7 @@ class WorkerService:
         outcomes = [
             pb.ActivityResultOutcome(accepted=True)
             if why is None
-            else pb.ActivityResultOutcome(refused_status=status_for(why).name, message=str(why))
+            else pb.ActivityResultOutcome(**_refused(why))
             for why in verdicts
         ]
         return pb.CompleteActivityTasksResponse(
@@ -551,6 +549,12 @@ class WorkflowService:
     ) -> pb.ResetCircuitBreakerResponse:
         await self.store.reset_breaker(check_name(request.key, "key"))
         return pb.ResetCircuitBreakerResponse()
+
+
+def _refused(why: EverrunsError) -> dict[str, str]:
+    """The fields of a batch item's outcome that say why it was refused: the gRPC status the
+    single call would have failed with, and the message."""
+    return {"refused_status": status_for(why).name, "message": str(why)}
 
 
 def _start_request(request: pb.StartWorkflowRequest) -> StartRequest:

@@ -972,17 +972,9 @@ class Worker:
             reply = await self._call_until_answered(
                 self._stub.complete_activity_tasks, request, what="CompleteActivityTasks"
             )
-            refusals: list[BaseException | None] = [
-                None
-                if o.accepted
-                else error_for_status(o.refused_status, o.message, "CompleteActivityTasks")
-                for o in reply.outcomes
-            ]
-            if len(refusals) != len(handles):
-                raise RpcError(
-                    f"CompleteActivityTasks answered {len(refusals)} outcomes for "
-                    f"{len(handles)} results"
-                )
+            refusals = _refusals(
+                reply.outcomes, len(handles), "CompleteActivityTasks", lambda o: not o.accepted
+            )
             freed = [h for h, refusal in zip(handles, refusals, strict=True) if refusal is None]
             used = self._adopt_new_tasks(
                 reply.new_tasks, freed, extra, what="CompleteActivityTasks"
@@ -1299,17 +1291,11 @@ class Worker:
             pb.CompleteWorkflowTasksRequest(completions=requests),
             what="CompleteWorkflowTasks",
         )
-        if len(reply.outcomes) != len(requests):
-            raise RpcError(
-                f"CompleteWorkflowTasks answered {len(reply.outcomes)} outcomes for "
-                f"{len(requests)} decisions"
-            )
-        return [
-            error_for_status(o.refused_status, o.message, "CompleteWorkflowTasks")
-            if o.refused_status
-            else o
-            for o in reply.outcomes
-        ]
+        outcomes = reply.outcomes
+        refusals = _refusals(
+            outcomes, len(requests), "CompleteWorkflowTasks", lambda o: bool(o.refused_status)
+        )
+        return [o if why is None else why for o, why in zip(outcomes, refusals, strict=True)]
 
     async def _fail_workflow_task(self, handle: _RunningTask, failure: _WorkflowTaskFailed) -> None:
         task = handle.task
@@ -1337,3 +1323,20 @@ class Worker:
             self._dropped(handle, exc)
         except (RpcError, InvalidArgument, ResourceExhausted) as exc:
             self._refused(handle, exc)
+
+
+def _refusals(
+    outcomes: Sequence[Any], sent: int, what: str, refused: Callable[[Any], bool]
+) -> list[BaseException | None]:
+    """Per item of a batch call's reply: None unless ``refused`` says so, else the error the
+    single call would have raised.
+
+    Raises:
+        RpcError: the reply does not answer every item sent.
+    """
+    if len(outcomes) != sent:
+        raise RpcError(f"{what} answered {len(outcomes)} outcomes for {sent} items")
+    return [
+        error_for_status(o.refused_status, o.message, what) if refused(o) else None
+        for o in outcomes
+    ]
