@@ -20,10 +20,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import trio
-import trio_asyncio
 from pytest_trio.plugin import automark
 
-from everruns._aio import pg
+from everruns._aio import open_aio_loop, pg
 from everruns.store.migrate import apply_migrations
 from everruns.store.store import Store
 
@@ -31,10 +30,10 @@ _AIO_DIRS = ("integration", "e2e")
 
 
 def _run_with_aio(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    # Tests that reach asyncpg/grpclib run with a trio-asyncio loop opened around the whole test,
+    # Tests that reach asyncpg/grpclib run with the asyncio loop opened around the whole test,
     # so fixtures and the test body (separate Trio tasks) all inherit it.
     async def main() -> Any:
-        async with trio_asyncio.open_loop():
+        async with open_aio_loop():
             return await fn(*args)
 
     return trio.run(main, **kwargs)
@@ -84,10 +83,10 @@ def template_database(pg_server_url: str) -> str:
     name = f"everruns_tpl_{os.getpid()}"
 
     async def build() -> None:
-        async with trio_asyncio.open_loop(), pg.connect(pg_server_url) as admin:
+        async with open_aio_loop(), pg.connect(pg_server_url) as admin:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             await admin.execute(f'CREATE DATABASE "{name}"')
-        async with trio_asyncio.open_loop(), pg.connect(with_database(pg_server_url, name)) as c:
+        async with open_aio_loop(), pg.connect(with_database(pg_server_url, name)) as c:
             await apply_migrations(c)
 
     trio.run(build)

@@ -120,11 +120,13 @@ async def agent_system(database_url: str) -> AsyncIterator[Client]:
     """The control plane, one worker serving the agent, and a client."""
     async with trio.open_nursery() as nursery:
         info = await nursery.start(serve, ServerConfig(database_url=database_url, grpc_port=0))
-        worker = Worker(REGISTRY, address=info.address, grace_period=1, max_concurrent_tasks=8)
-        await nursery.start(worker.run)
-        async with Client.connect(info.address) as client:
-            yield client
-        worker.shutdown()
+        # The worker stops (drains and reports) before the control plane does.
+        async with trio.open_nursery() as workers:
+            worker = Worker(REGISTRY, address=info.address, grace_period=1, max_concurrent_tasks=8)
+            await workers.start(worker.run)
+            async with Client.connect(info.address) as client:
+                yield client
+            worker.shutdown()
         nursery.cancel_scope.cancel()
 
 

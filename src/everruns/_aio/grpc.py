@@ -2,9 +2,10 @@
 
 Server side: `serve_services` takes objects whose async methods are Trio functions named like
 the generated service bases' methods (`start_workflow(request) -> reply`; server streams take a
-`send` function as second argument), and runs a grpclib server that calls them through
-trio-asyncio. Everruns errors raised by a method become gRPC statuses with their message;
-anything else becomes INTERNAL with a short message (the traceback stays in the server log).
+`send` function as second argument), and runs a grpclib server on the asyncio loop's thread that
+calls them as tasks of a Trio nursery (`AioLoop.run_trio`). Everruns errors raised by a method
+become gRPC statuses with their message; anything else becomes INTERNAL with a short message (the
+traceback stays in the server log).
 Authentication (bearer token, constant-time comparison) happens here, before any method runs.
 
 Client side: `open_channel` and `RpcChannel.unary/stream` call generated stubs from Trio and map
@@ -19,6 +20,7 @@ import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any, TypeVar, cast
 
 import grpclib.const
@@ -26,11 +28,11 @@ import grpclib.exceptions
 import grpclib.server
 import h2.exceptions
 import trio
-import trio_asyncio
 from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.protocol import H2Protocol
 
+from everruns._aio.loop import AioLoop, CallAbandoned, call_in_loop, current_aio_loop, run_aio
 from everruns._aio.wire import FastCodec
 from everruns.errors import (
     AlreadyExists,
@@ -123,6 +125,8 @@ def _wrap_handler(
     handler: grpclib.const.Handler,
     impl: Callable[..., Awaitable[Any]],
     token: str | None,
+    aio: AioLoop,
+    nursery: trio.Nursery,
 ) -> grpclib.const.Handler:
     streaming = handler.cardinality is grpclib.const.Cardinality.UNARY_STREAM
 
@@ -138,15 +142,19 @@ def _wrap_handler(
         try:
             if streaming:
 
-                async def send(message: Any) -> None:
-                    await trio_asyncio.aio_as_trio(stream.send_message)(message)
+                async def send(message: Any) -> None:  # runs on Trio
+                    await aio.run_aio(stream.send_message, message)
 
-                await trio_asyncio.trio_as_aio(impl)(request, send)
+                await aio.run_trio(nursery, impl, request, send)
             else:
-                reply = await trio_asyncio.trio_as_aio(impl)(request)
+                reply = await aio.run_trio(nursery, impl, request)
                 await stream.send_message(reply)
         except grpclib.exceptions.GRPCError:
             raise
+        except CallAbandoned as exc:
+            raise grpclib.exceptions.GRPCError(
+                Status.UNAVAILABLE, "the control plane is shutting down"
+            ) from exc
         except (h2.exceptions.StreamClosedError, grpclib.exceptions.StreamTerminatedError):
             log.debug("%s: the client went away before the reply", route)
         except Exception as exc:
@@ -259,8 +267,39 @@ def _corked(protocol: H2Protocol) -> H2Protocol:
 
 
 class _Server(grpclib.server.Server):
+    """grpclib's server, writing corked, that can close the connections it has open.
+
+    grpclib's `close` stops listening and cancels the running methods but leaves connections
+    open, so a client with a call in flight would wait for its own timeout; closing them tells
+    it at once that the server is gone.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._open: set[asyncio.BaseTransport] = set()
+
     def _protocol_factory(self) -> H2Protocol:
-        return _corked(super()._protocol_factory())
+        protocol = _corked(super()._protocol_factory())
+        made, lost = protocol.connection_made, protocol.connection_lost
+        mine: list[asyncio.BaseTransport] = []
+
+        def connection_made(transport: asyncio.BaseTransport) -> None:
+            mine.append(transport)
+            self._open.add(transport)
+            made(transport)
+
+        def connection_lost(exc: BaseException | None) -> None:
+            self._open.difference_update(mine)
+            lost(exc)
+
+        protocol.connection_made = connection_made  # type: ignore[method-assign]
+        protocol.connection_lost = connection_lost  # type: ignore[method-assign]
+        return protocol
+
+    def close_connections(self) -> None:
+        """Close every open connection (on the loop's thread, after `close`)."""
+        for transport in list(self._open):
+            transport.close()
 
 
 class _Channel(Channel):
@@ -268,7 +307,9 @@ class _Channel(Channel):
         return _corked(super()._protocol_factory())
 
 
-def _servable(base: Any, impl: Any, token: str | None) -> _Servable:
+def _servable(
+    base: Any, impl: Any, token: str | None, aio: AioLoop, nursery: trio.Nursery
+) -> _Servable:
     mapping: dict[str, grpclib.const.Handler] = {}
     for route, handler in base.__mapping__().items():
         # Routes are "/pkg.Service/MethodName"; the Trio method is its snake_case name, the
@@ -277,7 +318,7 @@ def _servable(base: Any, impl: Any, token: str | None) -> _Servable:
         method = getattr(impl, name, None)
         if method is None:
             raise TypeError(f"{type(impl).__name__} does not implement {route} ({name})")
-        mapping[route] = _wrap_handler(route, handler, method, token)
+        mapping[route] = _wrap_handler(route, handler, method, token, aio, nursery)
     return _Servable(mapping)
 
 
@@ -297,24 +338,47 @@ async def serve_services(
     way out ``closing`` is set before connections are closed, so handlers can tell a server
     shutdown from a client that went away.
     """
-    server = _Server(
-        [_servable(base, impl, auth_token) for base, impl in services], codec=FastCodec()
-    )
-    try:
-        await trio_asyncio.aio_as_trio(server.start)(host, port, ssl=tls, reuse_address=True)
-    except OSError as exc:
-        raise ServerUnavailable(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-    try:
-        sockets = getattr(server._server, "sockets", None) or ()
-        bound = sockets[0].getsockname()[1] if sockets else port
-        task_status.started(bound)
-        await trio.sleep_forever()
-    finally:
-        if closing is not None:
-            closing.set()
-        server.close()
-        with trio.move_on_after(5, shield=True):
-            await trio_asyncio.aio_as_trio(server.wait_closed)()
+    aio = current_aio_loop()
+    # The methods' Trio tasks run in a nursery of their own, shielded from the cancellation that
+    # stops the server: they are cancelled by the server's close, after `closing` is set, so a
+    # method cut short by a shutdown can tell it from a client that went away.
+    methods_scope = trio.CancelScope(shield=True)
+    async with trio.open_nursery() as nursery:
+        handlers: trio.Nursery = await nursery.start(_host_methods, methods_scope)
+        try:
+            servables = [
+                _servable(base, impl, auth_token, aio, handlers) for base, impl in services
+            ]
+            server = await call_in_loop(partial(_Server, servables, codec=FastCodec()))
+            try:
+                await run_aio(partial(server.start, host, port, ssl=tls, reuse_address=True))
+            except OSError as exc:
+                raise ServerUnavailable(
+                    f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+                ) from exc
+            try:
+                sockets = getattr(server._server, "sockets", None) or ()
+                bound = sockets[0].getsockname()[1] if sockets else port
+                task_status.started(bound)
+                await trio.sleep_forever()
+            finally:
+                if closing is not None:
+                    closing.set()
+                with trio.move_on_after(5, shield=True):
+                    await call_in_loop(server.close)
+                    await call_in_loop(server.close_connections)
+                    await run_aio(server.wait_closed)
+        finally:
+            methods_scope.cancel()
+
+
+async def _host_methods(
+    scope: trio.CancelScope, *, task_status: trio.TaskStatus[trio.Nursery]
+) -> None:
+    with scope:
+        async with trio.open_nursery() as methods:
+            task_status.started(methods)
+            await trio.sleep_forever()
 
 
 def _error_for(status: Status, message: str, what: str) -> EverrunsError:
@@ -377,8 +441,8 @@ class RpcChannel:
             NotFound, InvalidArgument, FailedPrecondition, ...: the server's verdict.
         """
         try:
-            reply: Reply = await trio_asyncio.aio_as_trio(method)(
-                request, timeout=timeout, metadata=self._metadata
+            reply: Reply = await run_aio(
+                partial(method, request, timeout=timeout, metadata=self._metadata)
             )
         except _CALL_ERRORS as exc:
             raise _to_everruns_error(exc, getattr(method, "__name__", "call")) from exc
@@ -389,30 +453,33 @@ class RpcChannel:
     ) -> AsyncIterator[Reply]:
         """Iterate a server-streaming stub method's replies (e.g. ``stub.stream_cancellations``).
 
-        Each receive is its own bridged call (trio-asyncio's async-iterator wrapper does not
-        survive cancellation cleanly), and the stream is closed, shielded, when iteration ends.
+        Each receive is its own bridged call, and the stream is closed, shielded, when
+        iteration ends.
 
         Raises:
             ServerUnavailable: the stream could not be opened or broke.
         """
         route, reply_type = _stream_route(method)
         what = getattr(method, "__name__", "stream")
-        cm = self._channel.request(
-            route,
-            grpclib.const.Cardinality.UNARY_STREAM,
-            type(request),
-            reply_type,
-            metadata=self._metadata,
+        cm = await call_in_loop(
+            partial(
+                self._channel.request,
+                route,
+                grpclib.const.Cardinality.UNARY_STREAM,
+                type(request),
+                reply_type,
+                metadata=self._metadata,
+            )
         )
         try:
-            stream = await trio_asyncio.aio_as_trio(cm.__aenter__)()
+            stream = await run_aio(cm.__aenter__)
         except _CALL_ERRORS as exc:
             raise _to_everruns_error(exc, what) from exc
         try:
             try:
-                await trio_asyncio.aio_as_trio(stream.send_message)(request, end=True)
+                await run_aio(partial(stream.send_message, request, end=True))
                 while True:
-                    reply = await trio_asyncio.aio_as_trio(stream.recv_message)()
+                    reply = await run_aio(stream.recv_message)
                     if reply is None:
                         return
                     yield reply
@@ -421,11 +488,11 @@ class RpcChannel:
         finally:
             with trio.move_on_after(2, shield=True):
                 try:
-                    await trio_asyncio.aio_as_trio(stream.cancel)()
+                    await run_aio(stream.cancel)
                 except Exception:  # the stream is already gone; nothing to close
                     pass
                 try:
-                    await trio_asyncio.aio_as_trio(cm.__aexit__)(None, None, None)
+                    await run_aio(cm.__aexit__, None, None, None)
                 except Exception:
                     pass
 
@@ -458,8 +525,9 @@ async def open_channel(
     host: str, port: int, *, auth_token: str | None = None, tls: ssl.SSLContext | None = None
 ) -> AsyncIterator[RpcChannel]:
     """Open a channel to ``host:port`` for the block (connections are made lazily)."""
-    channel = _Channel(host, port, ssl=tls, codec=FastCodec())
+    channel = await call_in_loop(partial(_Channel, host, port, ssl=tls, codec=FastCodec()))
     try:
         yield RpcChannel(channel, f"{host}:{port}", auth_token)
     finally:
-        channel.close()
+        with trio.move_on_after(2, shield=True):
+            await call_in_loop(channel.close)

@@ -1,22 +1,24 @@
 """A typed Trio proxy over asyncpg: pools, connections, transactions and LISTEN.
 
-The store talks to PostgreSQL only through this module. Every call crosses into asyncio with
-trio-asyncio; closing and rolling back run shielded with a bound, so a cancelled caller never
-leaks a connection or leaves a transaction open. asyncpg and OS errors are mapped onto
-``everruns.errors`` here. No SQL text lives here: callers pass it in.
+The store talks to PostgreSQL only through this module. Every call crosses to the asyncio loop's
+thread (`everruns._aio.loop`); closing and rolling back run shielded with a bound, so a cancelled
+caller never leaks a connection or leaves a transaction open. asyncpg and OS errors are mapped
+onto ``everruns.errors`` here. No SQL text lives here: callers pass it in.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import asyncpg
 import trio
-import trio_asyncio
 
+from everruns._aio.loop import call_in_loop, current_aio_loop, run_aio
 from everruns.errors import (
     AlreadyExists,
     DatabaseError,
@@ -59,12 +61,33 @@ def map_pg_error(exc: BaseException) -> Exception:
 _MAPPED = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 
 
-def _drop(raw: Any) -> None:
-    """Close a connection at once without a goodbye (it may be mid-operation)."""
+# Connections dropped by `_drop` whose closing the loop's thread may not have run yet: they
+# must not go back to a pool meanwhile.
+_dropped: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _terminate(raw: Any) -> None:
     try:
         raw.terminate()
     except asyncpg.InterfaceError:
         pass  # already released or closed: nothing left to drop
+
+
+def _drop(raw: Any) -> None:
+    """Close a connection at once without a goodbye (it may be mid-operation).
+
+    The close runs on the loop's thread (asyncpg objects belong to it); from here on the
+    connection counts as closed.
+    """
+    _dropped.add(raw)
+    try:
+        current_aio_loop().loop.call_soon_threadsafe(_terminate, raw)
+    except RuntimeError:
+        pass  # the loop is already closed, and its connections with it
+
+
+def _is_open(raw: Any) -> bool:
+    return raw not in _dropped and not raw.is_closed()
 
 
 class Connection:
@@ -76,7 +99,7 @@ class Connection:
     async def execute(self, query: str, *args: Any) -> str:
         """Run a statement; return its status tag (e.g. ``UPDATE 3``)."""
         try:
-            status: str = await trio_asyncio.aio_as_trio(self._raw.execute)(query, *args)
+            status: str = await run_aio(self._raw.execute, query, *args)
         except _MAPPED as exc:
             raise map_pg_error(exc) from exc
         return status
@@ -84,7 +107,7 @@ class Connection:
     async def fetch(self, query: str, *args: Any) -> list[Row]:
         """Run a query; return all rows."""
         try:
-            rows: list[Row] = await trio_asyncio.aio_as_trio(self._raw.fetch)(query, *args)
+            rows: list[Row] = await run_aio(self._raw.fetch, query, *args)
         except _MAPPED as exc:
             raise map_pg_error(exc) from exc
         return rows
@@ -92,7 +115,7 @@ class Connection:
     async def fetchrow(self, query: str, *args: Any) -> Row | None:
         """Run a query; return its first row or None."""
         try:
-            row: Row | None = await trio_asyncio.aio_as_trio(self._raw.fetchrow)(query, *args)
+            row: Row | None = await run_aio(self._raw.fetchrow, query, *args)
         except _MAPPED as exc:
             raise map_pg_error(exc) from exc
         return row
@@ -100,14 +123,14 @@ class Connection:
     async def fetchval(self, query: str, *args: Any) -> Any:
         """Run a query; return the first column of its first row (None if no row)."""
         try:
-            return await trio_asyncio.aio_as_trio(self._raw.fetchval)(query, *args)
+            return await run_aio(self._raw.fetchval, query, *args)
         except _MAPPED as exc:
             raise map_pg_error(exc) from exc
 
     async def executemany(self, query: str, args: Sequence[Sequence[Any]]) -> None:
         """Run one statement for each argument tuple, pipelined."""
         try:
-            await trio_asyncio.aio_as_trio(self._raw.executemany)(query, args)
+            await run_aio(self._raw.executemany, query, args)
         except _MAPPED as exc:
             raise map_pg_error(exc) from exc
 
@@ -119,7 +142,7 @@ class Connection:
         """
         try:
             tx = self._raw.transaction()
-            await trio_asyncio.aio_as_trio(tx.start)()
+            await run_aio(tx.start)
         except BaseException as exc:
             # Interrupted BEGIN: the transaction may or may not be open; never reuse that.
             _drop(self._raw)
@@ -132,7 +155,7 @@ class Connection:
             rolled_back = False
             with trio.move_on_after(_CLEANUP_SECONDS, shield=True):
                 try:
-                    await trio_asyncio.aio_as_trio(tx.rollback)()
+                    await run_aio(tx.rollback)
                     rolled_back = True
                 except _MAPPED:
                     pass
@@ -143,7 +166,7 @@ class Connection:
                 _drop(self._raw)
             raise
         try:
-            await trio_asyncio.aio_as_trio(tx.commit)()
+            await run_aio(tx.commit)
         except BaseException as exc:
             # Interrupted COMMIT: the outcome is unknown to us; never reuse the connection.
             _drop(self._raw)
@@ -177,9 +200,7 @@ class Pool:
 
     async def _connect(self) -> Any:
         try:
-            return await trio_asyncio.aio_as_trio(asyncpg.connect)(
-                self._url, **self._connect_kwargs
-            )
+            return await run_aio(partial(asyncpg.connect, self._url, **self._connect_kwargs))
         except _MAPPED as exc:
             raise map_pg_error(exc) from exc
 
@@ -187,12 +208,12 @@ class Pool:
         """An idle connection still open (one the server closed meanwhile is dropped)."""
         while self._idle:
             raw = self._idle.pop()
-            if not raw.is_closed():
+            if _is_open(raw):
                 return raw
         return None
 
     def _give_back(self, raw: Any) -> None:
-        if self._closed or raw.is_closed() or raw.is_in_transaction():
+        if self._closed or not _is_open(raw) or raw.is_in_transaction():
             _drop(raw)
         else:
             self._idle.append(raw)
@@ -254,7 +275,7 @@ class Pool:
             while idle:
                 raw = idle.pop()
                 try:
-                    await trio_asyncio.aio_as_trio(raw.close)()
+                    await run_aio(raw.close)
                 except _MAPPED:
                     _drop(raw)
         for raw in idle:
@@ -262,7 +283,7 @@ class Pool:
 
 
 async def _connect_once(url: str, timeout: float) -> asyncpg.Connection:
-    return await trio_asyncio.aio_as_trio(asyncpg.connect)(url, timeout=timeout)
+    return await run_aio(partial(asyncpg.connect, url, timeout=timeout))
 
 
 async def wait_until_ready(url: str, *, budget: float, log: Any = None) -> None:
@@ -301,7 +322,7 @@ async def wait_until_ready(url: str, *, budget: float, log: Any = None) -> None:
             delay = min(delay * 2, 2.0)
             continue
         with trio.move_on_after(_CLEANUP_SECONDS, shield=True):
-            await trio_asyncio.aio_as_trio(conn.close)()
+            await run_aio(conn.close)
         return
 
 
@@ -334,7 +355,7 @@ async def connect(url: str) -> AsyncIterator[Connection]:
     finally:
         with trio.move_on_after(_CLEANUP_SECONDS, shield=True) as scope:
             try:
-                await trio_asyncio.aio_as_trio(raw.close)()
+                await run_aio(raw.close)
             except _MAPPED:
                 pass
         if scope.cancelled_caught:
@@ -375,9 +396,9 @@ async def listen(
 
     async with connect(url) as conn:
         raw = conn._raw
-        raw.add_termination_listener(on_lost)
+        await call_in_loop(raw.add_termination_listener, on_lost)
         for channel in channels:
-            await trio_asyncio.aio_as_trio(raw.add_listener)(channel, on_notify)
+            await run_aio(raw.add_listener, channel, on_notify)
         try:
             yield receive
         finally:
