@@ -101,6 +101,8 @@ class Postgres:
             and "pg_stat_statements" not in self.execute("SHOW shared_preload_libraries")[0][0]
         ):
             self.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+            # Planning time too: what a statement costs before it executes.
+            self.execute("ALTER SYSTEM SET pg_stat_statements.track_planning = on")
             embedded.stop(self.handle)
             self.handle = embedded.start(data_dir, database="postgres")
             self.admin_url = self.handle.url

@@ -139,7 +139,8 @@ class Bench:
         if self.args.profile_dir is None or units <= 0:
             return
         rows = self.sql(
-            "SELECT calls, total_exec_time, mean_exec_time, rows, "
+            "SELECT calls, total_exec_time, mean_exec_time, "
+            "total_plan_time / greatest(calls, 1), plans, rows, "
             "regexp_replace(query, '\\s+', ' ', 'g') FROM pg_stat_statements "
             "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) "
             "ORDER BY total_exec_time DESC"
@@ -150,11 +151,15 @@ class Bench:
             f"{len(rows)} distinct statements, {calls} calls for {units} {per} "
             f"({calls / units:.1f} statements and {total / units:.2f} ms of execution per {per})",
             "",
-            "calls | per " + per + " | total ms | mean ms | rows | statement",
-            "---|---|---|---|---|---",
+            "calls | per " + per + " | total ms | mean ms | planning ms per call | plans | rows "
+            "| statement",
+            "---|---|---|---|---|---|---|---",
         ]
-        for c, tot, mean, n, query in rows[:25]:
-            lines.append(f"{c} | {c / units:.2f} | {tot:.0f} | {mean:.3f} | {n} | `{query[:160]}`")
+        for c, tot, mean, plan, plans, n, query in rows[:25]:
+            lines.append(
+                f"{c} | {c / units:.2f} | {tot:.0f} | {mean:.3f} | {plan:.3f} | {plans} | {n} | "
+                f"`{query[:160]}`"
+            )
         name = f"statements-{self.args.workload}.md"
         (self.args.profile_dir / name).write_text("\n".join(lines) + "\n")
 

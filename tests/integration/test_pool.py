@@ -60,3 +60,24 @@ async def test_one_task_may_hold_two_connections(database_url: str) -> None:
                 outer = int(await tx.fetchval("SELECT pg_backend_pid()"))
                 inner = int(await pool.fetchval("SELECT pg_backend_pid()"))
             assert outer != inner
+
+
+async def test_the_control_planes_settings_reach_every_connection_and_lists_plan_per_call(
+    database_url: str,
+) -> None:
+    from everruns.server.app import POOL_SETTINGS
+    from everruns.store.store import Store
+
+    with trio.fail_after(20):
+        async with pg.open_pool(
+            database_url, min_size=1, max_size=2, settings=POOL_SETTINGS
+        ) as pool:
+            async with pool.acquire() as first, pool.acquire() as opened_later:
+                for conn in (first, opened_later):
+                    assert await conn.fetchval("SHOW plan_cache_mode") == "force_generic_plan"
+            # An operator's list is planned for its values; the connection keeps its mode.
+            rows = await Store(pool)._fetch_planned_for_values(
+                "SELECT current_setting('plan_cache_mode') AS mode"
+            )
+            assert rows[0]["mode"] == "force_custom_plan"
+            assert await pool.fetchval("SHOW plan_cache_mode") == "force_generic_plan"

@@ -328,13 +328,21 @@ async def wait_until_ready(url: str, *, budget: float, log: Any = None) -> None:
 
 @asynccontextmanager
 async def open_pool(
-    url: str, *, min_size: int = 1, max_size: int = 10, command_timeout: float | None = None
+    url: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    command_timeout: float | None = None,
+    settings: Mapping[str, str] | None = None,
 ) -> AsyncIterator[Pool]:
     """Open a pool of up to ``max_size`` connections (``min_size`` opened now) for the block;
-    it is closed (shielded, bounded) on the way out."""
+    it is closed (shielded, bounded) on the way out. ``settings``: server settings every
+    connection starts with."""
     kwargs: dict[str, Any] = {}
     if command_timeout is not None and math.isfinite(command_timeout):
         kwargs["command_timeout"] = command_timeout
+    if settings:
+        kwargs["server_settings"] = dict(settings)
     pool = Pool(url, max_size, kwargs)
     try:
         await pool._fill(min(min_size, max_size))

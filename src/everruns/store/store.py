@@ -18,7 +18,7 @@ from typing import Any
 
 import attrs
 
-from everruns._aio.pg import Connection, Pool
+from everruns._aio.pg import Connection, Pool, Row
 from everruns.domain import breaker as breaker_math
 from everruns.domain.payload import encode_text
 from everruns.domain.retry import RetryPolicy, decide_retry
@@ -240,6 +240,14 @@ class Store:
             raise NotFound(f"workflow run {run_id} not found")
         return WorkflowRun.from_row(row)
 
+    async def _fetch_planned_for_values(self, query: str, *args: Any) -> list[Row]:
+        """Run an operator's query whose best plan depends on which of its optional filters
+        are set: planned for the values at hand, whatever plan mode the pool's connections
+        use (the control plane's prefer one generic plan per statement)."""
+        async with self.pool.transaction() as conn:
+            await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+            return await conn.fetch(query, *args)
+
     async def list_workflows(
         self,
         *,
@@ -249,7 +257,7 @@ class Store:
         after: tuple[datetime, uuid.UUID] | None = None,
     ) -> list[WorkflowRun]:
         """Runs newest first; pass the last run's ``(created_at, run_id)`` as ``after`` to page."""
-        rows = await self.pool.fetch(
+        rows = await self._fetch_planned_for_values(
             Q["list_workflows"],
             workflow_type,
             status,
@@ -846,7 +854,7 @@ class Store:
         self, *, limit: int = 50, after: tuple[datetime, uuid.UUID] | None = None
     ) -> list[DeadLetter]:
         """Dead letters newest first (keyset-paged by the last one's ``(dead_at, id)``)."""
-        rows = await self.pool.fetch(
+        rows = await self._fetch_planned_for_values(
             Q["list_dead_letters"], after[0] if after else None, after[1] if after else None, limit
         )
         return [DeadLetter.from_row(r) for r in rows]
