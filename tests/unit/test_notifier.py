@@ -231,3 +231,39 @@ async def test_a_wake_up_that_came_during_a_successful_claim_is_passed_on() -> N
                 assert woken == []
             # it leaves with the older task it found
     assert woken == ["next"]
+
+
+async def test_a_deadline_made_during_a_scan_shortens_the_next_sleep_without_a_rescan() -> None:
+    notifier = Notifier()
+    with trio.fail_after(5):
+        # The due-scanner is scanning (it has not gone to sleep yet): a deadline minutes away
+        # must not make it scan again at once, one sooner than its own next look must end
+        # its next sleep by then.
+        notifier.deadline_added(300.0)
+        notifier.deadline_added(0.2)
+        began = trio.current_time()
+        await notifier.wait_due(10.0)
+        assert 0.15 <= trio.current_time() - began < 1.0
+        notifier.deadline_added(300.0)  # scanning again
+        with trio.move_on_after(0.3) as idle:
+            await notifier.wait_due(10.0)
+        assert idle.cancelled_caught
+
+
+async def test_a_deadline_sooner_than_the_sleeping_scanners_next_look_wakes_it() -> None:
+    notifier = Notifier()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            woke = trio.Event()
+
+            async def scanner() -> None:
+                await notifier.wait_due(10.0)
+                woke.set()
+
+            nursery.start_soon(scanner)
+            await trio.sleep(0.05)
+            notifier.deadline_added(300.0)  # after its next look: it sleeps on
+            await trio.sleep(0.05)
+            assert not woke.is_set()
+            notifier.deadline_added(1.0)  # before it: it looks now
+            await woke.wait()

@@ -62,9 +62,11 @@ class Notifier:
         self._runs: dict[str, list[Any]] = {}  # run id -> [event, waiters]
         self._cancels: dict[str, set[trio.MemorySendChannel[CancelNotice]]] = {}
         self._due = trio.Event()
-        # When the due-scanner will next look by itself (+inf while it is scanning: a deadline
-        # made then may postdate its query, so it must look again).
-        self._due_at = float("inf")
+        # When the due-scanner will next look by itself (None while it is scanning), and the
+        # earliest deadline made while it scans: the scan may have read the tables before it
+        # was made, so its next look must come no later.
+        self._due_at: float | None = None
+        self._made_while_scanning = float("inf")
 
     # ---------------------------------------------------------------- tasks
     #
@@ -228,18 +230,29 @@ class Notifier:
     def deadline_added(self, seconds: float | None) -> None:
         """A deadline ``seconds`` from now was created: wake the due-scanner only if it would
         otherwise sleep past it (the common deadlines are minutes away; a scan per claim would
-        cost more than the claims)."""
-        if seconds is not None and trio.current_time() + seconds < self._due_at:
+        cost more than the claims). While it scans, its next sleep is cut short instead: waking
+        it would start another scan at once, and under a steady flow of claims it would scan
+        without pause."""
+        if seconds is None:
+            return
+        at = trio.current_time() + seconds
+        if self._due_at is None:
+            self._made_while_scanning = min(self._made_while_scanning, at)
+        elif at < self._due_at:
             self.poke_due()
 
     async def wait_due(self, timeout: float | None) -> None:
-        """Wait until poked or ``timeout`` seconds pass (None: until poked)."""
+        """Wait until poked or ``timeout`` seconds pass (None: until poked), or until the
+        earliest deadline made since the last wait."""
+        now = trio.current_time()
         wait = float("inf") if timeout is None else max(0.0, timeout)
-        self._due_at = trio.current_time() + wait
+        wait = max(0.0, min(wait, self._made_while_scanning - now))
+        self._made_while_scanning = float("inf")
+        self._due_at = now + wait
         with trio.move_on_after(wait):
             await self._due.wait()
         self._due = trio.Event()
-        self._due_at = float("inf")
+        self._due_at = None
 
     # ---------------------------------------------------------------- the listener
 
