@@ -14,7 +14,7 @@ import trio
 
 from everruns.errors import ConfigError, EverrunsError
 
-__all__ = ["operator_error", "run_program"]
+__all__ = ["SWITCH_INTERVAL", "operator_error", "run_program"]
 
 
 def operator_error(exc: BaseException) -> EverrunsError | None:
@@ -28,8 +28,19 @@ def operator_error(exc: BaseException) -> EverrunsError | None:
     return None
 
 
+SWITCH_INTERVAL = 0.0005
+"""Seconds a thread may hold the GIL while another waits for it, in everruns' own programs.
+
+The asyncio loop's thread (gRPC and PostgreSQL I/O) and the Trio thread share the GIL; with
+Python's default of 5 ms, a reply that arrives while the Trio thread replays workflows waits up
+to that long to be read. A/B, 6 alternated pairs: w3 92-113 against 85-99 wf/s, ahead in all 6;
+w2, w4 and w7 showed no difference. Set only here: a program embedding everruns keeps its own.
+"""
+
+
 def run_program(program: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> int:
     """``trio.run(fn, *args)`` and return the process exit code."""
+    sys.setswitchinterval(SWITCH_INTERVAL)
     try:
         trio.run(fn, *args)
     except (EverrunsError, BaseExceptionGroup) as exc:

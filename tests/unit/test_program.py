@@ -3,9 +3,11 @@ one line on stderr and an exit code."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
-from everruns._program import run_program
+from everruns._program import SWITCH_INTERVAL, run_program
 from everruns.errors import ConfigError, NotFound
 
 
@@ -24,3 +26,17 @@ def test_everruns_errors_become_one_line_and_an_exit_code(
         "everruns-server: GRPC_ADDRESS must be host:port",
         "everruns-worker: workflow 'x' not found",
     ]
+
+
+def test_everruns_programs_hand_the_gil_over_sooner_than_pythons_default() -> None:
+    seen: list[float] = []
+
+    async def program() -> None:
+        seen.append(sys.getswitchinterval())
+
+    before = sys.getswitchinterval()
+    try:
+        assert run_program("everruns-worker", program) == 0
+    finally:
+        sys.setswitchinterval(before)
+    assert seen == [SWITCH_INTERVAL] and SWITCH_INTERVAL < 0.005
