@@ -63,10 +63,7 @@ async def test_cancelling_the_caller_cancels_the_asyncio_task_and_waits_for_its_
 
 
 async def test_a_caller_cancelled_before_the_call_starts_does_not_hang() -> None:
-    started = threading.Event()
-
     async def never() -> None:
-        started.set()
         await asyncio.sleep(30)
 
     with trio.fail_after(10):

@@ -255,23 +255,34 @@ class _CorkedTransport:
         return getattr(self._transport, name)
 
 
-def _corked(protocol: H2Protocol) -> H2Protocol:
-    """``protocol``, writing through a `_CorkedTransport`."""
-    made = protocol.connection_made
+def _corked(protocol: H2Protocol, opened: set[asyncio.BaseTransport] | None = None) -> H2Protocol:
+    """``protocol``, writing through a `_CorkedTransport`; while its connection is open, its
+    transport is in ``opened`` (when given)."""
+    made, lost = protocol.connection_made, protocol.connection_lost
+    mine: list[asyncio.BaseTransport] = []
 
     def connection_made(transport: asyncio.BaseTransport) -> None:
+        if opened is not None:
+            mine.append(transport)
+            opened.add(transport)
         made(cast(asyncio.BaseTransport, _CorkedTransport(cast(asyncio.Transport, transport))))
 
+    def connection_lost(exc: BaseException | None) -> None:
+        if opened is not None:
+            opened.difference_update(mine)
+        lost(exc)
+
     protocol.connection_made = connection_made  # type: ignore[method-assign]
+    protocol.connection_lost = connection_lost  # type: ignore[method-assign]
     return protocol
 
 
 class _Server(grpclib.server.Server):
-    """grpclib's server, writing corked, that can close the connections it has open.
+    """grpclib's server, writing corked, whose `close` also closes the connections it has open.
 
-    grpclib's `close` stops listening and cancels the running methods but leaves connections
-    open, so a client with a call in flight would wait for its own timeout; closing them tells
-    it at once that the server is gone.
+    grpclib's own `close` stops listening and cancels the running methods but leaves
+    connections open, so a client with a call in flight would wait for its own timeout; closing
+    them tells it at once that the server is gone.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -279,25 +290,10 @@ class _Server(grpclib.server.Server):
         self._open: set[asyncio.BaseTransport] = set()
 
     def _protocol_factory(self) -> H2Protocol:
-        protocol = _corked(super()._protocol_factory())
-        made, lost = protocol.connection_made, protocol.connection_lost
-        mine: list[asyncio.BaseTransport] = []
+        return _corked(super()._protocol_factory(), self._open)
 
-        def connection_made(transport: asyncio.BaseTransport) -> None:
-            mine.append(transport)
-            self._open.add(transport)
-            made(transport)
-
-        def connection_lost(exc: BaseException | None) -> None:
-            self._open.difference_update(mine)
-            lost(exc)
-
-        protocol.connection_made = connection_made  # type: ignore[method-assign]
-        protocol.connection_lost = connection_lost  # type: ignore[method-assign]
-        return protocol
-
-    def close_connections(self) -> None:
-        """Close every open connection (on the loop's thread, after `close`)."""
+    def close(self) -> None:
+        super().close()
         for transport in list(self._open):
             transport.close()
 
@@ -366,7 +362,6 @@ async def serve_services(
                     closing.set()
                 with trio.move_on_after(5, shield=True):
                     await call_in_loop(server.close)
-                    await call_in_loop(server.close_connections)
                     await run_aio(server.wait_closed)
         finally:
             methods_scope.cancel()
