@@ -3,7 +3,7 @@
 It tells the activity who it is (`ActivityInfo`), which attempt this is, what the previous
 attempt recorded with its last heartbeat, and lets it heartbeat (``ctx.heartbeat(details)``),
 which keeps its lease alive and records progress for a later attempt. Heartbeating only records
-the details and wakes the worker's heartbeat loop; the network call happens there, so
+the details and wakes the worker's heartbeat scheduler; the network call happens there, so
 ``heartbeat`` is a plain sync method, callable from async activities and from the threads that
 run sync ones. This module does no I/O itself.
 

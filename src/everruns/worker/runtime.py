@@ -62,6 +62,7 @@ from everruns.worker.config import (
     parse_address,
 )
 from everruns.worker.failure import error_from_exception, make_error, type_name
+from everruns.worker.heartbeats import Beat, Heartbeats
 from everruns.worker.slots import Slot, TaskSlots
 
 __all__ = ["Worker"]
@@ -170,8 +171,7 @@ class _RunningTask:
         self.slot = slot
         self.slot_transferred = False
         self.scope: trio.CancelScope | None = None
-        self.stop = trio.Event()  # set when the task must stop: cancel request or lost lease
-        self.beat_now = trio.Event()
+        self.beat: Beat[_RunningTask] | None = None
         self.cancel_reason: str | None = None
         self.stale_reason: str | None = None
         self.ctx: ActivityContext | None = None
@@ -191,22 +191,29 @@ class _RunningTask:
             )
         return f"workflow task of {t.workflow_type!r} (workflow_id={t.workflow_id!r})"
 
+    def open_scope(self) -> trio.CancelScope:
+        """The scope the task's work runs in: cancelled at once if it must stop already, and
+        by `request_cancel` or `mark_stale` later."""
+        self.scope = trio.CancelScope()
+        if self.cancel_reason is not None or self.stale_reason is not None:
+            self.scope.cancel()
+        return self.scope
+
     def request_cancel(self, reason: str) -> None:
         if self.cancel_reason is None and self.stale_reason is None:
             self.cancel_reason = reason
-        if self.ctx is not None:
-            self.ctx._mark_cancel_requested()
-        self.stop.set()
+        self._stop()
 
     def mark_stale(self, reason: str) -> None:
         if self.stale_reason is None:
             self.stale_reason = reason
+        self._stop()
+
+    def _stop(self) -> None:
         if self.ctx is not None:
             self.ctx._mark_cancel_requested()
-        self.stop.set()
-
-    def poke(self) -> None:
-        self.beat_now.set()
+        if self.scope is not None:
+            self.scope.cancel()
 
 
 # ----------------------------------------------------------------------------------- worker
@@ -316,6 +323,7 @@ class Worker:
         self._results: Batcher[_RunningTask, BaseException | None] = Batcher(
             self._send_results, max_batch=MAX_RESULTS_PER_CALL
         )
+        self._heartbeats: Heartbeats[_RunningTask] = Heartbeats(self._send_heartbeat)
         self._decisions: Batcher[Any, Any] = Batcher(
             self._send_decisions, max_batch=MAX_RESULTS_PER_CALL
         )
@@ -401,6 +409,7 @@ class Worker:
             async with trio.open_nursery() as services:
                 services.start_soon(self._worker_heartbeat_loop)
                 await services.start(self._results.run)
+                await services.start(self._heartbeats.run)
                 await services.start(self._decisions.run)
                 # Shielded so that even an immediate stop closes the stream only after the
                 # goodbye below: its drop is what makes the control plane mark us lost.
@@ -761,11 +770,6 @@ class Worker:
             if not handle.slot_transferred:
                 self._slots.release(slot)
 
-    async def _watch(self, handle: _RunningTask) -> None:
-        await handle.stop.wait()
-        assert handle.scope is not None
-        handle.scope.cancel()
-
     # ------------------------------------------------------------------------- activities
 
     async def _run_activity(self, handle: _RunningTask) -> None:
@@ -793,13 +797,12 @@ class Worker:
         reported = False
         try:
             if handle.outcome is None and definition is not None:
-                with trio.CancelScope() as scope:
-                    handle.scope = scope
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._activity_heartbeat_loop, handle)
-                        nursery.start_soon(self._watch, handle)
+                handle.beat = self._heartbeats.add(handle, self._beat_interval(handle.task))
+                try:
+                    with handle.open_scope():
                         handle.outcome = await self._call_activity(definition, handle, args)
-                        nursery.cancel_scope.cancel()
+                finally:
+                    self._heartbeats.remove(handle.beat)
             await self._finish_activity(handle)
             reported = True
         finally:
@@ -829,7 +832,7 @@ class Worker:
         def on_heartbeat() -> None:
             # Called from the activity (maybe in a thread): hop onto the Trio thread.
             try:
-                token.run_sync_soon(handle.poke)
+                token.run_sync_soon(self._poke, handle)
             except trio.RunFinishedError:
                 pass
 
@@ -859,59 +862,56 @@ class Worker:
             return _Failed(error_from_exception(exc, non_retryable=True), True)
         return _Completed(result)
 
-    async def _activity_heartbeat_loop(self, handle: _RunningTask) -> None:
+    def _beat_interval(self, task: Any) -> float:
+        # The control plane announces the period it needs (it releases tasks after a few
+        # missed beats); an activity's own heartbeat timeout can only make it shorter.
+        timeout = float(task.heartbeat_timeout_s)
+        interval = self._heartbeat_interval
+        return min(interval, timeout / 3) if timeout > 0 else interval
+
+    def _poke(self, handle: _RunningTask) -> None:
+        if handle.beat is not None:
+            self._heartbeats.poke(handle.beat)
+
+    async def _send_heartbeat(self, beat: Beat[_RunningTask]) -> float | None:
+        """One RecordHeartbeat call; returns when the next is due, or None to stop beating."""
+        handle = beat.subject
         task = handle.task
         ctx = handle.ctx
         assert ctx is not None
-        timeout = float(task.heartbeat_timeout_s)
-        # The control plane announces the period it needs (it releases tasks after a few
-        # missed beats); an activity's own heartbeat timeout can only make it shorter.
-        interval = (
-            min(self._heartbeat_interval, timeout / 3) if timeout > 0 else self._heartbeat_interval
+        details = ctx._take_details()
+        request = pb.RecordHeartbeatRequest(
+            task_id=task.task_id, lease_token=task.lease_token, details=details or b""
         )
-        # A tight loop of ctx.heartbeat() calls must not become a tight loop of RPCs.
-        min_gap = min(1.0, interval / 2)
-        backoff = Backoff(rng=self._rng)
-        last_sent = trio.current_time() - min_gap
-        due = trio.current_time() + interval
-        while True:
-            with trio.move_on_at(due):
-                await handle.beat_now.wait()
-            if trio.current_time() < last_sent + min_gap:
-                await trio.sleep_until(last_sent + min_gap)
-            handle.beat_now = trio.Event()
-            details = ctx._take_details()
-            request = pb.RecordHeartbeatRequest(
-                task_id=task.task_id, lease_token=task.lease_token, details=details or b""
+        try:
+            reply = await self._call(
+                self._stub.record_heartbeat,
+                request,
+                what="RecordHeartbeat",
+                budget=max(beat.interval, 5.0),
             )
-            last_sent = trio.current_time()
-            try:
-                reply = await self._call(
-                    self._stub.record_heartbeat,
-                    request,
-                    what="RecordHeartbeat",
-                    budget=max(interval, 5.0),
-                )
-            except Exception as exc:
-                if _is_stale(exc):
-                    log.warning("%s lost its lease (%s); stopping it", handle.describe(), exc)
-                    handle.mark_stale(str(exc))
-                    return
-                if details is not None:
-                    ctx._requeue_details(details)
-                delay = min(interval, backoff.next_delay())
-                if is_transient(exc):
-                    self._log_retry("RecordHeartbeat", exc, delay)
-                else:
-                    log.error("heartbeat of %s refused: %s", handle.describe(), exc)
-                due = trio.current_time() + delay
-                continue
-            backoff.reset()
-            if reply.cancel_requested:
-                log.info("cancelling %s: cancellation requested", handle.describe())
-                handle.request_cancel("cancellation requested by the workflow")
-                return
-            due = last_sent + interval
+        except Exception as exc:
+            if _is_stale(exc):
+                log.warning("%s lost its lease (%s); stopping it", handle.describe(), exc)
+                handle.mark_stale(str(exc))
+                return None
+            if details is not None:
+                ctx._requeue_details(details)
+            if beat.backoff is None:
+                beat.backoff = Backoff(rng=self._rng)
+            delay = min(beat.interval, beat.backoff.next_delay())
+            if is_transient(exc):
+                self._log_retry("RecordHeartbeat", exc, delay)
+            else:
+                log.error("heartbeat of %s refused: %s", handle.describe(), exc)
+            return trio.current_time() + delay
+        if beat.backoff is not None:
+            beat.backoff.reset()
+        if reply.cancel_requested:
+            log.info("cancelling %s: cancellation requested", handle.describe())
+            handle.request_cancel("cancellation requested by the workflow")
+            return None
+        return beat.last_sent + beat.interval
 
     async def _finish_activity(self, handle: _RunningTask) -> None:
         if handle.stale_reason is not None:
@@ -1157,14 +1157,10 @@ class Worker:
             if len(handle.task.history) <= INLINE_REPLAY_EVENTS:
                 handle.outcome = self._decide(handle)
             else:
-                with trio.CancelScope() as scope:
-                    handle.scope = scope
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._watch, handle)
-                        handle.outcome = await trio.to_thread.run_sync(
-                            self._decide, handle, limiter=self._replay_limiter
-                        )
-                        nursery.cancel_scope.cancel()
+                with handle.open_scope():
+                    handle.outcome = await trio.to_thread.run_sync(
+                        self._decide, handle, limiter=self._replay_limiter
+                    )
             await self._finish_workflow_task(handle)
             reported = True
         finally:
