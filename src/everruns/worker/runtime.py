@@ -945,7 +945,8 @@ class Worker:
         except _RESULT_REFUSALS as exc:
             refusal = exc
         if refusal is None:
-            log.debug("%s completed", handle.describe())
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s completed", handle.describe())
         else:
             await self._result_refused(handle, refusal)
 
