@@ -931,6 +931,49 @@ async def test_several_workflow_tasks_complete_in_one_call_each_on_its_own(
             assert await p.history_types(tasks[1].workflow_id) == ["workflow_started"]
 
 
+async def test_one_call_mixes_the_one_statement_path_the_general_path_and_refusals(
+    database_url: str,
+) -> None:
+    """In one CompleteWorkflowTasks call, completions that only schedule activities are
+    applied together, a timer takes the general path under its run's lock, and a malformed
+    completion is refused alone; each is answered in its place."""
+
+    async def step(ctx: Any, input: Any) -> Any:
+        if input == "nap":
+            await ctx.sleep(60)
+        return await ctx.execute_activity("work", input)
+
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            await p.register(workflow_types=["step"], activity_types=["work"])
+            for n, arg in enumerate(["a", "nap", "b", "c"]):
+                await p.start("step", arg, wid=f"m-{n}")
+            tasks = sorted(await p.poll(wf=["step"]), key=lambda t: t.workflow_id)
+            assert [t.workflow_id for t in tasks] == ["m-0", "m-1", "m-2", "m-3"]
+            requests = [p.decide(task, step, max_eager=1) for task in tasks]
+            requests[3].commands = b"[{not json"
+            reply = await p.channel.unary(
+                p.workers.complete_workflow_tasks,
+                pb.CompleteWorkflowTasksRequest(completions=requests),
+            )
+            fast_a, nap, fast_b, bad = reply.outcomes
+            assert fast_a.accepted and nap.accepted and fast_b.accepted and not bad.accepted
+            assert bad.refused_status == "INVALID_ARGUMENT"
+            assert [len(o.eager_tasks) for o in (fast_a, nap, fast_b)] == [1, 0, 1]
+            assert await p.history_types("m-1") == [
+                "workflow_started",
+                "workflow_task_completed",
+                "timer_started",
+            ]
+            for wid in ("m-0", "m-2"):
+                assert await p.history_types(wid) == [
+                    "workflow_started",
+                    "workflow_task_completed",
+                    "activity_scheduled",
+                ]
+            assert await p.history_types("m-3") == ["workflow_started"]
+
+
 async def test_an_activity_only_worker_gets_queued_tasks_claimed_beside_its_results(
     database_url: str,
 ) -> None:

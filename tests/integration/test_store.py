@@ -14,7 +14,7 @@ from everruns.domain.breaker import BreakerConfig
 from everruns.domain.retry import RetryPolicy
 from everruns.errors import AlreadyExists, ConcurrencyConflict, NotFound, StaleLease
 from everruns.store.models import WorkflowRun
-from everruns.store.store import NewEvent, NewTask, RunEnd, Store
+from everruns.store.store import Decision, NewEvent, NewTask, RunEnd, Store
 
 pytestmark = pytest.mark.db
 
@@ -665,6 +665,81 @@ async def test_a_workflow_task_ends_its_run_in_the_same_statement(store: Store, 
         assert applied
         ended = await store.get_run(busy.run_id)
         assert ended.status == "failed" and ended.error == {"type": "X", "message": "boom"}
+
+
+async def test_several_workflow_task_outcomes_in_one_statement_each_fenced_on_its_own(
+    store: Store, pool: Pool
+) -> None:
+    with trio.fail_after(15):
+        runs = [await _run(store, f"wf-{k}") for k in range(5)]
+        tasks = [await _claimed_workflow_task(store, run) for run in runs]
+        await _activity(store, runs[3], "other")  # so that ending run 3 is not "simple"
+        before = [await _footprint(pool, run) for run in runs]
+        scheduled = [NewEvent("workflow_task_completed", {}), NewEvent("activity_scheduled", {})]
+        ended = [NewEvent("workflow_task_completed", {}), NewEvent("workflow_completed", {})]
+        t = tasks
+        decisions = [
+            # applied: two activities, the first claimed at once for w2
+            Decision(
+                t[0].task_id,
+                t[0].lease_token,
+                1,
+                scheduled,
+                [NewTask("charge", "a1"), NewTask("charge", "a2")],
+                eager=[True],
+            ),
+            Decision(t[1].task_id, t[1].lease_token + 1, 1, scheduled),  # stale lease
+            Decision(t[2].task_id, t[2].lease_token, 1, ended, end=RunEnd("completed", "7")),
+            Decision(t[3].task_id, t[3].lease_token, 1, ended, end=RunEnd("completed", "8")),
+            Decision(t[4].task_id, t[4].lease_token, 0, scheduled),  # history grew
+            Decision(t[0].task_id, t[0].lease_token, 1, scheduled),  # a second for run 0
+        ]
+        results = await store.apply_workflow_tasks(decisions, eager_for="w2")
+        assert [applied for applied, _ in results] == [True, False, True, False, False, False]
+        assert [(c.activity_id, c.claimed_by, c.run_id) for c in results[0][1]] == [
+            ("a1", "w2", runs[0].run_id)
+        ]
+        assert all(claimed == [] for _, claimed in results[1:])
+        # Not applied: nothing written.
+        for k in (1, 3, 4):
+            assert await _footprint(pool, runs[k]) == before[k]
+        # Applied: as apply_workflow_task writes it.
+        status, last, _, n_events, states = await _footprint(pool, runs[0])
+        assert (status, last, n_events) == ("running", 3, 3)
+        assert sorted(states) == ["claimed", "completed", "pending"]
+        assert [(e.sequence_num, e.type) for e in await store.load_events(runs[0].run_id)] == [
+            (1, "workflow_started"),
+            (2, "workflow_task_completed"),
+            (3, "activity_scheduled"),
+        ]
+        assert await _footprint(pool, runs[2]) == ("completed", 3, "7", 3, ["completed"])
+        # Applied once only.
+        again = await store.apply_workflow_tasks(decisions[:1], eager_for="w2")
+        assert again == [(False, [])]
+        assert await store.apply_workflow_tasks([]) == []
+
+
+async def test_workflow_task_batches_sharing_runs_do_not_deadlock(store: Store) -> None:
+    """Batches that lock the same runs in opposite request order wait for each other in run
+    id order; one applies, the other finds its tasks closed."""
+    with trio.fail_after(20):
+        runs = [await _run(store, f"wf-{k}") for k in range(6)]
+        tasks = [await _claimed_workflow_task(store, run) for run in runs]
+        events = [NewEvent("workflow_task_completed", {})]
+        decisions = [Decision(t.task_id, t.lease_token, 1, events) for t in tasks]
+        outcomes: list[list[bool]] = []
+
+        async def apply(batch: list[Decision]) -> None:
+            results = await store.apply_workflow_tasks(batch)
+            outcomes.append([applied for applied, _ in results])
+
+        for _ in range(3):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(apply, decisions)
+                nursery.start_soon(apply, decisions[::-1])
+        first, second = outcomes[0], outcomes[1][::-1]
+        assert [a != b for a, b in zip(first, second, strict=True)] == [True] * 6
+        assert outcomes[2:] == [[False] * 6] * 4
 
 
 async def _run_with_claimed_activity(store: Store) -> tuple[WorkflowRun, Any]:

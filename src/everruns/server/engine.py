@@ -37,6 +37,7 @@ from everruns.domain.lease import timeout_kind
 from everruns.domain.payload import decode, encode_text
 from everruns.domain.retry import RetryPolicy
 from everruns.errors import (
+    DatabaseError,
     EverrunsError,
     FailedPrecondition,
     InvalidArgument,
@@ -45,7 +46,7 @@ from everruns.errors import (
 from everruns.server.config import ServerConfig
 from everruns.server.notifier import Notifier, TaskInterest
 from everruns.store.models import StoredEvent, Task, WorkflowRun
-from everruns.store.store import NewEvent, NewTask, RunEnd, Store
+from everruns.store.store import Decision, NewEvent, NewTask, RunEnd, Store
 
 __all__ = ["ClaimedTask", "Engine", "StartRequest", "StartedRun"]
 
@@ -94,6 +95,18 @@ class ClaimedTask:
     workflow_type: str
     history: list[StoredEvent]
     claimed_at: datetime
+
+
+@attrs.frozen
+class WorkflowTaskCompletion:
+    """One workflow task's completion, as `Engine.complete_workflow_tasks` takes it."""
+
+    task_id: uuid.UUID
+    lease_token: int
+    seen_sequence: int
+    commands_json: str
+    claim_time: datetime
+    max_eager: int = 0
 
 
 def _error_dict(text: str) -> dict[str, Any]:
@@ -447,28 +460,131 @@ class Engine:
             StaleLease: the caller does not hold the task's lease.
             InvalidArgument: the commands are malformed.
         """
-        commands = _parse_commands(commands_json)
+        (result,) = await self.complete_workflow_tasks(
+            worker_id,
+            [
+                WorkflowTaskCompletion(
+                    task_id, lease_token, seen_sequence, commands_json, claim_time, max_eager
+                )
+            ],
+        )
+        if isinstance(result, EverrunsError):
+            raise result
+        return result
+
+    async def complete_workflow_tasks(
+        self, worker_id: str, completions: Sequence[WorkflowTaskCompletion]
+    ) -> list[tuple[bool, bool, list[ClaimedTask]] | EverrunsError]:
+        """`complete_workflow_task` for several tasks of one worker.
+
+        Fast path: completions whose commands need no read (activities, or an end alone) are
+        applied in one statement and one transaction, each only if the history is still what
+        its replay saw. The others, and any whose conditions failed there, each take the
+        general path under their run's lock (concurrently), which says why.
+
+        Returns:
+            Per completion, in order: what `complete_workflow_task` returns, or the error it
+            would raise (StaleLease, InvalidArgument...).
+
+        Raises:
+            DatabaseError: the database failed; nothing of the batch statement was applied,
+                and the general paths that ran meanwhile are each their own transaction (a
+                retried call finds those stale).
+        """
+        results: list[tuple[bool, bool, list[ClaimedTask]] | EverrunsError | None] = [None] * len(
+            completions
+        )
+        plans: list[tuple[int, list[Command], _Outcome | None]] = []
+        for n, c in enumerate(completions):
+            try:
+                commands = _parse_commands(c.commands_json)
+                plans.append((n, commands, self._fast_outcome(worker_id, commands, c.claim_time)))
+            except EverrunsError as exc:
+                results[n] = exc
+        fast = [(n, outcome) for n, _, outcome in plans if outcome is not None]
+        decisions = []
+        for n, outcome in fast:
+            c = completions[n]
+            decisions.append(
+                Decision(
+                    c.task_id,
+                    c.lease_token,
+                    c.seen_sequence,
+                    outcome.events,
+                    outcome.activities,
+                    await self._eager_flags(worker_id, outcome.activities, c.max_eager),
+                    outcome.end,
+                )
+            )
+        eager_for = worker_id if any(any(d.eager) for d in decisions) else None
+        applied = await self.store.apply_workflow_tasks(decisions, eager_for=eager_for)
+        done = set()
+        for (n, outcome), (ok, claimed) in zip(fast, applied, strict=True):
+            if ok:
+                c = completions[n]
+                results[n] = (
+                    True,
+                    False,
+                    self._scheduled(outcome.activities, claimed, c.claim_time),
+                )
+                done.add(n)
+
+        failures: list[DatabaseError] = []
+
+        async def general(n: int, commands: list[Command]) -> None:
+            c = completions[n]
+            try:
+                results[n] = await self._complete_under_lock(
+                    c.task_id,
+                    c.lease_token,
+                    worker_id,
+                    c.seen_sequence,
+                    commands,
+                    c.claim_time,
+                    c.max_eager,
+                )
+            except DatabaseError as exc:
+                failures.append(exc)  # the whole call fails (and is retried)
+            except EverrunsError as exc:
+                results[n] = exc
+
+        async with trio.open_nursery() as nursery:
+            for n, commands, _ in plans:
+                if n not in done:
+                    nursery.start_soon(general, n, commands)
+        if failures:
+            raise failures[0]
+        return [r for r in results if r is not None]
+
+    def _fast_outcome(
+        self, worker_id: str, commands: Sequence[Command], claim_time: datetime
+    ) -> _Outcome | None:
+        """What the commands write, when all of them need no read (activities, or an end
+        alone); None when they must be applied under the run's lock.
+
+        Raises:
+            InvalidArgument: a second command that ends the run.
+        """
         completed = NewEvent.of(ev.workflow_task_completed(worker_id, claim_time))
-        # Fast path: commands that need no read (activities, or an end alone) go in one
-        # statement, applied only if the history is still what the replay saw. Anything else,
-        # or a condition that fails, takes the general path, which says why.
         fast = _Outcome([completed])
         if all(_plan(self.config, command, fast) for command in commands) and not (
             fast.end and fast.activities
         ):
-            eager = await self._eager_flags(worker_id, fast.activities, max_eager)
-            applied, claimed = await self.store.apply_workflow_task(
-                task_id,
-                lease_token,
-                seen_sequence,
-                fast.events,
-                fast.activities,
-                eager_for=worker_id if any(eager) else None,
-                eager=eager,
-                end=fast.end,
-            )
-            if applied:
-                return True, False, self._scheduled(fast.activities, claimed, claim_time)
+            return fast
+        return None
+
+    async def _complete_under_lock(
+        self,
+        task_id: uuid.UUID,
+        lease_token: int,
+        worker_id: str,
+        seen_sequence: int,
+        commands: Sequence[Command],
+        claim_time: datetime,
+        max_eager: int,
+    ) -> tuple[bool, bool, list[ClaimedTask]]:
+        """The general path of a workflow task's completion, under its run's lock."""
+        completed = NewEvent.of(ev.workflow_task_completed(worker_id, claim_time))
         async with self.store.transaction() as conn:
             run = await self.store.lock_leased_with_run(conn, task_id, lease_token)
             if not run.is_open:

@@ -21,11 +21,12 @@ import trio
 from everruns._aio.grpc import status_for
 from everruns._proto.everruns import v1 as pb
 from everruns.domain.packing import pack_uuids, unpack_blobs
-from everruns.errors import DatabaseError, EverrunsError, InvalidArgument, NotFound
+from everruns.errors import EverrunsError, InvalidArgument, NotFound
 from everruns.server.engine import (
     ClaimedTask,
     Engine,
     StartRequest,
+    WorkflowTaskCompletion,
     check_name,
     parse_task_id,
     utc_from_timestamp,
@@ -206,30 +207,36 @@ class WorkerService:
             raise InvalidArgument(
                 f"at most {_MAX_BATCH} completions per call, got {len(request.completions)}"
             )
-        # Applied concurrently (each its own transaction, as separate calls would be), so the
-        # database works on several at once; answered in request order.
+        # Those on the fast path are applied in one statement; the others each in its own
+        # transaction, concurrently. Answered in request order.
         outcomes = [pb.WorkflowTaskOutcome() for _ in request.completions]
-        failures: list[DatabaseError] = []
-
-        async def apply(n: int, completion: pb.CompleteWorkflowTaskRequest) -> None:
+        by_worker: dict[str, list[tuple[int, WorkflowTaskCompletion]]] = {}
+        for n, completion in enumerate(request.completions):
             try:
-                reply = await self.complete_workflow_task(completion)
-            except DatabaseError as exc:
-                failures.append(exc)  # the whole call fails (and is retried)
+                parsed = WorkflowTaskCompletion(
+                    parse_task_id(completion.task_id),
+                    _lease(completion.lease_token),
+                    completion.seen_sequence,
+                    _text(completion.commands, "commands") if completion.commands else "[]",
+                    utc_from_timestamp(completion.claim_time),
+                    max(0, completion.max_eager_tasks),
+                )
             except EverrunsError as why:
                 outcomes[n] = pb.WorkflowTaskOutcome(**_refused(why))
             else:
-                outcomes[n] = pb.WorkflowTaskOutcome(
-                    accepted=reply.accepted,
-                    superseded=reply.superseded,
-                    eager_tasks=reply.eager_tasks,
-                )
-
-        async with trio.open_nursery() as nursery:
-            for n, completion in enumerate(request.completions):
-                nursery.start_soon(apply, n, completion)
-        if failures:
-            raise failures[0]  # those applied meanwhile read as stale when the call is retried
+                by_worker.setdefault(completion.worker_id, []).append((n, parsed))
+        for worker_id, items in by_worker.items():  # one worker's, in practice
+            done = await self.engine.complete_workflow_tasks(worker_id, [c for _, c in items])
+            for (n, _), result in zip(items, done, strict=True):
+                if isinstance(result, EverrunsError):
+                    outcomes[n] = pb.WorkflowTaskOutcome(**_refused(result))
+                else:
+                    accepted, superseded, eager = result
+                    outcomes[n] = pb.WorkflowTaskOutcome(
+                        accepted=accepted,
+                        superseded=superseded,
+                        eager_tasks=[_task(c) for c in eager],
+                    )
         return pb.CompleteWorkflowTasksResponse(outcomes=outcomes)
 
     async def fail_workflow_task(

@@ -672,32 +672,50 @@ FROM durable_task_queue t JOIN durable_workflow_instances r ON r.id = t.run_id
 WHERE t.id = $1 AND t.lease_token = $2 AND t.status = 'claimed'
 FOR UPDATE;
 
--- name: apply_workflow_task
--- Apply a workflow task's outcome in one statement, if the caller holds the task's lease ($1,
--- $2), the run is open and its history ends at $3: enqueue its activities (parallel arrays $6
--- to $17; rows flagged eager in $17 are handed straight to worker $18, claimed with a fresh
--- lease, unless their breaker is not closed; the others wake claimers with one NOTIFY per
--- type), append its events ($4 types, $5 JSON texts), close the task, mark the run's signals
--- processed and, with $19, end the run (status $19, result $20, error $21; a NOTIFY on
--- everruns_runs). With $22 an end is applied only to a run with no parent, no other open task
--- and no open child (what else an end does is the caller's, under the run lock). A run still
--- pending (its claim could not mark it) becomes running. Writes nothing when a condition
--- fails. Returns one row: applied, then the eager claims' columns (one row per claim).
-WITH gate AS (
-    SELECT r.id, r.workflow_id, r.last_sequence_num, r.parent_run_id
-    FROM durable_task_queue t JOIN durable_workflow_instances r ON r.id = t.run_id
-    WHERE t.id = $1 AND t.lease_token = $2 AND t.status = 'claimed'
-      AND r.status IN ('pending', 'running') AND r.last_sequence_num = $3
-    FOR UPDATE
+-- name: apply_workflow_tasks
+-- Apply workflow tasks' outcomes (of one worker, $25) in one statement and one transaction,
+-- each task only if the caller holds its lease, its run is open and the run's history ends
+-- where the task saw it; a task whose conditions fail writes nothing (the caller takes it
+-- through the general path, under the run's lock). For each task applied: enqueue its
+-- activities (rows flagged eager are handed straight to worker $25, claimed with a fresh lease,
+-- unless their breaker is not closed; the others wake claimers with one NOTIFY per type),
+-- append its events, close the task, mark the run's signals processed, end the run if asked (a
+-- NOTIFY on everruns_runs; with $26, only a run with no parent, no other open task and no open
+-- child), and make a run still pending (its claim could not mark it) running.
+-- Tasks, in parallel arrays numbered from 1 by position: $1 ids, $2 leases, $3 expected history
+-- ends, $4 event counts, $5-$7 the run end (status, result JSON, error JSON). Events, flattened:
+-- $8 task number, $9 position within its task (from 1), $10 types, $11 JSON texts. Activities,
+-- flattened: $12 task number, $13 ids, $14 types, $15 activity ids, $16 inputs, $17 max
+-- attempts, $18 priorities, $19 retry policies, $20-$22 schedule-to-start, start-to-close and
+-- heartbeat timeouts, $23 breaker keys, $24 eager flags. Of several tasks of one run only the
+-- first is applied; runs are locked in id order, as complete_activities does, so batches that
+-- share runs cannot deadlock. Returns one row per task (task_no, applied), joined with its
+-- eager claims' columns.
+WITH req AS (
+    SELECT * FROM unnest($1::uuid[], $2::int8[], $3::int[], $4::int[], $5::text[], $6::text[],
+                         $7::text[])
+         WITH ORDINALITY AS q(task_id, lease, seen, n_events, end_status, end_result, end_error,
+                              no)
+), gate AS (
+    SELECT req.no, req.task_id, req.n_events, req.end_status, req.end_result, req.end_error,
+           r.id, r.workflow_id, r.last_sequence_num, r.parent_run_id
+    FROM req
+    JOIN durable_task_queue t
+      ON t.id = req.task_id AND t.lease_token = req.lease AND t.status = 'claimed'
+    JOIN durable_workflow_instances r ON r.id = t.run_id
+    WHERE r.status IN ('pending', 'running') AND r.last_sequence_num = req.seen
+    ORDER BY r.id
+    FOR UPDATE OF t, r
 ), ok AS (
-    SELECT gate.* FROM gate
-    WHERE $19::text IS NULL OR NOT $22::bool OR (
+    SELECT DISTINCT ON (gate.id) gate.* FROM gate
+    WHERE gate.end_status IS NULL OR NOT $26::bool OR (
         gate.parent_run_id IS NULL
         AND NOT EXISTS (SELECT 1 FROM durable_task_queue o
-                        WHERE o.run_id = gate.id AND o.id <> $1
+                        WHERE o.run_id = gate.id AND o.id <> gate.task_id
                           AND o.status IN ('pending', 'claimed'))
         AND NOT EXISTS (SELECT 1 FROM durable_workflow_instances c
                         WHERE c.parent_run_id = gate.id AND c.status IN ('pending', 'running')))
+    ORDER BY gate.id, gate.no
 ), inserted AS (
     INSERT INTO durable_task_queue (id, run_id, workflow_id, kind, activity_type, activity_id,
         input, max_attempts, priority, visible_at, retry_policy, schedule_to_start_s,
@@ -707,39 +725,42 @@ WITH gate AS (
            a.input::json, a.max_attempts, a.priority, now(), a.retry_policy::json, a.s2s, a.s2c,
            a.hb, a.bkey, ok.workflow_id,
            CASE WHEN e.eager THEN 'claimed' ELSE 'pending' END,
-           CASE WHEN e.eager THEN $18 END,
+           CASE WHEN e.eager THEN $25 END,
            CASE WHEN e.eager THEN now() END,
            CASE WHEN e.eager THEN now() END,
            CASE WHEN e.eager THEN 1 ELSE 0 END,
            CASE WHEN e.eager THEN nextval('durable_lease_tokens') END
-    FROM ok,
-         unnest($6::uuid[], $7::text[], $8::text[], $9::text[], $10::int[], $11::int[],
-                $12::text[], $13::float8[], $14::float8[], $15::float8[], $16::text[], $17::bool[])
-         AS a(id, activity_type, activity_id, input, max_attempts, priority, retry_policy, s2s,
-              s2c, hb, bkey, want_eager),
-         LATERAL (SELECT a.want_eager AND $18::text IS NOT NULL AND NOT EXISTS (
+    FROM unnest($12::int[], $13::uuid[], $14::text[], $15::text[], $16::text[], $17::int[],
+                $18::int[], $19::text[], $20::float8[], $21::float8[], $22::float8[],
+                $23::text[], $24::bool[])
+         AS a(no, id, activity_type, activity_id, input, max_attempts, priority, retry_policy,
+              s2s, s2c, hb, bkey, want_eager)
+         JOIN ok ON ok.no = a.no,
+         LATERAL (SELECT a.want_eager AND $25::text IS NOT NULL AND NOT EXISTS (
                       SELECT 1 FROM durable_circuit_breaker_state b
                       WHERE b.key = coalesce(a.bkey, a.activity_type) AND b.state <> 'closed'
                   ) AS eager) e
     RETURNING *
 ), run AS (
     UPDATE durable_workflow_instances r
-    SET last_sequence_num = r.last_sequence_num + cardinality($4::text[]), updated_at = now(),
-        status = coalesce($19, CASE WHEN r.status = 'pending' THEN 'running' ELSE r.status END),
+    SET last_sequence_num = r.last_sequence_num + ok.n_events, updated_at = now(),
+        status = coalesce(ok.end_status,
+                          CASE WHEN r.status = 'pending' THEN 'running' ELSE r.status END),
         started_at = coalesce(r.started_at, now()),
-        result = CASE WHEN $19 = 'completed' THEN $20::json ELSE r.result END,
-        error = CASE WHEN $19 = 'failed' THEN $21::json ELSE r.error END,
-        completed_at = CASE WHEN $19 IS NULL THEN r.completed_at ELSE now() END
+        result = CASE WHEN ok.end_status = 'completed' THEN ok.end_result::json ELSE r.result END,
+        error = CASE WHEN ok.end_status = 'failed' THEN ok.end_error::json ELSE r.error END,
+        completed_at = CASE WHEN ok.end_status IS NULL THEN r.completed_at ELSE now() END
     FROM ok WHERE r.id = ok.id
     RETURNING r.id
 ), events AS (
     INSERT INTO durable_workflow_events (run_id, workflow_id, sequence_num, event_type, payload)
     SELECT ok.id, ok.workflow_id, ok.last_sequence_num + e.n, e.t, e.p::json
-    FROM ok, unnest($4::text[], $5::text[]) WITH ORDINALITY AS e(t, p, n)
+    FROM unnest($8::int[], $9::int[], $10::text[], $11::text[]) AS e(no, n, t, p)
+         JOIN ok ON ok.no = e.no
 ), task AS (
     UPDATE durable_task_queue t
     SET status = 'completed', claimed_by = NULL, completed_at = now(), updated_at = now()
-    FROM ok WHERE t.id = $1
+    FROM ok WHERE t.id = ok.task_id
 ), signals AS (
     UPDATE durable_signals s SET processed_at = now()
     FROM ok WHERE s.run_id = ok.id AND s.processed_at IS NULL
@@ -749,15 +770,16 @@ WITH gate AS (
         FROM (SELECT activity_type AS t, count(*) AS n FROM inserted WHERE status = 'pending'
               GROUP BY activity_type) d
         UNION ALL
-        SELECT pg_notify('everruns_runs', ok.id::text) FROM ok WHERE $19::text IS NOT NULL) x
+        SELECT pg_notify('everruns_runs', ok.id::text) FROM ok WHERE ok.end_status IS NOT NULL) x
 )
 -- The uncorrelated test of woke is a one-time filter, run before the join: a SELECT CTE runs
 -- only on demand, so a plain join would skip its NOTIFYs whenever no row is claimed.
-SELECT ok.id IS NOT NULL AS applied, inserted.*
-FROM (SELECT 1) one
-LEFT JOIN ok ON true
-LEFT JOIN inserted ON inserted.status = 'claimed'
-WHERE (SELECT n FROM woke) IS NOT NULL;
+SELECT req.no AS task_no, ok.no IS NOT NULL AS applied, inserted.*
+FROM req
+LEFT JOIN ok ON ok.no = req.no
+LEFT JOIN inserted ON inserted.run_id = ok.id AND inserted.status = 'claimed'
+WHERE (SELECT n FROM woke) IS NOT NULL
+ORDER BY req.no;
 
 -- name: get_worker
 -- One worker's registration.

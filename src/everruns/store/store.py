@@ -38,7 +38,7 @@ from everruns.store.models import (
 )
 from everruns.store.queries import QUERIES as Q
 
-__all__ = ["FailOutcome", "NewEvent", "NewTask", "Store"]
+__all__ = ["Decision", "FailOutcome", "NewEvent", "NewTask", "Store"]
 
 CHANNEL_TASKS = "everruns_tasks"
 CHANNEL_CANCEL = "everruns_cancel"
@@ -100,6 +100,50 @@ class RunEnd:
     status: str
     result: str | None = None
     error: dict[str, Any] | None = None
+
+
+@attrs.frozen
+class Decision:
+    """A workflow task's outcome, to apply with `Store.apply_workflow_tasks`: its events, the
+    activities it schedules (``eager`` flags which go straight to the completing worker) and
+    how it ends its run, if it does."""
+
+    task_id: uuid.UUID
+    lease_token: int
+    expected_sequence: int
+    events: Sequence[NewEvent]
+    activities: Sequence[NewTask] = ()
+    eager: Sequence[bool] = ()
+    end: RunEnd | None = None
+
+
+def _activity_columns(activities: Sequence[NewTask]) -> list[list[Any]]:
+    """The parallel arrays an enqueueing statement takes, one per column (ids to breaker keys)."""
+    return [
+        [t.task_id for t in activities],
+        [t.activity_type for t in activities],
+        [t.activity_id for t in activities],
+        [t.input for t in activities],
+        [t.retry.max_attempts for t in activities],
+        [t.priority for t in activities],
+        [encode_text(t.retry.to_dict(), what="retry policy") for t in activities],
+        [t.schedule_to_start_s for t in activities],
+        [t.start_to_close_s for t in activities],
+        [t.heartbeat_timeout_s for t in activities],
+        [t.breaker_key for t in activities],
+    ]
+
+
+def _end_columns(end: RunEnd | None) -> tuple[str | None, str | None, str | None]:
+    """A run end as the statement's (status, result, error) parameters."""
+    if end is None:
+        return None, None, None
+    error = (
+        encode_text(end.error, what="error")
+        if end.status == "failed" and end.error is not None
+        else None
+    )
+    return end.status, end.result if end.status == "completed" else None, error
 
 
 @attrs.frozen
@@ -443,37 +487,67 @@ class Store:
         Returns:
             ``(applied, eager_claims)``.
         """
-        flags = list(eager) if eager_for is not None else []
-        flags += [False] * (len(activities) - len(flags))
+        ((applied, claimed),) = await self.apply_workflow_tasks(
+            [Decision(task_id, lease_token, expected_sequence, events, activities, eager, end)],
+            eager_for=eager_for,
+            simple_end_only=simple_end_only,
+            conn=conn,
+        )
+        return applied, claimed
+
+    async def apply_workflow_tasks(
+        self,
+        decisions: Sequence[Decision],
+        *,
+        eager_for: str | None = None,
+        simple_end_only: bool = True,
+        conn: Connection | None = None,
+    ) -> list[tuple[bool, list[Task]]]:
+        """`apply_workflow_task` for several tasks, in one statement and one transaction.
+
+        Each is applied or not on its own, under the same conditions; of several tasks of one
+        run, only the first can be applied. Activities flagged ``eager`` are claimed at once
+        for worker ``eager_for``.
+
+        Returns:
+            ``(applied, eager_claims)`` per decision, in order.
+        """
+        if not decisions:
+            return []
+        events: list[list[Any]] = [[], [], [], []]
+        activities: list[NewTask] = []
+        activity_nos: list[int] = []
+        flags: list[bool] = []
+        for no, d in enumerate(decisions, 1):
+            for n, event in enumerate(d.events, 1):
+                for column, value in zip(events, (no, n, event.type, event.text()), strict=True):
+                    column.append(value)
+            activities.extend(d.activities)
+            activity_nos.extend([no] * len(d.activities))
+            flags.extend(_eager_flags(d.eager, len(d.activities), eager_for))
+        ends = [_end_columns(d.end) for d in decisions]
         rows = await (conn or self.pool).fetch(
-            Q["apply_workflow_task"],
-            task_id,
-            lease_token,
-            expected_sequence,
-            [e.type for e in events],
-            [e.text() for e in events],
-            [t.task_id for t in activities],
-            [t.activity_type for t in activities],
-            [t.activity_id for t in activities],
-            [t.input for t in activities],
-            [t.retry.max_attempts for t in activities],
-            [t.priority for t in activities],
-            [encode_text(t.retry.to_dict(), what="retry policy") for t in activities],
-            [t.schedule_to_start_s for t in activities],
-            [t.start_to_close_s for t in activities],
-            [t.heartbeat_timeout_s for t in activities],
-            [t.breaker_key for t in activities],
+            Q["apply_workflow_tasks"],
+            [d.task_id for d in decisions],
+            [d.lease_token for d in decisions],
+            [d.expected_sequence for d in decisions],
+            [len(d.events) for d in decisions],
+            *(list(column) for column in zip(*ends, strict=True)),
+            *events,
+            activity_nos,
+            *_activity_columns(activities),
             flags,
             eager_for,
-            end.status if end else None,
-            end.result if end and end.status == "completed" else None,
-            encode_text(end.error, what="error")
-            if end and end.status == "failed" and end.error is not None
-            else None,
             simple_end_only,
         )
-        applied = bool(rows[0]["applied"])
-        return applied, [Task.from_row(r) for r in rows if r["id"] is not None]
+        applied = [False] * len(decisions)
+        claimed: list[list[Task]] = [[] for _ in decisions]
+        for row in rows:
+            k = row["task_no"] - 1
+            applied[k] = bool(row["applied"])
+            if row["id"] is not None:
+                claimed[k].append(Task.from_row(row))
+        return list(zip(applied, claimed, strict=True))
 
     async def ensure_workflow_task(self, conn: Connection, run: WorkflowRun) -> bool:
         """Make sure the run has a pending workflow task; return True if one was created."""
@@ -1125,6 +1199,12 @@ def _histories(rows: Sequence[Any]) -> dict[uuid.UUID, list[StoredEvent]]:
         for r in rows
         if r["kind"] == "workflow" and r["run_open"]
     }
+
+
+def _eager_flags(eager: Sequence[bool], count: int, eager_for: str | None) -> list[bool]:
+    """One flag per activity: which go straight to ``eager_for`` (none without a worker)."""
+    flags = list(eager)[:count] if eager_for is not None else []
+    return flags + [False] * (count - len(flags))
 
 
 def _in_claim_order(rows: Sequence[Any]) -> list[Task]:
