@@ -33,6 +33,7 @@ from everruns.errors import (
     RpcError,
 )
 from everruns.server import ServerConfig, serve
+from everruns.store.store import Store
 
 pytestmark = pytest.mark.db
 
@@ -972,6 +973,62 @@ async def test_one_call_mixes_the_one_statement_path_the_general_path_and_refusa
                     "activity_scheduled",
                 ]
             assert await p.history_types("m-3") == ["workflow_started"]
+
+
+async def test_long_polls_woken_together_claim_together_in_one_statement(
+    database_url: str, pool: pg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Six one-slot workers wait; one workflow task schedules six activities: the long polls
+    it wakes claim in one statement (not six), and each worker gets its own task, claimed in
+    its name."""
+    slots_per_claim: list[int] = []
+    claim_for = Store.claim_tasks_for
+
+    async def counting(self: Store, slots: Any, **kw: Any) -> Any:
+        slots_per_claim.append(len(slots))
+        return await claim_for(self, slots, **kw)
+
+    monkeypatch.setattr(Store, "claim_tasks_for", counting)
+
+    async def fan(ctx: Any, input: Any) -> Any:
+        return await ctx.gather(*(ctx.start_activity("job", n) for n in range(6)))
+
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            got: dict[str, list[pb.Task]] = {}
+
+            async def worker(name: str) -> None:
+                await p.channel.unary(
+                    p.workers.register_worker,
+                    pb.RegisterWorkerRequest(
+                        worker_id=name, max_concurrency=1, activity_types=["job"]
+                    ),
+                )
+                reply = await p.channel.unary(
+                    p.workers.poll_tasks,
+                    pb.PollTasksRequest(
+                        worker_id=name, max_tasks=1, activity_types=["job"], wait_s=20
+                    ),
+                )
+                got[name] = list(reply.tasks)
+
+            wid = await p.start("fan")
+            async with trio.open_nursery() as nursery:
+                for k in range(6):
+                    nursery.start_soon(worker, f"s{k}")
+                await trio.sleep(0.5)  # all six are waiting
+                slots_per_claim.clear()
+                await p.drive(fan, "fan")
+            tasks = {name: t.task_id for name, ts in got.items() for t in ts}
+            assert sorted(tasks) == [f"s{k}" for k in range(6)]
+            assert len(set(tasks.values())) == 6
+            for name, task_id in tasks.items():
+                row = await pool.fetchrow(
+                    "SELECT claimed_by, workflow_id FROM durable_task_queue WHERE id = $1",
+                    uuid.UUID(task_id),
+                )
+                assert row is not None and (row["claimed_by"], row["workflow_id"]) == (name, wid)
+            assert max(slots_per_claim) >= 2 and len(slots_per_claim) < 6
 
 
 async def test_an_activity_only_worker_gets_queued_tasks_claimed_beside_its_results(

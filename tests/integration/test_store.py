@@ -523,6 +523,29 @@ async def test_fast_claim_orders_across_types_and_leaves_unclosed_breakers_alone
         )
 
 
+async def test_one_claim_for_several_workers_gives_each_slot_its_task_in_claim_order(
+    store: Store,
+) -> None:
+    with trio.fail_after(10):
+        run = await _run(store)
+        for n, priority in enumerate([1, 9, 5, 7, 3]):
+            await _activity(store, run, f"a{n}", "charge", priority=priority)
+        slots = ["w1", "w2", "w2", "w3"]
+        got, more, _ = await store.claim_tasks_for(slots, activity_types=["charge"])
+        # Claim order is by priority: a1 (9), a3 (7), a2 (5), a4 (3); slot n gets the n-th.
+        assert [(t.activity_id, t.claimed_by) for t in got] == [
+            ("a1", "w1"),
+            ("a3", "w2"),
+            ("a2", "w2"),
+            ("a4", "w3"),
+        ]
+        assert more  # a0 is left
+        assert len({t.lease_token for t in got}) == 4
+        rest, more, _ = await store.claim_tasks_for(["w4", "w5"], activity_types=["charge"])
+        assert [(t.activity_id, t.claimed_by) for t in rest] == [("a0", "w4")] and not more
+        assert await store.claim_tasks_for([], activity_types=["charge"]) == ([], False, {})
+
+
 async def test_a_claimed_workflow_task_comes_with_its_history_and_starts_its_run(
     store: Store,
 ) -> None:

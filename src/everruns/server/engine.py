@@ -43,6 +43,7 @@ from everruns.errors import (
     InvalidArgument,
     ResourceExhausted,
 )
+from everruns.server.claims import ClaimGroups
 from everruns.server.config import ServerConfig
 from everruns.server.notifier import Notifier, TaskInterest
 from everruns.store.models import StoredEvent, Task, WorkflowRun
@@ -134,6 +135,9 @@ class Engine:
         self._unclosed_breakers = True
         self._breakers_checked_at = float("-inf")
         self._served: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
+        self._claims: ClaimGroups[
+            tuple[tuple[str, ...], tuple[str, ...]], Task, dict[uuid.UUID, list[StoredEvent]]
+        ] = ClaimGroups(self._claim_slots)
 
     # ------------------------------------------------------------------ input checks
 
@@ -377,10 +381,19 @@ class Engine:
             if probes:
                 tasks = await self._admit_probes(tasks, probes)
         else:
-            tasks, more, histories = await self.store.claim_tasks_fast(
-                worker_id, workflow_types=workflow_types, activity_types=activity_types, limit=limit
-            )
+            key = (tuple(workflow_types), tuple(activity_types))
+            claimed, more, histories = await self._claims.claim(key, worker_id, limit)
+            tasks = list(claimed)
         return await self._hand_out(tasks, histories), more
+
+    async def _claim_slots(
+        self, key: tuple[tuple[str, ...], tuple[str, ...]], slots: list[str]
+    ) -> tuple[list[Task], bool, dict[uuid.UUID, list[StoredEvent]]]:
+        """One claim statement for a group of claimers (`ClaimGroups`)."""
+        workflow_types, activity_types = key
+        return await self.store.claim_tasks_for(
+            slots, workflow_types=workflow_types, activity_types=activity_types
+        )
 
     async def _hand_out(
         self,

@@ -579,6 +579,8 @@ WHERE (SELECT n FROM woke) IS NOT NULL;
 -- scan of the claim index per (kind, type) key, each stopping at the limit, instead of one scan
 -- of every pending row of all the types. It looks at one row more than it claims: more_pending
 -- says whether claimable tasks were left behind (the caller then wakes another claimer).
+-- One statement claims for several claimers: $1 names the worker of each of the $4 slots, and
+-- the task ranked n in claim order goes to slot n (claim_rank).
 -- Workflow tasks come with their run's history (run_open, seqs, types, payloads, times).
 WITH keys AS (
     SELECT 'workflow' AS kind, t AS type FROM unnest($2::text[]) AS t
@@ -604,10 +606,11 @@ WITH keys AS (
     FROM picked
 ), claimed AS (
     UPDATE durable_task_queue t
-    SET status = 'claimed', claimed_by = $1, claimed_at = now(), heartbeat_at = now(),
-        attempt = t.attempt + 1, lease_token = nextval('durable_lease_tokens'), updated_at = now()
+    SET status = 'claimed', claimed_by = ($1::text[])[ranked.rank], claimed_at = now(),
+        heartbeat_at = now(), attempt = t.attempt + 1,
+        lease_token = nextval('durable_lease_tokens'), updated_at = now()
     FROM ranked WHERE t.id = ranked.id AND ranked.rank <= $4
-    RETURNING t.*, ranked.found > $4 AS more_pending
+    RETURNING t.*, ranked.found > $4 AS more_pending, ranked.rank AS claim_rank
 ), started AS (
     -- Runs whose first workflow task this is become running in the same commit. A run row
     -- locked by another transaction is skipped, never waited for: that transaction (a signal,

@@ -604,13 +604,34 @@ class Store:
             also marked those runs running). A workflow task whose run is missing from it
             belongs to a run that has ended.
         """
-        if limit <= 0 or not (workflow_types or activity_types):
+        if limit <= 0:
+            return [], False, {}
+        return await self.claim_tasks_for(
+            [worker_id] * limit, workflow_types=workflow_types, activity_types=activity_types
+        )
+
+    async def claim_tasks_for(
+        self,
+        slots: Sequence[str],
+        *,
+        workflow_types: Sequence[str] = (),
+        activity_types: Sequence[str] = (),
+    ) -> tuple[list[Task], bool, dict[uuid.UUID, list[StoredEvent]]]:
+        """`claim_tasks_fast` for several claimers at once: ``slots`` names the worker of each
+        slot to fill, and the n-th task returned (in claim order) is claimed for ``slots[n]``.
+        """
+        if not slots or not (workflow_types or activity_types):
             return [], False, {}
         rows = await self.pool.fetch(
-            Q["claim_tasks_fast"], worker_id, list(workflow_types), list(activity_types), limit
+            Q["claim_tasks_fast"],
+            list(slots),
+            list(workflow_types),
+            list(activity_types),
+            len(slots),
         )
         more = bool(rows) and bool(rows[0]["more_pending"])
-        return _in_claim_order(rows), more, _histories(rows)
+        ranked = sorted(rows, key=lambda r: r["claim_rank"])
+        return [Task.from_row(r) for r in ranked], more, _histories(rows)
 
     async def start_runs(self, run_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[StoredEvent]]:
         """Mark runs running (pending -> running) and read their histories, in one statement.
