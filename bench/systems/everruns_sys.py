@@ -176,6 +176,10 @@ class Bench:
         for name in sorted(n for n in QUERIES if n.startswith("claim_tasks")):
             sql = QUERIES[name]
             used = max(int(n) for n in re.findall(r"\$(\d+)", sql))
+            if "$1::text[]" in sql:  # the claim for several claimers: a worker per slot
+                types[0], values[0] = "text[]", "array_fill('explain'::text, ARRAY[10])"
+            else:
+                types[0], values[0] = "text", "'explain'"
             with psycopg.connect(self.args.db) as conn:
                 conn.execute(f"PREPARE bench_claim({', '.join(types[:used])}) AS {sql}")
                 rows = conn.execute(
