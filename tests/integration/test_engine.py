@@ -110,6 +110,18 @@ class Plane:
             max_eager_tasks=max_eager,
         )
 
+    async def first_decisions(
+        self, fn: Callable[..., Any], wtype: str, inputs: list[Any], prefix: str
+    ) -> tuple[list[pb.Task], list[pb.CompleteWorkflowTaskRequest]]:
+        """Start one run per input (workflow ids ``prefix-0``, ``prefix-1``...), claim their
+        first workflow tasks and decide each (eager budget 1), in workflow id order."""
+        await self.register(workflow_types=[wtype], activity_types=["work"])
+        for n, arg in enumerate(inputs):
+            await self.start(wtype, arg, wid=f"{prefix}-{n}")
+        tasks = sorted(await self.poll(wf=[wtype]), key=lambda t: t.workflow_id)
+        assert [t.workflow_id for t in tasks] == [f"{prefix}-{n}" for n in range(len(inputs))]
+        return tasks, [self.decide(task, fn, max_eager=1) for task in tasks]
+
     async def drive(self, fn: Callable[..., Any], wtype: str, *, steps: int = 1) -> None:
         for _ in range(steps):
             (task,) = await self.poll(wf=[wtype])
@@ -901,23 +913,22 @@ async def test_ending_a_run_cancels_the_activities_it_no_longer_waits_for(
             ]  # the holder of "slow" learns of the cancel on its next heartbeat
 
 
+async def one_step(ctx: Any, input: Any) -> Any:
+    """One activity ("work"); with input "nap", a timer first (so the general path)."""
+    if input == "nap":
+        await ctx.sleep(60)
+    return await ctx.execute_activity("work", input)
+
+
 async def test_several_workflow_tasks_complete_in_one_call_each_on_its_own(
     database_url: str,
 ) -> None:
     """CompleteWorkflowTasks applies each completion as CompleteWorkflowTask would (its own
     eager tasks) and refuses a stale one alone, in request order."""
 
-    async def step(ctx: Any, input: Any) -> Any:
-        return await ctx.execute_activity("work", input)
-
     with trio.fail_after(30):
         async with plane(database_url) as p:
-            await p.register(workflow_types=["step"], activity_types=["work"])
-            for n in range(3):
-                await p.start("step", n, wid=f"s-{n}")
-            tasks = await p.poll(wf=["step"])
-            assert len(tasks) == 3
-            requests = [p.decide(task, step, max_eager=1) for task in tasks]
+            tasks, requests = await p.first_decisions(one_step, "step", [0, 1, 2], "s")
             requests[1].lease_token += 1000  # not the lease it holds
             reply = await p.channel.unary(
                 p.workers.complete_workflow_tasks,
@@ -939,19 +950,9 @@ async def test_one_call_mixes_the_one_statement_path_the_general_path_and_refusa
     applied together, a timer takes the general path under its run's lock, and a malformed
     completion is refused alone; each is answered in its place."""
 
-    async def step(ctx: Any, input: Any) -> Any:
-        if input == "nap":
-            await ctx.sleep(60)
-        return await ctx.execute_activity("work", input)
-
     with trio.fail_after(30):
         async with plane(database_url) as p:
-            await p.register(workflow_types=["step"], activity_types=["work"])
-            for n, arg in enumerate(["a", "nap", "b", "c"]):
-                await p.start("step", arg, wid=f"m-{n}")
-            tasks = sorted(await p.poll(wf=["step"]), key=lambda t: t.workflow_id)
-            assert [t.workflow_id for t in tasks] == ["m-0", "m-1", "m-2", "m-3"]
-            requests = [p.decide(task, step, max_eager=1) for task in tasks]
+            _, requests = await p.first_decisions(one_step, "step", ["a", "nap", "b", "c"], "m")
             requests[3].commands = b"[{not json"
             reply = await p.channel.unary(
                 p.workers.complete_workflow_tasks,
@@ -973,6 +974,33 @@ async def test_one_call_mixes_the_one_statement_path_the_general_path_and_refusa
                     "activity_scheduled",
                 ]
             assert await p.history_types("m-3") == ["workflow_started"]
+
+
+async def test_a_completion_the_database_refuses_is_refused_alone(database_url: str) -> None:
+    """One completion of a call schedules the same activity id twice: the database's unique
+    index refuses it, which rolls back the statement shared with the others. Those others are
+    still applied, and only the guilty one is refused."""
+
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            _, requests = await p.first_decisions(one_step, "step", [0, 1, 2], "d")
+            (command,) = json.loads(requests[1].commands)
+            requests[1].commands = json.dumps([command, command]).encode()
+            reply = await p.channel.unary(
+                p.workers.complete_workflow_tasks,
+                pb.CompleteWorkflowTasksRequest(completions=requests),
+            )
+            first, twice, third = reply.outcomes
+            assert first.accepted and third.accepted and not twice.accepted
+            assert twice.refused_status == "ALREADY_EXISTS"
+            assert [len(o.eager_tasks) for o in (first, third)] == [1, 1]
+            assert await p.history_types("d-1") == ["workflow_started"]
+            for wid in ("d-0", "d-2"):
+                assert await p.history_types(wid) == [
+                    "workflow_started",
+                    "workflow_task_completed",
+                    "activity_scheduled",
+                ]
 
 
 async def test_long_polls_woken_together_claim_together_in_one_statement(

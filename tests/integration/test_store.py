@@ -742,27 +742,46 @@ async def test_several_workflow_task_outcomes_in_one_statement_each_fenced_on_it
         assert await store.apply_workflow_tasks([]) == []
 
 
-async def test_workflow_task_batches_sharing_runs_do_not_deadlock(store: Store) -> None:
-    """Batches that lock the same runs in opposite request order wait for each other in run
-    id order; one applies, the other finds its tasks closed."""
+async def test_workflow_task_batches_sharing_runs_apply_each_task_once(store: Store) -> None:
+    """Batches that share runs, in opposite request order, never wait for each other's locks:
+    each task is applied by exactly one of them."""
     with trio.fail_after(20):
         runs = [await _run(store, f"wf-{k}") for k in range(6)]
         tasks = [await _claimed_workflow_task(store, run) for run in runs]
         events = [NewEvent("workflow_task_completed", {})]
         decisions = [Decision(t.task_id, t.lease_token, 1, events) for t in tasks]
-        outcomes: list[list[bool]] = []
+        applied = [0] * 6
 
-        async def apply(batch: list[Decision]) -> None:
-            results = await store.apply_workflow_tasks(batch)
-            outcomes.append([applied for applied, _ in results])
+        async def apply(positions: list[int]) -> None:
+            results = await store.apply_workflow_tasks([decisions[k] for k in positions])
+            for k, (ok, _) in zip(positions, results, strict=True):
+                applied[k] += ok
 
-        for _ in range(3):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(apply, decisions)
-                nursery.start_soon(apply, decisions[::-1])
-        first, second = outcomes[0], outcomes[1][::-1]
-        assert [a != b for a, b in zip(first, second, strict=True)] == [True] * 6
-        assert outcomes[2:] == [[False] * 6] * 4
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(apply, list(range(6)))
+            nursery.start_soon(apply, list(range(6))[::-1])
+        assert applied == [1] * 6
+        again = await store.apply_workflow_tasks(decisions)
+        assert [ok for ok, _ in again] == [False] * 6
+
+
+async def test_a_batch_skips_a_run_another_transaction_holds(store: Store, pool: Pool) -> None:
+    """A task whose run another transaction holds locked is not applied, at once (the caller
+    takes it through the general path): a batch never waits holding other runs' locks."""
+    with trio.fail_after(20):
+        free, held = await _run(store, "wf-free"), await _run(store, "wf-held")
+        tasks = [await _claimed_workflow_task(store, run) for run in (free, held)]
+        events = [NewEvent("workflow_task_completed", {})]
+        decisions = [Decision(t.task_id, t.lease_token, 1, events) for t in tasks]
+        async with store.transaction() as conn:
+            await conn.execute(
+                "SELECT 1 FROM durable_workflow_instances WHERE id = $1 FOR UPDATE", held.run_id
+            )
+            with trio.fail_after(5):
+                results = await store.apply_workflow_tasks(decisions)
+        assert [applied for applied, _ in results] == [True, False]
+        (again,) = await store.apply_workflow_tasks(decisions[1:])
+        assert again == (True, [])
 
 
 async def _run_with_claimed_activity(store: Store) -> tuple[WorkflowRun, Any]:

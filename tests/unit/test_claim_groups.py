@@ -150,3 +150,19 @@ def test_members_are_not_cancelled_out_of_a_claim_made_for_them() -> None:
         "item1",
     ]
     assert all(items[0].startswith(f"{w}:") for w, items in claimed.items())
+
+
+def test_a_caller_cancelled_already_claims_nothing() -> None:
+    """Joining shields a claimer until the claim is done, so one whose wait is over already
+    must not join (or lead) at all: it would be handed tasks it can no longer deliver."""
+    queue = Queue(items=3)
+
+    async def main() -> None:
+        groups: ClaimGroups[str, str, str] = ClaimGroups(queue.claim)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await groups.claim("a", "w1", 3)
+        assert scope.cancelled_caught
+
+    run(main)
+    assert queue.calls == []

@@ -236,3 +236,20 @@ def test_schedule_properties(
         if latest < life - eps:
             assert after and after[0] <= latest + eps, f"poke at {p} not answered"
     assert all(s < life + eps for s, _ in calls), "a call after the beat was removed"
+
+
+def test_ended_activities_behind_a_long_one_are_not_kept() -> None:
+    """A long-running activity's beat heads the heap; the thousands of short ones that start
+    and end behind it must not stay in it (with their tasks) until their own beat time."""
+    rec = Recorder()
+
+    async def main() -> None:
+        async with scheduling(rec.send) as beats:
+            beats.add("long", 10.0)
+            for i in range(5_000):
+                beats.remove(beats.add(f"t{i}", 10.0))
+                assert len(beats) <= 2 * 1 + 64 + 1
+            assert len(beats) <= 66
+
+    run_mock(main)
+    assert rec.calls == []

@@ -83,6 +83,9 @@ class ClaimGroups(Generic[Key, Claimed, Extra]):
             Exception: whatever the group's claim raised (every member gets it);
                 DatabaseUnavailable if it took longer than ``limit_s``.
         """
+        # A caller cancelled already must not join: once in, it is shielded until the claim
+        # is done, and would be handed tasks it can no longer deliver.
+        await trio.lowlevel.checkpoint_if_cancelled()
         member: _Member[Claimed] = _Member(worker_id, limit)
         group = self._forming.get(key)
         if group is not None:

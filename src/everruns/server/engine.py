@@ -530,7 +530,15 @@ class Engine:
                 )
             )
         eager_for = worker_id if any(any(d.eager) for d in decisions) else None
-        applied = await self.store.apply_workflow_tasks(decisions, eager_for=eager_for)
+        try:
+            applied = await self.store.apply_workflow_tasks(decisions, eager_for=eager_for)
+        except DatabaseError:
+            raise
+        except EverrunsError:
+            # One completion broke a rule the database enforces (a duplicate activity id,
+            # say), which rolled back the whole statement: each goes its own way instead, so
+            # only the guilty one is refused.
+            applied = [(False, [])] * len(decisions)
         done = set()
         for (n, outcome), (ok, claimed) in zip(fast, applied, strict=True):
             if ok:

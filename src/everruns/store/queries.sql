@@ -691,9 +691,11 @@ FOR UPDATE;
 -- flattened: $12 task number, $13 ids, $14 types, $15 activity ids, $16 inputs, $17 max
 -- attempts, $18 priorities, $19 retry policies, $20-$22 schedule-to-start, start-to-close and
 -- heartbeat timeouts, $23 breaker keys, $24 eager flags. Of several tasks of one run only the
--- first is applied; runs are locked in id order, as complete_activities does, so batches that
--- share runs cannot deadlock. Returns one row per task (task_no, applied), joined with its
--- eager claims' columns.
+-- first is applied. A task or run that another transaction holds locked is skipped, never
+-- waited for (the caller takes that task through the general path, which waits for its one
+-- run): holding some runs while waiting for another could deadlock with a transaction that
+-- locks a parent and then its child. Returns one row per task (task_no, applied), joined with
+-- its eager claims' columns.
 WITH req AS (
     SELECT * FROM unnest($1::uuid[], $2::int8[], $3::int[], $4::int[], $5::text[], $6::text[],
                          $7::text[])
@@ -708,7 +710,7 @@ WITH req AS (
     JOIN durable_workflow_instances r ON r.id = t.run_id
     WHERE r.status IN ('pending', 'running') AND r.last_sequence_num = req.seen
     ORDER BY r.id
-    FOR UPDATE OF t, r
+    FOR UPDATE OF t, r SKIP LOCKED
 ), ok AS (
     SELECT DISTINCT ON (gate.id) gate.* FROM gate
     WHERE gate.end_status IS NULL OR NOT $26::bool OR (

@@ -103,6 +103,7 @@ class Heartbeats(Generic[Subject]):
         self._send_fn = send
         self._heap: list[tuple[float, int, Beat[Subject]]] = []
         self._count = 0
+        self._live = 0
         self._wakeup = trio.Event()
         self._sleeping_until = math.inf
         self._nursery: trio.Nursery | None = None
@@ -115,17 +116,25 @@ class Heartbeats(Generic[Subject]):
         """Start beating for ``subject`` every ``interval`` seconds; the first call is due one
         interval from now."""
         beat = Beat(subject, interval, trio.current_time())
+        self._live += 1
         self._schedule(beat)
         return beat
 
     def remove(self, beat: Beat[Subject]) -> None:
         """Stop beating (the activity ended): no more calls, and one in flight is cancelled."""
-        beat.live = False
+        if beat.live:
+            beat.live = False
+            self._live -= 1
         if beat._sending is not None:
             beat._sending.cancel()
         heap = self._heap
         while heap and not _current(heap[0]):
             heapq.heappop(heap)
+        if len(heap) > 2 * self._live + 64:
+            # Entries of ended activities behind a long-running one's would stay (and keep
+            # their tasks alive) until their own time: drop them all at once.
+            heap[:] = [entry for entry in heap if _current(entry)]
+            heapq.heapify(heap)
 
     def poke(self, beat: Beat[Subject]) -> None:
         """The activity called ``ctx.heartbeat()``: send as soon as ``min_gap`` allows."""
@@ -184,6 +193,7 @@ class Heartbeats(Generic[Subject]):
             return
         if due is None:
             beat.live = False
+            self._live -= 1
             return
         beat.due = due
         self._schedule(beat)
