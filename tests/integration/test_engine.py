@@ -31,6 +31,7 @@ from everruns.errors import (
     NotFound,
     ResourceExhausted,
     RpcError,
+    ServerUnavailable,
 )
 from everruns.server import ServerConfig, serve
 from everruns.store.store import Store
@@ -911,6 +912,62 @@ async def test_ending_a_run_cancels_the_activities_it_no_longer_waits_for(
                 ("never", "cancelled", False),
                 ("slow", "claimed", True),
             ]  # the holder of "slow" learns of the cancel on its next heartbeat
+
+
+async def test_a_stopping_control_plane_ends_the_calls_in_flight_at_once(
+    database_url: str,
+) -> None:
+    """A long poll in flight when the control plane stops ends at once, as unreachable (its
+    connection is closed): the worker does not wait out its own 30 s budget."""
+    config = ServerConfig(database_url=database_url, grpc_port=0)
+    server = trio.CancelScope()
+
+    async def run_server(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        with server:
+            await serve(config, task_status=task_status)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            info = await nursery.start(run_server)
+            async with open_channel("127.0.0.1", info.port) as channel:
+                workers = pb.WorkerServiceStub(channel.raw)
+                await channel.unary(
+                    workers.register_worker,
+                    pb.RegisterWorkerRequest(
+                        worker_id="w1", max_concurrency=1, activity_types=["x"]
+                    ),
+                )
+                ended: list[tuple[float, BaseException | None]] = []
+
+                async def long_poll() -> None:
+                    error: BaseException | None = None
+                    try:
+                        await channel.unary(
+                            workers.poll_tasks,
+                            pb.PollTasksRequest(
+                                worker_id="w1", max_tasks=1, activity_types=["x"], wait_s=30
+                            ),
+                            timeout=40,
+                        )
+                    except RpcError as exc:
+                        error = exc
+                    ended.append((trio.current_time(), error))
+
+                async with trio.open_nursery() as polls:
+                    polls.start_soon(long_poll)
+                    await trio.sleep(0.5)  # the poll is waiting for a task
+                    stopped = trio.current_time()
+                    server.cancel()
+                ((at, error),) = ended
+                assert at - stopped < 3.0
+                assert isinstance(error, ServerUnavailable)  # a worker retries it at once
+                # The connection is gone too: the next call fails at once, it does not hang.
+                with trio.fail_after(5), pytest.raises(RpcError):
+                    await channel.unary(
+                        workers.register_worker,
+                        pb.RegisterWorkerRequest(worker_id="w1", max_concurrency=1),
+                        timeout=10,
+                    )
 
 
 async def one_step(ctx: Any, input: Any) -> Any:
