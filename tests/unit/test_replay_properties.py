@@ -10,12 +10,14 @@ into exactly what was recorded.
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import attrs
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -28,8 +30,8 @@ from everruns.domain.commands import (
 )
 from everruns.domain.context import WorkflowContext, WorkflowInfo
 from everruns.domain.history import HistoryEvent
-from everruns.domain.replay import ReplayResult, replay
-from everruns.errors import ActivityError, NonDeterminismError
+from everruns.domain.replay import Replayer, ReplayResult, replay
+from everruns.errors import ActivityError, InvalidArgument, NonDeterminismError
 
 INFO = WorkflowInfo(workflow_id="prop", run_id="run-prop", workflow_type="program")
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
@@ -204,9 +206,15 @@ class History:
 
 
 def simulate(
-    rng: random.Random, wf: Callable[..., Any], program: list[Step]
+    rng: random.Random,
+    wf: Callable[..., Any],
+    program: list[Step],
+    attempts: list[tuple[int, datetime]] | None = None,
 ) -> tuple[History, list[Task]]:
-    """Play the control plane until the workflow ends; return the history and the tasks."""
+    """Play the control plane until the workflow ends; return the history and the tasks.
+
+    ``attempts`` (when given) gets every workflow task's (events seen, claim time), those
+    whose answer was thrown away included."""
     log = History(h.workflow_started("program", "prop", "run-prop", None))
     pending: dict[str, list[dict[str, Any]]] = {}
     unsent = [h.signal_received(name, _payload(name)) for name in _signals(program)]
@@ -214,6 +222,8 @@ def simulate(
     clock = T0
     for _ in range(400):
         result = _replay(wf, log.events, clock)
+        if attempts is not None:
+            attempts.append((len(log.events), clock))
         due = len(pending) + len(unsent)
         if not result.completed and due and rng.random() < 0.1:
             pass  # superseded: the answer is dropped, more events arrive first
@@ -345,3 +355,80 @@ def test_recorded_histories_replay_exactly_when_cut_anywhere(
     message = _must_not_replay(wf, [*events[:index], tampered, *events[index + 1 :]], "tampering")
     assert f"at seq {index + 1}," in message
     _must_not_replay(wf, [*events[:index], *events[index + 1 :]], "a dropped command event")
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(program=programs(), rng=st.randoms(use_true_random=True))
+def test_a_replay_kept_open_answers_every_task_as_a_full_replay(
+    program: list[Step], rng: random.Random
+) -> None:
+    """What a worker does with a run's replay kept between tasks: each task advances it with
+    the events that came since, or replays in full when they do not continue from its last
+    decision (an answer thrown away). Every answer equals a full replay's."""
+    wf = make_workflow(program)
+    attempts: list[tuple[int, datetime]] = []
+    log, _ = simulate(rng, wf, program, attempts)
+    kept: Replayer | None = None
+    advanced = 0
+    for seen, now in attempts:
+        events = log.events[:seen]
+        full = _replay(wf, events, now)
+        got = None
+        if kept is not None:
+            got = kept.advance(events[kept.seen_sequence :], now=now)
+            if got is None:
+                kept.close()
+            else:
+                advanced += 1
+        if got is None:
+            kept = Replayer(wf, info=INFO)
+            got = kept.replay(events, now=now)
+        assert got == full
+        assert kept is not None
+        if got.completed:
+            kept.close()
+            kept = None
+    assert kept is None  # the last task ends the workflow
+    # Every task after a recorded one went on from it (none is thrown away without more
+    # events arriving, and those come before any marker).
+    recorded_then_next = sum(
+        1
+        for (seen, _), (next_seen, _) in itertools.pairwise(attempts)
+        if log.dicts[seen]["type"] == h.WORKFLOW_TASK_COMPLETED and next_seen > seen
+    )
+    assert advanced == recorded_then_next
+
+
+def _three_steps_history() -> tuple[Callable[..., Any], list[HistoryEvent], datetime]:
+    program: list[Step] = [("act", True, 1), ("act", True, 2)]
+    wf = make_workflow(program)
+    log, tasks = simulate(random.Random(7), wf, program)
+    return wf, log.events, tasks[1].now
+
+
+def test_advance_refuses_what_does_not_continue_its_last_decision() -> None:
+    wf, events, _ = _three_steps_history()
+    marker = next(i for i, e in enumerate(events) if e.type == h.WORKFLOW_TASK_COMPLETED)
+    first = Replayer(wf, info=INFO)
+    first.replay(events[:marker], now=T0)
+    # Another claim time than the one its decision was made with: not its decision.
+    assert first.advance(events[marker:], now=T0 + timedelta(seconds=9)) is not None
+    other = Replayer(wf, info=INFO)
+    other.replay(events[:marker], now=T0 + timedelta(seconds=1))
+    assert other.advance(events[marker:], now=T0 + timedelta(seconds=9)) is None
+    # A gap, nothing new, or a closed replayer: no.
+    gap = Replayer(wf, info=INFO)
+    gap.replay(events[:marker], now=T0)
+    assert gap.advance(events[marker + 1 :], now=T0) is None
+    assert gap.advance([], now=T0) is None
+    gap.close()
+    assert gap.advance(events[marker:], now=T0) is None
+    # A replayer replays a whole history once.
+    with pytest.raises(InvalidArgument, match="replayed a history already"):
+        first.replay(events, now=T0)
+    for r in (first, other):
+        r.close()

@@ -45,7 +45,7 @@ from everruns.errors import (
     WorkflowCancelled,
 )
 
-__all__ = ["ReplayResult", "error_from_exception", "replay"]
+__all__ = ["ReplayResult", "Replayer", "error_from_exception", "replay"]
 
 # Event loops and their helpers: a frame from one of these inside workflow code means the code
 # tried to use a real event loop, which the replay driver is not.
@@ -411,9 +411,15 @@ def _split(history: Sequence[HistoryEvent], info: WorkflowInfo) -> list[_Batch]:
             raise nondeterminism(
                 info, f"workflow_started at seq 1 has {key}={recorded!r}, not {expected!r}"
             )
+    return _batches(history, info)
+
+
+def _batches(events: Sequence[HistoryEvent], info: WorkflowInfo) -> list[_Batch]:
+    """Cut events into batches: inputs, then the marker that ends them and the command events
+    recorded after it; the last batch has no marker."""
     batches: list[_Batch] = []
     inputs: list[HistoryEvent] = []
-    for event in history:
+    for event in events:
         if event.type == h.MARKER_EVENT_TYPE:
             batches.append(_Batch(inputs=inputs, marker=event, recorded=[]))
             inputs = []
@@ -555,31 +561,125 @@ def replay(
             or an object that is not a ctx awaitable.
         InvalidArgument: ``now`` is naive or ``workflow_fn`` is not callable.
     """
-    if now.tzinfo is None or now.utcoffset() is None:
-        raise InvalidArgument(f"now must be timezone-aware, got naive {now!r}")
-    if not callable(workflow_fn):
-        raise InvalidArgument(f"workflow_fn must be callable, got {type(workflow_fn).__name__}")
-    batches = _split(history, info)
-    driver = _Driver(workflow_fn, info, registry)
-    result: list[Command] = []
+    replayer = Replayer(workflow_fn, info=info, registry=registry)
     try:
-        for batch in batches:
+        return replayer.replay(history, now=now)
+    finally:
+        replayer.close()
+
+
+class Replayer:
+    """A workflow's replay, kept open from one workflow task to the next.
+
+    `replay` runs the whole history, as the function `replay` does, and leaves the workflow's
+    coroutines suspended where they wait. `advance` then takes only the events that came after
+    those it has seen, when they continue from the decision it made: the marker recording that
+    decision, exactly its command events (compared, as a full replay compares them), then new
+    events. What the workflow sees is what a full replay would show it, so the answer is the
+    same; anything else (a gap, a decision that was not recorded, another clock) makes
+    `advance` return None, and the caller replays in full. A replayer serves one run, one task
+    at a time, and must be closed.
+
+    Args:
+        workflow_fn: the ``async def wf(ctx, input)`` to run.
+        info: the run's identity.
+        registry: where to look up default options of activities named by string.
+    """
+
+    def __init__(
+        self,
+        workflow_fn: Callable[..., Any],
+        *,
+        info: WorkflowInfo,
+        registry: Registry | None = None,
+    ) -> None:
+        if not callable(workflow_fn):
+            raise InvalidArgument(f"workflow_fn must be callable, got {type(workflow_fn).__name__}")
+        self._info = info
+        self._driver = _Driver(workflow_fn, info, registry)
+        self._seen = 0  # the sequence number of the last event delivered
+        self._issued: list[Command] = []  # commands of the open (last) batch, not yet recorded
+        self._clock: datetime | None = None  # the open batch's clock
+        self._closed = False
+
+    @property
+    def seen_sequence(self) -> int:
+        """The sequence number of the last history event replayed (0 before `replay`)."""
+        return self._seen
+
+    @property
+    def completed(self) -> bool:
+        """The workflow function has ended."""
+        return self._driver.ended
+
+    def replay(self, history: Sequence[HistoryEvent], *, now: datetime) -> ReplayResult:
+        """Replay the whole history (see the function `replay`); only once per replayer."""
+        _check_now(now)
+        if self._seen:
+            raise InvalidArgument("this replayer has replayed a history already; use advance")
+        return self._run(_split(history, self._info), now, history[-1].sequence_num)
+
+    def advance(self, events: Sequence[HistoryEvent], *, now: datetime) -> ReplayResult | None:
+        """Go on with ``events``, the history after `seen_sequence`; None when they do not
+        continue from this replayer's last decision (the caller then replays in full).
+
+        Raises:
+            NonDeterminismError, IllegalAwait: as a full replay would for the same history.
+        """
+        _check_now(now)
+        if self._closed or self._seen <= 0 or not events:
+            return None
+        if any(e.sequence_num != self._seen + n for n, e in enumerate(events, start=1)):
+            return None
+        batches = _batches(events, self._info)
+        marker = batches[0].marker
+        # The open batch must end with the marker recording its decision, under the clock the
+        # decision was made with (the claim time it carries).
+        if marker is None or _marker_time(self._info, marker) != self._clock:
+            return None
+        return self._run(batches, now, events[-1].sequence_num, continuing=True)
+
+    def _run(
+        self,
+        batches: list[_Batch],
+        now: datetime,
+        last: int,
+        *,
+        continuing: bool = False,
+    ) -> ReplayResult:
+        driver = self._driver
+        result: list[Command] = []
+        self._seen = -1  # broken until this run ends well
+        for n, batch in enumerate(batches):
+            issued_before = self._issued if continuing and n == 0 else []
             if batch.marker is not None:
-                driver.ctx._set_clock(_marker_time(info, batch.marker), replaying=True)
+                driver.ctx._set_clock(_marker_time(self._info, batch.marker), replaying=True)
             else:
-                driver.ctx._set_clock(now.astimezone(UTC), replaying=False)
+                self._clock = now.astimezone(UTC)
+                driver.ctx._set_clock(self._clock, replaying=False)
             for event in batch.inputs:
                 driver.deliver(event)
-            issued = driver.ctx._take_commands()
+            issued = issued_before + driver.ctx._take_commands()
             if batch.marker is not None:
                 _compare(driver, batch, issued)
             else:
                 result = issued
-    finally:
-        driver.close()
-    return ReplayResult(
-        commands=result,
-        completed=driver.ended,
-        seen_sequence=history[-1].sequence_num,
-        cancel_requested=driver.ctx.cancel_requested,
-    )
+        self._issued = result
+        self._seen = last
+        return ReplayResult(
+            commands=list(result),
+            completed=driver.ended,
+            seen_sequence=last,
+            cancel_requested=driver.ctx.cancel_requested,
+        )
+
+    def close(self) -> None:
+        """Unwind the workflow's coroutines now (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            self._driver.close()
+
+
+def _check_now(now: datetime) -> None:
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise InvalidArgument(f"now must be timezone-aware, got naive {now!r}")

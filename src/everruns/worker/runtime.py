@@ -37,7 +37,7 @@ from everruns.domain import payload
 from everruns.domain.context import WorkflowInfo
 from everruns.domain.history import HistoryEvent
 from everruns.domain.registry import ActivityDefinition, Registry, default_registry
-from everruns.domain.replay import replay
+from everruns.domain.replay import Replayer
 from everruns.errors import (
     ConcurrencyConflict,
     FailedPrecondition,
@@ -63,6 +63,7 @@ from everruns.worker.config import (
 )
 from everruns.worker.failure import error_from_exception, make_error, type_name
 from everruns.worker.heartbeats import Beat, Heartbeats
+from everruns.worker.replays import ReplayCache
 from everruns.worker.slots import Slot, TaskSlots
 
 __all__ = ["Worker"]
@@ -89,6 +90,9 @@ STREAM_SILENCE_LIMIT = 60.0
 """The cancellation stream carries keepalives; silent this long, it is presumed dead and
 reopened."""
 _EARLY_CANCELS = 256
+KEPT_REPLAYS = 1000
+"""Runs whose replay a worker keeps open for their next workflow task (least recently used
+beyond)."""
 MAX_RESULTS_PER_CALL = 256
 """Activity results one CompleteActivityTasks call carries at most."""
 
@@ -128,6 +132,22 @@ def is_transient(exc: BaseException) -> bool:
 
 def _is_stale(exc: BaseException) -> bool:
     return isinstance(exc, (FailedPrecondition, StaleLease, NotFound))
+
+
+def _history_events(history: Sequence[Any]) -> list[HistoryEvent]:
+    """A task's history (protocol messages) as replay takes it.
+
+    Raises:
+        PayloadError, InvalidArgument: an event is not a JSON object with a type.
+    """
+    return [
+        HistoryEvent.of(
+            e.sequence_num,
+            payload.decode(e.data, what=f"history event {e.sequence_num}"),
+            time=datetime.fromtimestamp(e.time, UTC),
+        )
+        for e in history
+    ]
 
 
 def _time_or_none(seconds: float) -> datetime | None:
@@ -324,6 +344,7 @@ class Worker:
             self._send_results, max_batch=MAX_RESULTS_PER_CALL
         )
         self._heartbeats: Heartbeats[_RunningTask] = Heartbeats(self._send_heartbeat)
+        self._replays = ReplayCache(KEPT_REPLAYS)
         self._decisions: Batcher[Any, Any] = Batcher(
             self._send_decisions, max_batch=MAX_RESULTS_PER_CALL
         )
@@ -432,6 +453,9 @@ class Worker:
                             self._released,
                         )
                 finally:
+                    # No task replays any more: unwind the workflows kept open now, not when
+                    # the garbage collector finds them.
+                    self._replays.close()
                     # Say goodbye while the cancellation stream is still open, so the control
                     # plane records a clean stop rather than a lost worker.
                     with trio.move_on_after(FINAL_REPORT_BUDGET, shield=True):
@@ -1186,30 +1210,50 @@ class Worker:
         info = WorkflowInfo(
             workflow_id=task.workflow_id, run_id=task.run_id, workflow_type=task.workflow_type
         )
-        try:
-            events = [
-                HistoryEvent.of(
-                    e.sequence_num,
-                    payload.decode(e.data, what=f"history event {e.sequence_num}"),
-                    time=datetime.fromtimestamp(e.time, UTC),
-                )
-                for e in task.history
-            ]
-        except (InvalidArgument, PayloadError) as exc:
-            bad = NonDeterminismError(f"{info.describe()} has an unreadable history: {exc}")
-            return _WorkflowTaskFailed(error_from_exception(bad, non_retryable=True), True)
         if not handle.claim_time:
             handle.claim_time = datetime.now(UTC).timestamp()
         now = datetime.fromtimestamp(handle.claim_time, UTC)
+        # The run's replay kept from its last task goes on from there when the history does;
+        # otherwise (none kept, another worker's task in between, any error) replay in full.
+        kept = self._replays.take(task.run_id, definition.fn)
+        result = None
+        if kept is not None:
+            try:
+                news = _history_events(
+                    [e for e in task.history if e.sequence_num > kept.seen_sequence]
+                )
+                result = kept.advance(news, now=now)
+            except Exception:
+                result = None
+            if result is None:
+                kept.close()
+        if result is None:
+            try:
+                events = _history_events(task.history)
+            except (InvalidArgument, PayloadError) as exc:
+                bad = NonDeterminismError(f"{info.describe()} has an unreadable history: {exc}")
+                return _WorkflowTaskFailed(error_from_exception(bad, non_retryable=True), True)
+            kept = Replayer(definition.fn, info=info, registry=self.registry)
+            try:
+                result = kept.replay(events, now=now)
+            except NonDeterminismError as exc:
+                kept.close()
+                return _WorkflowTaskFailed(error_from_exception(exc, non_retryable=True), True)
+            except Exception as exc:
+                kept.close()
+                return _WorkflowTaskFailed(error_from_exception(exc), False)
+        assert kept is not None
         try:
-            result = replay(definition.fn, events, info=info, now=now, registry=self.registry)
             commands = payload.encode(
                 [command.to_dict() for command in result.commands], what="workflow commands"
             )
-        except NonDeterminismError as exc:
-            return _WorkflowTaskFailed(error_from_exception(exc, non_retryable=True), True)
         except Exception as exc:
+            kept.close()
             return _WorkflowTaskFailed(error_from_exception(exc), False)
+        if result.completed:
+            kept.close()
+        else:
+            self._replays.keep(task.run_id, definition.fn, kept)
         return _Decided(commands, result.seen_sequence)
 
     async def _finish_workflow_task(self, handle: _RunningTask, *, eager: bool = True) -> None:
