@@ -10,8 +10,10 @@ into exactly what was recorded.
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import random
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -432,3 +434,40 @@ def test_advance_refuses_what_does_not_continue_its_last_decision() -> None:
         first.replay(events, now=T0)
     for r in (first, other):
         r.close()
+
+
+def test_a_kept_replay_resumes_the_workflow_in_its_own_context() -> None:
+    """A workflow that sets a context variable before an await and resets it after gets the
+    same answer whether its next task runs in the same context or, as a worker's thread would,
+    in another one; nothing it sets leaks into the caller's context."""
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+
+    async def wf(ctx: WorkflowContext, _input: Any) -> Any:
+        token = var.set("inside")
+        try:
+            await ctx.execute_activity("ok", 1)
+            return var.get()
+        finally:
+            var.reset(token)
+
+    first = [_event(1, h.workflow_started("program", "prop", "run-prop", None))]
+    kept = Replayer(wf, info=INFO)
+    (command,) = kept.replay(first, now=T0).commands
+    assert var.get() == "unset"
+    assert isinstance(command, ScheduleActivity)
+    later = [
+        h.workflow_task_completed("w", T0),
+        command.to_event(),
+        h.activity_started(command.activity_id, 1, "w"),
+        h.activity_completed(command.activity_id, ["ok", 1], 1),
+    ]
+    events = first + [_event(seq, data) for seq, data in enumerate(later, start=2)]
+    answers: list[ReplayResult | None] = []
+    thread = threading.Thread(
+        target=lambda: answers.append(kept.advance(events[1:], now=T0 + timedelta(seconds=1)))
+    )
+    thread.start()
+    thread.join()
+    full = _replay(wf, events, T0 + timedelta(seconds=1))
+    assert full.completed and answers == [full]
+    kept.close()

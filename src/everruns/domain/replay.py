@@ -14,6 +14,7 @@ not a ctx operation stops the replay with `IllegalAwait` instead of hanging.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import heapq
 import types
@@ -596,6 +597,10 @@ class Replayer:
         if not callable(workflow_fn):
             raise InvalidArgument(f"workflow_fn must be callable, got {type(workflow_fn).__name__}")
         self._info = info
+        # The workflow's coroutines run in a context of their own, the same for every task:
+        # a context variable set before an await is still set after it, whichever task (or
+        # thread) delivers the event that resumes it.
+        self._context = contextvars.copy_context()
         self._driver = _Driver(workflow_fn, info, registry)
         self._seen = 0  # the sequence number of the last event delivered
         self._issued: list[Command] = []  # commands of the open (last) batch, not yet recorded
@@ -616,7 +621,10 @@ class Replayer:
         """Replay the whole history (see the function `replay`); only once per replayer."""
         _check_now(now)
         if self._seen:
-            raise InvalidArgument("this replayer has replayed a history already; use advance")
+            raise InvalidArgument(
+                "this replayer has replayed a history already (or failed to); use advance, or a "
+                "new Replayer"
+            )
         return self._run(_split(history, self._info), now, history[-1].sequence_num)
 
     def advance(self, events: Sequence[HistoryEvent], *, now: datetime) -> ReplayResult | None:
@@ -646,6 +654,11 @@ class Replayer:
         last: int,
         *,
         continuing: bool = False,
+    ) -> ReplayResult:
+        return self._context.run(self._run_batches, batches, now, last, continuing)
+
+    def _run_batches(
+        self, batches: list[_Batch], now: datetime, last: int, continuing: bool
     ) -> ReplayResult:
         driver = self._driver
         result: list[Command] = []
@@ -677,7 +690,7 @@ class Replayer:
         """Unwind the workflow's coroutines now (idempotent)."""
         if not self._closed:
             self._closed = True
-            self._driver.close()
+            self._context.run(self._driver.close)
 
 
 def _check_now(now: datetime) -> None:

@@ -50,6 +50,13 @@ class ReplayCache:
             return None
         return replayer
 
+    def drop(self, run_id: str) -> None:
+        """Close the run's replay, if one is kept."""
+        with self._lock:
+            kept = self._open.pop(run_id, None)
+        if kept is not None:
+            kept[1].close()
+
     def keep(self, run_id: str, fn: Callable[..., Any], replayer: Replayer) -> None:
         """Keep the run's replay for its next task (closing whatever it replaces, and the least
         recently used one beyond capacity)."""

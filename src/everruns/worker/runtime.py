@@ -1199,6 +1199,7 @@ class Worker:
         try:
             definition = self.registry.workflow(task.workflow_type)
         except NotFound as exc:
+            self._replays.drop(task.run_id)
             return _WorkflowTaskFailed(
                 make_error(
                     type_name(exc),
@@ -1219,14 +1220,14 @@ class Worker:
         result = None
         if kept is not None:
             try:
-                news = _history_events(
-                    [e for e in task.history if e.sequence_num > kept.seen_sequence]
-                )
+                seen = kept.seen_sequence
+                news = _history_events([e for e in task.history if e.sequence_num > seen])
                 result = kept.advance(news, now=now)
             except Exception:
-                result = None
-            if result is None:
-                kept.close()
+                log.debug("replaying %s in full", handle.describe(), exc_info=True)
+            finally:
+                if result is None:
+                    kept.close()
         if result is None:
             try:
                 events = _history_events(task.history)
@@ -1242,6 +1243,9 @@ class Worker:
             except Exception as exc:
                 kept.close()
                 return _WorkflowTaskFailed(error_from_exception(exc), False)
+            except BaseException:
+                kept.close()
+                raise
         assert kept is not None
         try:
             commands = payload.encode(
