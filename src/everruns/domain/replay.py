@@ -612,11 +612,6 @@ class Replayer:
         """The sequence number of the last history event replayed (0 before `replay`)."""
         return self._seen
 
-    @property
-    def completed(self) -> bool:
-        """The workflow function has ended."""
-        return self._driver.ended
-
     def replay(self, history: Sequence[HistoryEvent], *, now: datetime) -> ReplayResult:
         """Replay the whole history (see the function `replay`); only once per replayer."""
         _check_now(now)

@@ -83,11 +83,6 @@ class Beat(Generic[Subject]):
         earliest = self.last_sent + self.min_gap
         return earliest if self.poked else max(self.due, earliest)
 
-    @property
-    def sending(self) -> bool:
-        """A call of this beat is in flight."""
-        return self._sending is not None
-
 
 class Heartbeats(Generic[Subject]):
     """Schedules the heartbeats of every running activity from one task (`run`).
@@ -106,7 +101,6 @@ class Heartbeats(Generic[Subject]):
         self._live = 0
         self._wakeup = trio.Event()
         self._sleeping_until = math.inf
-        self._nursery: trio.Nursery | None = None
 
     def __len__(self) -> int:
         """Heap entries (live and not yet discarded); for tests."""
