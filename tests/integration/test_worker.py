@@ -829,6 +829,70 @@ async def test_end_to_end_workflows_against_the_control_plane(database_url: str)
 
 
 @pytest.mark.db
+async def test_decisions_made_ahead_apply_only_where_the_history_is_what_they_assumed(
+    database_url: str,
+) -> None:
+    """An activity's result carries the decision of the workflow task it wakes; the control
+    plane applies it when nothing else reached the run meanwhile. Here one workflow runs
+    three steps on such decisions alone; in another, the activity signals its own workflow
+    before it returns, so the decision made without that signal (wait for it) is refused,
+    and the workflow task is replayed as usual and sees it. Without that refusal the second
+    workflow would wait forever."""
+    reg = Registry()
+    channels: list[tuple[Any, Any]] = []
+
+    @activity(registry=reg)
+    async def inc(ctx: ActivityContext, n: int) -> int:
+        return n + 1
+
+    @activity(registry=reg)
+    async def poke_own_workflow(ctx: ActivityContext, text: str) -> str:
+        channel, stub = channels[0]
+        await channel.unary(
+            stub.signal_workflow,
+            pb.SignalWorkflowRequest(
+                workflow_id=ctx.info.workflow_id, name="poke", payload=payload.encode(text)
+            ),
+        )
+        return text.upper()
+
+    @workflow(registry=reg)
+    async def three_steps(ctx: Any, n: int) -> int:
+        for _ in range(3):
+            n = await ctx.execute_activity(inc, n)
+        return n
+
+    @workflow(registry=reg)
+    async def poked(ctx: Any, text: str) -> list[Any]:
+        shouted = await ctx.execute_activity(poke_own_workflow, text)
+        return [shouted, await ctx.wait_signal("poke")]
+
+    with trio.fail_after(60):
+        async with control_plane(database_url) as address, client(address) as (channel, stub):
+            channels.append((channel, stub))
+            worker = Worker(reg, address=address, grace_period=2, max_concurrent_tasks=4)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(worker.run)
+                wf = await _start(channel, stub, "three_steps", 10)
+                done = await _result(channel, stub, wf)
+                assert done.status == "completed" and payload.decode(done.result) == 13
+                # The second and third steps, and the end, were decided ahead.
+                assert worker.decided_ahead == 3
+
+                wf = await _start(channel, stub, "poked", "hi")
+                done = await _result(channel, stub, wf)
+                assert done.status == "completed"
+                assert payload.decode(done.result) == ["HI", "hi"]
+                assert worker.decided_ahead == 3
+                history_reply = await channel.unary(
+                    stub.get_history, pb.GetHistoryRequest(workflow_id=wf)
+                )
+                types = [e.type for e in history_reply.events]
+                assert types.index("signal_received") < types.index("activity_completed")
+                worker.shutdown()
+
+
+@pytest.mark.db
 async def test_shutdown_releases_a_running_activity_to_another_worker(database_url: str) -> None:
     reg = Registry()
     runs: list[str] = []

@@ -32,8 +32,15 @@ from everruns.domain.commands import (
 )
 from everruns.domain.context import WorkflowContext, WorkflowInfo
 from everruns.domain.history import HistoryEvent
-from everruns.domain.replay import Replayer, ReplayResult, replay
+from everruns.domain.replay import Replayer, ReplayResult, continues_decision, replay
 from everruns.errors import ActivityError, InvalidArgument, NonDeterminismError
+
+# Every property here runs 300 random programs, each simulated in full.
+_PROPERTY = settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 INFO = WorkflowInfo(workflow_id="prop", run_id="run-prop", workflow_type="program")
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
@@ -212,11 +219,14 @@ def simulate(
     wf: Callable[..., Any],
     program: list[Step],
     attempts: list[tuple[int, datetime]] | None = None,
+    *,
+    whole: bool = False,
 ) -> tuple[History, list[Task]]:
     """Play the control plane until the workflow ends; return the history and the tasks.
 
     ``attempts`` (when given) gets every workflow task's (events seen, claim time), those
-    whose answer was thrown away included."""
+    whose answer was thrown away included. ``whole``: an attempt's start and end arrive
+    together, as a worker's result does."""
     log = History(h.workflow_started("program", "prop", "run-prop", None))
     pending: dict[str, list[dict[str, Any]]] = {}
     unsent = [h.signal_received(name, _payload(name)) for name in _signals(program)]
@@ -246,6 +256,8 @@ def simulate(
             if pick < len(keys):
                 queue = pending[keys[pick]]
                 log.append(queue.pop(0))
+                if whole and log.dicts[-1]["type"] == h.ACTIVITY_STARTED:
+                    log.append(queue.pop(0))
                 if not queue:
                     del pending[keys[pick]]
             else:
@@ -299,11 +311,7 @@ def _must_not_replay(wf: Callable[..., Any], dicts: list[dict[str, Any]], what: 
     raise AssertionError(f"{what} went unnoticed")
 
 
-@settings(
-    max_examples=300,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@_PROPERTY
 @given(program=programs(), rng=st.randoms(use_true_random=True))
 def test_recorded_histories_replay_exactly_when_cut_anywhere(
     program: list[Step], rng: random.Random
@@ -359,11 +367,7 @@ def test_recorded_histories_replay_exactly_when_cut_anywhere(
     _must_not_replay(wf, [*events[:index], *events[index + 1 :]], "a dropped command event")
 
 
-@settings(
-    max_examples=300,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@_PROPERTY
 @given(program=programs(), rng=st.randoms(use_true_random=True))
 def test_a_replay_kept_open_answers_every_task_as_a_full_replay(
     program: list[Step], rng: random.Random
@@ -471,3 +475,115 @@ def test_a_kept_replay_resumes_the_workflow_in_its_own_context() -> None:
     full = _replay(wf, events, T0 + timedelta(seconds=1))
     assert full.completed and answers == [full]
     kept.close()
+
+
+def _fresh_replay(wf: Callable[..., Any], events: list[HistoryEvent], task: Task) -> Replayer:
+    """A replayer as a worker keeps it after answering ``task``."""
+    kept = Replayer(wf, info=INFO)
+    assert kept.replay(events[: task.seen], now=task.now).commands == task.commands
+    return kept
+
+
+@_PROPERTY
+@given(program=programs(), rng=st.randoms(use_true_random=True))
+def test_a_decision_made_ahead_is_a_full_replays_where_the_history_continues_it(
+    program: list[Step], rng: random.Random
+) -> None:
+    """What a worker does when an activity it ran completes: it decides the next workflow task
+    on the run's kept replay, assuming the history grows by its last decision and that result
+    only. Wherever a recorded history ends so (`continues_decision` says yes), that decision
+    equals a full replay of the history; where it says no, the history holds something else."""
+    wf = make_workflow(program)
+    log, tasks = simulate(rng, wf, program, whole=rng.random() < 0.8)
+    events = log.events
+    for task in tasks:
+        if task.completed:
+            continue
+        for end in range(task.seen + 1, len(events)):
+            completed = events[end]
+            if completed.type != h.ACTIVITY_COMPLETED:
+                continue
+            prefix = events[: end + 1]
+            activity_id = completed.data["activity_id"]
+            fits = continues_decision(
+                prefix,
+                after_sequence=task.seen,
+                after_time=task.now,
+                worker_id="w",
+                activity_id=activity_id,
+                seen_sequence=end + 1,
+            )
+            between = [e.type for e in events[task.seen + 1 : end - 1]]
+            plain = all(t == h.ACTIVITY_SCHEDULED for t in between)
+            started = events[end - 1]
+            assert fits == (
+                plain
+                and started.type == h.ACTIVITY_STARTED
+                and started.data["activity_id"] == activity_id
+            ), between
+            if not fits:
+                continue
+            kept = _fresh_replay(wf, events, task)
+            now = task.now + timedelta(seconds=rng.choice([-1, 0, 0.5]))
+            ahead = kept.follow_up(
+                activity_id,
+                completed.data["attempt"],
+                completed.data["result"],
+                worker_id="w",
+                now=now,
+            )
+            kept.close()
+            if not all(isinstance(c, ScheduleActivity) for c in task.commands):
+                assert ahead is None  # its events are not one per command
+                continue
+            assert ahead is not None
+            assert ahead.after_sequence == task.seen and ahead.after_time == task.now
+            assert ahead.decided_at == max(now, task.now)
+            assert ahead.result == _replay(wf, prefix, ahead.decided_at)
+
+
+def test_continues_decision_refuses_another_marker_worker_or_activity() -> None:
+    _, events, _ = _three_steps_history()
+    marker = next(i for i, e in enumerate(events) if e.type == h.WORKFLOW_TASK_COMPLETED)
+    completed = next(i for i, e in enumerate(events) if e.type == h.ACTIVITY_COMPLETED)
+    activity_id = events[completed].data["activity_id"]
+    time = h.parse_time(events[marker].data["time"])
+    prefix = events[: completed + 1]
+
+    def fits(**change: Any) -> bool:
+        args: dict[str, Any] = {
+            "after_sequence": marker,
+            "after_time": time,
+            "worker_id": "w",
+            "activity_id": activity_id,
+            "seen_sequence": completed + 1,
+        }
+        return continues_decision(prefix, **{**args, **change})
+
+    assert fits()
+    assert not fits(after_time=time + timedelta(microseconds=1))
+    assert not fits(worker_id="another")
+    assert not fits(activity_id="9")
+    assert not fits(seen_sequence=completed + 2)
+    assert not fits(after_sequence=marker - 1)
+    assert not continues_decision(
+        prefix[:-1],
+        after_sequence=marker,
+        after_time=time,
+        worker_id="w",
+        activity_id=activity_id,
+        seen_sequence=completed + 1,
+    )
+
+
+def test_no_decision_ahead_without_a_decision_or_after_the_end() -> None:
+    wf, events, _ = _three_steps_history()
+    fresh = Replayer(wf, info=INFO)
+    assert fresh.follow_up("1", 1, None, worker_id="w", now=T0) is None
+    marker = next(i for i, e in enumerate(events) if e.type == h.WORKFLOW_TASK_COMPLETED)
+    kept = Replayer(wf, info=INFO)
+    kept.replay(events[:marker], now=T0)
+    kept.close()
+    assert kept.follow_up("1", 1, None, worker_id="w", now=T0) is None
+    with pytest.raises(InvalidArgument, match="timezone-aware"):
+        Replayer(wf, info=INFO).follow_up("1", 1, None, worker_id="w", now=datetime(2030, 1, 1))

@@ -76,6 +76,20 @@ def test_keeping_replaces_drop_and_close_close() -> None:
     keep(cache, "r2", c)
     cache.close()
     assert c.closed == 1 and len(cache) == 0
+    # A replay handed back after the worker closed its cache (a decision made ahead that
+    # was answered during shutdown) is closed, not kept.
+    d = Fake("d")
+    keep(cache, "r3", d)
+    assert d.closed == 1 and len(cache) == 0
+
+
+def test_take_any_returns_the_function_with_the_replay() -> None:
+    cache = ReplayCache(10)
+    a = Fake("a")
+    keep(cache, "r1", a)
+    assert cache.take_any("unknown") is None
+    assert cast(Any, cache.take_any("r1")) == (wf, a)
+    assert len(cache) == 0 and a.closed == 0
 
 
 def test_capacity_zero_keeps_nothing_and_a_negative_one_is_refused() -> None:

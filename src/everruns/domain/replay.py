@@ -18,9 +18,9 @@ import contextvars
 import copy
 import heapq
 import types
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 
@@ -46,7 +46,15 @@ from everruns.errors import (
     WorkflowCancelled,
 )
 
-__all__ = ["ReplayResult", "Replayer", "error_from_exception", "replay"]
+__all__ = [
+    "FollowUp",
+    "RecordedEvent",
+    "ReplayResult",
+    "Replayer",
+    "continues_decision",
+    "error_from_exception",
+    "replay",
+]
 
 # Event loops and their helpers: a frame from one of these inside workflow code means the code
 # tried to use a real event loop, which the replay driver is not.
@@ -642,6 +650,54 @@ class Replayer:
             return None
         return self._run(batches, now, events[-1].sequence_num, continuing=True)
 
+    def follow_up(
+        self,
+        activity_id: str,
+        attempt: int,
+        result: Any,
+        *,
+        worker_id: str,
+        now: datetime,
+    ) -> FollowUp | None:
+        """Decide ahead the workflow task that an activity's result will wake.
+
+        Assumes the history grows by exactly what the control plane records when this
+        replayer's last decision and then the result are applied: the decision's
+        ``workflow_task_completed`` (from ``worker_id``, at this replayer's clock), one
+        ``activity_scheduled`` per command it issued, then the activity's
+        ``activity_started`` and ``activity_completed``. Applies that history as `advance`
+        would, with ``now`` (or the last decision's clock, if later) as the new task's clock.
+        The control plane checks the assumption
+        (`continues_decision`) before it applies the answer; the caller closes this replayer
+        when it does not, since the replayer then holds a history that was never recorded.
+
+        Returns:
+            The decision, or None when it cannot be made ahead (nothing decided yet, or the
+            last decision issued more than activities: its events are not one per command).
+
+        Raises:
+            NonDeterminismError, IllegalAwait: as a full replay would for the same history.
+        """
+        _check_now(now)
+        clock = self._clock
+        if self._closed or self._seen <= 0 or clock is None or self._driver.ended:
+            return None
+        if not all(isinstance(c, ScheduleActivity) for c in self._issued):
+            return None
+        now = max(now, clock)
+        after = self._seen
+        data = [h.workflow_task_completed(worker_id, clock)]
+        data += [command.to_event() for command in self._issued]
+        data += [
+            h.activity_started(activity_id, attempt, worker_id),
+            h.activity_completed(activity_id, result, attempt),
+        ]
+        events = [HistoryEvent.of(after + n, d, time=now) for n, d in enumerate(data, start=1)]
+        answer = self.advance(events, now=now)
+        if answer is None:  # cannot happen: the events continue from the last decision
+            return None
+        return FollowUp(answer, after_sequence=after, after_time=clock, decided_at=now)
+
     def _run(
         self,
         batches: list[_Batch],
@@ -686,6 +742,73 @@ class Replayer:
         if not self._closed:
             self._closed = True
             self._context.run(self._driver.close)
+
+
+@attrs.frozen
+class FollowUp:
+    """A decision made ahead by `Replayer.follow_up`.
+
+    Attributes:
+        result: the decision, as a workflow task would answer it.
+        after_sequence: the last sequence number the replayer had seen before the decision
+            it continues from.
+        after_time: the clock of that decision (the time its marker records).
+        decided_at: the clock of this decision (the time its marker must record).
+    """
+
+    result: ReplayResult
+    after_sequence: int
+    after_time: datetime
+    decided_at: datetime
+
+
+class RecordedEvent(Protocol):
+    """What `continues_decision` reads of a recorded event."""
+
+    @property
+    def sequence_num(self) -> int: ...
+
+    @property
+    def type(self) -> str: ...
+
+    @property
+    def data(self) -> Mapping[str, Any]: ...
+
+
+def continues_decision(
+    history: Sequence[RecordedEvent],
+    *,
+    after_sequence: int,
+    after_time: datetime,
+    worker_id: str,
+    activity_id: str,
+    seen_sequence: int,
+) -> bool:
+    """Whether a run's history is what `Replayer.follow_up` assumed: after ``after_sequence``,
+    the marker of a decision by ``worker_id`` at ``after_time``, only ``activity_scheduled``
+    events, then ``activity_id``'s ``activity_started`` and ``activity_completed``, the last
+    at ``seen_sequence``. Pure; ``history`` in sequence order."""
+    tail = [e for e in history if e.sequence_num > after_sequence]
+    if len(tail) < 3 or len(tail) != seen_sequence - after_sequence:
+        return False
+    if any(e.sequence_num != after_sequence + n for n, e in enumerate(tail, start=1)):
+        return False
+    marker, *scheduled, started, completed = tail
+    if marker.type != h.MARKER_EVENT_TYPE or marker.data.get("worker_id") != worker_id:
+        return False
+    time = marker.data.get("time")
+    try:
+        if not isinstance(time, str) or h.parse_time(time) != after_time:
+            return False
+    except InvalidArgument:
+        return False
+    return (
+        all(e.type == h.ACTIVITY_SCHEDULED for e in scheduled)
+        and started.type == h.ACTIVITY_STARTED
+        and started.data.get("activity_id") == activity_id
+        and completed.type == h.ACTIVITY_COMPLETED
+        and completed.data.get("activity_id") == activity_id
+    )
 
 
 def _check_now(now: datetime) -> None:

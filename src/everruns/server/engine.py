@@ -35,6 +35,7 @@ from everruns.domain.commands import (
 )
 from everruns.domain.lease import timeout_kind
 from everruns.domain.payload import decode, encode_text
+from everruns.domain.replay import continues_decision
 from everruns.domain.retry import RetryPolicy
 from everruns.errors import (
     DatabaseError,
@@ -108,6 +109,21 @@ class WorkflowTaskCompletion:
     commands_json: str
     claim_time: datetime
     max_eager: int = 0
+
+
+@attrs.frozen
+class FollowUpDecision:
+    """A worker's decision, made ahead, for the workflow task an activity's result wakes
+    (`Engine.complete_activities`; the checks are `continues_decision`'s)."""
+
+    result: int  # the index of that result among those of the call
+    run_id: uuid.UUID
+    activity_id: str
+    after_sequence: int
+    after_time: datetime
+    seen_sequence: int
+    commands_json: str
+    decided_at: datetime
 
 
 def _error_dict(text: str) -> dict[str, Any]:
@@ -817,7 +833,7 @@ class Engine:
             StaleLease: the caller does not hold the task's lease.
             InvalidArgument, ResourceExhausted: the result is not acceptable.
         """
-        (verdict,), handed = await self.complete_activities(
+        (verdict,), handed, _ = await self.complete_activities(
             worker_id,
             [(task_id, lease_token, result)],
             max_new_tasks=min(max_eager, 1),
@@ -834,7 +850,8 @@ class Engine:
         *,
         max_new_tasks: int = 0,
         claim_queued: bool = True,
-    ) -> tuple[list[EverrunsError | None], list[ClaimedTask]]:
+        follow_ups: Sequence[FollowUpDecision] = (),
+    ) -> tuple[list[EverrunsError | None], list[ClaimedTask], set[int]]:
         """Record several activities' results in one statement (group commit), then claim up
         to ``max_new_tasks`` tasks for the worker: the follow-up workflow tasks first (eager
         dispatch), then (``claim_queued``) visible tasks of the types it serves, without
@@ -842,11 +859,15 @@ class Engine:
         moved on.
 
         ``results`` are ``(task_id, lease_token, result_json)``; each is checked and accepted
-        or refused on its own.
+        or refused on its own. A follow-up workflow task for which ``follow_ups`` has the
+        worker's decision, made ahead on the history it now has (`continues_decision`), is
+        completed with it at once instead of being handed out; the tasks that decision
+        schedules for the worker are handed out in its place.
 
         Returns:
             Per result, in order: None when recorded, else why it was refused (the error the
-            single call would raise); and the tasks claimed for the worker.
+            single call would raise); the tasks claimed for the worker; and the indexes of
+            the results whose follow-up decision was applied.
         """
         verdicts: list[EverrunsError | None] = [None] * len(results)
         valid = []
@@ -900,13 +921,85 @@ class Engine:
                 await self.store.record_breaker_success_if_tracked(
                     conn, breaker_key, config=self.breakers
                 )
+        decided: set[int] = set()
+        if follow_ups and eager:
+            recorded_ok = {n for n, verdict in enumerate(verdicts) if verdict is None}
+            eager, scheduled, decided = await self._apply_follow_ups(
+                worker_id, [f for f in follow_ups if f.result in recorded_ok], eager, histories
+            )
+            claimed = scheduled + claimed
         handed = await self._hand_out(eager, histories) + claimed
-        room = max_new_tasks - len(eager)
+        room = max_new_tasks - len(handed)
         if not beside and claim_queued and room > 0 and (activity_types or workflow_types):
             handed += await self._claim_unless_quiet(
                 None, worker_id, sorted(workflow_types), sorted(activity_types), room, woken=False
             )
-        return verdicts, handed
+        return verdicts, handed, decided
+
+    async def _apply_follow_ups(
+        self,
+        worker_id: str,
+        follow_ups: Sequence[FollowUpDecision],
+        eager: list[Task],
+        histories: dict[uuid.UUID, list[StoredEvent]],
+    ) -> tuple[list[Task], list[ClaimedTask], set[int]]:
+        """Complete the follow-up workflow tasks just claimed for the worker with its
+        decisions made ahead, where the history is what each decision assumed.
+
+        Returns:
+            The workflow tasks still to hand out (those without an applicable decision, or
+            whose completion failed: the worker replays them as usual); the tasks the applied
+            decisions scheduled for the worker; the indexes of the results they follow.
+        """
+        waiting = {task.run_id: task for task in eager}
+        tries: list[tuple[FollowUpDecision, int, Task]] = []
+        for f in follow_ups:
+            task = waiting.pop(f.run_id, None)
+            if task is None or task.lease_token is None:
+                continue
+            if continues_decision(
+                histories.get(f.run_id, ()),
+                after_sequence=f.after_sequence,
+                after_time=f.after_time,
+                worker_id=worker_id,
+                activity_id=f.activity_id,
+                seen_sequence=f.seen_sequence,
+            ):
+                tries.append((f, task.lease_token, task))
+            else:
+                waiting[f.run_id] = task
+        if not tries:
+            return eager, [], set()
+        try:
+            outcomes = await self.complete_workflow_tasks(
+                worker_id,
+                [
+                    WorkflowTaskCompletion(
+                        task.task_id,
+                        lease,
+                        f.seen_sequence,
+                        f.commands_json,
+                        f.decided_at,
+                        max_eager=1,  # the slot the workflow task would have taken
+                    )
+                    for f, lease, task in tries
+                ],
+            )
+        except DatabaseError as exc:  # the results stand; the tasks go out to be replayed
+            log.warning("decisions made ahead were not applied: %s", exc)
+            return eager, [], set()
+        closed: set[uuid.UUID] = set()
+        scheduled: list[ClaimedTask] = []
+        decided: set[int] = set()
+        for (f, _, task), outcome in zip(tries, outcomes, strict=True):
+            if isinstance(outcome, EverrunsError):
+                continue  # handed out: the worker's own replay meets the same refusal
+            accepted, _, new_tasks = outcome
+            closed.add(task.task_id)  # applied, or superseded (a new task is pending)
+            if accepted:
+                decided.add(f.result)
+                scheduled.extend(new_tasks)
+        return [t for t in eager if t.task_id not in closed], scheduled, decided
 
     async def fail_activity(
         self,

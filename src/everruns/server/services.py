@@ -25,6 +25,7 @@ from everruns.errors import EverrunsError, InvalidArgument, NotFound
 from everruns.server.engine import (
     ClaimedTask,
     Engine,
+    FollowUpDecision,
     StartRequest,
     WorkflowTaskCompletion,
     check_name,
@@ -288,18 +289,20 @@ class WorkerService:
                 )
             except EverrunsError as exc:
                 verdicts[n] = exc
-        applied, claimed = await self.engine.complete_activities(
+        position = {n: p for p, (n, _) in enumerate(parsed)}
+        applied, claimed, decided = await self.engine.complete_activities(
             request.worker_id,
             [result for _, result in parsed],
             max_new_tasks=min(max(0, request.max_new_tasks), _MAX_BATCH),
+            follow_ups=_follow_ups(request.decisions, position),
         )
         for (n, _), verdict in zip(parsed, applied, strict=True):
             verdicts[n] = verdict
         outcomes = [
-            pb.ActivityResultOutcome(accepted=True)
+            pb.ActivityResultOutcome(accepted=True, decided=position.get(n) in decided)
             if why is None
             else pb.ActivityResultOutcome(**_refused(why))
-            for why in verdicts
+            for n, why in enumerate(verdicts)
         ]
         return pb.CompleteActivityTasksResponse(
             outcomes=outcomes, new_tasks=[_task(c) for c in claimed]
@@ -562,6 +565,49 @@ def _refused(why: EverrunsError) -> dict[str, str]:
     """The fields of a batch item's outcome that say why it was refused: the gRPC status the
     single call would have failed with, and the message."""
     return {"refused_status": status_for(why).name, "message": str(why)}
+
+
+def _follow_ups(
+    decisions: list[pb.FollowUpDecision], position: dict[int, int]
+) -> list[FollowUpDecision]:
+    """The well-formed decisions of a CompleteActivityTasks call, each naming its result by
+    its place among the results the engine gets (``position``: request index -> that place).
+    A malformed one is left out with a warning: its workflow task then goes out as usual."""
+    follow_ups: list[FollowUpDecision] = []
+    seen: set[int] = set()
+    for d in decisions:
+        place = position.get(d.result)
+        problem = None
+        if place is None or place in seen:
+            problem = f"result {d.result} is not a well-formed result of the call, or twice"
+        elif not 0 < d.after_sequence < d.seen_sequence:
+            problem = f"sequence numbers {d.after_sequence} and {d.seen_sequence} are out of order"
+        elif d.after_time <= 0 or d.decided_at <= 0 or not d.activity_id:
+            problem = "it lacks a time or an activity id"
+        if problem is None:
+            try:
+                run_id = uuid.UUID(d.run_id)
+                commands = _text(d.commands, "commands")
+            except (ValueError, InvalidArgument) as exc:
+                problem = str(exc)
+        if problem is not None:
+            log.warning("CompleteActivityTasks: decision made ahead left out: %s", problem)
+            continue
+        assert place is not None
+        seen.add(place)
+        follow_ups.append(
+            FollowUpDecision(
+                result=place,
+                run_id=run_id,
+                activity_id=d.activity_id,
+                after_sequence=d.after_sequence,
+                after_time=utc_from_timestamp(d.after_time),
+                seen_sequence=d.seen_sequence,
+                commands_json=commands,
+                decided_at=utc_from_timestamp(d.decided_at),
+            )
+        )
+    return follow_ups
 
 
 def _start_request(request: pb.StartWorkflowRequest) -> StartRequest:

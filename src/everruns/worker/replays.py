@@ -33,6 +33,7 @@ class ReplayCache:
         self._capacity = capacity
         self._lock = threading.Lock()
         self._open: OrderedDict[str, tuple[Callable[..., Any], Replayer]] = OrderedDict()
+        self._closed = False
 
     def __len__(self) -> int:
         return len(self._open)
@@ -40,8 +41,7 @@ class ReplayCache:
     def take(self, run_id: str, fn: Callable[..., Any]) -> Replayer | None:
         """The run's replay, removed from the cache (None if none is kept, or it runs another
         workflow function: the worker's code was replaced)."""
-        with self._lock:
-            kept = self._open.pop(run_id, None)
+        kept = self.take_any(run_id)
         if kept is None:
             return None
         kept_fn, replayer = kept
@@ -49,6 +49,11 @@ class ReplayCache:
             replayer.close()
             return None
         return replayer
+
+    def take_any(self, run_id: str) -> tuple[Callable[..., Any], Replayer] | None:
+        """The run's replay and the workflow function it runs, removed from the cache."""
+        with self._lock:
+            return self._open.pop(run_id, None)
 
     def drop(self, run_id: str) -> None:
         """Close the run's replay, if one is kept."""
@@ -65,7 +70,7 @@ class ReplayCache:
             old = self._open.pop(run_id, None)
             if old is not None:
                 dropped.append(old[1])
-            if self._capacity:
+            if self._capacity and not self._closed:
                 self._open[run_id] = (fn, replayer)
             else:
                 dropped.append(replayer)
@@ -75,8 +80,10 @@ class ReplayCache:
             stale.close()
 
     def close(self) -> None:
-        """Close every kept replay (the worker is stopping)."""
+        """Close every kept replay, and those given to `keep` from now on (the worker is
+        stopping)."""
         with self._lock:
+            self._closed = True
             kept = list(self._open.values())
             self._open.clear()
         for _, replayer in kept:

@@ -37,7 +37,7 @@ from everruns.domain import payload
 from everruns.domain.context import WorkflowInfo
 from everruns.domain.history import HistoryEvent
 from everruns.domain.registry import ActivityDefinition, Registry, default_registry
-from everruns.domain.replay import Replayer
+from everruns.domain.replay import FollowUp, Replayer
 from everruns.errors import (
     ConcurrencyConflict,
     FailedPrecondition,
@@ -183,6 +183,18 @@ class _WorkflowTaskFailed:
 _Outcome = _Completed | _Failed | _Decided | _WorkflowTaskFailed
 
 
+@attrs.define
+class _Ahead:
+    """The decision made ahead for the workflow task an activity's result wakes: the run's
+    replay, taken out of the cache until the control plane says whether it applied it."""
+
+    fn: Callable[..., Any]
+    replayer: Replayer
+    follow_up: FollowUp
+    commands: bytes
+    decided: bool = False
+
+
 class _RunningTask:
     """A claimed task and what the worker knows about it while it runs."""
 
@@ -197,6 +209,8 @@ class _RunningTask:
         self.ctx: ActivityContext | None = None
         self.outcome: _Outcome | None = None
         self.claim_time: float = task.claimed_at
+        self.received = trio.current_time()
+        self.ahead: _Ahead | None = None
 
     @property
     def key(self) -> str:
@@ -345,6 +359,7 @@ class Worker:
         )
         self._heartbeats: Heartbeats[_RunningTask] = Heartbeats(self._send_heartbeat)
         self._replays = ReplayCache(KEPT_REPLAYS)
+        self._decided_ahead = 0
         self._decisions: Batcher[Any, Any] = Batcher(
             self._send_decisions, max_batch=MAX_RESULTS_PER_CALL
         )
@@ -368,6 +383,12 @@ class Worker:
     def load(self) -> int:
         """Tasks running now."""
         return self._slots.load
+
+    @property
+    def decided_ahead(self) -> int:
+        """Workflow tasks this worker decided ahead, with the result that woke them, and the
+        control plane applied (each saved a round trip and a replay)."""
+        return self._decided_ahead
 
     @property
     def draining(self) -> bool:
@@ -462,7 +483,11 @@ class Worker:
                         await self._goodbye()
                     stream_scope.cancel()
                     services.cancel_scope.cancel()
-                log.info("worker %s drained and stopped", cfg.worker_id)
+                log.info(
+                    "worker %s drained and stopped (%d workflow task(s) decided ahead)",
+                    cfg.worker_id,
+                    self._decided_ahead,
+                )
 
     # ----------------------------------------------------------------------------- calls
 
@@ -960,19 +985,85 @@ class Worker:
         )
 
     async def _complete_activity(self, handle: _RunningTask, outcome: _Completed) -> None:
-        """Report a result with the other results ready now (one call for all of them)."""
+        """Report a result with the other results ready now (one call for all of them), and
+        with the decision its workflow's next task will make, when this worker can tell."""
+        handle.ahead = self._decide_ahead(handle, outcome)
         try:
             refusal = await self._results.submit(handle)
         except BatcherClosed:
+            self._settle_ahead(handle)
             await self._complete_activity_alone(handle, outcome)
             return
         except _RESULT_REFUSALS as exc:
             refusal = exc
+        finally:
+            self._settle_ahead(handle)
         if refusal is None:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s completed", handle.describe())
         else:
             await self._result_refused(handle, refusal)
+
+    def _decide_ahead(self, handle: _RunningTask, outcome: _Completed) -> _Ahead | None:
+        """Make the decision that the workflow task this result wakes would make, on the
+        run's replay kept from its last task (`Replayer.follow_up`). Sent with the result,
+        the control plane applies it at once when the history is what it assumes: one call
+        instead of two, and no replay of the task. None when there is no such replay."""
+        task = handle.task
+        if self.draining or not task.activity_id:
+            return None
+        kept = self._replays.take_any(task.run_id)
+        if kept is None:
+            return None
+        fn, replayer = kept
+        elapsed = trio.current_time() - handle.received
+        now = datetime.fromtimestamp(task.claimed_at + elapsed, UTC)
+        try:
+            result = payload.decode(outcome.result, what="activity result")
+            follow_up = replayer.follow_up(
+                task.activity_id, task.attempt, result, worker_id=self.worker_id, now=now
+            )
+            if follow_up is None:
+                self._replays.keep(task.run_id, fn, replayer)  # left as it was
+                return None
+            commands = payload.encode(
+                [command.to_dict() for command in follow_up.result.commands],
+                what="workflow commands",
+            )
+        except Exception:
+            # The workflow task will report this when it replays: nothing is decided ahead.
+            log.debug("no decision ahead for %s", handle.describe(), exc_info=True)
+            replayer.close()
+            return None
+        return _Ahead(fn, replayer, follow_up, commands)
+
+    def _settle_ahead(self, handle: _RunningTask) -> None:
+        """Keep the run's replay if its decision made ahead was applied, else close it (it
+        holds a history that was not recorded)."""
+        ahead, handle.ahead = handle.ahead, None
+        if ahead is None:
+            return
+        self._decided_ahead += ahead.decided
+        if ahead.decided and not ahead.follow_up.result.completed:
+            self._replays.keep(handle.task.run_id, ahead.fn, ahead.replayer)
+        else:
+            ahead.replayer.close()
+
+    def _decision_ahead(self, n: int, handle: _RunningTask) -> pb.FollowUpDecision | None:
+        ahead = handle.ahead
+        if ahead is None:
+            return None
+        follow_up = ahead.follow_up
+        return pb.FollowUpDecision(
+            result=n,
+            run_id=handle.task.run_id,
+            activity_id=handle.task.activity_id,
+            after_sequence=follow_up.after_sequence,
+            after_time=follow_up.after_time.timestamp(),
+            seen_sequence=follow_up.result.seen_sequence,
+            commands=ahead.commands,
+            decided_at=follow_up.decided_at.timestamp(),
+        )
 
     async def _send_results(self, handles: list[_RunningTask]) -> list[BaseException | None]:
         """One CompleteActivityTasks call for a batch of results; the reply's new tasks start
@@ -991,8 +1082,12 @@ class Worker:
                         result=handle.outcome.result,
                     )
                 )
+            decisions = [self._decision_ahead(n, h) for n, h in enumerate(handles)]
             request = pb.CompleteActivityTasksRequest(
-                worker_id=self.config.worker_id, results=results, max_new_tasks=offer
+                worker_id=self.config.worker_id,
+                results=results,
+                max_new_tasks=offer,
+                decisions=[d for d in decisions if d is not None],
             )
             reply = await self._call_until_answered(
                 self._stub.complete_activity_tasks, request, what="CompleteActivityTasks"
@@ -1000,6 +1095,10 @@ class Worker:
             refusals = _refusals(
                 reply.outcomes, len(handles), "CompleteActivityTasks", lambda o: not o.accepted
             )
+            for handle, outcome, refusal in zip(handles, reply.outcomes, refusals, strict=True):
+                if handle.ahead is not None:
+                    handle.ahead.decided = refusal is None and outcome.decided
+                    self._settle_ahead(handle)  # before the tasks handed back can use it
             freed = [h for h, refusal in zip(handles, refusals, strict=True) if refusal is None]
             used = self._adopt_new_tasks(
                 reply.new_tasks, freed, extra, what="CompleteActivityTasks"

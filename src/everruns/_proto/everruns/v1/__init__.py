@@ -28,6 +28,7 @@ __all__ = (
     "FailActivityTaskResponse",
     "FailWorkflowTaskRequest",
     "FailWorkflowTaskResponse",
+    "FollowUpDecision",
     "GetHistoryRequest",
     "GetHistoryResponse",
     "HistoryEvent",
@@ -175,6 +176,12 @@ class ActivityResultOutcome(betterproto2.Message):
     message: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
     """
     why it was refused
+    """
+
+    decided: "bool" = betterproto2.field(4, betterproto2.TYPE_BOOL)
+    """
+    Its FollowUpDecision was applied (as a workflow task claimed and completed at once): the
+    tasks that decision scheduled for this worker are among new_tasks, the workflow task is not.
     """
 
 
@@ -390,6 +397,16 @@ class CompleteActivityTasksRequest(betterproto2.Message):
     max_new_tasks: "int" = betterproto2.field(3, betterproto2.TYPE_INT32)
     """
     free slots, counting those these results free; 0: none
+    """
+
+    decisions: "list[FollowUpDecision]" = betterproto2.field(
+        4, betterproto2.TYPE_MESSAGE, repeated=True
+    )
+    """
+    Decisions the worker made ahead for the workflow tasks some of these results wake (its
+    replay of the run kept open, given the result). Each is applied only when the run's
+    history is exactly what that replay assumed; otherwise the workflow task comes back as
+    usual. At most one per result.
     """
 
 
@@ -715,6 +732,51 @@ class FailWorkflowTaskResponse(betterproto2.Message):
 default_message_pool.register_message(
     "everruns.v1", "FailWorkflowTaskResponse", FailWorkflowTaskResponse
 )
+
+
+@dataclass(eq=False, repr=False)
+class FollowUpDecision(betterproto2.Message):
+    result: "int" = betterproto2.field(1, betterproto2.TYPE_INT32)
+    """
+    index in `results` of the activity result it follows
+    """
+
+    run_id: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    the run of that activity
+    """
+
+    activity_id: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+    """
+    that activity's id in the run
+    """
+
+    after_sequence: "int" = betterproto2.field(4, betterproto2.TYPE_INT64)
+    """
+    The replay's last workflow task: the last history sequence_num it had seen, and the
+    claim_time it decided with (the time of the workflow_task_completed recorded next).
+    """
+
+    after_time: "float" = betterproto2.field(5, betterproto2.TYPE_DOUBLE)
+
+    seen_sequence: "int" = betterproto2.field(6, betterproto2.TYPE_INT64)
+    """
+    The history this decision assumes: after after_sequence, that task's marker and command
+    events, then this activity's activity_started and activity_completed (at seen_sequence).
+    """
+
+    commands: "bytes" = betterproto2.field(7, betterproto2.TYPE_BYTES)
+    """
+    as in CompleteWorkflowTaskRequest
+    """
+
+    decided_at: "float" = betterproto2.field(8, betterproto2.TYPE_DOUBLE)
+    """
+    the ctx.now() of the decision (its marker's time)
+    """
+
+
+default_message_pool.register_message("everruns.v1", "FollowUpDecision", FollowUpDecision)
 
 
 @dataclass(eq=False, repr=False)
