@@ -23,7 +23,7 @@ from everruns._proto.everruns import v1 as pb
 from everruns.domain.context import WorkflowInfo
 from everruns.domain.history import HistoryEvent
 from everruns.domain.packing import pack_blobs, unpack_uuids
-from everruns.domain.replay import replay
+from everruns.domain.replay import Replayer, replay
 from everruns.domain.retry import RetryPolicy
 from everruns.errors import (
     FailedPrecondition,
@@ -86,18 +86,9 @@ class Plane:
         self, task: pb.Task, fn: Callable[..., Any], *, max_eager: int = 0
     ) -> pb.CompleteWorkflowTaskRequest:
         """Replay ``fn`` over the task's history: the completion a worker would send."""
-        history = [
-            HistoryEvent(
-                sequence_num=e.sequence_num,
-                type=e.type,
-                data=json.loads(e.data),
-                time=datetime.fromtimestamp(e.time, UTC),
-            )
-            for e in task.history
-        ]
         result = replay(
             fn,
-            history,
+            _events(task),
             info=WorkflowInfo(task.workflow_id, task.run_id, task.workflow_type),
             now=datetime.fromtimestamp(task.claimed_at, UTC),
         )
@@ -109,6 +100,35 @@ class Plane:
             commands=json.dumps([c.to_dict() for c in result.commands]).encode(),
             claim_time=task.claimed_at,
             max_eager_tasks=max_eager,
+        )
+
+    def decide_ahead(
+        self, task: pb.Task, fn: Callable[..., Any], activity: pb.Task, result: Any, index: int
+    ) -> pb.FollowUpDecision:
+        """What a worker that decided ``task`` sends with ``activity``'s result (at ``index``
+        of its call): the next workflow task's decision, made on that replay, ahead."""
+        replayer = Replayer(
+            fn, info=WorkflowInfo(task.workflow_id, task.run_id, task.workflow_type)
+        )
+        replayer.replay(_events(task), now=datetime.fromtimestamp(task.claimed_at, UTC))
+        ahead = replayer.follow_up(
+            activity.activity_id,
+            activity.attempt,
+            result,
+            worker_id="w1",
+            now=datetime.fromtimestamp(activity.claimed_at, UTC),
+        )
+        replayer.close()
+        assert ahead is not None
+        return pb.FollowUpDecision(
+            result=index,
+            run_id=task.run_id,
+            activity_id=activity.activity_id,
+            after_sequence=ahead.after_sequence,
+            after_time=ahead.after_time.timestamp(),
+            seen_sequence=ahead.result.seen_sequence,
+            commands=json.dumps([c.to_dict() for c in ahead.result.commands]).encode(),
+            decided_at=ahead.decided_at.timestamp(),
         )
 
     async def first_decisions(
@@ -164,6 +184,18 @@ class Plane:
                 **kw,
             ),
         )
+
+
+def _events(task: pb.Task) -> list[HistoryEvent]:
+    return [
+        HistoryEvent(
+            sequence_num=e.sequence_num,
+            type=e.type,
+            data=json.loads(e.data),
+            time=datetime.fromtimestamp(e.time, UTC),
+        )
+        for e in task.history
+    ]
 
 
 @asynccontextmanager
@@ -715,6 +747,84 @@ async def test_a_batch_of_results_is_applied_together_and_refills_the_slots(
             # The refused result can still be reported properly under its lease.
             await p.complete(second, 2)
             assert (await p.history_types(a)).count("activity_completed") == 2
+
+
+async def two_steps_of_work(ctx: Any, input: Any) -> Any:
+    first = await ctx.execute_activity("work", input)
+    return [first, await ctx.execute_activity("work", first + 1)]
+
+
+async def test_a_decision_made_ahead_is_applied_only_with_the_result_it_assumed(
+    database_url: str,
+) -> None:
+    """Decisions sent ahead with activity results: applied when the recorded history is the
+    one each assumed (the workflow task is completed at once; its activity comes back instead
+    of it), refused (the task comes back to be replayed) when its result is not the one
+    recorded (a stale lease's result sent beside the valid one for the same task). Malformed
+    decisions are left out; their results still count."""
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            tasks, decisions = await p.first_decisions(two_steps_of_work, "two", [1, 5], "ahead")
+            reply = await p.channel.unary(
+                p.workers.complete_workflow_tasks,
+                pb.CompleteWorkflowTasksRequest(completions=decisions),
+            )
+            (first,), (second,) = (o.eager_tasks for o in reply.outcomes)
+            stale = pb.ActivityResult(
+                task_id=first.task_id, lease_token=first.lease_token + 1000, result=b"7"
+            )
+            results = [
+                stale,
+                pb.ActivityResult(
+                    task_id=first.task_id, lease_token=first.lease_token, result=b"1"
+                ),
+                pb.ActivityResult(
+                    task_id=second.task_id, lease_token=second.lease_token, result=b"5"
+                ),
+            ]
+            ahead = [
+                # Made on the stale lease's result (the worker ran the task twice): the valid
+                # lease's result is the one recorded, so this decision must not count.
+                p.decide_ahead(tasks[0], two_steps_of_work, first, 7, 0),
+                p.decide_ahead(tasks[1], two_steps_of_work, second, 5, 2),  # right
+                pb.FollowUpDecision(result=9, run_id=tasks[1].run_id),  # no such result
+            ]
+            for bad_time in (float("nan"), float("inf"), 1e300):
+                broken = p.decide_ahead(tasks[1], two_steps_of_work, second, 5, 2)
+                broken.decided_at = bad_time
+                ahead.insert(0, broken)  # left out; the right one for that result still counts
+            reply = await p.channel.unary(
+                p.workers.complete_activity_tasks,
+                pb.CompleteActivityTasksRequest(
+                    worker_id="w1", results=results, max_new_tasks=3, decisions=ahead
+                ),
+            )
+            # The stale lease is refused even though it comes first and names the same task.
+            assert [o.accepted for o in reply.outcomes] == [False, True, True]
+            assert reply.outcomes[0].refused_status == "FAILED_PRECONDITION"
+            assert [o.decided for o in reply.outcomes] == [False, False, True]
+            # ahead-0's workflow task comes back with its history; ahead-1's was decided: its
+            # second activity comes back instead.
+            handed = sorted((t.kind, t.workflow_id) for t in reply.new_tasks)
+            assert handed == [("activity", "ahead-1"), ("workflow", "ahead-0")]
+            assert (await p.history_types("ahead-1"))[-4:] == [
+                "activity_started",
+                "activity_completed",
+                "workflow_task_completed",
+                "activity_scheduled",
+            ]
+            # Both runs' histories replay: the decision applied is a full replay's.
+            by_kind = {t.kind: t for t in reply.new_tasks}
+            wft = by_kind["workflow"]
+            done = await p.run_workflow_task(wft, two_steps_of_work)
+            assert done.accepted
+            (next_act,) = [t for t in await p.poll(act=["work"], wait=2)]
+            for act, value in ((by_kind["activity"], 6), (next_act, 2)):
+                await p.complete(act, value)
+            for last in await p.poll(wf=["two"]):
+                assert (await p.run_workflow_task(last, two_steps_of_work)).accepted
+            for wid, want in (("ahead-0", [1, 2]), ("ahead-1", [5, 6])):
+                assert json.loads((await p.describe(wid)).result) == want
 
 
 async def test_dropped_worker_connection_releases_its_tasks_at_once(database_url: str) -> None:

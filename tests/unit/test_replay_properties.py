@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextvars
 import itertools
+import json
 import random
 import threading
 from collections.abc import Callable
@@ -511,6 +512,7 @@ def test_a_decision_made_ahead_is_a_full_replays_where_the_history_continues_it(
                 after_time=task.now,
                 worker_id="w",
                 activity_id=activity_id,
+                result=completed.data["result"],
                 seen_sequence=end + 1,
             )
             between = [e.type for e in events[task.seen + 1 : end - 1]]
@@ -556,11 +558,16 @@ def test_continues_decision_refuses_another_marker_worker_or_activity() -> None:
             "after_time": time,
             "worker_id": "w",
             "activity_id": activity_id,
+            "result": events[completed].data["result"],
             "seen_sequence": completed + 1,
         }
         return continues_decision(prefix, **{**args, **change})
 
     assert fits()
+    # Another result than the one recorded (the same JSON value only counts: 1 is not true).
+    recorded = events[completed].data["result"]
+    assert not fits(result=[recorded])
+    assert not fits(result=json.loads(json.dumps(recorded).replace("1", "true")))
     assert not fits(after_time=time + timedelta(microseconds=1))
     assert not fits(worker_id="another")
     assert not fits(activity_id="9")
@@ -572,6 +579,7 @@ def test_continues_decision_refuses_another_marker_worker_or_activity() -> None:
         after_time=time,
         worker_id="w",
         activity_id=activity_id,
+        result=events[completed].data["result"],
         seen_sequence=completed + 1,
     )
 

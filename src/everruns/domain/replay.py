@@ -17,6 +17,7 @@ import contextlib
 import contextvars
 import copy
 import heapq
+import json
 import types
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import UTC, datetime
@@ -616,6 +617,11 @@ class Replayer:
         self._closed = False
 
     @property
+    def info(self) -> WorkflowInfo:
+        """The run this replayer replays."""
+        return self._info
+
+    @property
     def seen_sequence(self) -> int:
         """The sequence number of the last history event replayed (0 before `replay`)."""
         return self._seen
@@ -782,32 +788,42 @@ def continues_decision(
     after_time: datetime,
     worker_id: str,
     activity_id: str,
+    result: Any,
     seen_sequence: int,
 ) -> bool:
     """Whether a run's history is what `Replayer.follow_up` assumed: after ``after_sequence``,
     the marker of a decision by ``worker_id`` at ``after_time``, only ``activity_scheduled``
-    events, then ``activity_id``'s ``activity_started`` and ``activity_completed``, the last
-    at ``seen_sequence``. Pure; ``history`` in sequence order."""
+    events, then ``activity_id``'s ``activity_started`` and its ``activity_completed`` with
+    ``result`` (the same JSON value), the last at ``seen_sequence``. Pure; ``history`` in
+    sequence order."""
     tail = [e for e in history if e.sequence_num > after_sequence]
     if len(tail) < 3 or len(tail) != seen_sequence - after_sequence:
         return False
     if any(e.sequence_num != after_sequence + n for n, e in enumerate(tail, start=1)):
         return False
     marker, *scheduled, started, completed = tail
-    if marker.type != h.MARKER_EVENT_TYPE or marker.data.get("worker_id") != worker_id:
+    if marker.type != h.MARKER_EVENT_TYPE:
         return False
-    time = marker.data.get("time")
+    mark = marker.data
+    if mark.get("worker_id") != worker_id:
+        return False
+    time = mark.get("time")
     try:
         if not isinstance(time, str) or h.parse_time(time) != after_time:
             return False
     except InvalidArgument:
         return False
-    return (
+    if not (
         all(e.type == h.ACTIVITY_SCHEDULED for e in scheduled)
         and started.type == h.ACTIVITY_STARTED
-        and started.data.get("activity_id") == activity_id
         and completed.type == h.ACTIVITY_COMPLETED
-        and completed.data.get("activity_id") == activity_id
+        and started.data.get("activity_id") == activity_id
+    ):
+        return False
+    done = completed.data
+    # The same JSON value, told apart as JSON tells them (1, 1.0 and true are three values).
+    return done.get("activity_id") == activity_id and json.dumps(done.get("result")) == json.dumps(
+        result
     )
 
 

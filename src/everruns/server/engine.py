@@ -912,7 +912,7 @@ class Engine:
         done, eager, histories = recorded
         taken: set[uuid.UUID] = set()
         for n, (task_id, lease_token, _) in valid:
-            if task_id in done and task_id not in taken:
+            if (task_id, lease_token) in done and task_id not in taken:
                 taken.add(task_id)  # a task twice in one call: one result counts, once
             else:
                 verdicts[n] = await self.store.stale_reason(task_id, lease_token)
@@ -925,7 +925,10 @@ class Engine:
         if follow_ups and eager:
             recorded_ok = {n for n, verdict in enumerate(verdicts) if verdict is None}
             eager, scheduled, decided = await self._apply_follow_ups(
-                worker_id, [f for f in follow_ups if f.result in recorded_ok], eager, histories
+                worker_id,
+                [(f, results[f.result][2]) for f in follow_ups if f.result in recorded_ok],
+                eager,
+                histories,
             )
             claimed = scheduled + claimed
         handed = await self._hand_out(eager, histories) + claimed
@@ -939,12 +942,13 @@ class Engine:
     async def _apply_follow_ups(
         self,
         worker_id: str,
-        follow_ups: Sequence[FollowUpDecision],
+        follow_ups: Sequence[tuple[FollowUpDecision, str]],
         eager: list[Task],
         histories: dict[uuid.UUID, list[StoredEvent]],
     ) -> tuple[list[Task], list[ClaimedTask], set[int]]:
         """Complete the follow-up workflow tasks just claimed for the worker with its
-        decisions made ahead, where the history is what each decision assumed.
+        decisions made ahead (each with the result it follows, as sent), where the history
+        is what each decision assumed, that result included.
 
         Returns:
             The workflow tasks still to hand out (those without an applicable decision, or
@@ -953,7 +957,7 @@ class Engine:
         """
         waiting = {task.run_id: task for task in eager}
         tries: list[tuple[FollowUpDecision, int, Task]] = []
-        for f in follow_ups:
+        for f, result in follow_ups:
             task = waiting.pop(f.run_id, None)
             if task is None or task.lease_token is None:
                 continue
@@ -963,6 +967,7 @@ class Engine:
                 after_time=f.after_time,
                 worker_id=worker_id,
                 activity_id=f.activity_id,
+                result=decode(result, what="activity result"),
                 seen_sequence=f.seen_sequence,
             ):
                 tries.append((f, task.lease_token, task))

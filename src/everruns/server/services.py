@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import trio
@@ -567,6 +567,13 @@ def _refused(why: EverrunsError) -> dict[str, str]:
     return {"refused_status": status_for(why).name, "message": str(why)}
 
 
+def _wire_time(value: float, what: str) -> datetime:
+    """A wire timestamp that must be given: unix seconds, after 1970 and before 3000."""
+    if not (0 < value < 32503680000):  # also refuses NaN
+        raise InvalidArgument(f"{what} {value!r} is not a time")
+    return datetime.fromtimestamp(value, UTC)
+
+
 def _follow_ups(
     decisions: list[pb.FollowUpDecision], position: dict[int, int]
 ) -> list[FollowUpDecision]:
@@ -582,12 +589,14 @@ def _follow_ups(
             problem = f"result {d.result} is not a well-formed result of the call, or twice"
         elif not 0 < d.after_sequence < d.seen_sequence:
             problem = f"sequence numbers {d.after_sequence} and {d.seen_sequence} are out of order"
-        elif d.after_time <= 0 or d.decided_at <= 0 or not d.activity_id:
-            problem = "it lacks a time or an activity id"
+        elif not d.activity_id:
+            problem = "it names no activity"
         if problem is None:
             try:
                 run_id = uuid.UUID(d.run_id)
                 commands = _text(d.commands, "commands")
+                after_time = _wire_time(d.after_time, "after_time")
+                decided_at = _wire_time(d.decided_at, "decided_at")
             except (ValueError, InvalidArgument) as exc:
                 problem = str(exc)
         if problem is not None:
@@ -601,10 +610,10 @@ def _follow_ups(
                 run_id=run_id,
                 activity_id=d.activity_id,
                 after_sequence=d.after_sequence,
-                after_time=utc_from_timestamp(d.after_time),
+                after_time=after_time,
                 seen_sequence=d.seen_sequence,
                 commands_json=commands,
-                decided_at=utc_from_timestamp(d.decided_at),
+                decided_at=decided_at,
             )
         )
     return follow_ups

@@ -1016,6 +1016,13 @@ class Worker:
         if kept is None:
             return None
         fn, replayer = kept
+        try:
+            current = self.registry.workflow(replayer.info.workflow_type).fn
+        except NotFound:
+            current = None
+        if current is not fn:  # the worker's code was replaced: the task replays in full
+            replayer.close()
+            return None
         elapsed = trio.current_time() - handle.received
         now = datetime.fromtimestamp(task.claimed_at + elapsed, UTC)
         try:
