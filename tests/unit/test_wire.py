@@ -72,10 +72,10 @@ def test_the_hot_messages_are_compiled() -> None:
         pb.CompleteActivityTasksResponse,
         pb.StartWorkflowRequest,
         pb.StartWorkflowsRequest,
+        pb.StartWorkflowsResponse,  # packed repeated bools
     }
     assert hot <= set(COMPILED)
-    # A packed repeated number and a single nested message stay with betterproto2.
-    assert encoder_for(pb.StartWorkflowsResponse) is None
+    # A single nested message stays with betterproto2.
     assert decoder_for(pb.DescribeWorkflowResponse) is None
 
 
@@ -131,11 +131,22 @@ def test_negative_integers_take_ten_bytes_like_betterproto2() -> None:
     assert len(encode(pb.Task(attempt=-1))) == 11
 
 
+def test_packed_numbers_are_read_packed_or_not_and_refused_when_cut() -> None:
+    decode = decoder_for(pb.StartWorkflowsResponse)
+    assert decode is not None
+    packed = _key(4, 2) + _varint(3) + b"\x01\x00\x01"
+    unpacked = _key(4, 0) + b"\x01" + _key(4, 0) + b"\x00"
+    assert decode(packed).created == [True, False, True]
+    assert decode(unpacked + packed).created == [True, False, True, False, True]
+    with pytest.raises(WireError, match="truncated varint"):
+        decode(_key(4, 2) + _varint(1) + b"\x80")
+
+
 def test_the_codec_uses_compiled_code_where_it_has_it_and_betterproto2_elsewhere() -> None:
     codec = FastCodec()
-    reply = pb.StartWorkflowsResponse(created=[True, False], run_ids=["a", "b"])
-    assert codec.encode(reply, pb.StartWorkflowsResponse) == bytes(reply)
-    assert codec.decode(bytes(reply), pb.StartWorkflowsResponse) == reply
+    reply = pb.DescribeWorkflowResponse(workflow=pb.WorkflowDescription(workflow_id="w"))
+    assert codec.encode(reply, pb.DescribeWorkflowResponse) == bytes(reply)
+    assert codec.decode(bytes(reply), pb.DescribeWorkflowResponse) == reply
     tasks = pb.PollTasksResponse(tasks=[pb.Task(task_id="t", input=b"1")])
     assert codec.decode(codec.encode(tasks, pb.PollTasksResponse), pb.PollTasksResponse) == tasks
     with pytest.raises(TypeError, match="must be of type"):
