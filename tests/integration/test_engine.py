@@ -827,6 +827,47 @@ async def test_a_decision_made_ahead_is_applied_only_with_the_result_it_assumed(
                 assert json.loads((await p.describe(wid)).result) == want
 
 
+async def test_a_result_sent_twice_under_one_lease_is_accepted_once_as_recorded(
+    database_url: str,
+) -> None:
+    """The database applies one of two results naming the same task and lease; the one it
+    applied is the one answered as accepted (and a decision made ahead on the other is not
+    applied)."""
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            tasks, decisions = await p.first_decisions(two_steps_of_work, "two", [1], "twice")
+            reply = await p.channel.unary(
+                p.workers.complete_workflow_tasks,
+                pb.CompleteWorkflowTasksRequest(completions=decisions),
+            )
+            ((act,),) = (o.eager_tasks for o in reply.outcomes)
+            results = [
+                pb.ActivityResult(task_id=act.task_id, lease_token=act.lease_token, result=raw)
+                for raw in (b"10", b"20")
+            ]
+            ahead = [
+                p.decide_ahead(tasks[0], two_steps_of_work, act, v, n)
+                for n, v in ((0, 10), (1, 20))
+            ]
+            reply = await p.channel.unary(
+                p.workers.complete_activity_tasks,
+                pb.CompleteActivityTasksRequest(
+                    worker_id="w1", results=results, max_new_tasks=2, decisions=ahead
+                ),
+            )
+            accepted = [o.accepted for o in reply.outcomes]
+            assert sorted(accepted) == [False, True]
+            history = await p.channel.unary(
+                p.workflows.get_history, pb.GetHistoryRequest(workflow_id="twice-0")
+            )
+            (completed,) = [
+                json.loads(e.data) for e in history.events if e.type == "activity_completed"
+            ]
+            assert completed["result"] == (10 if accepted[0] else 20)
+            # Each decision was made on its own result; the recorded one's applies.
+            assert [o.decided for o in reply.outcomes] == accepted
+
+
 async def test_dropped_worker_connection_releases_its_tasks_at_once(database_url: str) -> None:
     async def single(ctx: Any, input: Any) -> Any:
         return await ctx.execute_activity("job", 1)

@@ -286,7 +286,8 @@ class _Server(grpclib.server.Server):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        # Made here, on the loop's thread: a codec's first making imports (wire.py).
+        super().__init__(*args, codec=FastCodec(), **kwargs)
         self._open: set[asyncio.BaseTransport] = set()
 
     def _protocol_factory(self) -> H2Protocol:
@@ -299,6 +300,9 @@ class _Server(grpclib.server.Server):
 
 
 class _Channel(Channel):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, codec=FastCodec(), **kwargs)
+
     def _protocol_factory(self) -> H2Protocol:
         return _corked(super()._protocol_factory())
 
@@ -345,7 +349,7 @@ async def serve_services(
             servables = [
                 _servable(base, impl, auth_token, aio, handlers) for base, impl in services
             ]
-            server = await call_in_loop(partial(_Server, servables, codec=FastCodec()))
+            server = await call_in_loop(partial(_Server, servables))
             try:
                 await run_aio(partial(server.start, host, port, ssl=tls, reuse_address=True))
             except OSError as exc:
@@ -520,7 +524,7 @@ async def open_channel(
     host: str, port: int, *, auth_token: str | None = None, tls: ssl.SSLContext | None = None
 ) -> AsyncIterator[RpcChannel]:
     """Open a channel to ``host:port`` for the block (connections are made lazily)."""
-    channel = await call_in_loop(partial(_Channel, host, port, ssl=tls, codec=FastCodec()))
+    channel = await call_in_loop(partial(_Channel, host, port, ssl=tls))
     try:
         yield RpcChannel(channel, f"{host}:{port}", auth_token)
     finally:

@@ -185,13 +185,16 @@ def _packed(values: list[Any]) -> bytes:
     return b"".join(_varint(int(v)) for v in values)
 
 
-def _unpacked(data: bytes) -> list[int]:
+def _unpacked(what: str, name: str, data: bytes) -> list[int]:
     """The varints of a packed field."""
     raws = []
     pos = 0
-    while pos < len(data):
-        raw, pos = _read_varint(data, pos)
-        raws.append(raw)
+    try:
+        while pos < len(data):
+            raw, pos = _read_varint(data, pos)
+            raws.append(raw)
+    except WireError as exc:
+        raise WireError(f"{what}: packed field {name}: {exc}") from None
     return raws
 
 
@@ -272,7 +275,7 @@ def _compile_decoder(cls: type) -> Decoder | None:
                 continue  # an unknown field: skipped
             name, kind, expected, repeated, nested = field
             if repeated and wire == _LENGTH and expected != _LENGTH:  # packed numbers
-                for one in _unpacked(raw):
+                for one in _unpacked(what, name, raw):
                     values.setdefault(name, []).append(_number(kind, one))
                 continue
             if wire != expected:

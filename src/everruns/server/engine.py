@@ -910,11 +910,8 @@ class Engine:
         if isinstance(recorded, EverrunsError):
             raise recorded
         done, eager, histories = recorded
-        taken: set[uuid.UUID] = set()
-        for n, (task_id, lease_token, _) in valid:
-            if (task_id, lease_token) in done and task_id not in taken:
-                taken.add(task_id)  # a task twice in one call: one result counts, once
-            else:
+        for position, (n, (task_id, lease_token, _)) in enumerate(valid):
+            if position not in done:  # not under its lease, or another of the same task was
                 verdicts[n] = await self.store.stale_reason(task_id, lease_token)
         for breaker_key in [key for key in done.values() if key is not None]:  # one per success
             async with self.store.transaction() as conn:

@@ -488,7 +488,6 @@ WITH req AS (
     FROM req
     WHERE t.id = req.id AND t.lease_token = req.lease AND t.status = 'claimed'
     RETURNING t.id, t.run_id, t.activity_id, t.attempt, t.requeue_count, req.ord, req.result,
-              req.lease,
               coalesce(t.breaker_key, t.activity_type) AS bkey
 ), per_run AS (
     SELECT run_id, count(*) AS n FROM task WHERE requeue_count = 0 GROUP BY run_id
@@ -552,7 +551,7 @@ WITH req AS (
         FROM (SELECT activity_type AS t, count(*) AS n FROM wft WHERE status = 'pending'
               GROUP BY activity_type) d) x
 ), done AS (
-    SELECT task.id AS task_id, task.lease AS done_lease, b.key AS breaker
+    SELECT task.id AS task_id, task.ord AS done_ord, b.key AS breaker
     FROM task LEFT JOIN durable_circuit_breaker_state b
          ON b.key = task.bkey AND b.state <> 'closed'
 ), eager AS (

@@ -658,18 +658,16 @@ class Store:
         *,
         eager_types: Sequence[str] = (),
         max_eager: int = 0,
-    ) -> tuple[
-        dict[tuple[uuid.UUID, int], str | None], list[Task], dict[uuid.UUID, list[StoredEvent]]
-    ]:
+    ) -> tuple[dict[int, str | None], list[Task], dict[uuid.UUID, list[StoredEvent]]]:
         """Complete several activities (``(task_id, lease_token, result_json)``) in one
         statement and wake their workflows, handing up to ``max_eager`` follow-up workflow
         tasks of ``eager_types`` to ``worker_id`` (see queries.sql).
 
         Returns:
-            The completed tasks, as ``(task_id, lease_token)`` of the lease that held (a task
-            sent twice under two leases is completed under the one it is claimed by), each
-            with its breaker key if that breaker is not closed; the workflow tasks handed to
-            the worker; and their runs' full histories.
+            The completions applied, by their index in ``completions`` (of a task given
+            twice, at most one is: the one under the lease that holds, or either one when
+            both name it), each with its breaker key if that breaker is not closed; the
+            workflow tasks handed to the worker; and their runs' full histories.
         """
         rows = await self.pool.fetch(
             Q["complete_activities"],
@@ -680,9 +678,7 @@ class Store:
             list(eager_types),
             max_eager,
         )
-        done = {
-            (r["task_id"], r["done_lease"]): r["breaker"] for r in rows if r["task_id"] is not None
-        }
+        done = {r["done_ord"] - 1: r["breaker"] for r in rows if r["task_id"] is not None}
         handed = [r for r in rows if r["id"] is not None]
         return done, [Task.from_row(r) for r in handed], _histories(handed)
 

@@ -1018,7 +1018,7 @@ class Worker:
         fn, replayer = kept
         try:
             current = self.registry.workflow(replayer.info.workflow_type).fn
-        except NotFound:
+        except Exception:  # NotFound: the type is no longer registered
             current = None
         if current is not fn:  # the worker's code was replaced: the task replays in full
             replayer.close()
