@@ -7,6 +7,7 @@ from typing import Any, cast
 
 import pytest
 
+from everruns.domain.context import WorkflowInfo
 from everruns.domain.replay import Replayer
 from everruns.worker.replays import ReplayCache
 
@@ -14,9 +15,10 @@ from everruns.worker.replays import ReplayCache
 class Fake:
     """Stands for a Replayer: the cache only ever closes what it holds."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, workflow_type: str = "wf") -> None:
         self.name = name
         self.closed = 0
+        self.info = WorkflowInfo(workflow_id=name, run_id=name, workflow_type=workflow_type)
 
     def close(self) -> None:
         self.closed += 1
@@ -83,13 +85,38 @@ def test_keeping_replaces_drop_and_close_close() -> None:
     assert d.closed == 1 and len(cache) == 0
 
 
-def test_take_any_returns_the_function_with_the_replay() -> None:
+def test_take_current_asks_for_the_function_of_the_replays_workflow_type() -> None:
+    """What a worker does when it does not know the workflow type of a run (an activity's):
+    the replay is handed out with its function while that type still names the function."""
     cache = ReplayCache(10)
-    a = Fake("a")
+    a, b, c = Fake("a", "typed"), Fake("b", "typed"), Fake("c", "typed")
+    registered = {"typed": wf}
+    asked: list[str] = []
+
+    def current(workflow_type: str) -> Any:
+        asked.append(workflow_type)
+        return registered.get(workflow_type)
+
     keep(cache, "r1", a)
-    assert cache.take_any("unknown") is None
-    assert cast(Any, cache.take_any("r1")) == (wf, a)
-    assert len(cache) == 0 and a.closed == 0
+    assert cache.take_current("unknown", current) is None and asked == []
+    assert cast(Any, cache.take_current("r1", current)) == (wf, a)
+    assert asked == ["typed"] and len(cache) == 0 and a.closed == 0
+    # Code replaced (another function, or none any more): closed, not handed out.
+    keep(cache, "r1", b)
+    registered["typed"] = other
+    assert cache.take_current("r1", current) is None and b.closed == 1
+    keep(cache, "r1", c)
+    registered.clear()
+    assert cache.take_current("r1", current) is None and c.closed == 1
+
+    def broken(workflow_type: str) -> Any:
+        raise RuntimeError("registry broke")
+
+    d = Fake("d", "typed")
+    keep(cache, "r1", d)
+    with pytest.raises(RuntimeError):
+        cache.take_current("r1", broken)
+    assert d.closed == 1 and len(cache) == 0
 
 
 def test_capacity_zero_keeps_nothing_and_a_negative_one_is_refused() -> None:

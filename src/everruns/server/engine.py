@@ -955,7 +955,7 @@ class Engine:
         waiting = {task.run_id: task for task in eager}
         tries: list[tuple[FollowUpDecision, int, Task]] = []
         for f, result in follow_ups:
-            task = waiting.pop(f.run_id, None)
+            task = waiting.get(f.run_id)
             if task is None or task.lease_token is None:
                 continue
             if continues_decision(
@@ -968,8 +968,7 @@ class Engine:
                 seen_sequence=f.seen_sequence,
             ):
                 tries.append((f, task.lease_token, task))
-            else:
-                waiting[f.run_id] = task
+                del waiting[f.run_id]  # one decision per workflow task
         if not tries:
             return eager, [], set()
         try:

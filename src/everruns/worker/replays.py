@@ -40,20 +40,30 @@ class ReplayCache:
 
     def take(self, run_id: str, fn: Callable[..., Any]) -> Replayer | None:
         """The run's replay, removed from the cache (None if none is kept, or it runs another
-        workflow function: the worker's code was replaced)."""
-        kept = self.take_any(run_id)
+        workflow function than ``fn``: the worker's code was replaced)."""
+        kept = self.take_current(run_id, lambda _workflow_type: fn)
+        return None if kept is None else kept[1]
+
+    def take_current(
+        self, run_id: str, current: Callable[[str], Callable[..., Any] | None]
+    ) -> tuple[Callable[..., Any], Replayer] | None:
+        """The run's replay and the workflow function it runs, removed from the cache, if that
+        is still the function ``current`` gives for the run's workflow type (None: none is
+        kept, or it was closed because the worker's code was replaced)."""
+        with self._lock:
+            kept = self._open.pop(run_id, None)
         if kept is None:
             return None
-        kept_fn, replayer = kept
-        if kept_fn is not fn:
+        fn, replayer = kept
+        try:
+            still = current(replayer.info.workflow_type) is fn
+        except BaseException:
+            replayer.close()
+            raise
+        if not still:
             replayer.close()
             return None
-        return replayer
-
-    def take_any(self, run_id: str) -> tuple[Callable[..., Any], Replayer] | None:
-        """The run's replay and the workflow function it runs, removed from the cache."""
-        with self._lock:
-            return self._open.pop(run_id, None)
+        return kept
 
     def drop(self, run_id: str) -> None:
         """Close the run's replay, if one is kept."""

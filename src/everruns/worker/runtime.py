@@ -991,7 +991,6 @@ class Worker:
         try:
             refusal = await self._results.submit(handle)
         except BatcherClosed:
-            self._settle_ahead(handle)
             await self._complete_activity_alone(handle, outcome)
             return
         except _RESULT_REFUSALS as exc:
@@ -1012,17 +1011,10 @@ class Worker:
         task = handle.task
         if self.draining or not task.activity_id:
             return None
-        kept = self._replays.take_any(task.run_id)
+        kept = self._replays.take_current(task.run_id, self._workflow_fn)
         if kept is None:
             return None
         fn, replayer = kept
-        try:
-            current = self.registry.workflow(replayer.info.workflow_type).fn
-        except Exception:  # NotFound: the type is no longer registered
-            current = None
-        if current is not fn:  # the worker's code was replaced: the task replays in full
-            replayer.close()
-            return None
         elapsed = trio.current_time() - handle.received
         now = datetime.fromtimestamp(task.claimed_at + elapsed, UTC)
         try:
@@ -1043,6 +1035,13 @@ class Worker:
             replayer.close()
             return None
         return _Ahead(fn, replayer, follow_up, commands)
+
+    def _workflow_fn(self, workflow_type: str) -> Callable[..., Any] | None:
+        """The function registered for a workflow type now (None: no longer registered)."""
+        try:
+            return self.registry.workflow(workflow_type).fn
+        except NotFound:
+            return None
 
     def _settle_ahead(self, handle: _RunningTask) -> None:
         """Keep the run's replay if its decision made ahead was applied, else close it (it
