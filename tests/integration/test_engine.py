@@ -827,6 +827,27 @@ async def test_a_decision_made_ahead_is_applied_only_with_the_result_it_assumed(
                 assert json.loads((await p.describe(wid)).result) == want
 
 
+async def test_a_decision_with_a_claim_time_that_is_no_time_is_refused_alone(
+    database_url: str,
+) -> None:
+    """A claim time that no clock can give (NaN, infinite, beyond the year 3000) refuses that
+    completion, as other malformed commands are, and the others of the call still apply."""
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            _, decisions = await p.first_decisions(two_steps_of_work, "two", [1, 2, 3, 4], "clock")
+            for decision, bad in zip(decisions, (float("nan"), float("inf"), 1e300), strict=False):
+                decision.claim_time = bad
+            reply = await p.channel.unary(
+                p.workers.complete_workflow_tasks,
+                pb.CompleteWorkflowTasksRequest(completions=decisions),
+            )
+            assert [o.refused_status for o in reply.outcomes] == ["INVALID_ARGUMENT"] * 3 + [""]
+            assert "claim_time" in reply.outcomes[0].message
+            assert reply.outcomes[3].accepted
+            with pytest.raises(InvalidArgument, match="claim_time inf is not a time"):
+                await p.channel.unary(p.workers.complete_workflow_task, decisions[1])
+
+
 async def test_a_result_sent_twice_under_one_lease_is_accepted_once_as_recorded(
     database_url: str,
 ) -> None:

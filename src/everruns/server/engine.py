@@ -1285,8 +1285,18 @@ def _parse_commands(text: str) -> list[Command]:
         raise InvalidArgument(f"malformed command: {exc}") from exc
 
 
-def utc_from_timestamp(value: float) -> datetime:
-    """A wire timestamp (unix seconds) as an aware datetime; 0 means now."""
+_YEAR_3000 = 32503680000.0
+
+
+def utc_from_timestamp(value: float, what: str = "time") -> datetime:
+    """A wire timestamp (unix seconds) as an aware datetime; 0 (or less) means now.
+
+    Raises:
+        InvalidArgument: ``value`` is not a number of seconds before the year 3000 (NaN,
+            infinite).
+    """
     if value <= 0:
         return datetime.now(UTC)
+    if not value < _YEAR_3000:  # also NaN
+        raise InvalidArgument(f"{what} {value!r} is not a time")
     return datetime.fromtimestamp(value, UTC)

@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import trio
@@ -194,7 +194,7 @@ class WorkerService:
             request.worker_id,
             request.seen_sequence,
             _text(request.commands, "commands") if request.commands else "[]",
-            utc_from_timestamp(request.claim_time),
+            utc_from_timestamp(request.claim_time, "claim_time"),
             max_eager=max(0, request.max_eager_tasks),
         )
         return pb.CompleteWorkflowTaskResponse(
@@ -219,7 +219,7 @@ class WorkerService:
                     _lease(completion.lease_token),
                     completion.seen_sequence,
                     _text(completion.commands, "commands") if completion.commands else "[]",
-                    utc_from_timestamp(completion.claim_time),
+                    utc_from_timestamp(completion.claim_time, "claim_time"),
                     max(0, completion.max_eager_tasks),
                 )
             except EverrunsError as why:
@@ -568,10 +568,10 @@ def _refused(why: EverrunsError) -> dict[str, str]:
 
 
 def _wire_time(value: float, what: str) -> datetime:
-    """A wire timestamp that must be given: unix seconds, after 1970 and before 3000."""
-    if not (0 < value < 32503680000):  # also refuses NaN
+    """A wire timestamp that must be given (`utc_from_timestamp` without its "0 is now")."""
+    if not value > 0:  # also NaN
         raise InvalidArgument(f"{what} {value!r} is not a time")
-    return datetime.fromtimestamp(value, UTC)
+    return utc_from_timestamp(value, what)
 
 
 def _follow_ups(
