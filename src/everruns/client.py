@@ -24,7 +24,7 @@ import trio
 from everruns._aio import open_aio_loop
 from everruns._aio.grpc import RpcChannel, client_tls, client_tls_from_env, open_channel
 from everruns._proto.everruns import v1 as pb
-from everruns.domain.address import DEFAULT_GRPC_ADDRESS, parse_address
+from everruns.domain.address import DEFAULT_GRPC_ADDRESS, call_stream_from_env, parse_address
 from everruns.domain.packing import pack_blobs, unpack_uuids
 from everruns.domain.payload import decode, encode
 from everruns.domain.registry import name_of
@@ -619,6 +619,7 @@ class Client:
         *,
         auth_token: str | None = None,
         tls: ssl.SSLContext | bool | None = None,
+        call_stream: bool | None = None,
     ) -> AsyncIterator[Client]:
         """Open a client for the block: ``async with Client.connect("127.0.0.1:9001") as c:``.
 
@@ -629,9 +630,13 @@ class Client:
             address: ``host:port``; default ``GRPC_ADDRESS`` or 127.0.0.1:9001.
             auth_token: bearer token; default ``EVERRUNS_AUTH_TOKEN``.
             tls: an SSL context, True for the system's default one, None/False for plaintext.
+            call_stream: send calls over the control plane's call stream (one HTTP/2 stream
+                for all of them) where it serves one; False: one HTTP/2 stream per call;
+                default ``EVERRUNS_CALL_STREAM`` (on).
 
         Raises:
-            ConfigError: the address is not host:port.
+            ConfigError: the address is not host:port, or ``EVERRUNS_CALL_STREAM`` is not a
+                switch.
         """
         if address is None:
             address = os.environ.get("GRPC_ADDRESS") or DEFAULT_ADDRESS
@@ -640,6 +645,8 @@ class Client:
             host, port = parse_address(address, setting="address")
         if auth_token is None:
             auth_token = os.environ.get("EVERRUNS_AUTH_TOKEN") or None
+        if call_stream is None:
+            call_stream = call_stream_from_env(os.environ)
         if tls is None:
             context = client_tls_from_env(os.environ)
         else:
@@ -648,7 +655,9 @@ class Client:
         try:
             async with (
                 open_aio_loop(),
-                open_channel(host, port, auth_token=auth_token, tls=context) as channel,
+                open_channel(
+                    host, port, auth_token=auth_token, tls=context, call_stream=call_stream
+                ) as channel,
             ):
                 yield cls(channel)
         except BaseExceptionGroup as group:

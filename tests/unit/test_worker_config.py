@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from everruns.domain.address import call_stream_from_env
 from everruns.errors import ConfigError
 from everruns.worker import Worker, WorkerConfig
 from everruns.worker.config import default_worker_id, parse_address
@@ -18,6 +19,7 @@ def test_defaults_when_environment_is_empty() -> None:
     assert config.max_concurrent_tasks == 10
     assert config.grace_period == 30.0
     assert config.auth_token is None
+    assert config.call_stream is True
     assert (
         config.worker_id.startswith(f"{os.uname().nodename}-{os.getpid()}-")
         or str(os.getpid()) in config.worker_id
@@ -32,6 +34,7 @@ def test_reads_every_variable() -> None:
             "MAX_CONCURRENT_TASKS": "3",
             "EVERRUNS_AUTH_TOKEN": "s3cret",
             "EVERRUNS_WORKER_GRACE_PERIOD": "2.5",
+            "EVERRUNS_CALL_STREAM": "off",
         }
     )
     assert config == WorkerConfig(
@@ -41,6 +44,7 @@ def test_reads_every_variable() -> None:
         max_concurrent_tasks=3,
         auth_token="s3cret",
         grace_period=2.5,
+        call_stream=False,
     )
 
 
@@ -68,6 +72,7 @@ def test_database_url_is_never_read() -> None:
         ("EVERRUNS_WORKER_GRACE_PERIOD", "soon"),
         ("EVERRUNS_WORKER_GRACE_PERIOD", "-1"),
         ("EVERRUNS_WORKER_GRACE_PERIOD", "inf"),
+        ("EVERRUNS_CALL_STREAM", "maybe"),
     ],
 )
 def test_bad_values_name_the_variable_in_one_line(variable: str, value: str) -> None:
@@ -107,3 +112,11 @@ def test_from_env_uses_the_environment() -> None:
     worker = Worker.from_env(env={"WORKER_ID": "from-env", "GRPC_ADDRESS": "h:1"})
     assert worker.worker_id == "from-env"
     assert worker.address == "h:1"
+
+
+def test_the_call_stream_switch_reads_the_usual_spellings() -> None:
+    assert call_stream_from_env({}) is True
+    for on in ("1", "true", "Yes", " on "):
+        assert call_stream_from_env({"EVERRUNS_CALL_STREAM": on}) is True
+    for off in ("0", "false", "NO", "off"):
+        assert call_stream_from_env({"EVERRUNS_CALL_STREAM": off}) is False

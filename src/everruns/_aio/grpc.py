@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import logging
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any, TypeVar, cast
@@ -52,6 +53,7 @@ from everruns.errors import (
 )
 
 __all__ = [
+    "CALLS_ROUTE",
     "RpcChannel",
     "client_tls",
     "client_tls_from_env",
@@ -120,6 +122,18 @@ def _bearer_ok(metadata: Any, token: str | None) -> bool:
     return hmac.compare_digest(got.encode(), expected.encode())
 
 
+def _verdict(exc: Exception, route: str) -> grpclib.exceptions.GRPCError:
+    """The gRPC error a method's exception (not a GRPCError) ends its call with."""
+    if isinstance(exc, CallAbandoned):
+        return grpclib.exceptions.GRPCError(
+            Status.UNAVAILABLE, "the control plane is shutting down"
+        )
+    return _to_grpc_error(exc, route)
+
+
+_UNAUTHENTICATED = "missing or wrong bearer token; set EVERRUNS_AUTH_TOKEN to the server's token"
+
+
 def _wrap_handler(
     route: str,
     handler: grpclib.const.Handler,
@@ -132,10 +146,7 @@ def _wrap_handler(
 
     async def serve_one(stream: grpclib.server.Stream[Any, Any]) -> None:  # runs on asyncio
         if not _bearer_ok(stream.metadata, token):
-            raise grpclib.exceptions.GRPCError(
-                Status.UNAUTHENTICATED,
-                "missing or wrong bearer token; set EVERRUNS_AUTH_TOKEN to the server's token",
-            )
+            raise grpclib.exceptions.GRPCError(Status.UNAUTHENTICATED, _UNAUTHENTICATED)
         request = await stream.recv_message()
         if request is None:
             raise grpclib.exceptions.GRPCError(Status.INVALID_ARGUMENT, "empty request")
@@ -151,17 +162,109 @@ def _wrap_handler(
                 await stream.send_message(reply)
         except grpclib.exceptions.GRPCError:
             raise
-        except CallAbandoned as exc:
-            raise grpclib.exceptions.GRPCError(
-                Status.UNAVAILABLE, "the control plane is shutting down"
-            ) from exc
         except (h2.exceptions.StreamClosedError, grpclib.exceptions.StreamTerminatedError):
             log.debug("%s: the client went away before the reply", route)
         except Exception as exc:
-            raise _to_grpc_error(exc, route) from exc
+            raise _verdict(exc, route) from exc
 
     return grpclib.const.Handler(
         serve_one, handler.cardinality, handler.request_type, handler.reply_type
+    )
+
+
+# A unary method reachable over the call stream: its Trio implementation, request and reply
+# types.
+_Target = tuple[Callable[..., Awaitable[Any]], type[Any], type[Any]]
+
+CALLS_ROUTE = "/everruns.v1.CallService/Calls"
+MAX_CALLS_IN_FLIGHT = 1000  # per call stream, as HTTP/2 bounds a connection's unary calls
+
+
+def _calls_handler(
+    targets: Mapping[str, _Target],
+    token: str | None,
+    aio: AioLoop,
+    nursery: trio.Nursery,
+    codec: FastCodec,
+) -> grpclib.const.Handler:
+    """The handler of `CallService.Calls`: each `Call` runs the unary method it names, as a
+    unary call of that method would, and is answered by a `CallReply` as it finishes."""
+    from everruns._proto.everruns import v1 as pb
+
+    async def serve_calls(stream: grpclib.server.Stream[Any, Any]) -> None:  # runs on asyncio
+        if not _bearer_ok(stream.metadata, token):
+            raise grpclib.exceptions.GRPCError(Status.UNAUTHENTICATED, _UNAUTHENTICATED)
+        await stream.send_initial_metadata()  # the caller waits for it before its first call
+        running: dict[int, asyncio.Task[None]] = {}
+        sending = asyncio.Lock()  # one message at a time: a large one is several frames
+
+        async def answer(call: Any) -> None:
+            try:
+                target = targets.get(call.route)
+                try:
+                    if target is None:
+                        raise grpclib.exceptions.GRPCError(
+                            Status.UNIMPLEMENTED, f"{call.route} cannot be called over Calls"
+                        )
+                    impl, request_type, reply_type = target
+                    try:
+                        request = codec.decode(call.request, request_type)
+                    except Exception as exc:
+                        raise grpclib.exceptions.GRPCError(
+                            Status.INVALID_ARGUMENT, f"{call.route}: malformed request: {exc}"
+                        ) from exc
+                    try:
+                        reply = await aio.run_trio(nursery, impl, request)
+                    except grpclib.exceptions.GRPCError:
+                        raise
+                    except Exception as exc:
+                        raise _verdict(exc, call.route) from exc
+                    out = pb.CallReply(id=call.id, reply=codec.encode(reply, reply_type))
+                except grpclib.exceptions.GRPCError as exc:
+                    out = pb.CallReply(
+                        id=call.id, status=exc.status.name, message=exc.message or ""
+                    )
+                async with sending:
+                    await stream.send_message(out)
+            except (h2.exceptions.StreamClosedError, grpclib.exceptions.StreamTerminatedError):
+                log.debug("%s: the client went away before the reply", call.route)
+            finally:
+                if running.get(call.id) is asyncio.current_task():
+                    del running[call.id]
+
+        try:
+            while (call := await stream.recv_message()) is not None:
+                if call.cancel:
+                    task = running.get(call.id)
+                    if task is not None:
+                        task.cancel()
+                elif call.id in running:
+                    raise grpclib.exceptions.GRPCError(
+                        Status.INVALID_ARGUMENT, f"call id {call.id} is already in flight"
+                    )
+                elif len(running) >= MAX_CALLS_IN_FLIGHT:
+                    async with sending:
+                        await stream.send_message(
+                            pb.CallReply(
+                                id=call.id,
+                                status=Status.RESOURCE_EXHAUSTED.name,
+                                message=f"more than {MAX_CALLS_IN_FLIGHT} calls in flight on "
+                                "one call stream",
+                            )
+                        )
+                else:
+                    running[call.id] = asyncio.ensure_future(answer(call))
+            # The caller has sent its last call: answer those still running, then end.
+            while running:
+                await asyncio.wait(list(running.values()))
+        finally:
+            for task in running.values():
+                task.cancel()
+            if running:
+                await asyncio.wait(list(running.values()))
+
+    return grpclib.const.Handler(
+        serve_calls, grpclib.const.Cardinality.STREAM_STREAM, pb.Call, pb.CallReply
     )
 
 
@@ -285,9 +388,16 @@ class _Server(grpclib.server.Server):
     them tells it at once that the server is gone.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        servables: list[Any],
+        calls: Callable[[FastCodec], grpclib.const.Handler] | None = None,
+    ) -> None:
         # Made here, on the loop's thread: a codec's first making imports (wire.py).
-        super().__init__(*args, codec=FastCodec(), **kwargs)
+        codec = FastCodec()
+        if calls is not None:
+            servables = [*servables, _Servable({CALLS_ROUTE: calls(codec)})]
+        super().__init__(servables, codec=codec)
         self._open: set[asyncio.BaseTransport] = set()
 
     def _protocol_factory(self) -> H2Protocol:
@@ -301,25 +411,44 @@ class _Server(grpclib.server.Server):
 
 class _Channel(Channel):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, codec=FastCodec(), **kwargs)
+        self.fast_codec = FastCodec()
+        super().__init__(*args, codec=self.fast_codec, **kwargs)
 
     def _protocol_factory(self) -> H2Protocol:
         return _corked(super()._protocol_factory())
 
 
+def _implementation(route: str, handler: grpclib.const.Handler, impl: Any) -> Any:
+    # Routes are "/pkg.Service/MethodName"; the Trio method is its snake_case name, the same
+    # name the generated base gives it.
+    name = handler.func.__name__.split("__rpc_", 1)[-1]
+    method = getattr(impl, name, None)
+    if method is None:
+        raise TypeError(f"{type(impl).__name__} does not implement {route} ({name})")
+    return method
+
+
 def _servable(
     base: Any, impl: Any, token: str | None, aio: AioLoop, nursery: trio.Nursery
 ) -> _Servable:
-    mapping: dict[str, grpclib.const.Handler] = {}
-    for route, handler in base.__mapping__().items():
-        # Routes are "/pkg.Service/MethodName"; the Trio method is its snake_case name, the
-        # same name the generated base gives it.
-        name = handler.func.__name__.split("__rpc_", 1)[-1]
-        method = getattr(impl, name, None)
-        if method is None:
-            raise TypeError(f"{type(impl).__name__} does not implement {route} ({name})")
-        mapping[route] = _wrap_handler(route, handler, method, token, aio, nursery)
-    return _Servable(mapping)
+    return _Servable(
+        {
+            route: _wrap_handler(
+                route, handler, _implementation(route, handler, impl), token, aio, nursery
+            )
+            for route, handler in base.__mapping__().items()
+        }
+    )
+
+
+def _unary_targets(services: Sequence[tuple[Any, Any]]) -> dict[str, _Target]:
+    """The unary methods of ``services``, by route."""
+    return {
+        route: (_implementation(route, handler, impl), handler.request_type, handler.reply_type)
+        for base, impl in services
+        for route, handler in base.__mapping__().items()
+        if handler.cardinality is grpclib.const.Cardinality.UNARY_UNARY
+    }
 
 
 async def serve_services(
@@ -330,13 +459,15 @@ async def serve_services(
     auth_token: str | None = None,
     tls: ssl.SSLContext | None = None,
     closing: trio.Event | None = None,
+    calls: bool = True,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``(generated_base_instance, trio_impl)`` pairs on ``host:port`` until cancelled.
 
-    Reports the bound port (the real one when ``port`` is 0) through ``task_status``. On the
-    way out ``closing`` is set before connections are closed, so handlers can tell a server
-    shutdown from a client that went away.
+    With ``calls``, `CallService.Calls` is served too: every unary method of the pairs can be
+    called over it. Reports the bound port (the real one when ``port`` is 0) through
+    ``task_status``. On the way out ``closing`` is set before connections are closed, so
+    handlers can tell a server shutdown from a client that went away.
     """
     aio = current_aio_loop()
     # The methods' Trio tasks run in a nursery of their own, shielded from the cancellation that
@@ -349,7 +480,14 @@ async def serve_services(
             servables = [
                 _servable(base, impl, auth_token, aio, handlers) for base, impl in services
             ]
-            server = await call_in_loop(partial(_Server, servables))
+            targets = _unary_targets(services)
+            server = await call_in_loop(
+                partial(
+                    _Server,
+                    servables,
+                    partial(_calls_handler, targets, auth_token, aio, handlers) if calls else None,
+                )
+            )
             try:
                 await run_aio(partial(server.start, host, port, ssl=tls, reuse_address=True))
             except OSError as exc:
@@ -413,13 +551,192 @@ _CALL_ERRORS = (
 )
 
 
-class RpcChannel:
-    """A gRPC channel usable from Trio; carries the bearer token when one is configured."""
+class _Unsupported(Exception):
+    """The control plane does not serve `CallService.Calls`: the call was not run."""
 
-    def __init__(self, channel: Channel, address: str, auth_token: str | None) -> None:
+
+class _CallStream:
+    """The caller's end of `CallService.Calls`: unary calls sent as messages of one stream,
+    opened at the first call and again after it breaks. Used on the asyncio thread only."""
+
+    def __init__(self, channel: _Channel, metadata: Mapping[str, str] | None) -> None:
+        self._channel = channel
+        self._metadata = metadata
+        self._codec = channel.fast_codec
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._stream: Any = None
+        self._opening = asyncio.Lock()
+        self._sending = asyncio.Lock()  # one message at a time: a large one is several frames
+        self._tasks: set[asyncio.Task[None]] = set()  # the reader; cancel notices in flight
+        self._closed = False
+        self.unsupported = False
+
+    async def call(
+        self, route: str, request: Any, reply_type: type[Any], timeout: float | None
+    ) -> Any:
+        """Run the unary method at ``route`` over the stream and return its reply.
+
+        Raises:
+            _Unsupported: the control plane has no `Calls`; the call was not run.
+            GRPCError: the method's verdict, as the unary call would have raised it.
+            StreamTerminatedError, OSError: the stream broke; the call may or may not have run.
+            TimeoutError: no reply within ``timeout``; the call is cancelled at the server.
+        """
+        stream = self._stream or await self._open()
+        call_id = next(self._ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[call_id] = future
+        message = self._codec.encode(request, type(request))
+        try:
+            # Shielded: a message cut off midway would garble every call after it.
+            await asyncio.shield(self._send(stream, route, call_id, message))
+            reply = await (future if timeout is None else asyncio.wait_for(future, timeout))
+        except (asyncio.CancelledError, TimeoutError):
+            if self._pending.pop(call_id, None) is not None and self._stream is stream:
+                self._spawn(self._send(stream, "", call_id, b"", cancel=True))
+            raise
+        finally:
+            self._pending.pop(call_id, None)
+        if reply.status:
+            status = Status.__members__.get(reply.status, Status.UNKNOWN)
+            raise grpclib.exceptions.GRPCError(status, reply.message or None)
+        return self._codec.decode(reply.reply, reply_type)
+
+    def close(self) -> None:
+        """Stop using the stream: calls in flight fail, later calls are refused."""
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def _open(self) -> Any:
+        from everruns._proto.everruns import v1 as pb
+
+        async with self._opening:
+            if self._stream is not None:
+                return self._stream
+            if self._closed:
+                raise grpclib.exceptions.StreamTerminatedError("the channel is closed")
+            stream = self._channel.request(
+                CALLS_ROUTE,
+                grpclib.const.Cardinality.STREAM_STREAM,
+                pb.Call,
+                pb.CallReply,
+                metadata=self._metadata,
+            )
+            await stream.__aenter__()
+            try:
+                await stream.send_request()
+                # The control plane answers the opening at once; one without `Calls` answers
+                # UNIMPLEMENTED and resets the stream, which grpclib may report first.
+                try:
+                    await stream.recv_initial_metadata()
+                except grpclib.exceptions.StreamTerminatedError:
+                    headers = dict(getattr(stream._stream, "headers", None) or ())
+                    if headers.get("grpc-status") != str(Status.UNIMPLEMENTED.value):
+                        raise
+                    raise grpclib.exceptions.GRPCError(Status.UNIMPLEMENTED) from None
+            except grpclib.exceptions.GRPCError as exc:
+                await stream.__aexit__(type(exc), exc, None)
+                if exc.status is Status.UNIMPLEMENTED:
+                    self.unsupported = True
+                    raise _Unsupported(exc.message) from exc
+                raise
+            except BaseException as exc:
+                await stream.__aexit__(type(exc), exc, None)
+                raise
+            self._stream = stream
+            self._spawn(self._read(stream))
+            return stream
+
+    async def _send(
+        self, stream: Any, route: str, call_id: int, request: bytes, *, cancel: bool = False
+    ) -> None:
+        from everruns._proto.everruns import v1 as pb
+
+        async with self._sending:
+            await stream.send_message(
+                pb.Call(id=call_id, route=route, request=request, cancel=cancel)
+            )
+
+    async def _read(self, stream: Any) -> None:
+        error: BaseException = grpclib.exceptions.StreamTerminatedError(
+            "the control plane ended the call stream"
+        )
+        try:
+            while (reply := await stream.recv_message()) is not None:
+                future = self._pending.pop(reply.id, None)
+                if future is not None and not future.done():
+                    future.set_result(reply)
+        except asyncio.CancelledError:
+            error = grpclib.exceptions.StreamTerminatedError("the channel is closed")
+            raise
+        except Exception as exc:
+            error = exc
+        finally:
+            if self._stream is stream:
+                self._stream = None
+            pending = list(self._pending.values())
+            self._pending.clear()
+            for future in pending:
+                if not future.done():
+                    future.set_exception(error)
+            ended = ConnectionError("the call stream ended")
+            await asyncio.shield(stream.__aexit__(type(ended), ended, None))
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._reap)
+
+    def _reap(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("call stream: %s", task.exception())
+
+
+_UNARY_ROUTES: dict[tuple[type[Any], str], tuple[str, type[Any]] | None] = {}
+
+
+def _unary_route(method: Callable[..., Any]) -> tuple[str, type[Any]] | None:
+    """The route and reply type of a generated unary stub method (None: not one)."""
+    stub = getattr(method, "__self__", None)
+    name = getattr(method, "__name__", "")
+    key = (type(stub), name)
+    if key not in _UNARY_ROUTES:
+        from everruns._proto.everruns import v1 as pb
+
+        found = None
+        base = getattr(pb, type(stub).__name__.removesuffix("Stub") + "Base", None)
+        if isinstance(base, type):
+            for route, handler in base().__mapping__().items():
+                if (
+                    handler.func.__name__.split("__rpc_", 1)[-1] == name
+                    and handler.cardinality is grpclib.const.Cardinality.UNARY_UNARY
+                ):
+                    found = (route, handler.reply_type)
+        _UNARY_ROUTES[key] = found
+    return _UNARY_ROUTES[key]
+
+
+class RpcChannel:
+    """A gRPC channel usable from Trio; carries the bearer token when one is configured.
+
+    Unary calls go over `CallService.Calls` (one long-lived stream, a message each way per
+    call) when ``calls`` is given and the control plane serves it, else as unary calls.
+    """
+
+    def __init__(
+        self,
+        channel: Channel,
+        address: str,
+        auth_token: str | None,
+        calls: _CallStream | None = None,
+    ) -> None:
         self._channel = channel
         self.address = address
         self._metadata = {"authorization": f"Bearer {auth_token}"} if auth_token else None
+        self._calls = calls
 
     @property
     def raw(self) -> Channel:
@@ -439,8 +756,17 @@ class RpcChannel:
             ServerUnavailable: no control plane answered.
             NotFound, InvalidArgument, FailedPrecondition, ...: the server's verdict.
         """
+        calls = self._calls
+        route = _unary_route(method) if calls is not None else None
         try:
-            reply: Reply = await run_aio(
+            if calls is not None and route is not None and not calls.unsupported:
+                try:
+                    reply: Reply = await run_aio(calls.call, route[0], request, route[1], timeout)
+                except _Unsupported:
+                    pass  # not run: the unary call below runs it
+                else:
+                    return reply
+            reply = await run_aio(
                 partial(method, request, timeout=timeout, metadata=self._metadata)
             )
         except _CALL_ERRORS as exc:
@@ -519,14 +845,37 @@ def _stream_route(method: Callable[..., Any]) -> tuple[str, type[Any]]:
     return found
 
 
+def _open(
+    host: str, port: int, tls: ssl.SSLContext | None, auth_token: str | None, call_stream: bool
+) -> tuple[_Channel, _CallStream | None]:
+    channel = _Channel(host, port, ssl=tls)
+    metadata = {"authorization": f"Bearer {auth_token}"} if auth_token else None
+    return channel, _CallStream(channel, metadata) if call_stream else None
+
+
+def _close(channel: _Channel, calls: _CallStream | None) -> None:
+    if calls is not None:
+        calls.close()
+    channel.close()
+
+
 @asynccontextmanager
 async def open_channel(
-    host: str, port: int, *, auth_token: str | None = None, tls: ssl.SSLContext | None = None
+    host: str,
+    port: int,
+    *,
+    auth_token: str | None = None,
+    tls: ssl.SSLContext | None = None,
+    call_stream: bool = True,
 ) -> AsyncIterator[RpcChannel]:
-    """Open a channel to ``host:port`` for the block (connections are made lazily)."""
-    channel = await call_in_loop(partial(_Channel, host, port, ssl=tls))
+    """Open a channel to ``host:port`` for the block (connections are made lazily).
+
+    With ``call_stream``, its unary calls go over `CallService.Calls` where the control plane
+    serves it.
+    """
+    channel, calls = await call_in_loop(partial(_open, host, port, tls, auth_token, call_stream))
     try:
-        yield RpcChannel(channel, f"{host}:{port}", auth_token)
+        yield RpcChannel(channel, f"{host}:{port}", auth_token, calls)
     finally:
         with trio.move_on_after(2, shield=True):
-            await call_in_loop(channel.close)
+            await call_in_loop(_close, channel, calls)

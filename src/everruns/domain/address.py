@@ -1,13 +1,16 @@
-"""The control plane's address: one parser for the server, the worker, the client and the CLI.
+"""The control plane's address, and how to call it: one parser for the server, the worker, the
+client and the CLI.
 
 Pure string handling; no sockets here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from everruns.errors import ConfigError
 
-__all__ = ["DEFAULT_GRPC_ADDRESS", "parse_address"]
+__all__ = ["DEFAULT_GRPC_ADDRESS", "call_stream_from_env", "parse_address"]
 
 DEFAULT_GRPC_ADDRESS = "127.0.0.1:9001"
 
@@ -34,3 +37,19 @@ def parse_address(
     if not sep or not host or not port_text.isdigit() or not lowest <= int(port_text) <= 65535:
         raise ConfigError(f"{setting}={value!r} is not host:port (e.g. {DEFAULT_GRPC_ADDRESS})")
     return host, int(port_text)
+
+
+def call_stream_from_env(env: Mapping[str, str]) -> bool:
+    """Whether a caller sends its unary calls over the control plane's call stream
+    (``EVERRUNS_CALL_STREAM``, default on; off: one HTTP/2 stream per call).
+
+    Raises:
+        ConfigError: the value is not one of 1/true/yes/on, 0/false/no/off.
+    """
+    raw = env.get("EVERRUNS_CALL_STREAM", "")
+    value = raw.strip().lower()
+    if value in ("", "1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"EVERRUNS_CALL_STREAM={raw!r} must be 1/true/yes/on or 0/false/no/off")

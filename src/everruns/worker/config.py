@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import attrs
 
-from everruns.domain.address import DEFAULT_GRPC_ADDRESS, parse_address
+from everruns.domain.address import DEFAULT_GRPC_ADDRESS, call_stream_from_env, parse_address
 from everruns.errors import ConfigError
 
 __all__ = [
@@ -81,6 +81,8 @@ class WorkerConfig:
         auth_token: bearer token sent with every call, if the control plane requires one.
         grace_period: seconds a graceful shutdown lets running tasks finish.
         max_sync_threads: threads for sync activities (default: one per task slot).
+        call_stream: send calls over the control plane's call stream (one HTTP/2 stream for
+            all of them) where it serves one; False: one HTTP/2 stream per call.
     """
 
     host: str
@@ -92,6 +94,7 @@ class WorkerConfig:
     auth_token: str | None = None
     grace_period: float = attrs.field(default=DEFAULT_GRACE_PERIOD, validator=_check_grace)
     max_sync_threads: int | None = attrs.field(default=None, validator=_check_threads)
+    call_stream: bool = True
 
     @property
     def address(self) -> str:
@@ -123,6 +126,7 @@ class WorkerConfig:
             ),
             auth_token=env.get("EVERRUNS_AUTH_TOKEN") or None,
             grace_period=_env_seconds(env, "EVERRUNS_WORKER_GRACE_PERIOD", DEFAULT_GRACE_PERIOD),
+            call_stream=call_stream_from_env(env),
         )
 
 

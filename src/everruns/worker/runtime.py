@@ -430,7 +430,13 @@ class Worker:
         cfg = self.config
         async with (
             open_aio_loop(),
-            open_channel(cfg.host, cfg.port, auth_token=cfg.auth_token, tls=self._tls) as channel,
+            open_channel(
+                cfg.host,
+                cfg.port,
+                auth_token=cfg.auth_token,
+                tls=self._tls,
+                call_stream=cfg.call_stream,
+            ) as channel,
         ):
             self._channel = channel
             self._stub = pb.WorkerServiceStub(channel.raw)
