@@ -89,7 +89,7 @@ async def describe(channel: RpcChannel, workflow_id: str) -> str:
 def streamed(channel: RpcChannel) -> bool:
     """Whether the channel's calls went over an open call stream."""
     calls = channel._calls
-    return calls is not None and calls._stream is not None and not calls.unsupported
+    return calls is not None and calls._opened is not None and not calls.unsupported
 
 
 @fail_after(20)
@@ -221,9 +221,9 @@ async def test_the_stream_is_authenticated_like_unary_calls() -> None:
 
 @fail_after(20)
 async def test_calls_in_flight_on_one_stream_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(grpc, "MAX_CALLS_IN_FLIGHT", 2)
     service = Service()
     async with serving(service) as port, open_channel("127.0.0.1", port) as channel:
+        monkeypatch.setattr(grpc, "MAX_CALLS_IN_FLIGHT", 2)  # at the server only
         async with trio.open_nursery() as nursery:
             for _ in range(2):
                 nursery.start_soon(describe, channel, "slow")
@@ -232,3 +232,110 @@ async def test_calls_in_flight_on_one_stream_are_bounded(monkeypatch: pytest.Mon
                 await describe(channel, "third")
             service.release.set()
         assert await describe(channel, "after") == "after"
+
+
+@fail_after(20)
+async def test_callers_beyond_the_bound_wait_their_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(grpc, "MAX_CALLS_IN_FLIGHT", 2)
+    service = Service()
+    async with serving(service) as port, open_channel("127.0.0.1", port) as channel:
+        got: list[str] = []
+
+        async def one(workflow_id: str) -> None:
+            got.append(await describe(channel, workflow_id))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                nursery.start_soon(one, "slow")
+            await service.wait_calls("slow", 2)
+            nursery.start_soon(one, "third")
+            await trio.sleep(0.2)
+            assert "third" not in service.calls  # waiting at the caller, not refused
+            service.release.set()
+        assert sorted(got) == ["slow", "slow", "third"]
+
+
+@fail_after(30)
+async def test_calls_cancelled_at_once_leave_nothing_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    service = Service()
+    async with serving(service) as port, open_channel("127.0.0.1", port) as channel:
+        monkeypatch.setattr(grpc, "MAX_CALLS_IN_FLIGHT", 3)  # at the server only
+        for _ in range(50):  # a call and its cancel notice, often in one read
+            with trio.move_on_after(0):
+                await describe(channel, "gone")
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(describe, channel, "gone")
+                    await trio.lowlevel.checkpoint()
+                    scope.cancel()
+        # Every cancelled call was forgotten by the server: the bound of 3 still admits 3.
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(describe, channel, "slow")
+            await service.wait_calls("slow", 3)
+            service.release.set()
+
+
+@fail_after(60)
+async def test_large_replies_stay_whole_when_their_callers_give_up() -> None:
+    service = Service()
+    service.release.set()
+    big = "x" * 6_000_000  # more than the stream's 4 MiB window: written in several steps
+
+    async def describe_workflow(request: Any) -> Any:
+        if request.workflow_id == "big":
+            await trio.sleep(0.01)
+            return pb.DescribeWorkflowResponse(
+                workflow=pb.WorkflowDescription(workflow_id="big", input=big.encode())
+            )
+        return await Service.describe_workflow(service, request)
+
+    service.describe_workflow = describe_workflow  # type: ignore[method-assign]
+    async with serving(service) as port, open_channel("127.0.0.1", port) as channel:
+        stub = pb.WorkflowServiceStub(channel.raw)
+        request = pb.DescribeWorkflowRequest(workflow_id="big")
+        for delay in (0.005, 0.01, 0.02, 0.04, 0.08):
+            async with trio.open_nursery() as nursery:
+                for _ in range(3):
+                    nursery.start_soon(channel.unary, stub.describe_workflow, request)
+                for n in range(3):
+                    nursery.start_soon(describe, channel, f"small-{n}")
+                await trio.sleep(delay)
+                nursery.cancel_scope.cancel()  # some replies are on their way by now
+            assert await describe(channel, "after") == "after"
+        reply = await channel.unary(stub.describe_workflow, request)
+        assert len(reply.workflow.input) == len(big)
+
+
+@fail_after(20)
+async def test_a_reply_that_cannot_be_encoded_fails_as_internal() -> None:
+    service = Service()
+
+    async def describe_workflow(request: Any) -> Any:
+        return pb.GetHistoryResponse()  # not the method's reply type
+
+    service.describe_workflow = describe_workflow  # type: ignore[method-assign]
+    async with serving(service) as port, open_channel("127.0.0.1", port) as channel:
+        with pytest.raises(RpcError, match="INTERNAL"):
+            await describe(channel, "a")
+
+
+@fail_after(20)
+async def test_the_timeout_covers_a_server_that_never_answers() -> None:
+    async def silent(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()  # accepts the connection, never speaks HTTP/2
+
+    async with trio.open_nursery() as nursery:
+        (listener,) = await nursery.start(
+            functools.partial(trio.serve_tcp, silent, 0, host="127.0.0.1")
+        )
+        port = listener.socket.getsockname()[1]
+        async with open_channel("127.0.0.1", port) as channel:
+            stub = pb.WorkflowServiceStub(channel.raw)
+            with trio.fail_after(5), pytest.raises(ServerUnavailable):
+                await channel.unary(
+                    stub.describe_workflow, pb.DescribeWorkflowRequest(workflow_id="a"), timeout=0.5
+                )
+        nursery.cancel_scope.cancel()

@@ -19,7 +19,7 @@ import hmac
 import itertools
 import logging
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any, TypeVar, cast
@@ -191,77 +191,89 @@ def _calls_handler(
     unary call of that method would, and is answered by a `CallReply` as it finishes."""
     from everruns._proto.everruns import v1 as pb
 
+    async def run(call: Any) -> Any:
+        """The `CallReply` of one call: its method's reply, or the status it failed with."""
+        try:
+            target = targets.get(call.route)
+            if target is None:
+                raise grpclib.exceptions.GRPCError(
+                    Status.UNIMPLEMENTED, f"{call.route} cannot be called over Calls"
+                )
+            impl, request_type, reply_type = target
+            try:
+                request = codec.decode(call.request, request_type)
+            except Exception as exc:
+                raise grpclib.exceptions.GRPCError(
+                    Status.INVALID_ARGUMENT, f"{call.route}: malformed request: {exc}"
+                ) from exc
+            reply = await aio.run_trio(nursery, impl, request)
+            return pb.CallReply(id=call.id, reply=codec.encode(reply, reply_type))
+        except Exception as exc:  # a reply that cannot be encoded fails as INTERNAL too
+            error = (
+                exc if isinstance(exc, grpclib.exceptions.GRPCError) else _verdict(exc, call.route)
+            )
+            return pb.CallReply(id=call.id, status=error.status.name, message=error.message or "")
+
     async def serve_calls(stream: grpclib.server.Stream[Any, Any]) -> None:  # runs on asyncio
         if not _bearer_ok(stream.metadata, token):
             raise grpclib.exceptions.GRPCError(Status.UNAUTHENTICATED, _UNAUTHENTICATED)
         await stream.send_initial_metadata()  # the caller waits for it before its first call
-        running: dict[int, asyncio.Task[None]] = {}
+        answering: set[asyncio.Task[None]] = set()  # every call not yet answered
+        cancellable: dict[int, asyncio.Task[None]] = {}  # those still running their method
         sending = asyncio.Lock()  # one message at a time: a large one is several frames
 
+        async def send(out: Any) -> None:
+            async with sending:
+                await stream.send_message(out)
+
         async def answer(call: Any) -> None:
+            out = await run(call)
+            # From here a cancel notice no longer reaches it: a reply cut off midway would
+            # garble every message after it.
+            if cancellable.get(call.id) is asyncio.current_task():
+                del cancellable[call.id]
             try:
-                target = targets.get(call.route)
-                try:
-                    if target is None:
-                        raise grpclib.exceptions.GRPCError(
-                            Status.UNIMPLEMENTED, f"{call.route} cannot be called over Calls"
-                        )
-                    impl, request_type, reply_type = target
-                    try:
-                        request = codec.decode(call.request, request_type)
-                    except Exception as exc:
-                        raise grpclib.exceptions.GRPCError(
-                            Status.INVALID_ARGUMENT, f"{call.route}: malformed request: {exc}"
-                        ) from exc
-                    try:
-                        reply = await aio.run_trio(nursery, impl, request)
-                    except grpclib.exceptions.GRPCError:
-                        raise
-                    except Exception as exc:
-                        raise _verdict(exc, call.route) from exc
-                    out = pb.CallReply(id=call.id, reply=codec.encode(reply, reply_type))
-                except grpclib.exceptions.GRPCError as exc:
-                    out = pb.CallReply(
-                        id=call.id, status=exc.status.name, message=exc.message or ""
-                    )
-                async with sending:
-                    await stream.send_message(out)
+                await send(out)
             except (h2.exceptions.StreamClosedError, grpclib.exceptions.StreamTerminatedError):
                 log.debug("%s: the client went away before the reply", call.route)
-            finally:
-                if running.get(call.id) is asyncio.current_task():
-                    del running[call.id]
+
+        def forget(call_id: int, task: asyncio.Task[None]) -> None:
+            answering.discard(task)
+            if cancellable.get(call_id) is task:
+                del cancellable[call_id]
 
         try:
             while (call := await stream.recv_message()) is not None:
                 if call.cancel:
-                    task = running.get(call.id)
+                    task = cancellable.get(call.id)
                     if task is not None:
                         task.cancel()
-                elif call.id in running:
+                elif call.id in cancellable:
                     raise grpclib.exceptions.GRPCError(
                         Status.INVALID_ARGUMENT, f"call id {call.id} is already in flight"
                     )
-                elif len(running) >= MAX_CALLS_IN_FLIGHT:
-                    async with sending:
-                        await stream.send_message(
-                            pb.CallReply(
-                                id=call.id,
-                                status=Status.RESOURCE_EXHAUSTED.name,
-                                message=f"more than {MAX_CALLS_IN_FLIGHT} calls in flight on "
-                                "one call stream",
-                            )
+                elif len(answering) >= MAX_CALLS_IN_FLIGHT:
+                    await send(
+                        pb.CallReply(
+                            id=call.id,
+                            status=Status.RESOURCE_EXHAUSTED.name,
+                            message=f"more than {MAX_CALLS_IN_FLIGHT} calls in flight on one "
+                            "call stream",
                         )
+                    )
                 else:
-                    running[call.id] = asyncio.ensure_future(answer(call))
+                    task = asyncio.ensure_future(answer(call))
+                    answering.add(task)
+                    cancellable[call.id] = task
+                    task.add_done_callback(partial(forget, call.id))
             # The caller has sent its last call: answer those still running, then end.
-            while running:
-                await asyncio.wait(list(running.values()))
+            while answering:
+                await asyncio.wait(set(answering))
         finally:
-            for task in running.values():
+            for task in answering:
                 task.cancel()
-            if running:
-                await asyncio.wait(list(running.values()))
+            if answering:
+                await asyncio.wait(set(answering))
 
     return grpclib.const.Handler(
         serve_calls, grpclib.const.Cardinality.STREAM_STREAM, pb.Call, pb.CallReply
@@ -555,6 +567,17 @@ class _Unsupported(Exception):
     """The control plane does not serve `CallService.Calls`: the call was not run."""
 
 
+class _Opened:
+    """One open `Calls` stream: the grpclib stream, its write lock and its writes in flight."""
+
+    __slots__ = ("sending", "stream", "writes")
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.sending = asyncio.Lock()  # one message at a time: a large one is several frames
+        self.writes: set[asyncio.Task[None]] = set()
+
+
 class _CallStream:
     """The caller's end of `CallService.Calls`: unary calls sent as messages of one stream,
     opened at the first call and again after it breaks. Used on the asyncio thread only."""
@@ -565,10 +588,12 @@ class _CallStream:
         self._codec = channel.fast_codec
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
-        self._stream: Any = None
+        self._opened: _Opened | None = None
         self._opening = asyncio.Lock()
-        self._sending = asyncio.Lock()  # one message at a time: a large one is several frames
-        self._tasks: set[asyncio.Task[None]] = set()  # the reader; cancel notices in flight
+        # Calls beyond the control plane's limit per stream wait here, as unary calls beyond
+        # HTTP/2's limit of streams wait for one.
+        self._slots = asyncio.Semaphore(MAX_CALLS_IN_FLIGHT)
+        self._readers: set[asyncio.Task[None]] = set()
         self._closed = False
         self.unsupported = False
 
@@ -581,23 +606,25 @@ class _CallStream:
             _Unsupported: the control plane has no `Calls`; the call was not run.
             GRPCError: the method's verdict, as the unary call would have raised it.
             StreamTerminatedError, OSError: the stream broke; the call may or may not have run.
-            TimeoutError: no reply within ``timeout``; the call is cancelled at the server.
+            TimeoutError: no reply within ``timeout`` (opening the stream included); a call
+                already sent is cancelled at the server.
         """
-        stream = self._stream or await self._open()
-        call_id = next(self._ids)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[call_id] = future
         message = self._codec.encode(request, type(request))
-        try:
-            # Shielded: a message cut off midway would garble every call after it.
-            await asyncio.shield(self._send(stream, route, call_id, message))
-            reply = await (future if timeout is None else asyncio.wait_for(future, timeout))
-        except (asyncio.CancelledError, TimeoutError):
-            if self._pending.pop(call_id, None) is not None and self._stream is stream:
-                self._spawn(self._send(stream, "", call_id, b"", cancel=True))
-            raise
-        finally:
-            self._pending.pop(call_id, None)
+        async with asyncio.timeout(timeout), self._slots:
+            opened = self._opened or await self._open()
+            call_id = next(self._ids)
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._pending[call_id] = future
+            try:
+                self._write(opened, call_id, route, message)
+                reply = await future
+            except asyncio.CancelledError:
+                if self._pending.pop(call_id, None) is not None and self._opened is opened:
+                    # Written after the call itself (one lock, taken in turn).
+                    self._write(opened, call_id, "", b"", cancel=True)
+                raise
+            finally:
+                self._pending.pop(call_id, None)
         if reply.status:
             status = Status.__members__.get(reply.status, Status.UNKNOWN)
             raise grpclib.exceptions.GRPCError(status, reply.message or None)
@@ -606,15 +633,15 @@ class _CallStream:
     def close(self) -> None:
         """Stop using the stream: calls in flight fail, later calls are refused."""
         self._closed = True
-        for task in list(self._tasks):
-            task.cancel()
+        for reader in list(self._readers):
+            reader.cancel()
 
-    async def _open(self) -> Any:
+    async def _open(self) -> _Opened:
         from everruns._proto.everruns import v1 as pb
 
         async with self._opening:
-            if self._stream is not None:
-                return self._stream
+            if self._opened is not None:
+                return self._opened
             if self._closed:
                 raise grpclib.exceptions.StreamTerminatedError("the channel is closed")
             stream = self._channel.request(
@@ -627,72 +654,83 @@ class _CallStream:
             await stream.__aenter__()
             try:
                 await stream.send_request()
-                # The control plane answers the opening at once; one without `Calls` answers
-                # UNIMPLEMENTED and resets the stream, which grpclib may report first.
+                # The control plane answers the opening at once. One without `Calls` answers
+                # UNIMPLEMENTED in headers alone (no content type) and resets the stream;
+                # grpclib reports either first, so the headers decide.
                 try:
                     await stream.recv_initial_metadata()
-                except grpclib.exceptions.StreamTerminatedError:
+                except (
+                    grpclib.exceptions.GRPCError,
+                    grpclib.exceptions.StreamTerminatedError,
+                ) as exc:
                     headers = dict(getattr(stream._stream, "headers", None) or ())
-                    if headers.get("grpc-status") != str(Status.UNIMPLEMENTED.value):
-                        raise
-                    raise grpclib.exceptions.GRPCError(Status.UNIMPLEMENTED) from None
-            except grpclib.exceptions.GRPCError as exc:
-                await stream.__aexit__(type(exc), exc, None)
-                if exc.status is Status.UNIMPLEMENTED:
-                    self.unsupported = True
-                    raise _Unsupported(exc.message) from exc
-                raise
+                    if headers.get("grpc-status") == str(Status.UNIMPLEMENTED.value):
+                        self.unsupported = True
+                        raise _Unsupported(headers.get("grpc-message", "")) from exc
+                    raise
             except BaseException as exc:
                 await stream.__aexit__(type(exc), exc, None)
                 raise
-            self._stream = stream
-            self._spawn(self._read(stream))
-            return stream
+            opened = self._opened = _Opened(stream)
+            reader = asyncio.ensure_future(self._read(opened))
+            self._readers.add(reader)
+            reader.add_done_callback(self._readers.discard)
+            return opened
 
-    async def _send(
-        self, stream: Any, route: str, call_id: int, request: bytes, *, cancel: bool = False
+    def _write(
+        self, opened: _Opened, call_id: int, route: str, request: bytes, *, cancel: bool = False
     ) -> None:
+        """Send a `Call` whole, in its turn, whatever happens to the caller meanwhile; if it
+        cannot be sent, the call fails with why."""
         from everruns._proto.everruns import v1 as pb
 
-        async with self._sending:
-            await stream.send_message(
-                pb.Call(id=call_id, route=route, request=request, cancel=cancel)
-            )
+        async def write() -> None:
+            async with opened.sending:
+                await opened.stream.send_message(
+                    pb.Call(id=call_id, route=route, request=request, cancel=cancel)
+                )
 
-    async def _read(self, stream: Any) -> None:
+        def written(task: asyncio.Task[None]) -> None:
+            opened.writes.discard(task)
+            error = None if task.cancelled() else task.exception()
+            if error is not None:
+                log.debug("call stream: sending call %d failed: %s", call_id, error)
+                future = None if cancel else self._pending.pop(call_id, None)
+                if future is not None and not future.done():
+                    future.set_exception(error)
+
+        task = asyncio.ensure_future(write())
+        opened.writes.add(task)
+        task.add_done_callback(written)
+
+    async def _read(self, opened: _Opened) -> None:
         error: BaseException = grpclib.exceptions.StreamTerminatedError(
             "the control plane ended the call stream"
         )
         try:
-            while (reply := await stream.recv_message()) is not None:
+            while (reply := await opened.stream.recv_message()) is not None:
                 future = self._pending.pop(reply.id, None)
                 if future is not None and not future.done():
                     future.set_result(reply)
         except asyncio.CancelledError:
             error = grpclib.exceptions.StreamTerminatedError("the channel is closed")
             raise
-        except Exception as exc:
+        except (grpclib.exceptions.GRPCError, grpclib.exceptions.StreamTerminatedError) as exc:
             error = exc
+        except Exception as exc:  # anything else breaks the stream as a broken connection does
+            error = grpclib.exceptions.StreamTerminatedError(f"the call stream broke: {exc!r}")
         finally:
-            if self._stream is stream:
-                self._stream = None
+            if self._opened is opened:
+                self._opened = None
             pending = list(self._pending.values())
             self._pending.clear()
             for future in pending:
                 if not future.done():
                     future.set_exception(error)
+            for write in opened.writes:
+                write.cancel()  # a write stuck on flow control would never end
             ended = ConnectionError("the call stream ended")
-            await asyncio.shield(stream.__aexit__(type(ended), ended, None))
-
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._reap)
-
-    def _reap(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.debug("call stream: %s", task.exception())
+            await asyncio.shield(opened.stream.__aexit__(type(ended), ended, None))
 
 
 _UNARY_ROUTES: dict[tuple[type[Any], str], tuple[str, type[Any]] | None] = {}
