@@ -4,9 +4,12 @@
 workers in one asyncio process, each with its own channel (its own TCP connection, as real
 workers have): it registers, heartbeats every 10 s and long-polls PollTasks for one activity
 type; a claimed task is completed at once and its claim latency (received - ``scheduled_at``,
-same machine clock) recorded. It signals ``registered <n>`` over `bench.signals` once all its
-workers are registered, and on SIGTERM writes ``{"claims": [[scheduled_at, latency_s], ...]}``
-to ``--out`` and exits. It is a load generator: it never runs workflow code.
+same machine clock) recorded. Like real workers, each sends its calls over its channel's call
+stream (`CallService.Calls`, everruns' `CallStream`); ``--unary`` (or, as for real workers,
+``EVERRUNS_CALL_STREAM=0``) sends them as unary calls. It signals ``registered <n>`` over
+`bench.signals` once all its workers are registered, and on SIGTERM writes
+``{"claims": [[scheduled_at, latency_s], ...]}`` to ``--out`` and exits. It is a load
+generator: it never runs workflow code.
 """
 
 from __future__ import annotations
@@ -19,11 +22,15 @@ import signal
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 from grpclib.client import Channel
 
 from bench import signals
+from everruns._aio.grpc import CallStream
+from everruns._aio.wire import FastCodec
 from everruns._proto.everruns import v1 as pb
+from everruns.domain.address import call_stream_from_env
 
 ACTIVITY = "bench_scale_noop"
 HEARTBEAT_S = 10.0
@@ -33,11 +40,28 @@ POLL_WAIT_S = 20.0
 class SimWorker:
     """One simulated worker: registration, heartbeat loop, poll-and-complete loop."""
 
-    def __init__(self, host: str, port: int, worker_id: str, claims: list[list[float]]) -> None:
-        self.channel = Channel(host, port)
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        worker_id: str,
+        claims: list[list[float]],
+        codec: FastCodec,
+        unary: bool,
+    ) -> None:
+        self.channel = Channel(host, port, codec=codec)
         self.stub = pb.WorkerServiceStub(self.channel)
+        self.calls = None if unary else CallStream(self.channel, None, codec)
         self.worker_id = worker_id
         self.claims = claims
+
+    async def call(self, method: str, request: Any, reply_type: type[Any], timeout: float) -> Any:
+        """``WorkerService/<method>``, over the call stream unless it is off."""
+        if self.calls is not None:
+            route = f"/everruns.v1.WorkerService/{method}"
+            return await self.calls.call(route, request, reply_type, timeout)
+        stub_method = getattr(self.stub, _snake(method))
+        return await stub_method(request, timeout=timeout)
 
     async def register(self) -> None:
         for attempt in range(20):
@@ -64,9 +88,11 @@ class SimWorker:
         await asyncio.sleep(HEARTBEAT_S * (hash(self.worker_id) % 1000) / 1000)
         while True:
             try:
-                await self.stub.worker_heartbeat(
+                await self.call(
+                    "WorkerHeartbeat",
                     pb.WorkerHeartbeatRequest(worker_id=self.worker_id, status="active"),
-                    timeout=30,
+                    pb.WorkerHeartbeatResponse,
+                    30,
                 )
             except Exception:
                 pass
@@ -75,14 +101,16 @@ class SimWorker:
     async def poll_loop(self) -> None:
         while True:
             try:
-                reply = await self.stub.poll_tasks(
+                reply = await self.call(
+                    "PollTasks",
                     pb.PollTasksRequest(
                         worker_id=self.worker_id,
                         max_tasks=1,
                         activity_types=[ACTIVITY],
                         wait_s=POLL_WAIT_S,
                     ),
-                    timeout=POLL_WAIT_S + 30,
+                    pb.PollTasksResponse,
+                    POLL_WAIT_S + 30,
                 )
             except Exception:
                 await asyncio.sleep(0.5)
@@ -91,26 +119,39 @@ class SimWorker:
             for task in reply.tasks:
                 self.claims.append([task.scheduled_at, received - task.scheduled_at])
                 try:
-                    await self.stub.complete_activity_task(
+                    await self.call(
+                        "CompleteActivityTask",
                         pb.CompleteActivityTaskRequest(
                             task_id=task.task_id,
                             lease_token=task.lease_token,
                             worker_id=self.worker_id,
                             result=b"null",
                         ),
-                        timeout=30,
+                        pb.CompleteActivityTaskResponse,
+                        30,
                     )
                 except Exception:
                     pass
 
     def close(self) -> None:
+        if self.calls is not None:
+            self.calls.close()
         self.channel.close()
+
+
+def _snake(method: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in method).lstrip("_")
 
 
 async def main_async(args: argparse.Namespace) -> None:
     host, _, port = args.address.rpartition(":")
     claims: list[list[float]] = []
-    workers = [SimWorker(host, int(port), f"{args.name}-{i}", claims) for i in range(args.workers)]
+    codec = FastCodec()
+    unary = args.unary or not call_stream_from_env(os.environ)
+    workers = [
+        SimWorker(host, int(port), f"{args.name}-{i}", claims, codec, unary)
+        for i in range(args.workers)
+    ]
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     sem = asyncio.Semaphore(50)
@@ -138,6 +179,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, required=True)
     parser.add_argument("--name", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--unary", action="store_true", help="unary calls, no call stream")
     # A plain selector loop, not asyncio.run's default: importing everruns imports trio-asyncio,
     # which makes asyncio.run build its slower Trio-hosted loop, and a load generator that is
     # slower than the server it loads would measure itself.

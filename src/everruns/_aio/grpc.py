@@ -54,6 +54,7 @@ from everruns.errors import (
 
 __all__ = [
     "CALLS_ROUTE",
+    "CallStream",
     "RpcChannel",
     "client_tls",
     "client_tls_from_env",
@@ -578,14 +579,18 @@ class _Opened:
         self.writes: set[asyncio.Task[None]] = set()
 
 
-class _CallStream:
+class CallStream:
     """The caller's end of `CallService.Calls`: unary calls sent as messages of one stream,
-    opened at the first call and again after it breaks. Used on the asyncio thread only."""
+    opened at the first call and again after it breaks. An asyncio object: `RpcChannel` uses
+    it from Trio through `run_aio`; asyncio code (the benchmark's simulated workers) may call
+    it directly, with the codec ``channel`` was made with."""
 
-    def __init__(self, channel: _Channel, metadata: Mapping[str, str] | None) -> None:
+    def __init__(
+        self, channel: Channel, metadata: Mapping[str, str] | None, codec: FastCodec
+    ) -> None:
         self._channel = channel
         self._metadata = metadata
-        self._codec = channel.fast_codec
+        self._codec = codec
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._opened: _Opened | None = None
@@ -769,7 +774,7 @@ class RpcChannel:
         channel: Channel,
         address: str,
         auth_token: str | None,
-        calls: _CallStream | None = None,
+        calls: CallStream | None = None,
     ) -> None:
         self._channel = channel
         self.address = address
@@ -885,13 +890,13 @@ def _stream_route(method: Callable[..., Any]) -> tuple[str, type[Any]]:
 
 def _open(
     host: str, port: int, tls: ssl.SSLContext | None, auth_token: str | None, call_stream: bool
-) -> tuple[_Channel, _CallStream | None]:
+) -> tuple[_Channel, CallStream | None]:
     channel = _Channel(host, port, ssl=tls)
     metadata = {"authorization": f"Bearer {auth_token}"} if auth_token else None
-    return channel, _CallStream(channel, metadata) if call_stream else None
+    return channel, CallStream(channel, metadata, channel.fast_codec) if call_stream else None
 
 
-def _close(channel: _Channel, calls: _CallStream | None) -> None:
+def _close(channel: _Channel, calls: CallStream | None) -> None:
     if calls is not None:
         calls.close()
     channel.close()
