@@ -21,13 +21,14 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from grpclib.client import Channel
 
 from bench import signals
-from everruns._aio.grpc import CallStream
+from everruns._aio.grpc import CallStream, unary_route
 from everruns._aio.wire import FastCodec
 from everruns._proto.everruns import v1 as pb
 from everruns.domain.address import call_stream_from_env
@@ -55,13 +56,16 @@ class SimWorker:
         self.worker_id = worker_id
         self.claims = claims
 
-    async def call(self, method: str, request: Any, reply_type: type[Any], timeout: float) -> Any:
-        """``WorkerService/<method>``, over the call stream unless it is off."""
-        if self.calls is not None:
-            route = f"/everruns.v1.WorkerService/{method}"
-            return await self.calls.call(route, request, reply_type, timeout)
-        stub_method = getattr(self.stub, _snake(method))
-        return await stub_method(request, timeout=timeout)
+    async def call(
+        self, method: Callable[..., Awaitable[Any]], request: Any, timeout: float
+    ) -> Any:
+        """A unary stub method (``self.stub.poll_tasks``...), over the call stream unless it
+        is off."""
+        if self.calls is None:
+            return await method(request, timeout=timeout)
+        route = unary_route(method)
+        assert route is not None, method
+        return await self.calls.call(route[0], request, route[1], timeout)
 
     async def register(self) -> None:
         for attempt in range(20):
@@ -89,9 +93,8 @@ class SimWorker:
         while True:
             try:
                 await self.call(
-                    "WorkerHeartbeat",
+                    self.stub.worker_heartbeat,
                     pb.WorkerHeartbeatRequest(worker_id=self.worker_id, status="active"),
-                    pb.WorkerHeartbeatResponse,
                     30,
                 )
             except Exception:
@@ -102,14 +105,13 @@ class SimWorker:
         while True:
             try:
                 reply = await self.call(
-                    "PollTasks",
+                    self.stub.poll_tasks,
                     pb.PollTasksRequest(
                         worker_id=self.worker_id,
                         max_tasks=1,
                         activity_types=[ACTIVITY],
                         wait_s=POLL_WAIT_S,
                     ),
-                    pb.PollTasksResponse,
                     POLL_WAIT_S + 30,
                 )
             except Exception:
@@ -120,14 +122,13 @@ class SimWorker:
                 self.claims.append([task.scheduled_at, received - task.scheduled_at])
                 try:
                     await self.call(
-                        "CompleteActivityTask",
+                        self.stub.complete_activity_task,
                         pb.CompleteActivityTaskRequest(
                             task_id=task.task_id,
                             lease_token=task.lease_token,
                             worker_id=self.worker_id,
                             result=b"null",
                         ),
-                        pb.CompleteActivityTaskResponse,
                         30,
                     )
                 except Exception:
@@ -137,10 +138,6 @@ class SimWorker:
         if self.calls is not None:
             self.calls.close()
         self.channel.close()
-
-
-def _snake(method: str) -> str:
-    return "".join(f"_{c.lower()}" if c.isupper() else c for c in method).lstrip("_")
 
 
 async def main_async(args: argparse.Namespace) -> None:

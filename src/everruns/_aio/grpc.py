@@ -63,6 +63,7 @@ __all__ = [
     "serve_services",
     "server_tls",
     "status_for",
+    "unary_route",
 ]
 
 log = logging.getLogger("everruns.rpc")
@@ -113,6 +114,11 @@ def _to_grpc_error(exc: BaseException, route: str) -> grpclib.exceptions.GRPCErr
     return grpclib.exceptions.GRPCError(
         Status.INTERNAL, f"internal error in {route}: {type(exc).__name__}: {exc}"
     )
+
+
+def _bearer(token: str | None) -> dict[str, str] | None:
+    """The metadata a caller sends: its bearer token, if it has one."""
+    return {"authorization": f"Bearer {token}"} if token else None
 
 
 def _bearer_ok(metadata: Any, token: str | None) -> bool:
@@ -227,12 +233,15 @@ def _calls_handler(
             async with sending:
                 await stream.send_message(out)
 
+        def uncancellable(call_id: int, task: object) -> None:
+            if cancellable.get(call_id) is task:  # not a later call that reused the id
+                del cancellable[call_id]
+
         async def answer(call: Any) -> None:
             out = await run(call)
             # From here a cancel notice no longer reaches it: a reply cut off midway would
             # garble every message after it.
-            if cancellable.get(call.id) is asyncio.current_task():
-                del cancellable[call.id]
+            uncancellable(call.id, asyncio.current_task())
             try:
                 await send(out)
             except (h2.exceptions.StreamClosedError, grpclib.exceptions.StreamTerminatedError):
@@ -240,8 +249,7 @@ def _calls_handler(
 
         def forget(call_id: int, task: asyncio.Task[None]) -> None:
             answering.discard(task)
-            if cancellable.get(call_id) is task:
-                del cancellable[call_id]
+            uncancellable(call_id, task)
 
         try:
             while (call := await stream.recv_message()) is not None:
@@ -431,10 +439,14 @@ class _Channel(Channel):
         return _corked(super()._protocol_factory())
 
 
+def _method_name(handler: grpclib.const.Handler) -> str:
+    """The snake_case name of a generated base's method for ``handler``'s route ("/pkg.Service/
+    MethodName"): the name of the Trio method that implements it, and of the stub's method."""
+    return str(handler.func.__name__.split("__rpc_", 1)[-1])
+
+
 def _implementation(route: str, handler: grpclib.const.Handler, impl: Any) -> Any:
-    # Routes are "/pkg.Service/MethodName"; the Trio method is its snake_case name, the same
-    # name the generated base gives it.
-    name = handler.func.__name__.split("__rpc_", 1)[-1]
+    name = _method_name(handler)
     method = getattr(impl, name, None)
     if method is None:
         raise TypeError(f"{type(impl).__name__} does not implement {route} ({name})")
@@ -542,9 +554,13 @@ def _error_for(status: Status, message: str, what: str) -> EverrunsError:
     return RpcError(f"{what}: {status.name}: {message}", status=status.name)
 
 
+def _status_named(name: str) -> Status:
+    return Status.__members__.get(name, Status.UNKNOWN)
+
+
 def error_for_status(status_name: str, message: str, what: str) -> EverrunsError:
     """The everruns error for a gRPC status named in a reply (a refused item of a batch)."""
-    status = Status.__members__.get(status_name, Status.UNKNOWN)
+    status = _status_named(status_name)
     return _error_for(status, message or status.name, what)
 
 
@@ -631,8 +647,7 @@ class CallStream:
             finally:
                 self._pending.pop(call_id, None)
         if reply.status:
-            status = Status.__members__.get(reply.status, Status.UNKNOWN)
-            raise grpclib.exceptions.GRPCError(status, reply.message or None)
+            raise grpclib.exceptions.GRPCError(_status_named(reply.status), reply.message or None)
         return self._codec.decode(reply.reply, reply_type)
 
     def close(self) -> None:
@@ -738,28 +753,33 @@ class CallStream:
             await asyncio.shield(opened.stream.__aexit__(type(ended), ended, None))
 
 
-_UNARY_ROUTES: dict[tuple[type[Any], str], tuple[str, type[Any]] | None] = {}
+_ROUTES: dict[tuple[type[Any], str], tuple[str, grpclib.const.Handler] | None] = {}
 
 
-def _unary_route(method: Callable[..., Any]) -> tuple[str, type[Any]] | None:
-    """The route and reply type of a generated unary stub method (None: not one)."""
+def _route_of(method: Callable[..., Any]) -> tuple[str, grpclib.const.Handler] | None:
+    """The route and handler (cardinality, request and reply types) of a generated stub
+    method, read from its service's generated base; None if it is not one."""
     stub = getattr(method, "__self__", None)
     name = getattr(method, "__name__", "")
     key = (type(stub), name)
-    if key not in _UNARY_ROUTES:
+    if key not in _ROUTES:
         from everruns._proto.everruns import v1 as pb
 
-        found = None
         base = getattr(pb, type(stub).__name__.removesuffix("Stub") + "Base", None)
-        if isinstance(base, type):
-            for route, handler in base().__mapping__().items():
-                if (
-                    handler.func.__name__.split("__rpc_", 1)[-1] == name
-                    and handler.cardinality is grpclib.const.Cardinality.UNARY_UNARY
-                ):
-                    found = (route, handler.reply_type)
-        _UNARY_ROUTES[key] = found
-    return _UNARY_ROUTES[key]
+        mapping = base().__mapping__() if isinstance(base, type) else {}
+        _ROUTES[key] = next(
+            ((route, h) for route, h in mapping.items() if _method_name(h) == name), None
+        )
+    return _ROUTES[key]
+
+
+def unary_route(method: Callable[..., Any]) -> tuple[str, type[Any]] | None:
+    """The route and reply type of a generated unary stub method (None: not one), as
+    `CallStream.call` takes them."""
+    found = _route_of(method)
+    if found is None or found[1].cardinality is not grpclib.const.Cardinality.UNARY_UNARY:
+        return None
+    return found[0], found[1].reply_type
 
 
 class RpcChannel:
@@ -778,7 +798,7 @@ class RpcChannel:
     ) -> None:
         self._channel = channel
         self.address = address
-        self._metadata = {"authorization": f"Bearer {auth_token}"} if auth_token else None
+        self._metadata = _bearer(auth_token)
         self._calls = calls
 
     @property
@@ -800,9 +820,9 @@ class RpcChannel:
             NotFound, InvalidArgument, FailedPrecondition, ...: the server's verdict.
         """
         calls = self._calls
-        route = _unary_route(method) if calls is not None else None
+        route = unary_route(method) if calls is not None and not calls.unsupported else None
         try:
-            if calls is not None and route is not None and not calls.unsupported:
+            if calls is not None and route is not None:
                 try:
                     reply: Reply = await run_aio(calls.call, route[0], request, route[1], timeout)
                 except _Unsupported:
@@ -865,35 +885,20 @@ class RpcChannel:
                     pass
 
 
-_STREAM_ROUTES: dict[str, tuple[str, type[Any]]] = {}
-
-
 def _stream_route(method: Callable[..., Any]) -> tuple[str, type[Any]]:
     """The route and reply type of a generated server-streaming stub method."""
-    name = getattr(method, "__name__", "")
-    found = _STREAM_ROUTES.get(name)
-    if found is None:
-        from everruns._proto.everruns import v1 as pb
-
-        routes = {
-            "stream_cancellations": (
-                "/everruns.v1.WorkerService/StreamCancellations",
-                pb.Cancellation,
-            )
-        }
-        found = routes.get(name)
-        if found is None:
-            raise TypeError(f"{name!r} is not a known server-streaming method")
-        _STREAM_ROUTES[name] = found
-    return found
+    found = _route_of(method)
+    if found is None or found[1].cardinality is not grpclib.const.Cardinality.UNARY_STREAM:
+        raise TypeError(f"{getattr(method, '__name__', method)!r} is not a server-streaming method")
+    return found[0], found[1].reply_type
 
 
 def _open(
     host: str, port: int, tls: ssl.SSLContext | None, auth_token: str | None, call_stream: bool
 ) -> tuple[_Channel, CallStream | None]:
     channel = _Channel(host, port, ssl=tls)
-    metadata = {"authorization": f"Bearer {auth_token}"} if auth_token else None
-    return channel, CallStream(channel, metadata, channel.fast_codec) if call_stream else None
+    calls = CallStream(channel, _bearer(auth_token), channel.fast_codec) if call_stream else None
+    return channel, calls
 
 
 def _close(channel: _Channel, calls: CallStream | None) -> None:
