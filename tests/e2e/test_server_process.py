@@ -88,7 +88,9 @@ async def test_migrate_applies_and_exits(pg_server_url: str) -> None:
         url = with_database(pg_server_url, name)
         code, output = await _run(["migrate"], {"DATABASE_URL": url})
         assert code == 0, output
-        assert "migrations applied: 1 (001_durable_tables.sql)" in output
+        assert (
+            "migrations applied: 2 (001_durable_tables.sql, 002_foreign_key_indexes.sql)" in output
+        )
         code, output = await _run(["migrate"], {"DATABASE_URL": url})
         assert code == 0 and "migrations applied: 0" in output
     finally:

@@ -63,6 +63,27 @@ async def test_runbook_sql_runs_unmodified(pool: pg.Pool, query: str) -> None:
         await pool.execute(query)
 
 
+async def test_every_foreign_key_has_an_index(pool: pg.Pool) -> None:
+    # Deleting a row makes PostgreSQL look up the rows that reference it; without an index
+    # led by the referencing column that is a sequential scan per deleted row (retention then
+    # scans whole tables once per expired run). A partial index serves only if its predicate
+    # is that the column is not null (what the lookup's equality implies).
+    with trio.fail_after(10):
+        rows = await pool.fetch(
+            "SELECT c.conrelid::regclass::text AS tbl, c.conname, cardinality(c.conkey) AS n, "
+            "EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.conrelid "
+            "        AND i.indkey[0] = c.conkey[1] AND (i.indpred IS NULL "
+            "             OR pg_get_expr(i.indpred, i.indrelid) = format('(%I IS NOT NULL)', "
+            "                (SELECT attname FROM pg_attribute WHERE attrelid = c.conrelid "
+            "                 AND attnum = c.conkey[1])))) AS indexed "
+            "FROM pg_constraint c "
+            "WHERE c.contype = 'f' AND c.connamespace = 'public'::regnamespace"
+        )
+        assert len(rows) >= 7
+        assert [r["conname"] for r in rows if r["n"] != 1] == []
+        assert [f"{r['tbl']}.{r['conname']}" for r in rows if not r["indexed"]] == []
+
+
 async def test_migrations_are_recorded_and_idempotent(database_url: str) -> None:
     with trio.fail_after(20):
         async with pg.connect(database_url) as conn:
