@@ -4,6 +4,9 @@ out again; one task may hold two connections at once."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import asyncpg
 import pytest
 import trio
 
@@ -51,6 +54,30 @@ async def test_cancelled_mid_query_or_left_in_a_transaction_is_not_reused(
                 stuck = int(await conn.fetchval("SELECT pg_backend_pid()"))
                 await conn.execute("BEGIN")  # a raw BEGIN nobody will end
             assert stuck not in await _backend_pids(pool, 3)
+
+
+async def test_a_connection_asyncpg_can_no_longer_drive_is_dropped(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a PostgreSQL restart left behind once (asyncpg's protocol stuck in a state it
+    # cannot leave): the error is the database's, not a crash, and the connection goes.
+    real = asyncpg.connection.Connection.fetch
+
+    async def fetch(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
+        if query == "SELECT 'stuck'":
+            raise asyncpg.InternalClientError(
+                "cannot switch to state 11; another operation (2) is in progress"
+            )
+        return await real(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(asyncpg.connection.Connection, "fetch", fetch)
+    with trio.fail_after(20):
+        async with pg.open_pool(database_url, min_size=1, max_size=1) as pool:
+            (first,) = await _backend_pids(pool, 1)
+            with pytest.raises(DatabaseUnavailable, match="left unusable"):
+                async with pool.transaction() as tx:
+                    await tx.fetch("SELECT 'stuck'")
+            assert first not in await _backend_pids(pool, 3)
 
 
 async def test_one_task_may_hold_two_connections(database_url: str) -> None:

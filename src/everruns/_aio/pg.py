@@ -55,10 +55,15 @@ def map_pg_error(exc: BaseException) -> Exception:
         return DatabaseUnavailable(f"PostgreSQL connection lost: {message}")
     if isinstance(exc, asyncpg.exceptions.CannotConnectNowError):
         return DatabaseUnavailable(f"PostgreSQL is not accepting connections: {message}")
+    if isinstance(exc, asyncpg.InternalClientError):
+        return DatabaseUnavailable(f"PostgreSQL connection left unusable: {message}")
     return DatabaseError(f"{type(exc).__name__}: {message}")
 
 
-_MAPPED = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+# InternalClientError: asyncpg's protocol is in a state it cannot leave, e.g. after the server
+# ended the session mid-transaction ("cannot switch to state 11; another operation (2) is in
+# progress"). It is not an InterfaceError, and the connection it comes from stays broken.
+_MAPPED = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError)
 
 
 # Connections dropped by `_drop` whose closing the loop's thread may not have run yet: they
@@ -96,12 +101,19 @@ class Connection:
     def __init__(self, raw: asyncpg.Connection) -> None:
         self._raw = raw
 
+    def _failed(self, exc: BaseException) -> Exception:
+        """The everruns error for ``exc``; a connection asyncpg can no longer drive is dropped
+        (its pool then never hands it out again)."""
+        if isinstance(exc, asyncpg.InternalClientError):
+            _drop(self._raw)
+        return map_pg_error(exc)
+
     async def execute(self, query: str, *args: Any) -> str:
         """Run a statement; return its status tag (e.g. ``UPDATE 3``)."""
         try:
             status: str = await run_aio(self._raw.execute, query, *args)
         except _MAPPED as exc:
-            raise map_pg_error(exc) from exc
+            raise self._failed(exc) from exc
         return status
 
     async def fetch(self, query: str, *args: Any) -> list[Row]:
@@ -109,7 +121,7 @@ class Connection:
         try:
             rows: list[Row] = await run_aio(self._raw.fetch, query, *args)
         except _MAPPED as exc:
-            raise map_pg_error(exc) from exc
+            raise self._failed(exc) from exc
         return rows
 
     async def fetchrow(self, query: str, *args: Any) -> Row | None:
@@ -117,7 +129,7 @@ class Connection:
         try:
             row: Row | None = await run_aio(self._raw.fetchrow, query, *args)
         except _MAPPED as exc:
-            raise map_pg_error(exc) from exc
+            raise self._failed(exc) from exc
         return row
 
     async def fetchval(self, query: str, *args: Any) -> Any:
@@ -125,14 +137,14 @@ class Connection:
         try:
             return await run_aio(self._raw.fetchval, query, *args)
         except _MAPPED as exc:
-            raise map_pg_error(exc) from exc
+            raise self._failed(exc) from exc
 
     async def executemany(self, query: str, args: Sequence[Sequence[Any]]) -> None:
         """Run one statement for each argument tuple, pipelined."""
         try:
             await run_aio(self._raw.executemany, query, args)
         except _MAPPED as exc:
-            raise map_pg_error(exc) from exc
+            raise self._failed(exc) from exc
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Connection]:
