@@ -3,12 +3,32 @@ one line on stderr and an exit code."""
 
 from __future__ import annotations
 
+import gc
 import sys
+from collections.abc import Iterator
 
 import pytest
 
 from everruns._program import SWITCH_INTERVAL, run_program
 from everruns.errors import ConfigError, NotFound
+
+
+@pytest.fixture(autouse=True)
+def _unfreeze() -> Iterator[None]:
+    # run_program freezes what is alive when it starts: here, the test session's objects.
+    yield
+    gc.unfreeze()
+
+
+def test_what_is_alive_at_start_is_frozen() -> None:
+    counts: list[int] = []
+
+    async def main() -> None:
+        counts.append(gc.get_freeze_count())
+
+    gc.unfreeze()
+    assert run_program("everruns-worker", main) == 0
+    assert counts[0] > 1000  # this process's modules, classes and functions at least
 
 
 def test_everruns_errors_become_one_line_and_an_exit_code(

@@ -1,0 +1,91 @@
+"""Exact JSON payloads: `encode_text` accepts exactly what its explicit walk (`_check`) accepts,
+with the same message for what it refuses, whichever of its two walks judges the value."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from everruns.domain import payload
+from everruns.errors import PayloadError
+
+
+class _Str(str):
+    pass
+
+
+class _Int(int):
+    pass
+
+
+class _Dict(dict):  # type: ignore[type-arg]
+    pass
+
+
+_leaves = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),  # NaN and infinities included: refused
+    st.text(max_size=5),
+    st.builds(_Str, st.text(max_size=3)),
+    st.builds(_Int, st.integers()),
+    st.sampled_from([b"x", {1, 2}, object(), 1j]),
+)
+_keys = st.one_of(st.text(max_size=4), st.integers(), st.booleans(), st.none(), st.floats())
+_values = st.recursive(
+    _leaves,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.tuples(inner, inner),
+        st.dictionaries(_keys, inner, max_size=4),
+        st.builds(_Dict, st.dictionaries(st.text(max_size=3), inner, max_size=3)),
+    ),
+    max_leaves=12,
+)
+
+
+def _reference(value: Any) -> str:
+    payload._check(value, "payload")
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+@given(_values)
+def test_encode_text_matches_the_explicit_walk(value: Any) -> None:
+    try:
+        expected = _reference(value)
+    except PayloadError as exc:
+        with pytest.raises(PayloadError) as raised:
+            payload.encode_text(value)
+        assert str(raised.value) == str(exc)
+    else:
+        assert payload.encode_text(value) == expected
+
+
+@given(_values)
+def test_what_the_fast_walk_passes_the_explicit_walk_passes(value: Any) -> None:
+    if payload._plain(value):
+        payload._check(value, "payload")  # must not raise
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"a": [1, math.nan]}, "payload['a'][1] is nan, which JSON cannot carry"),
+        ({1: "x"}, "payload has a key of type int; JSON object keys must be str"),
+        ([{"b": {1, 2}}], "payload[0]['b'] is of type builtins.set"),
+    ],
+)
+def test_refusals_name_where_the_value_sits(value: Any, message: str) -> None:
+    with pytest.raises(PayloadError, match=None) as raised:
+        payload.encode_text(value)
+    assert str(raised.value).startswith(message)
+
+
+def test_subclasses_of_the_json_types_are_accepted() -> None:
+    assert payload.encode_text(_Dict(a=_Int(1), b=[_Str("s")])) == '{"a":1,"b":["s"]}'
