@@ -14,7 +14,7 @@ from everruns.domain.breaker import BreakerConfig
 from everruns.domain.retry import RetryPolicy
 from everruns.errors import AlreadyExists, ConcurrencyConflict, NotFound, StaleLease
 from everruns.store.models import WorkflowRun
-from everruns.store.store import Decision, NewEvent, NewTask, RunEnd, Store
+from everruns.store.store import Decision, DecisionAhead, NewEvent, NewTask, RunEnd, Store
 
 pytestmark = pytest.mark.db
 
@@ -206,7 +206,7 @@ async def test_completed_task_is_not_claimable_again(store: Store) -> None:
         run = await _run(store)
         await _activity(store, run)
         (task,) = await _claim(store, "w1")
-        done, _, _ = await store.complete_activities(
+        done, _, _, _ = await store.complete_activities(
             [(task.task_id, task.lease_token, '"ok"')], "w1"
         )
         assert list(done) == [0]
@@ -294,7 +294,7 @@ async def test_stale_lease_refused_on_complete_and_fail(store: Store, pool: Pool
             assert len(await store.reclaim_stale(conn, stale_after=30)) == 1
         (new,) = await _claim(store, "w2")
         assert new.task_id == old.task_id and new.attempt == 2
-        done, _, _ = await store.complete_activities(
+        done, _, _, _ = await store.complete_activities(
             [(old.task_id, old.lease_token, '"late"')], "w1"
         )
         assert done == {}
@@ -805,7 +805,7 @@ async def test_a_follow_up_workflow_task_comes_with_the_history_its_completion_a
 ) -> None:
     with trio.fail_after(10):
         run, task = await _run_with_claimed_activity(store)
-        done, handed, histories = await store.complete_activities(
+        done, handed, histories, _ = await store.complete_activities(
             [(task.task_id, task.lease_token, '{"paid": 1}')],
             "w1",
             eager_types=["checkout"],
@@ -860,7 +860,7 @@ async def test_no_follow_up_task_is_handed_out_with_a_gap_in_its_history(store: 
             await trio.sleep(0.5)
             assert outcome == []  # it has its snapshot and waits for the run's lock
             proceed.set()
-        done, handed, _ = outcome[0]
+        done, handed, _, _ = outcome[0]
         assert list(done) == [0]
         assert handed == []  # left pending: a claim reads the whole history
         (follow_up,), _, histories = await store.claim_tasks_fast(
@@ -868,3 +868,126 @@ async def test_no_follow_up_task_is_handed_out_with_a_gap_in_its_history(store: 
         )
         assert follow_up.run_id == run.run_id
         assert [e.sequence_num for e in histories[run.run_id]] == [1, 2, 3, 4, 5, 6]
+
+
+_DECIDED_AT = "2026-11-26T10:00:00+00:00"
+
+
+async def _run_decided_by(store: Store, worker: str, **options: Any) -> tuple[WorkflowRun, Any]:
+    """A run whose first workflow task, decided by ``worker`` at _DECIDED_AT, scheduled
+    activity a1 (and a0, already pending, with ``other_task=True``), which w1 has claimed."""
+    run = await _run(store)
+    wft = await _claimed_workflow_task(store, run)
+    marker = NewEvent("workflow_task_completed", {"worker_id": worker, "time": _DECIDED_AT})
+    applied, _ = await store.apply_workflow_task(
+        wft.task_id,
+        wft.lease_token,
+        1,
+        [marker, NewEvent("activity_scheduled", {})],
+        [NewTask("charge", "a1")],
+    )
+    assert applied
+    (task,) = await _claim(store, "w1")
+    if options.get("other_task"):
+        await _activity(store, run, "a0", atype="refund")
+    return run, task
+
+
+def _next_decision(run: WorkflowRun, *, end: bool = False) -> DecisionAhead:
+    """What w1 decides ahead after a1's result: schedule a2 (or complete the run)."""
+    marker = NewEvent(
+        "workflow_task_completed", {"worker_id": "w1", "time": "2026-11-26T10:00:01+00:00"}
+    )
+    if end:
+        events = [marker, NewEvent("workflow_completed", {"result": 2})]
+        return DecisionAhead(
+            0, run.run_id, "a1", 1, _DECIDED_AT, 5, events, end=RunEnd("completed", result="2")
+        )
+    return DecisionAhead(
+        0,
+        run.run_id,
+        "a1",
+        1,
+        _DECIDED_AT,
+        5,
+        [marker, NewEvent("activity_scheduled", {})],
+        [NewTask("charge", "a2")],
+        [True],
+    )
+
+
+async def _complete_with(store: Store, task: Any, decision: DecisionAhead) -> Any:
+    """w1 reports a1's result (1) with ``decision``, offering one slot."""
+    return await store.complete_activities(
+        [(task.task_id, task.lease_token, "1")],
+        "w1",
+        eager_types=["checkout"],
+        max_eager=1,
+        decisions=[decision],
+    )
+
+
+async def test_a_decision_made_ahead_is_applied_by_the_results_statement(store: Store) -> None:
+    with trio.fail_after(10):
+        run, task = await _run_decided_by(store, "w1")
+        done, handed, _, decided = await _complete_with(store, task, _next_decision(run))
+        assert list(done) == [0] and handed == []
+        ((a2,),) = decided.values()
+        assert (a2.activity_id, a2.status, a2.claimed_by) == ("a2", "claimed", "w1")
+        history = await store.load_events(run.run_id)
+        assert [e.type for e in history] == [
+            "workflow_started",
+            "workflow_task_completed",
+            "activity_scheduled",
+            "activity_started",
+            "activity_completed",
+            "workflow_task_completed",
+            "activity_scheduled",
+        ]
+        assert (await store.get_run(run.run_id)).last_sequence_num == 7
+        workflow_tasks = await store.pool.fetch(
+            "SELECT status FROM durable_task_queue WHERE run_id = $1 AND kind = 'workflow'",
+            run.run_id,
+        )
+        assert [r["status"] for r in workflow_tasks] == ["completed", "completed"]
+
+
+async def test_a_decision_made_ahead_that_ends_the_run_ends_it(store: Store) -> None:
+    with trio.fail_after(10):
+        run, task = await _run_decided_by(store, "w1")
+        _, _, _, decided = await _complete_with(store, task, _next_decision(run, end=True))
+        assert decided == {0: []}
+        ended = await store.get_run(run.run_id)
+        assert (ended.status, ended.result, ended.last_sequence_num) == ("completed", "2", 7)
+
+
+@pytest.mark.parametrize("case", ["history moved", "another worker's decision", "end, task open"])
+async def test_a_decision_made_ahead_on_another_history_writes_nothing(
+    store: Store, case: str
+) -> None:
+    """Where the history is not what the decision assumed, or it would end a run that still
+    has an open task, the results are recorded and the workflow task goes out as usual."""
+    with trio.fail_after(10):
+        run, task = await _run_decided_by(
+            store,
+            "w2" if case == "another worker's decision" else "w1",
+            other_task=case == "end, task open",
+        )
+        if case == "history moved":
+            async with store.transaction() as conn:
+                locked = await store.lock_run(conn, run.run_id)
+                await store.append_events(conn, locked, [NewEvent("signal_received", {})])
+        done, handed, _, decided = await _complete_with(
+            store, task, _next_decision(run, end=case == "end, task open")
+        )
+        assert list(done) == [0] and decided == {}
+        types = [e.type for e in await store.load_events(run.run_id)]
+        assert types[-2:] == ["activity_started", "activity_completed"]
+        assert [t.kind for t in handed] in (["workflow"], [])  # claimed, or left pending
+        assert (await store.get_run(run.run_id)).status == "running"
+        pending = await store.pool.fetchval(
+            "SELECT count(*) FROM durable_task_queue WHERE run_id = $1 AND kind = 'workflow' "
+            "AND status IN ('pending', 'claimed')",
+            run.run_id,
+        )
+        assert pending == 1

@@ -48,7 +48,7 @@ from everruns.server.claims import ClaimGroups
 from everruns.server.config import ServerConfig
 from everruns.server.notifier import Notifier, TaskInterest
 from everruns.store.models import StoredEvent, Task, WorkflowRun
-from everruns.store.store import Decision, NewEvent, NewTask, RunEnd, Store
+from everruns.store.store import Decision, DecisionAhead, NewEvent, NewTask, RunEnd, Store
 
 __all__ = ["ClaimedTask", "Engine", "StartRequest", "StartedRun"]
 
@@ -879,6 +879,8 @@ class Engine:
             else:
                 valid.append((n, (task_id, lease_token, result)))
         activity_types, workflow_types = await self._served_by(worker_id)
+        position = {n: p for p, (n, _) in enumerate(valid)}
+        ahead, planned, later = await self._plan_ahead(worker_id, follow_ups, position)
         # A worker that serves no workflow gets no follow-up task back, so the claim for its
         # freed slots does not depend on the results: it runs beside their statement.
         claimed: list[ClaimedTask] = []
@@ -904,14 +906,15 @@ class Engine:
                     worker_id,
                     eager_types=sorted(workflow_types),
                     max_eager=max(0, max_new_tasks),
+                    decisions=ahead,
                 )
             except EverrunsError as exc:
                 recorded = exc  # raised once the claim beside it has ended (not as a group)
         if isinstance(recorded, EverrunsError):
             raise recorded
-        done, eager, histories = recorded
-        for position, (n, (task_id, lease_token, _)) in enumerate(valid):
-            if position not in done:  # not under its lease, or another of the same task was
+        done, eager, histories, applied = recorded
+        for p, (n, (task_id, lease_token, _)) in enumerate(valid):
+            if p not in done:  # not under its lease, or another of the same task was
                 verdicts[n] = await self.store.stale_reason(task_id, lease_token)
         for breaker_key in [key for key in done.values() if key is not None]:  # one per success
             async with self.store.transaction() as conn:
@@ -919,15 +922,22 @@ class Engine:
                     conn, breaker_key, config=self.breakers
                 )
         decided: set[int] = set()
-        if follow_ups and eager:
+        scheduled: list[ClaimedTask] = []
+        for p, new_tasks in applied.items():
+            f, outcome = planned[p]
+            decided.add(f.result)
+            scheduled.extend(self._scheduled(outcome.activities, new_tasks, f.decided_at))
+        if later and eager:
             recorded_ok = {n for n, verdict in enumerate(verdicts) if verdict is None}
-            eager, scheduled, decided = await self._apply_follow_ups(
+            eager, more, decided_later = await self._apply_follow_ups(
                 worker_id,
-                [(f, results[f.result][2]) for f in follow_ups if f.result in recorded_ok],
+                [(f, results[f.result][2]) for f in later if f.result in recorded_ok],
                 eager,
                 histories,
             )
-            claimed = scheduled + claimed
+            scheduled += more
+            decided |= decided_later
+        claimed = scheduled + claimed
         handed = await self._hand_out(eager, histories) + claimed
         room = max_new_tasks - len(handed)
         if not beside and claim_queued and room > 0 and (activity_types or workflow_types):
@@ -935,6 +945,56 @@ class Engine:
                 None, worker_id, sorted(workflow_types), sorted(activity_types), room, woken=False
             )
         return verdicts, handed, decided
+
+    async def _plan_ahead(
+        self,
+        worker_id: str,
+        follow_ups: Sequence[FollowUpDecision],
+        position: dict[int, int],
+    ) -> tuple[
+        list[DecisionAhead], dict[int, tuple[FollowUpDecision, _Outcome]], list[FollowUpDecision]
+    ]:
+        """Split decisions made ahead into those the results' statement applies itself (their
+        commands need no read: activities, or an end alone) and the others, applied after it
+        under their runs' locks (`_apply_follow_ups`). Those of results refused here, and
+        malformed ones, are dropped: their workflow tasks go out and are replayed.
+
+        Returns:
+            The decisions for the statement; each with its plan, by the position of the
+            result it follows among those sent; the others.
+        """
+        ahead: list[DecisionAhead] = []
+        planned: dict[int, tuple[FollowUpDecision, _Outcome]] = {}
+        later: list[FollowUpDecision] = []
+        for f in follow_ups:
+            p = position.get(f.result)
+            if p is None:
+                continue
+            try:
+                commands = _parse_commands(f.commands_json)
+                outcome = self._fast_outcome(worker_id, commands, f.decided_at)
+            except EverrunsError as exc:
+                log.info("decision made ahead for run %s left out: %s", f.run_id, exc)
+                continue
+            if outcome is None:
+                later.append(f)
+                continue
+            planned[p] = (f, outcome)
+            ahead.append(
+                DecisionAhead(
+                    p,
+                    f.run_id,
+                    f.activity_id,
+                    f.after_sequence,
+                    ev.format_time(f.after_time),
+                    f.seen_sequence,
+                    outcome.events,
+                    outcome.activities,
+                    await self._eager_flags(worker_id, outcome.activities, 1),
+                    outcome.end,
+                )
+            )
+        return ahead, planned, later
 
     async def _apply_follow_ups(
         self,

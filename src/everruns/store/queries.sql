@@ -475,10 +475,29 @@ ORDER BY created_at;
 -- one run get consecutive event numbers in request order; each run reserves its numbers once
 -- and gets one workflow task. With $5 (workflow types the completing worker serves) and $6 (how
 -- many it can take), workflow tasks of those types are handed straight to worker $4 when no
--- other workflow task of the run is out. Returns one row per completed request (task_id: the
--- lease held) with its breaker key when that breaker is not closed, and one row per eager
--- workflow task (its columns, and its run's full history as parallel arrays: the events this
--- statement appends are not in its snapshot, so they are added from the insert).
+-- other workflow task of the run is out.
+-- Decisions made ahead (the worker's decision of the workflow task a result wakes, planned by
+-- the caller), parallel arrays numbered from 1: $7 the result (its $1 position, from 1) each
+-- follows, $8 its run, $9 its activity id, $10 the sequence number of the decision it continues
+-- ($11: the time that decision's marker records), $12 the history end it saw (this result's
+-- events included), $13 its event count, $14-$16 the run end (status, result JSON, error JSON).
+-- Its events, flattened: $17 decision number, $18 position within it (from 1), $19 types, $20
+-- JSON texts; its activities, flattened: $21 decision number, $22 ids, $23 types, $24 activity
+-- ids, $25 inputs, $26 max attempts, $27 priorities, $28 retry policies, $29-$31
+-- schedule-to-start, start-to-close and heartbeat timeouts, $32 breaker keys, $33 eager flags.
+-- A decision applies, in this statement, only when its run is open and locked here with this
+-- one result, the history ends where the decision assumed (its result's events next), the
+-- decision it continues is a marker of $4 at that time followed by activity_scheduled events
+-- only, no other workflow task of the run is out, and (if it ends the run) the run has no
+-- parent, no other open task and no open child: then the workflow task is recorded completed,
+-- its events appended, its activities enqueued (eager ones claimed for $4 unless their breaker
+-- is not closed) and the run ended if asked. A decision that does not apply writes nothing; its
+-- workflow task is made as without it. Returns one row per completed request (task_id: the
+-- lease held; decided: its decision applied) with its breaker key when that breaker is not
+-- closed, one row per eager workflow task (its columns, and its run's full history as parallel
+-- arrays: the events this statement appends are not in its snapshot, so they are added from
+-- the insert), and one row per activity claimed for an applied decision (its columns, and
+-- decided_no: the decision's number).
 WITH req AS (
     SELECT * FROM unnest($1::uuid[], $2::int8[], $3::text[]) WITH ORDINALITY AS r(id, lease, result, ord)
 ), task AS (
@@ -492,16 +511,64 @@ WITH req AS (
 ), per_run AS (
     SELECT run_id, count(*) AS n FROM task WHERE requeue_count = 0 GROUP BY run_id
 ), locked AS (
-    -- Run rows are locked in id order, so two batches that share runs cannot deadlock.
-    SELECT r.id, per_run.n FROM durable_workflow_instances r JOIN per_run ON r.id = per_run.run_id
+    -- Run rows are locked in id order, so two batches that share runs cannot deadlock. A
+    -- locked row reads as its latest version: last is the history's end as committed.
+    SELECT r.id, per_run.n, r.last_sequence_num AS last, r.status, r.parent_run_id
+    FROM durable_workflow_instances r JOIN per_run ON r.id = per_run.run_id
     ORDER BY r.id
     FOR UPDATE OF r
+), dreq AS (
+    SELECT * FROM unnest($7::int[], $8::uuid[], $9::text[], $10::int[], $11::text[], $12::int[],
+                         $13::int[], $14::text[], $15::text[], $16::text[])
+         WITH ORDINALITY AS d(ord, run_id, activity_id, after_seq, after_time, seen, n_events,
+                              end_status, end_result, end_error, no)
+), gate AS (
+    SELECT dreq.*, task.id AS done_task
+    FROM dreq
+    JOIN task ON task.ord = dreq.ord AND task.run_id = dreq.run_id
+             AND task.activity_id = dreq.activity_id AND task.requeue_count = 0
+    JOIN locked ON locked.id = task.run_id AND locked.n = 1
+    WHERE locked.status IN ('pending', 'running')
+      AND locked.last = dreq.seen - 2 AND locked.last > dreq.after_seq
+      AND (SELECT s.last_sequence_num FROM durable_workflow_instances s
+           WHERE s.id = locked.id) = locked.last
+      AND EXISTS (SELECT 1 FROM durable_workflow_events m
+                  WHERE m.run_id = locked.id AND m.sequence_num = dreq.after_seq + 1
+                    AND m.event_type = 'workflow_task_completed'
+                    AND m.payload->>'worker_id' = $4 AND m.payload->>'time' = dreq.after_time)
+      AND NOT EXISTS (SELECT 1 FROM durable_workflow_events e
+                      WHERE e.run_id = locked.id AND e.sequence_num > dreq.after_seq + 1
+                        AND e.sequence_num <= locked.last
+                        AND e.event_type <> 'activity_scheduled')
+      AND NOT EXISTS (SELECT 1 FROM durable_task_queue w
+                      WHERE w.run_id = locked.id AND w.kind = 'workflow'
+                        AND w.status IN ('pending', 'claimed'))
+      AND (dreq.end_status IS NULL OR (
+          locked.parent_run_id IS NULL
+          AND NOT EXISTS (SELECT 1 FROM durable_task_queue o
+                          WHERE o.run_id = locked.id AND o.id <> task.id
+                            AND o.status IN ('pending', 'claimed'))
+          AND NOT EXISTS (SELECT 1 FROM durable_workflow_instances c
+                          WHERE c.parent_run_id = locked.id
+                            AND c.status IN ('pending', 'running'))))
 ), run AS (
     UPDATE durable_workflow_instances r
-    SET last_sequence_num = r.last_sequence_num + 2 * locked.n, updated_at = now()
-    FROM locked
+    SET last_sequence_num = r.last_sequence_num + 2 * locked.n + coalesce(gate.n_events, 0),
+        updated_at = now(),
+        status = coalesce(gate.end_status,
+                          CASE WHEN gate.no IS NOT NULL AND r.status = 'pending' THEN 'running'
+                               ELSE r.status END),
+        started_at = CASE WHEN gate.no IS NULL THEN r.started_at
+                          ELSE coalesce(r.started_at, now()) END,
+        result = CASE WHEN gate.end_status = 'completed' THEN gate.end_result::json
+                      ELSE r.result END,
+        error = CASE WHEN gate.end_status = 'failed' THEN gate.end_error::json ELSE r.error END,
+        completed_at = CASE WHEN gate.end_status IS NULL THEN r.completed_at ELSE now() END
+    FROM locked LEFT JOIN gate ON gate.run_id = locked.id
     WHERE r.id = locked.id AND r.status IN ('pending', 'running')
-    RETURNING r.id, r.workflow_id, r.workflow_type, r.last_sequence_num - 2 * locked.n AS base
+    RETURNING r.id, r.workflow_id, r.workflow_type, gate.no AS decided_no,
+              gate.end_status AS ended,
+              r.last_sequence_num - 2 * locked.n - coalesce(gate.n_events, 0) AS base
 ), numbered AS (
     SELECT task.*, run.workflow_id,
            run.base + 2 * row_number() OVER (PARTITION BY task.run_id ORDER BY task.ord) AS seq
@@ -518,6 +585,11 @@ WITH req AS (
            json_build_object('type', 'activity_completed', 'activity_id', activity_id,
                              'attempt', attempt, 'result', result::json)
     FROM numbered
+    UNION ALL
+    SELECT run.id, run.workflow_id, gate.seen + e.n, e.t, e.p::json
+    FROM unnest($17::int[], $18::int[], $19::text[], $20::text[]) AS e(no, n, t, p)
+         JOIN gate ON gate.no = e.no
+         JOIN run ON run.id = gate.run_id
     RETURNING run_id, sequence_num, event_type, payload::text AS payload, created_at
 ), offer AS (
     -- Eager only when the run's history in this statement's snapshot ends where the locked
@@ -530,10 +602,13 @@ WITH req AS (
             WHERE w.run_id = run.id AND w.kind = 'workflow' AND w.status IN ('pending', 'claimed')
         ) AND (SELECT s.last_sequence_num FROM durable_workflow_instances s
                WHERE s.id = run.id) = run.base AS eager) e
+    WHERE run.decided_no IS NULL
 ), wft AS (
+    -- A decision applied: its workflow task, recorded completed. Otherwise the run's next
+    -- workflow task, claimed for $4 when offered, else pending.
     INSERT INTO durable_task_queue (id, run_id, workflow_id, kind, activity_type, max_attempts,
                                     partition_key, status, claimed_by, claimed_at, heartbeat_at,
-                                    attempt, lease_token)
+                                    attempt, lease_token, completed_at)
     SELECT gen_random_uuid(), offer.id, offer.workflow_id, 'workflow', offer.workflow_type,
            2147483647, offer.workflow_id,
            CASE WHEN offer.eager THEN 'claimed' ELSE 'pending' END,
@@ -541,23 +616,63 @@ WITH req AS (
            CASE WHEN offer.eager THEN now() END,
            CASE WHEN offer.eager THEN now() END,
            CASE WHEN offer.eager THEN 1 ELSE 0 END,
-           CASE WHEN offer.eager THEN nextval('durable_lease_tokens') END
+           CASE WHEN offer.eager THEN nextval('durable_lease_tokens') END,
+           NULL::timestamptz
     FROM offer
+    UNION ALL
+    SELECT gen_random_uuid(), run.id, run.workflow_id, 'workflow', run.workflow_type,
+           2147483647, run.workflow_id, 'completed', NULL, now(), now(), 1, NULL, now()
+    FROM run WHERE run.decided_no IS NOT NULL
     ON CONFLICT (run_id) WHERE kind = 'workflow' AND status = 'pending' DO NOTHING
+    RETURNING *
+), inserted AS (
+    INSERT INTO durable_task_queue (id, run_id, workflow_id, kind, activity_type, activity_id,
+        input, max_attempts, priority, visible_at, retry_policy, schedule_to_start_s,
+        start_to_close_s, heartbeat_timeout_s, breaker_key, partition_key, status, claimed_by,
+        claimed_at, heartbeat_at, attempt, lease_token)
+    SELECT a.id, run.id, run.workflow_id, 'activity', a.activity_type, a.activity_id,
+           a.input::json, a.max_attempts, a.priority, now(), a.retry_policy::json, a.s2s, a.s2c,
+           a.hb, a.bkey, run.workflow_id,
+           CASE WHEN e.eager THEN 'claimed' ELSE 'pending' END,
+           CASE WHEN e.eager THEN $4 END,
+           CASE WHEN e.eager THEN now() END,
+           CASE WHEN e.eager THEN now() END,
+           CASE WHEN e.eager THEN 1 ELSE 0 END,
+           CASE WHEN e.eager THEN nextval('durable_lease_tokens') END
+    FROM unnest($21::int[], $22::uuid[], $23::text[], $24::text[], $25::text[], $26::int[],
+                $27::int[], $28::text[], $29::float8[], $30::float8[], $31::float8[],
+                $32::text[], $33::bool[])
+         AS a(no, id, activity_type, activity_id, input, max_attempts, priority, retry_policy,
+              s2s, s2c, hb, bkey, want_eager)
+         JOIN run ON run.decided_no = a.no,
+         LATERAL (SELECT a.want_eager AND NOT EXISTS (
+                      SELECT 1 FROM durable_circuit_breaker_state b
+                      WHERE b.key = coalesce(a.bkey, a.activity_type) AND b.state <> 'closed'
+                  ) AS eager) e
     RETURNING *
 ), woke AS (
     SELECT count(*) AS n FROM (
-        SELECT pg_notify('everruns_tasks', 'workflow:' || t || E'\t' || n)
-        FROM (SELECT activity_type AS t, count(*) AS n FROM wft WHERE status = 'pending'
-              GROUP BY activity_type) d) x
+        SELECT pg_notify('everruns_tasks', d.kind || ':' || d.t || E'\t' || d.n)
+        FROM (SELECT kind, activity_type AS t, count(*) AS n
+              FROM (SELECT kind, activity_type, status FROM wft
+                    UNION ALL SELECT kind, activity_type, status FROM inserted) x
+              WHERE status = 'pending' GROUP BY kind, activity_type) d
+        UNION ALL
+        SELECT pg_notify('everruns_runs', run.id::text) FROM run WHERE run.ended IS NOT NULL) x
 ), done AS (
-    SELECT task.id AS task_id, task.ord AS done_ord, b.key AS breaker
+    SELECT task.id AS task_id, task.ord AS done_ord, b.key AS breaker,
+           EXISTS (SELECT 1 FROM run WHERE run.decided_no IS NOT NULL
+                   AND run.decided_no = (SELECT gate.no FROM gate WHERE gate.done_task = task.id))
+               AS decided
     FROM task LEFT JOIN durable_circuit_breaker_state b
          ON b.key = task.bkey AND b.state <> 'closed'
 ), eager AS (
-    SELECT * FROM wft WHERE wft.status = 'claimed'
+    SELECT wft.*, NULL::int AS decided_no FROM wft WHERE wft.status = 'claimed'
+    UNION ALL
+    SELECT inserted.*, run.decided_no FROM inserted JOIN run ON run.id = inserted.run_id
+    WHERE inserted.status = 'claimed'
 )
--- Both kinds of row in one result: a full join on a condition that never holds.
+-- Every kind of row in one result: a full join on a condition that never holds.
 SELECT done.*, eager.*, true AS run_open, h.seqs, h.types, h.payloads, h.times
 FROM done FULL JOIN eager ON done.task_id = eager.id
 LEFT JOIN LATERAL (
@@ -566,10 +681,10 @@ LEFT JOIN LATERAL (
            array_agg(e.payload ORDER BY e.sequence_num) AS payloads,
            array_agg(e.created_at ORDER BY e.sequence_num) AS times
     FROM (SELECT sequence_num, event_type, payload::text AS payload, created_at
-          FROM durable_workflow_events WHERE run_id = eager.run_id AND eager.id IS NOT NULL
+          FROM durable_workflow_events WHERE run_id = eager.run_id AND eager.kind = 'workflow'
           UNION ALL
           SELECT sequence_num, event_type, payload, created_at
-          FROM events WHERE run_id = eager.run_id AND eager.id IS NOT NULL) e
+          FROM events WHERE run_id = eager.run_id AND eager.kind = 'workflow') e
 ) h ON true
 WHERE (SELECT n FROM woke) IS NOT NULL;
 

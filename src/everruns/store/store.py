@@ -38,7 +38,7 @@ from everruns.store.models import (
 )
 from everruns.store.queries import QUERIES as Q
 
-__all__ = ["Decision", "FailOutcome", "NewEvent", "NewTask", "Store"]
+__all__ = ["Decision", "DecisionAhead", "FailOutcome", "NewEvent", "NewTask", "Store"]
 
 CHANNEL_TASKS = "everruns_tasks"
 CHANNEL_CANCEL = "everruns_cancel"
@@ -115,6 +115,56 @@ class Decision:
     activities: Sequence[NewTask] = ()
     eager: Sequence[bool] = ()
     end: RunEnd | None = None
+
+
+@attrs.frozen
+class DecisionAhead:
+    """A worker's decision, made ahead, of the workflow task an activity's result wakes, to
+    apply with that result in `Store.complete_activities` (see queries.sql for when it does).
+
+    ``result`` is the position of that result among the completions; ``after_sequence`` and
+    ``after_time`` (as its marker records it) name the decision it continues; the history it
+    saw ends at ``seen_sequence``; the rest is what it writes, as in `Decision`."""
+
+    result: int
+    run_id: uuid.UUID
+    activity_id: str
+    after_sequence: int
+    after_time: str
+    seen_sequence: int
+    events: Sequence[NewEvent]
+    activities: Sequence[NewTask] = ()
+    eager: Sequence[bool] = ()
+    end: RunEnd | None = None
+
+
+def _decision_columns(
+    decisions: Sequence[Decision | DecisionAhead], eager_for: str | None
+) -> tuple[list[list[Any]], list[Any]]:
+    """What decisions write, as a statement's parallel arrays: their run ends (status, result,
+    error) and event counts, then their events (decision number from 1, position, type, JSON
+    text), then their activities (decision number, the `_activity_columns`, eager flags)."""
+    ends = [_end_columns(d.end) for d in decisions]
+    events: list[list[Any]] = [[], [], [], []]
+    activities: list[NewTask] = []
+    activity_nos: list[int] = []
+    flags: list[bool] = []
+    for no, d in enumerate(decisions, 1):
+        for n, event in enumerate(d.events, 1):
+            for column, value in zip(events, (no, n, event.type, event.text()), strict=True):
+                column.append(value)
+        activities.extend(d.activities)
+        activity_nos.extend([no] * len(d.activities))
+        flags.extend(_eager_flags(d.eager, len(d.activities), eager_for))
+    per_decision = (
+        [
+            [len(d.events) for d in decisions],
+            *(list(column) for column in zip(*ends, strict=True)),
+        ]
+        if decisions
+        else [[], [], [], []]
+    )
+    return per_decision, [*events, activity_nos, *_activity_columns(activities), flags]
 
 
 def _activity_columns(activities: Sequence[NewTask]) -> list[list[Any]]:
@@ -514,29 +564,15 @@ class Store:
         """
         if not decisions:
             return []
-        events: list[list[Any]] = [[], [], [], []]
-        activities: list[NewTask] = []
-        activity_nos: list[int] = []
-        flags: list[bool] = []
-        for no, d in enumerate(decisions, 1):
-            for n, event in enumerate(d.events, 1):
-                for column, value in zip(events, (no, n, event.type, event.text()), strict=True):
-                    column.append(value)
-            activities.extend(d.activities)
-            activity_nos.extend([no] * len(d.activities))
-            flags.extend(_eager_flags(d.eager, len(d.activities), eager_for))
-        ends = [_end_columns(d.end) for d in decisions]
+        (counts, *ends), written = _decision_columns(decisions, eager_for)
         rows = await (conn or self.pool).fetch(
             Q["apply_workflow_tasks"],
             [d.task_id for d in decisions],
             [d.lease_token for d in decisions],
             [d.expected_sequence for d in decisions],
-            [len(d.events) for d in decisions],
-            *(list(column) for column in zip(*ends, strict=True)),
-            *events,
-            activity_nos,
-            *_activity_columns(activities),
-            flags,
+            counts,
+            *ends,
+            *written,
             eager_for,
             simple_end_only,
         )
@@ -658,17 +694,24 @@ class Store:
         *,
         eager_types: Sequence[str] = (),
         max_eager: int = 0,
-    ) -> tuple[dict[int, str | None], list[Task], dict[uuid.UUID, list[StoredEvent]]]:
+        decisions: Sequence[DecisionAhead] = (),
+    ) -> tuple[
+        dict[int, str | None], list[Task], dict[uuid.UUID, list[StoredEvent]], dict[int, list[Task]]
+    ]:
         """Complete several activities (``(task_id, lease_token, result_json)``) in one
         statement and wake their workflows, handing up to ``max_eager`` follow-up workflow
-        tasks of ``eager_types`` to ``worker_id`` (see queries.sql).
+        tasks of ``eager_types`` to ``worker_id``, and apply in it the ``decisions`` made ahead
+        that still hold (see queries.sql).
 
         Returns:
             The completions applied, by their index in ``completions`` (of a task given
             twice, at most one is: the one under the lease that holds, or either one when
             both name it), each with its breaker key if that breaker is not closed; the
-            workflow tasks handed to the worker; and their runs' full histories.
+            workflow tasks handed to the worker; their runs' full histories; and, by the index
+            of the completion it follows, each decision applied with the activities it
+            scheduled that were claimed for the worker.
         """
+        (counts, *ends), written = _decision_columns(decisions, worker_id)
         rows = await self.pool.fetch(
             Q["complete_activities"],
             [c[0] for c in completions],
@@ -677,10 +720,31 @@ class Store:
             worker_id,
             list(eager_types),
             max_eager,
+            [d.result + 1 for d in decisions],
+            [d.run_id for d in decisions],
+            [d.activity_id for d in decisions],
+            [d.after_sequence for d in decisions],
+            [d.after_time for d in decisions],
+            [d.seen_sequence for d in decisions],
+            counts,
+            *ends,
+            *written,
         )
         done = {r["done_ord"] - 1: r["breaker"] for r in rows if r["task_id"] is not None}
-        handed = [r for r in rows if r["id"] is not None]
-        return done, [Task.from_row(r) for r in handed], _histories(handed)
+        decided: dict[int, list[Task]] = {
+            r["done_ord"] - 1: [] for r in rows if r["task_id"] is not None and r["decided"]
+        }
+        handed = []
+        for r in rows:
+            if r["id"] is None:
+                continue
+            if r["decided_no"] is None:
+                handed.append(r)
+            else:
+                decided.setdefault(decisions[r["decided_no"] - 1].result, []).append(
+                    Task.from_row(r)
+                )
+        return done, [Task.from_row(r) for r in handed], _histories(handed), decided
 
     async def stale_reason(self, task_id: uuid.UUID, lease_token: int) -> StaleLease:
         """Why a report under ``lease_token`` was refused (the task is gone or not yours)."""
