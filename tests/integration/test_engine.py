@@ -827,6 +827,41 @@ async def test_a_decision_made_ahead_is_applied_only_with_the_result_it_assumed(
                 assert json.loads((await p.describe(wid)).result) == want
 
 
+async def test_a_decision_made_ahead_the_database_refuses_leaves_its_result_recorded(
+    database_url: str,
+) -> None:
+    """A decision made ahead that breaks a rule the database enforces (it schedules an
+    activity id the run already has) rolls back the statement that carried it: the result is
+    recorded without it, and the workflow task goes out to be replayed."""
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            tasks, decisions = await p.first_decisions(two_steps_of_work, "two", [1], "dup")
+            reply = await p.channel.unary(
+                p.workers.complete_workflow_tasks,
+                pb.CompleteWorkflowTasksRequest(completions=decisions),
+            )
+            ((act,),) = (o.eager_tasks for o in reply.outcomes)
+            ahead = p.decide_ahead(tasks[0], two_steps_of_work, act, 1, 0)
+            commands = json.loads(ahead.commands)
+            commands[0]["activity_id"] = act.activity_id  # an id the run already has
+            ahead.commands = json.dumps(commands).encode()
+            result = pb.ActivityResult(
+                task_id=act.task_id, lease_token=act.lease_token, result=b"1"
+            )
+            reply = await p.channel.unary(
+                p.workers.complete_activity_tasks,
+                pb.CompleteActivityTasksRequest(
+                    worker_id="w1", results=[result], max_new_tasks=1, decisions=[ahead]
+                ),
+            )
+            assert [(o.accepted, o.decided) for o in reply.outcomes] == [(True, False)]
+            assert [t.kind for t in reply.new_tasks] == ["workflow"]
+            assert (await p.history_types("dup-0"))[-2:] == [
+                "activity_started",
+                "activity_completed",
+            ]
+
+
 async def test_a_decision_with_a_claim_time_that_is_no_time_is_refused_alone(
     database_url: str,
 ) -> None:

@@ -880,7 +880,9 @@ class Engine:
                 valid.append((n, (task_id, lease_token, result)))
         activity_types, workflow_types = await self._served_by(worker_id)
         position = {n: p for p, (n, _) in enumerate(valid)}
-        ahead, planned, later = await self._plan_ahead(worker_id, follow_ups, position)
+        ahead, planned, later = await self._plan_ahead(
+            worker_id, follow_ups, position, max_new_tasks
+        )
         # A worker that serves no workflow gets no follow-up task back, so the claim for its
         # freed slots does not depend on the results: it runs beside their statement.
         claimed: list[ClaimedTask] = []
@@ -901,12 +903,8 @@ class Engine:
                 nursery.start_soon(claim_beside)
             recorded: tuple[Any, ...] | EverrunsError
             try:
-                recorded = await self.store.complete_activities(
-                    [result for _, result in valid],
-                    worker_id,
-                    eager_types=sorted(workflow_types),
-                    max_eager=max(0, max_new_tasks),
-                    decisions=ahead,
+                recorded = await self._record_results(
+                    worker_id, [result for _, result in valid], workflow_types, max_new_tasks, ahead
                 )
             except EverrunsError as exc:
                 recorded = exc  # raised once the claim beside it has ended (not as a group)
@@ -946,18 +944,54 @@ class Engine:
             )
         return verdicts, handed, decided
 
+    async def _record_results(
+        self,
+        worker_id: str,
+        results: Sequence[tuple[uuid.UUID, int, str]],
+        workflow_types: frozenset[str],
+        max_new_tasks: int,
+        ahead: Sequence[DecisionAhead],
+    ) -> tuple[Any, ...]:
+        """The results' statement (`Store.complete_activities`), with the decisions made
+        ahead; if one of those breaks a rule the database enforces (a duplicate activity id,
+        say: the whole statement is rolled back), again without them, so that the results
+        stand and the workflow tasks go out to be replayed, where the worker's own decision
+        meets the refusal."""
+        try:
+            return await self.store.complete_activities(
+                results,
+                worker_id,
+                eager_types=sorted(workflow_types),
+                max_eager=max(0, max_new_tasks),
+                decisions=ahead,
+            )
+        except DatabaseError:
+            raise
+        except EverrunsError as exc:
+            if not ahead:
+                raise
+            log.warning("decisions made ahead were not applied: %s", exc)
+        return await self.store.complete_activities(
+            results,
+            worker_id,
+            eager_types=sorted(workflow_types),
+            max_eager=max(0, max_new_tasks),
+        )
+
     async def _plan_ahead(
         self,
         worker_id: str,
         follow_ups: Sequence[FollowUpDecision],
         position: dict[int, int],
+        max_new_tasks: int,
     ) -> tuple[
         list[DecisionAhead], dict[int, tuple[FollowUpDecision, _Outcome]], list[FollowUpDecision]
     ]:
         """Split decisions made ahead into those the results' statement applies itself (their
         commands need no read: activities, or an end alone) and the others, applied after it
         under their runs' locks (`_apply_follow_ups`). Those of results refused here, and
-        malformed ones, are dropped: their workflow tasks go out and are replayed.
+        malformed ones, are dropped: their workflow tasks go out and are replayed. A decision
+        claims its first activity for the worker only if the worker offered slots.
 
         Returns:
             The decisions for the statement; each with its plan, by the position of the
@@ -990,7 +1024,8 @@ class Engine:
                     f.seen_sequence,
                     outcome.events,
                     outcome.activities,
-                    await self._eager_flags(worker_id, outcome.activities, 1),
+                    # The slot the workflow task would have taken, if the worker offered any.
+                    await self._eager_flags(worker_id, outcome.activities, min(1, max_new_tasks)),
                     outcome.end,
                 )
             )
