@@ -143,6 +143,22 @@ class Plane:
         assert [t.workflow_id for t in tasks] == [f"{prefix}-{n}" for n in range(len(inputs))]
         return tasks, [self.decide(task, fn, max_eager=1) for task in tasks]
 
+    async def first_steps(
+        self, fn: Callable[..., Any], wtype: str, inputs: list[Any], prefix: str
+    ) -> tuple[list[pb.Task], list[pb.Task]]:
+        """`first_decisions`, applied in one call: each run's first workflow task and the
+        activity its decision handed straight back."""
+        tasks, decisions = await self.first_decisions(fn, wtype, inputs, prefix)
+        reply = await self.channel.unary(
+            self.workers.complete_workflow_tasks,
+            pb.CompleteWorkflowTasksRequest(completions=decisions),
+        )
+        activities = []
+        for outcome in reply.outcomes:
+            (activity,) = outcome.eager_tasks
+            activities.append(activity)
+        return tasks, activities
+
     async def drive(self, fn: Callable[..., Any], wtype: str, *, steps: int = 1) -> None:
         for _ in range(steps):
             (task,) = await self.poll(wf=[wtype])
@@ -764,12 +780,7 @@ async def test_a_decision_made_ahead_is_applied_only_with_the_result_it_assumed(
     decisions are left out; their results still count."""
     with trio.fail_after(30):
         async with plane(database_url) as p:
-            tasks, decisions = await p.first_decisions(two_steps_of_work, "two", [1, 5], "ahead")
-            reply = await p.channel.unary(
-                p.workers.complete_workflow_tasks,
-                pb.CompleteWorkflowTasksRequest(completions=decisions),
-            )
-            (first,), (second,) = (o.eager_tasks for o in reply.outcomes)
+            tasks, (first, second) = await p.first_steps(two_steps_of_work, "two", [1, 5], "ahead")
             stale = pb.ActivityResult(
                 task_id=first.task_id, lease_token=first.lease_token + 1000, result=b"7"
             )
@@ -835,12 +846,7 @@ async def test_a_decision_made_ahead_the_database_refuses_leaves_its_result_reco
     recorded without it, and the workflow task goes out to be replayed."""
     with trio.fail_after(30):
         async with plane(database_url) as p:
-            tasks, decisions = await p.first_decisions(two_steps_of_work, "two", [1], "dup")
-            reply = await p.channel.unary(
-                p.workers.complete_workflow_tasks,
-                pb.CompleteWorkflowTasksRequest(completions=decisions),
-            )
-            ((act,),) = (o.eager_tasks for o in reply.outcomes)
+            tasks, (act,) = await p.first_steps(two_steps_of_work, "two", [1], "dup")
             ahead = p.decide_ahead(tasks[0], two_steps_of_work, act, 1, 0)
             commands = json.loads(ahead.commands)
             commands[0]["activity_id"] = act.activity_id  # an id the run already has
@@ -891,12 +897,7 @@ async def test_a_result_sent_twice_under_one_lease_is_accepted_once_as_recorded(
     applied)."""
     with trio.fail_after(30):
         async with plane(database_url) as p:
-            tasks, decisions = await p.first_decisions(two_steps_of_work, "two", [1], "twice")
-            reply = await p.channel.unary(
-                p.workers.complete_workflow_tasks,
-                pb.CompleteWorkflowTasksRequest(completions=decisions),
-            )
-            ((act,),) = (o.eager_tasks for o in reply.outcomes)
+            tasks, (act,) = await p.first_steps(two_steps_of_work, "two", [1], "twice")
             results = [
                 pb.ActivityResult(task_id=act.task_id, lease_token=act.lease_token, result=raw)
                 for raw in (b"10", b"20")

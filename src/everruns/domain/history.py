@@ -145,9 +145,13 @@ ALL_EVENT_TYPES: frozenset[str] = (
 )
 
 
+def _is_object(value: Any) -> bool:
+    # A dict first: the ABC's isinstance check is what costs, on every event replayed.
+    return type(value) is dict or isinstance(value, Mapping)
+
+
 def _check_data(inst: HistoryEvent, _attr: attrs.Attribute[Any], value: Mapping[str, Any]) -> None:
-    # A dict first: the ABC's isinstance check is what costs here, on every event replayed.
-    if type(value) is not dict and not isinstance(value, Mapping):
+    if not _is_object(value):
         raise InvalidArgument(f"event data must be a JSON object, got {type(value).__name__}")
     recorded = value.get("type", inst.type)
     if recorded != inst.type:
@@ -197,9 +201,7 @@ class HistoryEvent:
         Raises:
             InvalidArgument: ``data`` has no string ``type`` or another field is malformed.
         """
-        if (type(data) is not dict and not isinstance(data, Mapping)) or not isinstance(
-            data.get("type"), str
-        ):
+        if not _is_object(data) or not isinstance(data.get("type"), str):
             raise InvalidArgument("event data must be a JSON object with a string 'type'")
         return cls(sequence_num=sequence_num, type=data["type"], data=data, time=time)
 

@@ -957,26 +957,25 @@ class Engine:
         say: the whole statement is rolled back), again without them, so that the results
         stand and the workflow tasks go out to be replayed, where the worker's own decision
         meets the refusal."""
-        try:
+
+        async def record(decisions: Sequence[DecisionAhead]) -> tuple[Any, ...]:
             return await self.store.complete_activities(
                 results,
                 worker_id,
                 eager_types=sorted(workflow_types),
                 max_eager=max(0, max_new_tasks),
-                decisions=ahead,
+                decisions=decisions,
             )
+
+        try:
+            return await record(ahead)
         except DatabaseError:
             raise
         except EverrunsError as exc:
             if not ahead:
                 raise
             log.warning("decisions made ahead were not applied: %s", exc)
-        return await self.store.complete_activities(
-            results,
-            worker_id,
-            eager_types=sorted(workflow_types),
-            max_eager=max(0, max_new_tasks),
-        )
+        return await record(())
 
     async def _plan_ahead(
         self,

@@ -522,16 +522,26 @@ WITH req AS (
                          $13::int[], $14::text[], $15::text[], $16::text[])
          WITH ORDINALITY AS d(ord, run_id, activity_id, after_seq, after_time, seen, n_events,
                               end_status, end_result, end_error, no)
+), quiet AS (
+    -- Runs whose history in this statement's snapshot ends where the locked row says (events
+    -- another transaction committed after the snapshot, and a workflow task it handed out,
+    -- are invisible here) and that have no workflow task out: only these may have their next
+    -- workflow task decided here or handed out with their history.
+    SELECT locked.id FROM locked
+    WHERE (SELECT s.last_sequence_num FROM durable_workflow_instances s
+           WHERE s.id = locked.id) = locked.last
+      AND NOT EXISTS (SELECT 1 FROM durable_task_queue w
+                      WHERE w.run_id = locked.id AND w.kind = 'workflow'
+                        AND w.status IN ('pending', 'claimed'))
 ), gate AS (
     SELECT dreq.*, task.id AS done_task
     FROM dreq
     JOIN task ON task.ord = dreq.ord AND task.run_id = dreq.run_id
              AND task.activity_id = dreq.activity_id AND task.requeue_count = 0
     JOIN locked ON locked.id = task.run_id AND locked.n = 1
+    JOIN quiet ON quiet.id = locked.id
     WHERE locked.status IN ('pending', 'running')
       AND locked.last = dreq.seen - 2 AND locked.last > dreq.after_seq
-      AND (SELECT s.last_sequence_num FROM durable_workflow_instances s
-           WHERE s.id = locked.id) = locked.last
       AND EXISTS (SELECT 1 FROM durable_workflow_events m
                   WHERE m.run_id = locked.id AND m.sequence_num = dreq.after_seq + 1
                     AND m.event_type = 'workflow_task_completed'
@@ -540,9 +550,6 @@ WITH req AS (
                       WHERE e.run_id = locked.id AND e.sequence_num > dreq.after_seq + 1
                         AND e.sequence_num <= locked.last
                         AND e.event_type <> 'activity_scheduled')
-      AND NOT EXISTS (SELECT 1 FROM durable_task_queue w
-                      WHERE w.run_id = locked.id AND w.kind = 'workflow'
-                        AND w.status IN ('pending', 'claimed'))
       AND (dreq.end_status IS NULL OR (
           locked.parent_run_id IS NULL
           AND NOT EXISTS (SELECT 1 FROM durable_task_queue o
@@ -592,16 +599,11 @@ WITH req AS (
          JOIN run ON run.id = gate.run_id
     RETURNING run_id, sequence_num, event_type, payload::text AS payload, created_at
 ), offer AS (
-    -- Eager only when the run's history in this statement's snapshot ends where the locked
-    -- row says (base): events another transaction committed after the snapshot (and a
-    -- workflow task it handed out) are invisible here, and the history sent would have a gap.
+    -- Eager only for a quiet run: otherwise the history sent would have a gap.
     SELECT run.*, e.eager AND row_number() OVER (ORDER BY e.eager DESC, run.id) <= $6 AS eager
     FROM run, LATERAL (
-        SELECT run.workflow_type = ANY($5::text[]) AND NOT EXISTS (
-            SELECT 1 FROM durable_task_queue w
-            WHERE w.run_id = run.id AND w.kind = 'workflow' AND w.status IN ('pending', 'claimed')
-        ) AND (SELECT s.last_sequence_num FROM durable_workflow_instances s
-               WHERE s.id = run.id) = run.base AS eager) e
+        SELECT run.workflow_type = ANY($5::text[])
+               AND EXISTS (SELECT 1 FROM quiet WHERE quiet.id = run.id) AS eager) e
     WHERE run.decided_no IS NULL
 ), wft AS (
     -- A decision applied: its workflow task, recorded completed. Otherwise the run's next
@@ -661,9 +663,7 @@ WITH req AS (
         SELECT pg_notify('everruns_runs', run.id::text) FROM run WHERE run.ended IS NOT NULL) x
 ), done AS (
     SELECT task.id AS task_id, task.ord AS done_ord, b.key AS breaker,
-           EXISTS (SELECT 1 FROM run WHERE run.decided_no IS NOT NULL
-                   AND run.decided_no = (SELECT gate.no FROM gate WHERE gate.done_task = task.id))
-               AS decided
+           EXISTS (SELECT 1 FROM gate WHERE gate.done_task = task.id) AS decided
     FROM task LEFT JOIN durable_circuit_breaker_state b
          ON b.key = task.bkey AND b.state <> 'closed'
 ), eager AS (

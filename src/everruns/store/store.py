@@ -156,14 +156,8 @@ def _decision_columns(
         activities.extend(d.activities)
         activity_nos.extend([no] * len(d.activities))
         flags.extend(_eager_flags(d.eager, len(d.activities), eager_for))
-    per_decision = (
-        [
-            [len(d.events) for d in decisions],
-            *(list(column) for column in zip(*ends, strict=True)),
-        ]
-        if decisions
-        else [[], [], [], []]
-    )
+    per_decision: list[list[Any]] = [[len(d.events) for d in decisions]]
+    per_decision += ([e[i] for e in ends] for i in range(3))
     return per_decision, [*events, activity_nos, *_activity_columns(activities), flags]
 
 
