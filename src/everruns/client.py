@@ -720,6 +720,11 @@ class Client:
     ) -> list[WorkflowHandle]:
         """Start several runs in one round trip.
 
+        The control plane writes up to 500 starts per statement; a larger batch is split into
+        statements that run side by side, each in its own transaction (the starts of one
+        workflow id share one). If the call fails, some of its runs may have started: name
+        workflow ids and a retry returns those runs instead of starting them again.
+
         Args:
             starts: `WorkflowStart` values, or tuples ``(workflow, input[, workflow_id])``.
 

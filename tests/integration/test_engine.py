@@ -5,6 +5,7 @@ auth and bad input."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import struct
 import uuid
@@ -76,6 +77,10 @@ class Plane:
             ),
         )
         return list(reply.tasks)
+
+    async def poll_into(self, sink: list[pb.Task], *, wf: list[str], wait: float) -> None:
+        """`poll`, its tasks added to ``sink`` (for a poll run as a task of a nursery)."""
+        sink.extend(await self.poll(wf=wf, wait=wait))
 
     async def run_workflow_task(
         self, task: pb.Task, fn: Callable[..., Any]
@@ -212,6 +217,22 @@ def _events(task: pb.Task) -> list[HistoryEvent]:
         )
         for e in task.history
     ]
+
+
+def spy(
+    monkeypatch: pytest.MonkeyPatch, owner: type, name: str, note: Callable[[Any], Any]
+) -> list[Any]:
+    """Patch the async method ``owner.name`` to record ``note(first argument)`` of each call
+    (in the returned list) and then run as before."""
+    seen: list[Any] = []
+    original = getattr(owner, name)
+
+    async def recording(self: Any, first: Any, *args: Any, **kw: Any) -> Any:
+        seen.append(note(first))
+        return await original(self, first, *args, **kw)
+
+    monkeypatch.setattr(owner, name, recording)
+    return seen
 
 
 @asynccontextmanager
@@ -503,6 +524,80 @@ async def test_columnar_batch_start_matches_the_message_form(database_url: str) 
             ):
                 with pytest.raises(InvalidArgument, match="workflow_types must name one type"):
                     await p.channel.unary(p.workflows.start_workflows, bad)
+
+
+async def test_a_large_batch_starts_in_statements_side_by_side(
+    database_url: str, pool: pg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch of 1,203 starts is written by three statements (about 400 each), and answers
+    exactly as one statement would: in request order, an id open before the call returned
+    unchanged, an id repeated across the batch started once (its repeats in one statement),
+    unnamed starts given ids; each new run has one event and one workflow task."""
+    sizes = spy(monkeypatch, Store, "start_workflows", len)
+    ids = ["" if n % 4 == 3 else f"big-{n}" for n in range(1203)]
+    ids[0] = "dup"
+    ids[5] = ids[700] = ids[1200] = "again"
+    with trio.fail_after(60):
+        async with plane(database_url) as p:
+            await p.start("t", 0, wid="dup")
+            sizes.clear()
+            reply = await p.channel.unary(
+                p.workflows.start_workflows,
+                pb.StartWorkflowsRequest(
+                    workflow_types=["t"],
+                    inputs=[str(n).encode() for n in range(len(ids))],
+                    workflow_ids=ids,
+                    columnar_reply=True,
+                ),
+            )
+    assert sorted(sizes) == [401, 401, 401]
+    assert [w for w, i in zip(reply.workflow_ids, ids, strict=True) if i and w != i] == []
+    assert all(uuid.UUID(w) for w, i in zip(reply.workflow_ids, ids, strict=True) if not i)
+    assert reply.created[0] is False and reply.created[5] is True
+    assert reply.created[700] is False and reply.created[1200] is False
+    assert reply.run_ids[5] == reply.run_ids[700] == reply.run_ids[1200]
+    assert sum(reply.created) == 1203 - 3 and len(set(reply.run_ids)) == 1203 - 2
+    rows = await pool.fetch(
+        """SELECT r.workflow_id, r.input::text AS input,
+                  (SELECT count(*) FROM durable_workflow_events e WHERE e.run_id = r.id) AS events,
+                  (SELECT count(*) FROM durable_task_queue t WHERE t.run_id = r.id) AS tasks
+           FROM durable_workflow_instances r WHERE r.workflow_id <> 'dup'"""
+    )
+    assert len(rows) == 1203 - 3
+    assert {(r["events"], r["tasks"]) for r in rows} == {(1, 1)}
+    inputs = {r["workflow_id"]: r["input"] for r in rows}
+    assert inputs["again"] == "5" and inputs["big-1202"] == "1202"
+
+
+async def test_a_failed_part_of_a_batch_stops_the_next_and_leaves_the_others_started(
+    database_url: str, pool: pg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parts one at a time: the second part's statement fails, the call fails with its error
+    (not wrapped in a group), the third never begins, and the first part's runs stand."""
+    from everruns.server import engine
+
+    monkeypatch.setattr(engine, "START_STATEMENTS_AT_ONCE", 1)
+    calls: list[int] = []
+    start_workflows = Store.start_workflows
+
+    async def failing_second(self: Store, requests: Any) -> Any:
+        calls.append(len(requests))
+        if len(calls) == 2:
+            raise InvalidArgument("the second part is refused")
+        return await start_workflows(self, requests)
+
+    monkeypatch.setattr(Store, "start_workflows", failing_second)
+    with trio.fail_after(60):
+        async with plane(database_url) as p:
+            with pytest.raises(InvalidArgument, match="the second part is refused"):
+                await p.channel.unary(
+                    p.workflows.start_workflows,
+                    pb.StartWorkflowsRequest(
+                        workflow_types=["t"], workflow_ids=[f"f-{n}" for n in range(1500)]
+                    ),
+                )
+    assert calls == [500, 500]
+    assert await pool.fetchval("SELECT count(*) FROM durable_workflow_instances") == 500
 
 
 async def test_packed_batch_start_answers_in_blobs_and_refuses_bad_offsets(
@@ -1274,14 +1369,7 @@ async def test_long_polls_woken_together_claim_together_in_one_statement(
     """Six one-slot workers wait; one workflow task schedules six activities: the long polls
     it wakes claim in one statement (not six), and each worker gets its own task, claimed in
     its name."""
-    slots_per_claim: list[int] = []
-    claim_for = Store.claim_tasks_for
-
-    async def counting(self: Store, slots: Any, **kw: Any) -> Any:
-        slots_per_claim.append(len(slots))
-        return await claim_for(self, slots, **kw)
-
-    monkeypatch.setattr(Store, "claim_tasks_for", counting)
+    slots_per_claim = spy(monkeypatch, Store, "claim_tasks_for", len)
 
     async def fan(ctx: Any, input: Any) -> Any:
         return await ctx.gather(*(ctx.start_activity("job", n) for n in range(6)))
@@ -1361,3 +1449,150 @@ async def test_an_activity_only_worker_gets_queued_tasks_claimed_beside_its_resu
             done = {t.task_id for t in first.tasks}
             assert not done & {t.task_id for t in reply.new_tasks}
             assert (await p.history_types(wid)).count("activity_completed") == 2
+
+
+@pytest.fixture
+def poll_waits(monkeypatch: pytest.MonkeyPatch) -> Callable[[], Any]:
+    """``await poll_waits()`` returns once a long poll of the control plane (in this Trio
+    run) waits for a wake-up, i.e. can be handed a task."""
+    from everruns.server.notifier import TaskInterest
+
+    waiting: list[trio.Event] = [trio.Event()]
+    wait = TaskInterest.wait
+
+    async def signalling(self: TaskInterest) -> None:
+        waiting[0].set()
+        await wait(self)
+
+    monkeypatch.setattr(TaskInterest, "wait", signalling)
+
+    async def poll_waits() -> None:
+        await waiting[0].wait()
+        waiting[0] = trio.Event()
+
+    return poll_waits
+
+
+async def start_in_sight(
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[trio.Event, trio.Event, trio.Event]:
+    """Hold eager starts at their statement: returns events set when one reaches it and when
+    a poll reserved for one leaves unsettled, and the event that lets it go on."""
+    from everruns.server.notifier import Notifier, TaskInterest
+
+    reached, go, left = trio.Event(), trio.Event(), trio.Event()
+    start_for, forget = Store.start_workflow_for, Notifier._forget
+
+    async def held(self: Store, *args: Any) -> Any:
+        reached.set()
+        await go.wait()
+        return await start_for(self, *args)
+
+    def forgetting(self: Notifier, interest: TaskInterest) -> None:
+        forget(self, interest)
+        if interest.closed and interest.reserved:
+            left.set()
+
+    monkeypatch.setattr(Store, "start_workflow_for", held)
+    monkeypatch.setattr(Notifier, "_forget", forgetting)
+    return reached, go, left
+
+
+async def times_six(ctx: Any, arg: int) -> int:
+    return arg * 6
+
+
+async def test_a_start_hands_its_workflow_task_to_a_waiting_poll(
+    database_url: str, pool: pg.Pool, monkeypatch: pytest.MonkeyPatch, poll_waits: Any
+) -> None:
+    """Eager start: a worker's long poll waiting for the type gets the new run's workflow
+    task from the start itself (no claim statement), claimed for it with a lease, its run
+    running; the task completes like any claimed one. A start of an id whose run is open
+    creates nothing and the poll goes on waiting."""
+    claims = spy(monkeypatch, Store, "claim_tasks_for", len)
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            await p.register(workflow_types=["t"])
+            polled: list[pb.Task] = []
+            poll = functools.partial(p.poll_into, polled, wf=["t"], wait=20)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(poll)
+                await poll_waits()
+                claims.clear()
+                assert await p.start("t", 7, wid="eager-1") == "eager-1"
+            assert claims == []
+            (task,) = polled
+            assert (task.kind, task.workflow_id, task.attempt) == ("workflow", "eager-1", 1)
+            assert [e.type for e in task.history] == ["workflow_started"]
+            assert json.loads(task.history[0].data)["input"] == 7
+            row = await pool.fetchrow(
+                "SELECT status, claimed_by, lease_token FROM durable_task_queue WHERE id = $1",
+                uuid.UUID(task.task_id),
+            )
+            assert (row["status"], row["claimed_by"]) == ("claimed", "w1")
+            assert row["lease_token"] == task.lease_token
+            assert (await p.describe("eager-1")).status == "running"
+            done = await p.run_workflow_task(task, times_six)
+            assert done.accepted
+            assert (await p.describe("eager-1")).status == "completed"
+
+            await p.start("t", 1, wid="open")
+            (first,) = await p.poll(wf=["t"])
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(poll)
+                await poll_waits()
+                polled.clear()
+                await p.start("t", 2, wid="open")  # its run is open: nothing new
+                await poll_waits()  # the poll claimed again, found nothing, and waits
+                nursery.cancel_scope.cancel()
+            assert polled == [] and first.workflow_id == "open"
+
+
+async def test_a_poll_whose_time_ends_during_the_start_still_gets_its_task(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, poll_waits: Any
+) -> None:
+    reached, go, _ = await start_in_sight(monkeypatch)
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            await p.register(workflow_types=["t"])
+            polled: list[pb.Task] = []
+            poll = functools.partial(p.poll_into, polled, wf=["t"], wait=0.3)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(poll)
+                await poll_waits()
+                nursery.start_soon(p.start, "t", 1, "late")
+                await reached.wait()
+                await trio.sleep(0.6)  # the poll's 0.3 s are over while the start is held
+                go.set()
+            assert [t.workflow_id for t in polled] == ["late"]
+
+
+async def test_a_task_handed_to_a_poll_that_left_goes_back_to_the_queue(
+    database_url: str, pool: pg.Pool, monkeypatch: pytest.MonkeyPatch, poll_waits: Any
+) -> None:
+    """The poll reserved for a start is cancelled before the start's statement ends: the
+    start still succeeds, its workflow task goes back to the queue with its attempt
+    uncharged, and the next poll claims it."""
+    reached, go, left = await start_in_sight(monkeypatch)
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            await p.register(workflow_types=["t"])
+            async with trio.open_nursery() as nursery:
+                poll_scope = trio.CancelScope()
+
+                async def poll() -> None:
+                    with poll_scope:
+                        await p.poll(wf=["t"])
+
+                nursery.start_soon(poll)
+                await poll_waits()
+                nursery.start_soon(p.start, "t", 1, "orphan")
+                await reached.wait()
+                poll_scope.cancel()  # the poll's caller goes away
+                await left.wait()  # the control plane has seen it go
+                go.set()
+            # the start gave the task back before it answered
+            row = await pool.fetchrow("SELECT status, attempt, claimed_by FROM durable_task_queue")
+            assert (row["status"], row["attempt"], row["claimed_by"]) == ("pending", 0, None)
+            (task,) = await p.poll(wf=["t"])
+            assert (task.workflow_id, task.attempt) == ("orphan", 1)

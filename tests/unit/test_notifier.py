@@ -267,3 +267,77 @@ async def test_a_deadline_sooner_than_the_sleeping_scanners_next_look_wakes_it()
             assert not woke.is_set()
             notifier.deadline_added(1.0)  # before it: it looks now
             await woke.wait()
+
+
+async def test_a_start_hands_its_task_to_the_longest_waiting_poll_of_a_worker() -> None:
+    """Only a claimer that names its worker and is waiting (not claiming) can be reserved;
+    once reserved it gets no wake-up, and settling with tasks wakes it with them."""
+    notifier = Notifier()
+    got: list[Any] = []
+
+    async def poll(worker: str | None) -> None:
+        with notifier.claim_interest(["workflow:w"], worker) as interest:
+            await interest.wait()
+            got.append((worker, interest.take()))
+
+    assert notifier.reserve_claimer("workflow:w") is None  # nobody waits
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(poll, None)  # a claimer with no worker cannot be handed tasks
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(poll, "w1")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(poll, "w2")
+        await trio.testing.wait_all_tasks_blocked()
+        taker = notifier.reserve_claimer("workflow:w")
+        assert taker is not None and taker.worker == "w1" and taker.reserved
+        assert notifier.reserve_claimer("workflow:other") is None
+        notifier.poke_key("workflow:w", count=5)  # wakes the others, not the reserved one
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(got, key=str) == [("w2", []), (None, [])]
+        assert notifier.settle(taker, ["task"]) is True
+    assert got[-1] == ("w1", ["task"])
+    assert not taker.reserved
+
+
+async def test_a_reservation_settled_empty_lets_the_poll_claim_again() -> None:
+    """A start that created nothing for the poll wakes it to claim again (a wake-up it missed
+    while reserved), and it can be woken as usual afterwards."""
+    notifier = Notifier()
+    wakes: list[list[Any]] = []
+
+    async def poll() -> None:
+        with notifier.claim_interest(["workflow:w"], "w1") as interest:
+            for _ in range(2):
+                await interest.wait()
+                wakes.append(interest.take())
+                interest.rearm()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(poll)
+        await trio.testing.wait_all_tasks_blocked()
+        taker = notifier.reserve_claimer("workflow:w")
+        assert taker is not None
+        assert notifier.settle(taker, []) is True
+        await trio.testing.wait_all_tasks_blocked()
+        assert wakes == [[]] and not taker.reserved
+        notifier.poke_key("workflow:w")
+    assert wakes == [[], []]
+
+
+async def test_settling_for_a_poll_that_left_leaves_the_tasks_with_the_starter() -> None:
+    notifier = Notifier()
+    async with trio.open_nursery() as nursery:
+
+        async def poll(task_status: trio.TaskStatus[None]) -> None:
+            with notifier.claim_interest(["workflow:w"], "w1") as interest:
+                task_status.started()
+                await interest.wait()
+
+        await nursery.start(poll)
+        await trio.testing.wait_all_tasks_blocked()
+        taker = notifier.reserve_claimer("workflow:w")
+        assert taker is not None
+        nursery.cancel_scope.cancel()
+    assert taker.closed
+    assert notifier.settle(taker, ["task"]) is False
+    assert taker.handed is None

@@ -34,6 +34,7 @@ from everruns.domain.commands import (
     command_from_dict,
 )
 from everruns.domain.lease import timeout_kind
+from everruns.domain.parts import split_keeping_keys
 from everruns.domain.payload import decode, encode_text
 from everruns.domain.replay import continues_decision
 from everruns.domain.retry import RetryPolicy
@@ -53,6 +54,13 @@ from everruns.store.store import Decision, DecisionAhead, NewEvent, NewTask, Run
 __all__ = ["ClaimedTask", "Engine", "StartRequest", "StartedRun"]
 
 log = logging.getLogger("everruns.server")
+
+START_STATEMENT_ROWS = 500
+"""Starts per statement of a batch; a larger batch is split into statements that run side by
+side (at 1,000 starts on PostgreSQL 15 here, two statements of 500 at once took 73-94 ms
+against 127-145 ms for one of 1,000)."""
+START_STATEMENTS_AT_ONCE = 4
+_GIVE_BACK_SECONDS = 5.0  # bounded cleanup: tasks handed to a poll that left go back
 
 _MAX_NAME = 512
 # Events after a workflow task's view of the history that make its commands stale: new input
@@ -190,7 +198,13 @@ class Engine:
                 check_name(request.workflow_id, "workflow_id")
             self.check_payload(request.input, "input")
         await self._check_capacity(len(requests))
-        started = await self.store.start_workflows(
+        if len(requests) == 1:
+            taker = self.notifier.reserve_claimer(f"workflow:{requests[0].workflow_type}")
+            if taker is not None:
+                handed = await self._start_handed(requests[0], taker)
+                if handed is not None:
+                    return [handed]
+        started = await self._start_statements(
             [(r.workflow_id or "", r.workflow_type, r.input) for r in requests]
         )
         results: list[tuple[StartedRun, bool]] = []
@@ -201,6 +215,77 @@ class Engine:
             else:
                 results.append((StartedRun(workflow_id, run_id), created))
         return results
+
+    async def _start_handed(
+        self, request: StartRequest, taker: TaskInterest
+    ) -> tuple[StartedRun, bool] | None:
+        """Eager start: start the run with its workflow task claimed for the worker whose long
+        poll ``taker`` is (reserved for this), and hand the task to that poll, which answers
+        at once: no NOTIFY, no claim statement. Returns None if the workflow id's open run
+        ended in the same instant (the caller starts it the usual way). A task the poll can no
+        longer take (it has left) goes back to the queue; one whose start was cancelled after
+        its commit waits for its lease to lapse, as any claim whose answer is lost."""
+        assert taker.worker is not None
+        handed: list[ClaimedTask] = []
+        try:
+            workflow_id, run_id, task, history = await self.store.start_workflow_for(
+                taker.worker, request.workflow_id or "", request.workflow_type, request.input
+            )
+            if task is not None:
+                assert task.claimed_at is not None
+                handed.append(ClaimedTask(task, task.type_name, history, task.claimed_at))
+        finally:
+            if not self.notifier.settle(taker, handed) and handed:
+                with trio.move_on_after(_GIVE_BACK_SECONDS, shield=True):
+                    await self._give_back(handed)
+        if run_id is None:
+            return None
+        return StartedRun(workflow_id, run_id), task is not None
+
+    async def _give_back(self, handed: Sequence[ClaimedTask]) -> None:
+        """Return tasks claimed for a poll that did not take them to the queue, their attempt
+        uncharged (NOTIFY wakes another claimer)."""
+        try:
+            async with self.store.transaction() as conn:
+                for claimed in handed:
+                    await self.store.unclaim(conn, claimed.task)
+        except EverrunsError as exc:  # their leases lapse and the reclaimer frees them
+            log.warning("could not give back %d task(s) claimed for a poll: %s", len(handed), exc)
+
+    async def _start_statements(
+        self, rows: list[tuple[str, str, str]]
+    ) -> list[tuple[str, uuid.UUID | None, bool]]:
+        """`Store.start_workflows` for ``rows``: one statement, or for more than
+        `START_STATEMENT_ROWS` several, up to `START_STATEMENTS_AT_ONCE` at a time, each in its
+        own transaction (PostgreSQL runs a statement on one core). The rows of one workflow id
+        share a statement. If one fails, no further one begins, those running finish, and its
+        error is raised: the runs the others started stand (as after a lost reply, a retry
+        with workflow ids finds them)."""
+        parts = split_keeping_keys([row[0] for row in rows], START_STATEMENT_ROWS)
+        if len(parts) <= 1:
+            return await self.store.start_workflows(rows)
+        started: list[tuple[str, uuid.UUID | None, bool]] = [("", None, False)] * len(rows)
+        failures: list[EverrunsError] = []
+        limiter = trio.CapacityLimiter(START_STATEMENTS_AT_ONCE)
+
+        async def start_part(part: list[int]) -> None:
+            async with limiter:
+                if failures:
+                    return
+                try:
+                    done = await self.store.start_workflows([rows[n] for n in part])
+                except EverrunsError as exc:  # raised once the others have ended (not as a group)
+                    failures.append(exc)
+                    return
+            for n, one in zip(part, done, strict=True):
+                started[n] = one
+
+        async with trio.open_nursery() as nursery:
+            for part in parts:
+                nursery.start_soon(start_part, part)
+        if failures:
+            raise failures[0]
+        return started
 
     async def _start(
         self,
@@ -330,19 +415,34 @@ class Engine:
         if max_tasks <= 0:
             return []
         keys = _claim_keys(workflow_types, activity_types)
-        with self.notifier.claim_interest(keys) as interest, trio.move_on_after(max(0.0, wait_s)):
-            woken = False
-            while True:
-                claimed = await self._claim_unless_quiet(
-                    interest, worker_id, workflow_types, activity_types, max_tasks, woken=woken
-                )
-                if claimed:
-                    return claimed
-                if not interest.event.is_set():  # not poked while we were claiming
-                    await interest.event.wait()
-                woken = interest.woken_by is not None
-                interest.rearm()
-        return []
+        with self.notifier.claim_interest(keys, worker_id) as interest:
+            try:
+                with trio.move_on_after(max(0.0, wait_s)):
+                    woken = False
+                    while True:
+                        claimed = await self._claim_unless_quiet(
+                            interest,
+                            worker_id,
+                            workflow_types,
+                            activity_types,
+                            max_tasks,
+                            woken=woken,
+                        )
+                        if claimed:
+                            return claimed
+                        if not interest.event.is_set():  # not poked while we were claiming
+                            await interest.wait()
+                        if interest.handed:
+                            return interest.take()
+                        woken = interest.woken_by is not None
+                        interest.rearm()
+                if interest.reserved:  # a start is handing this poll its task: wait for it
+                    await interest.wait()
+                return interest.take()
+            finally:
+                if interest.handed:  # handed over but not taken: this poll was cancelled
+                    with trio.move_on_after(_GIVE_BACK_SECONDS, shield=True):
+                        await self._give_back(interest.take())
 
     async def _claim_unless_quiet(
         self,

@@ -32,19 +32,45 @@ of the same keys their own query: they wait for a wake-up instead."""
 
 
 class TaskInterest:
-    """One waiting claimer: the keys it claims and the event that wakes it."""
+    """One waiting claimer: the keys it claims and the event that wakes it.
 
-    __slots__ = ("event", "keys", "woken_by")
+    A claimer that names its worker can also be handed a task directly (eager start): a
+    starter reserves it while it waits (`Notifier.reserve_claimer`), which takes it out of
+    the wake-ups, and settles the reservation with the tasks it claimed for that worker, or
+    none (`Notifier.settle`). The event then wakes the claimer, which takes them (`take`);
+    tasks handed to a claimer that has left are the starter's to give back.
+    """
 
-    def __init__(self, keys: tuple[str, ...]) -> None:
+    __slots__ = ("closed", "event", "handed", "keys", "reserved", "waiting", "woken_by", "worker")
+
+    def __init__(self, keys: tuple[str, ...], worker: str | None = None) -> None:
         self.keys = keys
+        self.worker = worker
         self.event = trio.Event()
         self.woken_by: str | None = None  # set by a wake-up, cleared when acted on (rearm)
+        self.waiting = False  # in `wait`: not claiming, so it can be reserved
+        self.reserved = False  # a starter will hand it tasks (or settle with none)
+        self.handed: list[Any] | None = None  # what the settled reservation handed over
+        self.closed = False  # the claimer has left
 
     def rearm(self) -> None:
         """Take the wake-up (before claiming) and wait again."""
         self.event = trio.Event()
         self.woken_by = None
+
+    async def wait(self) -> None:
+        """Wait for a wake-up or a settled reservation."""
+        self.waiting = True
+        try:
+            await self.event.wait()
+        finally:
+            self.waiting = False
+
+    def take(self) -> list[Any]:
+        """The tasks a settled reservation handed over (now the claimer's), or [] if none."""
+        handed, self.handed = self.handed or [], []
+        self.reserved = False
+        return handed
 
 
 class Notifier:
@@ -78,19 +104,51 @@ class Notifier:
     # budget ends, and the due-scanner re-wakes keys whose delayed tasks become visible.
 
     @contextmanager
-    def claim_interest(self, keys: Iterable[str]) -> Iterator[TaskInterest]:
-        """Register as a claimer of ``keys`` for the block (enter it BEFORE trying to claim)."""
-        interest = TaskInterest(tuple(keys))
-        for key in interest.keys:
-            self._claimers.setdefault(key, {})[interest] = None
+    def claim_interest(
+        self, keys: Iterable[str], worker: str | None = None
+    ) -> Iterator[TaskInterest]:
+        """Register as a claimer of ``keys`` for the block (enter it BEFORE trying to claim);
+        with ``worker``, it may be handed tasks claimed for that worker (`reserve_claimer`)."""
+        interest = TaskInterest(tuple(keys), worker)
+        self._listen(interest)
         try:
             yield interest
         finally:
+            interest.closed = True
             self._forget(interest)
             if interest.woken_by is not None:
                 # A wake-up this claimer will not act on (it leaves, or it was claiming when
                 # the wake-up came and is leaving with what that claim found): pass it on.
                 self.poke_key(interest.woken_by)
+
+    def _listen(self, interest: TaskInterest) -> None:
+        for key in interest.keys:
+            self._claimers.setdefault(key, {})[interest] = None
+
+    def reserve_claimer(self, key: str) -> TaskInterest | None:
+        """Reserve the claimer of ``key`` that has waited longest, if one is waiting (not
+        claiming) and names its worker: it gets no wake-up until `settle`."""
+        for interest in self._claimers.get(key, {}):
+            if interest.worker is not None and interest.waiting and not interest.event.is_set():
+                interest.reserved = True
+                self._forget(interest)
+                return interest
+        return None
+
+    def settle(self, interest: TaskInterest, tasks: list[Any]) -> bool:
+        """End a reservation: hand ``tasks`` (claimed for its worker) to the claimer and wake
+        it, or with no tasks let it wait for wake-ups again. Returns False if the claimer has
+        left (``tasks`` then stay with the caller, to give back)."""
+        if interest.closed:
+            interest.reserved = False
+            return False
+        if tasks:
+            interest.handed = tasks
+        else:  # it claims once more: it may have missed a wake-up while reserved
+            interest.reserved = False
+            self._listen(interest)
+        interest.event.set()
+        return True
 
     def _forget(self, interest: TaskInterest) -> None:
         for key in interest.keys:

@@ -915,6 +915,51 @@ FROM (SELECT DISTINCT kind || ':' || activity_type AS key FROM durable_task_queu
         AND (visible_at > $1 OR visible_at < now() - make_interval(secs => $2))) k
 RIGHT JOIN (SELECT 1) one ON true;
 
+-- name: start_workflow_for
+-- Start one run ($1 workflow id, '' for a generated UUID; $2 type; $3 input JSON) with its
+-- workflow task claimed for worker $4, whose long poll waits for it here (eager start): the
+-- run is running at once, its first event written, its task claimed with a fresh lease, and
+-- no NOTIFY goes out. A workflow id with an open run gets that run back and creates nothing.
+-- One row: the workflow id, the run id (NULL only if the open run ended in the same instant),
+-- whether it was created, and for a new run its task's columns and its one event.
+WITH req AS MATERIALIZED (
+    SELECT gen_random_uuid() AS run_id,
+           CASE WHEN $1::text = '' THEN gen_random_uuid()::text ELSE $1::text END AS workflow_id
+), ins AS (
+    INSERT INTO durable_workflow_instances (id, workflow_id, workflow_type, input, partition_key,
+                                            last_sequence_num, status, started_at)
+    SELECT run_id, workflow_id, $2::text, $3::text::json, workflow_id, 1, 'running', now()
+    FROM req
+    ON CONFLICT (workflow_id) WHERE status IN ('pending', 'running') DO NOTHING
+    RETURNING id, workflow_id, workflow_type
+), events AS (
+    INSERT INTO durable_workflow_events (run_id, workflow_id, sequence_num, event_type, payload)
+    SELECT ins.id, ins.workflow_id, 1, 'workflow_started',
+           json_build_object('type', 'workflow_started', 'workflow_type', ins.workflow_type,
+                             'workflow_id', ins.workflow_id, 'run_id', ins.id,
+                             'input', $3::text::json)
+    FROM ins
+    RETURNING sequence_num, event_type, payload::text AS payload, created_at AS event_at
+), wft AS (
+    INSERT INTO durable_task_queue (id, run_id, workflow_id, kind, activity_type, max_attempts,
+                                    partition_key, status, claimed_by, claimed_at, heartbeat_at,
+                                    attempt, lease_token)
+    SELECT gen_random_uuid(), ins.id, ins.workflow_id, 'workflow', ins.workflow_type,
+           2147483647, ins.workflow_id, 'claimed', $4::text, now(), now(), 1,
+           nextval('durable_lease_tokens')
+    FROM ins
+    RETURNING *
+)
+SELECT req.workflow_id AS started_workflow_id,
+       coalesce(ins.id, (SELECT open.id FROM durable_workflow_instances open
+                         WHERE open.workflow_id = req.workflow_id
+                           AND open.status IN ('pending', 'running'))) AS started_run_id,
+       ins.id IS NOT NULL AS created, wft.*, events.*
+FROM req
+LEFT JOIN ins ON true
+LEFT JOIN wft ON true
+LEFT JOIN events ON true;
+
 -- name: start_workflows
 -- Start runs in one statement (parallel arrays, in order): each new run gets its
 -- workflow_started event and a pending workflow task; a workflow id that already has an open

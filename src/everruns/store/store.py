@@ -290,6 +290,26 @@ class Store:
         )
         return [(r["workflow_id"], r["run_id"], r["created"]) for r in rows]
 
+    async def start_workflow_for(
+        self, worker_id: str, workflow_id: str, workflow_type: str, input: str
+    ) -> tuple[str, uuid.UUID | None, Task | None, list[StoredEvent]]:
+        """Start one run with its workflow task claimed for ``worker_id`` (eager start; an
+        empty workflow id: the database generates a UUID).
+
+        Returns:
+            The workflow id; the run id (the new run, or the open run that already had that
+            id; None only if that run ended in the same instant); for a new run its claimed
+            workflow task and its history (the one workflow_started event), else None and [].
+        """
+        row = await self.pool.fetchrow(
+            Q["start_workflow_for"], workflow_id, workflow_type, input, worker_id
+        )
+        assert row is not None  # the statement always answers its one request
+        if not row["created"]:
+            return row["started_workflow_id"], row["started_run_id"], None, []
+        event = StoredEvent(row["sequence_num"], row["event_type"], row["payload"], row["event_at"])
+        return row["started_workflow_id"], row["started_run_id"], Task.from_row(row), [event]
+
     async def get_workflow(
         self, workflow_id: str, run_id: uuid.UUID | None = None, *, conn: Connection | None = None
     ) -> WorkflowRun:
