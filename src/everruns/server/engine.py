@@ -410,7 +410,8 @@ class Engine:
         """Claim up to ``max_tasks`` tasks, waiting up to ``wait_s`` for one to appear.
 
         The wait is woken by NOTIFY (new or released tasks) and by the due-scanner (delayed
-        tasks becoming visible), never by polling.
+        tasks becoming visible), never by polling; or it ends with the workflow task a start
+        claimed for this worker and handed to it (eager start, `_start_handed`).
         """
         if max_tasks <= 0:
             return []
