@@ -5,7 +5,6 @@ auth and bad input."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import struct
 import uuid
@@ -77,10 +76,6 @@ class Plane:
             ),
         )
         return list(reply.tasks)
-
-    async def poll_into(self, sink: list[pb.Task], *, wf: list[str], wait: float) -> None:
-        """`poll`, its tasks added to ``sink`` (for a poll run as a task of a nursery)."""
-        sink.extend(await self.poll(wf=wf, wait=wait))
 
     async def run_workflow_task(
         self, task: pb.Task, fn: Callable[..., Any]
@@ -1451,26 +1446,45 @@ async def test_an_activity_only_worker_gets_queued_tasks_claimed_beside_its_resu
             assert (await p.history_types(wid)).count("activity_completed") == 2
 
 
+class WaitingPolls:
+    """Long polls of worker w1 for workflow type "t", started as tasks of a nursery and
+    known to wait on the control plane (in this Trio run) for a wake-up, i.e. to be ones a
+    start can hand its task to."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from everruns.server.notifier import TaskInterest
+
+        self._waits = trio.Event()  # set at the next wait of any poll
+        wait = TaskInterest.wait
+
+        async def signalling(interest: TaskInterest) -> None:
+            self._waits.set()
+            await wait(interest)
+
+        monkeypatch.setattr(TaskInterest, "wait", signalling)
+
+    async def next_wait(self) -> None:
+        """Return once a poll waits (at once if one began to since the last call)."""
+        await self._waits.wait()
+        self._waits = trio.Event()
+
+    async def start(self, nursery: trio.Nursery, p: Plane, seconds: float) -> list[pb.Task]:
+        """Start a poll of up to ``seconds``; once it waits, return the list its tasks will be
+        added to."""
+        polled: list[pb.Task] = []
+
+        async def poll() -> None:
+            polled.extend(await p.poll(wf=["t"], wait=seconds))
+
+        self._waits = trio.Event()
+        nursery.start_soon(poll)
+        await self.next_wait()
+        return polled
+
+
 @pytest.fixture
-def poll_waits(monkeypatch: pytest.MonkeyPatch) -> Callable[[], Any]:
-    """``await poll_waits()`` returns once a long poll of the control plane (in this Trio
-    run) waits for a wake-up, i.e. can be handed a task."""
-    from everruns.server.notifier import TaskInterest
-
-    waiting: list[trio.Event] = [trio.Event()]
-    wait = TaskInterest.wait
-
-    async def signalling(self: TaskInterest) -> None:
-        waiting[0].set()
-        await wait(self)
-
-    monkeypatch.setattr(TaskInterest, "wait", signalling)
-
-    async def poll_waits() -> None:
-        await waiting[0].wait()
-        waiting[0] = trio.Event()
-
-    return poll_waits
+def polls(monkeypatch: pytest.MonkeyPatch) -> WaitingPolls:
+    return WaitingPolls(monkeypatch)
 
 
 async def start_in_sight(
@@ -1503,7 +1517,7 @@ async def times_six(ctx: Any, arg: int) -> int:
 
 
 async def test_a_start_hands_its_workflow_task_to_a_waiting_poll(
-    database_url: str, pool: pg.Pool, monkeypatch: pytest.MonkeyPatch, poll_waits: Any
+    database_url: str, pool: pg.Pool, monkeypatch: pytest.MonkeyPatch, polls: WaitingPolls
 ) -> None:
     """Eager start: a worker's long poll waiting for the type gets the new run's workflow
     task from the start itself (no claim statement), claimed for it with a lease, its run
@@ -1513,11 +1527,8 @@ async def test_a_start_hands_its_workflow_task_to_a_waiting_poll(
     with trio.fail_after(30):
         async with plane(database_url) as p:
             await p.register(workflow_types=["t"])
-            polled: list[pb.Task] = []
-            poll = functools.partial(p.poll_into, polled, wf=["t"], wait=20)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(poll)
-                await poll_waits()
+                polled = await polls.start(nursery, p, 20)
                 claims.clear()
                 assert await p.start("t", 7, wid="eager-1") == "eager-1"
             assert claims == []
@@ -1539,27 +1550,22 @@ async def test_a_start_hands_its_workflow_task_to_a_waiting_poll(
             await p.start("t", 1, wid="open")
             (first,) = await p.poll(wf=["t"])
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(poll)
-                await poll_waits()
-                polled.clear()
+                polled = await polls.start(nursery, p, 20)
                 await p.start("t", 2, wid="open")  # its run is open: nothing new
-                await poll_waits()  # the poll claimed again, found nothing, and waits
+                await polls.next_wait()  # the poll claimed again, found nothing, and waits
                 nursery.cancel_scope.cancel()
             assert polled == [] and first.workflow_id == "open"
 
 
 async def test_a_poll_whose_time_ends_during_the_start_still_gets_its_task(
-    database_url: str, monkeypatch: pytest.MonkeyPatch, poll_waits: Any
+    database_url: str, monkeypatch: pytest.MonkeyPatch, polls: WaitingPolls
 ) -> None:
     reached, go, _ = await start_in_sight(monkeypatch)
     with trio.fail_after(30):
         async with plane(database_url) as p:
             await p.register(workflow_types=["t"])
-            polled: list[pb.Task] = []
-            poll = functools.partial(p.poll_into, polled, wf=["t"], wait=0.3)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(poll)
-                await poll_waits()
+                polled = await polls.start(nursery, p, 0.3)
                 nursery.start_soon(p.start, "t", 1, "late")
                 await reached.wait()
                 await trio.sleep(0.6)  # the poll's 0.3 s are over while the start is held
@@ -1568,7 +1574,7 @@ async def test_a_poll_whose_time_ends_during_the_start_still_gets_its_task(
 
 
 async def test_a_task_handed_to_a_poll_that_left_goes_back_to_the_queue(
-    database_url: str, pool: pg.Pool, monkeypatch: pytest.MonkeyPatch, poll_waits: Any
+    database_url: str, pool: pg.Pool, monkeypatch: pytest.MonkeyPatch, polls: WaitingPolls
 ) -> None:
     """The poll reserved for a start is cancelled before the start's statement ends: the
     start still succeeds, its workflow task goes back to the queue with its attempt
@@ -1578,17 +1584,11 @@ async def test_a_task_handed_to_a_poll_that_left_goes_back_to_the_queue(
         async with plane(database_url) as p:
             await p.register(workflow_types=["t"])
             async with trio.open_nursery() as nursery:
-                poll_scope = trio.CancelScope()
-
-                async def poll() -> None:
-                    with poll_scope:
-                        await p.poll(wf=["t"])
-
-                nursery.start_soon(poll)
-                await poll_waits()
-                nursery.start_soon(p.start, "t", 1, "orphan")
-                await reached.wait()
-                poll_scope.cancel()  # the poll's caller goes away
+                async with trio.open_nursery() as polling:
+                    await polls.start(polling, p, 5)
+                    nursery.start_soon(p.start, "t", 1, "orphan")
+                    await reached.wait()
+                    polling.cancel_scope.cancel()  # the poll's caller goes away
                 await left.wait()  # the control plane has seen it go
                 go.set()
             # the start gave the task back before it answered

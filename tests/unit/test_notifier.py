@@ -340,4 +340,4 @@ async def test_settling_for_a_poll_that_left_leaves_the_tasks_with_the_starter()
         nursery.cancel_scope.cancel()
     assert taker.closed
     assert notifier.settle(taker, ["task"]) is False
-    assert taker.handed is None
+    assert taker.handed == []

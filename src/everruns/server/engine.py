@@ -191,22 +191,20 @@ class Engine:
     async def start_workflows(
         self, requests: Sequence[StartRequest]
     ) -> list[tuple[StartedRun, bool]]:
-        """Start runs (idempotent per open workflow id), all in one statement."""
+        """Start runs (idempotent per open workflow id): one run handed to a waiting poll
+        (`_start_handed`), or in statements of up to `START_STATEMENT_ROWS`."""
         for request in requests:
             check_name(request.workflow_type, "workflow_type")
             if request.workflow_id is not None:
                 check_name(request.workflow_id, "workflow_id")
             self.check_payload(request.input, "input")
         await self._check_capacity(len(requests))
-        if len(requests) == 1:
-            taker = self.notifier.reserve_claimer(f"workflow:{requests[0].workflow_type}")
-            if taker is not None:
-                handed = await self._start_handed(requests[0], taker)
-                if handed is not None:
-                    return [handed]
-        started = await self._start_statements(
-            [(r.workflow_id or "", r.workflow_type, r.input) for r in requests]
-        )
+        rows = [(r.workflow_id or "", r.workflow_type, r.input) for r in requests]
+        taker = self.notifier.reserve_claimer(f"workflow:{rows[0][1]}") if len(rows) == 1 else None
+        if taker is not None:
+            started = [await self._start_handed(rows[0], taker)]
+        else:
+            started = await self._start_statements(rows)
         results: list[tuple[StartedRun, bool]] = []
         for request, (workflow_id, run_id, created) in zip(requests, started, strict=True):
             if run_id is None:  # its open run ended in the same instant: start it again
@@ -217,19 +215,20 @@ class Engine:
         return results
 
     async def _start_handed(
-        self, request: StartRequest, taker: TaskInterest
-    ) -> tuple[StartedRun, bool] | None:
-        """Eager start: start the run with its workflow task claimed for the worker whose long
-        poll ``taker`` is (reserved for this), and hand the task to that poll, which answers
-        at once: no NOTIFY, no claim statement. Returns None if the workflow id's open run
-        ended in the same instant (the caller starts it the usual way). A task the poll can no
-        longer take (it has left) goes back to the queue; one whose start was cancelled after
-        its commit waits for its lease to lapse, as any claim whose answer is lost."""
+        self, row: tuple[str, str, str], taker: TaskInterest
+    ) -> tuple[str, uuid.UUID | None, bool]:
+        """Eager start: start the run of ``row`` (as `Store.start_workflows` takes it) with
+        its workflow task claimed for the worker whose long poll ``taker`` is (reserved for
+        this), and hand the task to that poll, which answers at once: no NOTIFY, no claim
+        statement. Returns what `Store.start_workflows` returns for the row. A task the poll
+        can no longer take (it has left) goes back to the queue; one whose start was
+        cancelled after its commit waits for its lease to lapse, as any claim whose answer is
+        lost."""
         assert taker.worker is not None
         handed: list[ClaimedTask] = []
         try:
             workflow_id, run_id, task, history = await self.store.start_workflow_for(
-                taker.worker, request.workflow_id or "", request.workflow_type, request.input
+                taker.worker, *row
             )
             if task is not None:
                 assert task.claimed_at is not None
@@ -238,9 +237,7 @@ class Engine:
             if not self.notifier.settle(taker, handed) and handed:
                 with trio.move_on_after(_GIVE_BACK_SECONDS, shield=True):
                     await self._give_back(handed)
-        if run_id is None:
-            return None
-        return StartedRun(workflow_id, run_id), task is not None
+        return workflow_id, run_id, task is not None
 
     async def _give_back(self, handed: Sequence[ClaimedTask]) -> None:
         """Return tasks claimed for a poll that did not take them to the queue, their attempt

@@ -50,7 +50,7 @@ class TaskInterest:
         self.woken_by: str | None = None  # set by a wake-up, cleared when acted on (rearm)
         self.waiting = False  # in `wait`: not claiming, so it can be reserved
         self.reserved = False  # a starter will hand it tasks (or settle with none)
-        self.handed: list[Any] | None = None  # what the settled reservation handed over
+        self.handed: list[Any] = []  # what the settled reservation handed over
         self.closed = False  # the claimer has left
 
     def rearm(self) -> None:
@@ -68,7 +68,7 @@ class TaskInterest:
 
     def take(self) -> list[Any]:
         """The tasks a settled reservation handed over (now the claimer's), or [] if none."""
-        handed, self.handed = self.handed or [], []
+        handed, self.handed = self.handed, []
         self.reserved = False
         return handed
 
