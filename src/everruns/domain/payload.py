@@ -15,6 +15,10 @@ from everruns.errors import PayloadError
 
 __all__ = ["decode", "encode", "encode_text"]
 
+# One encoder for every payload: `json.dumps` with any option builds a new JSONEncoder per call,
+# which costs as much as encoding a small payload.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
 
 def _plain(value: Any) -> bool:
     """Whether ``value`` is plain exact JSON: only the built-in types themselves, finite
@@ -76,7 +80,7 @@ def encode_text(value: Any, *, what: str = "payload") -> str:
     """
     if not _plain(value):
         _check(value, what)
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return _ENCODER.encode(value)
 
 
 def encode(value: Any, *, what: str = "payload") -> bytes:

@@ -27,11 +27,13 @@ Row = Mapping[str, Any]
 
 
 def _obj(text: str | None) -> dict[str, Any] | None:
-    return None if text is None else dict(json.loads(text))
+    if text is None:
+        return None
+    return {} if text == "{}" else dict(json.loads(text))  # '{}': a task's usual retry policy
 
 
 def _list(text: str | None) -> list[Any]:
-    return [] if text is None else list(json.loads(text))
+    return [] if text is None or text == "[]" else list(json.loads(text))
 
 
 @attrs.frozen
