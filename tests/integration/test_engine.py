@@ -1673,46 +1673,46 @@ async def test_statements_find_rows_by_key_whatever_the_statistics_say(
     must reach its rows through an index condition."""
     from everruns.store.queries import QUERIES
 
-    names = {sql: name for name, sql in QUERIES.items()}
-    for sql in (
-        "INSERT INTO durable_workflow_instances (id, workflow_id, workflow_type, input,"
-        " partition_key, status, result, started_at, completed_at)"
-        " SELECT gen_random_uuid(), 'old-' || g, 'plan', '1', 'old-' || g, 'completed', '1',"
-        " now(), now() FROM generate_series(1, 2000) g",
-        "INSERT INTO durable_task_queue (id, run_id, workflow_id, kind, activity_type,"
-        " activity_id, partition_key, status, attempt, completed_at)"
-        " SELECT gen_random_uuid(), id, workflow_id, 'activity', 'work', 'a', workflow_id,"
-        " 'completed', 1, now() FROM durable_workflow_instances",
-        "INSERT INTO durable_workflow_events (run_id, workflow_id, sequence_num, event_type,"
-        " payload) SELECT id, workflow_id, n, 'e', '{}' FROM durable_workflow_instances,"
-        " generate_series(1, 3) n",
-        "INSERT INTO durable_dead_letter_queue (id, task_id, run_id, workflow_id, activity_type,"
-        " input, attempts, last_error, requeued_at, requeue_applied_at, partition_key)"
-        " SELECT gen_random_uuid(), id, run_id, workflow_id, 'work', '1', 1, 'x', now(), now(),"
-        " workflow_id FROM durable_task_queue",
-        "INSERT INTO durable_timers (run_id, workflow_id, timer_id, fire_at, status,"
-        " partition_key) SELECT id, workflow_id, 't', now(), 'fired', workflow_id"
-        " FROM durable_workflow_instances",
-        "INSERT INTO durable_signals (run_id, workflow_id, signal_name, processed_at)"
-        " SELECT id, workflow_id, 'go', now() FROM durable_workflow_instances",
-        "INSERT INTO durable_workers (id, status, max_concurrency, stopped_at)"
-        " SELECT 'old-' || g, 'stopped', 1, now() FROM generate_series(1, 2000) g",
-        "ANALYZE",
-    ):
-        await pool.execute(sql)
-    seen: dict[str, tuple[Any, ...]] = {}
+    with trio.fail_after(60):
+        names = {sql: name for name, sql in QUERIES.items()}
+        for sql in (
+            "INSERT INTO durable_workflow_instances (id, workflow_id, workflow_type, input,"
+            " partition_key, status, result, started_at, completed_at)"
+            " SELECT gen_random_uuid(), 'old-' || g, 'plan', '1', 'old-' || g, 'completed', '1',"
+            " now(), now() FROM generate_series(1, 2000) g",
+            "INSERT INTO durable_task_queue (id, run_id, workflow_id, kind, activity_type,"
+            " activity_id, partition_key, status, attempt, completed_at)"
+            " SELECT gen_random_uuid(), id, workflow_id, 'activity', 'work', 'a', workflow_id,"
+            " 'completed', 1, now() FROM durable_workflow_instances",
+            "INSERT INTO durable_workflow_events (run_id, workflow_id, sequence_num, event_type,"
+            " payload) SELECT id, workflow_id, n, 'e', '{}' FROM durable_workflow_instances,"
+            " generate_series(1, 3) n",
+            "INSERT INTO durable_dead_letter_queue (id, task_id, run_id, workflow_id, activity_type,"
+            " input, attempts, last_error, requeued_at, requeue_applied_at, partition_key)"
+            " SELECT gen_random_uuid(), id, run_id, workflow_id, 'work', '1', 1, 'x', now(), now(),"
+            " workflow_id FROM durable_task_queue",
+            "INSERT INTO durable_timers (run_id, workflow_id, timer_id, fire_at, status,"
+            " partition_key) SELECT id, workflow_id, 't', now(), 'fired', workflow_id"
+            " FROM durable_workflow_instances",
+            "INSERT INTO durable_signals (run_id, workflow_id, signal_name, processed_at)"
+            " SELECT id, workflow_id, 'go', now() FROM durable_workflow_instances",
+            "INSERT INTO durable_workers (id, status, max_concurrency, stopped_at)"
+            " SELECT 'old-' || g, 'stopped', 1, now() FROM generate_series(1, 2000) g",
+            "ANALYZE",
+        ):
+            await pool.execute(sql)
+        seen: dict[str, tuple[Any, ...]] = {}
 
-    def recording(original: Any) -> Any:
-        async def run(self: Any, query: str, *args: Any) -> Any:
-            if query in names:
-                seen.setdefault(names[query], args)  # the first arguments it ran with
-            return await original(self, query, *args)
+        def recording(original: Any) -> Any:
+            async def run(self: Any, query: str, *args: Any) -> Any:
+                if query in names:
+                    seen.setdefault(names[query], args)  # the first arguments it ran with
+                return await original(self, query, *args)
 
-        return run
+            return run
 
-    for method in ("execute", "fetch", "fetchrow", "fetchval"):
-        monkeypatch.setattr(pg.Connection, method, recording(getattr(pg.Connection, method)))
-    with trio.fail_after(30):
+        for method in ("execute", "fetch", "fetchrow", "fetchval"):
+            monkeypatch.setattr(pg.Connection, method, recording(getattr(pg.Connection, method)))
         async with plane(database_url) as p:
             await p.register(
                 workflow_types=["steps", "signal", "parent", "kid"], activity_types=["work"]
@@ -1765,25 +1765,25 @@ async def test_statements_find_rows_by_key_whatever_the_statistics_say(
                 p.workers.worker_heartbeat,
                 pb.WorkerHeartbeatRequest(worker_id="w1", status="stopped"),
             )
-    monkeypatch.undo()
-    some = uuid.uuid4()
-    # Statements that find rows by key which this life may not reach, with arguments of
-    # their kind.
-    for name, args in {
-        "set_run_running": (some,),
-        "end_run": (some, "completed", "1", None),
-        "set_run_stuck": (some, "reason"),
-        "unclaim_task": (some, 1),
-        "lock_task_lease": (some, 1),
-        "start_runs": ([some],),
-    }.items():
-        seen.setdefault(name, args)
-    unbounded = {}
-    async with pool.acquire() as conn:
-        for name, args in sorted(seen.items()):
-            (row,) = await conn.fetch("EXPLAIN (FORMAT JSON) " + QUERIES[name], *args)
-            scans = _unbounded_scans(json.loads(row[0])[0]["Plan"])
-            if scans and name not in _WHOLE_BY_DESIGN:
-                unbounded[name] = scans
-    assert {"heartbeat_task", "complete_activities", "apply_workflow_tasks"} <= seen.keys()
-    assert unbounded == {}
+        monkeypatch.undo()
+        some = uuid.uuid4()
+        # Statements that find rows by key which this life may not reach, with arguments of
+        # their kind.
+        for name, args in {
+            "set_run_running": (some,),
+            "end_run": (some, "completed", "1", None),
+            "set_run_stuck": (some, "reason"),
+            "unclaim_task": (some, 1),
+            "lock_task_lease": (some, 1),
+            "start_runs": ([some],),
+        }.items():
+            seen.setdefault(name, args)
+        unbounded = {}
+        async with pool.acquire() as conn:
+            for name, args in sorted(seen.items()):
+                (row,) = await conn.fetch("EXPLAIN (FORMAT JSON) " + QUERIES[name], *args)
+                scans = _unbounded_scans(json.loads(row[0])[0]["Plan"])
+                if scans and name not in _WHOLE_BY_DESIGN:
+                    unbounded[name] = scans
+        assert {"heartbeat_task", "complete_activities", "apply_workflow_tasks"} <= seen.keys()
+        assert unbounded == {}
