@@ -1601,8 +1601,9 @@ async def test_a_task_handed_to_a_poll_that_left_goes_back_to_the_queue(
 # ----------------------------------------------------------------------------- query plans
 
 # Statements that read a partial index (or a table) whole by design: the duties' sweeps, for
-# which every claimed or pending task may have timed out or lost its holder, and every requeue
-# an operator wrote is due; the next due timer, a min() that reads one end of its index; and a
+# which every claimed task may have timed out or lost its holder (as many as the workers have
+# slots; pending tasks are swept through the index of their deadlines), and every requeue an
+# operator wrote is due; the next due timer, a min() that reads one end of its index; and a
 # page of the operator's dead-letter listing.
 _WHOLE_BY_DESIGN = {
     "find_stale_tasks",
@@ -1766,6 +1767,16 @@ async def test_statements_find_rows_by_key_whatever_the_statistics_say(
                 pb.WorkerHeartbeatRequest(worker_id="w1", status="stopped"),
             )
         monkeypatch.undo()
+        # Every live task's stored schedule-to-start deadline is its visibility's, whichever
+        # statement wrote it (starts, decisions applied alone or with results, retries...).
+        assert (
+            await pool.fetchval(
+                "SELECT count(*) FROM durable_task_queue WHERE status IN ('pending', 'claimed')"
+                " AND start_deadline IS DISTINCT FROM"
+                " visible_at + make_interval(secs => schedule_to_start_s)"
+            )
+            == 0
+        )
         some = uuid.uuid4()
         # Statements that find rows by key which this life may not reach, with arguments of
         # their kind.

@@ -3,6 +3,7 @@ the cases it lacked (stale leases refused, reclaim past max_attempts, breaker ra
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
@@ -14,6 +15,7 @@ from everruns.domain.breaker import BreakerConfig
 from everruns.domain.retry import RetryPolicy
 from everruns.errors import AlreadyExists, ConcurrencyConflict, NotFound, StaleLease
 from everruns.store.models import WorkflowRun
+from everruns.store.queries import QUERIES
 from everruns.store.store import Decision, DecisionAhead, NewEvent, NewTask, RunEnd, Store
 
 pytestmark = pytest.mark.db
@@ -991,3 +993,81 @@ async def test_a_decision_made_ahead_on_another_history_writes_nothing(
             run.run_id,
         )
         assert pending == 1
+
+
+_DEADLINES_OFF = (
+    "SELECT count(*) FROM durable_task_queue WHERE status IN ('pending', 'claimed')"
+    " AND start_deadline IS DISTINCT FROM visible_at + make_interval(secs => schedule_to_start_s)"
+)
+
+
+async def test_a_task_s_schedule_to_start_deadline_moves_with_its_visibility(
+    store: Store, pool: Pool
+) -> None:
+    """The stored deadline is visible_at + schedule_to_start_s through every way a task goes
+    back to pending: a retry after backoff, a release, a give-back, a requeued dead letter."""
+    with trio.fail_after(10):
+        run = await _run(store)
+        await _activity(store, run, schedule_to_start_s=60, retry=RetryPolicy(max_attempts=3))
+        assert await pool.fetchval(_DEADLINES_OFF) == 0
+        (task,) = await _claim(store, "w1")
+        async with store.transaction() as conn:
+            outcome = await store.fail_task(conn, task.task_id, task.lease_token, {"message": "x"})
+        assert outcome.will_retry and await pool.fetchval(_DEADLINES_OFF) == 0
+        # The backoff, skipped (deadline and all).
+        await pool.execute(
+            "UPDATE durable_task_queue SET visible_at = now(),"
+            " start_deadline = now() + interval '60 s'"
+        )
+        (task,) = await _claim(store, "w1")
+        async with store.transaction() as conn:
+            await store.release_task(conn, task, {"message": "holder lost"})
+        assert await pool.fetchval(_DEADLINES_OFF) == 0
+        (task,) = await _claim(store, "w1")
+        async with store.transaction() as conn:
+            await store.unclaim(conn, task)
+        assert await pool.fetchval(_DEADLINES_OFF) == 0
+        (task,) = await _claim(store, "w1")
+        async with store.transaction() as conn:
+            await store.fail_task(
+                conn, task.task_id, task.lease_token, {"message": "x"}, non_retryable=True
+            )
+        (letter,) = await store.list_dead_letters()
+        async with store.transaction() as conn:
+            await store.requeue_dead_letter(conn, letter.id)
+        assert await pool.fetchval(_DEADLINES_OFF) == 0
+        assert (
+            await pool.fetchval(
+                "SELECT count(*) FROM durable_task_queue WHERE status = 'pending'"
+                " AND start_deadline > now() + interval '59 s'"
+            )
+            == 1
+        )
+
+
+async def test_the_timeout_sweep_reads_only_the_tasks_that_are_due(
+    store: Store, pool: Pool
+) -> None:
+    """Every activity has a schedule-to-start deadline (60 s by default), so a sweep that
+    computed it would read every pending task each round; it reads the index of deadlines."""
+    with trio.fail_after(20):
+        run = await _run(store)
+        await pool.execute(
+            "INSERT INTO durable_task_queue (id, run_id, workflow_id, kind, activity_type,"
+            " activity_id, partition_key, schedule_to_start_s, start_deadline)"
+            " SELECT gen_random_uuid(), $1, 'wf-1', 'activity', 'charge', 'a' || g, 'wf-1', 60,"
+            " now() + interval '60 s' FROM generate_series(1, 3000) g",
+            run.run_id,
+        )
+        await _activity(store, run, "due", schedule_to_start_s=0.05)
+        await pool.execute("ANALYZE durable_task_queue")
+        await trio.sleep(0.1)
+        async with store.transaction() as conn:
+            due = await store.timed_out_tasks(conn)
+            (row,) = await conn.fetch(
+                "EXPLAIN (ANALYZE, FORMAT JSON) " + QUERIES["find_timed_out_tasks"], 500
+            )
+        assert [t.activity_id for t in due] == ["due"]
+        plan = json.dumps(json.loads(row[0]))
+        assert "durable_task_queue_start_deadline" in plan
+        assert (await store.seconds_until_timeout() or 0) < 0  # "due" is overdue

@@ -107,9 +107,9 @@ LIMIT $3;
 -- Enqueue a task (workflow or activity).
 INSERT INTO durable_task_queue (id, run_id, workflow_id, kind, activity_type, activity_id, input,
     max_attempts, priority, visible_at, retry_policy, schedule_to_start_s, start_to_close_s,
-    heartbeat_timeout_s, breaker_key, partition_key)
+    heartbeat_timeout_s, breaker_key, partition_key, start_deadline)
 VALUES ($1, $2, $3, $4, $5, $6, $7::json, $8, $9, coalesce($10, now()), $11::json, $12, $13, $14,
-        $15, $3)
+        $15, $3, coalesce($10, now()) + make_interval(secs => $12))
 RETURNING *;
 
 -- name: ensure_workflow_task
@@ -160,7 +160,10 @@ SELECT * FROM durable_task_queue WHERE id = $1;
 -- Put a failed attempt back in the queue after a delay, keeping its error.
 UPDATE durable_task_queue
 SET status = 'pending', claimed_by = NULL, claimed_at = NULL, heartbeat_at = NULL,
-    visible_at = now() + make_interval(secs => $2), last_error = $3::json,
+    visible_at = now() + make_interval(secs => $2),
+    start_deadline = now() + make_interval(secs => $2)
+                   + make_interval(secs => schedule_to_start_s),
+    last_error = $3::json,
     error_history = (error_history::jsonb || jsonb_build_array($3::jsonb))::json, updated_at = now()
 WHERE id = $1
 RETURNING *;
@@ -222,7 +225,8 @@ RETURNING d.*;
 -- Put a dead task back in the queue with fresh attempts.
 UPDATE durable_task_queue
 SET status = 'pending', attempt = 0, claimed_by = NULL, claimed_at = NULL, heartbeat_at = NULL,
-    visible_at = now(), completed_at = NULL, requeue_count = requeue_count + 1, updated_at = now()
+    visible_at = now(), start_deadline = now() + make_interval(secs => schedule_to_start_s),
+    completed_at = NULL, requeue_count = requeue_count + 1, updated_at = now()
 WHERE id = $1 AND status = 'dead'
 RETURNING *;
 
@@ -245,7 +249,8 @@ FOR UPDATE SKIP LOCKED;
 -- Give a claimed task back to the queue at once (its attempt stays counted).
 UPDATE durable_task_queue
 SET status = 'pending', claimed_by = NULL, claimed_at = NULL, heartbeat_at = NULL,
-    visible_at = now(), last_error = $2::json,
+    visible_at = now(), start_deadline = now() + make_interval(secs => schedule_to_start_s),
+    last_error = $2::json,
     error_history = (error_history::jsonb || jsonb_build_array($2::jsonb))::json, updated_at = now()
 WHERE id = $1
 RETURNING *;
@@ -427,8 +432,7 @@ SELECT * FROM durable_circuit_breaker_state WHERE key = $1 AND state <> 'closed'
 -- Activity tasks past a server-enforced timeout (schedule-to-start, start-to-close, heartbeat).
 SELECT * FROM durable_task_queue
 WHERE kind = 'activity' AND (
-       (status = 'pending' AND schedule_to_start_s IS NOT NULL
-        AND visible_at + make_interval(secs => schedule_to_start_s) < now())
+       (status = 'pending' AND start_deadline < now())
     OR (status = 'claimed' AND start_to_close_s IS NOT NULL
         AND claimed_at + make_interval(secs => start_to_close_s) < now())
     OR (status = 'claimed' AND heartbeat_timeout_s IS NOT NULL
@@ -439,8 +443,8 @@ FOR UPDATE SKIP LOCKED;
 -- name: next_timeout
 -- Seconds until the next server-enforced activity timeout (NULL: none pending).
 SELECT extract(epoch FROM least(
-    (SELECT min(visible_at + make_interval(secs => schedule_to_start_s)) FROM durable_task_queue
-     WHERE status = 'pending' AND kind = 'activity' AND schedule_to_start_s IS NOT NULL),
+    (SELECT min(start_deadline) FROM durable_task_queue
+     WHERE status = 'pending' AND start_deadline IS NOT NULL),
     (SELECT min(least(claimed_at + make_interval(secs => start_to_close_s),
                       heartbeat_at + make_interval(secs => heartbeat_timeout_s)))
      FROM durable_task_queue WHERE status = 'claimed' AND kind = 'activity')
@@ -643,11 +647,11 @@ WITH req AS (
 ), inserted AS (
     INSERT INTO durable_task_queue (id, run_id, workflow_id, kind, activity_type, activity_id,
         input, max_attempts, priority, visible_at, retry_policy, schedule_to_start_s,
-        start_to_close_s, heartbeat_timeout_s, breaker_key, partition_key, status, claimed_by,
-        claimed_at, heartbeat_at, attempt, lease_token)
+        start_to_close_s, heartbeat_timeout_s, breaker_key, partition_key, start_deadline,
+        status, claimed_by, claimed_at, heartbeat_at, attempt, lease_token)
     SELECT a.id, run.id, run.workflow_id, 'activity', a.activity_type, a.activity_id,
            a.input::json, a.max_attempts, a.priority, now(), a.retry_policy::json, a.s2s, a.s2c,
-           a.hb, a.bkey, run.workflow_id,
+           a.hb, a.bkey, run.workflow_id, now() + make_interval(secs => a.s2s),
            CASE WHEN e.eager THEN 'claimed' ELSE 'pending' END,
            CASE WHEN e.eager THEN $4 END,
            CASE WHEN e.eager THEN now() END,
@@ -852,11 +856,11 @@ WITH req AS (
 ), inserted AS (
     INSERT INTO durable_task_queue (id, run_id, workflow_id, kind, activity_type, activity_id,
         input, max_attempts, priority, visible_at, retry_policy, schedule_to_start_s,
-        start_to_close_s, heartbeat_timeout_s, breaker_key, partition_key, status, claimed_by,
-        claimed_at, heartbeat_at, attempt, lease_token)
+        start_to_close_s, heartbeat_timeout_s, breaker_key, partition_key, start_deadline,
+        status, claimed_by, claimed_at, heartbeat_at, attempt, lease_token)
     SELECT a.id, ok.id, ok.workflow_id, 'activity', a.activity_type, a.activity_id,
            a.input::json, a.max_attempts, a.priority, now(), a.retry_policy::json, a.s2s, a.s2c,
-           a.hb, a.bkey, ok.workflow_id,
+           a.hb, a.bkey, ok.workflow_id, now() + make_interval(secs => a.s2s),
            CASE WHEN e.eager THEN 'claimed' ELSE 'pending' END,
            CASE WHEN e.eager THEN $25 END,
            CASE WHEN e.eager THEN now() END,
