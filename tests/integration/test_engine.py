@@ -1616,8 +1616,9 @@ _WHOLE_BY_DESIGN = {
 
 
 def _unbounded_scans(plan: dict[str, Any]) -> list[str]:
-    """The scans in ``plan`` of an everruns table that no index condition bounds: a
-    sequential scan, or an index read whole (to find one row, every row the index holds)."""
+    """The scans in ``plan`` of an everruns table that nothing bounds: a sequential scan, or
+    an index read whole (to find one row, every row the index holds). An index read in order
+    under a LIMIT, with no filter, stops at the first rows: bounded."""
     found: list[str] = []
 
     def bounded(node: dict[str, Any]) -> bool:
@@ -1625,23 +1626,24 @@ def _unbounded_scans(plan: dict[str, Any]) -> list[str]:
             return "Index Cond" in node
         return all(bounded(child) for child in node.get("Plans", []))
 
-    def walk(node: dict[str, Any]) -> None:
+    def walk(node: dict[str, Any], limited: bool) -> None:
         kind, table = node["Node Type"], node.get("Relation Name", "")
+        whole_index = kind in ("Index Scan", "Index Only Scan") and "Index Cond" not in node
         # Circuit breakers: one row per breaker key, a handful.
         if (
             table.startswith("durable_")
             and table != "durable_circuit_breaker_state"
             and (
                 kind == "Seq Scan"
-                or (kind in ("Index Scan", "Index Only Scan") and "Index Cond" not in node)
+                or (whole_index and not (limited and "Filter" not in node))
                 or (kind == "Bitmap Heap Scan" and not bounded(node))
             )
         ):
             found.append(f"{kind} on {table} {node.get('Index Name', '')}".strip())
         for child in node.get("Plans", []):
-            walk(child)
+            walk(child, kind == "Limit")
 
-    walk(plan)
+    walk(plan, False)
     return found
 
 

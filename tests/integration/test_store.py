@@ -1071,3 +1071,49 @@ async def test_the_timeout_sweep_reads_only_the_tasks_that_are_due(
         plan = json.dumps(json.loads(row[0]))
         assert "durable_task_queue_start_deadline" in plan
         assert (await store.seconds_until_timeout() or 0) < 0  # "due" is overdue
+
+
+def _rows_read(plan: dict[str, Any], table: str) -> int:
+    """Rows the scans of ``table`` in an EXPLAIN ANALYZE plan returned, all loops together."""
+    own = plan["Actual Rows"] * plan["Actual Loops"] if plan.get("Relation Name") == table else 0
+    return own + sum(_rows_read(child, table) for child in plan.get("Plans", []))
+
+
+async def test_the_wake_up_sweep_names_new_and_straggling_keys_from_a_few_rows_per_key(
+    store: Store, pool: Pool
+) -> None:
+    """The due scanner pokes the claimers of task types whose tasks became visible since its
+    last round, later than they were written (retries after their backoff), or whose next
+    task has waited visible too long (a wake-up lost). A task visible when written was
+    announced then. A backlog of 3,000 tasks is one type's worth of index probes, not 3,000."""
+    with trio.fail_after(20):
+        run = await _run(store)
+        await pool.execute(
+            "INSERT INTO durable_task_queue (id, run_id, workflow_id, kind, activity_type,"
+            " activity_id, partition_key, visible_at)"
+            " SELECT gen_random_uuid(), $1, 'wf-1', 'activity', 'charge', 'a' || g, 'wf-1',"
+            " now() - interval '1 hour' FROM generate_series(1, 3000) g",
+            run.run_id,
+        )
+        await _activity(store, run, "later", atype="ship", visible_at=None)
+        await pool.execute(
+            "UPDATE durable_task_queue SET visible_at = now() + interval '1 hour'"
+            " WHERE activity_type = 'ship'"
+        )
+        await _activity(store, run, "backoff", atype="refund")  # a retry, 0.3 s from now
+        await pool.execute(
+            "UPDATE durable_task_queue SET visible_at = now() + interval '0.3 s'"
+            " WHERE activity_type = 'refund'"
+        )
+        await pool.execute("ANALYZE durable_task_queue")
+        since = await store.now()
+        await _activity(store, run, "new", atype="mail")  # announced as it is written
+        await trio.sleep(0.4)
+        keys, _ = await store.newly_visible_keys(since, straggling_after=60)
+        assert sorted(keys) == ["activity:charge", "activity:refund"]
+        keys, _ = await store.newly_visible_keys(await store.now(), straggling_after=7200)
+        assert keys == []  # nothing new since, nothing waited two hours
+        (row,) = await pool.fetch(
+            "EXPLAIN (ANALYZE, FORMAT JSON) " + QUERIES["newly_visible_keys"], since, 60.0
+        )
+        assert _rows_read(json.loads(row[0])[0]["Plan"], "durable_task_queue") < 20

@@ -371,7 +371,8 @@ RETURNING t.run_id, t.timer_id;
 -- admit probes ($1: the breakers' open duration) (NULL: nothing waits).
 SELECT extract(epoch FROM least(
     (SELECT min(fire_at) FROM durable_timers WHERE status = 'pending'),
-    (SELECT min(visible_at) FROM durable_task_queue WHERE status = 'pending' AND visible_at > now()),
+    (SELECT min(visible_at) FROM durable_task_queue
+     WHERE status = 'pending' AND visible_at > created_at AND visible_at > now()),
     (SELECT min(opened_at) + make_interval(secs => $1) FROM durable_circuit_breaker_state
      WHERE state = 'open' AND opened_at + make_interval(secs => $1) > now())
 ) - now())::float8;
@@ -923,13 +924,37 @@ ORDER BY req.no;
 SELECT * FROM durable_workers WHERE id = $1;
 
 -- name: newly_visible_keys
--- Task keys (kind:type) of pending tasks that became visible after $1, or that have waited
--- visible for more than $2 seconds (a safety net: a wake-up lost anywhere costs at most one
--- scanner round), with the database time.
+-- Task keys (kind:type) of pending tasks made visible after $1 (later than they were written:
+-- a backoff, a release, a requeue; a task visible when written was announced then), or whose
+-- next task in
+-- claim order has waited visible for more than $2 seconds (a safety net: a wake-up lost
+-- anywhere costs at most one scanner round), with the database time. The keys are walked
+-- through the claim index one at a time (a skip scan) and each key's next task is looked up,
+-- so a backlog costs a few index probes per key, not a read of every waiting task.
+WITH RECURSIVE waiting AS (
+    (SELECT kind, activity_type FROM durable_task_queue
+     WHERE status = 'pending' ORDER BY kind, activity_type LIMIT 1)
+    UNION ALL
+    SELECT after.kind, after.activity_type FROM waiting w, LATERAL (
+        SELECT t.kind, t.activity_type FROM durable_task_queue t
+        WHERE t.status = 'pending' AND (t.kind, t.activity_type) > (w.kind, w.activity_type)
+        ORDER BY t.kind, t.activity_type LIMIT 1) after
+), straggling AS (
+    SELECT w.kind || ':' || w.activity_type AS key
+    FROM waiting w, LATERAL (
+        SELECT t.visible_at FROM durable_task_queue t
+        WHERE t.status = 'pending' AND t.kind = w.kind AND t.activity_type = w.activity_type
+          AND t.visible_at <= now()
+        ORDER BY t.priority DESC, t.visible_at LIMIT 1) head
+    WHERE head.visible_at < now() - make_interval(secs => $2)
+), fresh AS (
+    -- Tasks made visible later than they were written (the others were announced then).
+    SELECT kind || ':' || activity_type AS key FROM durable_task_queue
+    WHERE status = 'pending' AND visible_at > created_at AND visible_at <= now()
+      AND visible_at > $1
+)
 SELECT k.key, now() AS now
-FROM (SELECT DISTINCT kind || ':' || activity_type AS key FROM durable_task_queue
-      WHERE status = 'pending' AND visible_at <= now()
-        AND (visible_at > $1 OR visible_at < now() - make_interval(secs => $2))) k
+FROM (SELECT key FROM fresh UNION SELECT key FROM straggling) k
 RIGHT JOIN (SELECT 1) one ON true;
 
 -- name: start_workflow_for
