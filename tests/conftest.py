@@ -52,6 +52,17 @@ def with_database(url: str, database: str) -> str:
     return urlunsplit(parts._replace(path="/" + database))
 
 
+async def wrong_start_deadlines(pool: pg.Pool) -> int:
+    """How many live tasks have a stored schedule-to-start deadline other than their
+    visibility's (visible_at + schedule_to_start_s): the statements that write it must agree."""
+    count: int = await pool.fetchval(
+        "SELECT count(*) FROM durable_task_queue WHERE status IN ('pending', 'claimed')"
+        " AND start_deadline IS DISTINCT FROM"
+        " visible_at + make_interval(secs => schedule_to_start_s)"
+    )
+    return count
+
+
 @pytest.fixture(scope="session")
 def pg_server_url() -> Iterator[str]:
     """URL of a PostgreSQL server to create test databases on."""

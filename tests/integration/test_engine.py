@@ -35,6 +35,7 @@ from everruns.errors import (
 )
 from everruns.server import ServerConfig, serve
 from everruns.store.store import Store
+from tests.conftest import wrong_start_deadlines
 
 pytestmark = pytest.mark.db
 
@@ -1771,14 +1772,7 @@ async def test_statements_find_rows_by_key_whatever_the_statistics_say(
         monkeypatch.undo()
         # Every live task's stored schedule-to-start deadline is its visibility's, whichever
         # statement wrote it (starts, decisions applied alone or with results, retries...).
-        assert (
-            await pool.fetchval(
-                "SELECT count(*) FROM durable_task_queue WHERE status IN ('pending', 'claimed')"
-                " AND start_deadline IS DISTINCT FROM"
-                " visible_at + make_interval(secs => schedule_to_start_s)"
-            )
-            == 0
-        )
+        assert await wrong_start_deadlines(pool) == 0
         some = uuid.uuid4()
         # Statements that find rows by key which this life may not reach, with arguments of
         # their kind.

@@ -17,6 +17,7 @@ from everruns.errors import AlreadyExists, ConcurrencyConflict, NotFound, StaleL
 from everruns.store.models import WorkflowRun
 from everruns.store.queries import QUERIES
 from everruns.store.store import Decision, DecisionAhead, NewEvent, NewTask, RunEnd, Store
+from tests.conftest import wrong_start_deadlines
 
 pytestmark = pytest.mark.db
 
@@ -995,12 +996,6 @@ async def test_a_decision_made_ahead_on_another_history_writes_nothing(
         assert pending == 1
 
 
-_DEADLINES_OFF = (
-    "SELECT count(*) FROM durable_task_queue WHERE status IN ('pending', 'claimed')"
-    " AND start_deadline IS DISTINCT FROM visible_at + make_interval(secs => schedule_to_start_s)"
-)
-
-
 async def test_a_task_s_schedule_to_start_deadline_moves_with_its_visibility(
     store: Store, pool: Pool
 ) -> None:
@@ -1009,11 +1004,11 @@ async def test_a_task_s_schedule_to_start_deadline_moves_with_its_visibility(
     with trio.fail_after(10):
         run = await _run(store)
         await _activity(store, run, schedule_to_start_s=60, retry=RetryPolicy(max_attempts=3))
-        assert await pool.fetchval(_DEADLINES_OFF) == 0
+        assert await wrong_start_deadlines(pool) == 0
         (task,) = await _claim(store, "w1")
         async with store.transaction() as conn:
             outcome = await store.fail_task(conn, task.task_id, task.lease_token, {"message": "x"})
-        assert outcome.will_retry and await pool.fetchval(_DEADLINES_OFF) == 0
+        assert outcome.will_retry and await wrong_start_deadlines(pool) == 0
         # The backoff, skipped (deadline and all).
         await pool.execute(
             "UPDATE durable_task_queue SET visible_at = now(),"
@@ -1022,11 +1017,11 @@ async def test_a_task_s_schedule_to_start_deadline_moves_with_its_visibility(
         (task,) = await _claim(store, "w1")
         async with store.transaction() as conn:
             await store.release_task(conn, task, {"message": "holder lost"})
-        assert await pool.fetchval(_DEADLINES_OFF) == 0
+        assert await wrong_start_deadlines(pool) == 0
         (task,) = await _claim(store, "w1")
         async with store.transaction() as conn:
             await store.unclaim(conn, task)
-        assert await pool.fetchval(_DEADLINES_OFF) == 0
+        assert await wrong_start_deadlines(pool) == 0
         (task,) = await _claim(store, "w1")
         async with store.transaction() as conn:
             await store.fail_task(
@@ -1035,7 +1030,7 @@ async def test_a_task_s_schedule_to_start_deadline_moves_with_its_visibility(
         (letter,) = await store.list_dead_letters()
         async with store.transaction() as conn:
             await store.requeue_dead_letter(conn, letter.id)
-        assert await pool.fetchval(_DEADLINES_OFF) == 0
+        assert await wrong_start_deadlines(pool) == 0
         assert (
             await pool.fetchval(
                 "SELECT count(*) FROM durable_task_queue WHERE status = 'pending'"

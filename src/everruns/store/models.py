@@ -29,7 +29,7 @@ Row = Mapping[str, Any]
 def _obj(text: str | None) -> dict[str, Any] | None:
     if text is None:
         return None
-    return {} if text == "{}" else dict(json.loads(text))  # '{}': a task's usual retry policy
+    return {} if text == "{}" else dict(json.loads(text))  # '{}': a workflow task's retry policy
 
 
 def _list(text: str | None) -> list[Any]:
