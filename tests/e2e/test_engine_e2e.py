@@ -55,7 +55,12 @@ async def test_three_step_workflow_completes_with_combined_result(
 ) -> None:
     with trio.fail_after(60):
         async with open_cluster(database_url, tmp_path) as cluster:
-            await cluster.start_server()
+            server = await cluster.start_server()
+            # Beside serving, the control plane opens its pool to its size (10) ahead, every
+            # connection with every statement prepared.
+            await server.proc.wait_for_line(
+                "connection pool warm: 10 connections, every statement prepared", timeout=20
+            )
             await cluster.start_worker("worker-a")
             async with cluster.client() as client:
                 handle = await client.start_workflow(

@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from everruns._aio import pg
-from everruns.errors import DatabaseUnavailable
+from everruns.errors import DatabaseError, DatabaseUnavailable
 
 pytestmark = pytest.mark.db
 
@@ -108,3 +108,65 @@ async def test_the_control_planes_settings_reach_every_connection_and_lists_plan
             )
             assert rows[0]["mode"] == "force_custom_plan"
             assert await pool.fetchval("SHOW plan_cache_mode") == "force_generic_plan"
+
+
+_PREPARED = "SELECT statement FROM pg_prepared_statements"
+
+
+async def test_warm_up_opens_the_pool_and_prepares_each_statement_on_each_connection(
+    database_url: str,
+) -> None:
+    statements = ["SELECT $1::int + 1", "SELECT count(*) FROM pg_class WHERE relname = $1"]
+    with trio.fail_after(20):
+        async with pg.open_pool(database_url, min_size=1, max_size=3) as pool:
+            assert await pool.warm_up(statements) == 3
+            async with pool.acquire() as a, pool.acquire() as b, pool.acquire() as c:
+                pids = set()
+                for conn in (a, b, c):
+                    pids.add(int(await conn.fetchval("SELECT pg_backend_pid()")))
+                    prepared = {row["statement"] for row in await conn.fetch(_PREPARED)}
+                    assert set(statements) <= prepared
+                assert len(pids) == 3  # three connections, none opened twice
+                # The prepared statements are the ones queries run: nothing new is prepared.
+                before = sorted(row["statement"] for row in await a.fetch(_PREPARED))
+                assert await a.fetchval(statements[0], 41) == 42
+                assert sorted(row["statement"] for row in await a.fetch(_PREPARED)) == before
+            assert await pool.warm_up(statements) == 0  # every connection is warm already
+
+
+async def test_warm_up_leaves_borrowed_connections_and_never_opens_more_than_the_size(
+    database_url: str,
+) -> None:
+    with trio.fail_after(20):
+        async with pg.open_pool(database_url, min_size=1, max_size=2) as pool:
+            async with pool.acquire() as held:
+                busy = int(await held.fetchval("SELECT pg_backend_pid()"))
+                assert await pool.warm_up(["SELECT 1"]) == 1
+            async with pool.acquire() as a, pool.acquire() as b:
+                pids = {int(await conn.fetchval("SELECT pg_backend_pid()")) for conn in (a, b)}
+                assert busy in pids and len(pids) == 2
+
+
+async def test_warm_up_names_a_statement_that_does_not_prepare_and_the_pool_goes_on(
+    database_url: str,
+) -> None:
+    with trio.fail_after(20):
+        async with pg.open_pool(database_url, min_size=1, max_size=2) as pool:
+            with pytest.raises(DatabaseError, match="could not prepare 'SELEC nothing'"):
+                await pool.warm_up(["SELECT 1", "SELEC nothing"])
+            assert await pool.fetchval("SELECT 2") == 2
+
+
+async def test_warmed_idle_connections_hold_no_lock_a_migration_would_wait_for(
+    database_url: str,
+) -> None:
+    # asyncpg ends a prepare with Flush, leaving the implicit transaction (and its lock on
+    # each table the statement names) open until the connection's next statement.
+    with trio.fail_after(20):
+        async with pg.connect(database_url) as admin:
+            await admin.execute("CREATE TABLE warmed (id int PRIMARY KEY)")
+            async with pg.open_pool(database_url, min_size=1, max_size=2) as pool:
+                assert await pool.warm_up(["SELECT * FROM warmed WHERE id = $1"]) == 2
+                await admin.execute("SET lock_timeout = '2s'")
+                await admin.execute("ALTER TABLE warmed ADD COLUMN note text")
+                assert await pool.fetchval("SELECT count(*) FROM warmed") == 0

@@ -60,6 +60,21 @@ async def _age_heartbeats(pool: Pool, seconds: float) -> None:
     )
 
 
+async def test_every_statement_prepares_on_every_connection_at_warm_up(store: Store) -> None:
+    # Each statement of queries.sql is parsed and described against the migrated schema (a
+    # column renamed by a migration fails here, not at the first call that runs it), and all
+    # of them fit asyncpg's statement cache (100, LRU) or warming up would evict its own.
+    assert len(QUERIES) < 100
+    with trio.fail_after(30):
+        assert await store.warm_up() == 10  # the pool fixture's size
+        async with store.pool.acquire() as conn:
+            prepared = [
+                row["statement"]
+                for row in await conn.fetch("SELECT statement FROM pg_prepared_statements")
+            ]
+        assert sorted(set(prepared) & set(QUERIES.values())) == sorted(set(QUERIES.values()))
+
+
 async def test_create_and_get_workflow(store: Store) -> None:
     with trio.fail_after(10):
         run = await _run(store)

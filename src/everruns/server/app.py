@@ -15,6 +15,7 @@ import trio
 from everruns._aio import open_aio_loop, pg
 from everruns._aio.grpc import serve_services, server_tls
 from everruns._proto.everruns import v1 as pb
+from everruns.errors import EverrunsError
 from everruns.server.config import ServerConfig
 from everruns.server.database import migrate_database, open_database
 from everruns.server.duties import run_due_scanner, run_duties
@@ -92,4 +93,18 @@ async def serve(
                 )
                 info = ServerInfo(f"{config.grpc_host}:{port}", port, embedded.mask_url(url))
                 log.info("serving gRPC on %s", info.address)
+                nursery.start_soon(_warm_up, store)
                 task_status.started(info)
+
+
+async def _warm_up(store: Store) -> None:
+    """Open the rest of the pool and prepare the statements on each connection while the
+    control plane serves, so that the first burst of calls after a start or a restart finds
+    connections ready instead of opening them and preparing what it runs (w7's first claims:
+    165 ms against 13 ms). The control plane works without it: if it stops, it says why."""
+    try:
+        warmed = await store.warm_up()
+    except EverrunsError as exc:
+        log.warning("connection pool warm-up stopped: %s", exc)
+    else:
+        log.info("connection pool warm: %d connections, every statement prepared", warmed)

@@ -94,7 +94,7 @@ class ServerConfig:
         max_payload_bytes: the largest payload accepted in one request.
         retention_seconds: ended workflows older than this are deleted (0: keep forever).
         auth_token: when set, every RPC must carry it as a bearer token.
-        pool_size: PostgreSQL connections the control plane may hold.
+        pool_size: PostgreSQL connections the control plane holds (all opened at start).
         schedule_to_start_timeout: default limit on an activity's wait in the queue (None: off).
         start_to_close_timeout: default limit on one attempt's run time (None: off).
         retention_interval: how often the retention duty looks for expired runs.

@@ -213,6 +213,15 @@ class Store:
         self.pool = pool
         self._rng = rng or random.Random()
 
+    async def warm_up(self) -> int:
+        """Open the pool to its size, every connection with every statement of queries.sql
+        prepared (`Pool.warm_up`); return how many connections warmed up.
+
+        Raises:
+            DatabaseError, DatabaseUnavailable: a statement would not prepare, or no connection.
+        """
+        return await self.pool.warm_up(list(Q.values()))
+
     # ---------------------------------------------------------------- transactions
 
     @asynccontextmanager
