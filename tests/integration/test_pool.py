@@ -4,6 +4,7 @@ out again; one task may hold two connections at once."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import asyncpg
@@ -154,7 +155,82 @@ async def test_warm_up_names_a_statement_that_does_not_prepare_and_the_pool_goes
         async with pg.open_pool(database_url, min_size=1, max_size=2) as pool:
             with pytest.raises(DatabaseError, match="could not prepare 'SELEC nothing'"):
                 await pool.warm_up(["SELECT 1", "SELEC nothing"])
-            assert await pool.fetchval("SELECT 2") == 2
+            async with pool.acquire() as a, pool.acquire() as b:  # both slots came back
+                assert await a.fetchval("SELECT 2") == 2 and await b.fetchval("SELECT 3") == 3
+
+
+async def test_warm_up_turns_any_failure_into_a_database_error(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It relies on an asyncpg internal; whatever that raises must not escape as something
+    # the control plane's nursery would die of, nor leave the connection in the pool.
+    async def broken(self: Any, query: str, timeout: Any) -> None:
+        raise AttributeError("no such internal")
+
+    with trio.fail_after(20):
+        async with pg.open_pool(database_url, min_size=1, max_size=1) as pool:
+            (first,) = await _backend_pids(pool, 1)
+            monkeypatch.setattr(asyncpg.connection.Connection, "_get_statement", broken)
+            with pytest.raises(
+                DatabaseError, match="connection warm-up: AttributeError: no such internal"
+            ):
+                await pool.warm_up(["SELECT 1"])
+            monkeypatch.undo()
+            assert first not in await _backend_pids(pool, 1)
+
+
+async def test_warm_up_counts_connections_callers_are_still_opening(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two connections borrowed, a third being opened (slowly) by a caller: when one of the
+    # two comes back, warm-up warms it and stops; it must not open a fourth.
+    real = asyncpg.connect
+    opened = 0
+    third = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:  # on the asyncio thread
+        nonlocal opened
+        opened += 1
+        if opened == 3:
+            token.run_sync_soon(third.set)
+            await asyncio.sleep(1.0)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(asyncpg, "connect", connect)
+    with trio.fail_after(20):
+        async with pg.open_pool(database_url, min_size=0, max_size=3) as pool:
+            first_back, done = trio.Event(), trio.Event()
+
+            async def hold(until: trio.Event, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                async with pool.acquire():
+                    task_status.started()
+                    await until.wait()
+
+            async with trio.open_nursery() as nursery:
+                await nursery.start(hold, first_back)
+                await nursery.start(hold, done)
+                nursery.start_soon(hold, done)  # opens the third, slowly
+                await third.wait()
+                first_back.set()
+                assert await pool.warm_up(["SELECT 1"]) == 1
+                assert opened == 3
+                done.set()
+            async with pg.connect(database_url) as admin:
+                count = await admin.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                )
+            assert count - 1 == 3  # the admin connection aside
+
+
+async def test_pool_connections_keep_their_prepared_statements(database_url: str) -> None:
+    # asyncpg's default forgets each cached statement five minutes after preparing it.
+    with trio.fail_after(20):
+        async with (
+            pg.open_pool(database_url, min_size=1, max_size=1) as pool,
+            pool.acquire() as conn,
+        ):
+            assert conn._raw._stmt_cache.get_max_lifetime() == 0
 
 
 async def test_warmed_idle_connections_hold_no_lock_a_migration_would_wait_for(

@@ -210,14 +210,18 @@ class Pool:
         self._max_size = max_size
         self._idle: list[Any] = []
         self._opened: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._connecting = 0
         self._warm: weakref.WeakSet[Any] = weakref.WeakSet()
         self._closed = False
 
     async def _connect(self) -> Any:
+        self._connecting += 1
         try:
             raw = await run_aio(partial(asyncpg.connect, self._url, **self._connect_kwargs))
         except _MAPPED as exc:
             raise map_pg_error(exc) from exc
+        finally:
+            self._connecting -= 1
         self._opened.add(raw)
         return raw
 
@@ -308,22 +312,24 @@ class Pool:
                     return warmed
                 raw = self._take_cold()
                 if raw is None:
-                    if sum(1 for c in self._opened if _is_open(c)) >= self._max_size:
+                    # Connections being opened by callers count: each will be one more.
+                    opened = sum(1 for c in self._opened if _is_open(c)) + self._connecting
+                    if opened >= self._max_size:
                         return warmed
                     raw = await self._connect()
                 with self._lent(raw):
-                    for query in statements:
-                        try:
-                            await run_aio(_prepare, raw, query)
-                        except _MAPPED as exc:
-                            _drop(raw)  # whatever state it is in, a new one will do
-                            error = map_pg_error(exc)
-                            if isinstance(error, DatabaseUnavailable):
-                                raise error from exc
-                            first_line = query.strip().splitlines()[0][:80]
-                            raise DatabaseError(
-                                f"could not prepare {first_line!r}: {error}"
-                            ) from exc
+                    try:
+                        await run_aio(_prepare, raw, statements)
+                    except Exception as exc:
+                        # Anything (a private asyncpg call is involved): the connection may be
+                        # mid-protocol, so it goes, and the error is the database's.
+                        _drop(raw)
+                        cause = exc.__cause__ if isinstance(exc, _NotPrepared) else exc
+                        error = map_pg_error(cause or exc)
+                        if isinstance(error, DatabaseUnavailable):
+                            raise error from exc
+                        what = exc if isinstance(exc, _NotPrepared) else "connection warm-up"
+                        raise DatabaseError(f"{what}: {error}") from exc
                     self._warm.add(raw)
                     warmed += 1
 
@@ -355,12 +361,22 @@ class Pool:
             _drop(raw)
 
 
-async def _prepare(raw: asyncpg.Connection, query: str) -> None:
-    # Into asyncpg's statement cache, where `fetch(query)` and its kin look first (the public
-    # `prepare()` returns a handle outside that cache). The cache holds 100 statements, LRU.
-    await raw._get_statement(query, None)
+class _NotPrepared(Exception):
+    """A statement of a warm-up failed to prepare (the cause is the database's error)."""
+
+
+async def _prepare(raw: asyncpg.Connection, statements: Sequence[str]) -> None:
+    """Prepare ``statements`` on ``raw``, in one crossing from Trio."""
+    for query in statements:
+        try:
+            # Into asyncpg's statement cache, where `fetch(query)` and its kin look first (the
+            # public `prepare()` returns a handle outside it). It holds 100 statements, LRU.
+            await raw._get_statement(query, None)
+        except _MAPPED as exc:
+            first_line = query.strip().splitlines()[0][:80]
+            raise _NotPrepared(f"could not prepare {first_line!r}") from exc
     # asyncpg ends a prepare with Flush, not Sync: the implicit transaction it opened stays
-    # open, holding a lock on every table the statement names, until the connection's next
+    # open, holding a lock on every table the statements name, until the connection's next
     # statement, which for an idle pooled connection may be a long time (DDL such as a
     # migration's DROP INDEX would wait behind it, and every query behind the DDL). A simple
     # query ends that transaction.
@@ -423,7 +439,10 @@ async def open_pool(
     """Open a pool of up to ``max_size`` connections (``min_size`` opened now) for the block;
     it is closed (shielded, bounded) on the way out. ``settings``: server settings every
     connection starts with."""
-    kwargs: dict[str, Any] = {}
+    # Statements stay prepared for the connection's life (asyncpg's default drops each one
+    # five minutes after preparing it, used or not, and the next use prepares it again): the
+    # control plane runs a fixed set of them, fewer than the cache holds.
+    kwargs: dict[str, Any] = {"max_cached_statement_lifetime": 0}
     if command_timeout is not None and math.isfinite(command_timeout):
         kwargs["command_timeout"] = command_timeout
     if settings:
