@@ -246,3 +246,25 @@ async def test_warmed_idle_connections_hold_no_lock_a_migration_would_wait_for(
                 await admin.execute("SET lock_timeout = '2s'")
                 await admin.execute("ALTER TABLE warmed ADD COLUMN note text")
                 assert await pool.fetchval("SELECT count(*) FROM warmed") == 0
+
+
+async def test_a_column_added_under_a_prepared_statement_is_a_transient_error(
+    database_url: str,
+) -> None:
+    # docs/operations.md adds columns while the control plane runs. Inside a transaction,
+    # asyncpg cannot prepare the statement again for the new row type: the call fails once,
+    # as retryable (UNAVAILABLE to workers and clients), and succeeds when made again.
+    with trio.fail_after(20):
+        async with pg.connect(database_url) as admin:
+            await admin.execute("CREATE TABLE widened (id int PRIMARY KEY)")
+            await admin.execute("INSERT INTO widened VALUES (1)")
+            async with pg.open_pool(database_url, min_size=1, max_size=1) as pool:
+                async with pool.transaction() as tx:
+                    assert len(await tx.fetch("SELECT * FROM widened")) == 1
+                await admin.execute("ALTER TABLE widened ADD COLUMN note text")
+                with pytest.raises(DatabaseUnavailable, match="a table changed under"):
+                    async with pool.transaction() as tx:
+                        await tx.fetch("SELECT * FROM widened")
+                async with pool.transaction() as tx:
+                    (row,) = await tx.fetch("SELECT * FROM widened")
+                assert dict(row) == {"id": 1, "note": None}

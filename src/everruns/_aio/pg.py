@@ -43,6 +43,12 @@ def map_pg_error(exc: BaseException) -> Exception:
     """Return the everruns exception for an asyncpg/OS error (callers ``raise ... from exc``)."""
     state = getattr(exc, "sqlstate", None)
     message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, asyncpg.InvalidCachedStatementError):
+        # A table changed under a statement this connection prepared (a column added while
+        # the control plane runs, as docs/operations.md's upgrades do). asyncpg has dropped
+        # the connection's prepared statements and retries on its own outside a transaction;
+        # inside one the caller must: the same call succeeds when made again.
+        return DatabaseUnavailable(f"a table changed under a prepared statement: {message}")
     if state == _UNIQUE_VIOLATION:
         return AlreadyExists(message)
     if state in (_CHECK_VIOLATION, _NOT_NULL_VIOLATION, _INVALID_TEXT):
