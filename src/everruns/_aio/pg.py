@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
@@ -213,23 +213,15 @@ class Pool:
         # A semaphore, not a CapacityLimiter: one task may hold two connections (a query on
         # the pool while it holds a transaction).
         self._slots = trio.Semaphore(max_size)
-        self._max_size = max_size
         self._idle: list[Any] = []
-        self._opened: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._connecting = 0
-        self._warm: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._warm: weakref.WeakSet[Any] = weakref.WeakSet()  # connections that warmed up
         self._closed = False
 
     async def _connect(self) -> Any:
-        self._connecting += 1
         try:
-            raw = await run_aio(partial(asyncpg.connect, self._url, **self._connect_kwargs))
+            return await run_aio(partial(asyncpg.connect, self._url, **self._connect_kwargs))
         except _MAPPED as exc:
             raise map_pg_error(exc) from exc
-        finally:
-            self._connecting -= 1
-        self._opened.add(raw)
-        return raw
 
     def _take_idle(self) -> Any:
         """An idle connection still open (one the server closed meanwhile is dropped)."""
@@ -257,21 +249,15 @@ class Pool:
             if self._closed:
                 raise DatabaseUnavailable("the connection pool is closed")
             raw = self._take_idle() or await self._connect()
-            with self._lent(raw):
+            try:
                 yield Connection(raw)
-
-    @contextmanager
-    def _lent(self, raw: Any) -> Iterator[None]:
-        """Give ``raw`` back after the block, or drop it if the block was cancelled."""
-        try:
-            yield
-        except BaseException as exc:
-            if not isinstance(exc, Exception):
-                # Cancelled mid-query: the connection may still be busy with it; drop it.
-                _drop(raw)
-            raise
-        finally:
-            self._give_back(raw)
+            except BaseException as exc:
+                if not isinstance(exc, Exception):
+                    # Cancelled mid-query: the connection may still be busy with it; drop it.
+                    _drop(raw)
+                raise
+            finally:
+                self._give_back(raw)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Connection]:
@@ -318,26 +304,29 @@ class Pool:
                     return warmed
                 raw = self._take_cold()
                 if raw is None:
-                    # Connections being opened by callers count: each will be one more.
-                    opened = sum(1 for c in self._opened if _is_open(c)) + self._connecting
-                    if opened >= self._max_size:
+                    # Each slot others hold stands for a connection, borrowed or being opened:
+                    # with this slot, the pool is full once the idle outnumber the free slots.
+                    if sum(1 for c in self._idle if _is_open(c)) > self._slots.value:
                         return warmed
                     raw = await self._connect()
-                with self._lent(raw):
-                    try:
-                        await run_aio(_prepare, raw, statements)
-                    except Exception as exc:
-                        # Anything (a private asyncpg call is involved): the connection may be
-                        # mid-protocol, so it goes, and the error is the database's.
-                        _drop(raw)
-                        cause = exc.__cause__ if isinstance(exc, _NotPrepared) else exc
-                        error = map_pg_error(cause or exc)
-                        if isinstance(error, DatabaseUnavailable):
-                            raise error from exc
-                        what = exc if isinstance(exc, _NotPrepared) else "connection warm-up"
-                        raise DatabaseError(f"{what}: {error}") from exc
-                    self._warm.add(raw)
-                    warmed += 1
+                try:
+                    await run_aio(_prepare, raw, statements)
+                except BaseException as exc:
+                    # Cancelled, or failed anywhere (a private asyncpg call is involved): the
+                    # connection may be mid-protocol, so it goes.
+                    _drop(raw)
+                    if not isinstance(exc, Exception):
+                        raise
+                    named = isinstance(exc, _NotPrepared)
+                    error = map_pg_error((exc.__cause__ if named else None) or exc)
+                    if isinstance(error, DatabaseUnavailable):
+                        raise error from exc
+                    raise DatabaseError(
+                        f"{exc if named else 'connection warm-up'}: {error}"
+                    ) from exc
+                self._warm.add(raw)
+                self._give_back(raw)
+                warmed += 1
 
     def _take_cold(self) -> Any:
         """An idle open connection that has not warmed up, taken out of the idle list."""
