@@ -125,18 +125,91 @@ def regressions(
                 if old is None or not old:
                     continue
                 new = summary["median"]
-                better = figure(wkey, name).better
-                worse = (
-                    new < old * (1 - threshold)
-                    if better == "higher"
-                    else new > old * (1 + threshold)
-                )
-                if worse:
-                    change = (new - old) / old * 100.0
+                if _worse(wkey, name, new, old, threshold):
                     lines.append(
                         f"{wkey} {system} {name}: {_num(new)} vs baseline {_num(old)} "
-                        f"({change:+.0f} %)"
+                        f"({_change(new, old)})"
                     )
+    return lines
+
+
+def _worse(wkey: str, name: str, new: float, old: float, threshold: float) -> bool:
+    """Whether ``new`` is more than ``threshold`` worse than ``old``, in the figure's sense."""
+    if figure(wkey, name).better == "higher":
+        return new < old * (1 - threshold)
+    return new > old * (1 + threshold)
+
+
+def _change(new: float, old: float) -> str:
+    return f"{(new - old) / old * 100.0:+.0f} %"
+
+
+def _speedup(wkey: str, name: str, new: float, old: float) -> float | None:
+    """``new`` against ``old`` as a speed: above 1 when the figure improved."""
+    if not (new > 0 and old > 0):
+        return None
+    return new / old if figure(wkey, name).better == "higher" else old / new
+
+
+def machine_speeds(agg: Mapping[str, Any], baseline: Mapping[str, Any]) -> dict[str, float]:
+    """How much faster the peers and the floor ran than in the baseline's run.
+
+    workload -> the geometric mean of the speed-ups (`_speedup`) of their machine-bound figures
+    in that workload, and ``"all"`` -> the same over every workload. Empty when no such figure
+    is in both runs. Everruns' figures are left out: they are what is being judged.
+    """
+    logs: dict[str, list[float]] = {}
+    for wkey, by_system in agg.items():
+        for system, figures in by_system.items():
+            if system == "everruns":
+                continue
+            for name, summary in figures.items():
+                old = median_of(baseline, wkey, system, name)
+                if old is None or not figure(wkey, name).machine_bound:
+                    continue
+                speedup = _speedup(wkey, name, summary["median"], old)
+                if speedup is not None:
+                    logs.setdefault(wkey, []).append(math.log(speedup))
+                    logs.setdefault("all", []).append(math.log(speedup))
+    return {key: math.exp(statistics.fmean(values)) for key, values in logs.items()}
+
+
+def adjusted_regressions(
+    agg: Mapping[str, Any], baseline: Mapping[str, Any], threshold: float = REGRESSION
+) -> list[str]:
+    """Lines for every everruns figure more than ``threshold`` worse than the baseline once
+    the machine's speed is divided out.
+
+    A machine-bound figure is first brought to the baseline machine's speed: divided by the
+    peers' speed-up in the same workload (`machine_speeds`) if it is a rate, multiplied by it
+    if it is a time; where no peer ran that workload (w5-w7), by their speed-up over the whole
+    run. A figure the machine does not bound (memory, an offered load), or one with no peer
+    figure to compare, is taken as it is.
+    """
+    speeds = machine_speeds(agg, baseline)
+    lines = []
+    for wkey, by_system in agg.items():
+        for name, summary in by_system.get("everruns", {}).items():
+            old = median_of(baseline, wkey, "everruns", name)
+            new = summary["median"]
+            if old is None or not old:
+                continue
+            fig = figure(wkey, name)
+            machine = speeds.get(wkey, speeds.get("all")) if fig.machine_bound else None
+            adjusted = new
+            if machine is not None:
+                adjusted = new / machine if fig.better == "higher" else new * machine
+            if _worse(wkey, name, adjusted, old, threshold):
+                how = (
+                    f"{_num(adjusted)} at the baseline machine's speed (the peers ran "
+                    f"{machine:.2f} x as fast as in it)"
+                    if machine is not None
+                    else "not adjusted"
+                )
+                lines.append(
+                    f"{wkey} everruns {name}: {_num(new)}, {how}, vs baseline {_num(old)} "
+                    f"({_change(adjusted, old)})"
+                )
     return lines
 
 
@@ -258,6 +331,18 @@ def markdown(document: Mapping[str, Any]) -> str:
         lines.append("")
         lines.extend(f"- {r}" for r in document["regressions"] or ["none"])
         lines.append("")
+        speeds = document.get("machine_speed")
+        if speeds and document.get("adjusted_regressions") is not None:
+            lines.append(
+                f"The peers and the floor ran {speeds['all']:.2f} x as fast as in the baseline's "
+                "run ("
+                + ", ".join(f"{k} {v:.2f}" for k, v in sorted(speeds.items()) if k != "all")
+                + "). Everruns' figures brought to the baseline machine's speed, more than "
+                "20 % worse:"
+            )
+            lines.append("")
+            lines.extend(f"- {r}" for r in document["adjusted_regressions"] or ["none"])
+            lines.append("")
     for skipped in document.get("skipped", []):
         lines.append(f"- skipped: {skipped}")
     return "\n".join(lines).rstrip() + "\n"

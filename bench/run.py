@@ -323,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         "targets": report.judge(agg),
         "skipped": skipped,
         "regressions": None,
+        "machine_speed": None,
+        "adjusted_regressions": None,
     }
     baseline_path = RESULTS / "baseline.json"
     if baseline_path.exists() and not args.profile:
@@ -330,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         base = baselines.get(mode)
         if base is not None:
             document["regressions"] = report.regressions(agg, base["aggregate"])
+            document["machine_speed"] = report.machine_speeds(agg, base["aggregate"])
+            document["adjusted_regressions"] = report.adjusted_regressions(agg, base["aggregate"])
     # Only a complete full run is "latest"; subsets and profiles never overwrite it.
     if args.profile:
         stem = "profile-run"
@@ -354,6 +358,14 @@ def main(argv: list[str] | None = None) -> int:
     if document["regressions"]:
         print("bench: figures more than 20 % worse than baseline.json:")
         for line in document["regressions"]:
+            print(f"  {line}")
+    if document["machine_speed"]:
+        print(
+            f"bench: the peers ran {document['machine_speed']['all']:.2f} x as fast as in the "
+            "baseline's run; everruns' figures at the baseline machine's speed, more than 20 % "
+            "worse:"
+        )
+        for line in document["adjusted_regressions"] or ["none"]:
             print(f"  {line}")
     if profile_dir is not None:
         from bench import profiles
