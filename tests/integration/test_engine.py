@@ -8,7 +8,7 @@ import contextlib
 import json
 import struct
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -26,6 +26,7 @@ from everruns.domain.packing import pack_blobs, unpack_uuids
 from everruns.domain.replay import Replayer, replay
 from everruns.domain.retry import RetryPolicy
 from everruns.errors import (
+    EverrunsError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -212,6 +213,13 @@ def _events(task: pb.Task) -> list[HistoryEvent]:
             time=datetime.fromtimestamp(e.time, UTC),
         )
         for e in task.history
+    ]
+
+
+def _results_of_one(tasks: Sequence[pb.Task]) -> list[pb.ActivityResult]:
+    """Each activity task's result: 1."""
+    return [
+        pb.ActivityResult(task_id=t.task_id, lease_token=t.lease_token, result=b"1") for t in tasks
     ]
 
 
@@ -1432,10 +1440,7 @@ async def test_an_activity_only_worker_gets_queued_tasks_claimed_beside_its_resu
                 p.workers.complete_activity_tasks,
                 pb.CompleteActivityTasksRequest(
                     worker_id="w1",
-                    results=[
-                        pb.ActivityResult(task_id=t.task_id, lease_token=t.lease_token, result=b"1")
-                        for t in first.tasks
-                    ],
+                    results=_results_of_one(first.tasks),
                     max_new_tasks=2,
                 ),
             )
@@ -1794,3 +1799,101 @@ async def test_statements_find_rows_by_key_whatever_the_statistics_say(
                     unbounded[name] = scans
         assert {"heartbeat_task", "complete_activities", "apply_workflow_tasks"} <= seen.keys()
         assert unbounded == {}
+
+
+async def test_batches_reach_their_rows_by_key_before_any_statistics(
+    database_url: str, pool: pg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tables never analyzed (a database in its first minute, or after a burst of starts
+    autovacuum has not analyzed yet) make PostgreSQL guess that few runs are open. With 2,000
+    open, applying ten decisions in one statement read every open run and looked its tasks up
+    once per open run and decision: 20,000 probes, 54 ms instead of 3.3. Each statement of a
+    ten-task step (starts, the claim, ten decisions in one call, ten results with the decisions
+    made ahead of them in one call) must do work in proportion to its ten tasks: run as it ran,
+    with its real arguments, under EXPLAIN ANALYZE (then rolled back), no scan of an everruns
+    table may run more than ten times."""
+    from everruns.store.queries import QUERIES
+
+    with trio.fail_after(60):
+        for sql in (
+            "INSERT INTO durable_workflow_instances (id, workflow_id, workflow_type, input,"
+            " partition_key, status, started_at, last_sequence_num)"
+            " SELECT gen_random_uuid(), 'old-' || g, 'old', '1', 'old-' || g, 'running', now(),"
+            " 3 FROM generate_series(1, 2000) g",
+            "INSERT INTO durable_task_queue (id, run_id, workflow_id, kind, activity_type,"
+            " partition_key, status, attempt, claimed_by, claimed_at, heartbeat_at, lease_token)"
+            " SELECT gen_random_uuid(), id, workflow_id, 'workflow', 'old', workflow_id,"
+            " 'claimed', 1, 'old-worker', now(), now(), nextval('durable_lease_tokens')"
+            " FROM durable_workflow_instances",
+            "INSERT INTO durable_workflow_events (run_id, workflow_id, sequence_num, event_type,"
+            " payload) SELECT id, workflow_id, n, 'e', '{}' FROM durable_workflow_instances,"
+            " generate_series(1, 3) n",
+        ):
+            await pool.execute(sql)
+        tables = await pool.fetch(
+            "SELECT relname FROM pg_class WHERE relkind = 'r' AND relname LIKE 'durable_%'"
+        )
+        for row in tables:  # no statistics for the whole test
+            await pool.execute(f"ALTER TABLE {row['relname']} SET (autovacuum_enabled = false)")
+        assert (
+            await pool.fetchval("SELECT count(*) FROM pg_stats WHERE tablename LIKE 'durable_%'")
+            == 0
+        )
+
+        names = {sql: name for name, sql in QUERIES.items()}
+        most_loops: dict[str, int] = {}
+        execute, fetch = pg.Connection.execute, pg.Connection.fetch
+
+        def explaining(original: Any) -> Any:
+            async def run(self: pg.Connection, query: str, *args: Any) -> Any:
+                name = names.get(query)
+                if name is not None:
+                    own = not self._raw.is_in_transaction()
+                    await execute(self, "BEGIN" if own else "SAVEPOINT plan_check")
+                    try:
+                        (row,) = await fetch(self, "EXPLAIN (ANALYZE, FORMAT JSON) " + query, *args)
+                    except EverrunsError:
+                        pass  # the statement fails as it runs below
+                    else:
+                        loops = _scan_loops(json.loads(row[0])[0]["Plan"])
+                        most_loops[name] = max(most_loops.get(name, 0), loops)
+                    finally:
+                        await execute(
+                            self, "ROLLBACK" if own else "ROLLBACK TO SAVEPOINT plan_check"
+                        )
+                return await original(self, query, *args)
+
+            return run
+
+        for method in ("execute", "fetch", "fetchrow", "fetchval"):
+            monkeypatch.setattr(pg.Connection, method, explaining(getattr(pg.Connection, method)))
+        async with plane(database_url) as p:
+            inputs = list(range(10))
+            tasks, activities = await p.first_steps(two_steps_of_work, "two", inputs, "batch")
+            by_run = {t.run_id: t for t in tasks}
+            reply = await p.channel.unary(
+                p.workers.complete_activity_tasks,
+                pb.CompleteActivityTasksRequest(
+                    worker_id="w1",
+                    results=_results_of_one(activities),
+                    max_new_tasks=10,
+                    decisions=[
+                        p.decide_ahead(by_run[a.run_id], two_steps_of_work, a, 1, n)
+                        for n, a in enumerate(activities)
+                    ],
+                ),
+            )
+            assert [o.decided for o in reply.outcomes] == [True] * 10
+        monkeypatch.undo()
+        assert {"claim_tasks_fast", "apply_workflow_tasks", "complete_activities"} <= set(
+            most_loops
+        )
+        assert {name: n for name, n in most_loops.items() if n > 10} == {}
+
+
+def _scan_loops(plan: dict[str, Any]) -> int:
+    """The most times any scan of an everruns table ran in ``plan`` (EXPLAIN ANALYZE)."""
+    most = 0
+    if plan.get("Relation Name", "").startswith("durable_") and "Scan" in plan["Node Type"]:
+        most = int(plan["Actual Loops"])
+    return max([most, *(_scan_loops(child) for child in plan.get("Plans", []))])

@@ -835,15 +835,25 @@ WITH req AS (
          WITH ORDINALITY AS q(task_id, lease, seen, n_events, end_status, end_result, end_error,
                               no)
 ), gate AS (
+    -- Each task, then its run, is looked up by its key: a subquery that locks is planned on
+    -- its own, per request row. As plain joins, a planner that believes few runs are open
+    -- (their table never analyzed, say, right after a burst of starts) read every open run
+    -- and probed the task's key once per open run and request (54 ms for ten tasks with
+    -- 2,000 runs open).
     SELECT req.no, req.task_id, req.n_events, req.end_status, req.end_result, req.end_error,
            r.id, r.workflow_id, r.last_sequence_num, r.parent_run_id
     FROM req
-    JOIN durable_task_queue t
-      ON t.id = req.task_id AND t.lease_token = req.lease AND t.claimed_by IS NOT NULL
-    JOIN durable_workflow_instances r ON r.id = t.run_id
-    WHERE r.completed_at IS NULL AND r.last_sequence_num = req.seen
-    ORDER BY r.id
-    FOR UPDATE OF t, r SKIP LOCKED
+    CROSS JOIN LATERAL (
+        SELECT t.run_id FROM durable_task_queue t
+        WHERE t.id = req.task_id AND t.lease_token = req.lease AND t.claimed_by IS NOT NULL
+        FOR UPDATE SKIP LOCKED
+    ) t
+    CROSS JOIN LATERAL (
+        SELECT r.id, r.workflow_id, r.last_sequence_num, r.parent_run_id
+        FROM durable_workflow_instances r
+        WHERE r.id = t.run_id AND r.completed_at IS NULL AND r.last_sequence_num = req.seen
+        FOR UPDATE SKIP LOCKED
+    ) r
 ), ok AS (
     SELECT DISTINCT ON (gate.id) gate.* FROM gate
     WHERE gate.end_status IS NULL OR NOT $26::bool OR (
