@@ -1897,3 +1897,50 @@ def _scan_loops(plan: dict[str, Any]) -> int:
     if plan.get("Relation Name", "").startswith("durable_") and "Scan" in plan["Node Type"]:
         most = int(plan["Actual Loops"])
     return max([most, *(_scan_loops(child) for child in plan.get("Plans", []))])
+
+
+async def test_a_claim_updates_what_it_picked_by_key_in_its_generic_plan(pool: pg.Pool) -> None:
+    """The control plane's prepared claim statements settle on a generic plan, which cannot
+    know LIMIT $4 and guesses a tenth of what the claim index holds: with 10,000 tasks
+    waiting, 1,000 rows to update, for which PostgreSQL 15 joined a read of the whole queue
+    (5 ms a claim). The rows picked are updated through their keys."""
+    from everruns.store.queries import QUERIES
+
+    with trio.fail_after(60):
+        for sql in (
+            "INSERT INTO durable_workflow_instances (id, workflow_id, workflow_type, input,"
+            " partition_key, status, started_at, last_sequence_num)"
+            " SELECT gen_random_uuid(), 'w-' || g, 'fan', '1', 'w-' || g, 'running', now(), 3"
+            " FROM generate_series(1, 10000) g",
+            "INSERT INTO durable_task_queue (id, run_id, workflow_id, kind, activity_type,"
+            " activity_id, partition_key)"
+            " SELECT gen_random_uuid(), id, workflow_id, 'activity', 'job', 'a', workflow_id"
+            " FROM durable_workflow_instances",
+            "INSERT INTO durable_workflow_events (run_id, workflow_id, sequence_num, event_type,"
+            " payload) SELECT id, workflow_id, n, 'e', '{}' FROM durable_workflow_instances,"
+            " generate_series(1, 3) n",
+            "ANALYZE",
+        ):
+            await pool.execute(sql)
+        async with pool.acquire() as conn:
+            await conn.execute("SET plan_cache_mode = force_generic_plan")
+            for name, types, args in (
+                (
+                    "claim_tasks",
+                    "text, text[], text[], int, text[]",
+                    "'w1', '{}', '{job}', 10, '{}'",
+                ),
+                ("claim_tasks_fast", "text[], text[], text[], int", "'{w1}', '{}', '{job}', 10"),
+            ):
+                await conn.execute(f"PREPARE plan_check({types}) AS {QUERIES[name]}")
+                (row,) = await conn.fetch(f"EXPLAIN (FORMAT JSON) EXECUTE plan_check({args})")
+                await conn.execute("DEALLOCATE plan_check")
+                plan = json.loads(row[0])[0]["Plan"]
+                if name == "claim_tasks":
+                    # Its pick reads every pending row by design (the path taken while a
+                    # breaker is not closed): only the update is judged.
+                    plan["Plans"] = [
+                        p for p in plan["Plans"] if p.get("Subplan Name") != "CTE picked"
+                    ]
+                assert (name, _unbounded_scans(plan)) == (name, [])
+            await conn.execute("RESET plan_cache_mode")

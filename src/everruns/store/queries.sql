@@ -137,6 +137,8 @@ UPDATE durable_task_queue t
 SET status = 'claimed', claimed_by = $1, claimed_at = now(), heartbeat_at = now(),
     attempt = t.attempt + 1, lease_token = nextval('durable_lease_tokens'), updated_at = now()
 FROM picked WHERE t.id = picked.id
+  -- looked up by key, as in claim_tasks_fast
+  AND t.id = ANY(ARRAY(SELECT id FROM picked))
 RETURNING t.*;
 
 -- name: heartbeat_task
@@ -743,6 +745,10 @@ WITH keys AS (
         heartbeat_at = now(), attempt = t.attempt + 1,
         lease_token = nextval('durable_lease_tokens'), updated_at = now()
     FROM ranked WHERE t.id = ranked.id AND ranked.rank <= $4
+      -- the same rows as an array of keys, so that they are looked up by key: for LIMIT $4
+      -- a generic plan guesses a tenth of what the claim index holds, and joined a scan of
+      -- the whole queue to that many rows (5 ms a claim with 10,000 tasks waiting)
+      AND t.id = ANY(ARRAY(SELECT id FROM ranked WHERE rank <= $4))
     RETURNING t.*, ranked.found > $4 AS more_pending, ranked.rank AS claim_rank
 ), started AS (
     -- Runs whose first workflow task this is become running in the same commit. A run row
