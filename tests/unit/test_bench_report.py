@@ -184,9 +184,23 @@ def test_the_machine_speed_is_how_fast_the_peers_ran_against_their_baseline() ->
     assert speeds["w2"] == pytest.approx(0.5)
     assert speeds["w3"] == pytest.approx(0.25)
     assert speeds["w4"] == pytest.approx(0.5)  # a latency twice as long: half the speed
-    assert speeds["all"] == pytest.approx(0.5 ** (5 / 6) * 0.25 ** (1 / 6))
+    assert speeds["all"] == pytest.approx(0.5)  # the median of five halves and a quarter
     assert "w5" not in speeds  # no peer runs it
     assert report.machine_speeds(now, {}) == {}
+
+
+def test_a_peer_figure_a_timer_bounds_does_not_pass_for_the_machine() -> None:
+    """DBOS's w4 latency is its queue's one-second poll on any machine: with both peers'
+    latencies twice as long, the machine is half as fast, whatever DBOS's figure says."""
+    peers = {
+        "pgqueuer": {"w4/latency_p50_ms": 2.0, "w4/latency_p99_ms": 3.0},
+        "procrastinate": {"w4/latency_p50_ms": 2.0, "w4/latency_p99_ms": 3.0},
+        "dbos": {"w4/latency_p50_ms": 1_000.0},
+    }
+    baseline = report.aggregate(_runs(**{s: _everywhere(f, 1.0) for s, f in peers.items()}))
+    slower = {s: _everywhere(f, 0.5) for s, f in peers.items() if s != "dbos"}
+    now = report.aggregate(_runs(dbos={"w4/latency_p50_ms": [1_000.0]}, **slower))
+    assert report.machine_speeds(now, baseline)["w4"] == pytest.approx(0.5)
 
 
 def test_on_a_slower_machine_only_what_lost_more_than_the_peers_is_a_regression() -> None:
