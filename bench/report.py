@@ -23,6 +23,8 @@ Runs = dict[str, dict[str, list[dict[str, Any]]]]
 {"error": "..."}."""
 
 REGRESSION = 0.20
+MIN_PEER_FIGURES = 3
+"""Peer figures a workload needs to have a machine speed of its own (`machine_speeds`)."""
 
 
 def summarize(values: Sequence[float]) -> dict[str, float] | None:
@@ -155,11 +157,13 @@ def machine_speeds(agg: Mapping[str, Any], baseline: Mapping[str, Any]) -> dict[
     """How much faster the peers and the floor ran than in the baseline's run.
 
     workload -> the median of the speed-ups (`_speedup`) of their machine-bound figures in
-    that workload, and ``"all"`` -> the same over every workload. Empty when no such figure is
-    in both runs. Everruns' figures are left out: they are what is being judged. The median,
-    not a mean: a peer figure bound by a timer rather than the machine (DBOS's w4 latency is
-    its queue's one-second poll) stays where it was on any machine, and a mean would take it
-    for a machine as fast as the baseline's.
+    that workload, for a workload with at least `MIN_PEER_FIGURES` of them, and ``"all"`` ->
+    the same over every workload. Empty when no such figure is in both runs. Everruns'
+    figures are left out: they are what is being judged. The median, not a mean: a peer
+    figure bound by a timer rather than the machine (DBOS's w4 latency is its queue's
+    one-second poll) stays where it was on any machine, and a mean would take it for a
+    machine as fast as the baseline's. A workload with fewer figures (w3: DBOS's one) would
+    hand one figure's noise to everruns' adjusted figure; it takes the whole run's speed.
     """
     speedups: dict[str, list[float]] = {}
     for wkey, by_system in agg.items():
@@ -174,7 +178,11 @@ def machine_speeds(agg: Mapping[str, Any], baseline: Mapping[str, Any]) -> dict[
                 if speedup is not None:
                     speedups.setdefault(wkey, []).append(speedup)
                     speedups.setdefault("all", []).append(speedup)
-    return {key: statistics.median(values) for key, values in speedups.items()}
+    return {
+        key: statistics.median(values)
+        for key, values in speedups.items()
+        if key == "all" or len(values) >= MIN_PEER_FIGURES
+    }
 
 
 def adjusted_regressions(
@@ -185,9 +193,9 @@ def adjusted_regressions(
 
     A machine-bound figure is first brought to the baseline machine's speed: divided by the
     peers' speed-up in the same workload (`machine_speeds`) if it is a rate, multiplied by it
-    if it is a time; where no peer ran that workload (w5-w7), by their speed-up over the whole
-    run. A figure the machine does not bound (memory, an offered load), or one with no peer
-    figure to compare, is taken as it is.
+    if it is a time; where no peer ran that workload (w5-w7), or too few of their figures are
+    in it (w3), by their speed-up over the whole run. A figure the machine does not bound
+    (memory, an offered load), or one with no peer figure to compare, is taken as it is.
     """
     speeds = machine_speeds(agg, baseline)
     lines = []
@@ -336,12 +344,11 @@ def markdown(document: Mapping[str, Any]) -> str:
         lines.append("")
         speeds = document.get("machine_speed")
         if speeds and document.get("adjusted_regressions") is not None:
+            per = ", ".join(f"{k} {v:.2f}" for k, v in sorted(speeds.items()) if k != "all")
             lines.append(
                 f"The peers and the floor ran {speeds['all']:.2f} x as fast as in the baseline's "
-                "run ("
-                + ", ".join(f"{k} {v:.2f}" for k, v in sorted(speeds.items()) if k != "all")
-                + "). Everruns' figures brought to the baseline machine's speed, more than "
-                "20 % worse:"
+                "run" + (f" ({per})" if per else "") + ". Everruns' figures brought to the "
+                "baseline machine's speed, more than 20 % worse:"
             )
             lines.append("")
             lines.extend(f"- {r}" for r in document["adjusted_regressions"] or ["none"])
