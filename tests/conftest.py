@@ -89,8 +89,9 @@ _counter = itertools.count()
 
 
 @pytest.fixture(scope="session")
-def template_database(pg_server_url: str) -> str:
-    """Name of a freshly migrated template database (built once per session)."""
+def template_database(pg_server_url: str) -> Iterator[str]:
+    """Name of a freshly migrated template database (built once per session, dropped at its
+    end: on a shared server, one left behind per test run would pile up)."""
     name = f"everruns_tpl_{os.getpid()}"
 
     async def build() -> None:
@@ -100,8 +101,16 @@ def template_database(pg_server_url: str) -> str:
         async with open_aio_loop(), pg.connect(with_database(pg_server_url, name)) as c:
             await apply_migrations(c)
 
+    async def drop() -> None:
+        with trio.fail_after(30):
+            async with open_aio_loop(), pg.connect(pg_server_url) as admin:
+                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
     trio.run(build)
-    return name
+    try:
+        yield name
+    finally:
+        trio.run(drop)
 
 
 @pytest.fixture
