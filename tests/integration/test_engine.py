@@ -1914,10 +1914,14 @@ def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _scan_loops(plan: dict[str, Any]) -> int:
     """The most times any scan of an everruns table ran in ``plan`` (EXPLAIN ANALYZE)."""
-    most = 0
-    if plan.get("Relation Name", "").startswith("durable_") and "Scan" in plan["Node Type"]:
-        most = int(plan["Actual Loops"])
-    return max([most, *(_scan_loops(child) for child in plan.get("Plans", []))])
+    return max(
+        (
+            int(n["Actual Loops"])
+            for n in _nodes(plan)
+            if n.get("Relation Name", "").startswith("durable_") and "Scan" in n["Node Type"]
+        ),
+        default=0,
+    )
 
 
 async def test_a_claim_updates_what_it_picked_by_key_in_its_generic_plan(pool: pg.Pool) -> None:

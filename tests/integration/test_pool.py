@@ -5,6 +5,8 @@ out again; one task may hold two connections at once."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -239,13 +241,11 @@ async def test_warmed_idle_connections_hold_no_lock_a_migration_would_wait_for(
     # asyncpg ends a prepare with Flush, leaving the implicit transaction (and its lock on
     # each table the statement names) open until the connection's next statement.
     with trio.fail_after(20):
-        async with pg.connect(database_url) as admin:
-            await admin.execute("CREATE TABLE warmed (id int PRIMARY KEY)")
-            async with pg.open_pool(database_url, min_size=1, max_size=2) as pool:
-                assert await pool.warm_up(["SELECT * FROM warmed WHERE id = $1"]) == 2
-                await admin.execute("SET lock_timeout = '2s'")
-                await admin.execute("ALTER TABLE warmed ADD COLUMN note text")
-                assert await pool.fetchval("SELECT count(*) FROM warmed") == 0
+        async with _table_and_pool(database_url, "warmed", max_size=2) as (admin, pool):
+            assert await pool.warm_up(["SELECT * FROM warmed WHERE id = $1"]) == 2
+            await admin.execute("SET lock_timeout = '2s'")
+            await admin.execute("ALTER TABLE warmed ADD COLUMN note text")
+            assert await pool.fetchval("SELECT count(*) FROM warmed") == 0
 
 
 async def test_a_column_added_under_a_prepared_statement_is_a_transient_error(
@@ -255,16 +255,26 @@ async def test_a_column_added_under_a_prepared_statement_is_a_transient_error(
     # asyncpg cannot prepare the statement again for the new row type: the call fails once,
     # as retryable (UNAVAILABLE to workers and clients), and succeeds when made again.
     with trio.fail_after(20):
-        async with pg.connect(database_url) as admin:
-            await admin.execute("CREATE TABLE widened (id int PRIMARY KEY)")
+        async with _table_and_pool(database_url, "widened", max_size=1) as (admin, pool):
             await admin.execute("INSERT INTO widened VALUES (1)")
-            async with pg.open_pool(database_url, min_size=1, max_size=1) as pool:
+            async with pool.transaction() as tx:
+                assert len(await tx.fetch("SELECT * FROM widened")) == 1
+            await admin.execute("ALTER TABLE widened ADD COLUMN note text")
+            with pytest.raises(DatabaseUnavailable, match="a table changed under"):
                 async with pool.transaction() as tx:
-                    assert len(await tx.fetch("SELECT * FROM widened")) == 1
-                await admin.execute("ALTER TABLE widened ADD COLUMN note text")
-                with pytest.raises(DatabaseUnavailable, match="a table changed under"):
-                    async with pool.transaction() as tx:
-                        await tx.fetch("SELECT * FROM widened")
-                async with pool.transaction() as tx:
-                    (row,) = await tx.fetch("SELECT * FROM widened")
-                assert dict(row) == {"id": 1, "note": None}
+                    await tx.fetch("SELECT * FROM widened")
+            async with pool.transaction() as tx:
+                (row,) = await tx.fetch("SELECT * FROM widened")
+            assert dict(row) == {"id": 1, "note": None}
+
+
+@asynccontextmanager
+async def _table_and_pool(
+    database_url: str, table: str, *, max_size: int
+) -> AsyncIterator[tuple[pg.Connection, pg.Pool]]:
+    """An admin connection, the table ``table (id int PRIMARY KEY)`` it made, and a pool of
+    up to ``max_size`` connections (one opened), for the block."""
+    async with pg.connect(database_url) as admin:
+        await admin.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+        async with pg.open_pool(database_url, min_size=1, max_size=max_size) as pool:
+            yield admin, pool
