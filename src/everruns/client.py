@@ -29,7 +29,13 @@ from everruns.domain.packing import pack_blobs, unpack_uuids
 from everruns.domain.payload import decode, encode
 from everruns.domain.registry import name_of
 from everruns.domain.status import TERMINAL_WORKFLOW_STATUSES, WORKFLOW_STATUSES
-from everruns.errors import InvalidArgument, RpcError, ServerUnavailable, WorkflowFailed
+from everruns.errors import (
+    InvalidArgument,
+    PayloadError,
+    RpcError,
+    ServerUnavailable,
+    WorkflowFailed,
+)
 
 if TYPE_CHECKING:
     from everruns.agent.session import TurnHandle
@@ -737,35 +743,36 @@ class Client:
             ServerUnavailable: the control plane is unreachable (retried only when every entry
                 names its workflow id).
         """
-        entries = [s if isinstance(s, WorkflowStart) else _start_from_tuple(s) for s in starts]
+        entries = [_start_fields(s) for s in starts]
         if not entries:
             return []
         # Sent and answered in the packed form: a few blobs instead of a message per run.
-        types = [name_of(e.workflow) for e in entries]
-        inputs, ends = pack_blobs(
-            [
-                encode(e.input, what=f"input of workflow {name!r}")
-                for e, name in zip(entries, types, strict=True)
-            ]
-        )
+        types = [name_of(workflow) for workflow, _, _ in entries]
+        try:
+            encoded = [encode(value) for _, value, _ in entries]
+        except PayloadError:  # found again, to be named
+            for (_, value, _), name in zip(entries, types, strict=True):
+                encode(value, what=f"input of workflow {name!r}")
+            raise
+        inputs, ends = pack_blobs(encoded)
         request = pb.StartWorkflowsRequest(
             packed_workflow_types=[types[0]] if len(set(types)) == 1 else types,
             packed_inputs=inputs,
             input_ends=ends,
-            workflow_ids=_workflow_ids([e.workflow_id for e in entries]),
+            workflow_ids=_workflow_ids([workflow_id for _, _, workflow_id in entries]),
             packed_reply=True,
         )
         reply = await self._call(
             self._stub.start_workflows,
             request,
-            retry=all(e.workflow_id is not None for e in entries),
+            retry=all(workflow_id is not None for _, _, workflow_id in entries),
         )
         try:
             run_ids = unpack_uuids(reply.packed_run_ids, "packed_run_ids")
             generated = unpack_uuids(reply.packed_generated_ids, "packed_generated_ids")
         except InvalidArgument as exc:
             raise RpcError(f"StartWorkflows answered malformed ids: {exc}") from exc
-        unnamed = sum(e.workflow_id is None for e in entries)
+        unnamed = sum(workflow_id is None for _, _, workflow_id in entries)
         counts = (len(run_ids), len(reply.packed_created), len(generated))
         if counts != (len(entries), len(entries), unnamed):
             raise RpcError(
@@ -777,11 +784,13 @@ class Client:
         return [
             WorkflowHandle(
                 self,
-                entry.workflow_id if entry.workflow_id is not None else next(named),
+                workflow_id if workflow_id is not None else next(named),
                 run_id,
                 created=bool(created),
             )
-            for entry, run_id, created in zip(entries, run_ids, reply.packed_created, strict=True)
+            for (_, _, workflow_id), run_id, created in zip(
+                entries, run_ids, reply.packed_created, strict=True
+            )
         ]
 
     def get_handle(self, workflow_id: str, run_id: str | None = None) -> WorkflowHandle:
@@ -925,13 +934,18 @@ class Client:
         )
 
 
-def _start_from_tuple(entry: tuple[Any, ...]) -> WorkflowStart:
+def _start_fields(entry: WorkflowStart | tuple[Any, ...]) -> tuple[WorkflowRef, Any, str | None]:
+    """``(workflow, input, workflow_id)`` of one entry of `Client.start_workflows`."""
+    if isinstance(entry, WorkflowStart):
+        return entry.workflow, entry.input, entry.workflow_id
     if not isinstance(entry, tuple) or not 1 <= len(entry) <= 3:
         raise InvalidArgument(
             "each start must be a WorkflowStart or a tuple (workflow, input[, workflow_id]), "
             f"got {entry!r}"
         )
-    return WorkflowStart(*entry)
+    if len(entry) == 2:
+        return entry[0], entry[1], None
+    return (*entry, None, None)[:3]
 
 
 def _sole_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | None:

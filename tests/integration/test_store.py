@@ -101,6 +101,44 @@ async def test_idempotent_start_returns_open_run_and_restart_after_end(store: St
         assert created and fresh.run_id != run.run_id
 
 
+async def test_a_batch_start_sends_its_columns_short_where_it_can(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One type for every start is sent once and no workflow ids when none is named; either
+    column in full when the batch differs, as a mix of them in one statement."""
+    sent: list[tuple[int, ...]] = []
+    fetch = store.pool.fetch
+
+    async def spy(query: str, *args: Any) -> Any:
+        if query == QUERIES["start_workflows"]:
+            sent.append(tuple(len(column) for column in args))
+        return await fetch(query, *args)
+
+    monkeypatch.setattr(store.pool, "fetch", spy)
+    with trio.fail_after(10):
+        same = await store.start_workflows([("", "a", str(n)) for n in range(3)])
+        mixed = await store.start_workflows(
+            [("", "a", "10"), ("named", "b", "11"), ("", "c", '{"x": [1]}')]
+        )
+        assert sent == [(0, 1, 3), (3, 3, 3)]
+        assert all(created for _, _, created in same + mixed)
+        assert [wid for wid, _, _ in mixed][1] == "named"
+        stored = await store.pool.fetch(
+            "SELECT workflow_id, workflow_type, input::text FROM durable_workflow_instances"
+            " WHERE id = ANY($1::uuid[])",
+            [run for _, run, _ in same + mixed],
+        )
+        by_id = {r["workflow_id"]: (r["workflow_type"], r["input"]) for r in stored}
+        assert [by_id[wid] for wid, _, _ in same] == [("a", "0"), ("a", "1"), ("a", "2")]
+        assert [by_id[wid] for wid, _, _ in mixed] == [
+            ("a", "10"),
+            ("b", "11"),
+            ("c", '{"x": [1]}'),
+        ]
+        generated = [wid for wid, _, _ in same + mixed if wid != "named"]
+        assert len({str(uuid.UUID(w)) for w in generated}) == 5
+
+
 async def test_status_transitions_pending_running_completed_with_result(store: Store) -> None:
     with trio.fail_after(10):
         run = await _run(store)

@@ -60,3 +60,24 @@ def test_offsets_going_backwards_or_cut_short_are_refused() -> None:
     with pytest.raises(InvalidArgument, match="4 bytes each, got 3 bytes"):
         unpack_blobs(b"abc", b"\x03\x00\x00", "inputs")
     assert unpack_blobs(b"", b"", "inputs") == []
+
+
+@given(st.lists(st.uuids(), max_size=30), st.data())
+def test_uuid_texts_objects_and_bare_hex_pack_alike(
+    ids: list[uuid.UUID], data: st.DataObject
+) -> None:
+    packed = b"".join(i.bytes for i in ids)
+    assert pack_uuids([i.hex for i in ids]) == packed
+    forms = [data.draw(st.sampled_from([i, str(i), i.hex])) for i in ids]
+    assert pack_uuids(forms) == packed
+
+
+@pytest.mark.parametrize(
+    "texts",
+    [["not-a-uuid"], [str(uuid.UUID(int=1)), "abc"], [str(uuid.UUID(int=1))[:-2]]],
+)
+def test_texts_that_are_not_uuids_are_refused(texts: list[str]) -> None:
+    with pytest.raises(ValueError):
+        pack_uuids(texts)
+    with pytest.raises(ValueError):
+        pack_uuids([uuid.UUID(int=2), *texts])

@@ -89,3 +89,30 @@ def test_refusals_name_where_the_value_sits(value: Any, message: str) -> None:
 
 def test_subclasses_of_the_json_types_are_accepted() -> None:
     assert payload.encode_text(_Dict(a=_Int(1), b=[_Str("s")])) == '{"a":1,"b":["s"]}'
+
+
+_json_texts = st.one_of(
+    st.text(max_size=12),
+    st.builds(
+        lambda value, before, after: before + json.dumps(value) + after,
+        st.recursive(
+            st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=4)),
+            lambda inner: st.one_of(
+                st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=3), inner, max_size=3)
+            ),
+            max_leaves=6,
+        ),
+        st.sampled_from(["", " ", "\n\t", "x", "[", "1"]),
+        st.sampled_from(["", " ", "\r\n", "x", "]", ",1", "}"]),
+    ),
+)
+
+
+@given(_json_texts)
+def test_json_error_judges_text_as_json_loads_does(text: str) -> None:
+    try:
+        json.loads(text)
+    except ValueError as exc:
+        assert payload.json_error(text) == str(exc)
+    else:
+        assert payload.json_error(text) is None

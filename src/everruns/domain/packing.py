@@ -60,10 +60,20 @@ def unpack_blobs(blob: bytes, ends: bytes, what: str) -> list[bytes]:
 
 
 def pack_uuids(ids: Iterable[uuid.UUID | str]) -> bytes:
-    """UUIDs (objects or their text) as 16 bytes each, in order."""
-    return b"".join(
-        i.bytes if isinstance(i, uuid.UUID) else bytes.fromhex(i.replace("-", "")) for i in ids
-    )
+    """UUIDs (objects or their text, with or without dashes) as 16 bytes each, in order.
+
+    Raises:
+        ValueError: a text is not a UUID (texts alone are converted in one piece, and found
+            out by the length of the whole).
+    """
+    items = list(ids)
+    texts = [i for i in items if isinstance(i, str)]
+    if len(texts) == len(items):  # one conversion for all: the generated workflow ids
+        blob = bytes.fromhex("".join(texts).replace("-", ""))
+        if len(blob) != 16 * len(texts):
+            raise ValueError(f"{len(texts)} UUID texts hold {len(blob)} bytes, not 16 each")
+        return blob
+    return b"".join(i.bytes if isinstance(i, uuid.UUID) else uuid.UUID(i).bytes for i in items)
 
 
 def unpack_uuids(blob: bytes, what: str) -> list[str]:
@@ -74,9 +84,9 @@ def unpack_uuids(blob: bytes, what: str) -> list[str]:
     """
     if len(blob) % 16:
         raise InvalidArgument(f"{what}: UUIDs take 16 bytes each, got {len(blob)} bytes")
-    h = blob.hex()
+    # Hex in groups of two bytes, eight groups a UUID: 4+4-4-4-4-4+4+4 digits.
+    groups = iter(blob.hex("-", 2).split("-")) if blob else iter(())
     return [
-        f"{h[n : n + 8]}-{h[n + 8 : n + 12]}-{h[n + 12 : n + 16]}-{h[n + 16 : n + 20]}-"
-        f"{h[n + 20 : n + 32]}"
-        for n in range(0, len(h), 32)
+        f"{a}{b}-{c}-{d}-{e}-{f}{g}{h}"
+        for a, b, c, d, e, f, g, h in zip(*[groups] * 8, strict=True)
     ]

@@ -1019,15 +1019,16 @@ LEFT JOIN wft ON true
 LEFT JOIN events ON true;
 
 -- name: start_workflows
--- Start runs in one statement (parallel arrays, in order): each new run gets its
+-- Start runs in one statement (parallel arrays, in order: $3 one input per run, $1 their
+-- workflow ids or none at all, $2 their types or the one type of them all): each new run gets its
 -- workflow_started event and a pending workflow task; a workflow id that already has an open
--- run gets that run back (idempotent start); an empty workflow id gets a generated UUID.
--- Returns one row per request, in request order.
+-- run gets that run back (idempotent start); an empty or absent workflow id gets a generated
+-- UUID. Returns one row per request, in request order.
 WITH req AS MATERIALIZED (
     SELECT gen_random_uuid() AS run_id,
-           CASE WHEN r.workflow_id = '' THEN gen_random_uuid()::text ELSE r.workflow_id END
-               AS workflow_id,
-           r.workflow_type, r.input, r.ord
+           CASE WHEN coalesce(r.workflow_id, '') = '' THEN gen_random_uuid()::text
+                ELSE r.workflow_id END AS workflow_id,
+           coalesce(r.workflow_type, ($2::text[])[1]) AS workflow_type, r.input, r.ord
     FROM unnest($1::text[], $2::text[], $3::text[])
          WITH ORDINALITY AS r(workflow_id, workflow_type, input, ord)
 ), ins AS (
