@@ -1136,6 +1136,14 @@ async def test_bad_fields_get_invalid_argument_or_resource_exhausted(database_ur
                         workflow_type="t", input=b'"' + b"x" * 10_000_000 + b'"'
                     ),
                 )
+            # The limit is in bytes: 1.1 million characters of two bytes each exceed it.
+            with pytest.raises(ResourceExhausted, match="2200002 bytes; the limit is 2097152"):
+                await call(
+                    p.workflows.start_workflow,
+                    pb.StartWorkflowRequest(
+                        workflow_type="t", input=('"' + "é" * 1_100_000 + '"').encode()
+                    ),
+                )
             with pytest.raises(InvalidArgument, match="not a UUID"):
                 await call(
                     p.workflows.describe_workflow,

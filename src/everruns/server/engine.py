@@ -168,7 +168,7 @@ class Engine:
 
     def check_payload(self, text: str, what: str) -> str:
         """Validate a client payload: size limit and JSON syntax. Returns it unchanged."""
-        size = len(text.encode())
+        size = len(text) if text.isascii() else len(text.encode())
         if size > self.config.max_payload_bytes:
             raise ResourceExhausted(
                 f"{what} is too large: {size} bytes; the limit is "

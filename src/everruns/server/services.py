@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime
+from itertools import repeat
 from typing import Any
 
 import trio
@@ -640,14 +641,13 @@ def _columnar_starts(request: pb.StartWorkflowsRequest) -> list[StartRequest]:
         raise InvalidArgument(
             f"workflow_types must name one type or one per start ({count}), got {len(types)}"
         )
-    return [
-        StartRequest(
-            workflow_type=types[n] if len(types) > 1 else types[0],
-            input=_text(inputs[n], "input") if n < len(inputs) else "null",
-            workflow_id=(ids[n] if n < len(ids) else "") or None,
-        )
-        for n in range(count)
-    ]
+    # Column by column (a start's fields are positional: StartRequest is a tuple).
+    texts = [_text(data, "input") for data in inputs]
+    texts += ["null"] * (count - len(texts))
+    named = [i or None for i in ids] + [None] * (count - len(ids))
+    return list(
+        map(StartRequest, repeat(types[0], count) if len(types) == 1 else types, texts, named)
+    )
 
 
 def _activity_info(task: Task) -> pb.ActivityInfo:
