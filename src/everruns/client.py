@@ -750,10 +750,11 @@ class Client:
         types = [name_of(workflow) for workflow, _, _ in entries]
         try:
             encoded = [encode(value) for _, value, _ in entries]
-        except PayloadError:  # found again, to be named
+        except PayloadError:
+            encoded = []
+        if len(encoded) != len(entries):  # one input is not exact JSON: found again, named
             for (_, value, _), name in zip(entries, types, strict=True):
                 encode(value, what=f"input of workflow {name!r}")
-            raise
         inputs, ends = pack_blobs(encoded)
         request = pb.StartWorkflowsRequest(
             packed_workflow_types=[types[0]] if len(set(types)) == 1 else types,

@@ -207,6 +207,10 @@ async def test_non_json_input_is_refused_at_the_client(
             await client.start_workflow("t", {"tags": {"a", "b"}}, workflow_id="bad-1")
         with pytest.raises(PayloadError, match="nan"):
             await client.start_workflow("t", float("nan"), workflow_id="bad-2")
+        # In a batch the bad input is named by its workflow, and nothing of the batch is sent.
+        with pytest.raises(PayloadError, match=r"^input of workflow 'u' is nan") as caught:
+            await client.start_workflows([("t", 1), ("u", float("nan")), ("t", 2)])
+        assert caught.value.__context__ is None
         code, _, err = await run_cli(
             capsys, "--address", client.address, "workflow", "start", "t", "--input", "NaN"
         )

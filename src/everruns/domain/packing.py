@@ -62,9 +62,12 @@ def unpack_blobs(blob: bytes, ends: bytes, what: str) -> list[bytes]:
 def pack_uuids(ids: Iterable[uuid.UUID | str]) -> bytes:
     """UUIDs (objects or their text, with or without dashes) as 16 bytes each, in order.
 
+    Texts alone (ids the database generated) are converted in one piece, and only the length
+    of the whole is checked; among objects each text is parsed as a UUID.
+
     Raises:
-        ValueError: a text is not a UUID (texts alone are converted in one piece, and found
-            out by the length of the whole).
+        ValueError: a text is not hex, the texts do not make 16 bytes each, or (among
+            objects) a text is not a UUID.
     """
     items = list(ids)
     texts = [i for i in items if isinstance(i, str)]
