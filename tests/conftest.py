@@ -88,6 +88,13 @@ def pg_server_url() -> Iterator[str]:
 _counter = itertools.count()
 
 
+async def drop_database(server_url: str, name: str) -> None:
+    """Drop database ``name`` of the server at ``server_url`` if it exists, its sessions
+    ended."""
+    async with pg.connect(server_url) as admin:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(scope="session")
 def template_database(pg_server_url: str) -> Iterator[str]:
     """Name of a freshly migrated template database (built once per session, dropped at its
@@ -95,16 +102,17 @@ def template_database(pg_server_url: str) -> Iterator[str]:
     name = f"everruns_tpl_{os.getpid()}"
 
     async def build() -> None:
-        async with open_aio_loop(), pg.connect(pg_server_url) as admin:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            await admin.execute(f'CREATE DATABASE "{name}"')
-        async with open_aio_loop(), pg.connect(with_database(pg_server_url, name)) as c:
-            await apply_migrations(c)
+        async with open_aio_loop():
+            await drop_database(pg_server_url, name)  # one a killed run with this pid left
+            async with pg.connect(pg_server_url) as admin:
+                await admin.execute(f'CREATE DATABASE "{name}"')
+            async with pg.connect(with_database(pg_server_url, name)) as c:
+                await apply_migrations(c)
 
     async def drop() -> None:
         with trio.fail_after(30):
-            async with open_aio_loop(), pg.connect(pg_server_url) as admin:
-                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            async with open_aio_loop():
+                await drop_database(pg_server_url, name)
 
     trio.run(build)
     try:
@@ -123,8 +131,7 @@ async def database_url(pg_server_url: str, template_database: str) -> AsyncItera
         yield with_database(pg_server_url, name)
     finally:
         with trio.move_on_after(10, shield=True):
-            async with pg.connect(pg_server_url) as admin:
-                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await drop_database(pg_server_url, name)
 
 
 @pytest.fixture

@@ -748,14 +748,7 @@ class Client:
             return []
         # Sent and answered in the packed form: a few blobs instead of a message per run.
         types = [name_of(workflow) for workflow, _, _ in entries]
-        try:
-            encoded = [encode(value) for _, value, _ in entries]
-        except PayloadError:
-            encoded = []
-        if len(encoded) != len(entries):  # one input is not exact JSON: found again, named
-            for (_, value, _), name in zip(entries, types, strict=True):
-                encode(value, what=f"input of workflow {name!r}")
-        inputs, ends = pack_blobs(encoded)
+        inputs, ends = pack_blobs(_encoded_inputs(entries, types))
         request = pb.StartWorkflowsRequest(
             packed_workflow_types=[types[0]] if len(set(types)) == 1 else types,
             packed_inputs=inputs,
@@ -944,9 +937,24 @@ def _start_fields(entry: WorkflowStart | tuple[Any, ...]) -> tuple[WorkflowRef, 
             "each start must be a WorkflowStart or a tuple (workflow, input[, workflow_id]), "
             f"got {entry!r}"
         )
-    if len(entry) == 2:
-        return entry[0], entry[1], None
-    return (*entry, None, None)[:3]
+    return entry + (None,) * (3 - len(entry))
+
+
+def _encoded_inputs(
+    entries: Sequence[tuple[WorkflowRef, Any, str | None]], types: Sequence[str]
+) -> list[bytes]:
+    """Each entry's input as exact JSON; a bad one is named by its workflow.
+
+    Raises:
+        PayloadError: an input is not exact JSON.
+    """
+    try:
+        return [encode(value) for _, value, _ in entries]
+    except PayloadError as exc:
+        unnamed = exc  # found again below, outside this handler: named, and not chained
+    for (_, value, _), name in zip(entries, types, strict=True):
+        encode(value, what=f"input of workflow {name!r}")
+    raise unnamed
 
 
 def _sole_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | None:

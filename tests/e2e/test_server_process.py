@@ -78,11 +78,11 @@ async def test_unknown_arguments_exit_2() -> None:
 
 
 async def test_migrate_applies_and_exits(pg_server_url: str) -> None:
-    from tests.conftest import with_database
+    from tests.conftest import drop_database, with_database
 
     name = f"everruns_migrate_{os.getpid()}"
+    await drop_database(pg_server_url, name)
     async with pg.connect(pg_server_url) as admin:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.execute(f'CREATE DATABASE "{name}"')
     try:
         url = with_database(pg_server_url, name)
@@ -97,8 +97,7 @@ async def test_migrate_applies_and_exits(pg_server_url: str) -> None:
         assert code == 0 and "migrations applied: 0" in output
     finally:
         with trio.move_on_after(10, shield=True):
-            async with pg.connect(pg_server_url) as admin:
-                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await drop_database(pg_server_url, name)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

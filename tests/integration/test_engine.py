@@ -1934,9 +1934,9 @@ def _scan_loops(plan: dict[str, Any]) -> int:
 
 async def test_a_claim_updates_what_it_picked_by_key_in_its_generic_plan(pool: pg.Pool) -> None:
     """The control plane plans its statements generically (force_generic_plan), and a
-    generic plan cannot know LIMIT $4 and guesses a tenth of what the claim index holds: with 10,000 tasks
-    waiting, 1,000 rows to update, for which PostgreSQL 15 joined a read of the whole queue
-    (5 ms a claim). The rows picked are updated through their keys."""
+    generic plan cannot know LIMIT $4 and guesses a tenth of what the claim index holds: with
+    10,000 tasks waiting, 1,000 rows to update, for which PostgreSQL 15 joined a read of the
+    whole queue (5 ms a claim). The rows picked are updated through their keys."""
     from everruns.store.queries import QUERIES
 
     with trio.fail_after(60):
