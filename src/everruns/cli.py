@@ -26,6 +26,7 @@ import trio
 
 from everruns.client import (
     DEFAULT_ADDRESS,
+    MAX_PAGE_SIZE,
     CircuitBreakerInfo,
     Client,
     DeadLetterInfo,
@@ -86,6 +87,9 @@ EXIT_CODES = {
     EXIT_PRECONDITION: "the object's state forbids the operation (e.g. the workflow has ended)",
     EXIT_TIMEOUT: "--timeout expired while the workflow was still open",
 }
+
+# What every --timeout means, 0 included: one meaning across the commands.
+_TIMEOUT_HELP = "give up after S seconds (exit 6); 0: do not wait, exit 6 unless already ended"
 
 
 class UsageError(Exception):
@@ -476,8 +480,10 @@ async def _message_send(client: Client, args: argparse.Namespace, out: Output) -
         out.emit({**doc, "workflow_id": turn.workflow_id}, "not following (--no-follow)")
         return EXIT_OK
     events = []
+    # Like every --timeout: 0 gives up at once (a turn just queued has not ended).
+    limit = contextlib.nullcontext() if args.timeout is None else trio.fail_after(args.timeout)
     try:
-        with trio.fail_after(args.timeout) if args.timeout else contextlib.nullcontext():
+        with limit:
             async for event in turn.stream():
                 events.append(event)
                 if not out.as_json:
@@ -485,7 +491,7 @@ async def _message_send(client: Client, args: argparse.Namespace, out: Output) -
             result = await turn.result()
     except trio.TooSlowError:
         out.emit(
-            {**doc, "events": events, "timed_out": True}, f"still running after {args.timeout} s"
+            {**doc, "events": events, "timed_out": True}, f"still running after {args.timeout:g} s"
         )
         return EXIT_TIMEOUT
     except WorkflowFailed as exc:
@@ -582,6 +588,13 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _page_size(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_PAGE_SIZE:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at most {MAX_PAGE_SIZE}")
     return value
 
 
@@ -698,9 +711,7 @@ def _add_workflow(commands: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--input", metavar="JSON", help="input as JSON, or @FILE (default: null)")
     p.add_argument("--id", metavar="ID", help="workflow id (default: a generated UUID)")
     p.add_argument("--wait", action="store_true", help="wait for the result and print it")
-    p.add_argument(
-        "--timeout", type=_seconds, metavar="S", help="with --wait: give up after S seconds"
-    )
+    p.add_argument("--timeout", type=_seconds, metavar="S", help=f"with --wait: {_TIMEOUT_HELP}")
 
     p = _leaf(
         verbs,
@@ -712,7 +723,9 @@ def _add_workflow(commands: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--type", metavar="T", help="only runs of this workflow name")
     p.add_argument("--status", choices=WORKFLOW_STATUSES, help="only runs in this status")
-    p.add_argument("--limit", type=_positive_int, default=50, metavar="N", help="page size")
+    p.add_argument(
+        "--limit", type=_page_size, default=50, metavar="N", help=f"page size (1-{MAX_PAGE_SIZE})"
+    )
     p.add_argument("--page-token", metavar="P", help="the token printed after the last page")
 
     p = _leaf(
@@ -747,7 +760,7 @@ def _add_workflow(commands: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("workflow_id", metavar="ID", help="workflow id")
     p.add_argument("--run", metavar="R", help="run id (default: the latest run)")
-    p.add_argument("--timeout", type=_seconds, metavar="S", help="give up after S seconds (exit 6)")
+    p.add_argument("--timeout", type=_seconds, metavar="S", help=_TIMEOUT_HELP)
 
     p = _leaf(
         verbs,
@@ -802,7 +815,9 @@ def _add_dlq(commands: Any, common: argparse.ArgumentParser) -> None:
         _example("everruns dlq list --limit 20"),
         run=_dlq_list,
     )
-    p.add_argument("--limit", type=_positive_int, default=50, metavar="N", help="page size")
+    p.add_argument(
+        "--limit", type=_page_size, default=50, metavar="N", help=f"page size (1-{MAX_PAGE_SIZE})"
+    )
     p.add_argument("--page-token", metavar="P", help="the token printed after the last page")
     p = _leaf(
         verbs,
@@ -891,7 +906,7 @@ def _add_message(commands: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("session", metavar="SESSION", help="session id (created on first use)")
     p.add_argument("text", metavar="TEXT", help="the message")
     p.add_argument("--max-steps", type=int, default=10, metavar="N", help="LLM calls allowed")
-    p.add_argument("--timeout", type=float, default=None, metavar="S", help="give up after S s")
+    p.add_argument("--timeout", type=_seconds, metavar="S", help=_TIMEOUT_HELP)
     p.add_argument("--no-follow", action="store_true", help="queue the message and return")
 
 

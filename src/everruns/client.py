@@ -10,6 +10,7 @@ import the server or the worker.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import ssl
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_ADDRESS",
+    "MAX_PAGE_SIZE",
     "CircuitBreakerInfo",
     "Client",
     "DeadLetterInfo",
@@ -65,6 +67,9 @@ RETRY_DELAYS: tuple[float, ...] = (0.1, 0.4, 1.2)
 RPC_TIMEOUT = 30.0
 # Long-poll budget of one AwaitResult: short enough that proxies keep the stream open.
 AWAIT_POLL_SECONDS = 20.0
+# The largest page a listing may ask for: the wire's int32 is far larger (and wraps past it), the
+# control plane returns at most this many events per page and fewer runs or dead letters.
+MAX_PAGE_SIZE = 10_000
 
 Reply = TypeVar("Reply")
 WorkflowRef = str | Callable[..., Any]
@@ -427,6 +432,18 @@ def _workflow_ids(ids: list[str | None]) -> list[str]:
     return checked if any(checked) else []
 
 
+def _check_page_size(value: int, what: str, lowest: int) -> None:
+    """Refuse a page size the wire cannot carry as meant (it is an int32, and wraps)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not lowest <= value <= MAX_PAGE_SIZE
+    ):
+        raise InvalidArgument(
+            f"{what} must be an integer from {lowest} to {MAX_PAGE_SIZE}, got {value!r}"
+        )
+
+
 def _start_request(workflow: WorkflowRef, input: Any, workflow_id: str | None) -> Any:
     name = name_of(workflow)
     return pb.StartWorkflowRequest(
@@ -479,7 +496,9 @@ class WorkflowHandle:
         without a run id follows the run that is the latest when the wait begins.
 
         Args:
-            timeout: seconds to wait in all; None waits as long as it takes.
+            timeout: seconds to wait in all; None waits as long as it takes. At least one poll
+                is made and its reply decides, so 0 returns the result of a run that has
+                already ended and raises TimeoutError for an open one.
 
         Returns:
             The workflow's result (decoded JSON).
@@ -488,37 +507,39 @@ class WorkflowHandle:
             WorkflowFailed: the run ended ``failed`` or ``cancelled`` (``status`` and ``error``
                 say how).
             TimeoutError: the run was still open after ``timeout`` seconds.
+            InvalidArgument: ``timeout`` is negative or NaN.
             NotFound: no such workflow or run.
-            ServerUnavailable: the control plane stayed unreachable through the retries.
+            ServerUnavailable: the control plane stayed unreachable through the retries, or
+                until ``timeout`` ran out (an unreachable server is not a timeout).
 
         Cancelling the calling scope abandons the wait; the workflow is unaffected.
         """
+        if timeout is not None and not timeout >= 0:  # also NaN
+            raise InvalidArgument(f"timeout must be a number of seconds >= 0, got {timeout}")
         run_id = self.run_id or ""
-        deadline = trio.current_time() + timeout if timeout is not None else float("inf")
-        with trio.move_on_at(deadline):
-            while True:
-                # Answer before our own deadline so a timeout is reported, not a broken call.
-                wait_s = max(0.0, min(AWAIT_POLL_SECONDS, deadline - trio.current_time()))
-                reply = await self._client._call(
-                    self._client._stub.await_result,
-                    pb.AwaitResultRequest(
-                        workflow_id=self.workflow_id, run_id=run_id, wait_s=wait_s
-                    ),
-                    retry=True,
-                    timeout=wait_s + RPC_TIMEOUT,
+        deadline = math.inf if timeout is None else trio.current_time() + timeout
+        while True:
+            # Each poll asks the server to answer by the deadline, and its reply is awaited even
+            # when it arrives a little after: cancelling it could hide a run that has ended.
+            wait_s = max(0.0, min(AWAIT_POLL_SECONDS, deadline - trio.current_time()))
+            reply = await self._client._call(
+                self._client._stub.await_result,
+                pb.AwaitResultRequest(workflow_id=self.workflow_id, run_id=run_id, wait_s=wait_s),
+                retry=True,
+                timeout=wait_s + RPC_TIMEOUT,
+                retry_until=deadline,
+            )
+            description = WorkflowDescription.from_proto(reply.workflow)
+            run_id = run_id or description.run_id
+            if reply.done:
+                if description.status == "completed":
+                    return description.result
+                raise _failure(description)
+            if trio.current_time() >= deadline:
+                raise TimeoutError(
+                    f"workflow {self.workflow_id!r} was still open after {timeout:g} s; "
+                    "wait longer or check it with `everruns workflow show`"
                 )
-                description = WorkflowDescription.from_proto(reply.workflow)
-                run_id = run_id or description.run_id
-                if reply.done:
-                    if description.status == "completed":
-                        return description.result
-                    raise _failure(description)
-                if trio.current_time() >= deadline:
-                    break
-        raise TimeoutError(
-            f"workflow {self.workflow_id!r} was still open after {timeout or 0:g} s; "
-            "wait longer or check it with `everruns workflow show`"
-        )
 
     async def signal(self, name: str, payload: Any = None) -> None:
         """Deliver the signal ``name`` with a JSON payload to the open run.
@@ -579,12 +600,14 @@ class WorkflowHandle:
 
         Args:
             after_sequence: only events with a higher sequence number.
-            page_size: events per request (0: the server's default).
+            page_size: events per request, up to `MAX_PAGE_SIZE` (0: the server's default).
 
         Raises:
+            InvalidArgument: ``page_size`` is outside 0 to `MAX_PAGE_SIZE`.
             NotFound: no such workflow or run.
             ServerUnavailable: the control plane stayed unreachable through the retries.
         """
+        _check_page_size(page_size, "page_size", 0)
         events: list[HistoryEvent] = []
         after = after_sequence
         while True:
@@ -641,8 +664,8 @@ class Client:
                 default ``EVERRUNS_CALL_STREAM`` (on).
 
         Raises:
-            ConfigError: the address is not host:port, or ``EVERRUNS_CALL_STREAM`` is not a
-                switch.
+            ConfigError: the address is not host:port, ``EVERRUNS_CALL_STREAM`` or
+                ``EVERRUNS_TLS`` is not a switch, or ``EVERRUNS_TLS_CA`` cannot be used.
         """
         if address is None:
             address = os.environ.get("GRPC_ADDRESS") or DEFAULT_ADDRESS
@@ -683,7 +706,11 @@ class Client:
         *,
         retry: bool,
         timeout: float = RPC_TIMEOUT,
+        retry_until: float = math.inf,
     ) -> Reply:
+        """Make the call; with ``retry``, try again after `RETRY_DELAYS` while the control plane
+        is unreachable, but never sleep past ``retry_until`` (a `trio.current_time` value):
+        then the last ServerUnavailable is raised."""
         delays = iter(RETRY_DELAYS if retry else ())
         while True:
             try:
@@ -692,7 +719,10 @@ class Client:
                 delay = next(delays, None)
                 if delay is None:
                     raise
-            await trio.sleep(delay * random.uniform(0.9, 1.1))
+                delay *= random.uniform(0.9, 1.1)
+                if trio.current_time() + delay > retry_until:
+                    raise
+            await trio.sleep(delay)
 
     async def start_workflow(
         self, workflow: WorkflowRef, input: Any = None, *, workflow_id: str | None = None
@@ -714,8 +744,9 @@ class Client:
             InvalidArgument: bad workflow name or id.
             ResourceExhausted: the control plane sheds load, or the input is too large.
             ServerUnavailable: the control plane is unreachable (retried only when
-                ``workflow_id`` is given, since only then is a repeat harmless; a retry whose
-                first try did reach the server reports ``created`` False).
+                ``workflow_id`` is given: a retry whose first try did reach the server finds
+                that run and reports ``created`` False, as long as the run is still open; if
+                it has already ended, the retry starts a second run).
         """
         request = _start_request(workflow, input, workflow_id)
         reply = await self._call(self._stub.start_workflow, request, retry=workflow_id is not None)
@@ -741,7 +772,8 @@ class Client:
             PayloadError: an input is not exact JSON; nothing is sent.
             InvalidArgument: an entry is malformed.
             ServerUnavailable: the control plane is unreachable (retried only when every entry
-                names its workflow id).
+                names its workflow id; as for `start_workflow`, a run that the first try
+                started and that has ended by the retry is started again).
         """
         entries = [_start_fields(s) for s in starts]
         if not entries:
@@ -822,20 +854,19 @@ class Client:
         Args:
             workflow_type: only runs of this workflow (function or name).
             status: only runs in this status (pending, running, completed, failed, cancelled).
-            limit: page size (at least 1).
+            limit: page size, 1 to `MAX_PAGE_SIZE` (the server may return fewer per page).
             page_token: the token returned with the previous page.
 
         Returns:
             ``(runs, next_page_token)``; the token is None on the last page.
 
         Raises:
-            InvalidArgument: unknown status or a limit below 1.
+            InvalidArgument: unknown status, or a limit outside 1 to `MAX_PAGE_SIZE`.
             ServerUnavailable: the control plane stayed unreachable through the retries.
         """
         if status is not None and status not in WORKFLOW_STATUSES:
             raise InvalidArgument(f"status {status!r} is not one of {', '.join(WORKFLOW_STATUSES)}")
-        if limit < 1:
-            raise InvalidArgument(f"limit must be at least 1, got {limit}")
+        _check_page_size(limit, "limit", 1)
         reply = await self._call(
             self._stub.list_workflows,
             pb.ListWorkflowsRequest(
@@ -854,15 +885,18 @@ class Client:
     ) -> tuple[list[DeadLetterInfo], str | None]:
         """Return one page of dead-lettered tasks, newest first.
 
+        Args:
+            limit: page size, 1 to `MAX_PAGE_SIZE` (the server may return fewer per page).
+            page_token: the token returned with the previous page.
+
         Returns:
             ``(dead_letters, next_page_token)``; the token is None on the last page.
 
         Raises:
-            InvalidArgument: a limit below 1.
+            InvalidArgument: a limit outside 1 to `MAX_PAGE_SIZE`.
             ServerUnavailable: the control plane stayed unreachable through the retries.
         """
-        if limit < 1:
-            raise InvalidArgument(f"limit must be at least 1, got {limit}")
+        _check_page_size(limit, "limit", 1)
         reply = await self._call(
             self._stub.list_dead_letters,
             pb.ListDeadLettersRequest(limit=limit, page_token=page_token or ""),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import struct
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -1167,6 +1168,46 @@ async def test_bad_fields_get_invalid_argument_or_resource_exhausted(database_ur
                 await p.start("t4")
 
 
+async def test_operator_calls_with_bad_numbers_are_invalid_argument(database_url: str) -> None:
+    """A negative page size or a NaN wait is INVALID_ARGUMENT naming the field, not INTERNAL:
+    ListDeadLetters checks its limit as ListWorkflows and GetHistory do, and AwaitResult and
+    PollTasks refuse a NaN wait_s as they refuse a negative one."""
+
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            await p.start("wf", 1, wid="x")
+            failures = []
+            for method, request, field in [
+                (p.workflows.list_dead_letters, pb.ListDeadLettersRequest(limit=-1), "limit"),
+                (p.workflows.list_workflows, pb.ListWorkflowsRequest(limit=-1), "limit"),
+                (
+                    p.workflows.get_history,
+                    pb.GetHistoryRequest(workflow_id="x", limit=-1),
+                    "limit",
+                ),
+                (
+                    p.workflows.await_result,
+                    pb.AwaitResultRequest(workflow_id="x", wait_s=math.nan),
+                    "wait_s",
+                ),
+                (
+                    p.workers.poll_tasks,
+                    pb.PollTasksRequest(worker_id="w1", wait_s=math.nan),
+                    "wait_s",
+                ),
+            ]:
+                try:
+                    await p.channel.unary(method, request)
+                except InvalidArgument as exc:
+                    if field not in str(exc):
+                        failures.append(f"{type(request).__name__}: {exc} names no {field}")
+                except RpcError as exc:
+                    failures.append(f"{type(request).__name__}: {exc.status}: {exc}")
+                else:
+                    failures.append(f"{type(request).__name__} was accepted")
+            assert failures == []
+
+
 async def test_two_control_planes_share_one_database(database_url: str) -> None:
     async def single(ctx: Any, input: Any) -> Any:
         return await ctx.execute_activity("job", input)
@@ -1373,6 +1414,155 @@ async def test_a_completion_the_database_refuses_is_refused_alone(database_url: 
                     "workflow_task_completed",
                     "activity_scheduled",
                 ]
+
+
+def _scheduled(**options: Any) -> dict[str, Any]:
+    """A schedule_activity command in its wire form, with these options."""
+    return {"type": "schedule_activity", "activity_id": "1", "activity_type": "work", **options}
+
+
+# Commands every check of Python accepts (finite numbers, non-empty strings) but PostgreSQL
+# cannot store: an interval past its range, an int4 overflow, NUL in text. Each with the field
+# its refusal names. Built in the wire form: the command classes refuse them.
+def _first_completion(task: pb.Task, command: dict[str, Any]) -> pb.CompleteWorkflowTaskRequest:
+    """Worker w1 completes a run's first workflow task with one command."""
+    return pb.CompleteWorkflowTaskRequest(
+        task_id=task.task_id,
+        lease_token=task.lease_token,
+        worker_id="w1",
+        seen_sequence=1,
+        commands=json.dumps([command]).encode(),
+        claim_time=task.claimed_at,
+    )
+
+
+_UNSTORABLE_COMMANDS: list[tuple[dict[str, Any], str]] = [
+    ({"type": "start_timer", "timer_id": "1", "seconds": 1e13}, "seconds"),  # ~317,000 years
+    (_scheduled(options={"schedule_to_start_timeout": 1e13}), "schedule_to_start_timeout"),
+    (_scheduled(options={"start_to_close_timeout": 1e13}), "start_to_close_timeout"),
+    (_scheduled(options={"heartbeat_timeout": 1e13}), "heartbeat_timeout"),
+    (_scheduled(options={"retry": {"maximum_interval": 1e13}}), "maximum_interval"),
+    (_scheduled(options={"retry": {"max_attempts": 2**31}}), "max_attempts"),
+    (_scheduled(activity_type="wo\x00rk"), "activity_type"),
+    # storable, but a type no worker can register (the registry refuses surrounding spaces)
+    (_scheduled(activity_type=" work"), "activity_type"),
+    ({"type": "start_child_workflow", "child_id": "1", "workflow_type": "kid "}, "workflow_type"),
+    (_scheduled(options={"breaker_key": "k\x00"}), "breaker_key"),
+    ({"type": "start_timer", "timer_id": "t\x00", "seconds": 1}, "timer_id"),
+    (
+        {"type": "start_child_workflow", "child_id": "1", "workflow_type": "kid\x00"},
+        "workflow_type",
+    ),
+    (
+        {
+            "type": "start_child_workflow",
+            "child_id": "1",
+            "workflow_type": "kid",
+            "workflow_id": "k\x00",
+        },
+        "workflow_id",
+    ),
+]
+
+
+async def test_commands_postgres_cannot_store_are_refused_alone_as_invalid_argument(
+    database_url: str,
+) -> None:
+    """A timer or timeout too long for PostgreSQL's intervals, max_attempts past int4, a NUL
+    in a name: each completion carrying one is refused alone with INVALID_ARGUMENT naming the
+    field (so its worker fails the workflow task and the run is marked stuck), and a good
+    completion of the same call is applied. Not INTERNAL for the whole call, which workers
+    retry without end, the good decision with it."""
+
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            await p.register(workflow_types=["wf"], activity_types=["work"])
+            wids = ["good", *(f"bad-{n}" for n in range(len(_UNSTORABLE_COMMANDS)))]
+            for wid in wids:
+                await p.start("wf", 1, wid=wid)
+            tasks: dict[str, pb.Task] = {}
+            while len(tasks) < len(wids):
+                tasks.update((t.workflow_id, t) for t in await p.poll(wf=["wf"]))
+
+            def completion(wid: str, command: dict[str, Any]) -> pb.CompleteWorkflowTaskRequest:
+                return _first_completion(tasks[wid], command)
+
+            good = _scheduled(input=1)
+            reply = await p.channel.unary(
+                p.workers.complete_workflow_tasks,
+                pb.CompleteWorkflowTasksRequest(
+                    completions=[
+                        completion("good", good),
+                        *(
+                            completion(f"bad-{n}", command)
+                            for n, (command, _) in enumerate(_UNSTORABLE_COMMANDS)
+                        ),
+                    ]
+                ),
+            )
+            first, *refused = reply.outcomes
+            assert first.accepted
+            verdicts = [
+                (o.refused_status, field in o.message)
+                for o, (_, field) in zip(refused, _UNSTORABLE_COMMANDS, strict=True)
+            ]
+            assert verdicts == [("INVALID_ARGUMENT", True)] * len(refused), [
+                o.message for o in refused
+            ]
+            assert all("\n" not in o.message for o in refused)
+            assert await p.history_types("good") == [
+                "workflow_started",
+                "workflow_task_completed",
+                "activity_scheduled",
+            ]
+
+
+async def test_a_timer_postgres_cannot_store_is_invalid_argument_not_internal(
+    database_url: str,
+) -> None:
+    """CompleteWorkflowTask with a timer 317,000 years away answers INVALID_ARGUMENT naming
+    ``seconds``, not INTERNAL (which its worker would retry without end)."""
+
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            await p.start("wf", 1, wid="t")
+            (task,) = await p.poll(wf=["wf"])
+            timer = {"type": "start_timer", "timer_id": "1", "seconds": 1e13}
+            with pytest.raises(InvalidArgument, match=r"seconds must be .* at most"):
+                await p.channel.unary(
+                    p.workers.complete_workflow_task, _first_completion(task, timer)
+                )
+
+
+async def test_failure_reports_with_nul_characters_are_kept_with_the_nul_escaped(
+    database_url: str,
+) -> None:
+    """PostgreSQL stores no NUL character, but a worker's failure report is never refused
+    for its content: an activity's or a workflow task's error with NUL in it is recorded,
+    each NUL written as the four characters \\x00."""
+
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            await p.start("one", 1, wid="act")
+            await p.drive(one_activity, "one")
+            (activity,) = await p.poll(act=["flaky"])
+            reply = await p.fail(activity, "bad\x00byte")
+            assert reply.will_retry
+            (info,) = (await p.describe("act")).pending_activities
+            assert json.loads(info.last_error)["message"] == "bad\\x00byte"
+
+            await p.start("wf", 1, wid="wft")
+            (task,) = await p.poll(wf=["wf"])
+            await p.channel.unary(
+                p.workers.fail_workflow_task,
+                pb.FailWorkflowTaskRequest(
+                    task_id=task.task_id,
+                    lease_token=task.lease_token,
+                    worker_id="w1",
+                    error=json.dumps({"type": "E\x00", "message": "no\x00pe"}).encode(),
+                ),
+            )
+            assert (await p.describe("wft")).stuck_reason == "workflow task failed: no\\x00pe"
 
 
 async def test_long_polls_woken_together_claim_together_in_one_statement(
@@ -1980,3 +2170,17 @@ async def test_a_claim_updates_what_it_picked_by_key_in_its_generic_plan(pool: p
                 else:
                     assert (name, _unbounded_scans(plan)) == (name, [])
             await conn.execute("RESET plan_cache_mode")
+
+
+async def test_a_type_no_worker_can_register_is_refused_where_it_comes_in(
+    database_url: str,
+) -> None:
+    """The registry refuses a workflow or activity type with surrounding spaces, so no worker
+    can ever serve one: starting a run of it, or registering a worker for it, is
+    INVALID_ARGUMENT. Before, the run was started and waited for a worker forever."""
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            with pytest.raises(InvalidArgument, match="workflow_type ' wf' must not begin"):
+                await p.start(" wf", 1)
+            with pytest.raises(InvalidArgument, match="type name 'work ' must not begin"):
+                await p.register(workflow_types=["wf"], activity_types=["work "])

@@ -23,7 +23,7 @@ from everruns._proto.everruns import v1 as pb
 from everruns.domain import history, payload
 from everruns.domain.registry import Registry, activity, workflow
 from everruns.domain.retry import RetryPolicy
-from everruns.errors import DatabaseUnavailable, NonRetryableError, StaleLease
+from everruns.errors import DatabaseUnavailable, NonRetryableError, ResourceExhausted, StaleLease
 from everruns.server import ServerConfig, serve
 from everruns.worker import ActivityContext, Worker
 from everruns.worker.runtime import INLINE_REPLAY_EVENTS
@@ -432,6 +432,47 @@ async def test_stale_lease_on_heartbeat_cancels_the_body_and_drops_the_task() ->
     assert not fake.completed and not fake.failed
 
 
+class _SizeLimitedHeartbeats(FakeControlPlane):
+    """Refuses heartbeats whose details are over a size limit, as the real control plane does
+    (RESOURCE_EXHAUSTED "... is too large")."""
+
+    LIMIT = 100
+
+    async def record_heartbeat(self, request: Any) -> Any:
+        if len(request.details) > self.LIMIT:
+            raise ResourceExhausted(
+                f"heartbeat details is too large: {len(request.details)} bytes; the limit is "
+                f"{self.LIMIT} bytes (EVERRUNS_MAX_PAYLOAD_BYTES)"
+            )
+        return await super().record_heartbeat(request)
+
+
+async def test_heartbeat_details_refused_for_good_are_dropped_and_the_lease_still_renewed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Details the control plane will never take (too large) are dropped with a warning, not
+    sent again with every later heartbeat: those go without them and renew the lease (else
+    it is never renewed and the running activity is reclaimed as stale, to run twice)."""
+    reg = Registry()
+
+    @activity(registry=reg)
+    async def crunch(ctx: ActivityContext, _: Any) -> str:
+        ctx.heartbeat({"blob": "x" * 500})  # once, too large
+        await trio.sleep(1.0)  # meanwhile the regular heartbeats keep the lease
+        return "done"
+
+    fake = _SizeLimitedHeartbeats()
+    caplog.set_level(logging.WARNING, logger="everruns.worker")
+    with trio.fail_after(10):
+        async with fake_control_plane(fake) as port, running(make_worker(reg, port)):
+            task = activity_task("crunch", heartbeat_timeout=0.3)  # a beat every 0.1 s
+            fake.push(task)
+            await fake.wait_for(lambda: task.task_id in fake.completed)
+    assert fake.task_heartbeats, "no heartbeat renewed the lease during a 1 s activity"
+    (dropped,) = [r for r in caplog.records if "dropping the heartbeat details" in r.getMessage()]
+    assert "crunch" in dropped.getMessage() and "too large" in dropped.getMessage()
+
+
 async def test_a_finished_result_is_retried_until_the_control_plane_answers(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -542,6 +583,34 @@ async def test_eager_tasks_from_a_completion_reply_are_run() -> None:
             await fake.wait_for(lambda: len(fake.completed) == 2)
     assert fake.completed == {first.task_id: 10, second.task_id: 20}
     assert not fake.eager
+
+
+async def test_a_task_handed_back_for_the_slot_of_a_refused_result_is_run() -> None:
+    """CompleteActivityTasks offers the slot of every result it carries, and the control
+    plane claims a task for each whatever its verdict: a task handed back for the slot of a
+    refused (stale) result runs in that slot, rather than wait for stale reclamation (which
+    burns one of its attempts)."""
+    reg = Registry()
+
+    @activity(registry=reg)
+    async def quick(ctx: ActivityContext, n: int) -> int:
+        return n
+
+    fake = FakeControlPlane()
+    with trio.fail_after(10):
+        async with (
+            fake_control_plane(fake) as port,
+            running(make_worker(reg, port, max_concurrent_tasks=1)),
+        ):
+            stale, handed = activity_task("quick", 1), activity_task("quick", 2)
+            handed.claimed_at = time.time()
+            fake.stale.add(stale.task_id)
+            fake.eager = [handed]
+            fake.push(stale)
+            await fake.wait_for(lambda: not fake.eager)  # handed to the worker
+            with trio.move_on_after(3):
+                await fake.wait_for(lambda: handed.task_id in fake.completed)
+    assert fake.completed == {handed.task_id: 2}, "the task handed back was never run"
 
 
 # -------------------------------------------------------------------------- workflow tasks
@@ -697,6 +766,103 @@ async def test_cancelling_run_stops_at_once_and_releases_running_tasks() -> None
             assert trio.current_time() - stopped_at < 1.0
     (release,) = fake.failed
     assert release.task_id == task.task_id and release.release
+
+
+class _SlowBatches(FakeControlPlane):
+    """Answers CompleteActivityTasks only after a while (a busy control plane)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_sent = trio.Event()
+
+    async def complete_activity_tasks(self, request: Any) -> Any:
+        self.batch_sent.set()
+        await trio.sleep(0.5)
+        return await super().complete_activity_tasks(request)
+
+
+async def test_grace_ending_while_a_result_is_in_a_batch_leaves_its_slot_released_once() -> None:
+    """The grace period ends while a result's CompleteActivityTasks batch is in flight: the
+    task reports alone and releases its slot. The task the batch reply hands back for that
+    slot is left to the control plane, not started in the released slot (whose second
+    release crashed Worker.run)."""
+    reg = Registry()
+
+    @activity(registry=reg)
+    def hold(ctx: ActivityContext, _: Any) -> str:
+        time.sleep(1.5)  # a sync activity: keeps the task nursery open past the grace period
+        return "held"
+
+    @activity(registry=reg)
+    async def quick(ctx: ActivityContext, _: Any) -> str:
+        return "quick"
+
+    fake = _SlowBatches()
+    with trio.fail_after(10):
+        async with fake_control_plane(fake) as port:
+            worker = make_worker(reg, port, max_concurrent_tasks=2, grace_period=0)
+            async with trio.open_nursery() as nursery:  # Worker.run raising fails the test
+                await nursery.start(worker.run)
+                follow = activity_task("quick")
+                follow.claimed_at = time.time()
+                fake.eager = [follow]
+                fake.push(activity_task("hold"), activity_task("quick"))
+                await fake.batch_sent.wait()
+                worker.shutdown()
+    assert not fake.eager and follow.task_id not in fake.completed
+
+
+class _BatchAnsweredAtGoodbye(FakeControlPlane):
+    """Answers CompleteActivityTasks only once the worker says goodbye, and the goodbye a
+    moment later."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_sent = trio.Event()
+        self.goodbye = trio.Event()
+
+    async def complete_activity_tasks(self, request: Any) -> Any:
+        self.batch_sent.set()
+        await self.goodbye.wait()
+        return await super().complete_activity_tasks(request)
+
+    async def worker_heartbeat(self, request: Any) -> Any:
+        if request.status == "stopped":
+            self.goodbye.set()
+            await trio.sleep(0.5)  # time for the batch reply to reach the worker first
+        return await super().worker_heartbeat(request)
+
+
+async def test_a_task_handed_back_once_no_task_runs_any_more_is_left_to_the_control_plane(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A batch reply arriving after the worker's tasks have all ended (grace period over,
+    saying goodbye) hands back a task for a slot offered earlier: it is logged and left for
+    the control plane to reclaim, not started in the closed task nursery."""
+    reg = Registry()
+
+    @activity(registry=reg)
+    async def quick(ctx: ActivityContext, _: Any) -> str:
+        return "quick"
+
+    fake = _BatchAnsweredAtGoodbye()
+    caplog.set_level(logging.ERROR, logger="everruns.worker")
+    with trio.fail_after(10):
+        async with fake_control_plane(fake) as port:
+            worker = make_worker(reg, port, max_concurrent_tasks=2, grace_period=0)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(worker.run)
+                follow = activity_task("quick")
+                follow.claimed_at = time.time()
+                fake.eager = [follow]
+                fake.push(activity_task("quick"))
+                await fake.batch_sent.wait()
+                worker.shutdown()
+    assert not fake.eager and follow.task_id not in fake.completed
+    assert any(
+        "CompleteActivityTasks handed out 1 task(s) and the worker can run 0" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 # ------------------------------------------------------------------ the real control plane

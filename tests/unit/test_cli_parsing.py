@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from everruns import cli
 from everruns._proto.everruns import v1 as pb
 from everruns.client import (
+    MAX_PAGE_SIZE,
     Client,
     HistoryEvent,
     PendingActivity,
@@ -148,6 +149,10 @@ def test_top_level_help_lists_exit_codes(capsys: pytest.CaptureFixture[str]) -> 
         ["workflow", "list", "--status", "sleeping"],
         ["workflow", "result", "w", "--timeout", "-1"],
         ["workflow", "result", "w", "--timeout", "nan"],
+        # Once refused only after the message was queued (a ValueError traceback).
+        ["message", "send", "s", "hi", "--timeout", "-1"],
+        ["message", "send", "s", "hi", "--timeout", "nan"],
+        ["message", "send", "s", "hi", "--timeout", "inf"],
         ["workflow", "signal", "w"],
         ["dlq", "list", "--limit", "-3"],
         ["workflow", "list", "--bogus"],
@@ -183,6 +188,36 @@ def test_bad_input_is_one_line_and_exit_2_before_connecting(
     assert captured.out == ""
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["workflow", "list", "--limit", str(MAX_PAGE_SIZE + 1)],
+        # Past int32 the wire wraps: 2**31 arrives negative, 2**32 as 0 (the server's default).
+        ["workflow", "list", "--limit", str(2**31)],
+        ["dlq", "list", "--limit", str(2**32)],
+    ],
+)
+def test_a_limit_past_the_largest_page_is_refused_before_connecting(
+    argv: list[str], no_server: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert f"must be at most {MAX_PAGE_SIZE}" in capsys.readouterr().err
+    assert cli.build_parser().parse_args([*argv[:2], "--limit", str(MAX_PAGE_SIZE)]).limit == (
+        MAX_PAGE_SIZE
+    )
+
+
+@pytest.mark.parametrize(
+    "leaf", [["workflow", "start"], ["workflow", "result"], ["message", "send"]], ids=" ".join
+)
+def test_every_timeout_option_gives_0_the_same_meaning(
+    leaf: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main([*leaf, "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "0: do not wait, exit 6 unless already ended" in text
+
+
 def test_input_from_file(tmp_path: Any) -> None:
     path = tmp_path / "in.json"
     path.write_text('{"n": 12345678901234567890}')
@@ -195,6 +230,18 @@ def test_parse_address() -> None:
     for bad in ("", "host", ":80", "h:0", "h:x", "h:70000"):
         with pytest.raises(ConfigError):
             parse_address(bad)
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["h:\u00b2", "h:9\u00b2", "h:\u0663", "h:\uff19\uff10\uff10\uff11"],
+    ids=["superscript-2", "9-superscript-2", "arabic-indic-3", "fullwidth-9001"],
+)
+def test_a_port_of_non_ascii_digits_is_a_config_error(address: str) -> None:
+    """str.isdigit() holds for '²' (int() then raised a bare ValueError) and for other
+    scripts' digits (which int() read as a port)."""
+    with pytest.raises(ConfigError, match="is not host:port"):
+        parse_address(address, setting="--address")
 
 
 # --- rendering ------------------------------------------------------------------------------
@@ -514,6 +561,31 @@ def test_result_completed_prints_json(
     assert json.loads(capsys.readouterr().out) == {"total": 2**70}
 
 
+async def test_message_send_timeout_0_gives_up_at_once(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Like every --timeout, 0 does not wait (it once meant "no timeout" and followed forever)."""
+
+    class Turn:
+        turn = 1
+        workflow_id = "session:s:turn:1"
+
+        async def stream(self) -> Any:
+            await trio.sleep_forever()
+            yield None
+
+    class TurnClient:
+        async def send_message(self, *args: Any, **kwargs: Any) -> Turn:
+            return Turn()
+
+    args = cli.build_parser().parse_args(["message", "send", "s", "hi", "--timeout", "0"])
+    cli._prepare(args)
+    with trio.fail_after(5):
+        code = await cli._message_send(TurnClient(), args, cli.Output(False))  # type: ignore[arg-type]
+    assert code == cli.EXIT_TIMEOUT
+    assert "still running after 0 s" in capsys.readouterr().out
+
+
 def test_show_json_and_table(fake: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
     fake["describe"] = _description()
     assert cli.main(["workflow", "show", "order-42", "--json"]) == 0
@@ -673,6 +745,82 @@ async def test_result_timeout_bounds_the_whole_wait(autojump_clock: Any) -> None
         await Client(channel).get_handle("w").result(timeout=45)
     assert 45 <= trio.current_time() - start < 46
     assert [c[1].wait_s for c in channel.calls] == [20, 20, 5]
+
+
+@pytest.mark.parametrize("timeout", [0, 0.005])
+async def test_result_lets_its_poll_answer_however_short_the_timeout(
+    timeout: float, autojump_clock: Any
+) -> None:
+    """The deadline once cancelled the poll whose reply said the run had completed."""
+    done = pb.AwaitResultResponse(done=True, workflow=_pb_description("completed", result=b"7"))
+    channel = FakeChannel([done])
+    assert await Client(channel).get_handle("w").result(timeout=timeout) == 7
+    assert len(channel.calls) == 1
+
+
+async def test_result_with_timeout_0_looks_once_without_waiting(autojump_clock: Any) -> None:
+    running = pb.AwaitResultResponse(done=False, workflow=_pb_description("running"))
+    channel = FakeChannel([running])
+    with pytest.raises(TimeoutError, match="still open after 0 s"):
+        await Client(channel).get_handle("w").result(timeout=0)
+    assert [c[1].wait_s for c in channel.calls] == [0]
+    failed = pb.AwaitResultResponse(done=True, workflow=_pb_description("failed"))
+    with pytest.raises(WorkflowFailed):
+        await Client(FakeChannel([failed])).get_handle("w").result(timeout=0)
+
+
+@pytest.mark.parametrize("timeout", [0, 0.5, 1])
+async def test_result_reports_an_unreachable_server_not_a_timeout(
+    timeout: float, autojump_clock: Any
+) -> None:
+    """A timeout shorter than the retries stops them and raises their ServerUnavailable (exit
+    4), not TimeoutError ("still open", exit 6)."""
+    channel = FakeChannel([ServerUnavailable("down")] * 10)
+    start = trio.current_time()
+    with pytest.raises(ServerUnavailable, match="down"):
+        await Client(channel).get_handle("w").result(timeout=timeout)
+    assert trio.current_time() - start < timeout + 0.05
+
+
+@pytest.mark.parametrize("timeout", [-1, float("nan")])
+async def test_result_refuses_a_negative_or_nan_timeout(timeout: float) -> None:
+    channel = FakeChannel([])
+    with pytest.raises(InvalidArgument, match="timeout"):
+        await Client(channel).get_handle("w").result(timeout=timeout)
+    assert channel.calls == []
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda c: c.list_workflows(limit=MAX_PAGE_SIZE + 1),
+        lambda c: c.list_workflows(limit=2**31),
+        lambda c: c.list_dead_letters(limit=2**32),
+        lambda c: c.get_handle("w").history(page_size=2**32),
+        lambda c: c.get_handle("w").history(page_size=-1),
+    ],
+    ids=["workflows-10001", "workflows-2**31", "dead-letters-2**32", "history-2**32", "history--1"],
+)
+async def test_a_page_size_the_wire_cannot_carry_is_refused_before_any_call(
+    call: Callable[[Client], Awaitable[Any]], autojump_clock: Any
+) -> None:
+    """The int32 field wraps: 2**31 arrives negative, 2**32 as 0 (the server's default page)."""
+    channel = FakeChannel([])
+    with pytest.raises(InvalidArgument, match=f"to {MAX_PAGE_SIZE}"):
+        await call(Client(channel))
+    assert channel.calls == []
+
+
+@pytest.mark.parametrize("name", ["checkout ", " checkout", "\tcheckout", " "])
+async def test_start_refuses_a_type_no_worker_can_register(name: str) -> None:
+    """The registry refuses names with surrounding spaces, so such a run would wait forever."""
+    channel = FakeChannel([])
+    client = Client(channel)
+    with pytest.raises(InvalidArgument, match="surrounding spaces"):
+        await client.start_workflow(name, 1)
+    with pytest.raises(InvalidArgument, match="surrounding spaces"):
+        await client.start_workflows([(name, 1)])
+    assert channel.calls == []
 
 
 async def test_history_pages_until_the_end(autojump_clock: Any) -> None:

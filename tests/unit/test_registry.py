@@ -153,8 +153,15 @@ def test_name_of() -> None:
     assert name_of(plain) == "plain"
     with pytest.raises(InvalidArgument, match="cannot tell the registered name"):
         name_of(lambda ctx, x: None)
-    with pytest.raises(InvalidArgument, match="must not be empty"):
+    with pytest.raises(InvalidArgument, match="non-empty"):
         name_of("")
+
+
+@pytest.mark.parametrize("bad", [" ", "checkout ", " checkout", "\tcheckout", "checkout\n"])
+def test_name_of_refuses_a_name_no_worker_can_register(bad: str) -> None:
+    """The registry refuses these names, so a run started under one would wait forever."""
+    with pytest.raises(InvalidArgument, match="surrounding spaces"):
+        name_of(bad)
 
 
 @pytest.mark.parametrize("bad", ["", " padded", "x "])

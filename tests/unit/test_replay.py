@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import json
+import math
 import re
 import time
 import warnings
@@ -12,6 +14,8 @@ from typing import Any
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from everruns.domain import history as h
 from everruns.domain.commands import (
@@ -29,6 +33,7 @@ from everruns.domain.commands import (
 )
 from everruns.domain.context import ActivityHandle, WorkflowContext, WorkflowInfo
 from everruns.domain.history import HistoryEvent
+from everruns.domain.limits import MAX_SECONDS
 from everruns.domain.registry import Registry, activity
 from everruns.domain.replay import ReplayResult, replay
 from everruns.domain.retry import RetryPolicy
@@ -359,6 +364,17 @@ def test_negative_sleep_fails_the_workflow() -> None:
     assert sim.events[-1]["type"] == h.WORKFLOW_FAILED
     assert sim.events[-1]["error"]["type"] == "everruns.errors.InvalidArgument"
     assert sim.events[-1]["error"]["non_retryable"] is True
+
+
+def test_a_sleep_longer_than_100_years_fails_the_workflow() -> None:
+    async def wf(ctx: WorkflowContext, _: None) -> None:
+        await ctx.sleep(1e13)  # the control plane could not store the timer
+
+    sim = Sim(wf)
+    sim.step()
+    assert sim.events[-1]["type"] == h.WORKFLOW_FAILED
+    assert sim.events[-1]["error"]["type"] == "everruns.errors.InvalidArgument"
+    assert "100 years" in sim.events[-1]["error"]["message"]
 
 
 # ----------------------------------------------------------------------------------- signals
@@ -1089,8 +1105,6 @@ ALL_COMMANDS: list[Command] = [
 
 @pytest.mark.parametrize("command", ALL_COMMANDS, ids=lambda c: c.describe())
 def test_commands_round_trip_through_the_wire(command: Command) -> None:
-    import json
-
     wire = json.loads(json.dumps(command.to_dict()))
     assert command_from_dict(wire) == command
     event = command.to_event()
@@ -1132,11 +1146,77 @@ def test_command_events_have_the_documented_fields() -> None:
         (lambda: command_from_dict({"type": "cancel_timer", "timer_id": "1", "x": 1}), "'x'|x"),
         (lambda: command_from_dict([]), "JSON object"),  # type: ignore[arg-type]
         (lambda: ActivityOptions.from_dict({"priorty": 1}), "priorty"),
+        # What PostgreSQL cannot store: a NUL in a name, an int4 overflow.
+        (lambda: ScheduleActivity("1", "wo\x00rk", None), "activity_type"),
+        (lambda: ScheduleActivity("1\x00", "work", None), "activity_id"),
+        (lambda: ActivityOptions(breaker_key="k\x00"), "breaker_key"),
+        (lambda: StartTimer("\x00", 1), "timer_id"),
+        (lambda: CancelTimer("\x00"), "timer_id"),
+        (lambda: StartChildWorkflow("\x00", "kid", None, None), "child_id"),
+        (lambda: StartChildWorkflow("1", "kid\x00", None, None), "workflow_type"),
+        (lambda: StartChildWorkflow("1", "kid", "id\x00", None), "workflow_id"),
+        (lambda: StartChildWorkflow("1", "kid", " ", None), "workflow_id"),
+        (lambda: StartChildWorkflow("1", "kid", "x" * 513, None), "workflow_id"),
+        (lambda: command_from_dict({"type": "cancel_timer", "timer_id": 7}), "timer_id"),
+        (
+            lambda: ActivityOptions.from_dict({"retry": {"max_attempts": 2**31}}),
+            "max_attempts",
+        ),
     ],
 )
 def test_malformed_commands_are_invalid_arguments(build: Callable[[], Any], field: str) -> None:
-    with pytest.raises(InvalidArgument, match=field):
+    with pytest.raises(InvalidArgument, match=field) as info:
         build()
+    assert "\n" not in str(info.value)
+
+
+def _scheduled(options: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "schedule_activity",
+        "activity_id": "1",
+        "activity_type": "a",
+        "options": options,
+    }
+
+
+# Every duration a command carries, as the control plane receives it: the wire form of a
+# command with that duration set to ``s``.
+WIRE_DURATIONS: dict[str, Callable[[float], dict[str, Any]]] = {
+    "seconds": lambda s: {"type": "start_timer", "timer_id": "1", "seconds": s},
+    "schedule_to_start_timeout": lambda s: _scheduled({"schedule_to_start_timeout": s}),
+    "start_to_close_timeout": lambda s: _scheduled({"start_to_close_timeout": s}),
+    "heartbeat_timeout": lambda s: _scheduled({"heartbeat_timeout": s}),
+    "initial_interval": lambda s: _scheduled(
+        {"retry": {"initial_interval": s, "maximum_interval": s}}
+    ),
+    "maximum_interval": lambda s: _scheduled(
+        {"retry": {"initial_interval": 1e-3, "maximum_interval": s}}
+    ),
+}
+
+
+@given(
+    st.sampled_from(sorted(WIRE_DURATIONS)),
+    st.one_of(
+        st.floats(min_value=1e-3, max_value=MAX_SECONDS),
+        st.floats(min_value=MAX_SECONDS),  # infinity included
+        st.floats(max_value=0.0),
+        st.just(math.nan),
+    ),
+)
+def test_a_duration_is_accepted_from_0_to_100_years_and_else_refused_by_name(
+    field: str, seconds: float
+) -> None:
+    """Up to 100 years (`MAX_SECONDS`), a timer, timeout or retry interval fits PostgreSQL's
+    intervals; past it the insert would fail as INTERNAL, which workers retry without end."""
+    wire = WIRE_DURATIONS[field](seconds)
+    if 0 < seconds <= MAX_SECONDS:
+        command = command_from_dict(wire)
+        assert command_from_dict(json.loads(json.dumps(command.to_dict()))) == command
+    else:
+        with pytest.raises(InvalidArgument, match=field) as info:
+            command_from_dict(wire)
+        assert "\n" not in str(info.value)
 
 
 def test_history_event_validation_and_description() -> None:

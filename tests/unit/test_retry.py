@@ -6,10 +6,12 @@ import json
 import math
 from typing import Any
 
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from everruns.domain.limits import MAX_INT4, MAX_SECONDS
 from everruns.domain.retry import (
     DEFAULT_RETRY_POLICY,
     RetryDecision,
@@ -70,6 +72,11 @@ def test_defaults_match_the_design() -> None:
         ({"initial_interval": 10.0, "maximum_interval": 5.0}, "maximum_interval"),
         ({"non_retryable_error_types": ("",)}, "non_retryable_error_types"),
         ({"non_retryable_error_types": "ValueError"}, "non_retryable_error_types"),
+        # Past what PostgreSQL stores: an int4 attempt counter, a delay past its intervals.
+        ({"max_attempts": MAX_INT4 + 1}, "max_attempts"),
+        ({"initial_interval": 1e13, "maximum_interval": 1e13}, "initial_interval"),
+        ({"maximum_interval": 1e13}, "maximum_interval"),
+        ({"maximum_interval": math.nextafter(MAX_SECONDS, math.inf)}, "maximum_interval"),
     ],
 )
 def test_invalid_fields_are_named(kwargs: dict[str, Any], field: str) -> None:
@@ -81,6 +88,19 @@ def test_invalid_fields_are_named(kwargs: dict[str, Any], field: str) -> None:
 def test_error_types_accept_a_list() -> None:
     p = RetryPolicy(non_retryable_error_types=["ValueError"])
     assert p.non_retryable_error_types == ("ValueError",)
+
+
+def test_attempts_and_intervals_are_allowed_up_to_what_postgres_stores() -> None:
+    """max_attempts up to int4's maximum, intervals up to 100 years (`MAX_SECONDS`): the
+    delay goes to ``now() + make_interval(...)``, the attempts to an integer column."""
+    p = RetryPolicy(
+        max_attempts=MAX_INT4, initial_interval=MAX_SECONDS, maximum_interval=MAX_SECONDS
+    )
+    assert backoff_delay(p, MAX_INT4, 0.999) == MAX_SECONDS
+    with pytest.raises(InvalidArgument, match="max_attempts"):
+        attrs.evolve(p, max_attempts=MAX_INT4 + 1)
+    with pytest.raises(InvalidArgument, match="maximum_interval"):
+        attrs.evolve(p, maximum_interval=MAX_SECONDS * 2)
 
 
 def test_maximum_equal_to_initial_is_allowed() -> None:
@@ -183,9 +203,10 @@ def test_without_jitter_first_delay_is_the_initial_interval(p: RetryPolicy) -> N
 
 
 def test_huge_attempt_numbers_do_not_overflow() -> None:
-    p = RetryPolicy(initial_interval=1e-300, maximum_interval=1e308, backoff_coefficient=2.0)
-    assert backoff_delay(p, 1500, 0.5) == pytest.approx(1e-300 * 2.0**500 * 2.0**999)
-    assert backoff_delay(p, 10**9, 0.5) == 1e308
+    p = RetryPolicy(initial_interval=1e-300, maximum_interval=MAX_SECONDS, backoff_coefficient=2.0)
+    # 2.0**1025 overflows, yet the delay (about 3.6e8 s) is below the cap.
+    assert backoff_delay(p, 1026, 0.5) == pytest.approx(1e-300 * 2.0**500 * 2.0**525)
+    assert backoff_delay(p, 10**9, 0.5) == MAX_SECONDS
     assert backoff_delay(DEFAULT_RETRY_POLICY, 10**18, 0.5) == 60.0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,7 +14,8 @@ from everruns.worker import __main__ as cli
 
 def test_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["--help"]) == 0
-    assert "GRPC_ADDRESS" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert all(v in out for v in ("GRPC_ADDRESS", "EVERRUNS_TLS_CA", "EVERRUNS_TLS "))
 
 
 def test_unknown_option(capsys: pytest.CaptureFixture[str]) -> None:
@@ -65,3 +67,38 @@ def test_default_module_with_a_broken_dependency_is_an_error(
     monkeypatch.setattr(cli.importlib, "import_module", fake_import)
     with pytest.raises(ConfigError, match="openai"):
         cli.import_modules([])
+
+
+def _capture_worker(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Make main() build the worker but not run it; return where the workers built go."""
+    built: list[Any] = []
+
+    def fake_run_program(program: str, fn: Any, worker: Any) -> int:
+        built.append(worker)
+        return 0
+
+    monkeypatch.setattr(cli, "run_program", fake_run_program)
+    for name in ("MAX_CONCURRENT_TASKS", "EVERRUNS_TLS_CA", "EVERRUNS_TLS", "GRPC_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setitem(sys.modules, cli.DEFAULT_MODULE, None)  # type: ignore[arg-type]
+    return built
+
+
+def test_tls_is_used_when_the_environment_asks_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """EVERRUNS_TLS=1 (docs/operations.md): the worker process connects with TLS."""
+    built = _capture_worker(monkeypatch)
+    monkeypatch.setenv("EVERRUNS_TLS", "1")
+    assert cli.main([]) == 0
+    (worker,) = built
+    assert worker._tls is not None
+
+
+def test_an_unusable_tls_ca_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """EVERRUNS_TLS_CA naming no readable certificate file: one line naming it, exit 2."""
+    built = _capture_worker(monkeypatch)
+    monkeypatch.setenv("EVERRUNS_TLS_CA", "/nonexistent/ca.pem")
+    assert cli.main([]) == 2 and not built
+    err = capsys.readouterr().err
+    assert "EVERRUNS_TLS_CA" in err and err.count("\n") == 1

@@ -6,10 +6,11 @@ import os
 
 import pytest
 
+from everruns._aio.grpc import client_tls_from_env
 from everruns.domain.address import call_stream_from_env
 from everruns.errors import ConfigError
 from everruns.worker import Worker, WorkerConfig
-from everruns.worker.config import default_worker_id, parse_address
+from everruns.worker.config import MAX_CONCURRENT_TASKS_LIMIT, default_worker_id, parse_address
 
 
 def test_defaults_when_environment_is_empty() -> None:
@@ -67,6 +68,7 @@ def test_database_url_is_never_read() -> None:
         ("GRPC_ADDRESS", "no-port"),
         ("GRPC_ADDRESS", "host:99999"),
         ("GRPC_ADDRESS", ":9001"),
+        ("GRPC_ADDRESS", "host:\u00b2"),  # isdigit() but not int(): once a bare ValueError
         ("MAX_CONCURRENT_TASKS", "ten"),
         ("MAX_CONCURRENT_TASKS", "0"),
         ("EVERRUNS_WORKER_GRACE_PERIOD", "soon"),
@@ -81,6 +83,19 @@ def test_bad_values_name_the_variable_in_one_line(variable: str, value: str) -> 
     message = str(info.value)
     assert variable in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("value", [MAX_CONCURRENT_TASKS_LIMIT + 1, 3_000_000_000, 2**32 + 1])
+def test_max_concurrent_tasks_has_an_upper_bound(value: int) -> None:
+    """Past int32 the count wraps at registration, and below that a worker keeps an object per
+    free slot (10,000,000 slots: about 1 GB); both ways of configuring it are refused."""
+    with pytest.raises(ConfigError, match="MAX_CONCURRENT_TASKS must be at most"):
+        WorkerConfig.from_env({"MAX_CONCURRENT_TASKS": str(value)})
+    with pytest.raises(ConfigError, match="MAX_CONCURRENT_TASKS must be at most"):
+        Worker(max_concurrent_tasks=value)
+    limit = str(MAX_CONCURRENT_TASKS_LIMIT)
+    config = WorkerConfig.from_env({"MAX_CONCURRENT_TASKS": limit})
+    assert config.max_concurrent_tasks == MAX_CONCURRENT_TASKS_LIMIT
 
 
 def test_worker_ids_are_unique_per_call() -> None:
@@ -108,6 +123,16 @@ def test_worker_constructor_validates() -> None:
     )
 
 
+@pytest.mark.parametrize("poll_wait", [-1.0, 0, float("nan"), float("inf")])
+def test_a_poll_wait_that_is_not_a_positive_finite_number_is_a_config_error(
+    poll_wait: float,
+) -> None:
+    """Negative: every PollTasks is INVALID_ARGUMENT; NaN: every claim fails in the worker;
+    0: a busy loop of empty polls. Each is refused at once, naming the argument."""
+    with pytest.raises(ConfigError, match="poll_wait"):
+        Worker(poll_wait=poll_wait)
+
+
 def test_from_env_uses_the_environment() -> None:
     worker = Worker.from_env(env={"WORKER_ID": "from-env", "GRPC_ADDRESS": "h:1"})
     assert worker.worker_id == "from-env"
@@ -120,3 +145,19 @@ def test_the_call_stream_switch_reads_the_usual_spellings() -> None:
         assert call_stream_from_env({"EVERRUNS_CALL_STREAM": on}) is True
     for off in ("0", "false", "NO", "off"):
         assert call_stream_from_env({"EVERRUNS_CALL_STREAM": off}) is False
+
+
+def test_the_tls_switch_reads_the_usual_spellings() -> None:
+    assert client_tls_from_env({}) is None
+    for on in ("1", "true", "Yes", " on ", "true "):
+        assert client_tls_from_env({"EVERRUNS_TLS": on}) is not None
+    for off in ("0", "false", "NO", "off", ""):
+        assert client_tls_from_env({"EVERRUNS_TLS": off}) is None
+
+
+@pytest.mark.parametrize("value", ["2", "tls", "enable", "y"])
+def test_an_unknown_tls_switch_is_refused_not_read_as_plaintext(value: str) -> None:
+    """Plaintext would send the bearer token in clear; EVERRUNS_CALL_STREAM refuses such
+    values too."""
+    with pytest.raises(ConfigError, match="EVERRUNS_TLS="):
+        client_tls_from_env({"EVERRUNS_TLS": value})

@@ -35,6 +35,7 @@ from grpclib.protocol import H2Protocol
 
 from everruns._aio.loop import AioLoop, CallAbandoned, call_in_loop, current_aio_loop, run_aio
 from everruns._aio.wire import FastCodec
+from everruns.domain.address import switch_from_env
 from everruns.errors import (
     AlreadyExists,
     ConcurrencyConflict,
@@ -308,20 +309,21 @@ def client_tls_from_env(env: Mapping[str, str]) -> ssl.SSLContext | None:
     """The TLS context callers of a control plane use, from the environment.
 
     ``EVERRUNS_TLS_CA`` names a PEM file of certificates to trust (for a private CA);
-    ``EVERRUNS_TLS=1`` uses TLS with the system's CAs. Neither: plaintext.
+    ``EVERRUNS_TLS`` on (1/true/yes/on) uses TLS with the system's CAs. Neither: plaintext.
 
     Raises:
-        ConfigError: ``EVERRUNS_TLS_CA`` does not name a readable certificate file.
+        ConfigError: ``EVERRUNS_TLS_CA`` does not name a readable certificate file, or
+            ``EVERRUNS_TLS`` is not an on/off value (refused rather than read as plaintext).
     """
+    # Read first, so that a mistyped switch is refused whatever else is set.
+    use_tls = switch_from_env(env, "EVERRUNS_TLS", default=False)
     ca_file = env.get("EVERRUNS_TLS_CA") or None
     if ca_file is not None:
         try:
             return client_tls(ca_file)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"EVERRUNS_TLS_CA={ca_file!r} cannot be used: {exc}") from exc
-    if env.get("EVERRUNS_TLS", "").lower() in ("1", "true", "yes"):
-        return client_tls(None)
-    return None
+    return client_tls(None) if use_tls else None
 
 
 class _Servable:

@@ -37,6 +37,9 @@ _CHECK_VIOLATION = "23514"
 _FK_VIOLATION = "23503"
 _NOT_NULL_VIOLATION = "23502"
 _INVALID_TEXT = "22P02"
+# PostgreSQL aborted one transaction to let another go on: the same call succeeds when made again.
+_DEADLOCK = "40P01"
+_SERIALIZATION_FAILURE = "40001"
 
 
 def map_pg_error(exc: BaseException) -> Exception:
@@ -49,6 +52,9 @@ def map_pg_error(exc: BaseException) -> Exception:
         # the connection's prepared statements and retries on its own outside a transaction;
         # inside one the caller must: the same call succeeds when made again.
         return DatabaseUnavailable(f"a table changed under a prepared statement: {message}")
+    if state in (_DEADLOCK, _SERIALIZATION_FAILURE):
+        # Reported as UNAVAILABLE, which workers and clients retry.
+        return DatabaseUnavailable(f"PostgreSQL aborted the transaction, to be retried: {message}")
     if state == _UNIQUE_VIOLATION:
         return AlreadyExists(message)
     if state in (_CHECK_VIOLATION, _NOT_NULL_VIOLATION, _INVALID_TEXT):

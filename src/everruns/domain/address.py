@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 from everruns.errors import ConfigError
 
-__all__ = ["DEFAULT_GRPC_ADDRESS", "call_stream_from_env", "parse_address"]
+__all__ = ["DEFAULT_GRPC_ADDRESS", "call_stream_from_env", "parse_address", "switch_from_env"]
 
 DEFAULT_GRPC_ADDRESS = "127.0.0.1:9001"
 
@@ -34,9 +34,31 @@ def parse_address(
     host, sep, port_text = value.strip().rpartition(":")
     host = host.strip("[]")
     lowest = 0 if allow_any_port else 1
-    if not sep or not host or not port_text.isdigit() or not lowest <= int(port_text) <= 65535:
+    # isdigit() alone is true for '²', which int() refuses.
+    digits = port_text.isascii() and port_text.isdigit()
+    if not sep or not host or not digits or not lowest <= int(port_text) <= 65535:
         raise ConfigError(f"{setting}={value!r} is not host:port (e.g. {DEFAULT_GRPC_ADDRESS})")
     return host, int(port_text)
+
+
+def switch_from_env(env: Mapping[str, str], name: str, *, default: bool) -> bool:
+    """Read the on/off variable ``name``: 1/true/yes/on or 0/false/no/off, in any case.
+
+    Returns:
+        The switch; ``default`` when the variable is unset or empty.
+
+    Raises:
+        ConfigError: any other value; the one line names the variable.
+    """
+    raw = env.get(name, "")
+    value = raw.strip().lower()
+    if not value:
+        return default
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r} must be 1/true/yes/on or 0/false/no/off")
 
 
 def call_stream_from_env(env: Mapping[str, str]) -> bool:
@@ -46,10 +68,4 @@ def call_stream_from_env(env: Mapping[str, str]) -> bool:
     Raises:
         ConfigError: the value is not one of 1/true/yes/on, 0/false/no/off.
     """
-    raw = env.get("EVERRUNS_CALL_STREAM", "")
-    value = raw.strip().lower()
-    if value in ("", "1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"EVERRUNS_CALL_STREAM={raw!r} must be 1/true/yes/on or 0/false/no/off")
+    return switch_from_env(env, "EVERRUNS_CALL_STREAM", default=True)

@@ -9,13 +9,19 @@ commands; it neither applies them nor performs I/O.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any, TypeAlias
 
 import attrs
 
 from everruns.domain import history
+from everruns.domain.limits import (
+    MAX_INT4,
+    MAX_SECONDS,
+    MAX_SECONDS_TEXT,
+    check_name,
+    check_type_name,
+)
 from everruns.domain.retry import RetryPolicy
 from everruns.errors import InvalidArgument
 
@@ -34,40 +40,50 @@ __all__ = [
 ]
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _is_seconds(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    # NaN compares false and infinity exceeds the bound, which keeps `now() + seconds` inside
+    # PostgreSQL's timestamps.
+    return 0 < value <= MAX_SECONDS
 
 
 def _check_timeout(_inst: object, attr: attrs.Attribute[Any], value: float | None) -> None:
-    if value is None:
-        return
-    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+    if value is not None and not _is_seconds(value):
         raise InvalidArgument(
-            f"{attr.name} must be a finite number of seconds > 0 or None, got {value!r}"
+            f"{attr.name} must be a number of seconds > 0 and at most {MAX_SECONDS_TEXT}, "
+            f"or None, got {value!r}"
         )
 
 
 def _check_positive_seconds(_inst: object, attr: attrs.Attribute[Any], value: float) -> None:
-    if not _is_number(value) or not math.isfinite(value) or value <= 0:
-        raise InvalidArgument(f"{attr.name} must be a finite number of seconds > 0, got {value!r}")
+    if not _is_seconds(value):
+        raise InvalidArgument(
+            f"{attr.name} must be a number of seconds > 0 and at most {MAX_SECONDS_TEXT}, "
+            f"got {value!r}"
+        )
 
 
 def _check_priority(_inst: object, _attr: attrs.Attribute[int], value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidArgument(f"priority must be an integer, got {value!r}")
     # The column is a PostgreSQL integer; refusing here beats an overflow in the apply transaction.
-    if not -(2**31) <= value < 2**31:
+    if not -MAX_INT4 - 1 <= value <= MAX_INT4:
         raise InvalidArgument(f"priority must fit in 32 bits, got {value!r}")
 
 
 def _check_optional_name(_inst: object, attr: attrs.Attribute[Any], value: str | None) -> None:
-    if value is not None and (not isinstance(value, str) or not value):
-        raise InvalidArgument(f"{attr.name} must be a non-empty string or None, got {value!r}")
+    if value is not None:
+        check_name(value, attr.name)
 
 
 def _check_name(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
-    if not isinstance(value, str) or not value:
-        raise InvalidArgument(f"{attr.name} must be a non-empty string, got {value!r}")
+    # The rule of every other name the control plane stores (workflow types, signal names).
+    check_name(value, attr.name)
+
+
+def _check_type_name(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
+    check_type_name(value, attr.name)
 
 
 def _check_retry(_inst: object, _attr: attrs.Attribute[Any], value: RetryPolicy | None) -> None:
@@ -96,7 +112,8 @@ class ActivityOptions:
         breaker_key: the circuit breaker guarding it (default: the activity type).
 
     Raises:
-        InvalidArgument: a timeout is not a finite number > 0, or another field is malformed.
+        InvalidArgument: a timeout is not a number of seconds > 0 and at most `MAX_SECONDS`
+            (100 years), or another field is malformed.
     """
 
     retry: RetryPolicy | None = attrs.field(default=None, validator=_check_retry)
@@ -177,7 +194,7 @@ class ScheduleActivity:
     """Run activity ``activity_type`` with ``input``; ``activity_id`` is the command id."""
 
     activity_id: str = attrs.field(validator=_check_name)
-    activity_type: str = attrs.field(validator=_check_name)
+    activity_type: str = attrs.field(validator=_check_type_name)
     input: Any
     options: ActivityOptions = attrs.field(
         factory=ActivityOptions, validator=attrs.validators.instance_of(ActivityOptions)
@@ -263,7 +280,7 @@ class StartChildWorkflow:
     """Start a child run of ``workflow_type``; ``child_id`` is the command id."""
 
     child_id: str = attrs.field(validator=_check_name)
-    workflow_type: str = attrs.field(validator=_check_name)
+    workflow_type: str = attrs.field(validator=_check_type_name)
     workflow_id: str | None = attrs.field(validator=_check_optional_name)
     input: Any
 

@@ -34,6 +34,7 @@ from everruns.domain.commands import (
     StartTimer,
 )
 from everruns.domain.history import HistoryEvent
+from everruns.domain.limits import MAX_SECONDS, MAX_SECONDS_TEXT
 from everruns.domain.registry import (
     ActivityDefinition,
     Registry,
@@ -253,6 +254,8 @@ def _check_seconds(what: str, value: float, *, allow_zero: bool) -> float:
         raise InvalidArgument(f"{what} must be a finite number of seconds, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         raise InvalidArgument(f"{what} must be >= 0 seconds, got {value!r}")
+    if value > MAX_SECONDS:  # the control plane could not store the timer
+        raise InvalidArgument(f"{what} must be at most {MAX_SECONDS_TEXT}, got {value!r}")
     return float(value)
 
 
@@ -497,7 +500,8 @@ class WorkflowContext:
         ``0`` returns at once and issues no command.
 
         Raises:
-            InvalidArgument: ``seconds`` is negative or not a finite number.
+            InvalidArgument: ``seconds`` is negative, not a finite number, or more than
+                `MAX_SECONDS` (100 years).
             WorkflowCancelled: the workflow was cancelled while sleeping (the timer is then
                 cancelled too).
         """
@@ -540,7 +544,8 @@ class WorkflowContext:
         Raises:
             TimeoutError: ``timeout`` seconds passed with no such signal (the builtin, so
                 ``except TimeoutError`` reads naturally in workflow code).
-            InvalidArgument: ``name`` is empty or ``timeout`` is negative or not finite.
+            InvalidArgument: ``name`` is empty or ``timeout`` is negative, not finite, or
+                more than `MAX_SECONDS` (100 years).
             WorkflowCancelled: the workflow was cancelled while waiting.
         """
         if not isinstance(name, str) or not name:

@@ -37,8 +37,13 @@ DEFINITION_ATTRIBUTE = "__everruns_definition__"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _is_name(value: object) -> bool:
+    """The rule every registered name follows (and so every name a worker can serve)."""
+    return isinstance(value, str) and bool(value) and value.strip() == value
+
+
 def _check_name(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
-    if not isinstance(value, str) or not value or value.strip() != value:
+    if not _is_name(value):
         raise InvalidArgument(
             f"{attr.name} must be a non-empty string without surrounding spaces, got {value!r}"
         )
@@ -86,17 +91,22 @@ def name_of(fn_or_name: str | Callable[..., Any]) -> str:
     """Return the registered name of a workflow or activity given as a function or a name.
 
     A decorated function gives the name it was registered under; an undecorated one gives its
-    ``__name__`` (the name the decorators would have chosen); a string is returned as is.
+    ``__name__`` (the name the decorators would have chosen); a string is returned as is if
+    it could be registered.
 
     Returns:
         The name.
 
     Raises:
-        InvalidArgument: the string is empty, or the object has no usable name (e.g. a lambda).
+        InvalidArgument: the string is empty or has surrounding spaces (no worker could ever
+            register it), or the object has no usable name (e.g. a lambda).
     """
     if isinstance(fn_or_name, str):
-        if not fn_or_name:
-            raise InvalidArgument("a workflow or activity name must not be empty")
+        if not _is_name(fn_or_name):
+            raise InvalidArgument(
+                "a workflow or activity name must be a non-empty string without surrounding "
+                f"spaces (no worker can register it), got {fn_or_name!r}"
+            )
         return fn_or_name
     definition = definition_of(fn_or_name)
     if definition is not None:

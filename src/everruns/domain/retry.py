@@ -17,6 +17,7 @@ from typing import Any
 
 import attrs
 
+from everruns.domain.limits import MAX_INT4, MAX_SECONDS, MAX_SECONDS_TEXT
 from everruns.errors import InvalidArgument
 
 __all__ = [
@@ -31,14 +32,19 @@ __all__ = [
 
 
 def _check_max_attempts(_inst: object, _attr: attrs.Attribute[int], value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidArgument(f"retry policy max_attempts must be an integer >= 1, got {value!r}")
+    # Attempts are counted in a PostgreSQL integer column.
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_INT4:
+        raise InvalidArgument(
+            f"retry policy max_attempts must be an integer from 1 to {MAX_INT4}, got {value!r}"
+        )
 
 
 def _check_positive(_inst: object, attr: attrs.Attribute[float], value: float) -> None:
-    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+    # The bound keeps `now() + delay` inside PostgreSQL's timestamps (NaN compares false).
+    if not _is_number(value) or not 0 < value <= MAX_SECONDS:
         raise InvalidArgument(
-            f"retry policy {attr.name} must be a finite number > 0 (seconds), got {value!r}"
+            f"retry policy {attr.name} must be a number of seconds > 0 and at most "
+            f"{MAX_SECONDS_TEXT}, got {value!r}"
         )
 
 
@@ -85,8 +91,9 @@ class RetryPolicy:
     """How an activity is retried.
 
     Attributes:
-        max_attempts: executions in total, the first included (>= 1).
-        initial_interval: seconds before the first retry (> 0).
+        max_attempts: executions in total, the first included (from 1 to `MAX_INT4`).
+        initial_interval: seconds before the first retry (> 0; like ``maximum_interval``, at
+            most `MAX_SECONDS`, 100 years).
         backoff_coefficient: factor applied to the interval after each failure (>= 1).
         maximum_interval: upper bound of any delay, jitter included (>= initial_interval).
         jitter: relative spread applied to each delay, in [0, 1); 0.1 means ±10 %.

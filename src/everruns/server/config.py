@@ -8,12 +8,14 @@ whose one line names the variable, the value's problem and what to set instead.
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 import attrs
 
 from everruns.domain.address import DEFAULT_GRPC_ADDRESS, parse_address
+from everruns.domain.limits import MAX_SECONDS
 from everruns.errors import ConfigError
 
 __all__ = ["ServerConfig", "validate_database_url"]
@@ -40,7 +42,20 @@ def validate_database_url(url: str) -> str:
     return url
 
 
-def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
+_SECONDS_PER_DAY = 86400.0
+
+
+def _float(
+    env: Mapping[str, str],
+    name: str,
+    default: float,
+    *,
+    minimum: float = 0.0,
+    maximum: float = MAX_SECONDS,
+    unit: str = "seconds",
+) -> float:
+    """A duration: a number from ``minimum`` to ``maximum`` (100 years in ``unit``), since
+    the control plane hands its settings to PostgreSQL, whose intervals end short of infinity."""
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -48,8 +63,10 @@ def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float 
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a number") from None
-    if not value >= minimum:
+    if not value >= minimum:  # also NaN
         raise ConfigError(f"{name}={raw!r} must be at least {minimum:g}")
+    if not value <= maximum:  # also infinity
+        raise ConfigError(f"{name}={raw!r} must be at most {maximum:.0f} {unit} (100 years)")
     return value
 
 
@@ -75,6 +92,22 @@ def _tls_file(env: Mapping[str, str], name: str, partner: str) -> str | None:
     if not os.path.isfile(value):
         raise ConfigError(f"{name}={value!r} is not a readable file")
     return value
+
+
+def _tls_pair(env: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """``EVERRUNS_TLS_CERT`` and ``EVERRUNS_TLS_KEY``: both or neither, and loadable together
+    (a file that is not PEM, or a key that does not match, is refused here in one line rather
+    than when the server starts serving)."""
+    cert = _tls_file(env, "EVERRUNS_TLS_CERT", "EVERRUNS_TLS_KEY")
+    key = _tls_file(env, "EVERRUNS_TLS_KEY", "EVERRUNS_TLS_CERT")
+    if cert is not None and key is not None:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"EVERRUNS_TLS_CERT={cert!r} with EVERRUNS_TLS_KEY={key!r} cannot be used: {exc}"
+            ) from exc
+    return cert, key
 
 
 @attrs.frozen
@@ -128,6 +161,8 @@ class ServerConfig:
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServerConfig:
         """Read the configuration from ``env`` (default: the process environment).
 
+        Every duration is at most `MAX_SECONDS` (100 years; 36525 EVERRUNS_RETENTION_DAYS).
+
         Raises:
             ConfigError: a variable has a bad value; the message names it.
         """
@@ -136,6 +171,7 @@ class ServerConfig:
         if mode != "durable":
             raise ConfigError(f"RUNNER_MODE={mode!r} is not supported; the only mode is 'durable'")
         url = env.get("DATABASE_URL") or None
+        tls_cert, tls_key = _tls_pair(env)
         host, port = parse_address(
             env.get("GRPC_ADDRESS") or DEFAULT_GRPC_ADDRESS, allow_any_port=True
         )
@@ -152,13 +188,20 @@ class ServerConfig:
             max_payload_bytes=_int(
                 env, "EVERRUNS_MAX_PAYLOAD_BYTES", 2 * 1024 * 1024, minimum=1024
             ),
-            retention_seconds=_float(env, "EVERRUNS_RETENTION_DAYS", 7.0) * 86400.0,
+            retention_seconds=_float(
+                env,
+                "EVERRUNS_RETENTION_DAYS",
+                7.0,
+                maximum=MAX_SECONDS / _SECONDS_PER_DAY,
+                unit="days",
+            )
+            * _SECONDS_PER_DAY,
             auth_token=env.get("EVERRUNS_AUTH_TOKEN") or None,
             pool_size=_int(env, "EVERRUNS_DB_POOL_SIZE", 10, minimum=2),
             schedule_to_start_timeout=_float(env, "EVERRUNS_SCHEDULE_TO_START_TIMEOUT", 60.0)
             or None,
             start_to_close_timeout=_float(env, "EVERRUNS_START_TO_CLOSE_TIMEOUT", 300.0) or None,
             retention_interval=_float(env, "EVERRUNS_RETENTION_INTERVAL", 300.0, minimum=1.0),
-            tls_cert=_tls_file(env, "EVERRUNS_TLS_CERT", "EVERRUNS_TLS_KEY"),
-            tls_key=_tls_file(env, "EVERRUNS_TLS_KEY", "EVERRUNS_TLS_CERT"),
+            tls_cert=tls_cert,
+            tls_key=tls_key,
         )

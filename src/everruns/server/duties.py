@@ -46,21 +46,28 @@ async def reclaim_once(engine: Engine) -> int:
 
 
 class _Outage:
-    """Backoff for a duty whose round failed because the database is unreachable: the duty
-    logs, waits and tries again — a PostgreSQL restart must not stop the control plane."""
+    """Backoff for a duty whose round failed: the duty logs, waits and tries again. A
+    PostgreSQL restart must not stop the control plane, and neither may one round that fails
+    for any other reason (a row in a state no statement expected, say): the round is logged
+    with its traceback and the duty goes on with the next."""
 
     def __init__(self, duty: str) -> None:
         self.duty = duty
         self.delay = 0.0
 
-    async def failed(self, exc: DatabaseError) -> None:
+    async def failed(self, exc: Exception) -> None:
         self.delay = min(5.0, max(0.2, self.delay * 2))
-        log.warning("%s: database unavailable (%s); retrying in %.1f s", self.duty, exc, self.delay)
+        if isinstance(exc, DatabaseError):
+            log.warning(
+                "%s: database unavailable (%s); retrying in %.1f s", self.duty, exc, self.delay
+            )
+        else:
+            log.error("%s: a round failed; retrying in %.1f s", self.duty, self.delay, exc_info=exc)
         await trio.sleep(self.delay)
 
     def recovered(self) -> None:
         if self.delay:
-            log.info("%s: database available again", self.duty)
+            log.info("%s: its rounds succeed again", self.duty)
         self.delay = 0.0
 
 
@@ -83,7 +90,7 @@ async def run_duties(
                 if mine:
                     await engine.delete_expired()
                 next_retention = trio.current_time() + engine.config.retention_interval
-        except DatabaseError as exc:
+        except Exception as exc:
             await outage.failed(exc)
             continue
         outage.recovered()
@@ -106,7 +113,7 @@ async def run_due_scanner(
     while True:
         try:
             since, wait = await _scan_once(engine, since)
-        except DatabaseError as exc:
+        except Exception as exc:
             await outage.failed(exc)
             continue
         outage.recovered()

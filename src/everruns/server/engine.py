@@ -34,12 +34,14 @@ from everruns.domain.commands import (
     command_from_dict,
 )
 from everruns.domain.lease import timeout_kind
+from everruns.domain.limits import check_name, check_type_name
 from everruns.domain.parts import split_keeping_keys
 from everruns.domain.payload import decode, encode_text, json_error
 from everruns.domain.replay import continues_decision
 from everruns.domain.retry import RetryPolicy
 from everruns.errors import (
     DatabaseError,
+    DatabaseUnavailable,
     EverrunsError,
     FailedPrecondition,
     InvalidArgument,
@@ -60,26 +62,15 @@ START_STATEMENT_ROWS = 500
 side (at 1,000 starts on PostgreSQL 15 here, two statements of 500 at once took 73-94 ms
 against 127-145 ms for one of 1,000)."""
 START_STATEMENTS_AT_ONCE = 4
+_CLAIM_SECONDS = 10.0  # the most a claim, shielded once begun, may take
 _GIVE_BACK_SECONDS = 5.0  # bounded cleanup: tasks handed to a poll that left go back
 
-_MAX_NAME = 512
 # Events after a workflow task's view of the history that make its commands stale: new input
 # for the code, or another workflow task's applied commands (two tasks of one run can be out at
 # once: one claimed, one pending that a new event created meanwhile).
 _SUPERSEDING_EVENT_TYPES = sorted(
     (ev.INPUT_EVENT_TYPES - {ev.WORKFLOW_STARTED}) | ev.COMMAND_EVENT_TYPES | {ev.MARKER_EVENT_TYPE}
 )
-
-
-def check_name(value: str, what: str) -> str:
-    """Return a valid type/id name or raise InvalidArgument naming the field."""
-    if not value or not value.strip():
-        raise InvalidArgument(f"{what} must not be empty")
-    if len(value) > _MAX_NAME:
-        raise InvalidArgument(f"{what} is {len(value)} characters long; the limit is {_MAX_NAME}")
-    if "\x00" in value:
-        raise InvalidArgument(f"{what} must not contain NUL characters")
-    return value
 
 
 class StartRequest(NamedTuple):
@@ -196,7 +187,7 @@ class Engine:
         types: set[str] = set()  # a batch names a few types for many starts: each is checked once
         for request in requests:
             if request.workflow_type not in types:
-                check_name(request.workflow_type, "workflow_type")
+                check_type_name(request.workflow_type, "workflow_type")
                 types.add(request.workflow_type)
             if request.workflow_id is not None:
                 check_name(request.workflow_id, "workflow_id")
@@ -469,7 +460,15 @@ class Engine:
         stamps = self.notifier.claim_started(keys)
         drained = False
         try:
-            claimed, more = await self._claim(worker_id, workflow_types, activity_types, limit)
+            # A claim that has begun finishes, and its tasks are handed out: cancelled midway
+            # (the poll's wait ending, say), it could commit and hand nothing out, leaving its
+            # tasks claimed by a worker that never heard of them until stale reclamation.
+            with trio.move_on_after(_CLAIM_SECONDS, shield=True) as scope:
+                claimed, more = await self._claim(worker_id, workflow_types, activity_types, limit)
+            if scope.cancelled_caught:
+                raise DatabaseUnavailable(
+                    f"a claim took longer than {_CLAIM_SECONDS:g} s; nothing was handed out"
+                )
             drained = not more
         finally:
             self.notifier.claim_ended(stamps, drained=drained, claimer=interest)
@@ -1216,7 +1215,10 @@ class Engine:
         error = _error_dict(error_json)
         async with self.store.transaction() as conn:
             task = await self.store.lock_leased(conn, task_id, lease_token)
-            assert task.activity_id is not None
+            if task.activity_id is None:
+                raise InvalidArgument(
+                    f"task {task_id} is a workflow task: report its failure with FailWorkflowTask"
+                )
             if cancelled:
                 await self.store.cancel_task(conn, task_id)
                 await self._record(
@@ -1301,7 +1303,13 @@ class Engine:
                     task.activity_id, "heartbeat", task.attempt, outcome.will_retry
                 )
                 await self._record(conn, task, [event], wake=not outcome.will_retry)
-            verdict = "dead-lettered" if outcome.dead_letter else "released"
+            verdict = (
+                "dead-lettered"
+                if outcome.dead_letter
+                else "released"
+                if outcome.will_retry
+                else f"closed ({outcome.task.status})"
+            )
             log.warning("stale task %s (%s) %s", task.task_id, task.type_name, verdict)
         return len(outcomes)
 
@@ -1324,7 +1332,7 @@ class Engine:
                     heartbeat_timeout=task.heartbeat_timeout_s,
                 ) or ("schedule_to_start" if task.status == "pending" else "start_to_close")
                 if task.status == "claimed":
-                    await self.store.request_task_cancel(conn, task)
+                    await self.store.tell_holder_to_stop(conn, task)
                 error = {
                     "type": "ActivityTimeout",
                     "message": f"{kind.replace('_', '-')} timeout expired",

@@ -21,6 +21,7 @@ import trio
 
 from everruns._aio.grpc import status_for
 from everruns._proto.everruns import v1 as pb
+from everruns.domain.limits import check_name, check_type_name, escape_nul_in_json
 from everruns.domain.packing import pack_uuids, unpack_blobs
 from everruns.errors import EverrunsError, InvalidArgument, NotFound
 from everruns.server.engine import (
@@ -29,7 +30,6 @@ from everruns.server.engine import (
     FollowUpDecision,
     StartRequest,
     WorkflowTaskCompletion,
-    check_name,
     parse_task_id,
     utc_from_timestamp,
 )
@@ -106,6 +106,26 @@ def _lease(token: int) -> int:
     return token
 
 
+def _wait_s(value: float) -> float:
+    """A long poll's wait from the wire, capped at `_MAX_POLL_WAIT`."""
+    if not value >= 0:  # also NaN, which no timeout accepts
+        raise InvalidArgument(f"wait_s must not be negative or NaN, got {value}")
+    return min(value, _MAX_POLL_WAIT)
+
+
+def _limit(value: int, default: int, most: int) -> int:
+    """A page size from the wire: 0 means ``default``, and at most ``most``."""
+    if value < 0:
+        raise InvalidArgument(f"limit must not be negative, got {value}")
+    return min(value or default, most)
+
+
+def _error(data: bytes) -> str:
+    """A failure report's error from the wire, its NUL characters escaped: PostgreSQL cannot
+    store them, and a failure report is kept whatever it holds."""
+    return escape_nul_in_json(_text(data, "error"))
+
+
 class WorkerService:
     """WorkerService: what workers call."""
 
@@ -121,7 +141,7 @@ class WorkerService:
                 f"max_concurrency must be at least 1, got {request.max_concurrency}"
             )
         for name in [*request.activity_types, *request.workflow_types]:
-            check_name(name, "type name")
+            check_type_name(name, "type name")
         self.engine.note_worker(request.worker_id, request.activity_types, request.workflow_types)
         record = await self.store.register_worker(
             request.worker_id,
@@ -166,14 +186,13 @@ class WorkerService:
 
     async def poll_tasks(self, request: pb.PollTasksRequest) -> pb.PollTasksResponse:
         check_name(request.worker_id, "worker_id")
-        if request.wait_s < 0:
-            raise InvalidArgument(f"wait_s must not be negative, got {request.wait_s}")
+        wait_s = _wait_s(request.wait_s)
         claimed = await self.engine.poll(
             request.worker_id,
             workflow_types=request.workflow_types,
             activity_types=request.activity_types,
             max_tasks=min(request.max_tasks, 1000),
-            wait_s=min(request.wait_s, _MAX_POLL_WAIT),
+            wait_s=wait_s,
         )
         return pb.PollTasksResponse(tasks=[_task(c) for c in claimed])
 
@@ -248,7 +267,7 @@ class WorkerService:
             parse_task_id(request.task_id),
             _lease(request.lease_token),
             request.worker_id,
-            _text(request.error, "error"),
+            _error(request.error),
             non_determinism=request.non_determinism,
         )
         return pb.FailWorkflowTaskResponse()
@@ -316,7 +335,7 @@ class WorkerService:
             parse_task_id(request.task_id),
             _lease(request.lease_token),
             request.worker_id,
-            _text(request.error, "error"),
+            _error(request.error),
             non_retryable=request.non_retryable,
             cancelled=request.cancelled,
             release=request.release,
@@ -453,17 +472,18 @@ class WorkflowService:
         return pb.DescribeWorkflowResponse(workflow=await self._describe(run))
 
     async def get_history(self, request: pb.GetHistoryRequest) -> pb.GetHistoryResponse:
-        if request.after_sequence < 0 or request.limit < 0:
-            raise InvalidArgument("after_sequence and limit must not be negative")
+        if request.after_sequence < 0:
+            raise InvalidArgument(
+                f"after_sequence must not be negative, got {request.after_sequence}"
+            )
+        limit = _limit(request.limit, 1000, 10_000)
         run = await self.engine.find_run(request.workflow_id, request.run_id)
-        limit = min(request.limit or 1000, 10_000)
         events = await self.store.load_events(run.run_id, after=request.after_sequence, limit=limit)
         next_after = events[-1].sequence_num if len(events) == limit else 0
         return pb.GetHistoryResponse(events=[_event(e) for e in events], next_after=next_after)
 
     async def list_workflows(self, request: pb.ListWorkflowsRequest) -> pb.ListWorkflowsResponse:
-        if request.limit < 0:
-            raise InvalidArgument("limit must not be negative")
+        limit = _limit(request.limit, 50, 1000)
         if request.status and request.status not in (
             "pending",
             "running",
@@ -472,7 +492,6 @@ class WorkflowService:
             "cancelled",
         ):
             raise InvalidArgument(f"unknown status {request.status!r}")
-        limit = min(request.limit or 50, 1000)
         after = _page_cursor(request.page_token)
         runs = await self.store.list_workflows(
             workflow_type=request.workflow_type or None,
@@ -497,10 +516,9 @@ class WorkflowService:
         )
 
     async def await_result(self, request: pb.AwaitResultRequest) -> pb.AwaitResultResponse:
-        if request.wait_s < 0:
-            raise InvalidArgument(f"wait_s must not be negative, got {request.wait_s}")
+        wait_s = _wait_s(request.wait_s)
         run = await self.engine.find_run(request.workflow_id, request.run_id)
-        with trio.move_on_after(min(request.wait_s, _MAX_POLL_WAIT)):
+        with trio.move_on_after(wait_s):
             while run.is_open:
                 with self.engine.notifier.watch_run(str(run.run_id)) as changed:
                     run = await self.store.get_run(run.run_id)
@@ -513,7 +531,7 @@ class WorkflowService:
     async def list_dead_letters(
         self, request: pb.ListDeadLettersRequest
     ) -> pb.ListDeadLettersResponse:
-        limit = min(request.limit or 50, 1000)
+        limit = _limit(request.limit, 50, 1000)
         letters = await self.store.list_dead_letters(
             limit=limit, after=_page_cursor(request.page_token)
         )

@@ -159,9 +159,12 @@ FOR UPDATE;
 SELECT * FROM durable_task_queue WHERE id = $1;
 
 -- name: retry_task
--- Put a failed attempt back in the queue after a delay, keeping its error.
+-- Put a failed attempt back in the queue after a delay, keeping its error; a task whose
+-- cancellation was requested (by its workflow, or because its run ended) is cancelled instead.
 UPDATE durable_task_queue
-SET status = 'pending', claimed_by = NULL, claimed_at = NULL, heartbeat_at = NULL,
+SET status = CASE WHEN cancel_requested_at IS NULL THEN 'pending' ELSE 'cancelled' END,
+    claimed_by = NULL, claimed_at = NULL, heartbeat_at = NULL,
+    completed_at = CASE WHEN cancel_requested_at IS NOT NULL THEN now() END,
     visible_at = now() + make_interval(secs => $2),
     start_deadline = now() + make_interval(secs => $2)
                    + make_interval(secs => schedule_to_start_s),
@@ -228,7 +231,8 @@ RETURNING d.*;
 UPDATE durable_task_queue
 SET status = 'pending', attempt = 0, claimed_by = NULL, claimed_at = NULL, heartbeat_at = NULL,
     visible_at = now(), start_deadline = now() + make_interval(secs => schedule_to_start_s),
-    completed_at = NULL, requeue_count = requeue_count + 1, updated_at = now()
+    completed_at = NULL, cancel_requested_at = NULL, requeue_count = requeue_count + 1,
+    updated_at = now()
 WHERE id = $1 AND status = 'dead'
 RETURNING *;
 
@@ -248,14 +252,26 @@ WHERE status = 'claimed' AND claimed_by = $1
 FOR UPDATE SKIP LOCKED;
 
 -- name: release_task
--- Give a claimed task back to the queue at once (its attempt stays counted).
-UPDATE durable_task_queue
-SET status = 'pending', claimed_by = NULL, claimed_at = NULL, heartbeat_at = NULL,
-    visible_at = now(), start_deadline = now() + make_interval(secs => schedule_to_start_s),
+-- Give a claimed task back to the queue at once (its attempt stays counted), unless it has no
+-- use there: a workflow task whose run has another one pending (which replays the same
+-- history) is closed, and a task whose cancellation was requested is cancelled.
+UPDATE durable_task_queue t
+SET status = v.status, claimed_by = NULL, claimed_at = NULL, heartbeat_at = NULL,
+    completed_at = CASE WHEN v.status <> 'pending' THEN now() END,
+    visible_at = now(), start_deadline = now() + make_interval(secs => t.schedule_to_start_s),
     last_error = $2::json,
-    error_history = (error_history::jsonb || jsonb_build_array($2::jsonb))::json, updated_at = now()
-WHERE id = $1
-RETURNING *;
+    error_history = (t.error_history::jsonb || jsonb_build_array($2::jsonb))::json,
+    updated_at = now()
+FROM (SELECT CASE WHEN s.kind = 'workflow' AND EXISTS (
+                           SELECT 1 FROM durable_task_queue p
+                           WHERE p.run_id = s.run_id AND p.kind = 'workflow'
+                             AND p.status = 'pending')
+                       THEN 'completed'
+                       WHEN s.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                       ELSE 'pending' END AS status
+      FROM durable_task_queue s WHERE s.id = $1) v
+WHERE t.id = $1
+RETURNING t.*;
 
 -- name: now
 -- The database's clock (transaction time).
@@ -431,6 +447,15 @@ SELECT EXISTS (
 -- Lock one breaker row if it is open or half-open.
 SELECT * FROM durable_circuit_breaker_state WHERE key = $1 AND state <> 'closed' FOR UPDATE;
 
+-- name: renew_held_start_deadlines
+-- Pending activities whose schedule-to-start deadline passed while a circuit breaker that is not
+-- closed held them get a new one (they wait behind the breaker without burning attempts).
+UPDATE durable_task_queue t
+SET start_deadline = now() + make_interval(secs => t.schedule_to_start_s), updated_at = now()
+WHERE t.status = 'pending' AND t.start_deadline < now() AND t.kind = 'activity'
+  AND EXISTS (SELECT 1 FROM durable_circuit_breaker_state b
+              WHERE b.key = coalesce(t.breaker_key, t.activity_type) AND b.state <> 'closed');
+
 -- name: find_timed_out_tasks
 -- Activity tasks past a server-enforced timeout (schedule-to-start, start-to-close, heartbeat).
 SELECT * FROM durable_task_queue
@@ -477,10 +502,18 @@ WHERE key = $1 AND state = 'half_open';
 -- name: unclaim_task
 -- Undo a claim that must not stand (a half-open breaker had no probe slot left): the task goes
 -- back as it was, and its attempt is not charged.
-UPDATE durable_task_queue
-SET status = 'pending', attempt = attempt - 1, claimed_by = NULL, claimed_at = NULL,
-    heartbeat_at = NULL, updated_at = now()
-WHERE id = $1 AND lease_token = $2 AND claimed_by IS NOT NULL;
+-- A workflow task whose run meanwhile got another one pending is closed instead.
+UPDATE durable_task_queue t
+SET status = v.status, attempt = t.attempt - 1, claimed_by = NULL, claimed_at = NULL,
+    heartbeat_at = NULL, completed_at = CASE WHEN v.status <> 'pending' THEN now() END,
+    updated_at = now()
+FROM (SELECT CASE WHEN s.kind = 'workflow' AND EXISTS (
+                           SELECT 1 FROM durable_task_queue p
+                           WHERE p.run_id = s.run_id AND p.kind = 'workflow'
+                             AND p.status = 'pending')
+                       THEN 'completed' ELSE 'pending' END AS status
+      FROM durable_task_queue s WHERE s.id = $1) v
+WHERE t.id = $1 AND t.lease_token = $2 AND t.claimed_by IS NOT NULL;
 
 -- name: open_children
 -- The open child runs of a run.

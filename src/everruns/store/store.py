@@ -20,6 +20,7 @@ import attrs
 
 from everruns._aio.pg import Connection, Pool, Row
 from everruns.domain import breaker as breaker_math
+from everruns.domain.limits import MAX_SECONDS
 from everruns.domain.payload import encode_text
 from everruns.domain.retry import RetryPolicy, decide_retry
 from everruns.errors import (
@@ -198,6 +199,22 @@ class FailOutcome:
     will_retry: bool
     delay: float
     dead_letter: DeadLetter | None
+
+
+def _stored_policy(stored: dict[str, Any]) -> RetryPolicy:
+    """The retry policy a task was written with. One written before intervals were bounded
+    may hold an interval past `MAX_SECONDS`: it is read as `MAX_SECONDS`, so that the failure
+    of an attempt is recorded whatever policy its task holds."""
+    bounded = {
+        key: min(value, MAX_SECONDS)
+        if key in _INTERVALS and isinstance(value, float | int) and not isinstance(value, bool)
+        else value
+        for key, value in stored.items()
+    }
+    return RetryPolicy.from_dict(bounded) if bounded else RetryPolicy()
+
+
+_INTERVALS = frozenset({"initial_interval", "maximum_interval"})
 
 
 def _error_line(error: dict[str, Any]) -> str:
@@ -850,8 +867,7 @@ class Store:
     async def _fail_locked(
         self, conn: Connection, task: Task, error: dict[str, Any], *, non_retryable: bool
     ) -> FailOutcome:
-        policy = RetryPolicy.from_dict(task.retry_policy) if task.retry_policy else RetryPolicy()
-        policy = attrs.evolve(policy, max_attempts=task.max_attempts)
+        policy = attrs.evolve(_stored_policy(task.retry_policy), max_attempts=task.max_attempts)
         decision = decide_retry(
             policy,
             task.attempt,
@@ -865,8 +881,11 @@ class Store:
                 Q["retry_task"], task.task_id, decision.delay, encode_text(entry, what="error")
             )
             assert row is not None
+            retried = Task.from_row(row)
+            if retried.status != "pending":  # its cancellation was requested: not run again
+                return FailOutcome(retried, False, 0.0, None)
             await self.notify(conn, CHANNEL_TIMERS, "retry")
-            return FailOutcome(Task.from_row(row), True, decision.delay, None)
+            return FailOutcome(retried, True, decision.delay, None)
         dead_task, letter = await self._kill(conn, task, entry)
         return FailOutcome(dead_task, False, 0.0, letter)
 
@@ -887,7 +906,8 @@ class Store:
         """Give a claimed task back (its holder is gone); dead-letter it past ``max_attempts``.
 
         The attempt the holder consumed stays counted, so a task that keeps killing its
-        workers ends in the dead-letter queue instead of looping.
+        workers ends in the dead-letter queue instead of looping. A task with no use in the
+        queue is closed instead (see queries.sql): then ``will_retry`` is False.
         """
         entry = {**reason, "attempt": task.attempt}
         if task.kind == "activity" and task.attempt >= task.max_attempts:
@@ -895,8 +915,11 @@ class Store:
             return FailOutcome(dead_task, False, 0.0, letter)
         row = await conn.fetchrow(Q["release_task"], task.task_id, encode_text(entry))
         assert row is not None
+        released = Task.from_row(row)
+        if released.status != "pending":
+            return FailOutcome(released, False, 0.0, None)
         await self.notify(conn, CHANNEL_TASKS, f"{task.kind}:{task.type_name}")
-        return FailOutcome(Task.from_row(row), True, 0.0, None)
+        return FailOutcome(released, True, 0.0, None)
 
     async def cancel_task(self, conn: Connection, task_id: uuid.UUID) -> Task | None:
         """Close a pending or claimed task as cancelled; None if it had already finished."""
@@ -946,12 +969,25 @@ class Store:
         return [Task.from_row(r) for r in rows]
 
     async def request_task_cancel(self, conn: Connection, task: Task) -> None:
-        """Flag a claimed task for cancellation and push the request to its holder."""
+        """Flag a claimed task for cancellation and push the request to its holder.
+
+        The flag outlives the attempt: a task whose cancellation was requested is not put
+        back in the queue when this attempt fails or its holder goes away.
+        """
         row = await conn.fetchrow(Q["request_task_cancel"], task.task_id)
         if row is not None:
-            await self.notify(
-                conn, CHANNEL_CANCEL, f"{row['claimed_by']}\t{task.task_id}\t{row['lease_token']}"
-            )
+            await self._push_cancel(conn, row["claimed_by"], task.task_id, row["lease_token"])
+
+    async def tell_holder_to_stop(self, conn: Connection, task: Task) -> None:
+        """Push a stop to the holder of a locked claimed task whose attempt is ending anyway (a
+        timeout); unlike `request_task_cancel`, nothing is stored for the task's next attempt."""
+        if task.claimed_by is not None and task.lease_token is not None:
+            await self._push_cancel(conn, task.claimed_by, task.task_id, task.lease_token)
+
+    async def _push_cancel(
+        self, conn: Connection, holder: str, task_id: uuid.UUID, lease_token: int
+    ) -> None:
+        await self.notify(conn, CHANNEL_CANCEL, f"{holder}\t{task_id}\t{lease_token}")
 
     async def close_workflow_task(self, conn: Connection, task_id: uuid.UUID) -> None:
         """Close a workflow task (applied, superseded or abandoned)."""
@@ -1010,7 +1046,12 @@ class Store:
         return bool(await self.pool.fetchval(Q["breakers_due_since"], since, open_duration))
 
     async def timed_out_tasks(self, conn: Connection, *, limit: int = 500) -> list[Task]:
-        """Lock activity tasks past a server-enforced timeout."""
+        """Lock activity tasks past a server-enforced timeout.
+
+        A pending task that a circuit breaker holds is not one: its schedule-to-start deadline
+        is renewed instead (tasks wait behind an open breaker without burning attempts).
+        """
+        await conn.execute(Q["renew_held_start_deadlines"])
         return [Task.from_row(r) for r in await conn.fetch(Q["find_timed_out_tasks"], limit)]
 
     async def time_out(

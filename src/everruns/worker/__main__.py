@@ -21,7 +21,6 @@ import trio
 from everruns._program import run_program
 from everruns.domain.registry import default_registry
 from everruns.errors import ConfigError
-from everruns.worker.config import WorkerConfig
 from everruns.worker.runtime import Worker
 
 USAGE = """usage: python -m everruns.worker [MODULE ...]
@@ -33,6 +32,8 @@ Runs an everruns worker serving the workflows and activities that MODULE(s) regi
   MAX_CONCURRENT_TASKS          task slots (default 10)
   EVERRUNS_AUTH_TOKEN           bearer token, if the control plane requires one
   EVERRUNS_WORKER_GRACE_PERIOD  seconds running tasks get on SIGTERM (default 30)
+  EVERRUNS_TLS_CA               PEM file of the CA(s) to trust: connect with TLS
+  EVERRUNS_TLS                  1: connect with TLS, trusting the system's CAs
 The first SIGINT/SIGTERM drains the worker; a second one stops it at once.
 """
 
@@ -108,12 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s: %(message)s"
     )
     try:
-        config = WorkerConfig.from_env()
+        worker = Worker.from_env(default_registry)
         import_modules(args)
     except ConfigError as exc:
         print(f"everruns.worker: {exc}", file=sys.stderr)
         return 2
-    worker = Worker.from_config(config, default_registry)
+    config = worker.config
     workflows = len(default_registry.workflow_types())
     activities = len(default_registry.activity_types())
     print(

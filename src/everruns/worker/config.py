@@ -23,12 +23,16 @@ __all__ = [
     "DEFAULT_GRACE_PERIOD",
     "DEFAULT_GRPC_ADDRESS",
     "DEFAULT_MAX_CONCURRENT_TASKS",
+    "MAX_CONCURRENT_TASKS_LIMIT",
     "WorkerConfig",
     "default_worker_id",
     "parse_address",
 ]
 
 DEFAULT_MAX_CONCURRENT_TASKS = 10
+# The most task slots one worker may have: the count travels as an int32, and a worker keeps an
+# object per free slot. Past this, run more workers.
+MAX_CONCURRENT_TASKS_LIMIT = 10_000
 DEFAULT_GRACE_PERIOD = 30.0
 
 
@@ -55,6 +59,11 @@ def _check_worker_id(_inst: object, _attr: attrs.Attribute[str], value: str) -> 
 
 def _check_capacity(_inst: object, _attr: attrs.Attribute[int], value: int) -> None:
     _positive_int(value, "MAX_CONCURRENT_TASKS")
+    if value > MAX_CONCURRENT_TASKS_LIMIT:
+        raise ConfigError(
+            f"MAX_CONCURRENT_TASKS must be at most {MAX_CONCURRENT_TASKS_LIMIT}, got {value!r}; "
+            "run more workers instead"
+        )
 
 
 def _check_grace(_inst: object, _attr: attrs.Attribute[float], value: float) -> None:
@@ -77,7 +86,8 @@ class WorkerConfig:
         host: the control plane's host.
         port: the control plane's gRPC port.
         worker_id: this worker's name, unique among live workers.
-        max_concurrent_tasks: task slots; the worker never holds more claimed tasks.
+        max_concurrent_tasks: task slots (1 to `MAX_CONCURRENT_TASKS_LIMIT`); the worker never holds
+            more claimed tasks.
         auth_token: bearer token sent with every call, if the control plane requires one.
         grace_period: seconds a graceful shutdown lets running tasks finish.
         max_sync_threads: threads for sync activities (default: one per task slot).

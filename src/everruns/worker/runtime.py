@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import random
 import socket
@@ -40,6 +41,7 @@ from everruns.domain.registry import ActivityDefinition, Registry, default_regis
 from everruns.domain.replay import FollowUp, Replayer
 from everruns.errors import (
     ConcurrencyConflict,
+    ConfigError,
     FailedPrecondition,
     InvalidArgument,
     NonDeterminismError,
@@ -200,8 +202,7 @@ class _RunningTask:
 
     def __init__(self, task: Any, slot: Slot) -> None:
         self.task = task
-        self.slot = slot
-        self.slot_transferred = False
+        self.slot: Slot | None = slot
         self.scope: trio.CancelScope | None = None
         self.beat: Beat[_RunningTask] | None = None
         self.cancel_reason: str | None = None
@@ -215,6 +216,12 @@ class _RunningTask:
     @property
     def key(self) -> str:
         return str(self.task.task_id)
+
+    def take_slot(self) -> Slot | None:
+        """Take the task's slot over, to release it or to run another task in it; None when
+        it was taken already. Whoever takes it owns it: nobody else releases it."""
+        slot, self.slot = self.slot, None
+        return slot
 
     def describe(self) -> str:
         t = self.task
@@ -268,7 +275,7 @@ class Worker:
         tls: TLS context for the connection (None: plaintext).
         grace_period: seconds `shutdown` lets running tasks finish before cancelling them.
         max_sync_threads: threads for sync activities (default: one per task slot).
-        poll_wait: long-poll budget of one claim call, in seconds.
+        poll_wait: long-poll budget of one claim call, in seconds (finite, > 0).
 
     Raises:
         ConfigError: an argument is invalid; the message names it.
@@ -287,6 +294,12 @@ class Worker:
         max_sync_threads: int | None = None,
         poll_wait: float = POLL_WAIT,
     ) -> None:
+        if isinstance(poll_wait, bool) or not (
+            isinstance(poll_wait, (int, float)) and 0 < poll_wait < math.inf
+        ):
+            raise ConfigError(
+                f"poll_wait must be a finite number of seconds > 0, got {poll_wait!r}"
+            )
         host, port = parse_address(address, setting="address")
         config = WorkerConfig(
             host=host,
@@ -323,7 +336,8 @@ class Worker:
         """Return a worker configured from the environment (see `WorkerConfig.from_env`).
 
         Reads ``GRPC_ADDRESS``, ``WORKER_ID``, ``MAX_CONCURRENT_TASKS``,
-        ``EVERRUNS_AUTH_TOKEN`` and ``EVERRUNS_WORKER_GRACE_PERIOD``; never ``DATABASE_URL``.
+        ``EVERRUNS_AUTH_TOKEN``, ``EVERRUNS_WORKER_GRACE_PERIOD`` and, unless ``tls`` is given,
+        ``EVERRUNS_TLS`` and ``EVERRUNS_TLS_CA``; never ``DATABASE_URL``.
 
         Raises:
             ConfigError: a variable has a bad value; the message names it.
@@ -480,6 +494,8 @@ class Worker:
                             self._released,
                         )
                 finally:
+                    # No task runs any more; one handed back from now on is left unstarted.
+                    self._task_nursery = None
                     # No task replays any more: unwind the workflows kept open now, not when
                     # the garbage collector finds them.
                     self._replays.close()
@@ -770,20 +786,25 @@ class Worker:
                     await trio.sleep(min(1.0, self._poll_wait / 2))
 
     def _start_tasks(self, tasks: Sequence[Any], slots: Sequence[Slot], *, what: str) -> int:
-        """Start each claimed task in a slot it was claimed for; return how many slots used."""
-        if len(tasks) > len(slots):
+        """Start each claimed task in a slot it was claimed for; return how many slots used.
+
+        Tasks beyond the slots, or all of them once the worker runs no more tasks, are left
+        for the control plane to reclaim."""
+        nursery = self._task_nursery
+        count = min(len(tasks), len(slots)) if nursery is not None else 0
+        if len(tasks) > count:
             log.error(
-                "%s handed out %d task(s) for %d offered slot(s); the extra ones are left for "
-                "the control plane to reclaim",
+                "%s handed out %d task(s) and the worker can run %d of them now; the others "
+                "are left for the control plane to reclaim",
                 what,
                 len(tasks),
-                len(slots),
+                count,
             )
-        assert self._task_nursery is not None
-        count = min(len(tasks), len(slots))
+        if nursery is None:
+            return 0
         for task, slot in zip(tasks[:count], slots[:count], strict=True):
             self._slots.start(slot)
-            self._task_nursery.start_soon(
+            nursery.start_soon(
                 self._run_task, task, slot, name=f"everruns task {task.kind} {task.task_id}"
             )
         return count
@@ -822,8 +843,10 @@ class Worker:
         finally:
             if self._running.get(handle.key) is handle:
                 del self._running[handle.key]
-            if not handle.slot_transferred:
-                self._slots.release(slot)
+            # A completion that handed back a task may have taken the slot over already.
+            own = handle.take_slot()
+            if own is not None:
+                self._slots.release(own)
 
     # ------------------------------------------------------------------------- activities
 
@@ -950,13 +973,22 @@ class Worker:
                 log.warning("%s lost its lease (%s); stopping it", handle.describe(), exc)
                 handle.mark_stale(str(exc))
                 return None
-            if details is not None:
-                ctx._requeue_details(details)
             if beat.backoff is None:
                 beat.backoff = Backoff(rng=self._rng)
             delay = min(beat.interval, beat.backoff.next_delay())
             if is_transient(exc):
+                if details is not None:
+                    ctx._requeue_details(details)
                 self._log_retry("RecordHeartbeat", exc, delay)
+            elif details is not None:
+                # Sent again they would be refused again (e.g. too large), with every later
+                # heartbeat: the lease would never be renewed.
+                log.warning(
+                    "dropping the heartbeat details of %s: the control plane refused them "
+                    "(%s); the next heartbeat goes without",
+                    handle.describe(),
+                    exc,
+                )
             else:
                 log.error("heartbeat of %s refused: %s", handle.describe(), exc)
             return trio.current_time() + delay
@@ -1079,7 +1111,8 @@ class Worker:
 
     async def _send_results(self, handles: list[_RunningTask]) -> list[BaseException | None]:
         """One CompleteActivityTasks call for a batch of results; the reply's new tasks start
-        in the slots the accepted ones free, then in free slots offered with the call."""
+        in the slots of the results sent (accepted or refused: the control plane claims a task
+        for each whatever its verdict), then in free slots offered with the call."""
         extra = [] if self.draining else self._slots.reserve_eager(self._slots.free)
         offer = 0 if self.draining else len(handles) + len(extra)
         used = 0
@@ -1111,9 +1144,8 @@ class Worker:
                 if handle.ahead is not None:
                     handle.ahead.decided = refusal is None and outcome.decided
                     self._settle_ahead(handle)  # before the tasks handed back can use it
-            freed = [h for h, refusal in zip(handles, refusals, strict=True) if refusal is None]
             used = self._adopt_new_tasks(
-                reply.new_tasks, freed, extra, what="CompleteActivityTasks"
+                reply.new_tasks, handles, extra, what="CompleteActivityTasks"
             )
         finally:
             for slot in extra[used:]:
@@ -1123,20 +1155,25 @@ class Worker:
     def _adopt_new_tasks(
         self,
         tasks: Sequence[Any],
-        freed: Sequence[_RunningTask],
+        finished: Sequence[_RunningTask],
         extra: list[Slot],
         *,
         what: str,
     ) -> int:
         """Start tasks handed back by a completion: first in the slots of the finished tasks
-        (each task's slot passes on), then in the extra slots offered; returns extra used."""
-        assert self._task_nursery is not None
-        for handle, task in zip(freed, tasks, strict=False):
-            handle.slot_transferred = True
-            self._task_nursery.start_soon(
-                self._run_task, task, handle.slot, name=f"everruns task {task.kind} {task.task_id}"
-            )
-        return self._start_tasks(tasks[len(freed) :], extra, what=what)
+        (each slot passes on), then in the extra slots offered; returns extra used.
+
+        A finished task whose report was abandoned (cancelled at the end of the grace period
+        while its batch was in flight) may have released its slot already: it has none to
+        pass on."""
+        freed: list[Slot] = []
+        for handle in finished:
+            if len(freed) == len(tasks) or self._task_nursery is None:
+                break
+            slot = handle.take_slot()
+            if slot is not None:
+                freed.append(slot)
+        return self._start_tasks(tasks, [*freed, *extra], what=what) - len(freed)
 
     async def _result_refused(self, handle: _RunningTask, exc: BaseException) -> None:
         """Act on the control plane's refusal of a result (see `_RESULT_REFUSALS`)."""

@@ -1,0 +1,119 @@
+"""What the database can hold: the bounds input is checked against where it enters.
+
+A value PostgreSQL cannot store (a duration past the range of its intervals and timestamps, an
+integer past ``integer``, a NUL character in ``text`` or ``jsonb``) passes Python's own checks,
+then fails deep in a transaction as an internal error, which workers retry without end. So
+commands, retry policies, requests and the configuration are checked against these bounds as
+they come in, and the caller gets one line naming the field instead. No I/O here.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from everruns.errors import InvalidArgument
+
+__all__ = [
+    "MAX_INT4",
+    "MAX_NAME_LENGTH",
+    "MAX_SECONDS",
+    "MAX_SECONDS_TEXT",
+    "check_name",
+    "check_type_name",
+    "escape_nul_in_json",
+]
+
+MAX_SECONDS = 100 * 365.25 * 86400.0
+"""The longest duration accepted anywhere (timers, timeouts, retry intervals, the control
+plane's configured limits): 100 years, 3,155,760,000 s. PostgreSQL's intervals end near 292,000
+years; 100 years keeps ``now() + d`` far from every edge, and no real timeout is longer."""
+
+MAX_SECONDS_TEXT = f"{MAX_SECONDS:.0f} s (100 years)"
+"""`MAX_SECONDS` as error messages spell it."""
+
+MAX_INT4 = 2**31 - 1
+"""The largest value of a PostgreSQL ``integer`` column (attempts, priorities)."""
+
+MAX_NAME_LENGTH = 512
+"""The longest type, id or key name: the ``CHECK (length(...) BETWEEN 1 AND 512)`` of the
+name columns."""
+
+_NUL_ESCAPE = "\\u0000"  # how JSON text spells a NUL character
+
+
+def check_name(value: object, what: str) -> str:
+    """Return ``value`` if it can name a type, id, signal or breaker key.
+
+    Args:
+        value: the name.
+        what: the field, for the message (``"activity_type"``).
+
+    Returns:
+        ``value`` unchanged.
+
+    Raises:
+        InvalidArgument: ``value`` is not a string, is empty or only spaces, is longer than
+            `MAX_NAME_LENGTH`, or holds a NUL character (PostgreSQL text cannot); the one-line
+            message names ``what``.
+    """
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{what} must be a string, got {type(value).__name__}")
+    if not value or not value.strip():
+        raise InvalidArgument(f"{what} must not be empty")
+    if len(value) > MAX_NAME_LENGTH:
+        raise InvalidArgument(
+            f"{what} is {len(value)} characters long; the limit is {MAX_NAME_LENGTH}"
+        )
+    if "\x00" in value:
+        raise InvalidArgument(f"{what} must not contain NUL characters")
+    return value
+
+
+def check_type_name(value: object, what: str) -> str:
+    """`check_name` for a workflow or activity type, which also has no surrounding spaces:
+    the registry refuses such names, so a run or an activity of that type would wait for a
+    worker that can never register it.
+
+    Raises:
+        InvalidArgument: as `check_name`, or ``value`` begins or ends with a space.
+    """
+    name = check_name(value, what)
+    if name.strip() != name:
+        raise InvalidArgument(f"{what} {name!r} must not begin or end with spaces")
+    return name
+
+
+def escape_nul_in_json(text: str) -> str:
+    """Return JSON text whose strings hold no NUL character, each written ``\\x00`` instead.
+
+    For reports that must be kept whatever they hold, such as a failed attempt's error: a NUL
+    in them would make PostgreSQL refuse the whole report, so it is escaped, not refused.
+    Text that is not JSON gets its raw NUL characters escaped the same way and stays as it
+    is otherwise. Text without NUL (nearly all) costs two scans and is returned unchanged.
+
+    Args:
+        text: the JSON text from the wire.
+
+    Returns:
+        ``text``, or an equivalent JSON text (keys and values alike escaped).
+    """
+    # A raw NUL is never valid JSON: that text is kept whole as a message.
+    text = text.replace("\x00", "\\x00")
+    if _NUL_ESCAPE not in text:
+        return text
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text  # kept as a message: no NUL character in it
+    return json.dumps(_escaped(value), ensure_ascii=False)
+
+
+def _escaped(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\\x00")
+    if isinstance(value, list):
+        return [_escaped(v) for v in value]
+    if isinstance(value, dict):
+        return {_escaped(k): _escaped(v) for k, v in value.items()}
+    return value
