@@ -14,6 +14,7 @@ import math
 import os
 import random
 import ssl
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -450,7 +451,15 @@ def _start_request(workflow: WorkflowRef, input: Any, workflow_id: str | None) -
         workflow_type=name,
         input=encode(input, what=f"input of workflow {name!r}"),
         workflow_id=_check_workflow_id(workflow_id),
+        # A start that names its workflow is retried: the key makes a retry find the run its
+        # first try started even if that run has ended since.
+        request_id="" if workflow_id is None else _request_key(),
     )
+
+
+def _request_key() -> str:
+    """A fresh idempotency key for one start request (sent again, unchanged, by its retries)."""
+    return uuid.uuid4().hex
 
 
 def _failure(description: WorkflowDescription) -> WorkflowFailed:
@@ -744,9 +753,9 @@ class Client:
             InvalidArgument: bad workflow name or id.
             ResourceExhausted: the control plane sheds load, or the input is too large.
             ServerUnavailable: the control plane is unreachable (retried only when
-                ``workflow_id`` is given: a retry whose first try did reach the server finds
-                that run and reports ``created`` False, as long as the run is still open; if
-                it has already ended, the retry starts a second run).
+                ``workflow_id`` is given: each request carries an idempotency key, so a retry
+                whose first try did reach the server returns that run, ended or not, and
+                reports ``created`` False).
         """
         request = _start_request(workflow, input, workflow_id)
         reply = await self._call(self._stub.start_workflow, request, retry=workflow_id is not None)
@@ -772,8 +781,8 @@ class Client:
             PayloadError: an input is not exact JSON; nothing is sent.
             InvalidArgument: an entry is malformed.
             ServerUnavailable: the control plane is unreachable (retried only when every entry
-                names its workflow id; as for `start_workflow`, a run that the first try
-                started and that has ended by the retry is started again).
+                names its workflow id; as for `start_workflow`, a retry returns the runs its
+                first try started).
         """
         entries = [_start_fields(s) for s in starts]
         if not entries:
@@ -781,18 +790,17 @@ class Client:
         # Sent and answered in the packed form: a few blobs instead of a message per run.
         types = [name_of(workflow) for workflow, _, _ in entries]
         inputs, ends = pack_blobs(_encoded_inputs(entries, types))
+        retry = all(workflow_id is not None for _, _, workflow_id in entries)
         request = pb.StartWorkflowsRequest(
             packed_workflow_types=[types[0]] if len(set(types)) == 1 else types,
             packed_inputs=inputs,
             input_ends=ends,
             workflow_ids=_workflow_ids([workflow_id for _, _, workflow_id in entries]),
             packed_reply=True,
+            # as in `_start_request`: for the retries
+            request_ids=[_request_key() for _ in entries] if retry else [],
         )
-        reply = await self._call(
-            self._stub.start_workflows,
-            request,
-            retry=all(workflow_id is not None for _, _, workflow_id in entries),
-        )
+        reply = await self._call(self._stub.start_workflows, request, retry=retry)
         try:
             run_ids = unpack_uuids(reply.packed_run_ids, "packed_run_ids")
             generated = unpack_uuids(reply.packed_generated_ids, "packed_generated_ids")

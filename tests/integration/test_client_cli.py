@@ -378,3 +378,32 @@ async def test_cli_tables(address: str, capsys: pytest.CaptureFixture[str]) -> N
         assert code == 0 and out.strip() == "(no workers registered)"
         code, out, _ = await run_cli(capsys, "--address", address, "breakers", "reset", "nothing")
         assert code == cli.EXIT_NOT_FOUND  # no breaker has recorded state yet
+
+
+async def test_a_named_start_retried_after_a_lost_reply_starts_one_run(
+    address: str, client: Client
+) -> None:
+    """A named start is retried when the control plane seems unreachable, which it may also
+    seem after it started the run (the reply lost with the connection). The retry carries the
+    first try's idempotency key, so it returns that run, reported as not created, even if the
+    run ended in between; before, it started the workflow a second time."""
+    channel = client._channel
+    unary = channel.unary
+    lost: list[Any] = []
+
+    async def reply_lost_once(method: Any, request: Any, **kwargs: Any) -> Any:
+        reply = await unary(method, request, **kwargs)
+        if not lost and isinstance(request, pb.StartWorkflowRequest):
+            lost.append(reply)
+            await end_next_run(address, {"type": "complete_workflow", "result": 1})
+            raise ServerUnavailable("start_workflow: connection reset (test)")
+        return reply
+
+    channel.unary = reply_lost_once  # type: ignore[method-assign]
+    with trio.fail_after(30):
+        handle = await client.start_workflow(SCRIPTED, 1, workflow_id="pay-1")
+        assert lost, "the first try's reply was not lost"
+        assert (handle.run_id, handle.created) == (lost[0].run_id, False)
+        assert await handle.result(timeout=5) == 1
+        runs, _ = await client.list_workflows(workflow_type=SCRIPTED)
+        assert [run.workflow_id for run in runs] == ["pay-1"]

@@ -2184,3 +2184,74 @@ async def test_a_type_no_worker_can_register_is_refused_where_it_comes_in(
                 await p.start(" wf", 1)
             with pytest.raises(InvalidArgument, match="type name 'work ' must not begin"):
                 await p.register(workflow_types=["wf"], activity_types=["work "])
+
+
+async def _start_with_key(p: Plane, wid: str, key: str) -> pb.StartWorkflowResponse:
+    return await p.channel.unary(
+        p.workflows.start_workflow,
+        pb.StartWorkflowRequest(workflow_type="wf", input=b"1", workflow_id=wid, request_id=key),
+    )
+
+
+async def _end(pool: Any, run_id: str) -> None:
+    await pool.execute(
+        "UPDATE durable_workflow_instances SET status = 'completed', result = '1',"
+        " completed_at = now() WHERE id = $1",
+        uuid.UUID(run_id),
+    )
+
+
+async def test_a_start_request_sent_again_returns_its_run_even_once_it_has_ended(
+    database_url: str, pool: Any
+) -> None:
+    """A start's idempotency key (request_id) makes a request sent again (a client's retry
+    after a reply was lost) return the run its first try started, even if that run has ended
+    meanwhile, where the workflow id alone would start a second run; a new key with the same
+    workflow id starts a new run as before. On each path: one start in a statement, one handed
+    to a waiting poll (eager start), and a batch in the packed form."""
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            first = await _start_with_key(p, "pay-1", "key-1")
+            await _end(pool, first.run_id)
+            again = await _start_with_key(p, "pay-1", "key-1")
+            assert (again.run_id, again.created) == (first.run_id, False)
+            fresh = await _start_with_key(p, "pay-1", "key-2")
+            assert fresh.created and fresh.run_id != first.run_id
+
+            while await p.poll(wf=["wf"], wait=0.1):  # the workflow tasks of those runs
+                pass
+            async with trio.open_nursery() as nursery:  # eager: a poll waits for the type
+                polled: list[pb.Task] = []
+
+                async def poll() -> None:
+                    polled.extend(await p.poll(wf=["wf"], wait=10))
+
+                nursery.start_soon(poll)
+                await trio.sleep(0.3)
+                eager = await _start_with_key(p, "pay-2", "key-3")
+            assert [t.run_id for t in polled] == [eager.run_id]
+            await _end(pool, eager.run_id)
+            again = await _start_with_key(p, "pay-2", "key-3")
+            assert (again.run_id, again.created) == (eager.run_id, False)
+
+            def batch(keys: list[str]) -> pb.StartWorkflowsRequest:
+                inputs, ends = pack_blobs([b"1", b"2"])
+                return pb.StartWorkflowsRequest(
+                    packed_workflow_types=["wf"],
+                    packed_inputs=inputs,
+                    input_ends=ends,
+                    workflow_ids=["b-1", "b-2"],
+                    request_ids=keys,
+                    packed_reply=True,
+                )
+
+            reply = await p.channel.unary(p.workflows.start_workflows, batch(["k-a", "k-b"]))
+            runs = unpack_uuids(reply.packed_run_ids, "run ids")
+            assert list(reply.packed_created) == [1, 1]
+            for run in runs:
+                await _end(pool, str(run))
+            reply = await p.channel.unary(p.workflows.start_workflows, batch(["k-a", "k-b"]))
+            assert unpack_uuids(reply.packed_run_ids, "run ids") == runs
+            assert list(reply.packed_created) == [0, 0]
+            total = await pool.fetchval("SELECT count(*) FROM durable_workflow_instances")
+            assert total == 5  # pay-1 twice, pay-2, b-1, b-2

@@ -116,11 +116,11 @@ async def test_a_batch_start_sends_its_columns_short_where_it_can(
 
     monkeypatch.setattr(store.pool, "fetch", spy)
     with trio.fail_after(10):
-        same = await store.start_workflows([("", "a", str(n)) for n in range(3)])
+        same = await store.start_workflows([("", "a", str(n), None) for n in range(3)])
         mixed = await store.start_workflows(
-            [("", "a", "10"), ("named", "b", "11"), ("", "c", '{"x": [1]}')]
+            [("", "a", "10", None), ("named", "b", "11", None), ("", "c", '{"x": [1]}', None)]
         )
-        assert sent == [(0, 1, 3), (3, 3, 3)]
+        assert sent == [(0, 1, 3, 0), (3, 3, 3, 0)]
         assert all(created for _, _, created in same + mixed)
         assert [wid for wid, _, _ in mixed][1] == "named"
         stored = await store.pool.fetch(

@@ -80,6 +80,20 @@ class StartRequest(NamedTuple):
     workflow_type: str
     input: str  # exact JSON text
     workflow_id: str | None = None
+    # The run id a request asks for (`request_run_id`): if that run exists, whatever its
+    # state, it is the answer and nothing starts, so a retried request cannot start twice.
+    run_id: uuid.UUID | None = None
+
+
+_REQUEST_IDS = uuid.UUID("5f0e2a6c-3b8d-4c51-9a7e-2d4b8c1f6e93")
+
+
+def request_run_id(request_id: str) -> uuid.UUID | None:
+    """The run id a start request's idempotency key asks for (None: no key). Derived, so that
+    any text can be a key and the same key always names the same run."""
+    if not request_id:
+        return None
+    return uuid.uuid5(_REQUEST_IDS, check_name(request_id, "request_id"))
 
 
 class StartedRun(NamedTuple):
@@ -193,7 +207,7 @@ class Engine:
                 check_name(request.workflow_id, "workflow_id")
             self.check_payload(request.input, "input")
         await self._check_capacity(len(requests))
-        rows = [(r.workflow_id or "", r.workflow_type, r.input) for r in requests]
+        rows = [(r.workflow_id or "", r.workflow_type, r.input, r.run_id) for r in requests]
         taker = self.notifier.reserve_claimer(f"workflow:{rows[0][1]}") if len(rows) == 1 else None
         if taker is not None:
             started = [await self._start_handed(rows[0], taker)]
@@ -202,14 +216,15 @@ class Engine:
         results: list[tuple[StartedRun, bool]] = []
         for request, (workflow_id, run_id, created) in zip(requests, started, strict=True):
             if run_id is None:  # its open run ended in the same instant: start it again
-                retry = StartRequest(request.workflow_type, request.input, workflow_id)
-                results.extend(await self.start_workflows([retry]))
+                results.extend(
+                    await self.start_workflows([request._replace(workflow_id=workflow_id)])
+                )
             else:
                 results.append((StartedRun(workflow_id, run_id), created))
         return results
 
     async def _start_handed(
-        self, row: tuple[str, str, str], taker: TaskInterest
+        self, row: tuple[str, str, str, uuid.UUID | None], taker: TaskInterest
     ) -> tuple[str, uuid.UUID | None, bool]:
         """Eager start: start the run of ``row`` (as `Store.start_workflows` takes it) with
         its workflow task claimed for the worker whose long poll ``taker`` is (reserved for
@@ -244,7 +259,7 @@ class Engine:
             log.warning("could not give back %d task(s) claimed for a poll: %s", len(handed), exc)
 
     async def _start_statements(
-        self, rows: list[tuple[str, str, str]]
+        self, rows: list[tuple[str, str, str, uuid.UUID | None]]
     ) -> list[tuple[str, uuid.UUID | None, bool]]:
         """`Store.start_workflows` for ``rows``: one statement, or for more than
         `START_STATEMENT_ROWS` several, up to `START_STATEMENTS_AT_ONCE` at a time, each in its

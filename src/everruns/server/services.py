@@ -31,6 +31,7 @@ from everruns.server.engine import (
     StartRequest,
     WorkflowTaskCompletion,
     parse_task_id,
+    request_run_id,
     utc_from_timestamp,
 )
 from everruns.store.models import DeadLetter, StoredEvent, Task, WorkerRecord, WorkflowRun
@@ -643,6 +644,7 @@ def _start_request(request: pb.StartWorkflowRequest) -> StartRequest:
         workflow_type=request.workflow_type,
         input=_text(request.input, "input"),
         workflow_id=request.workflow_id or None,
+        run_id=request_run_id(request.request_id),
     )
 
 
@@ -663,8 +665,20 @@ def _columnar_starts(request: pb.StartWorkflowsRequest) -> list[StartRequest]:
     texts = [_text(data, "input") for data in inputs]
     texts += ["null"] * (count - len(texts))
     named = [i or None for i in ids] + [None] * (count - len(ids))
+    if len(request.request_ids) > count:
+        raise InvalidArgument(
+            f"request_ids has {len(request.request_ids)} entries for {count} starts"
+        )
+    run_ids = [request_run_id(key) for key in request.request_ids]
+    run_ids += [None] * (count - len(run_ids))
     return list(
-        map(StartRequest, repeat(types[0], count) if len(types) == 1 else types, texts, named)
+        map(
+            StartRequest,
+            repeat(types[0], count) if len(types) == 1 else types,
+            texts,
+            named,
+            run_ids,
+        )
     )
 
 

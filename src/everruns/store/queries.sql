@@ -1011,16 +1011,19 @@ RIGHT JOIN (SELECT 1) one ON true;
 -- workflow task claimed for worker $4, whose long poll waits for it here (eager start): the
 -- run is running at once, its first event written, its task claimed with a fresh lease, and
 -- no NOTIFY goes out. A workflow id with an open run gets that run back and creates nothing.
+-- $5, when not NULL, is the run id the request asks for (a retried request names the same one):
+-- if that run exists, whatever its state, it comes back and nothing is created.
 -- One row: the workflow id, the run id (NULL only if the open run ended in the same instant),
 -- whether it was created, and for a new run its task's columns and its one event.
 WITH req AS MATERIALIZED (
-    SELECT gen_random_uuid() AS run_id,
-           CASE WHEN $1::text = '' THEN gen_random_uuid()::text ELSE $1::text END AS workflow_id
+    SELECT coalesce($5::uuid, gen_random_uuid()) AS run_id,
+           CASE WHEN $1::text = '' THEN gen_random_uuid()::text ELSE $1::text END AS workflow_id,
+           (SELECT x.id FROM durable_workflow_instances x WHERE x.id = $5::uuid) AS earlier
 ), ins AS (
     INSERT INTO durable_workflow_instances (id, workflow_id, workflow_type, input, partition_key,
                                             last_sequence_num, status, started_at)
     SELECT run_id, workflow_id, $2::text, $3::text::json, workflow_id, 1, 'running', now()
-    FROM req
+    FROM req WHERE req.earlier IS NULL
     ON CONFLICT (workflow_id) WHERE status IN ('pending', 'running') DO NOTHING
     RETURNING id, workflow_id, workflow_type
 ), events AS (
@@ -1042,9 +1045,10 @@ WITH req AS MATERIALIZED (
     RETURNING *
 )
 SELECT req.workflow_id AS started_workflow_id,
-       coalesce(ins.id, (SELECT open.id FROM durable_workflow_instances open
-                         WHERE open.workflow_id = req.workflow_id
-                           AND open.status IN ('pending', 'running'))) AS started_run_id,
+       coalesce(ins.id, req.earlier,
+                (SELECT open.id FROM durable_workflow_instances open
+                 WHERE open.workflow_id = req.workflow_id
+                   AND open.status IN ('pending', 'running'))) AS started_run_id,
        ins.id IS NOT NULL AS created, wft.*, events.*
 FROM req
 LEFT JOIN ins ON true
@@ -1053,21 +1057,26 @@ LEFT JOIN events ON true;
 
 -- name: start_workflows
 -- Start runs in one statement (parallel arrays, in order: $3 one input per run, $1 their
--- workflow ids or none at all, $2 their types or the one type of them all): each new run gets its
--- workflow_started event and a pending workflow task; a workflow id that already has an open
--- run gets that run back (idempotent start); an empty or absent workflow id gets a generated
--- UUID. Returns one row per request, in request order.
+-- workflow ids or none at all, $2 their types or the one type of them all, $4 the run ids the
+-- requests ask for or none at all): each new run gets its workflow_started event and a pending
+-- workflow task; a workflow id that already has an open run gets that run back (idempotent
+-- start), and so does a run id asked for that exists, whatever its state (a retried request);
+-- an empty or absent workflow id gets a generated UUID. Returns one row per request, in request
+-- order.
 WITH req AS MATERIALIZED (
-    SELECT gen_random_uuid() AS run_id,
+    SELECT coalesce(r.run_id, gen_random_uuid()) AS run_id,
            CASE WHEN coalesce(r.workflow_id, '') = '' THEN gen_random_uuid()::text
                 ELSE r.workflow_id END AS workflow_id,
-           coalesce(r.workflow_type, ($2::text[])[1]) AS workflow_type, r.input, r.ord
-    FROM unnest($1::text[], $2::text[], $3::text[])
-         WITH ORDINALITY AS r(workflow_id, workflow_type, input, ord)
+           coalesce(r.workflow_type, ($2::text[])[1]) AS workflow_type, r.input, r.ord,
+           CASE WHEN r.run_id IS NOT NULL THEN
+               (SELECT x.id FROM durable_workflow_instances x WHERE x.id = r.run_id) END AS earlier
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::uuid[])
+         WITH ORDINALITY AS r(workflow_id, workflow_type, input, run_id, ord)
 ), ins AS (
     INSERT INTO durable_workflow_instances (id, workflow_id, workflow_type, input, partition_key,
                                             last_sequence_num)
     SELECT run_id, workflow_id, workflow_type, input::json, workflow_id, 1 FROM req
+    WHERE req.earlier IS NULL
     ON CONFLICT (workflow_id) WHERE status IN ('pending', 'running') DO NOTHING
     RETURNING id, workflow_id, workflow_type
 ), events AS (
@@ -1092,7 +1101,7 @@ WITH req AS MATERIALIZED (
 -- The open run of a request that created nothing is looked up by index for that row only
 -- (COALESCE stops at the first value): a join would read every open run.
 SELECT req.ord, req.workflow_id,
-       coalesce(mine.id, same.id,
+       coalesce(mine.id, req.earlier, same.id,
                 (SELECT open.id FROM durable_workflow_instances open
                  WHERE open.workflow_id = req.workflow_id
                    AND open.status IN ('pending', 'running'))) AS run_id,

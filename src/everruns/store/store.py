@@ -298,41 +298,50 @@ class Store:
         return WorkflowRun.from_row(existing), False
 
     async def start_workflows(
-        self, requests: Sequence[tuple[str, str, str]]
+        self, requests: Sequence[tuple[str, str, str, uuid.UUID | None]]
     ) -> list[tuple[str, uuid.UUID | None, bool]]:
-        """Start ``(workflow_id, workflow_type, input)`` runs in one statement (an empty
-        workflow id: the database generates a UUID).
+        """Start ``(workflow_id, workflow_type, input, run_id)`` runs in one statement (an
+        empty workflow id: the database generates a UUID; a run id: the run the request asks
+        for, returned as it is if it exists, else None for a generated one).
 
         Returns:
-            Per request, in order: the workflow id, the run id (the new run, or the open run
-            that already had that id; None only if that run ended in the same instant) and
-            whether it was created now.
+            Per request, in order: the workflow id, the run id (the new run, the run asked for
+            that existed, or the open run that already had that workflow id; None only if that
+            run ended in the same instant) and whether it was created now.
         """
         # The short forms of the columns most batches allow: every element asyncpg encodes
         # costs the control plane's asyncio thread about a microsecond.
         ids = [r[0] for r in requests]
         types = [r[1] for r in requests]
+        run_ids = [r[3] for r in requests]
         rows = await self.pool.fetch(
             Q["start_workflows"],
             ids if any(ids) else [],
             types[:1] if len(set(types)) == 1 else types,
             [r[2] for r in requests],
+            run_ids if any(run_ids) else [],
         )
         return [(r["workflow_id"], r["run_id"], r["created"]) for r in rows]
 
     async def start_workflow_for(
-        self, worker_id: str, workflow_id: str, workflow_type: str, input: str
+        self,
+        worker_id: str,
+        workflow_id: str,
+        workflow_type: str,
+        input: str,
+        run_id: uuid.UUID | None = None,
     ) -> tuple[str, uuid.UUID | None, Task | None, list[StoredEvent]]:
         """Start one run with its workflow task claimed for ``worker_id`` (eager start; an
-        empty workflow id: the database generates a UUID).
+        empty workflow id: the database generates a UUID; ``run_id`` as in `start_workflows`).
 
         Returns:
-            The workflow id; the run id (the new run, or the open run that already had that
-            id; None only if that run ended in the same instant); for a new run its claimed
-            workflow task and its history (the one workflow_started event), else None and [].
+            The workflow id; the run id (the new run, the run asked for that existed, or the
+            open run that already had that id; None only if that run ended in the same
+            instant); for a new run its claimed workflow task and its history (the one
+            workflow_started event), else None and [].
         """
         row = await self.pool.fetchrow(
-            Q["start_workflow_for"], workflow_id, workflow_type, input, worker_id
+            Q["start_workflow_for"], workflow_id, workflow_type, input, worker_id, run_id
         )
         assert row is not None  # the statement always answers its one request
         if not row["created"]:

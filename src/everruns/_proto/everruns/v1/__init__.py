@@ -1278,7 +1278,7 @@ class StartWorkflowRequest(betterproto2.Message):
 
     request_id: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
     """
-    idempotency key: a retried request returns the same run
+    idempotency key: a retried request returns the same run, even
     """
 
 
@@ -1350,6 +1350,12 @@ class StartWorkflowsRequest(betterproto2.Message):
     packed_workflow_types: "list[str]" = betterproto2.field(
         9, betterproto2.TYPE_STRING, repeated=True
     )
+
+    request_ids: "list[str]" = betterproto2.field(10, betterproto2.TYPE_STRING, repeated=True)
+    """
+    In the columnar and packed forms, start i's idempotency key (StartWorkflowRequest's
+    request_id); empty or missing: none.
+    """
 
 
 default_message_pool.register_message("everruns.v1", "StartWorkflowsRequest", StartWorkflowsRequest)
