@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -27,9 +27,10 @@ import trio
 
 from everruns._aio import open_aio_loop, pg
 from everruns._program import run_program
-from everruns.agent import close_session
+from everruns.agent import OpenAIProvider, close_session
+from everruns.agent.providers import OPENAI_PROVIDER, default_provider_name
 from everruns.client import Client
-from everruns.errors import EverrunsError, WorkflowFailed
+from everruns.errors import ConfigError, EverrunsError, WorkflowFailed
 from everruns.store import embedded
 
 DEMO_DATABASE = "everruns_demo"
@@ -168,9 +169,23 @@ class Board:
         self.drawn = True
 
 
+def _first_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0] if lines else ""
+
+
 def _step_text(event: Any) -> str:
     data = dict(event.data)
     step = f"step {event.step}: " if event.step else ""
+    if event.kind in ("reason.retrying", "tool.retrying"):
+        what = "the model call" if event.kind == "reason.retrying" else f"tool {data.get('tool')}"
+        attempt = data.get("attempt")
+        return (
+            f"{step}{what} failed (attempt {attempt}), retrying: "
+            f"{_first_line(str(data.get('error') or ''))}"
+        )
+    if event.kind == "turn.failed":
+        return f"failed: {_first_line(str(data.get('message') or ''))}"
     if event.kind == "tool.called":
         return f"{step}calling tool {data.get('tool')} {data.get('arguments')}"
     if event.kind == "tool.result":
@@ -209,9 +224,30 @@ async def _follow(
     try:
         result = await turn.result()
     except WorkflowFailed as exc:
-        answers[label] = f"turn {exc.status}"
+        # The status alone ("turn failed") leaves the operator guessing: say why.
+        answers[label] = f"turn {exc.status}" + (
+            f": {_first_line(str(exc))}" if exc.status == "failed" else ""
+        )
     else:
         answers[label] = result.answer or result.outcome
+
+
+def provider_note(env: Mapping[str, str]) -> str:
+    """Return the line saying which LLM the demo's workers will use, given their environment."""
+    if default_provider_name(env) != OPENAI_PROVIDER:
+        return (
+            "the agent uses the scripted stand-in for an LLM (no network); set OPENAI_API_KEY "
+            "to use an OpenAI-compatible API"
+        )
+    try:
+        provider = OpenAIProvider.from_env(env)
+    except ConfigError as exc:
+        return f"the agent uses the OpenAI provider, but every turn will fail: {exc}"
+    host = urlsplit(provider.base_url).hostname
+    return (
+        f"the agent uses the OpenAI provider (OPENAI_API_KEY is set): model {provider.model} "
+        f"at {host}; unset OPENAI_API_KEY to use the scripted stand-in"
+    )
 
 
 def _table(rows: Sequence[Any]) -> str:
@@ -259,6 +295,7 @@ async def run_demo() -> None:
                             "registered",
                         )
                     )
+                say(provider_note(base))
                 say("sending three messages to the agent; each is answered by its own durable turn")
                 messages = [
                     ("math", "demo-math", "what is (17 + 25) * 2?", None),

@@ -18,6 +18,7 @@ import trio
 from everruns.agent import (
     ReasonReply,
     ReasonRequest,
+    ToolCall,
     TurnEvent,
     TurnHandle,
     _http,
@@ -441,6 +442,97 @@ async def test_an_llm_api_refusal_fails_the_turn_without_retries(
                     await handle.result()
     assert len(fake.requests) == 1
     assert "HTTP 401: Incorrect API key provided" in str(failed.value)
+
+
+@pytest.mark.db
+async def test_tool_arguments_json_cannot_carry_are_reported_to_the_model(
+    database_url: str, state: State, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model that writes NaN in a tool call's arguments is told, as for any other unreadable
+    arguments, and the turn goes on: the reply used to be unrecordable and failed the turn."""
+    bad_call = {
+        "id": "call_nan",
+        "type": "function",
+        "function": {"name": "sleep", "arguments": '{"seconds": NaN}'},
+    }
+    fake = FakeChatCompletions(
+        replies=[
+            (200, completion({"content": None, "tool_calls": [bad_call]}, "tool_calls"), False),
+            (200, completion({"content": "sorry, bad arguments"}, "stop"), False),
+        ]
+    )
+    with trio.fail_after(60):
+        async with fake_server(fake) as port:
+            monkeypatch.setenv("OPENAI_API_KEY", "sk-test-key")
+            monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{port}/v1")
+            async with agent_system(database_url) as client:
+                handle = await send_message(client, "s-nan", "wait a bit")
+                result = await handle.result()
+    assert (result.outcome, result.answer) == ("answered", "sorry, bad arguments")
+    tool_message = fake.requests[1]["body"]["messages"][-1]
+    assert tool_message["tool_call_id"] == "call_nan"
+    assert "NaN, Infinity or too large" in json.loads(tool_message["content"])["error"]
+
+
+class HugeNumberProvider:
+    """Asks the calculator for 1e5000 once, then answers with what the tool said."""
+
+    name = "test_huge_number"
+
+    async def complete(self, request: ReasonRequest) -> ReasonReply:
+        last = request.messages[-1]
+        if last.get("role") == "tool":
+            return ReasonReply(str(last.get("error") or last.get("content")), (), "m", "stop")
+        call = ToolCall("c1", "calculator", {"expression": "1e5000"})
+        return ReasonReply("", (call,), "m", "tool_calls")
+
+
+register_provider("test_huge_number", HugeNumberProvider, replace=True)
+
+
+@pytest.mark.db
+async def test_a_calculator_result_beyond_its_bound_is_a_tool_error_the_model_sees(
+    database_url: str, state: State
+) -> None:
+    """1e5000 is beyond the calculator's MAX_RESULT_BITS: the tool refuses it at once and the
+    model is told. It used to return a 5,001-digit integer the worker could not record, so the
+    attempt was retried and dead-lettered and the model heard only that the worker stopped."""
+    with trio.fail_after(60):
+        async with agent_system(database_url) as client:
+            handle = await send_message(
+                client, "s-huge", "what is 1e5000?", provider="test_huge_number"
+            )
+            result = await handle.result()
+    assert result.answer is not None
+    assert "cannot evaluate '1e5000'" in result.answer and "too large" in result.answer
+
+
+@pytest.mark.db
+async def test_the_demo_shows_why_a_turn_failed(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The demo passes its environment to its workers, so with OPENAI_API_KEY set and no
+    network every turn fails: its board shows each retry's error and its answer the reason,
+    where both used to say only "failed"."""
+    from everruns import demo
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    await listeners[0].aclose()  # nothing listens there: like an unreachable API
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-key")
+    monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{port}/v1")
+    answers: dict[str, str] = {}
+    with trio.fail_after(60):
+        async with agent_system(database_url) as client:
+            board = demo.Board(["math"])
+            await demo._follow(
+                client, board, "math", "s-demo", "what is (17 + 25) * 2?", answers, None
+            )
+    shown = capsys.readouterr().out
+    assert answers["math"].startswith("turn failed: ") and "cannot connect" in answers["math"]
+    assert "the model call failed (attempt 1), retrying:" in shown
+    assert f"cannot connect to 127.0.0.1:{port}" in shown
+    assert "sk-test-key" not in shown + answers["math"]
 
 
 # ------------------------------------------------------------------ HTTP client, no database

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import logging
 import socket
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -689,6 +690,42 @@ async def test_short_histories_replay_inline_and_long_ones_in_a_thread() -> None
             await fake.wait_for(lambda: len(fake.workflow_completions) == 2)
     assert threads[1] == threading.main_thread().name
     assert threads[2] != threading.main_thread().name
+
+
+async def test_a_workflow_raising_system_exit_fails_without_taking_the_worker_down() -> None:
+    """SystemExit from workflow code used to escape the replay into the worker's task nursery,
+    inline or from a replay thread, and stop the worker (every worker that claimed the task)."""
+    reg = Registry()
+
+    @workflow(registry=reg)
+    async def quits(ctx: Any, _: Any) -> None:
+        sys.exit(3)
+
+    @workflow(registry=reg)
+    async def greet(ctx: Any, who: Any) -> Any:
+        return await ctx.execute_activity("hello", who)
+
+    def task_of(workflow_type: str, signals: int) -> Any:
+        events = [history.workflow_started(workflow_type, "wf-1", "run-1", None)]
+        events += [history.signal_received("s", i) for i in range(signals)]
+        return workflow_task(workflow_type, [*events, history.workflow_task_scheduled()])
+
+    inline, threaded = task_of("quits", 0), task_of("quits", INLINE_REPLAY_EVENTS + 10)
+    after = task_of("greet", 0)
+    fake = FakeControlPlane()
+    with trio.fail_after(10):
+        async with fake_control_plane(fake) as port, running(make_worker(reg, port)):
+            fake.push(inline, threaded)
+            await fake.wait_for(lambda: len(fake.workflow_completions) == 2)
+            fake.push(after)  # the worker is still there to take it
+            await fake.wait_for(lambda: len(fake.workflow_completions) == 3)
+    assert fake.workflow_failures == []
+    done = {c.task_id: payload.decode(c.commands) for c in fake.workflow_completions}
+    for task in (inline, threaded):
+        (command,) = done[task.task_id]
+        assert command["type"] == "fail_workflow"
+        assert command["error"]["type"] == "SystemExit"
+    assert [c["type"] for c in done[after.task_id]] == ["schedule_activity"]
 
 
 # -------------------------------------------------------------------------------- shutdown

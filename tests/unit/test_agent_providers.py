@@ -1,5 +1,6 @@
 """LLM providers without a network: the scripted provider's rules, the chat-completions format
-(both directions), provider configuration and the provider table."""
+(both directions), provider configuration, the provider table, and how the ``reason`` activity
+classifies a provider's failures."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import json
 from typing import Any
 
 import pytest
+import trio
 
+from everruns.agent import activities
 from everruns.agent.providers import (
     DEFAULT_OPENAI_BASE_URL,
     OpenAIProvider,
@@ -25,7 +28,15 @@ from everruns.agent.providers import (
     to_openai_messages,
     to_openai_tools,
 )
-from everruns.errors import ConfigError, EverrunsError, InvalidArgument, NotFound
+from everruns.domain import payload
+from everruns.errors import (
+    ConfigError,
+    EverrunsError,
+    InvalidArgument,
+    NonRetryableError,
+    NotFound,
+)
+from everruns.worker.activity import ActivityContext, ActivityInfo
 
 ALL_TOOLS = ("calculator", "clock", "sleep", "http_get")
 
@@ -297,6 +308,116 @@ def test_openai_configuration_from_the_environment() -> None:
     assert provider.base_url == "http://127.0.0.1:1/v1" and provider.model == "m"
     with pytest.raises(ConfigError, match="OPENAI_BASE_URL"):
         OpenAIProvider.from_env({"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": "ftp://x"})
+
+
+def _tool_call_reply(arguments: Any) -> dict[str, Any]:
+    function = {"name": "sleep", "arguments": arguments}
+    call = {"id": "call_1", "type": "function", "function": function}
+    message = {"role": "assistant", "content": None, "tool_calls": [call]}
+    return {"model": "m", "choices": [{"message": message, "finish_reason": "tool_calls"}]}
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        '{"seconds": NaN}',
+        '{"seconds": Infinity}',
+        '{"seconds": -Infinity}',
+        '{"seconds": 1e999}',  # json.loads reads it as inf
+        '{"nested": {"deep": [1, 2, -1e999]}}',
+        {"seconds": float("nan")},  # arguments already parsed, from a body with NaN in it
+    ],
+)
+def test_tool_arguments_json_cannot_carry_are_reported_to_the_model(arguments: Any) -> None:
+    """Python's JSON reader accepts NaN and Infinity and turns 1e999 into inf, which the
+    ``reason`` activity's result could not carry: the turn would fail. Such a call is kept with
+    ``error`` set, like any other unreadable arguments, so the model is told."""
+    reply = parse_openai_reply(_tool_call_reply(arguments))
+    (call,) = reply.tool_calls
+    assert call.arguments == {}
+    assert call.error is not None and "NaN, Infinity or too large" in call.error
+    payload.encode(reply.to_dict(), what="result of activity 'reason'")
+
+
+def test_finite_tool_arguments_are_kept() -> None:
+    reply = parse_openai_reply(_tool_call_reply('{"seconds": 1.5e3, "deep": [[-0.0]]}'))
+    assert reply.tool_calls[0] == ToolCall("call_1", "sleep", {"seconds": 1500.0, "deep": [[-0.0]]})
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"OPENAI_API_KEY": "sk-secret\n"}, "trailing newline"),  # a key read from a file
+        ({"OPENAI_API_KEY": " sk-secret"}, "whitespace"),
+        ({"OPENAI_API_KEY": "sk-se cret"}, "whitespace"),
+        ({"OPENAI_API_KEY": "sk-secret\x00"}, "control"),
+        ({"OPENAI_API_KEY": "sk-secret\u2014"}, "non-ASCII"),
+        ({"OPENAI_API_KEY": "sk-secret", "OPENAI_BASE_URL": "http://127.0.0.1:99999/v1"}, "port"),
+        ({"OPENAI_API_KEY": "sk-secret", "OPENAI_BASE_URL": "http://127.0.0.1:0/v1"}, "port"),
+        ({"OPENAI_API_KEY": "sk-secret", "OPENAI_BASE_URL": "http://h:eighty/v1"}, "port"),
+        ({"OPENAI_API_KEY": "sk-secret", "OPENAI_BASE_URL": "http:///v1"}, "no host"),
+        ({"OPENAI_API_KEY": "sk-secret", "OPENAI_BASE_URL": "https://h/v 1"}, "whitespace"),
+        ({"OPENAI_API_KEY": "sk-secret", "OPENAI_BASE_URL": "https://h/v1?x=1"}, "query"),
+    ],
+)
+def test_openai_configuration_no_call_can_succeed_with_is_refused(
+    env: dict[str, str], message: str
+) -> None:
+    """Refused when the provider is built, in one line that never shows the key."""
+    with pytest.raises(ConfigError, match=message) as refused:
+        OpenAIProvider.from_env(env)
+    text = str(refused.value)
+    assert "secret" not in text and "\n" not in text
+
+
+def _reason_ctx() -> ActivityContext:
+    return ActivityContext(ActivityInfo("wf", "run", "agent_turn", "3", "reason", 1, 4))
+
+
+def _reason_input(provider: str) -> dict[str, Any]:
+    messages = [{"role": "user", "content": "hi"}]
+    return {"provider": provider, "model": "m", "messages": messages, "tools": [], "step": 1}
+
+
+@pytest.mark.parametrize(
+    ("key", "base_url"),
+    [
+        ("sk-secret\n", "http://127.0.0.1:9/v1"),  # a key read from a file with its newline
+        ("sk-secret", "http://127.0.0.1:99999/v1"),  # a port out of range
+    ],
+)
+async def test_reason_fails_at_once_on_an_openai_configuration_mistake(
+    monkeypatch: pytest.MonkeyPatch, key: str, base_url: str
+) -> None:
+    """``reason`` promises NonRetryableError for configuration errors: these used to surface
+    during the call as InvalidArgument, which the retry policy retried four times."""
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    monkeypatch.setenv("OPENAI_BASE_URL", base_url)
+    data = _reason_input("openai")
+    with trio.fail_after(10):
+        with pytest.raises(NonRetryableError) as raised:
+            await activities.reason(_reason_ctx(), data)
+    assert "secret" not in str(raised.value)
+    assert "secret" not in json.dumps(data)
+
+
+class _UnsendableProvider:
+    """A provider whose request cannot be sent, whatever the attempt."""
+
+    name = "test_unsendable"
+
+    async def complete(self, request: ReasonRequest) -> ReasonReply:
+        raise InvalidArgument("HTTP header 'Authorization' contains a line break or a colon")
+
+
+register_provider("test_unsendable", _UnsendableProvider, replace=True)
+
+
+async def test_reason_does_not_retry_a_request_that_cannot_be_sent() -> None:
+    """InvalidArgument from `Provider.complete` (an unusable URL or header found while
+    sending) fails the attempt for good instead of being retried by the policy."""
+    with pytest.raises(NonRetryableError, match="cannot be sent: HTTP header 'Authorization'"):
+        await activities.reason(_reason_ctx(), _reason_input("test_unsendable"))
 
 
 def test_request_body() -> None:

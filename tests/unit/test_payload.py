@@ -116,3 +116,15 @@ def test_json_error_judges_text_as_json_loads_does(text: str) -> None:
         assert payload.json_error(text) == str(exc)
     else:
         assert payload.json_error(text) is None
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["alone", "nested"])
+def test_an_integer_python_cannot_write_as_text_is_a_payload_error(nested: bool) -> None:
+    """Python refuses to turn an integer of more than 4,300 digits into text: encoding one
+    raises PayloadError naming the payload (a worker then fails the activity's attempt for
+    good) instead of a bare ValueError (which the worker treated as its own internal error,
+    and the task was released and run again until it was dead-lettered)."""
+    big = 10**5000
+    value: Any = [1, {"n": -big}] if nested else big
+    with pytest.raises(PayloadError, match="result of activity 'big' cannot be written as JSON"):
+        payload.encode(value, what="result of activity 'big'")

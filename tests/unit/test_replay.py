@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import math
 import re
+import signal
 import time
 import warnings
 from collections.abc import Callable
@@ -35,7 +37,7 @@ from everruns.domain.context import ActivityHandle, WorkflowContext, WorkflowInf
 from everruns.domain.history import HistoryEvent
 from everruns.domain.limits import MAX_SECONDS
 from everruns.domain.registry import Registry, activity
-from everruns.domain.replay import ReplayResult, replay
+from everruns.domain.replay import Replayer, ReplayResult, replay
 from everruns.domain.retry import RetryPolicy
 from everruns.errors import (
     ActivityError,
@@ -909,11 +911,12 @@ def _illegal(wf: Callable[..., Any]) -> str:
 async def test_awaiting_trio_sleep_inside_trio_is_an_illegal_await() -> None:
     with trio.fail_after(5):
         message = _illegal(awaits_trio_sleep)
-        # The trap's cancel scope was unwound: this Trio task still works normally.
+        # Trio's run was hidden from the workflow: this Trio task still works normally.
         with trio.move_on_after(0.01) as scope:
             await trio.sleep(1)
         assert scope.cancelled_caught
-    assert "awaited trio.sleep() in awaits_trio_sleep at " in message
+    # Said as outside Trio (below): the replay hides the caller's run from workflow code.
+    assert "called trio.sleep() in awaits_trio_sleep at " in message
     assert "ctx.sleep(seconds)" in message
     assert "checkout" in message
 
@@ -976,6 +979,191 @@ def test_illegal_await_is_not_catchable_by_workflow_code() -> None:
         return "passed"
 
     _illegal(wf)
+
+
+# --------------------------------------------------------------- where the replay runs
+# The worker replays short histories (and decisions made ahead) on its Trio task and long ones
+# in a thread; workflow code must meet the same thing either way, and never the calling task.
+
+
+def _started(*events: dict[str, Any]) -> list[HistoryEvent]:
+    data = [h.workflow_started(INFO.workflow_type, INFO.workflow_id, INFO.run_id, None), *events]
+    return [HistoryEvent.of(i, e, time=T0) for i, e in enumerate(data, start=1)]
+
+
+def _outcome(wf: Callable[..., Any], history: list[HistoryEvent]) -> ReplayResult | Exception:
+    """What a worker's replay of ``history`` answers: a result, or the error it raised."""
+    replayer = Replayer(wf, info=INFO)
+    try:
+        return replayer.replay(history, now=T0)
+    except Exception as exc:
+        return exc
+    finally:
+        replayer.close()
+
+
+async def uses_a_trio_cancel_scope(ctx: WorkflowContext, _: None) -> Any:
+    with trio.move_on_after(3600):
+        return await ctx.execute_activity("charge")
+    return "timed out"
+
+
+async def test_a_trio_cancel_scope_in_workflow_code_is_refused_and_the_calling_task_untouched() -> (
+    None
+):
+    """Inline, the workflow's ``trio.move_on_after`` used to be entered on the calling task and
+    stay open while the replay was kept for the run's next task; in a thread it was refused."""
+    history = _started()
+    threaded = await trio.to_thread.run_sync(_outcome, uses_a_trio_cancel_scope, history)
+    assert isinstance(threaded, IllegalAwait)
+
+    before = trio.current_effective_deadline()
+    replayer = Replayer(uses_a_trio_cancel_scope, info=INFO)
+    try:
+        try:
+            inline: ReplayResult | Exception = replayer.replay(history, now=T0)
+        except Exception as exc:
+            inline = exc
+        deadline_after = trio.current_effective_deadline()
+    finally:
+        replayer.close()
+    assert deadline_after == before
+    assert isinstance(inline, IllegalAwait), f"inline replay answered {inline!r}"
+    assert str(inline) == str(threaded)
+    assert "called trio.CancelScope.__enter__() in uses_a_trio_cancel_scope at " in str(inline)
+
+
+async def catches_what_trio_raises(ctx: WorkflowContext, _: None) -> str:
+    try:
+        await trio.sleep(1)
+    except Exception:
+        return "fallback"
+    return "slept"
+
+
+async def catches_everything_trio_raises(ctx: WorkflowContext, _: None) -> str:
+    try:
+        with trio.move_on_after(1):
+            await ctx.sleep(1)
+    except BaseException:
+        return "fallback"
+    return "slept"
+
+
+@pytest.mark.parametrize(
+    ("wf", "call"),
+    [
+        (catches_what_trio_raises, "trio.sleep()"),
+        (catches_everything_trio_raises, "trio.CancelScope.__enter__()"),
+    ],
+)
+async def test_a_trio_call_caught_by_workflow_code_is_still_an_illegal_await_inline_and_in_a_thread(
+    wf: Callable[..., Any], call: str
+) -> None:
+    """In a thread, ``except Exception`` around ``trio.sleep`` used to let the workflow go on
+    ("fallback"), where inline the same code was an IllegalAwait."""
+    history = _started()
+    inline = _outcome(wf, history)
+    threaded = await trio.to_thread.run_sync(_outcome, wf, history)
+    assert isinstance(inline, IllegalAwait), f"inline replay answered {inline!r}"
+    assert isinstance(threaded, IllegalAwait), f"threaded replay answered {threaded!r}"
+    assert str(inline) == str(threaded)
+    assert f"called {call} in {wf.__name__} at " in str(inline)
+
+
+async def interrupted_midway(ctx: WorkflowContext, _: None) -> Any:
+    signal.raise_signal(signal.SIGINT)  # as if Ctrl-C came while this code ran
+    return await ctx.execute_activity("after")
+
+
+def test_ctrl_c_during_an_inline_replay_reaches_the_trio_run_at_its_next_checkpoint() -> None:
+    """Trio's SIGINT handler reads the current task, which the replay hides: it must defer the
+    interrupt to the run, not raise it (or a refusal) in the middle of workflow code."""
+    answers: list[Any] = []
+
+    async def main() -> None:
+        answers.append(_outcome(interrupted_midway, _started()))
+        await trio.sleep(1)
+        answers.append("slept")
+
+    with pytest.raises(KeyboardInterrupt):
+        trio.run(main)
+    assert len(answers) == 1 and isinstance(answers[0], ReplayResult), answers
+    assert [c.describe() for c in answers[0].commands] == ["ScheduleActivity(id=1, type=after)"]
+
+
+class CustomExit(BaseException):
+    """A BaseException of the workflow's own."""
+
+
+@pytest.mark.parametrize(
+    ("raised", "type_name"),
+    [
+        (SystemExit(3), "SystemExit"),
+        (GeneratorExit(), "GeneratorExit"),
+        (CustomExit("bye"), f"{__name__}.CustomExit"),
+    ],
+)
+def test_a_base_exception_from_workflow_code_fails_the_workflow(
+    raised: BaseException, type_name: str
+) -> None:
+    """It used to escape replay() (the driver caught Exception only) and, in the worker, the
+    task nursery: every worker that claimed the task went down. Only Ctrl-C goes on."""
+
+    async def exits(ctx: WorkflowContext, _: None) -> None:
+        await ctx.sleep(1)
+        raise raised
+
+    history = _started(
+        h.workflow_task_completed("w", T0), h.timer_started("1", 1), h.timer_fired("1")
+    )
+    result = replay(exits, history, info=INFO, now=T0)
+    assert result.completed
+    (failed,) = result.commands
+    assert isinstance(failed, FailWorkflow)
+    assert failed.error["type"] == type_name
+    assert "in exits" in failed.error["traceback"]
+
+    async def interrupted(ctx: WorkflowContext, _: None) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        replay(interrupted, _started(), info=INFO, now=T0)
+
+
+@pytest.mark.parametrize(
+    "cancelled",
+    [asyncio.CancelledError, trio.Cancelled._create],
+    ids=["asyncio.CancelledError", "trio.Cancelled"],
+)
+def test_an_event_loops_cancellation_raised_in_workflow_code_is_an_illegal_await(
+    cancelled: Callable[[], BaseException],
+) -> None:
+    """Workflow code is never run by a loop, so a loop's cancellation raised in it comes from
+    loop use (it used to escape the replay like any BaseException)."""
+
+    async def raises(ctx: WorkflowContext, _: None) -> None:
+        await ctx.sleep(1)
+        raise cancelled()
+
+    history = _started(
+        h.workflow_task_completed("w", T0), h.timer_started("1", 1), h.timer_fired("1")
+    )
+    with pytest.raises(IllegalAwait, match="Cancel"):
+        replay(raises, history, info=INFO, now=T0)
+
+
+def test_a_base_exception_while_the_workflow_is_discarded_does_not_escape_close() -> None:
+    """Closing the replay (a kept one, in the worker's cache) used to let it escape."""
+
+    async def exits_on_close(ctx: WorkflowContext, _: None) -> None:
+        try:
+            await ctx.wait_signal("never")
+        finally:
+            raise SystemExit("from a finally block")
+
+    result = replay(exits_on_close, _started(), info=INFO, now=T0)
+    assert result.commands == [] and not result.completed
 
 
 # ---------------------------------------------------------------------- determinism of ctx

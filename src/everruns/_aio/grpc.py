@@ -34,7 +34,7 @@ from grpclib.const import Status
 from grpclib.protocol import H2Protocol
 
 from everruns._aio.loop import AioLoop, CallAbandoned, call_in_loop, current_aio_loop, run_aio
-from everruns._aio.wire import FastCodec
+from everruns._aio.wire import FastCodec, WireError
 from everruns.domain.address import switch_from_env
 from everruns.errors import (
     AlreadyExists,
@@ -250,19 +250,25 @@ def _calls_handler(
 
         def forget(call_id: int, task: asyncio.Task[None]) -> None:
             answering.discard(task)
+            counted.discard(task)
             uncancellable(call_id, task)
 
+        # The calls that count against MAX_CALLS_IN_FLIGHT: those in `answering` but the ones
+        # cancelled. The caller frees a call's place as it sends the cancel notice, and its next
+        # call may follow in the same read, before the cancelled task has ended.
+        counted: set[asyncio.Task[None]] = set()
         try:
             while (call := await stream.recv_message()) is not None:
                 if call.cancel:
                     task = cancellable.get(call.id)
                     if task is not None:
                         task.cancel()
+                        counted.discard(task)
                 elif call.id in cancellable:
                     raise grpclib.exceptions.GRPCError(
                         Status.INVALID_ARGUMENT, f"call id {call.id} is already in flight"
                     )
-                elif len(answering) >= MAX_CALLS_IN_FLIGHT:
+                elif len(counted) >= MAX_CALLS_IN_FLIGHT:
                     await send(
                         pb.CallReply(
                             id=call.id,
@@ -274,6 +280,7 @@ def _calls_handler(
                 else:
                     task = asyncio.ensure_future(answer(call))
                     answering.add(task)
+                    counted.add(task)
                     cancellable[call.id] = task
                     task.add_done_callback(partial(forget, call.id))
             # The caller has sent its last call: answer those still running, then end.
@@ -569,15 +576,21 @@ def error_for_status(status_name: str, message: str, what: str) -> EverrunsError
 def _to_everruns_error(exc: BaseException, what: str) -> EverrunsError:
     if isinstance(exc, grpclib.exceptions.GRPCError):
         return _error_for(exc.status, exc.message or exc.status.name, what)
-    if isinstance(exc, (OSError, grpclib.exceptions.StreamTerminatedError)):
+    if isinstance(
+        exc, (OSError, grpclib.exceptions.StreamTerminatedError, h2.exceptions.StreamClosedError)
+    ):
         return ServerUnavailable(f"{what}: control plane unreachable: {exc}")
     return RpcError(f"{what}: {type(exc).__name__}: {exc}")
 
 
+# What a call can fail with below the everruns errors: a reply that does not decode (WireError)
+# and an HTTP/2 stream closed under a write (h2's StreamClosedError) included.
 _CALL_ERRORS = (
     grpclib.exceptions.GRPCError,
     grpclib.exceptions.StreamTerminatedError,
     grpclib.exceptions.ProtocolError,
+    h2.exceptions.StreamClosedError,
+    WireError,
     OSError,
 )
 

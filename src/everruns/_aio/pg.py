@@ -8,6 +8,7 @@ onto ``everruns.errors`` here. No SQL text lives here: callers pass it in.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import weakref
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -39,6 +40,7 @@ _NOT_NULL_VIOLATION = "23502"
 _INVALID_TEXT = "22P02"
 # PostgreSQL aborted one transaction to let another go on: the same call succeeds when made again.
 _DEADLOCK = "40P01"
+_INSUFFICIENT_RESOURCES = "53"  # the SQLSTATE class
 _SERIALIZATION_FAILURE = "40001"
 
 
@@ -52,6 +54,9 @@ def map_pg_error(exc: BaseException) -> Exception:
         # the connection's prepared statements and retries on its own outside a transaction;
         # inside one the caller must: the same call succeeds when made again.
         return DatabaseUnavailable(f"a table changed under a prepared statement: {message}")
+    if state is not None and state.startswith(_INSUFFICIENT_RESOURCES):
+        # Too many connections, out of memory or disk: the server's state, not the request's.
+        return DatabaseUnavailable(f"PostgreSQL lacks resources: {message}")
     if state in (_DEADLOCK, _SERIALIZATION_FAILURE):
         # Reported as UNAVAILABLE, which workers and clients retry.
         return DatabaseUnavailable(f"PostgreSQL aborted the transaction, to be retried: {message}")
@@ -90,15 +95,38 @@ def _terminate(raw: Any) -> None:
         pass  # already released or closed: nothing left to drop
 
 
+async def _terminate_after_cancels(raw: Any, pending: list[Any]) -> None:
+    await asyncio.wait(pending, timeout=_CLEANUP_SECONDS)
+    _terminate(raw)
+
+
+def _close_dropped(raw: Any) -> None:  # on the loop's thread
+    # A query cancelled mid-way leaves asyncpg sending PostgreSQL a cancel request (from a task
+    # of its own, over a new connection); terminating the connection first would cancel that
+    # task, and the statement would run on to its end at the server, holding its locks.
+    # `_cancellations` is asyncpg's set of those tasks (private: absent, nothing is waited for).
+    pending = [t for t in getattr(raw, "_cancellations", ()) if not t.done()]
+    if pending:
+        closing = asyncio.ensure_future(_terminate_after_cancels(raw, pending))
+        _closing.add(closing)  # asyncio holds its tasks weakly
+        closing.add_done_callback(_closing.discard)
+    else:
+        _terminate(raw)
+
+
+_closing: set[asyncio.Future[None]] = set()
+
+
 def _drop(raw: Any) -> None:
-    """Close a connection at once without a goodbye (it may be mid-operation).
+    """Close a connection without a goodbye (it may be mid-operation): at once, or as soon as
+    the cancel request of a query cancelled on it has gone out (bounded).
 
     The close runs on the loop's thread (asyncpg objects belong to it); from here on the
     connection counts as closed.
     """
     _dropped.add(raw)
     try:
-        current_aio_loop().loop.call_soon_threadsafe(_terminate, raw)
+        current_aio_loop().loop.call_soon_threadsafe(_close_dropped, raw)
     except RuntimeError:
         pass  # the loop is already closed, and its connections with it
 

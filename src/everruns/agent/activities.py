@@ -217,8 +217,9 @@ async def reason(ctx: ActivityContext, data: Any) -> dict[str, Any]:
     `ReasonReply` dict (``content``, ``tool_calls``, ``model``, ``finish_reason``) out.
 
     Raises:
-        NonRetryableError: unknown provider, missing configuration (e.g. no API key) or a
-            request the service refuses.
+        NonRetryableError: unknown provider, missing or bad configuration (e.g. no API key, an
+            unusable base URL), a request that cannot be sent (the provider raised
+            `InvalidArgument` or `ConfigError`) or one the service refuses.
         EverrunsError: the call failed or took longer than `LLM_CALL_TIMEOUT` (retried).
 
     Cancellation (the turn was cancelled) abandons the call at once.
@@ -233,4 +234,7 @@ async def reason(ctx: ActivityContext, data: Any) -> dict[str, Any]:
             reply = await provider.complete(request)
     except trio.TooSlowError as exc:
         raise EverrunsError(f"the LLM call took longer than {LLM_CALL_TIMEOUT:g} s") from exc
+    except (InvalidArgument, ConfigError) as exc:
+        # Every attempt would fail the same way: a retry cannot help.
+        raise NonRetryableError(f"the LLM request cannot be sent: {exc}") from exc
     return reply.to_dict()

@@ -3,8 +3,11 @@
 The expression comes from a language model, so it is parsed by a small recursive-descent parser
 over exact fractions and never handed to ``eval``: names, attribute access, calls and anything
 else that is not arithmetic are refused with a message that says what was found. Sizes are
-bounded (expression length, nesting depth, exponent and result size) so a hostile expression
-cannot eat the worker's CPU or memory. Pure: no I/O, no clock, no global state.
+bounded (expression length, nesting depth, each literal's exponent, and the size of every
+literal and intermediate result) so a hostile expression cannot eat the worker's CPU or memory,
+and every value it returns is finite and small enough to be written as JSON. Arithmetic that
+cannot be done (division by zero, overflow) is refused as `InvalidArgument`, never raised as
+anything else. Pure: no I/O, no clock, no global state.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ __all__ = ["MAX_EXPRESSION_CHARS", "evaluate", "to_json_number"]
 MAX_EXPRESSION_CHARS = 1000
 MAX_DEPTH = 100
 MAX_RESULT_BITS = 4096
-"""Exact results beyond this size (about 1,200 decimal digits) are refused."""
+"""Exact results beyond this size (about 1,200 decimal digits) are refused, and so are number
+literals beyond it (``1e5000``, ``1e-5000``)."""
 
 Number = Fraction | float
 
@@ -32,6 +36,36 @@ _TOKEN = re.compile(
     r"|(?P<other>\S)"
     r")"
 )
+
+
+_LITERAL = re.compile(r"(?P<whole>\d*)(?:\.(?P<fraction>\d*))?(?:[eE](?P<exponent>[+-]?\d+))?")
+
+
+def _literal(token: str) -> Fraction:
+    """Return the exact value of a number literal, refusing one beyond `MAX_RESULT_BITS`.
+
+    The power of ten is bounded before it is built: ``Fraction("1e99999999")`` would compute
+    10**99999999 (minutes of CPU). With its trailing zeros moved into the exponent, a literal
+    whose power of ten exceeds 10**MAX_RESULT_BITS has a numerator (or denominator) of more
+    than MAX_RESULT_BITS bits, so the bound refuses nothing the size check would accept.
+    """
+    match = _LITERAL.fullmatch(token)
+    if match is None:  # the tokenizer only passes number literals
+        raise InvalidArgument(f"{token[:30]!r} is not a number")
+    fraction = match.group("fraction") or ""
+    digits = match.group("whole") + fraction
+    significant = digits.rstrip("0")
+    if not significant.lstrip("0"):
+        return Fraction(0)
+    shift = int(match.group("exponent") or "0") - len(fraction) + len(digits) - len(significant)
+    too_big = f"the number {token[:30]!r} is too large or too precise to compute exactly"
+    if abs(shift) > MAX_RESULT_BITS:
+        raise InvalidArgument(too_big)
+    mantissa = int(significant)
+    value = Fraction(mantissa * 10**shift) if shift >= 0 else Fraction(mantissa, 10**-shift)
+    if _bits(value) > MAX_RESULT_BITS:
+        raise InvalidArgument(too_big)
+    return value
 
 
 def _tokenize(text: str) -> list[str]:
@@ -82,7 +116,7 @@ class _Parser:
         while self.peek() in ("+", "-"):
             op = self.take()
             right = self.term()
-            value = value + right if op == "+" else value - right
+            value = _check_size(value + right if op == "+" else value - right)
         return value
 
     def term(self) -> Number:
@@ -128,13 +162,17 @@ class _Parser:
             return value
         if token[0].isdigit() or token[0] == ".":
             self.take()
-            return Fraction(token)
+            return _literal(token)
         raise InvalidArgument(f"expected a number or '(' but found {token!r}")
+
+
+def _bits(value: Fraction) -> int:
+    return max(value.numerator.bit_length(), value.denominator.bit_length())
 
 
 def _check_size(value: Number) -> Number:
     if isinstance(value, Fraction):
-        if max(value.numerator.bit_length(), value.denominator.bit_length()) > MAX_RESULT_BITS:
+        if _bits(value) > MAX_RESULT_BITS:
             raise InvalidArgument("the result is too large to compute exactly")
         return value
     if not math.isfinite(value):
@@ -164,14 +202,15 @@ def _power(base: Number, exponent: Number) -> Number:
             if base in (0, 1, -1):
                 return base**n
             # The result's size grows linearly with the exponent: refuse before computing.
-            bits = max(base.numerator.bit_length(), base.denominator.bit_length())
-            if bits * abs(n) > MAX_RESULT_BITS * 2:
+            if _bits(base) * abs(n) > MAX_RESULT_BITS * 2:
                 raise InvalidArgument("the result is too large to compute exactly")
             return _check_size(base**n)
         try:
             return _check_size(base ** float(n))
         except OverflowError as exc:
             raise InvalidArgument("the result is too large (overflow)") from exc
+    if base == 0 and exponent < 0:
+        raise InvalidArgument("zero cannot be raised to a negative power")
     if base < 0:
         raise InvalidArgument("a negative number raised to a fractional power is not real")
     try:
@@ -192,11 +231,13 @@ def evaluate(expression: str) -> Number:
         expression: the text to evaluate.
 
     Returns:
-        A `Fraction` (exact) or a float (after a fractional power).
+        A `Fraction` (exact) of at most `MAX_RESULT_BITS` bits, or a finite float (after a
+        fractional power).
 
     Raises:
         InvalidArgument: the text is empty, too long, not arithmetic (names, other
-            characters), malformed, divides by zero, or its result is too large.
+            characters), malformed, divides by zero, or a number in it or its result (or a
+            step on the way) is too large.
     """
     if not isinstance(expression, str):
         raise InvalidArgument(f"the expression must be a string, got {type(expression).__name__}")
@@ -206,7 +247,12 @@ def evaluate(expression: str) -> Number:
     if not tokens:
         raise InvalidArgument("the expression is empty")
     parser = _Parser(tokens)
-    value = parser.expression()
+    try:
+        value = parser.expression()
+    except ZeroDivisionError as exc:  # e.g. a float step that rounded to zero, then divided
+        raise InvalidArgument("division by zero") from exc
+    except OverflowError as exc:  # a float step meeting an exact value beyond a float's range
+        raise InvalidArgument("the result is too large (overflow)") from exc
     if parser.peek() is not None:
         raise InvalidArgument(f"unexpected {parser.peek()!r} after a complete expression")
     return value

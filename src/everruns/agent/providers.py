@@ -10,17 +10,21 @@ they may do I/O, but they hold no state between calls and never see the API key 
 (it is read from the worker's environment, never recorded in the history).
 
 Errors: a provider raises `NonRetryableError` when repeating the call cannot help (bad request,
-bad credentials) and any other exception (an `EverrunsError` for the network or the service
-failing) when a retry may; the ``reason`` activity's retry policy does the rest.
+bad credentials; `InvalidArgument` and `ConfigError` count as such) and any other exception (an
+`EverrunsError` for the network or the service failing) when a retry may; the ``reason``
+activity's retry policy does the rest. Configuration that cannot work (a key with a stray
+newline, a base URL with a bad port) is refused when the provider is built, before any call.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -186,7 +190,8 @@ class Provider(Protocol):
         """Run one LLM call.
 
         Raises:
-            NonRetryableError: retrying cannot help.
+            NonRetryableError: retrying cannot help (so do `InvalidArgument` and
+                `ConfigError`: the request or the configuration is unusable).
             Exception: anything else is retried by the ``reason`` activity's policy.
         """
         ...
@@ -443,11 +448,59 @@ def to_openai_tools(tools: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+_NON_FINITE = "the arguments hold a number JSON cannot carry (NaN, Infinity or too large)"
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NonFinite(name)
+
+
+def _all_finite(value: Any) -> bool:
+    # Iterative: the arguments may nest as deep as the JSON parser allowed.
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return False
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return True
+
+
+def _tool_arguments(text: Any) -> tuple[dict[str, Any] | None, str]:
+    """Return a tool call's arguments as a JSON object, or None and what is wrong with them.
+
+    NaN, Infinity and numbers beyond a float's range (``1e999``) are refused: JSON cannot carry
+    them, so the ``reason`` activity's result could not be recorded and the turn would fail
+    where the model should be told.
+    """
+    try:
+        arguments = (
+            json.loads(text, parse_constant=_refuse_constant) if isinstance(text, str) else text
+        )
+    except _NonFinite:
+        return None, _NON_FINITE
+    except (ValueError, RecursionError):
+        return None, "the arguments are not a JSON object"
+    if not isinstance(arguments, dict):
+        return None, "the arguments are not a JSON object"
+    if not _all_finite(arguments):
+        return None, _NON_FINITE
+    return arguments, ""
+
+
 def parse_openai_reply(data: Any, *, model: str = "") -> ReasonReply:
     """Read a chat-completions response body (already parsed JSON).
 
-    A tool call whose arguments are not a JSON object is kept with ``error`` set, so the model
-    is told instead of the turn failing.
+    A tool call whose arguments are not a JSON object, or hold a number JSON cannot carry
+    (NaN, Infinity, ``1e999``), is kept with ``error`` set, so the model is told instead of
+    the turn failing.
 
     Raises:
         EverrunsError: the body does not have the chat-completions shape.
@@ -468,21 +521,11 @@ def parse_openai_reply(data: Any, *, model: str = "") -> ReasonReply:
             raise EverrunsError(f"the LLM response has a malformed tool call: {raw!r}"[:300])
         call_id = str(raw.get("id") or f"call_{index}")
         text = function.get("arguments") or "{}"
-        try:
-            arguments = json.loads(text) if isinstance(text, str) else text
-        except ValueError:
-            arguments = None
-        if isinstance(arguments, dict):
+        arguments, problem = _tool_arguments(text)
+        if arguments is not None:
             calls.append(ToolCall(call_id, function["name"], arguments))
         else:
-            calls.append(
-                ToolCall(
-                    call_id,
-                    function["name"],
-                    {},
-                    f"the arguments are not a JSON object: {str(text)[:200]!r}",
-                )
-            )
+            calls.append(ToolCall(call_id, function["name"], {}, f"{problem}: {str(text)[:200]!r}"))
     content = message.get("content")
     return ReasonReply(
         content if isinstance(content, str) else "",
@@ -501,6 +544,39 @@ def _error_detail(response: _http.HttpResponse) -> str:
     except (EverrunsError, KeyError, TypeError):
         pass
     return response.text()[:300]
+
+
+_API_KEY = re.compile(r"[!-~]+")
+"""An API key is printable ASCII without spaces: it is sent as a bearer token in a header."""
+
+
+def _check_base_url(base: str) -> None:
+    """Refuse an ``OPENAI_BASE_URL`` no request could be sent to.
+
+    Raises:
+        ConfigError: it is not ``http(s)://host[:port][/path]`` in printable ASCII.
+    """
+    where = f"OPENAI_BASE_URL={base[:200]!r}"
+    if not base.startswith(("http://", "https://")):
+        raise ConfigError(f"{where} must start with http:// or https://")
+    if not _API_KEY.fullmatch(base):
+        raise ConfigError(
+            f"{where} holds whitespace, control or non-ASCII characters; write international "
+            "host names in their xn-- form"
+        )
+    parts = urlsplit(base)
+    if not parts.hostname:
+        raise ConfigError(f"{where} has no host name")
+    try:
+        parts.port  # noqa: B018 -- reading it validates it
+    except ValueError as exc:
+        raise ConfigError(f"{where} has a bad port; use a number from 1 to 65535") from exc
+    if parts.port == 0:
+        raise ConfigError(f"{where} has a bad port; use a number from 1 to 65535")
+    if parts.query or parts.fragment:
+        raise ConfigError(
+            f"{where} must not have a query or fragment: /chat/completions is appended"
+        )
 
 
 @attrs.frozen
@@ -523,7 +599,9 @@ class OpenAIProvider:
         """Build from ``OPENAI_API_KEY``, ``OPENAI_BASE_URL`` and ``EVERRUNS_MODEL``.
 
         Raises:
-            ConfigError: ``OPENAI_API_KEY`` is not set, or ``OPENAI_BASE_URL`` is not http(s).
+            ConfigError: ``OPENAI_API_KEY`` is not set or holds whitespace, control or
+                non-ASCII characters (the message never shows the key), or
+                ``OPENAI_BASE_URL`` is not an http(s) URL with a host and a valid port.
         """
         env = os.environ if env is None else env
         key = env.get("OPENAI_API_KEY")
@@ -531,9 +609,15 @@ class OpenAIProvider:
             raise ConfigError(
                 "OPENAI_API_KEY is not set on this worker; set it, or use the scripted provider"
             )
+        # Checked here, not when the request is sent: such a key fails every attempt the same
+        # way, and a retry policy must not spend minutes on it.
+        if not _API_KEY.fullmatch(key):
+            raise ConfigError(
+                "OPENAI_API_KEY holds whitespace, control or non-ASCII characters (a trailing "
+                "newline from a file?); set it to the key alone"
+            )
         base = (env.get("OPENAI_BASE_URL") or DEFAULT_OPENAI_BASE_URL).rstrip("/")
-        if not base.startswith(("http://", "https://")):
-            raise ConfigError(f"OPENAI_BASE_URL={base!r} must start with http:// or https://")
+        _check_base_url(base)
         return cls(key, base, env.get("EVERRUNS_MODEL") or DEFAULT_OPENAI_MODEL)
 
     def request_body(self, request: ReasonRequest) -> dict[str, Any]:

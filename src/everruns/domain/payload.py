@@ -85,13 +85,17 @@ def encode_text(value: Any, *, what: str = "payload") -> str:
         PayloadError: ``value`` contains something JSON cannot carry exactly.
     """
     kind = type(value)
-    if kind is int:  # the commonest input and id; JSONEncoder builds its C encoder per call
-        return int.__repr__(value)
-    if kind is bool or value is None:
-        return _SCALARS[value]
-    if not _plain(value):
-        _check(value, what)
-    return _ENCODER.encode(value)
+    try:
+        if kind is int:  # the commonest input and id; JSONEncoder builds its C encoder per call
+            return int.__repr__(value)
+        if kind is bool or value is None:
+            return _SCALARS[value]
+        if not _plain(value):
+            _check(value, what)
+        return _ENCODER.encode(value)
+    except ValueError as exc:  # an int past Python's limit of digits for a conversion to text
+        reason = str(exc).split(";")[0]
+        raise PayloadError(f"{what} cannot be written as JSON: {reason}") from None
 
 
 def encode(value: Any, *, what: str = "payload") -> bytes:

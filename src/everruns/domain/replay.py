@@ -8,20 +8,22 @@ with the same command id. The history is cut into batches at ``workflow_task_com
 the commands each batch issues must equal the command events recorded after its marker, or
 `NonDeterminismError` is raised; the commands issued after the last marker are the result.
 Nothing here performs I/O, reads the clock or uses global randomness; awaiting anything that is
-not a ctx operation stops the replay with `IllegalAwait` instead of hanging.
+not a ctx operation stops the replay with `IllegalAwait` instead of hanging. Workflow code runs
+with the caller's Trio run hidden, so it meets the same refusal whether the replay runs on a
+Trio task or in a thread, and cannot touch the calling task.
 """
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import copy
 import heapq
 import json
+import sys
 import types
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import attrs
 
@@ -126,6 +128,9 @@ class _Driver:
         self.ready: list[int] = []
         self.started = False
         self.ended = False
+        # The first refusal `_TrioTrap` gave workflow code: it ends the replay even if the
+        # code caught it.
+        self.refused: _TrioRefused | None = None
 
     # ------------------------------------------------------------------------- scheduling
 
@@ -175,30 +180,43 @@ class _Driver:
         try:
             yielded = task.coro.send(value) if send else task.coro.throw(value)
         except StopIteration as stop:
+            self._check_refused()
             self._finish(task, stop.value, None)
             return
-        except IllegalAwait:
-            raise  # a bug in the workflow code: fail the workflow task, not the workflow
-        except Exception as exc:
+        except KeyboardInterrupt:
+            raise  # the operator's, not the workflow's
+        except BaseException as exc:
+            # Any other BaseException (SystemExit, GeneratorExit, a custom one) is workflow code
+            # failing like any error: left to escape it would take the worker down, on every
+            # worker that claims the task. No real trio.Cancelled can arrive here: stepping is
+            # synchronous, and Trio delivers a cancellation only to a task blocked in Trio.
+            self._check_refused()
+            if isinstance(exc, IllegalAwait):
+                raise  # a bug in the workflow code: fail the workflow task, not the workflow
             illegal = _illegal_call(self.info, exc)
             if illegal is not None:
                 raise illegal from exc
             self._finish(task, None, exc)
             return
+        self._check_refused()
         if isinstance(yielded, _Wait) and yielded.ctx is self.ctx:
             future = yielded.future
             task.waiting = future
             token = task.token
             future.add_done_callback(lambda f: self._wake(task, token, f))
             return
-        # Close at once: a Trio trap may have entered a cancel scope of the *calling* Trio
-        # task, and it must be exited before anything else runs on that task.
+        # Close at once: the coroutine is stopped at an await nothing will ever answer.
         error = _illegal_yield(self.info, task.coro, yielded)
         _close_quietly(task.coro)
         task.done = True
         raise error
 
-    def _finish(self, task: _Task, value: Any, exc: Exception | None) -> None:
+    def _check_refused(self) -> None:
+        refused = self.refused
+        if refused is not None:
+            raise _illegal_call(self.info, refused) or IllegalAwait(str(refused)) from refused
+
+    def _finish(self, task: _Task, value: Any, exc: BaseException | None) -> None:
         task.done = True
         if exc is None:
             task.future.set_result(value)
@@ -237,12 +255,17 @@ async def _main(workflow_fn: Callable[..., Any], ctx: WorkflowContext, input: An
 
 
 def _close_quietly(coro: Coroutine[Any, Any, Any]) -> None:
-    # Workflow code that raises while being discarded can change nothing any more.
-    with contextlib.suppress(Exception):
+    # Workflow code that raises while being discarded (even SystemExit from a `finally:`) can
+    # change nothing any more; only the operator's Ctrl-C goes on.
+    try:
         coro.close()
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        pass
 
 
-def _terminal_command(value: Any, exc: Exception | None) -> Command:
+def _terminal_command(value: Any, exc: BaseException | None) -> Command:
     if exc is None:
         try:
             exact = _json_value(value)
@@ -372,10 +395,16 @@ def _illegal_yield(info: WorkflowInfo, coro: object, yielded: object) -> Illegal
     )
 
 
-def _illegal_call(info: WorkflowInfo, exc: Exception) -> IllegalAwait | None:
+def _illegal_call(info: WorkflowInfo, exc: BaseException) -> IllegalAwait | None:
     # Outside a running loop trio.sleep/asyncio.sleep fail with RuntimeError before they yield
-    # anything; that is the same bug as awaiting them inside one, so report it the same way.
-    if not isinstance(exc, RuntimeError):
+    # anything, and inside a replay Trio refuses (`_TrioRefused`): the same bug as awaiting them
+    # inside a loop, so report it the same way. A loop's own cancellation (trio.Cancelled,
+    # asyncio.CancelledError) can only come from such a call too.
+    refused = isinstance(exc, _TrioRefused)
+    foreign = not isinstance(exc, Exception) and (
+        _top_package(type(exc).__module__) in _FOREIGN_PACKAGES
+    )
+    if not (refused or foreign or isinstance(exc, RuntimeError)):
         return None
     tb = exc.__traceback__
     previous: types.FrameType | None = None
@@ -392,7 +421,101 @@ def _illegal_call(info: WorkflowInfo, exc: Exception) -> IllegalAwait | None:
             )
         previous = frame
         tb = tb.tb_next
+    if refused or foreign:
+        return IllegalAwait(
+            f"{info.describe()} raised {_type_name(exc)} ({exc}), which only an event loop "
+            "raises: workflow code runs in everruns' deterministic replay driver and may await "
+            f"only what ctx gives it. {_advice('')}"
+        )
     return None
+
+
+class _TrioRefused(BaseException):
+    """What workflow code meets when it reaches for Trio during a replay.
+
+    A BaseException, so that an ``except Exception`` around the call does not take it for an
+    error the workflow can handle; the driver notes it anyway (`_Driver.refused`), so a bare
+    ``except:`` hides nothing either.
+    """
+
+
+class _TrioTrap:
+    """Stands in for Trio's runner and current task while workflow code runs: reading or
+    setting any attribute of them (which every Trio operation does) raises `_TrioRefused`,
+    noted by the driver."""
+
+    __slots__ = ("_driver",)
+    _driver: _Driver
+
+    # What Trio's SIGINT handler reads of the current task, between any two bytecodes of
+    # workflow code: "protected" has it deliver Ctrl-C to the worker at its next checkpoint.
+    _ki_protected = True
+    coro = types.SimpleNamespace(cr_frame=None)
+
+    def __init__(self, driver: _Driver) -> None:
+        object.__setattr__(self, "_driver", driver)
+
+    def _refuse(self, name: str) -> NoReturn:
+        refused = _TrioRefused(f"Trio's run is hidden from workflow code; it asked for {name!r}")
+        if self._driver.refused is None:
+            self._driver.refused = refused
+        raise refused
+
+    def __getattr__(self, name: str) -> NoReturn:
+        self._refuse(name)
+
+    def __setattr__(self, name: str, value: object) -> NoReturn:
+        self._refuse(name)
+
+    def __delattr__(self, name: str) -> NoReturn:
+        self._refuse(name)
+
+
+class _HiddenTrio:
+    """For the length of a ``with``, hide the calling thread's Trio run from workflow code.
+
+    Trio's per-thread run context (its runner and current task) is replaced by `_TrioTrap`s,
+    and the async generator hooks and sniffio name Trio sets are put aside. On a Trio task or in
+    a worker thread, workflow code then sees the same thing: Trio refuses, the driver notes it,
+    and nothing the code does reaches the calling task (a cancel scope entered on it, a
+    checkpoint). Trio is found through ``sys.modules``: the domain does not import it, and a
+    process that has not imported it has no run to hide.
+    """
+
+    __slots__ = ("_driver", "_hooks", "_saved", "_sniffio", "_sniffio_name", "_state")
+
+    def __init__(self, driver: _Driver) -> None:
+        self._driver = driver
+        self._hooks: Any = None
+        self._sniffio: Any = None
+        self._sniffio_name: str | None = None
+        self._state: dict[str, Any] | None = None
+        self._saved: dict[str, Any] = {}
+
+    def __enter__(self) -> None:
+        # Trio's hooks would adopt the workflow's async generators and later finalise them
+        # in a Trio task; without hooks they are closed as in any thread.
+        self._hooks = sys.get_asyncgen_hooks()
+        sys.set_asyncgen_hooks(None, None)
+        sniffio = getattr(sys.modules.get("sniffio"), "thread_local", None)
+        if sniffio is not None:
+            self._sniffio, self._sniffio_name = sniffio, sniffio.name
+            sniffio.name = None
+        run_context = getattr(sys.modules.get("trio._core._run"), "GLOBAL_RUN_CONTEXT", None)
+        state = getattr(run_context, "__dict__", None)  # this thread's
+        if isinstance(state, dict):
+            self._state, self._saved = state, dict(state)
+            trap = _TrioTrap(self._driver)
+            state.clear()
+            state.update(runner=trap, task=trap)
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._state is not None:
+            self._state.clear()
+            self._state.update(self._saved)
+        if self._sniffio is not None:
+            self._sniffio.name = self._sniffio_name
+        sys.set_asyncgen_hooks(*self._hooks)
 
 
 # --------------------------------------------------------------------------------- batching
@@ -560,7 +683,8 @@ def replay(
     Returns:
         The `ReplayResult`. A workflow that returns gives `CompleteWorkflow` (a result that is
         not exact JSON gives `FailWorkflow` with a `PayloadError`), one that lets
-        `WorkflowCancelled` escape gives `CancelWorkflow`, any other exception
+        `WorkflowCancelled` escape gives `CancelWorkflow`, any other exception (a
+        BaseException such as SystemExit too; only KeyboardInterrupt propagates)
         `FailWorkflow` with ``non_retryable`` true.
 
     Raises:
@@ -568,7 +692,9 @@ def replay(
             the code never issued, or the history is malformed (gaps, no ``workflow_started``
             first, unknown event types).
         IllegalAwait: workflow code awaited (or called) something from an event loop library,
-            or an object that is not a ctx awaitable.
+            or an object that is not a ctx awaitable. Trio's run is hidden from workflow code,
+            on a Trio task as in a thread: any use of it is refused, and ends the replay even
+            when the code catches the refusal.
         InvalidArgument: ``now`` is naive or ``workflow_fn`` is not callable.
     """
     replayer = Replayer(workflow_fn, info=info, registry=registry)
@@ -712,7 +838,8 @@ class Replayer:
         *,
         continuing: bool = False,
     ) -> ReplayResult:
-        return self._context.run(self._run_batches, batches, now, last, continuing)
+        with _HiddenTrio(self._driver):
+            return self._context.run(self._run_batches, batches, now, last, continuing)
 
     def _run_batches(
         self, batches: list[_Batch], now: datetime, last: int, continuing: bool
@@ -747,7 +874,8 @@ class Replayer:
         """Unwind the workflow's coroutines now (idempotent)."""
         if not self._closed:
             self._closed = True
-            self._context.run(self._driver.close)
+            with _HiddenTrio(self._driver):
+                self._context.run(self._driver.close)
 
 
 @attrs.frozen

@@ -1,0 +1,54 @@
+"""How the adapter's errors become everruns errors: what the database's or the connection's
+state causes is UNAVAILABLE (callers retry it), what the request causes is its own error."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+
+from everruns._aio.pg import map_pg_error
+from everruns.errors import AlreadyExists, DatabaseError, DatabaseUnavailable, InvalidArgument
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        # the database's state: transient, retried by workers and clients
+        (asyncpg.exceptions.DeadlockDetectedError, DatabaseUnavailable),
+        (asyncpg.exceptions.SerializationError, DatabaseUnavailable),
+        (asyncpg.exceptions.TooManyConnectionsError, DatabaseUnavailable),
+        (asyncpg.exceptions.OutOfMemoryError, DatabaseUnavailable),
+        (asyncpg.exceptions.DiskFullError, DatabaseUnavailable),
+        (asyncpg.exceptions.CannotConnectNowError, DatabaseUnavailable),
+        # the request's: not retried
+        (asyncpg.exceptions.UniqueViolationError, AlreadyExists),
+        (asyncpg.exceptions.CheckViolationError, InvalidArgument),
+        (asyncpg.exceptions.DivisionByZeroError, DatabaseError),
+    ],
+)
+def test_postgres_errors_map_to_what_callers_should_do(
+    error: type[Exception], expected: type[Exception]
+) -> None:
+    """Deadlocks, serialization failures and a lack of resources (too many connections, no
+    memory, a full disk) were INTERNAL, which clients do not retry; they are UNAVAILABLE now."""
+    mapped = map_pg_error(error("boom"))
+    assert type(mapped) is expected
+    assert "boom" in str(mapped)
+
+
+def test_a_broken_stream_or_a_reply_that_does_not_decode_is_an_everruns_error() -> None:
+    """`RpcChannel.unary` turns what a call can fail with into everruns errors: an HTTP/2
+    stream closed under a write is ServerUnavailable (retried), a reply that does not decode
+    is RpcError; both escaped as raw h2/wire exceptions before."""
+    import h2.exceptions
+
+    from everruns._aio import grpc
+    from everruns._aio.wire import WireError
+    from everruns.errors import RpcError, ServerUnavailable
+
+    closed = h2.exceptions.StreamClosedError(3)
+    malformed = WireError("truncated varint")
+    assert isinstance(closed, grpc._CALL_ERRORS) and isinstance(malformed, grpc._CALL_ERRORS)
+    assert type(grpc._to_everruns_error(closed, "describe")) is ServerUnavailable
+    mapped = grpc._to_everruns_error(malformed, "describe")
+    assert type(mapped) is RpcError and "truncated varint" in str(mapped)
