@@ -68,6 +68,8 @@ RETRY_DELAYS: tuple[float, ...] = (0.1, 0.4, 1.2)
 RPC_TIMEOUT = 30.0
 # Long-poll budget of one AwaitResult: short enough that proxies keep the stream open.
 AWAIT_POLL_SECONDS = 20.0
+# How long past a caller's timeout a poll under way may still answer.
+LATE_REPLY_SECONDS = 5.0
 # The largest page a listing may ask for: the wire's int32 is far larger (and wraps past it), the
 # control plane returns at most this many events per page and fewer runs or dead letters.
 MAX_PAGE_SIZE = 10_000
@@ -507,7 +509,9 @@ class WorkflowHandle:
         Args:
             timeout: seconds to wait in all; None waits as long as it takes. At least one poll
                 is made and its reply decides, so 0 returns the result of a run that has
-                already ended and raises TimeoutError for an open one.
+                already ended and raises TimeoutError for an open one; a reply under way at the
+                deadline gets `LATE_REPLY_SECONDS` more (then the control plane counts as
+                unavailable).
 
         Returns:
             The workflow's result (decoded JSON).
@@ -529,13 +533,15 @@ class WorkflowHandle:
         deadline = math.inf if timeout is None else trio.current_time() + timeout
         while True:
             # Each poll asks the server to answer by the deadline, and its reply is awaited even
-            # when it arrives a little after: cancelling it could hide a run that has ended.
+            # when it arrives a little after (cancelling it could hide a run that has ended),
+            # for at most LATE_REPLY_SECONDS when the caller set a timeout.
             wait_s = max(0.0, min(AWAIT_POLL_SECONDS, deadline - trio.current_time()))
+            late = RPC_TIMEOUT if timeout is None else LATE_REPLY_SECONDS
             reply = await self._client._call(
                 self._client._stub.await_result,
                 pb.AwaitResultRequest(workflow_id=self.workflow_id, run_id=run_id, wait_s=wait_s),
                 retry=True,
-                timeout=wait_s + RPC_TIMEOUT,
+                timeout=wait_s + late,
                 retry_until=deadline,
             )
             description = WorkflowDescription.from_proto(reply.workflow)

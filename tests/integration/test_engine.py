@@ -2255,3 +2255,5 @@ async def test_a_start_request_sent_again_returns_its_run_even_once_it_has_ended
             assert list(reply.packed_created) == [0, 0]
             total = await pool.fetchval("SELECT count(*) FROM durable_workflow_instances")
             assert total == 5  # pay-1 twice, pay-2, b-1, b-2
+            with pytest.raises(InvalidArgument, match="request_ids must not name one request"):
+                await p.channel.unary(p.workflows.start_workflows, batch(["k-c", "k-c"]))

@@ -385,3 +385,82 @@ async def test_a_failure_is_recorded_whatever_retry_policy_its_task_was_written_
             )
         assert outcome.will_retry
         assert 0 < outcome.delay <= MAX_SECONDS
+
+
+async def test_an_activity_whose_cancellation_was_requested_ends_as_cancelled_in_history(
+    database_url: str,
+) -> None:
+    """The run is cancelled (still open: its code has not seen the request yet) while its
+    activity runs; the attempt then times out. The task is cancelled, not retried, and the
+    history says so (activity_cancelled: the workflow code sees ActivityCancelled), not that
+    the activity failed for good (activity_timed_out without a retry: ActivityError)."""
+    with trio.fail_after(30):
+        async with plane(database_url, reclaim_interval=0.5) as p:
+            wid = await p.start("slowwf", 1)
+            await p.drive(slow_one, "slowwf")
+            await p.poll(act=["slow"])
+            await p.channel.unary(
+                p.workflows.cancel_workflow,
+                pb.CancelWorkflowRequest(workflow_id=wid, reason="stop"),
+            )
+            await trio.sleep(2.5)  # start-to-close (1 s) expires; the due scanner acts
+            reply = await p.channel.unary(
+                p.workflows.get_history, pb.GetHistoryRequest(workflow_id=wid)
+            )
+            ends = [
+                (e.type, json.loads(e.data or b"{}").get("will_retry"))
+                for e in reply.events
+                if e.type.startswith("activity_")
+                and e.type
+                not in ("activity_scheduled", "activity_started", "activity_cancel_requested")
+            ]
+            assert ends == [("activity_cancelled", None)], ends
+
+
+async def test_reclaiming_a_workflow_task_while_a_signal_makes_another_pending(
+    store: Store,
+) -> None:
+    """A signal's transaction has made a second workflow task of the run pending and not
+    committed yet when the first one's release looks: the release, which cannot see it,
+    waits on the unique index of pending workflow tasks and meets a unique violation when the
+    signal commits. It runs in a savepoint and then closes the task as superseded, instead of
+    failing the whole reclaimer round (or release_worker)."""
+
+    with trio.fail_after(20):
+        run = await _run(store)
+        async with store.transaction() as conn:
+            await store.append_events(conn, run, [NewEvent("workflow_started", {})])
+            await store.ensure_workflow_task(conn, run)
+        (task,), _, _ = await store.claim_tasks_fast("w1", workflow_types=["checkout"], limit=1)
+        await _age_heartbeats(store.pool, 60)
+        signal_pending = trio.Event()
+        commit_signal = trio.Event()
+        failure: list[BaseException] = []
+
+        async def signal() -> None:
+            async with store.transaction() as conn:
+                locked = await store.lock_run(conn, run.run_id)
+                await store.append_events(conn, locked, [NewEvent("signal_received", {})])
+                assert await store.ensure_workflow_task(conn, locked)
+                signal_pending.set()
+                await commit_signal.wait()
+
+        async def reclaim() -> None:
+            await signal_pending.wait()
+            try:
+                async with store.transaction() as conn:
+                    await store.reclaim_stale(conn, stale_after=30)
+            except Exception as exc:
+                failure.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(signal)
+            nursery.start_soon(reclaim)
+            await signal_pending.wait()
+            await trio.sleep(0.5)  # the release now waits on the signal's index entry
+            commit_signal.set()
+        assert failure == [], failure
+        status = await store.pool.fetchval(
+            "SELECT status FROM durable_task_queue WHERE id = $1", task.task_id
+        )
+        assert status == "completed"

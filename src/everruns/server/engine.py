@@ -51,7 +51,15 @@ from everruns.server.claims import ClaimGroups
 from everruns.server.config import ServerConfig
 from everruns.server.notifier import Notifier, TaskInterest
 from everruns.store.models import StoredEvent, Task, WorkflowRun
-from everruns.store.store import Decision, DecisionAhead, NewEvent, NewTask, RunEnd, Store
+from everruns.store.store import (
+    Decision,
+    DecisionAhead,
+    FailOutcome,
+    NewEvent,
+    NewTask,
+    RunEnd,
+    Store,
+)
 
 __all__ = ["ClaimedTask", "Engine", "StartRequest", "StartedRun"]
 
@@ -1255,7 +1263,10 @@ class Engine:
                 await self._breaker_failure(conn, task)
             events = [
                 ev.activity_started(task.activity_id, task.attempt, worker_id),
-                ev.activity_failed(task.activity_id, error, task.attempt, outcome.will_retry),
+                _attempt_end(
+                    outcome,
+                    ev.activity_failed(task.activity_id, error, task.attempt, outcome.will_retry),
+                ),
             ]
             await self._record(conn, task, events, wake=not outcome.will_retry)
         return outcome.will_retry, outcome.delay
@@ -1293,15 +1304,11 @@ class Engine:
                 error = {"type": "WorkerLost", "message": reason, "non_retryable": False}
                 outcome = await self.store.release_task(conn, task, error)
                 if task.kind == "activity" and task.activity_id is not None:
+                    failed = ev.activity_failed(
+                        task.activity_id, error, task.attempt, outcome.will_retry
+                    )
                     await self._record(
-                        conn,
-                        task,
-                        [
-                            ev.activity_failed(
-                                task.activity_id, error, task.attempt, outcome.will_retry
-                            )
-                        ],
-                        wake=not outcome.will_retry,
+                        conn, task, [_attempt_end(outcome, failed)], wake=not outcome.will_retry
                     )
         if tasks:
             log.warning("released %d task(s) of worker %s: %s", len(tasks), worker_id, reason)
@@ -1317,15 +1324,10 @@ class Engine:
                 event = ev.activity_timed_out(
                     task.activity_id, "heartbeat", task.attempt, outcome.will_retry
                 )
-                await self._record(conn, task, [event], wake=not outcome.will_retry)
-            verdict = (
-                "dead-lettered"
-                if outcome.dead_letter
-                else "released"
-                if outcome.will_retry
-                else f"closed ({outcome.task.status})"
-            )
-            log.warning("stale task %s (%s) %s", task.task_id, task.type_name, verdict)
+                await self._record(
+                    conn, task, [_attempt_end(outcome, event)], wake=not outcome.will_retry
+                )
+            log.warning("stale task %s (%s): %s", task.task_id, task.type_name, outcome.verdict)
         return len(outcomes)
 
     async def enforce_timeouts(self) -> int:
@@ -1360,14 +1362,16 @@ class Engine:
                 event = ev.activity_timed_out(
                     task.activity_id, kind, outcome.task.attempt, outcome.will_retry
                 )
-                await self._record(conn, task, [event], wake=not outcome.will_retry)
+                await self._record(
+                    conn, task, [_attempt_end(outcome, event)], wake=not outcome.will_retry
+                )
                 log.warning(
-                    "activity %s of workflow %s: %s timeout (attempt %d%s)",
+                    "activity %s of workflow %s: %s timeout (attempt %d, %s)",
                     task.type_name,
                     task.workflow_id,
                     kind,
                     outcome.task.attempt,
-                    ", will retry" if outcome.will_retry else ", dead-lettered",
+                    outcome.verdict,
                 )
         return len(tasks)
 
@@ -1407,6 +1411,17 @@ class Engine:
             fired += len(due)
             if len(due) < 200:
                 return fired
+
+
+def _attempt_end(outcome: FailOutcome, event: dict[str, Any]) -> dict[str, Any]:
+    """The event that ends an activity's attempt: ``event`` (its failure or timeout), or
+    ``activity_cancelled`` when the task was cancelled instead of retried (its cancellation
+    had been requested), so that the workflow sees ActivityCancelled, as when the holder
+    reports the cancellation itself."""
+    activity_id = outcome.task.activity_id
+    if outcome.cancelled and activity_id is not None:
+        return ev.activity_cancelled(activity_id)
+    return event
 
 
 @attrs.define

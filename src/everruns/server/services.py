@@ -669,6 +669,9 @@ def _columnar_starts(request: pb.StartWorkflowsRequest) -> list[StartRequest]:
         raise InvalidArgument(
             f"request_ids has {len(request.request_ids)} entries for {count} starts"
         )
+    keys = [key for key in request.request_ids if key]
+    if len(set(keys)) != len(keys):
+        raise InvalidArgument("request_ids must not name one request twice")
     run_ids = [request_run_id(key) for key in request.request_ids]
     run_ids += [None] * (count - len(run_ids))
     return list(

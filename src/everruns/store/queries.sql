@@ -499,6 +499,14 @@ UPDATE durable_circuit_breaker_state
 SET probes_in_flight = greatest(probes_in_flight - 1, 0), updated_at = now()
 WHERE key = $1 AND state = 'half_open';
 
+-- name: close_superseded_task
+-- Close a claimed workflow task ($2 its lease) whose run got another one pending meanwhile
+-- (which replays the same history).
+UPDATE durable_task_queue
+SET status = 'completed', claimed_by = NULL, completed_at = now(), updated_at = now()
+WHERE id = $1 AND lease_token = $2 AND claimed_by IS NOT NULL
+RETURNING *;
+
 -- name: unclaim_task
 -- Undo a claim that must not stand (a half-open breaker had no probe slot left): the task goes
 -- back as it was, and its attempt is not charged.

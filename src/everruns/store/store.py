@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import attrs
 
@@ -24,6 +25,7 @@ from everruns.domain.limits import MAX_SECONDS
 from everruns.domain.payload import encode_text
 from everruns.domain.retry import RetryPolicy, decide_retry
 from everruns.errors import (
+    AlreadyExists,
     ConcurrencyConflict,
     FailedPrecondition,
     NotFound,
@@ -40,6 +42,8 @@ from everruns.store.models import (
 from everruns.store.queries import QUERIES as Q
 
 __all__ = ["Decision", "DecisionAhead", "FailOutcome", "NewEvent", "NewTask", "Store"]
+
+T = TypeVar("T")
 
 CHANNEL_TASKS = "everruns_tasks"
 CHANNEL_CANCEL = "everruns_cancel"
@@ -199,6 +203,20 @@ class FailOutcome:
     will_retry: bool
     delay: float
     dead_letter: DeadLetter | None
+
+    @property
+    def cancelled(self) -> bool:
+        """The task was cancelled instead of retried (its cancellation had been requested)."""
+        return self.task.status == "cancelled"
+
+    @property
+    def verdict(self) -> str:
+        """What became of the task, for logs."""
+        if self.will_retry:
+            return "will retry"
+        if self.dead_letter is not None:
+            return "dead-lettered"
+        return "cancelled" if self.cancelled else f"closed ({self.task.status})"
 
 
 def _stored_policy(stored: dict[str, Any]) -> RetryPolicy:
@@ -922,7 +940,9 @@ class Store:
         if task.kind == "activity" and task.attempt >= task.max_attempts:
             dead_task, letter = await self._kill(conn, task, entry)
             return FailOutcome(dead_task, False, 0.0, letter)
-        row = await conn.fetchrow(Q["release_task"], task.task_id, encode_text(entry))
+        row = await self._unless_superseded(
+            conn, task, partial(conn.fetchrow, Q["release_task"], task.task_id, encode_text(entry))
+        )
         assert row is not None
         released = Task.from_row(row)
         if released.status != "pending":
@@ -1293,8 +1313,26 @@ class Store:
 
     async def unclaim(self, conn: Connection, task: Task) -> None:
         """Return a just-claimed task to the queue without charging its attempt."""
-        await conn.execute(Q["unclaim_task"], task.task_id, task.lease_token)
+        await self._unless_superseded(
+            conn, task, partial(conn.execute, Q["unclaim_task"], task.task_id, task.lease_token)
+        )
         await self.notify(conn, CHANNEL_TASKS, f"{task.kind}:{task.type_name}")
+
+    async def _unless_superseded(
+        self, conn: Connection, task: Task, statement: Callable[[], Awaitable[T]]
+    ) -> T | Row | None:
+        """Run ``statement``, which makes the claimed ``task`` pending again (or closes a
+        workflow task whose run has another one pending), in a savepoint when ``task`` is a
+        workflow task: another transaction (a signal's) may have made a workflow task of the
+        run pending and not committed yet, which the statement sees only as a unique violation
+        once it commits. The task is then closed, as superseded, and its row returned."""
+        if task.kind != "workflow":
+            return await statement()
+        try:
+            async with conn.transaction():  # a savepoint
+                return await statement()
+        except AlreadyExists:
+            return await conn.fetchrow(Q["close_superseded_task"], task.task_id, task.lease_token)
 
     async def get_breaker(self, key: str) -> breaker_math.BreakerState:
         """A breaker's state (closed if it has never seen a failure)."""
