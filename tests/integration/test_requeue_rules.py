@@ -126,18 +126,24 @@ async def slow_one(ctx: Any, input: Any) -> Any:
     )
 
 
+async def _cancel_while_its_activity_runs(p: Any) -> str:
+    """Start a run of `slow_one`, claim its activity (whose holder then never answers) and ask
+    for the run's cancellation; returns the workflow id."""
+    wid: str = await p.start("slowwf", 1)
+    await p.drive(slow_one, "slowwf")
+    await p.poll(act=["slow"])
+    await p.channel.unary(
+        p.workflows.cancel_workflow, pb.CancelWorkflowRequest(workflow_id=wid, reason="stop")
+    )
+    return wid
+
+
 async def test_an_activity_of_a_cancelled_run_is_not_retried_after_its_timeout(
     database_url: str,
 ) -> None:
     with trio.fail_after(30):
         async with plane(database_url, reclaim_interval=0.5) as p:
-            wid = await p.start("slowwf", 1)
-            await p.drive(slow_one, "slowwf")
-            await p.poll(act=["slow"])
-            await p.channel.unary(
-                p.workflows.cancel_workflow,
-                pb.CancelWorkflowRequest(workflow_id=wid, reason="stop"),
-            )
+            wid = await _cancel_while_its_activity_runs(p)
             await p.drive(slow_one, "slowwf")  # the code sees the cancel and ends
             assert (await p.describe(wid)).status == "cancelled"
             # The holder never answers (it hangs); its start-to-close timeout expires 1 s
@@ -396,24 +402,20 @@ async def test_an_activity_whose_cancellation_was_requested_ends_as_cancelled_in
     the activity failed for good (activity_timed_out without a retry: ActivityError)."""
     with trio.fail_after(30):
         async with plane(database_url, reclaim_interval=0.5) as p:
-            wid = await p.start("slowwf", 1)
-            await p.drive(slow_one, "slowwf")
-            await p.poll(act=["slow"])
-            await p.channel.unary(
-                p.workflows.cancel_workflow,
-                pb.CancelWorkflowRequest(workflow_id=wid, reason="stop"),
-            )
-            await trio.sleep(2.5)  # start-to-close (1 s) expires; the due scanner acts
-            reply = await p.channel.unary(
-                p.workflows.get_history, pb.GetHistoryRequest(workflow_id=wid)
-            )
-            ends = [
-                (e.type, json.loads(e.data or b"{}").get("will_retry"))
-                for e in reply.events
-                if e.type.startswith("activity_")
-                and e.type
-                not in ("activity_scheduled", "activity_started", "activity_cancel_requested")
-            ]
+            wid = await _cancel_while_its_activity_runs(p)
+            ends: list[tuple[str, Any]] = []
+            while not ends:  # start-to-close (1 s) expires; the due scanner acts
+                await trio.sleep(0.1)
+                reply = await p.channel.unary(
+                    p.workflows.get_history, pb.GetHistoryRequest(workflow_id=wid)
+                )
+                ends = [
+                    (e.type, json.loads(e.data or b"{}").get("will_retry"))
+                    for e in reply.events
+                    if e.type.startswith("activity_")
+                    and e.type
+                    not in ("activity_scheduled", "activity_started", "activity_cancel_requested")
+                ]
             assert ends == [("activity_cancelled", None)], ends
 
 
