@@ -164,6 +164,7 @@ class FakeControlPlane:
         return pb.FailWorkflowTaskResponse()
 
     async def stream_cancellations(self, request: Any, send: Callable[[Any], Any]) -> None:
+        await send(pb.Cancellation(keepalive=True))  # as the control plane does at once
         async for cancellation in self.cancel_recv:
             await send(cancellation)
 
@@ -1130,3 +1131,38 @@ async def test_shutdown_releases_a_running_activity_to_another_worker(database_u
     assert done.status == "completed"
     assert payload.decode(done.result) == "attempt 2"
     assert runs == ["1", "1"]
+
+
+class _LateStream(FakeControlPlane):
+    """Opens the cancellation stream (its first keepalive) only when told to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open_stream = trio.Event()
+
+    async def stream_cancellations(self, request: Any, send: Callable[[Any], Any]) -> None:
+        await self.open_stream.wait()
+        await super().stream_cancellations(request, send)
+
+
+async def test_a_worker_claims_only_once_the_control_plane_follows_its_connection() -> None:
+    """A worker asks for tasks only after its cancellation stream has delivered its first
+    message: the control plane then follows its connection, and a worker that dies right
+    after its first claim has its tasks released at once, not 30 s later by the
+    stale-heartbeat rule (which happened when a poison activity killed a worker before its
+    stream was open)."""
+    reg = Registry()
+
+    @activity(registry=reg)
+    async def quick(ctx: ActivityContext, _: Any) -> str:
+        return "quick"
+
+    fake = _LateStream()
+    with trio.fail_after(15):
+        async with fake_control_plane(fake) as port, trio.open_nursery() as nursery:
+            nursery.start_soon(make_worker(reg, port).run)
+            await trio.sleep(0.5)
+            assert fake.polls == [], "the worker claimed before its stream was open"
+            fake.open_stream.set()
+            await fake.wait_for(lambda: bool(fake.polls))
+            nursery.cancel_scope.cancel()

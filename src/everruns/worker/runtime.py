@@ -91,6 +91,8 @@ replay (workflow code orchestrates; its heavy work belongs in activities)."""
 STREAM_SILENCE_LIMIT = 60.0
 """The cancellation stream carries keepalives; silent this long, it is presumed dead and
 reopened."""
+STREAM_OPEN_WAIT = 5.0
+"""How long a new worker waits for its cancellation stream to open before it claims anyway."""
 _EARLY_CANCELS = 256
 KEPT_REPLAYS = 1000
 """Runs whose replay a worker keeps open for their next workflow task (least recently used
@@ -362,6 +364,7 @@ class Worker:
         self._running: dict[str, _RunningTask] = {}
         self._early_cancels: OrderedDict[tuple[str, int], str] = OrderedDict()
         self._drain_requested = trio.Event()
+        self._stream_open = trio.Event()  # the cancellation stream has delivered a message
         self._heartbeat_wakeup = trio.Event()
         self._heartbeat_interval = DEFAULT_HEARTBEAT_INTERVAL
         self._registering: trio.CancelScope | None = None
@@ -477,6 +480,11 @@ class Worker:
                 # goodbye below: its drop is what makes the control plane mark us lost.
                 stream_scope = trio.CancelScope(shield=True)
                 services.start_soon(self._cancellation_loop, stream_scope)
+                # Claim only once the control plane follows the worker's connection (its first
+                # message on the stream): a worker that dies right after its first claim then
+                # has its tasks released at once, not by the stale-heartbeat rule 30 s later.
+                with trio.move_on_after(STREAM_OPEN_WAIT):
+                    await self._stream_open.wait()
                 try:
                     with trio.CancelScope() as tasks_scope:
                         async with trio.open_nursery() as tasks:
@@ -661,6 +669,7 @@ class Worker:
                     async with aclosing(stream):
                         async for message in stream:
                             watchdog.deadline = trio.current_time() + STREAM_SILENCE_LIMIT
+                            self._stream_open.set()
                             backoff.reset()
                             if not message.keepalive:
                                 self._dispatch_cancel(
