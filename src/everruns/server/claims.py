@@ -25,7 +25,16 @@ import trio
 
 from everruns.errors import DatabaseUnavailable
 
-__all__ = ["ClaimGroups"]
+__all__ = ["CLAIM_LIMIT_SECONDS", "ClaimGroups", "claim_overran"]
+
+CLAIM_LIMIT_SECONDS = 10.0
+"""The longest a claim, shielded once it has begun, may take."""
+
+
+def claim_overran(limit_s: float) -> DatabaseUnavailable:
+    """The error of a claim that took longer than ``limit_s`` and was cut off."""
+    return DatabaseUnavailable(f"a claim took longer than {limit_s:g} s; nothing was handed out")
+
 
 Key = TypeVar("Key", bound=Hashable)
 Claimed = TypeVar("Claimed")
@@ -64,7 +73,9 @@ class ClaimGroups(Generic[Key, Claimed, Extra]):
         limit_s: the longest a claim may take once the group is formed.
     """
 
-    def __init__(self, claim: Claim[Key, Claimed, Extra], *, limit_s: float = 10.0) -> None:
+    def __init__(
+        self, claim: Claim[Key, Claimed, Extra], *, limit_s: float = CLAIM_LIMIT_SECONDS
+    ) -> None:
         self._claim = claim
         self._limit_s = limit_s
         self._forming: dict[Key, _Group[Claimed, Extra]] = {}
@@ -119,9 +130,7 @@ class ClaimGroups(Generic[Key, Claimed, Extra]):
                     m.claimed = claimed[start : start + m.limit]
                     start += m.limit
             if scope.cancelled_caught:
-                group.error = DatabaseUnavailable(
-                    f"a claim took longer than {self._limit_s:g} s; nothing was handed out"
-                )
+                group.error = claim_overran(self._limit_s)
         except Exception as exc:
             group.error = exc
         finally:

@@ -41,13 +41,12 @@ from everruns.domain.replay import continues_decision
 from everruns.domain.retry import RetryPolicy
 from everruns.errors import (
     DatabaseError,
-    DatabaseUnavailable,
     EverrunsError,
     FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
 )
-from everruns.server.claims import ClaimGroups
+from everruns.server.claims import CLAIM_LIMIT_SECONDS, ClaimGroups, claim_overran
 from everruns.server.config import ServerConfig
 from everruns.server.notifier import Notifier, TaskInterest
 from everruns.store.models import StoredEvent, Task, WorkflowRun
@@ -70,7 +69,6 @@ START_STATEMENT_ROWS = 500
 side (at 1,000 starts on PostgreSQL 15 here, two statements of 500 at once took 73-94 ms
 against 127-145 ms for one of 1,000)."""
 START_STATEMENTS_AT_ONCE = 4
-_CLAIM_SECONDS = 10.0  # the most a claim, shielded once begun, may take
 _GIVE_BACK_SECONDS = 5.0  # bounded cleanup: tasks handed to a poll that left go back
 
 # Events after a workflow task's view of the history that make its commands stale: new input
@@ -486,12 +484,10 @@ class Engine:
             # A claim that has begun finishes, and its tasks are handed out: cancelled midway
             # (the poll's wait ending, say), it could commit and hand nothing out, leaving its
             # tasks claimed by a worker that never heard of them until stale reclamation.
-            with trio.move_on_after(_CLAIM_SECONDS, shield=True) as scope:
+            with trio.move_on_after(CLAIM_LIMIT_SECONDS, shield=True) as scope:
                 claimed, more = await self._claim(worker_id, workflow_types, activity_types, limit)
             if scope.cancelled_caught:
-                raise DatabaseUnavailable(
-                    f"a claim took longer than {_CLAIM_SECONDS:g} s; nothing was handed out"
-                )
+                raise claim_overran(CLAIM_LIMIT_SECONDS)
             drained = not more
         finally:
             self.notifier.claim_ended(stamps, drained=drained, claimer=interest)
