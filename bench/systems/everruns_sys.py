@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,7 @@ from bench.common import (
     percentile,
     write_result,
 )
+from bench.everruns_activities import FIRST_RUNS_ENV
 from bench.workloads import BY_KEY, Sizes
 from everruns.client import Client
 from everruns.errors import WorkflowFailed
@@ -322,10 +324,14 @@ class Bench:
         self.latency_figures("cancel", latencies, sizes.count)
 
     async def w6(self, client: Client) -> None:
+        with tempfile.TemporaryDirectory(prefix="bench-w6-") as marks:
+            await self._w6(client, {FIRST_RUNS_ENV: marks})
+
+    async def _w6(self, client: Client, env: dict[str, str]) -> None:
         sizes = self.sizes
         workers = {}
         for _ in range(2):
-            w = await self.start_worker([ALL_TASKS])
+            w = await self.start_worker([ALL_TASKS], env)
             workers[w.pid] = w
         recoveries: list[float] = []
         t_end = time.monotonic() + sizes.cap_s
@@ -339,7 +345,7 @@ class Bench:
                 raise BenchError(f"the activity ran in pid {first.pid}, not a known worker")
             killed = time.time()
             os.kill(victim.pid, signal.SIGKILL)
-            replacement = self.spawn_worker([ALL_TASKS])
+            replacement = self.spawn_worker([ALL_TASKS], env)
             again = await self.wait_signal(
                 signals.matching("start", tag_prefix=f"{i}:", not_pid=victim.pid), 45.0
             )

@@ -770,10 +770,12 @@ async def test_a_healthy_long_activity_survives_a_short_stale_limit(
 async def test_a_task_that_kills_its_workers_ends_in_the_dead_letter_queue(
     database_url: str, tmp_path: Path, pool: Pool
 ) -> None:
-    """A poison activity ``kill -9``s every worker that runs it. Each death is seen as a
-    dropped connection, releases the task and counts the attempt; after max_attempts=3 it is a
-    dead letter instead of a loop, the workflow catches the failure, and the killed workers are
-    ``lost`` in ``durable_workers``."""
+    """A poison activity ``kill -9``s every worker that runs it. The first worker starts it
+    ahead of its decision, which is never applied: that run counts no attempt, and the
+    workflow task, handed out again, starts nothing ahead. From then on each death is seen as
+    a dropped connection, releases the task and counts the attempt; after max_attempts=3 it is
+    a dead letter instead of a loop, the workflow catches the failure, and the killed workers
+    are ``lost`` in ``durable_workers``."""
     spec = {"steps": [step("kill_own_worker", "poison", retry=retry(3, 0.1))]}
     with trio.fail_after(60):
         async with open_cluster(database_url, tmp_path / "run") as cluster:
@@ -783,9 +785,9 @@ async def test_a_task_that_kills_its_workers_ends_in_the_dead_letter_queue(
                 handle = await client.start_workflow(
                     workflows.run_steps, spec, workflow_id="poison"
                 )
-                for n in (1, 2, 3):
+                for n in (1, 2, 3, 4):
                     assert await victim.wait() == -9, victim.tail()
-                    if n < 3:
+                    if n < 4:
                         victim = await cluster.start_worker(f"victim-{n + 1}")
 
                 async def dead() -> bool:
@@ -803,9 +805,10 @@ async def test_a_task_that_kills_its_workers_ends_in_the_dead_letter_queue(
             assert (outcome["error_type"], outcome["attempt"]) == ("WorkerLost", 3)
             runs = logged(cluster, "start", activity="kill_own_worker")
             assert [(r.worker, r.attempt) for r in runs] == [
-                ("victim-1", 1),
-                ("victim-2", 2),
-                ("victim-3", 3),
+                ("victim-1", 1),  # started ahead, never recorded
+                ("victim-2", 1),
+                ("victim-3", 2),
+                ("victim-4", 3),
             ]
             failed = of_type(events, "activity_failed", "1")
             assert [(e.data["attempt"], e.data["will_retry"]) for e in failed] == [
@@ -817,14 +820,14 @@ async def test_a_task_that_kills_its_workers_ends_in_the_dead_letter_queue(
             letter = only(await dead_letters(pool), "dead letter")
             assert letter["attempts"] == 3
             assert [e["attempt"] for e in json.loads(letter["error_history"])] == [1, 2, 3]
-            for n in (1, 2, 3):
+            for n in (1, 2, 3, 4):
                 assert workers[f"victim-{n}"] == "lost", workers
             assert workers["survivor"] == "active"
             rows = await pool.fetch(
                 "SELECT id, status FROM durable_workers WHERE id LIKE 'victim-%' ORDER BY id"
             )
             assert [(r["id"], r["status"]) for r in rows] == [
-                (f"victim-{n}", "lost") for n in (1, 2, 3)
+                (f"victim-{n}", "lost") for n in (1, 2, 3, 4)
             ]
 
 

@@ -395,6 +395,124 @@ async def test_half_open_breaker_admits_one_probe(database_url: str, pool: pg.Po
             assert state["probes_in_flight"] == 1
 
 
+async def ahead_fanout(ctx: Any, input: Any) -> Any:
+    await ctx.gather(
+        ctx.execute_activity("work", 1),
+        ctx.execute_activity("other", 2),
+        ctx.execute_activity("work", 3),
+    )
+
+
+async def ahead_with_timer(ctx: Any, input: Any) -> Any:
+    ctx.start_activity("work", 1)
+    await ctx.sleep(60)
+
+
+def started_ahead(request: pb.CompleteWorkflowTaskRequest, *activity_ids: str) -> list[str]:
+    """Name ``activity_ids`` in ``request.started`` under fresh task ids; returns the ids."""
+    ids = [str(uuid.uuid4()) for _ in activity_ids]
+    request.started = [
+        pb.StartedActivity(activity_id=a, task_id=t) for a, t in zip(activity_ids, ids, strict=True)
+    ]
+    return ids
+
+
+@pytest.mark.parametrize("path", ["one statement", "under the run's lock"])
+async def test_activities_started_ahead_get_the_chosen_ids_and_come_back_first(
+    database_url: str, pool: pg.Pool, path: str
+) -> None:
+    """A worker may start activities while its decision is on its way (the workflow task says
+    so while every breaker is closed): their tasks get the ids it chose and are handed back
+    claimed for it, before any other its free slots could take (here one slot: only the one
+    started ahead, though another activity of a type it serves comes first in the commands);
+    a type it does not serve stays queued. Both ways of applying a decision do this."""
+    fn, wtype = (ahead_fanout, "fan") if path == "one statement" else (ahead_with_timer, "nap")
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            await p.register(workflow_types=[wtype], activity_types=["work"])
+            await p.start(wtype, wid="w")
+            (task,) = await p.poll(wf=[wtype])
+            assert task.may_start_activities
+            request = p.decide(task, fn, max_eager=1)
+            last = "3" if fn is ahead_fanout else "1"
+            (chosen,) = started_ahead(request, last)
+            reply = await p.channel.unary(p.workers.complete_workflow_task, request)
+            assert reply.accepted
+            (handed,) = reply.eager_tasks
+            assert (handed.task_id, handed.activity_id, handed.attempt) == (chosen, last, 1)
+            assert handed.lease_token > 0
+            rows = await pool.fetch(
+                "SELECT id, activity_type, status, claimed_by, attempt FROM durable_task_queue"
+                " WHERE kind = 'activity' ORDER BY activity_id"
+            )
+            assert [(str(r["id"]) == chosen, *tuple(r)[1:]) for r in rows] == (
+                [
+                    (False, "work", "pending", None, 0),
+                    (False, "other", "pending", None, 0),
+                    (True, "work", "claimed", "w1", 1),
+                ]
+                if last == "3"
+                else [(True, "work", "claimed", "w1", 1)]
+            )
+
+
+async def test_activities_started_ahead_are_held_back_by_a_breaker_that_is_not_closed(
+    database_url: str, pool: pg.Pool
+) -> None:
+    """While a breaker is open, workflow tasks say not to start activities ahead; one started
+    anyway (or under a breaker that opened meanwhile) is created under its id but not handed
+    back, and waits behind its breaker like any other."""
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            await p.register(workflow_types=["fan"], activity_types=["work"])
+            await pool.execute(
+                "INSERT INTO durable_circuit_breaker_state (key, state, failure_count, opened_at)"
+                " VALUES ('work', 'open', 5, now())"
+            )
+            await trio.sleep(1.05)  # the control plane looks at breakers at most once a second
+            await p.start("fan", wid="w")
+            (task,) = await p.poll(wf=["fan"])
+            assert not task.may_start_activities
+            request = p.decide(task, ahead_fanout, max_eager=5)
+            (chosen,) = started_ahead(request, "1")
+            reply = await p.channel.unary(p.workers.complete_workflow_task, request)
+            assert reply.accepted and not reply.eager_tasks
+            row = await pool.fetchrow(
+                "SELECT status, claimed_by FROM durable_task_queue WHERE id = $1",
+                uuid.UUID(chosen),
+            )
+            assert row is not None and tuple(row) == ("pending", None)
+
+
+@pytest.mark.parametrize(
+    ("started", "message"),
+    [
+        ([("9", str(uuid.uuid4()))], "do not schedule: 9"),
+        ([("1", "not-a-uuid")], "is not a UUID"),
+        ([("1", "00000000-0000-0000-0000-000000000001")] * 2, "twice"),
+        ([("", str(uuid.uuid4()))], "activity id is empty"),
+    ],
+)
+async def test_activities_started_ahead_must_be_what_the_commands_schedule(
+    database_url: str, started: list[tuple[str, str]], message: str
+) -> None:
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            await p.register(workflow_types=["fan"], activity_types=["work"])
+            await p.start("fan", wid="w")
+            (task,) = await p.poll(wf=["fan"])
+            request = p.decide(task, ahead_fanout, max_eager=5)
+            request.started = [pb.StartedActivity(activity_id=a, task_id=t) for a, t in started]
+            with pytest.raises(InvalidArgument, match=message):
+                await p.channel.unary(p.workers.complete_workflow_task, request)
+            batch = await p.channel.unary(
+                p.workers.complete_workflow_tasks,
+                pb.CompleteWorkflowTasksRequest(completions=[request]),
+            )
+            (outcome,) = batch.outcomes
+            assert outcome.refused_status == "INVALID_ARGUMENT" and message in outcome.message
+
+
 async def test_superseded_workflow_task_is_replayed_not_lost(database_url: str) -> None:
     async def waiter(ctx: Any, input: Any) -> Any:
         return await ctx.wait_signal("go")

@@ -587,6 +587,196 @@ async def test_eager_tasks_from_a_completion_reply_are_run() -> None:
     assert not fake.eager
 
 
+class _DecisionsHeldBack(FakeControlPlane):
+    """Holds each decision until the test says how to answer it: ``hand_back`` decides which
+    of the activities the worker started ahead come back bound to their task (lease 500+)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.decisions: list[Any] = []
+        self.answer = trio.Event()
+        self.hand_back = True
+        self.leases: dict[str, int] = {}
+
+    async def complete_workflow_tasks(self, request: Any) -> Any:
+        self.decisions.extend(request.completions)
+        self._poke()
+        await self.answer.wait()
+        outcomes = []
+        for completion in request.completions:
+            bound = []
+            for n, started in enumerate(completion.started if self.hand_back else []):
+                bound.append(
+                    pb.Task(
+                        task_id=started.task_id,
+                        kind="activity",
+                        lease_token=500 + n,
+                        workflow_id="wf-1",
+                        run_id="run-1",
+                        workflow_type="ahead",
+                        activity_type="act",
+                        activity_id=started.activity_id,
+                        input=payload.encode(7),
+                        attempt=1,
+                        max_attempts=5,
+                        claimed_at=time.time(),
+                    )
+                )
+            outcomes.append(pb.WorkflowTaskOutcome(accepted=True, eager_tasks=bound))
+        return pb.CompleteWorkflowTasksResponse(outcomes=outcomes)
+
+    async def complete_activity_tasks(self, request: Any) -> Any:
+        for result in request.results:
+            self.leases[result.task_id] = result.lease_token
+        return await super().complete_activity_tasks(request)
+
+
+def _ahead_registry(body: Callable[..., Any]) -> Registry:
+    reg = Registry()
+
+    @workflow(registry=reg)
+    async def ahead(ctx: Any, n: int) -> Any:
+        return await ctx.execute_activity("act", n)
+
+    activity(name="act", registry=reg)(body)
+    return reg
+
+
+def _ahead_task(*, may_start: bool = True) -> Any:
+    task = workflow_task(
+        "ahead",
+        [history.workflow_started("ahead", "wf-1", "run-1", 7), history.workflow_task_scheduled()],
+    )
+    task.may_start_activities = may_start
+    return task
+
+
+async def _started_ahead(fake: _DecisionsHeldBack, began: trio.Event) -> Any:
+    """Hand the worker `_ahead_task`; once its activity has begun and its decision has
+    arrived (held, unanswered), return the decision's one ``started`` entry."""
+    fake.push(_ahead_task())
+    await began.wait()
+    await fake.wait_for(lambda: bool(fake.decisions))
+    assert not fake.answer.is_set()  # it began before the decision was answered
+    (started,) = fake.decisions[0].started
+    return started
+
+
+async def test_an_activity_starts_before_its_decision_is_answered_and_reports_once_bound() -> None:
+    """The worker starts the activity a decision schedules while the decision is on its way
+    (under a task id it chose, named in ``started``); the reply hands the task back with its
+    lease, and the result goes out under that lease."""
+    began = trio.Event()
+    seen: list[Any] = []
+
+    async def act(ctx: ActivityContext, n: int) -> int:
+        seen.append(ctx.info)
+        began.set()
+        return n * 3
+
+    fake = _DecisionsHeldBack()
+    with trio.fail_after(10):
+        async with (
+            fake_control_plane(fake) as port,
+            running(make_worker(_ahead_registry(act), port)),
+        ):
+            started = await _started_ahead(fake, began)
+            assert started.activity_id == "1"
+            assert fake.decisions[0].max_eager_tasks >= 2  # its slot counts among those offered
+            fake.answer.set()
+            await fake.wait_for(lambda: started.task_id in fake.completed)
+    (info,) = seen
+    assert (info.task_id, info.activity_id, info.attempt) == (started.task_id, "1", 1)
+    assert info.workflow_id == "wf-1" and info.max_attempts == 5
+    assert fake.completed == {started.task_id: 21}
+    assert fake.leases == {started.task_id: 500}
+    assert not fake.failed
+
+
+async def test_an_activity_started_ahead_but_not_handed_back_is_cancelled_unreported(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A reply that does not hand the activity back (the decision was superseded, or its
+    circuit breaker opened meanwhile) cancels it; nothing is reported for it, and its slot
+    is free again."""
+    began, ended = trio.Event(), trio.Event()
+
+    async def act(ctx: ActivityContext, n: int) -> int:
+        began.set()
+        try:
+            await trio.sleep_forever()
+        finally:
+            ended.set()
+
+    fake = _DecisionsHeldBack()
+    fake.hand_back = False
+    with trio.fail_after(10):
+        async with fake_control_plane(fake) as port:
+            worker = make_worker(_ahead_registry(act), port, max_concurrent_tasks=2)
+            async with running(worker):
+                fake.push(_ahead_task())
+                await began.wait()
+                fake.answer.set()
+                await ended.wait()
+                await fake.wait_for(lambda: worker.load == 0)
+                await trio.sleep(0.2)  # a report would have gone out by now
+    assert not fake.completed and not fake.failed and not fake.task_heartbeats
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_a_cancellation_that_comes_before_the_lease_is_applied_when_it_does() -> None:
+    """The control plane may push the cancellation of an activity started ahead before the
+    decision's reply arrives: the worker keeps it and cancels the activity once it is bound,
+    then reports it cancelled under its lease."""
+    began = trio.Event()
+
+    async def act(ctx: ActivityContext, n: int) -> int:
+        began.set()
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    fake = _DecisionsHeldBack()
+    with trio.fail_after(10):
+        async with (
+            fake_control_plane(fake) as port,
+            running(make_worker(_ahead_registry(act), port)),
+        ):
+            started = await _started_ahead(fake, began)
+            await fake.cancel_send.send(
+                pb.Cancellation(task_id=started.task_id, lease_token=500, reason="go away")
+            )
+            await trio.sleep(0.2)  # it arrives while the activity waits for its lease
+            fake.answer.set()
+            await fake.wait_for(lambda: bool(fake.failures_of(started.task_id)))
+    (report,) = fake.failures_of(started.task_id)
+    assert report.cancelled and report.lease_token == 500
+    assert "go away" in payload.decode(report.error)["message"]
+
+
+@pytest.mark.parametrize("why", ["breakers", "switched off"])
+async def test_no_activity_starts_ahead_unless_the_control_plane_allows_it(why: str) -> None:
+    """A workflow task handed out while a circuit breaker was not closed (or a worker told
+    not to) starts nothing before the decision's reply."""
+    ran = trio.Event()
+
+    async def act(ctx: ActivityContext, n: int) -> int:
+        ran.set()
+        return n
+
+    fake = _DecisionsHeldBack()
+    reg = _ahead_registry(act)
+    with trio.fail_after(10):
+        async with fake_control_plane(fake) as port:
+            worker = make_worker(reg, port, start_ahead=why != "switched off")
+            async with running(worker):
+                fake.push(_ahead_task(may_start=why != "breakers"))
+                await fake.wait_for(lambda: bool(fake.decisions))
+                await trio.sleep(0.2)
+                assert not ran.is_set()
+                fake.answer.set()
+    assert not fake.decisions[0].started
+
+
 async def test_a_task_handed_back_for_the_slot_of_a_refused_result_is_run() -> None:
     """CompleteActivityTasks offers the slot of every result it carries, and the control
     plane claims a task for each whatever its verdict: a task handed back for the slot of a

@@ -94,7 +94,10 @@ def test_same_bytes_and_equal_messages_as_betterproto2(cls: type, data: st.DataO
     assert cls.parse(encode(message)) == message
 
 
-@given(st.integers(1, 2**29 - 1).filter(lambda n: n > 17), st.binary(max_size=20))
+_TASK_FIELDS = frozenset(pb.Task._betterproto.field_name_by_number)
+
+
+@given(st.integers(1, 2**29 - 1).filter(lambda n: n not in _TASK_FIELDS), st.binary(max_size=20))
 def test_unknown_fields_are_skipped(number: int, payload: bytes) -> None:
     task = pb.Task(task_id="t", lease_token=7, history=[pb.HistoryEvent(sequence_num=1)])
     unknown = _key(number, 2) + _varint(len(payload)) + payload + _key(number, 0) + b"\x05"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -69,6 +69,7 @@ START_STATEMENT_ROWS = 500
 side (at 1,000 starts on PostgreSQL 15 here, two statements of 500 at once took 73-94 ms
 against 127-145 ms for one of 1,000)."""
 START_STATEMENTS_AT_ONCE = 4
+_NONE_STARTED: Mapping[str, uuid.UUID] = {}  # no activities started ahead
 _GIVE_BACK_SECONDS = 5.0  # bounded cleanup: tasks handed to a poll that left go back
 
 # Events after a workflow task's view of the history that make its commands stale: new input
@@ -117,6 +118,9 @@ class ClaimedTask:
     workflow_type: str
     history: list[StoredEvent]
     claimed_at: datetime
+    # Workflow tasks: every circuit breaker was closed when it was handed out, so the worker
+    # may start the activities its decision schedules before they are recorded.
+    may_start_activities: bool = False
 
 
 @attrs.frozen
@@ -129,6 +133,8 @@ class WorkflowTaskCompletion:
     commands_json: str
     claim_time: datetime
     max_eager: int = 0
+    # Activities the worker started before sending this: activity id -> the task id it chose.
+    started: Mapping[str, uuid.UUID] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -170,6 +176,10 @@ class Engine:
         # claim never hands out tasks of an unclosed breaker.
         self._unclosed_breakers = True
         self._breakers_checked_at = float("-inf")
+        # The same question for workflow tasks handed out (`_may_start_activities`), asked on
+        # its own clock so that it never delays what claims learn.
+        self._start_ahead_ok = False
+        self._start_ahead_checked_at = float("-inf")
         self._served: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
         self._claims: ClaimGroups[
             tuple[tuple[str, ...], tuple[str, ...]], Task, dict[uuid.UUID, list[StoredEvent]]
@@ -247,7 +257,10 @@ class Engine:
             )
             if task is not None:
                 assert task.claimed_at is not None
-                handed.append(ClaimedTask(task, task.type_name, history, task.claimed_at))
+                may_start = await self._may_start_activities(task)
+                handed.append(
+                    ClaimedTask(task, task.type_name, history, task.claimed_at, may_start)
+                )
         finally:
             if not self.notifier.settle(taker, handed) and handed:
                 with trio.move_on_after(_GIVE_BACK_SECONDS, shield=True):
@@ -558,7 +571,10 @@ class Engine:
                 claimed.append(ClaimedTask(task, "", [], task.claimed_at))
             elif histories is not None and task.run_id in histories:
                 history = histories[task.run_id]
-                claimed.append(ClaimedTask(task, task.type_name, history, task.claimed_at))
+                may_start = await self._may_start_activities(task)
+                claimed.append(
+                    ClaimedTask(task, task.type_name, history, task.claimed_at, may_start)
+                )
         return claimed
 
     async def _breakers_may_be_unclosed(self) -> bool:
@@ -567,6 +583,25 @@ class Engine:
             self._unclosed_breakers = await self.store.any_unclosed_breaker()
             self._breakers_checked_at = now
         return self._unclosed_breakers
+
+    async def _may_start_activities(self, task: Task) -> bool:
+        """Whether the worker handed workflow task ``task`` may start the activities its
+        decision schedules before the decision is applied.
+
+        Only on the task's first attempt: a workflow task handed out again lost its worker
+        (or its lease) before its decision was applied, maybe to an activity started ahead
+        that crashes its worker, which no attempt count would stop; this time the activities
+        are recorded first, and their attempts count. And only while every circuit breaker
+        is closed (checked at most once a second; the statement applying a decision still
+        holds back the activities of a breaker that opened since, and the worker then
+        cancels them)."""
+        if task.attempt != 1:
+            return False
+        now = trio.current_time()
+        if now - self._start_ahead_checked_at >= 1.0:
+            self._start_ahead_ok = not await self.store.any_unclosed_breaker()
+            self._start_ahead_checked_at = now
+        return self._start_ahead_ok
 
     async def _admit_probes(self, tasks: list[Task], probes: dict[str, int]) -> list[Task]:
         """Let through only as many tasks of a half-open breaker as it has probe slots; the
@@ -594,11 +629,15 @@ class Engine:
         claim_time: datetime,
         *,
         max_eager: int = 0,
+        started: Mapping[str, uuid.UUID] | None = None,
     ) -> tuple[bool, bool, list[ClaimedTask]]:
         """Apply a workflow task's commands in one transaction.
 
         With ``max_eager`` > 0, up to that many of the activities it schedules that the worker
         serves are handed to it in the reply (eager dispatch: no NOTIFY/poll round trip).
+        ``started`` names those the worker already runs (activity id -> the task id it chose):
+        their tasks get those ids and are handed back first, unless their breaker is not
+        closed (the worker then cancels them).
 
         Returns:
             ``(accepted, superseded, eager_tasks)``: superseded when new input events arrived
@@ -612,7 +651,13 @@ class Engine:
             worker_id,
             [
                 WorkflowTaskCompletion(
-                    task_id, lease_token, seen_sequence, commands_json, claim_time, max_eager
+                    task_id,
+                    lease_token,
+                    seen_sequence,
+                    commands_json,
+                    claim_time,
+                    max_eager,
+                    started or {},
                 )
             ],
         )
@@ -646,7 +691,10 @@ class Engine:
         for n, c in enumerate(completions):
             try:
                 commands = _parse_commands(c.commands_json)
-                plans.append((n, commands, self._fast_outcome(worker_id, commands, c.claim_time)))
+                outcome = self._fast_outcome(worker_id, commands, c.claim_time)
+                if outcome is not None:
+                    _take_started_ids(outcome, c.started)
+                plans.append((n, commands, outcome))
             except EverrunsError as exc:
                 results[n] = exc
         fast = [(n, outcome) for n, _, outcome in plans if outcome is not None]
@@ -660,7 +708,7 @@ class Engine:
                     c.seen_sequence,
                     outcome.events,
                     outcome.activities,
-                    await self._eager_flags(worker_id, outcome.activities, c.max_eager),
+                    await self._eager_flags(worker_id, outcome.activities, c.max_eager, c.started),
                     outcome.end,
                 )
             )
@@ -698,6 +746,7 @@ class Engine:
                     commands,
                     c.claim_time,
                     c.max_eager,
+                    c.started,
                 )
             except DatabaseError as exc:
                 failures.append(exc)  # the whole call fails (and is retried)
@@ -738,6 +787,7 @@ class Engine:
         commands: Sequence[Command],
         claim_time: datetime,
         max_eager: int,
+        started: Mapping[str, uuid.UUID],
     ) -> tuple[bool, bool, list[ClaimedTask]]:
         """The general path of a workflow task's completion, under its run's lock."""
         completed = NewEvent.of(ev.workflow_task_completed(worker_id, claim_time))
@@ -755,9 +805,10 @@ class Engine:
             outcome = _Outcome([completed])
             for command in commands:
                 await self._apply(conn, run, command, outcome)
+            _take_started_ids(outcome, started)
             # Activities scheduled by the task that ends the run are cancelled, never handed out.
             budget = 0 if outcome.end else max_eager
-            eager = await self._eager_flags(worker_id, outcome.activities, budget)
+            eager = await self._eager_flags(worker_id, outcome.activities, budget, started)
             applied, claimed = await self.store.apply_workflow_task(
                 task_id,
                 lease_token,
@@ -785,18 +836,25 @@ class Engine:
         return [ClaimedTask(t, "", [], t.claimed_at or claim_time) for t in claimed]
 
     async def _eager_flags(
-        self, worker_id: str, activities: Sequence[NewTask], budget: int
+        self,
+        worker_id: str,
+        activities: Sequence[NewTask],
+        budget: int,
+        started: Mapping[str, uuid.UUID] = _NONE_STARTED,
     ) -> list[bool]:
-        """Which new activities go straight to the completing worker: the first ``budget`` of
-        the types it serves."""
+        """Which new activities go straight to the completing worker: of the types it serves,
+        those it ``started`` already (they hold its slots), then the first others, ``budget``
+        in all."""
         if budget <= 0 or not activities:
             return []
         served = await self.activity_types_of(worker_id)
-        flags = []
-        for task in activities:
-            take = budget > 0 and task.activity_type in served
-            budget -= take
-            flags.append(take)
+        flags = [False] * len(activities)
+        for first in (True, False):
+            for n, task in enumerate(activities):
+                ahead = task.activity_id in started
+                if budget > 0 and ahead == first and task.activity_type in served:
+                    flags[n] = True
+                    budget -= 1
         return flags
 
     def note_worker(
@@ -1283,6 +1341,7 @@ class Engine:
         )
         if state.state != "closed":
             self._unclosed_breakers = True
+            self._start_ahead_ok = False
 
     async def heartbeat(self, task_id: uuid.UUID, lease_token: int, details: str | None) -> bool:
         """Refresh a task's heartbeat; return whether its cancellation was requested."""
@@ -1470,6 +1529,28 @@ def _plan(config: ServerConfig, command: Command, outcome: _Outcome) -> bool:
             outcome.events.append(NewEvent.of(command.to_event()))
         return True
     return False
+
+
+def _take_started_ids(outcome: _Outcome, started: Mapping[str, uuid.UUID]) -> None:
+    """Give the activities the worker started ahead the task ids it chose for them.
+
+    Raises:
+        InvalidArgument: ``started`` names an activity these commands do not schedule.
+    """
+    if not started:
+        return
+    scheduled = {task.activity_id for task in outcome.activities}
+    unknown = sorted(set(started) - scheduled)
+    if unknown:
+        raise InvalidArgument(
+            f"started names activities these commands do not schedule: {', '.join(unknown)}"
+        )
+    outcome.activities[:] = [
+        attrs.evolve(task, task_id=started[task.activity_id])
+        if task.activity_id in started
+        else task
+        for task in outcome.activities
+    ]
 
 
 def _claim_keys(workflow_types: Sequence[str], activity_types: Sequence[str]) -> list[str]:

@@ -98,7 +98,29 @@ def _task(claimed: ClaimedTask) -> pb.Task:
         claimed_at=_ts(claimed.claimed_at),
         history=[_event(e) for e in claimed.history],
         heartbeat_details=_bytes(task.heartbeat_details),
+        may_start_activities=claimed.may_start_activities,
     )
+
+
+def _started(request: pb.CompleteWorkflowTaskRequest) -> dict[str, uuid.UUID]:
+    """The activities a worker started ahead of its commands: activity id -> chosen task id.
+
+    Raises:
+        InvalidArgument: an id is missing, not a UUID, or named twice.
+    """
+    started: dict[str, uuid.UUID] = {}
+    ids: set[uuid.UUID] = set()
+    for item in request.started:
+        if not item.activity_id:
+            raise InvalidArgument("started: an activity id is empty")
+        task_id = parse_task_id(item.task_id)
+        if item.activity_id in started or task_id in ids:
+            raise InvalidArgument(
+                f"started names activity {item.activity_id!r} or task {task_id} twice"
+            )
+        started[item.activity_id] = task_id
+        ids.add(task_id)
+    return started
 
 
 def _lease(token: int) -> int:
@@ -217,6 +239,7 @@ class WorkerService:
             _text(request.commands, "commands") if request.commands else "[]",
             utc_from_timestamp(request.claim_time, "claim_time"),
             max_eager=max(0, request.max_eager_tasks),
+            started=_started(request),
         )
         return pb.CompleteWorkflowTaskResponse(
             accepted=accepted, superseded=superseded, eager_tasks=[_task(c) for c in eager]
@@ -242,6 +265,7 @@ class WorkerService:
                     _text(completion.commands, "commands") if completion.commands else "[]",
                     utc_from_timestamp(completion.claim_time, "claim_time"),
                     max(0, completion.max_eager_tasks),
+                    _started(completion),
                 )
             except EverrunsError as why:
                 outcomes[n] = pb.WorkflowTaskOutcome(**_refused(why))

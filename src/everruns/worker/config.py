@@ -2,9 +2,11 @@
 
 A worker knows only where the control plane is (``GRPC_ADDRESS``), who it is (``WORKER_ID``),
 how much it may run at once (``MAX_CONCURRENT_TASKS``), the bearer token it sends
-(``EVERRUNS_AUTH_TOKEN``) and how long a graceful shutdown waits for running tasks
-(``EVERRUNS_WORKER_GRACE_PERIOD``). It must never read ``DATABASE_URL``: workers hold no database
-credentials by design. A bad value is a `ConfigError` whose one line names the variable.
+(``EVERRUNS_AUTH_TOKEN``), how long a graceful shutdown waits for running tasks
+(``EVERRUNS_WORKER_GRACE_PERIOD``) and whether it starts the activities a decision schedules
+before the control plane has recorded them (``EVERRUNS_START_AHEAD``). It must never read
+``DATABASE_URL``: workers hold no database credentials by design. A bad value is a
+`ConfigError` whose one line names the variable.
 """
 
 from __future__ import annotations
@@ -16,7 +18,12 @@ from collections.abc import Mapping
 
 import attrs
 
-from everruns.domain.address import DEFAULT_GRPC_ADDRESS, call_stream_from_env, parse_address
+from everruns.domain.address import (
+    DEFAULT_GRPC_ADDRESS,
+    call_stream_from_env,
+    parse_address,
+    switch_from_env,
+)
 from everruns.errors import ConfigError
 
 __all__ = [
@@ -93,6 +100,9 @@ class WorkerConfig:
         max_sync_threads: threads for sync activities (default: one per task slot).
         call_stream: send calls over the control plane's call stream (one HTTP/2 stream for
             all of them) where it serves one; False: one HTTP/2 stream per call.
+        start_ahead: start the activities a workflow task's decision schedules, in free slots,
+            while the decision is on its way; an activity the control plane does not record
+            and hand back is cancelled and its outcome dropped. False: wait for the reply.
     """
 
     host: str
@@ -105,6 +115,7 @@ class WorkerConfig:
     grace_period: float = attrs.field(default=DEFAULT_GRACE_PERIOD, validator=_check_grace)
     max_sync_threads: int | None = attrs.field(default=None, validator=_check_threads)
     call_stream: bool = True
+    start_ahead: bool = True
 
     @property
     def address(self) -> str:
@@ -137,6 +148,7 @@ class WorkerConfig:
             auth_token=env.get("EVERRUNS_AUTH_TOKEN") or None,
             grace_period=_env_seconds(env, "EVERRUNS_WORKER_GRACE_PERIOD", DEFAULT_GRACE_PERIOD),
             call_stream=call_stream_from_env(env),
+            start_ahead=switch_from_env(env, "EVERRUNS_START_AHEAD", default=True),
         )
 
 

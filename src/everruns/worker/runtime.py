@@ -21,6 +21,7 @@ import os
 import random
 import socket
 import ssl
+import uuid
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
@@ -35,10 +36,17 @@ from everruns._aio import open_aio_loop
 from everruns._aio.grpc import RpcChannel, client_tls_from_env, error_for_status, open_channel
 from everruns._proto.everruns import v1 as pb
 from everruns.domain import payload
+from everruns.domain.commands import (
+    CancelWorkflow,
+    CompleteWorkflow,
+    FailWorkflow,
+    ScheduleActivity,
+)
 from everruns.domain.context import WorkflowInfo
 from everruns.domain.history import HistoryEvent
 from everruns.domain.registry import ActivityDefinition, Registry, default_registry
 from everruns.domain.replay import FollowUp, Replayer
+from everruns.domain.retry import RetryPolicy
 from everruns.errors import (
     ConcurrencyConflict,
     ConfigError,
@@ -176,6 +184,8 @@ class _Failed:
 class _Decided:
     commands: bytes
     seen_sequence: int
+    # The activities the commands schedule, unless they also end the run (then none starts).
+    activities: tuple[ScheduleActivity, ...] = ()
 
 
 @attrs.frozen
@@ -214,6 +224,16 @@ class _RunningTask:
         self.claim_time: float = task.claimed_at
         self.received = trio.current_time()
         self.ahead: _Ahead | None = None
+        # An activity started ahead of its decision's reply: set once the reply hands its task
+        # over (`task` then carries the lease) or says it will not (`stale_reason` then says
+        # why). None for a task claimed as usual.
+        self.bound: trio.Event | None = None
+
+    async def wait_bound(self) -> bool:
+        """Wait until the task is ours to report on; False if it never will be."""
+        if self.bound is not None:
+            await self.bound.wait()
+        return self.stale_reason is None
 
     @property
     def key(self) -> str:
@@ -259,6 +279,8 @@ class _RunningTask:
             self.scope.cancel()
 
 
+_RUN_ENDS = (CompleteWorkflow, FailWorkflow, CancelWorkflow)
+
 # ----------------------------------------------------------------------------------- worker
 
 
@@ -278,6 +300,8 @@ class Worker:
         grace_period: seconds `shutdown` lets running tasks finish before cancelling them.
         max_sync_threads: threads for sync activities (default: one per task slot).
         poll_wait: long-poll budget of one claim call, in seconds (finite, > 0).
+        start_ahead: start the activities a decision schedules while it is on its way (see
+            `WorkerConfig.start_ahead`).
 
     Raises:
         ConfigError: an argument is invalid; the message names it.
@@ -295,6 +319,7 @@ class Worker:
         grace_period: float = DEFAULT_GRACE_PERIOD,
         max_sync_threads: int | None = None,
         poll_wait: float = POLL_WAIT,
+        start_ahead: bool = True,
     ) -> None:
         if isinstance(poll_wait, bool) or not (
             isinstance(poll_wait, (int, float)) and 0 < poll_wait < math.inf
@@ -311,6 +336,7 @@ class Worker:
             auth_token=auth_token,
             grace_period=grace_period,
             max_sync_threads=max_sync_threads,
+            start_ahead=start_ahead,
         )
         self._init(config, registry, tls, poll_wait)
 
@@ -705,6 +731,10 @@ class Worker:
             while len(self._early_cancels) > _EARLY_CANCELS:
                 self._early_cancels.popitem(last=False)
             return
+        if handle.bound is not None and not handle.bound.is_set():
+            # Started ahead: its lease arrives with the decision's reply (`_bind`).
+            self._early_cancels[(task_id, lease_token)] = why
+            return
         if handle.task.lease_token != lease_token:
             log.debug("ignoring a cancellation of %s for another lease", handle.describe())
             return
@@ -827,8 +857,9 @@ class Worker:
 
     # ------------------------------------------------------------------------------ tasks
 
-    async def _run_task(self, task: Any, slot: Slot) -> None:
-        handle = _RunningTask(task, slot)
+    async def _run_task(self, task: Any, slot: Slot, handle: _RunningTask | None = None) -> None:
+        if handle is None:
+            handle = _RunningTask(task, slot)
         self._running[handle.key] = handle
         early = self._early_cancels.pop((handle.key, task.lease_token), None)
         if early is not None:
@@ -963,6 +994,8 @@ class Worker:
     async def _send_heartbeat(self, beat: Beat[_RunningTask]) -> float | None:
         """One RecordHeartbeat call; returns when the next is due, or None to stop beating."""
         handle = beat.subject
+        if not await handle.wait_bound():
+            return None
         task = handle.task
         ctx = handle.ctx
         assert ctx is not None
@@ -1010,6 +1043,9 @@ class Worker:
         return beat.last_sent + beat.interval
 
     async def _finish_activity(self, handle: _RunningTask) -> None:
+        if handle.bound is not None and not await handle.wait_bound():
+            log.debug("%s ends unreported: %s", handle.describe(), handle.stale_reason)
+            return
         if handle.stale_reason is not None:
             log.warning(
                 "dropping the outcome of %s: its lease is no longer valid (%s)",
@@ -1265,7 +1301,7 @@ class Worker:
 
     async def _final_activity_report(self, handle: _RunningTask) -> None:
         """Report what can be reported while the worker itself is being stopped (shielded)."""
-        if handle.stale_reason is not None:
+        if not await handle.wait_bound():
             return
         task = handle.task
         outcome = handle.outcome
@@ -1415,7 +1451,11 @@ class Worker:
             kept.close()
         else:
             self._replays.keep(task.run_id, definition.fn, kept)
-        return _Decided(commands, result.seen_sequence)
+        ends = any(isinstance(c, _RUN_ENDS) for c in result.commands)
+        activities = (
+            () if ends else tuple(c for c in result.commands if isinstance(c, ScheduleActivity))
+        )
+        return _Decided(commands, result.seen_sequence, activities)
 
     async def _finish_workflow_task(self, handle: _RunningTask, *, eager: bool = True) -> None:
         task = handle.task
@@ -1432,7 +1472,8 @@ class Worker:
             return
         assert isinstance(outcome, _Decided)
         extra, offer = self._eager_offer(handle) if eager else ([], 0)
-        used = 0
+        ahead = self._start_ahead(handle, outcome.activities, extra)
+        used = len(ahead)  # the first slots of `extra`, each now owned by its activity
         try:
             request = pb.CompleteWorkflowTaskRequest(
                 task_id=task.task_id,
@@ -1442,6 +1483,10 @@ class Worker:
                 commands=outcome.commands,
                 claim_time=handle.claim_time,
                 max_eager_tasks=offer,
+                started=[
+                    pb.StartedActivity(activity_id=a.task.activity_id, task_id=key)
+                    for key, a in ahead.items()
+                ],
             )
             try:
                 reply = await self._complete_decision(request)
@@ -1460,12 +1505,100 @@ class Worker:
                 return
             if reply.superseded:
                 log.debug("%s superseded by newer history", handle.describe())
-            used = self._adopt_new_tasks(
-                reply.eager_tasks, [handle] if offer else [], extra, what="eager dispatch"
+            others = []
+            for new in reply.eager_tasks:
+                started = ahead.pop(new.task_id, None)
+                if started is None:
+                    others.append(new)
+                else:
+                    self._bind(started, new)
+            used += self._adopt_new_tasks(
+                others, [handle] if offer else [], extra[used:], what="eager dispatch"
             )
         finally:
+            for started in ahead.values():
+                started.mark_stale(
+                    "started ahead of its decision, which the control plane did not apply or "
+                    "did not hand it back for"
+                )
+                assert started.bound is not None
+                started.bound.set()
             for slot in extra[used:]:
                 self._slots.release(slot)
+
+    def _start_ahead(
+        self, handle: _RunningTask, activities: Sequence[ScheduleActivity], extra: list[Slot]
+    ) -> dict[str, _RunningTask]:
+        """Start the activities a decision schedules that this worker runs, in the free slots
+        reserved for its reply (the first of ``extra``), before the decision is sent; returns
+        them by the task ids chosen for them. The reply binds each to its task (`_bind`) or
+        they are cancelled and their outcome dropped: at least once, as any activity.
+
+        Only when the control plane said every circuit breaker was closed when it handed out
+        the workflow task (the statement applying the decision holds back one that opened
+        since), and never while draining."""
+        started: dict[str, _RunningTask] = {}
+        nursery = self._task_nursery
+        if (
+            not activities
+            or not self.config.start_ahead
+            or not handle.task.may_start_activities
+            or self.draining
+            or nursery is None
+        ):
+            return started
+        task = handle.task
+        now = datetime.now(UTC).timestamp()
+        for command in activities:
+            if len(started) == len(extra):
+                break
+            if self.registry.get_activity(command.activity_type) is None:
+                continue
+            options = command.options
+            try:
+                encoded = payload.encode(command.input, what="activity input")
+            except PayloadError:
+                continue  # the control plane refuses the commands; the decision says why
+            provisional = pb.Task(
+                task_id=str(uuid.uuid4()),
+                kind="activity",
+                workflow_id=task.workflow_id,
+                run_id=task.run_id,
+                workflow_type=task.workflow_type,
+                activity_type=command.activity_type,
+                activity_id=command.activity_id,
+                input=encoded,
+                attempt=1,
+                max_attempts=(options.retry or RetryPolicy()).max_attempts,
+                heartbeat_timeout_s=options.heartbeat_timeout or 0.0,
+                start_to_close_s=options.start_to_close_timeout or 0.0,
+                scheduled_at=now,
+                claimed_at=now,
+            )
+            slot = extra[len(started)]
+            running = _RunningTask(provisional, slot)
+            running.bound = trio.Event()
+            started[running.key] = running
+            self._slots.start(slot)
+            nursery.start_soon(
+                self._run_task,
+                provisional,
+                slot,
+                running,
+                name=f"everruns task activity {provisional.task_id} (ahead)",
+            )
+        return started
+
+    def _bind(self, handle: _RunningTask, task: Any) -> None:
+        """An activity started ahead is ours: its task (with the lease) was handed back."""
+        handle.task = task
+        handle.claim_time = task.claimed_at
+        handle.received = trio.current_time()
+        early = self._early_cancels.pop((handle.key, task.lease_token), None)
+        if early is not None:
+            handle.request_cancel(early)
+        assert handle.bound is not None
+        handle.bound.set()
 
     async def _complete_decision(self, request: Any) -> Any:
         """Send a workflow task's commands with the other decisions ready now (one call for

@@ -60,6 +60,7 @@ __all__ = (
     "StartWorkflowResponse",
     "StartWorkflowsRequest",
     "StartWorkflowsResponse",
+    "StartedActivity",
     "StreamCancellationsRequest",
     "Task",
     "WorkerHeartbeatRequest",
@@ -528,6 +529,17 @@ class CompleteWorkflowTaskRequest(betterproto2.Message):
     max_eager_tasks: "int" = betterproto2.field(7, betterproto2.TYPE_INT32)
     """
     free slots the worker offers for tasks made by this call; 0: none
+    """
+
+    started: "list[StartedActivity]" = betterproto2.field(
+        8, betterproto2.TYPE_MESSAGE, repeated=True
+    )
+    """
+    Activities these commands schedule that the worker has already started, each in one of the
+    slots max_eager_tasks offers, under a task id it chose. Each is created with that id and
+    handed back in eager_tasks (claimed for this worker, first attempt) when the commands are
+    applied and its circuit breaker is closed; otherwise the worker cancels it and drops its
+    outcome (a task that is created is then claimed as usual).
     """
 
 
@@ -1260,6 +1272,22 @@ default_message_pool.register_message(
 
 
 @dataclass(eq=False, repr=False)
+class StartedActivity(betterproto2.Message):
+    activity_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+    """
+    the ScheduleActivity command's activity id
+    """
+
+    task_id: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    a new UUID, the id its task gets
+    """
+
+
+default_message_pool.register_message("everruns.v1", "StartedActivity", StartedActivity)
+
+
+@dataclass(eq=False, repr=False)
 class StartWorkflowRequest(betterproto2.Message):
     workflow_type: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
     """
@@ -1498,6 +1526,13 @@ class Task(betterproto2.Message):
     heartbeat_details: "bytes" = betterproto2.field(17, betterproto2.TYPE_BYTES)
     """
     details of the last heartbeat of an earlier attempt
+    """
+
+    may_start_activities: "bool" = betterproto2.field(18, betterproto2.TYPE_BOOL)
+    """
+    Workflow tasks only: every circuit breaker was closed when the task was handed out, so the
+    worker may start the activities its decision schedules before the control plane has
+    recorded them (CompleteWorkflowTaskRequest.started). False: it waits for the reply.
     """
 
 
