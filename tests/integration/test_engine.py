@@ -1143,6 +1143,37 @@ async def test_a_result_sent_twice_under_one_lease_is_accepted_once_as_recorded(
             assert [o.decided for o in reply.outcomes] == accepted
 
 
+@asynccontextmanager
+async def doomed_worker(p: Plane, **types: list[str]) -> AsyncIterator[Callable[..., Any]]:
+    """A second worker, "doomed", on a connection of its own, registered for ``types`` and
+    holding its cancellation stream open (so the control plane follows its connection).
+    Yields its PollTasks (keyword arguments of `pb.PollTasksRequest`); leaving the block
+    drops its connection, as a killed worker's."""
+    async with open_channel("127.0.0.1", p.port) as other:
+        stub = pb.WorkerServiceStub(other.raw)
+        await other.unary(
+            stub.register_worker,
+            pb.RegisterWorkerRequest(worker_id="doomed", max_concurrency=4, **types),
+        )
+
+        async def hold_stream() -> None:
+            request = pb.StreamCancellationsRequest(worker_id="doomed")
+            async for _ in other.stream(stub.stream_cancellations, request):
+                pass
+
+        async def poll(**request: Any) -> list[pb.Task]:
+            reply = await other.unary(
+                stub.poll_tasks, pb.PollTasksRequest(worker_id="doomed", **request)
+            )
+            return list(reply.tasks)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hold_stream)
+            await trio.sleep(0.2)  # the stream is open
+            yield poll
+            nursery.cancel_scope.cancel()
+
+
 async def test_dropped_worker_connection_releases_its_tasks_at_once(database_url: str) -> None:
     async def single(ctx: Any, input: Any) -> Any:
         return await ctx.execute_activity("job", 1)
@@ -1151,32 +1182,8 @@ async def test_dropped_worker_connection_releases_its_tasks_at_once(database_url
         async with plane(database_url) as p:
             await p.start("single")
             await p.drive(single, "single")
-            async with open_channel("127.0.0.1", p.port) as other:
-                stub = pb.WorkerServiceStub(other.raw)
-                await other.unary(
-                    stub.register_worker,
-                    pb.RegisterWorkerRequest(
-                        worker_id="doomed", activity_types=["job"], max_concurrency=1
-                    ),
-                )
-                async with trio.open_nursery() as nursery:
-
-                    async def hold_stream() -> None:
-                        async for _ in other.stream(
-                            stub.stream_cancellations,
-                            pb.StreamCancellationsRequest(worker_id="doomed"),
-                        ):
-                            pass
-
-                    nursery.start_soon(hold_stream)
-                    reply = await other.unary(
-                        stub.poll_tasks,
-                        pb.PollTasksRequest(
-                            worker_id="doomed", max_tasks=1, activity_types=["job"], wait_s=2
-                        ),
-                    )
-                    assert len(reply.tasks) == 1
-                    nursery.cancel_scope.cancel()
+            async with doomed_worker(p, activity_types=["job"]) as doomed_poll:
+                assert len(await doomed_poll(max_tasks=1, activity_types=["job"], wait_s=2)) == 1
             # The channel is closed: the control plane sees the stream drop and releases the task.
             t0 = trio.current_time()
             (task,) = await p.poll(act=["job"], wait=5)

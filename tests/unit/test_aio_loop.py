@@ -198,3 +198,35 @@ async def test_a_trio_call_cancelled_on_the_trio_side_is_abandoned_not_hung() ->
             assert await run_aio(from_asyncio) == "abandoned"
             # The nursery has closed: a new call is abandoned at once.
             assert await run_aio(from_asyncio) == "abandoned"
+
+
+async def test_calls_fail_instead_of_hanging_once_the_loops_thread_has_died(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A BaseException escaping a callback ends the loop's thread. The call waiting on it, a
+    caller cancelled meanwhile and any call made afterwards fail at once (ConnectionError,
+    which the adapters map to "unavailable") instead of waiting for ever; leaving the block
+    does not hang either."""
+    started = threading.Event()
+
+    async def waits() -> None:
+        started.set()
+        await asyncio.sleep(30)
+
+    def dies() -> None:
+        raise SystemExit("the loop's thread ends here")
+
+    with trio.fail_after(10):
+        async with open_aio_loop() as aio:
+            async with trio.open_nursery() as nursery:
+
+                async def waiting_caller() -> None:
+                    with pytest.raises(ConnectionError, match="asyncio loop stopped"):
+                        await run_aio(waits)
+
+                nursery.start_soon(waiting_caller)
+                await trio.to_thread.run_sync(started.wait)
+                aio.loop.call_soon_threadsafe(dies)
+            with pytest.raises(ConnectionError, match="asyncio loop stopped"):
+                await run_aio(waits)
+    assert "the asyncio loop's thread died" in caplog.text

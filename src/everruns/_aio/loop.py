@@ -14,6 +14,10 @@ Each crossing costs one wake-up of the other thread. Before this, the loop was t
 loop hosted on Trio, which spent about three times as much CPU per pooled query under load
 (docs/performance.md has the measurement).
 
+If the loop's thread ends while calls are in flight (a `BaseException` such as `SystemExit`
+escaped a callback, say), each of them fails with `ConnectionError`, as any call made after it
+does: a caller never waits for a loop that is gone.
+
 asyncio's reports of background errors ("exception was never retrieved", a callback that raised)
 come from library internals — a connection dropped during teardown, a stream reset by a peer —
 whose consequences our own awaited calls already receive, so they are logged.
@@ -64,7 +68,7 @@ class CallAbandoned(Exception):
 class _ToAio:
     """One Trio → asyncio call in flight."""
 
-    __slots__ = ("_aio", "_args", "_fn", "_raise_cancel", "_task", "_trio_task")
+    __slots__ = ("_aio", "_args", "_fn", "_raise_cancel", "_task", "_trio_task", "finished")
 
     def __init__(self, aio: AioLoop, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...]):
         self._aio = aio
@@ -73,6 +77,7 @@ class _ToAio:
         self._task: asyncio.Future[Any] | None = None
         self._raise_cancel: Any = None
         self._trio_task = trio.lowlevel.current_task()
+        self.finished = False
 
     def start(self) -> None:  # on the asyncio thread
         try:
@@ -102,6 +107,10 @@ class _ToAio:
             self._task.cancel()
 
     def _finish(self, result: outcome.Outcome[Any] | None) -> None:  # on the Trio thread
+        if self.finished:  # the loop's end failed it already (`AioLoop._fail_calls`)
+            return
+        self.finished = True
+        self._aio.calls.discard(self)
         if self._raise_cancel is not None and not isinstance(result, outcome.Value):
             # Cancelled while the asyncio side ran: whatever it ended with, the caller sees
             # its own cancellation (a value that arrived anyway is still delivered).
@@ -114,7 +123,10 @@ class _ToAio:
         first = self._raise_cancel is None
         self._raise_cancel = raise_cancel
         if first:
-            self._aio.loop.call_soon_threadsafe(self.cancel)
+            try:
+                self._aio.loop.call_soon_threadsafe(self.cancel)
+            except RuntimeError:  # the loop is closed: its end fails this call (soon, if not yet)
+                pass
         # The asyncio task must end first; `_done` reports when it has.
         return trio.lowlevel.Abort.FAILED
 
@@ -182,6 +194,7 @@ class AioLoop:
         self.loop.set_exception_handler(_log_background_error)
         self.token = trio.lowlevel.current_trio_token()
         self.users = 0
+        self.calls: set[_ToAio] = set()  # in flight, to fail if the loop's thread ends
         self._ended = trio.Event()
         self._thread = threading.Thread(target=self._serve, name="everruns-asyncio", daemon=True)
 
@@ -189,7 +202,13 @@ class AioLoop:
         loop = self.loop
         asyncio.set_event_loop(loop)
         try:
-            loop.run_forever()
+            try:
+                loop.run_forever()
+            except BaseException:  # nothing above this thread would see it: say so, end
+                log.critical(
+                    "the asyncio loop's thread died; calls through it now fail", exc_info=True
+                )
+                return
             left = asyncio.all_tasks(loop)
             for task in left:
                 task.cancel()
@@ -199,16 +218,27 @@ class AioLoop:
         finally:
             loop.close()
             try:
-                self.token.run_sync_soon(self._ended.set)
+                self.token.run_sync_soon(self._fail_calls)
             except trio.RunFinishedError:
                 pass
+
+    def _fail_calls(self) -> None:  # on the Trio thread, once the loop is closed
+        """Fail the calls still in flight: the loop that would have answered them is gone
+        (an orderly stop has answered them all already)."""
+        gone = outcome.Error(ConnectionError("the asyncio loop stopped"))
+        for call in list(self.calls):
+            call._finish(gone)
+        self._ended.set()
 
     def start(self) -> None:
         self._thread.start()
 
     async def stop(self) -> None:
         """Stop the loop (its leftover tasks are cancelled) and wait for its thread, bounded."""
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        try:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        except RuntimeError:  # closed: its thread has ended already
+            pass
         with trio.move_on_after(_SHUTDOWN_SECONDS + 2, shield=True) as scope:
             await self._ended.wait()
         if scope.cancelled_caught:
@@ -217,8 +247,15 @@ class AioLoop:
             self._thread.join()
 
     async def run_aio(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Raises:
+        ConnectionError: the loop has stopped (before or during the call)."""
         call = _ToAio(self, fn, args)
-        self.loop.call_soon_threadsafe(call.start)
+        try:
+            self.loop.call_soon_threadsafe(call.start)
+        except RuntimeError:  # closed
+            await trio.lowlevel.checkpoint()
+            raise ConnectionError("the asyncio loop stopped") from None
+        self.calls.add(call)
         result: T = await trio.lowlevel.wait_task_rescheduled(call.abort)
         return result
 

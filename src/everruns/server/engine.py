@@ -252,12 +252,13 @@ class Engine:
         assert taker.worker is not None
         handed: list[ClaimedTask] = []
         try:
+            breakers_closed = await self._breakers_closed()  # before: the start then hands out
             workflow_id, run_id, task, history = await self.store.start_workflow_for(
                 taker.worker, *row
             )
             if task is not None:
                 assert task.claimed_at is not None
-                may_start = await self._may_start_activities(task)
+                may_start = breakers_closed and _starts_afresh(task, history)
                 handed.append(
                     ClaimedTask(task, task.type_name, history, task.claimed_at, may_start)
                 )
@@ -571,7 +572,7 @@ class Engine:
                 claimed.append(ClaimedTask(task, "", [], task.claimed_at))
             elif histories is not None and task.run_id in histories:
                 history = histories[task.run_id]
-                may_start = await self._may_start_activities(task)
+                may_start = _starts_afresh(task, history) and await self._breakers_closed()
                 claimed.append(
                     ClaimedTask(task, task.type_name, history, task.claimed_at, may_start)
                 )
@@ -584,23 +585,20 @@ class Engine:
             self._breakers_checked_at = now
         return self._unclosed_breakers
 
-    async def _may_start_activities(self, task: Task) -> bool:
-        """Whether the worker handed workflow task ``task`` may start the activities its
-        decision schedules before the decision is applied.
-
-        Only on the task's first attempt: a workflow task handed out again lost its worker
-        (or its lease) before its decision was applied, maybe to an activity started ahead
-        that crashes its worker, which no attempt count would stop; this time the activities
-        are recorded first, and their attempts count. And only while every circuit breaker
-        is closed (checked at most once a second; the statement applying a decision still
-        holds back the activities of a breaker that opened since, and the worker then
-        cancels them)."""
-        if task.attempt != 1:
-            return False
+    async def _breakers_closed(self) -> bool:
+        """Whether every circuit breaker is closed, for `ClaimedTask.may_start_activities`
+        (see `_starts_afresh` for the rest): checked at most once a second (the statement
+        applying a decision still holds back the activities of a breaker that opened since,
+        and the worker then cancels them), and never failing the hand-out it is asked for
+        (tasks already claimed must reach their worker): a failed read answers no."""
         now = trio.current_time()
         if now - self._start_ahead_checked_at >= 1.0:
-            self._start_ahead_ok = not await self.store.any_unclosed_breaker()
             self._start_ahead_checked_at = now
+            try:
+                self._start_ahead_ok = not await self.store.any_unclosed_breaker()
+            except DatabaseError as exc:
+                self._start_ahead_ok = False
+                log.warning("could not read the circuit breakers (%s); no start ahead", exc)
         return self._start_ahead_ok
 
     async def _admit_probes(self, tasks: list[Task], probes: dict[str, int]) -> list[Task]:
@@ -806,6 +804,12 @@ class Engine:
             for command in commands:
                 await self._apply(conn, run, command, outcome)
             _take_started_ids(outcome, started)
+            if started:
+                taken = await self.store.taken_task_ids(conn, list(started.values()))
+                if taken:
+                    raise InvalidArgument(
+                        f"started: task id {min(taken)} is taken; choose new UUIDs"
+                    )
             # Activities scheduled by the task that ends the run are cancelled, never handed out.
             budget = 0 if outcome.end else max_eager
             eager = await self._eager_flags(worker_id, outcome.activities, budget, started)
@@ -843,18 +847,21 @@ class Engine:
         started: Mapping[str, uuid.UUID] = _NONE_STARTED,
     ) -> list[bool]:
         """Which new activities go straight to the completing worker: of the types it serves,
-        those it ``started`` already (they hold its slots), then the first others, ``budget``
-        in all."""
+        those it ``started`` already, then the first others, in the ``budget`` slots it
+        offers (each started one holds one of them, even if it does not come back)."""
         if budget <= 0 or not activities:
             return []
         served = await self.activity_types_of(worker_id)
         flags = [False] * len(activities)
-        for first in (True, False):
-            for n, task in enumerate(activities):
-                ahead = task.activity_id in started
-                if budget > 0 and ahead == first and task.activity_type in served:
-                    flags[n] = True
-                    budget -= 1
+        for n, task in enumerate(activities):
+            if budget > 0 and task.activity_id in started:
+                # It holds one of the slots offered whether or not it comes back.
+                flags[n] = task.activity_type in served
+                budget -= 1
+        for n, task in enumerate(activities):
+            if budget > 0 and task.activity_id not in started and task.activity_type in served:
+                flags[n] = True
+                budget -= 1
         return flags
 
     def note_worker(
@@ -1529,6 +1536,21 @@ def _plan(config: ServerConfig, command: Command, outcome: _Outcome) -> bool:
             outcome.events.append(NewEvent.of(command.to_event()))
         return True
     return False
+
+
+def _starts_afresh(task: Task, history: Sequence[StoredEvent]) -> bool:
+    """Whether workflow task ``task`` may let its worker start activities ahead of its
+    decision (breakers aside): only the first workflow task of a run (its history is the
+    start alone), on its first attempt.
+
+    A later workflow task reacts to events (results, signals, timers, a cancel request), and
+    more of them arriving meanwhile would supersede its decision, the activities started
+    ahead being cancelled and started again by the next one: side effects run twice with
+    nothing gone wrong. And a task handed out again lost its worker (or its lease) before its
+    decision was applied, maybe to an activity started ahead that crashed the worker, which
+    no attempt count would stop; this time the activities are recorded first, and their
+    attempts count."""
+    return task.attempt == 1 and all(e.type == "workflow_started" for e in history)
 
 
 def _take_started_ids(outcome: _Outcome, started: Mapping[str, uuid.UUID]) -> None:

@@ -102,14 +102,19 @@ def _task(claimed: ClaimedTask) -> pb.Task:
     )
 
 
-def _started(request: pb.CompleteWorkflowTaskRequest) -> dict[str, uuid.UUID]:
+def _started(
+    request: pb.CompleteWorkflowTaskRequest, ids: set[uuid.UUID] | None = None
+) -> dict[str, uuid.UUID]:
     """The activities a worker started ahead of its commands: activity id -> chosen task id.
+
+    ``ids``: the task ids named so far by the call (the other completions of a batch); this
+    one's are added.
 
     Raises:
         InvalidArgument: an id is missing, not a UUID, or named twice.
     """
     started: dict[str, uuid.UUID] = {}
-    ids: set[uuid.UUID] = set()
+    ids = set() if ids is None else ids
     for item in request.started:
         if not item.activity_id:
             raise InvalidArgument("started: an activity id is empty")
@@ -256,6 +261,7 @@ class WorkerService:
         # transaction, concurrently. Answered in request order.
         outcomes = [pb.WorkflowTaskOutcome() for _ in request.completions]
         by_worker: dict[str, list[tuple[int, WorkflowTaskCompletion]]] = {}
+        started_ids: set[uuid.UUID] = set()
         for n, completion in enumerate(request.completions):
             try:
                 parsed = WorkflowTaskCompletion(
@@ -265,7 +271,7 @@ class WorkerService:
                     _text(completion.commands, "commands") if completion.commands else "[]",
                     utc_from_timestamp(completion.claim_time, "claim_time"),
                     max(0, completion.max_eager_tasks),
-                    _started(completion),
+                    _started(completion, started_ids),
                 )
             except EverrunsError as why:
                 outcomes[n] = pb.WorkflowTaskOutcome(**_refused(why))

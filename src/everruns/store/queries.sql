@@ -848,6 +848,10 @@ UPDATE durable_task_queue
 SET status = 'completed', claimed_by = NULL, completed_at = now(), updated_at = now()
 WHERE id = ANY($1::uuid[]);
 
+-- name: taken_task_ids
+-- Which of the task ids $1 name a task already.
+SELECT id FROM durable_task_queue WHERE id = ANY($1::uuid[]);
+
 -- name: lock_leased_with_run
 -- Lock a claimed task (if the caller holds its lease) together with its run.
 SELECT t.id AS task_id, r.*

@@ -566,6 +566,13 @@ class Store:
         await self.notify(conn, CHANNEL_TASKS, f"activity:{task.activity_type}")
         return Task.from_row(row)
 
+    async def taken_task_ids(
+        self, conn: Connection, task_ids: Sequence[uuid.UUID]
+    ) -> set[uuid.UUID]:
+        """Which of ``task_ids`` name a task already."""
+        rows = await conn.fetch(Q["taken_task_ids"], list(task_ids))
+        return {row["id"] for row in rows}
+
     async def lock_leased_with_run(
         self, conn: Connection, task_id: uuid.UUID, lease_token: int
     ) -> WorkflowRun:
