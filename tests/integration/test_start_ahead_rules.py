@@ -7,6 +7,7 @@ a hand-out."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import pytest
@@ -198,3 +199,33 @@ async def test_only_a_runs_first_workflow_task_lets_activities_start_ahead(
                 await p.complete(activity, 1)
             (later,) = await p.poll(wf=["fan"])
             assert later.attempt == 1 and not later.may_start_activities
+
+
+async def test_a_task_locked_when_its_workers_connection_drops_is_released_all_the_same(
+    database_url: str, pool: pg.Pool
+) -> None:
+    """A worker killed while its decision is being applied (an activity started ahead killed
+    it right after the decision went out): the statement applying it holds the workflow task's
+    row when the connection drops, then is cancelled and rolled back. The release that the
+    dropped connection sets off must wait for that row instead of skipping it, or the task
+    stays claimed by the dead worker until the stale rule, 30 s and more later (workload 6
+    once measured 39 s)."""
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            async with pool.transaction() as holder:
+                async with doomed_worker(p, workflow_types=["nap"]) as poll:
+                    await p.start("nap", wid="w")
+                    (task,) = await poll(max_tasks=1, workflow_types=["nap"], wait_s=2)
+                    # The decision's statement, as it were: it holds the task's row.
+                    await holder.execute(
+                        "SELECT 1 FROM durable_task_queue WHERE id = $1 FOR UPDATE",
+                        uuid.UUID(task.task_id),
+                    )
+                # The connection is gone; the decision's statement rolls back a moment later.
+                await trio.sleep(0.3)
+            # (leaving the block committed the holder's transaction, which changed nothing)
+            await p.register(workflow_types=["nap"])
+            t0 = trio.current_time()
+            (again,) = await p.poll(wf=["nap"], wait=5)
+            assert again.task_id == task.task_id and again.attempt == 2
+            assert trio.current_time() - t0 < 2.0

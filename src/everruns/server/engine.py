@@ -70,6 +70,7 @@ side (at 1,000 starts on PostgreSQL 15 here, two statements of 500 at once took 
 against 127-145 ms for one of 1,000)."""
 START_STATEMENTS_AT_ONCE = 4
 _NONE_STARTED: Mapping[str, uuid.UUID] = {}  # no activities started ahead
+_RELEASE_ROUNDS = 3  # looks at a lost worker's tasks (`release_worker`)
 _GIVE_BACK_SECONDS = 5.0  # bounded cleanup: tasks handed to a poll that left go back
 
 # Events after a workflow task's view of the history that make its commands stale: new input
@@ -1359,22 +1360,35 @@ class Engine:
     # ------------------------------------------------------------------ liveness
 
     async def release_worker(self, worker_id: str, reason: str) -> int:
-        """Release every task a worker holds (its connection dropped); return how many."""
-        async with self.store.transaction() as conn:
-            tasks = await self.store.tasks_held_by(conn, worker_id)
-            for task in tasks:
-                error = {"type": "WorkerLost", "message": reason, "non_retryable": False}
-                outcome = await self.store.release_task(conn, task, error)
-                if task.kind == "activity" and task.activity_id is not None:
-                    failed = ev.activity_failed(
-                        task.activity_id, error, task.attempt, outcome.will_retry
-                    )
-                    await self._record(
-                        conn, task, [_attempt_end(outcome, failed)], wake=not outcome.will_retry
-                    )
-        if tasks:
-            log.warning("released %d task(s) of worker %s: %s", len(tasks), worker_id, reason)
-        return len(tasks)
+        """Release every task a worker holds (its connection dropped); return how many.
+
+        A call of that worker still being applied when its connection dropped either rolls
+        back (its tasks are then waited for and released here) or commits tasks claimed for
+        the worker after this looked: so it looks again, until a look finds nothing (a few
+        rounds at most: nothing new is claimed for a worker whose connection is gone)."""
+        released = 0
+        for _ in range(_RELEASE_ROUNDS):
+            async with self.store.transaction() as conn:
+                tasks = await self.store.tasks_held_by(conn, worker_id)
+                for task in tasks:
+                    error = {"type": "WorkerLost", "message": reason, "non_retryable": False}
+                    outcome = await self.store.release_task(conn, task, error)
+                    if task.kind == "activity" and task.activity_id is not None:
+                        failed = ev.activity_failed(
+                            task.activity_id, error, task.attempt, outcome.will_retry
+                        )
+                        await self._record(
+                            conn,
+                            task,
+                            [_attempt_end(outcome, failed)],
+                            wake=not outcome.will_retry,
+                        )
+            if not tasks:
+                break
+            released += len(tasks)
+        if released:
+            log.warning("released %d task(s) of worker %s: %s", released, worker_id, reason)
+        return released
 
     async def reclaim_stale(self, conn: Connection) -> int:
         """Release tasks whose holder stopped heartbeating (the operator guide's 30 s rule)."""

@@ -246,10 +246,13 @@ LIMIT $2
 FOR UPDATE SKIP LOCKED;
 
 -- name: find_tasks_of_worker
--- Claimed tasks held by one worker (its connection dropped or it shut down).
+-- Claimed tasks held by one worker (its connection dropped or it shut down), locked. A task
+-- another transaction holds (a call of that worker still being applied or rolled back) is
+-- waited for, not skipped: skipped, it would stay with a worker that is gone.
 SELECT * FROM durable_task_queue
 WHERE status = 'claimed' AND claimed_by = $1
-FOR UPDATE SKIP LOCKED;
+ORDER BY id
+FOR UPDATE;
 
 -- name: release_task
 -- Give a claimed task back to the queue at once (its attempt stays counted), unless it has no
