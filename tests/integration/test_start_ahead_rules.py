@@ -229,3 +229,34 @@ async def test_a_task_locked_when_its_workers_connection_drops_is_released_all_t
             (again,) = await p.poll(wf=["nap"], wait=5)
             assert again.task_id == task.task_id and again.attempt == 2
             assert trio.current_time() - t0 < 2.0
+
+
+async def two_steps(ctx: Any, input: Any) -> Any:
+    await ctx.execute_activity("work", 1)
+    await ctx.execute_activity("work", 2)
+
+
+async def test_started_is_honoured_only_for_a_decision_on_the_start_alone(
+    database_url: str,
+) -> None:
+    """The control plane does not take a worker's word that a later workflow task may start
+    activities ahead: ``started`` on a decision made on more history than the start is
+    ignored (the activity is created under an id of the control plane's, and handed back as
+    any eager task; the worker cancels what it started)."""
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            await p.register(workflow_types=["two"], activity_types=["work"])
+            await p.start("two", wid="w")
+            (task,) = await p.poll(wf=["two"])
+            reply = await p.channel.unary(
+                p.workers.complete_workflow_task, p.decide(task, two_steps, max_eager=1)
+            )
+            (first,) = reply.eager_tasks
+            await p.complete(first, 1)
+            (later,) = await p.poll(wf=["two"])
+            request = p.decide(later, two_steps, max_eager=1)
+            assert request.seen_sequence > 1
+            (chosen,) = started_ahead(request, "2")
+            reply = await p.channel.unary(p.workers.complete_workflow_task, request)
+            (second,) = reply.eager_tasks
+            assert second.activity_id == "2" and second.task_id != chosen
