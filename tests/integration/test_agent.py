@@ -139,6 +139,12 @@ async def follow(handle: TurnHandle) -> list[TurnEvent]:
 
 
 @pytest.mark.db
+def _use_fake_api(monkeypatch: pytest.MonkeyPatch, port: int, *, key: str = "sk-test-key") -> None:
+    """Point the OpenAI provider of the agents started from here at a local fake API."""
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{port}/v1")
+
+
 async def test_a_full_turn_with_tools(database_url: str, state: State) -> None:
     with trio.fail_after(60):
         async with agent_system(database_url) as client:
@@ -393,8 +399,7 @@ async def test_the_openai_provider_against_a_fake_chat_completions_server(
     )
     with trio.fail_after(60):
         async with fake_server(fake) as port:
-            monkeypatch.setenv("OPENAI_API_KEY", "sk-test-key")
-            monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{port}/v1")
+            _use_fake_api(monkeypatch, port)
             monkeypatch.setenv("EVERRUNS_MODEL", "fake-model")
             async with agent_system(database_url) as client:
                 handle = await send_message(client, "s8", "What is 6 times 7?")
@@ -434,8 +439,7 @@ async def test_an_llm_api_refusal_fails_the_turn_without_retries(
     )
     with trio.fail_after(60):
         async with fake_server(fake) as port:
-            monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong")
-            monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{port}/v1")
+            _use_fake_api(monkeypatch, port, key="sk-wrong")
             async with agent_system(database_url) as client:
                 handle = await send_message(client, "s9", "hello")
                 with pytest.raises(WorkflowFailed) as failed:
@@ -463,8 +467,7 @@ async def test_tool_arguments_json_cannot_carry_are_reported_to_the_model(
     )
     with trio.fail_after(60):
         async with fake_server(fake) as port:
-            monkeypatch.setenv("OPENAI_API_KEY", "sk-test-key")
-            monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{port}/v1")
+            _use_fake_api(monkeypatch, port)
             async with agent_system(database_url) as client:
                 handle = await send_message(client, "s-nan", "wait a bit")
                 result = await handle.result()
@@ -519,8 +522,7 @@ async def test_the_demo_shows_why_a_turn_failed(
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
     await listeners[0].aclose()  # nothing listens there: like an unreachable API
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-key")
-    monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{port}/v1")
+    _use_fake_api(monkeypatch, port)
     answers: dict[str, str] = {}
     with trio.fail_after(60):
         async with agent_system(database_url) as client:

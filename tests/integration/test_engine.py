@@ -134,6 +134,14 @@ class Plane:
             decided_at=ahead.decided_at.timestamp(),
         )
 
+    async def first_workflow_task(self, wtype: str, *activity_types: str) -> pb.Task:
+        """Register worker "w1" for ``wtype`` and ``activity_types``, start a run of it
+        (workflow id "w") and claim its first workflow task."""
+        await self.register(workflow_types=[wtype], activity_types=list(activity_types))
+        await self.start(wtype, wid="w")
+        (task,) = await self.poll(wf=[wtype])
+        return task
+
     async def first_decisions(
         self, fn: Callable[..., Any], wtype: str, inputs: list[Any], prefix: str
     ) -> tuple[list[pb.Task], list[pb.CompleteWorkflowTaskRequest]]:
@@ -429,9 +437,7 @@ async def test_activities_started_ahead_get_the_chosen_ids_and_come_back_first(
     fn, wtype = (ahead_fanout, "fan") if path == "one statement" else (ahead_with_timer, "nap")
     with trio.fail_after(30):
         async with plane(database_url) as p:
-            await p.register(workflow_types=[wtype], activity_types=["work"])
-            await p.start(wtype, wid="w")
-            (task,) = await p.poll(wf=[wtype])
+            task = await p.first_workflow_task(wtype, "work")
             assert task.may_start_activities
             request = p.decide(task, fn, max_eager=1)
             last = "3" if fn is ahead_fanout else "1"
@@ -498,9 +504,7 @@ async def test_activities_started_ahead_must_be_what_the_commands_schedule(
 ) -> None:
     with trio.fail_after(30):
         async with plane(database_url) as p:
-            await p.register(workflow_types=["fan"], activity_types=["work"])
-            await p.start("fan", wid="w")
-            (task,) = await p.poll(wf=["fan"])
+            task = await p.first_workflow_task("fan", "work")
             request = p.decide(task, ahead_fanout, max_eager=5)
             request.started = [pb.StartedActivity(activity_id=a, task_id=t) for a, t in started]
             with pytest.raises(InvalidArgument, match=message):

@@ -24,7 +24,13 @@ from everruns.server.notifier import Notifier
 from everruns.store.models import WorkflowRun
 from everruns.store.store import NewEvent, Store
 from tests.integration.test_engine import one_activity, plane
-from tests.integration.test_store import _activity, _age_heartbeats, _claim, _run
+from tests.integration.test_store import (
+    _activity,
+    _age_heartbeats,
+    _claim,
+    _claimed_workflow_task,
+    _run,
+)
 
 pytestmark = pytest.mark.db
 
@@ -192,10 +198,7 @@ async def test_reclaiming_a_stale_workflow_task_while_its_run_has_a_pending_one(
     reclaimer's whole round)."""
     with trio.fail_after(20):
         run = await _run(store)
-        async with store.transaction() as conn:
-            await store.append_events(conn, run, [NewEvent("workflow_started", {})])
-            await store.ensure_workflow_task(conn, run)
-        (task,), _, _ = await store.claim_tasks_fast("w1", workflow_types=["checkout"], limit=1)
+        task = await _claimed_workflow_task(store, run)
         async with store.transaction() as conn:  # a signal arrives meanwhile
             locked = await store.lock_run(conn, run.run_id)
             await store.append_events(conn, locked, [NewEvent("signal_received", {})])
@@ -430,10 +433,7 @@ async def test_reclaiming_a_workflow_task_while_a_signal_makes_another_pending(
 
     with trio.fail_after(20):
         run = await _run(store)
-        async with store.transaction() as conn:
-            await store.append_events(conn, run, [NewEvent("workflow_started", {})])
-            await store.ensure_workflow_task(conn, run)
-        (task,), _, _ = await store.claim_tasks_fast("w1", workflow_types=["checkout"], limit=1)
+        task = await _claimed_workflow_task(store, run)
         await _age_heartbeats(store.pool, 60)
         signal_pending = trio.Event()
         commit_signal = trio.Event()

@@ -73,9 +73,7 @@ async def test_a_started_task_id_that_is_taken_is_invalid_argument(
     the field, with nothing lost (the task can still be completed properly)."""
     with trio.fail_after(30):
         async with plane(database_url) as p:
-            await p.register(workflow_types=["nap"], activity_types=["work"])
-            await p.start("nap", wid="w")
-            (task,) = await p.poll(wf=["nap"])
+            task = await p.first_workflow_task("nap", "work")
             request = p.decide(task, fn, max_eager=2)
             started_ahead(request, "1")
             request.started[0].task_id = task.task_id  # taken: the workflow task's own id
@@ -171,9 +169,7 @@ async def test_an_activity_started_ahead_holds_its_slot_even_when_it_does_not_co
     free slots, the extra ones stranded until the stale rule releases them."""
     with trio.fail_after(30):
         async with plane(database_url) as p:
-            await p.register(workflow_types=["fan"], activity_types=["work"])
-            await p.start("fan", wid="w")
-            (task,) = await p.poll(wf=["fan"])
+            task = await p.first_workflow_task("fan", "work")
             request = p.decide(task, ahead_fanout, max_eager=1)  # "1" work, "2" other, "3" work
             started_ahead(request, "2")
             reply = await p.channel.unary(p.workers.complete_workflow_task, request)
@@ -188,9 +184,7 @@ async def test_only_a_runs_first_workflow_task_lets_activities_start_ahead(
     run again for the next one: only the first workflow task of a run lets them start."""
     with trio.fail_after(30):
         async with plane(database_url) as p:
-            await p.register(workflow_types=["fan"], activity_types=["work", "other"])
-            await p.start("fan", wid="w")
-            (task,) = await p.poll(wf=["fan"])
+            task = await p.first_workflow_task("fan", "work", "other")
             assert task.may_start_activities and task.attempt == 1
             reply = await p.channel.unary(
                 p.workers.complete_workflow_task, p.decide(task, ahead_fanout, max_eager=3)
@@ -245,9 +239,7 @@ async def test_started_is_honoured_only_for_a_decision_on_the_start_alone(
     any eager task; the worker cancels what it started)."""
     with trio.fail_after(30):
         async with plane(database_url) as p:
-            await p.register(workflow_types=["two"], activity_types=["work"])
-            await p.start("two", wid="w")
-            (task,) = await p.poll(wf=["two"])
+            task = await p.first_workflow_task("two", "work")
             reply = await p.channel.unary(
                 p.workers.complete_workflow_task, p.decide(task, two_steps, max_eager=1)
             )

@@ -642,6 +642,17 @@ def _ahead_registry(body: Callable[..., Any]) -> Registry:
     return reg
 
 
+@asynccontextmanager
+async def _ahead_worker(
+    fake: _DecisionsHeldBack, act: Callable[..., Any], **kw: Any
+) -> AsyncIterator[Worker]:
+    """A worker of `_ahead_registry` (``act`` as its activity) running against ``fake``."""
+    async with fake_control_plane(fake) as port:
+        worker = make_worker(_ahead_registry(act), port, **kw)
+        async with running(worker):
+            yield worker
+
+
 def _ahead_task(*, may_start: bool = True) -> Any:
     task = workflow_task(
         "ahead",
@@ -676,10 +687,7 @@ async def test_an_activity_starts_before_its_decision_is_answered_and_reports_on
 
     fake = _DecisionsHeldBack()
     with trio.fail_after(10):
-        async with (
-            fake_control_plane(fake) as port,
-            running(make_worker(_ahead_registry(act), port)),
-        ):
+        async with _ahead_worker(fake, act):
             started = await _started_ahead(fake, began)
             assert started.activity_id == "1"
             assert fake.decisions[0].max_eager_tasks >= 2  # its slot counts among those offered
@@ -711,15 +719,13 @@ async def test_an_activity_started_ahead_but_not_handed_back_is_cancelled_unrepo
     fake = _DecisionsHeldBack()
     fake.hand_back = False
     with trio.fail_after(10):
-        async with fake_control_plane(fake) as port:
-            worker = make_worker(_ahead_registry(act), port, max_concurrent_tasks=2)
-            async with running(worker):
-                fake.push(_ahead_task())
-                await began.wait()
-                fake.answer.set()
-                await ended.wait()
-                await fake.wait_for(lambda: worker.load == 0)
-                await trio.sleep(0.2)  # a report would have gone out by now
+        async with _ahead_worker(fake, act, max_concurrent_tasks=2) as worker:
+            fake.push(_ahead_task())
+            await began.wait()
+            fake.answer.set()
+            await ended.wait()
+            await fake.wait_for(lambda: worker.load == 0)
+            await trio.sleep(0.2)  # a report would have gone out by now
     assert not fake.completed and not fake.failed and not fake.task_heartbeats
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
@@ -737,10 +743,7 @@ async def test_a_cancellation_that_comes_before_the_lease_is_applied_when_it_doe
 
     fake = _DecisionsHeldBack()
     with trio.fail_after(10):
-        async with (
-            fake_control_plane(fake) as port,
-            running(make_worker(_ahead_registry(act), port)),
-        ):
+        async with _ahead_worker(fake, act):
             started = await _started_ahead(fake, began)
             await fake.cancel_send.send(
                 pb.Cancellation(task_id=started.task_id, lease_token=500, reason="go away")
@@ -764,16 +767,13 @@ async def test_no_activity_starts_ahead_unless_the_control_plane_allows_it(why: 
         return n
 
     fake = _DecisionsHeldBack()
-    reg = _ahead_registry(act)
     with trio.fail_after(10):
-        async with fake_control_plane(fake) as port:
-            worker = make_worker(reg, port, start_ahead=why != "switched off")
-            async with running(worker):
-                fake.push(_ahead_task(may_start=why != "breakers"))
-                await fake.wait_for(lambda: bool(fake.decisions))
-                await trio.sleep(0.2)
-                assert not ran.is_set()
-                fake.answer.set()
+        async with _ahead_worker(fake, act, start_ahead=why != "switched off"):
+            fake.push(_ahead_task(may_start=why != "breakers"))
+            await fake.wait_for(lambda: bool(fake.decisions))
+            await trio.sleep(0.2)
+            assert not ran.is_set()
+            fake.answer.set()
     assert not fake.decisions[0].started
 
 

@@ -120,8 +120,8 @@ class ClaimedTask:
     workflow_type: str
     history: list[StoredEvent]
     claimed_at: datetime
-    # Workflow tasks: every circuit breaker was closed when it was handed out, so the worker
-    # may start the activities its decision schedules before they are recorded.
+    # Workflow tasks: the worker may start the activities its decision schedules before they
+    # are recorded (a run's first workflow task, first attempt, every breaker closed).
     may_start_activities: bool = False
 
 
@@ -173,15 +173,12 @@ class Engine:
         self.notifier = notifier
         self.breakers = BreakerConfig()
         # Whether some breaker may be open or half-open: then claims take the careful path
-        # (probe accounting). Refreshed at most once per second, and at once when this control
-        # plane records a failure; a stale "no" only delays half-open probes, since the fast
-        # claim never hands out tasks of an unclosed breaker.
-        self._unclosed_breakers = True
-        self._breakers_checked_at = float("-inf")
-        # The same question for workflow tasks handed out (`_may_start_activities`), asked on
-        # its own clock so that it never delays what claims learn.
-        self._start_ahead_ok = False
-        self._start_ahead_checked_at = float("-inf")
+        # (probe accounting). A stale "no" only delays half-open probes, since the fast claim
+        # never hands out tasks of an unclosed breaker.
+        self._unclosed_for_claims = _UnclosedBreakers(self.store)
+        # The same question for workflow tasks handed out (`_breakers_closed`), asked on its
+        # own clock so that it never delays what claims learn.
+        self._unclosed_for_start_ahead = _UnclosedBreakers(self.store)
         self._served: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
         self._claims: ClaimGroups[
             tuple[tuple[str, ...], tuple[str, ...]], Task, dict[uuid.UUID, list[StoredEvent]]
@@ -581,11 +578,7 @@ class Engine:
         return claimed
 
     async def _breakers_may_be_unclosed(self) -> bool:
-        now = trio.current_time()
-        if now - self._breakers_checked_at >= 1.0:
-            self._unclosed_breakers = await self.store.any_unclosed_breaker()
-            self._breakers_checked_at = now
-        return self._unclosed_breakers
+        return await self._unclosed_for_claims.read()
 
     async def _breakers_closed(self) -> bool:
         """Whether every circuit breaker is closed, for `ClaimedTask.may_start_activities`
@@ -593,15 +586,11 @@ class Engine:
         applying a decision still holds back the activities of a breaker that opened since,
         and the worker then cancels them), and never failing the hand-out it is asked for
         (tasks already claimed must reach their worker): a failed read answers no."""
-        now = trio.current_time()
-        if now - self._start_ahead_checked_at >= 1.0:
-            self._start_ahead_checked_at = now
-            try:
-                self._start_ahead_ok = not await self.store.any_unclosed_breaker()
-            except DatabaseError as exc:
-                self._start_ahead_ok = False
-                log.warning("could not read the circuit breakers (%s); no start ahead", exc)
-        return self._start_ahead_ok
+        try:
+            return not await self._unclosed_for_start_ahead.read()
+        except DatabaseError as exc:
+            log.warning("could not read the circuit breakers (%s); no start ahead", exc)
+            return False
 
     async def _admit_probes(self, tasks: list[Task], probes: dict[str, int]) -> list[Task]:
         """Let through only as many tasks of a half-open breaker as it has probe slots; the
@@ -1355,8 +1344,8 @@ class Engine:
             conn, task.effective_breaker_key, success=False, config=self.breakers
         )
         if state.state != "closed":
-            self._unclosed_breakers = True
-            self._start_ahead_ok = False
+            self._unclosed_for_claims.opened()
+            self._unclosed_for_start_ahead.opened()
 
     async def heartbeat(self, task_id: uuid.UUID, lease_token: int, details: str | None) -> bool:
         """Refresh a task's heartbeat; return whether its cancellation was requested."""
@@ -1494,6 +1483,29 @@ class Engine:
             fired += len(due)
             if len(due) < 200:
                 return fired
+
+
+class _UnclosedBreakers:
+    """Whether some circuit breaker may be open or half-open, as the database said at most a
+    second ago (`Store.any_unclosed_breaker`), or as this control plane learnt since."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._unclosed = True
+        self._read_at = float("-inf")
+
+    async def read(self) -> bool:
+        """Raises:
+        DatabaseError: the read failed (it is tried again on the next call)."""
+        now = trio.current_time()
+        if now - self._read_at >= 1.0:
+            self._unclosed = await self._store.any_unclosed_breaker()
+            self._read_at = now
+        return self._unclosed
+
+    def opened(self) -> None:
+        """This control plane saw a breaker open or go half-open."""
+        self._unclosed = True
 
 
 def _attempt_end(outcome: FailOutcome, event: dict[str, Any]) -> dict[str, Any]:

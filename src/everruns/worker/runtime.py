@@ -725,15 +725,12 @@ class Worker:
     def _dispatch_cancel(self, task_id: str, lease_token: int, reason: str) -> None:
         why = reason or "cancellation requested by the control plane"
         handle = self._running.get(task_id)
-        if handle is None:
-            # The claim reply may still be on its way: remember the request for a moment.
+        if handle is None or (handle.bound is not None and not handle.bound.is_set()):
+            # The claim reply may still be on its way, or the decision's reply that binds an
+            # activity started ahead to its lease (`_bind`): remember it for a moment.
             self._early_cancels[(task_id, lease_token)] = why
             while len(self._early_cancels) > _EARLY_CANCELS:
                 self._early_cancels.popitem(last=False)
-            return
-        if handle.bound is not None and not handle.bound.is_set():
-            # Started ahead: its lease arrives with the decision's reply (`_bind`).
-            self._early_cancels[(task_id, lease_token)] = why
             return
         if handle.task.lease_token != lease_token:
             log.debug("ignoring a cancellation of %s for another lease", handle.describe())
@@ -842,11 +839,18 @@ class Worker:
         if nursery is None:
             return 0
         for task, slot in zip(tasks[:count], slots[:count], strict=True):
-            self._slots.start(slot)
-            nursery.start_soon(
-                self._run_task, task, slot, name=f"everruns task {task.kind} {task.task_id}"
-            )
+            self._launch(nursery, _RunningTask(task, slot))
         return count
+
+    def _launch(self, nursery: trio.Nursery, handle: _RunningTask) -> None:
+        """Run ``handle``'s task in its slot, as a task of the worker's task nursery."""
+        assert handle.slot is not None
+        self._slots.start(handle.slot)
+        task = handle.task
+        ahead = " (ahead)" if handle.bound is not None else ""
+        nursery.start_soon(
+            self._run_task, handle, name=f"everruns task {task.kind} {task.task_id}{ahead}"
+        )
 
     def _eager_offer(self, handle: _RunningTask) -> tuple[list[Slot], int]:
         """Reserve slots for tasks a completion may hand back; the task's own slot counts."""
@@ -857,9 +861,8 @@ class Worker:
 
     # ------------------------------------------------------------------------------ tasks
 
-    async def _run_task(self, task: Any, slot: Slot, handle: _RunningTask | None = None) -> None:
-        if handle is None:
-            handle = _RunningTask(task, slot)
+    async def _run_task(self, handle: _RunningTask) -> None:
+        task = handle.task
         self._running[handle.key] = handle
         early = self._early_cancels.pop((handle.key, task.lease_token), None)
         if early is not None:
@@ -1575,18 +1578,10 @@ class Worker:
                 scheduled_at=now,
                 claimed_at=now,
             )
-            slot = extra[len(started)]
-            running = _RunningTask(provisional, slot)
+            running = _RunningTask(provisional, extra[len(started)])
             running.bound = trio.Event()
             started[running.key] = running
-            self._slots.start(slot)
-            nursery.start_soon(
-                self._run_task,
-                provisional,
-                slot,
-                running,
-                name=f"everruns task activity {provisional.task_id} (ahead)",
-            )
+            self._launch(nursery, running)
         return started
 
     def _bind(self, handle: _RunningTask, task: Any) -> None:
