@@ -824,7 +824,7 @@ def _add_dlq(commands: Any, common: argparse.ArgumentParser) -> None:
         "requeue",
         common,
         "put a dead-lettered task back in the queue with fresh attempts",
-        _example("everruns dlq requeue 17"),
+        _example("everruns dlq requeue 0b7e5c1e-3f52-4c4d-9a55-2d0f3c8e9a41"),
         run=_dlq_requeue,
     )
     p.add_argument("dead_letter_id", metavar="ID", help="dead letter id (from `dlq list`)")

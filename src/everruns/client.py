@@ -26,7 +26,12 @@ import trio
 from everruns._aio import open_aio_loop
 from everruns._aio.grpc import RpcChannel, client_tls, client_tls_from_env, open_channel
 from everruns._proto.everruns import v1 as pb
-from everruns.domain.address import DEFAULT_GRPC_ADDRESS, call_stream_from_env, parse_address
+from everruns.domain.address import (
+    DEFAULT_GRPC_ADDRESS,
+    call_stream_from_env,
+    check_auth_token,
+    parse_address,
+)
 from everruns.domain.packing import pack_blobs, unpack_uuids
 from everruns.domain.payload import decode, encode
 from everruns.domain.registry import name_of
@@ -581,19 +586,21 @@ class WorkflowHandle:
     async def cancel(self, reason: str = "") -> None:
         """Ask the open run to cancel; the workflow code sees the request and may clean up.
 
-        Returns once the request is recorded, not when the run has ended (use `result`).
+        Returns once the request is recorded, not when the run has ended (use `result`). A
+        run no worker has picked up yet ends cancelled at once. Cancelling again is a no-op,
+        also once the run has ended cancelled, so the call is retried like a read.
 
         Raises:
             NotFound: no such workflow or run.
-            FailedPrecondition: the run has ended (the message says its final status).
-            ServerUnavailable: the control plane is unreachable.
+            FailedPrecondition: the run has ended otherwise (the message says how).
+            ServerUnavailable: the control plane stayed unreachable through the retries.
         """
         await self._client._call(
             self._client._stub.cancel_workflow,
             pb.CancelWorkflowRequest(
                 workflow_id=self.workflow_id, run_id=self.run_id or "", reason=reason
             ),
-            retry=False,
+            retry=True,
         )
 
     async def describe(self) -> WorkflowDescription:
@@ -688,7 +695,9 @@ class Client:
         else:
             host, port = parse_address(address, setting="address")
         if auth_token is None:
-            auth_token = os.environ.get("EVERRUNS_AUTH_TOKEN") or None
+            auth_token = check_auth_token(os.environ.get("EVERRUNS_AUTH_TOKEN") or None)
+        else:
+            check_auth_token(auth_token, setting="auth_token")
         if call_stream is None:
             call_stream = call_stream_from_env(os.environ)
         if tls is None:

@@ -8,7 +8,7 @@ import functools
 import json
 import ssl
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import attrs
@@ -33,8 +33,8 @@ from everruns.client import Client
 from everruns.domain.registry import Registry
 from everruns.domain.retry import RetryPolicy
 from everruns.errors import EverrunsError, NotFound, WorkflowFailed
-from everruns.server import ServerConfig, serve
-from everruns.worker import ActivityContext, ActivityInfo, Worker
+from everruns.worker import ActivityContext, ActivityInfo
+from tests.integration.agent_harness import serve_agent
 
 FAST = RetryPolicy(max_attempts=5, initial_interval=0.05, maximum_interval=0.2)
 
@@ -116,19 +116,9 @@ async def state() -> State:
     return STATE
 
 
-@asynccontextmanager
-async def agent_system(database_url: str) -> AsyncIterator[Client]:
-    """The control plane, one worker serving the agent, and a client."""
-    async with trio.open_nursery() as nursery:
-        info = await nursery.start(serve, ServerConfig(database_url=database_url, grpc_port=0))
-        # The worker stops (drains and reports) before the control plane does.
-        async with trio.open_nursery() as workers:
-            worker = Worker(REGISTRY, address=info.address, grace_period=1, max_concurrent_tasks=8)
-            await workers.start(worker.run)
-            async with Client.connect(info.address) as client:
-                yield client
-            worker.shutdown()
-        nursery.cancel_scope.cancel()
+def agent_system(database_url: str) -> AbstractAsyncContextManager[Client]:
+    """The control plane, one worker serving the agent and this module's tools, a client."""
+    return serve_agent(database_url, REGISTRY)
 
 
 async def follow(handle: TurnHandle) -> list[TurnEvent]:

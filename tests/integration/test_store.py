@@ -1157,9 +1157,9 @@ async def test_the_wake_up_sweep_names_new_and_straggling_keys_from_a_few_rows_p
         since = await store.now()
         await _activity(store, run, "new", atype="mail")  # announced as it is written
         await trio.sleep(0.4)
-        keys, _ = await store.newly_visible_keys(since, straggling_after=60)
+        keys, _, _ = await store.newly_visible_keys(since, straggling_after=60)
         assert sorted(keys) == ["activity:charge", "activity:refund"]
-        keys, _ = await store.newly_visible_keys(await store.now(), straggling_after=7200)
+        keys, _, _ = await store.newly_visible_keys(await store.now(), straggling_after=7200)
         assert keys == []  # nothing new since, nothing waited two hours
         (row,) = await pool.fetch(
             "EXPLAIN (ANALYZE, FORMAT JSON) " + QUERIES["newly_visible_keys"], since, 60.0

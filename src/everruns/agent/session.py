@@ -46,6 +46,8 @@ POLL_MAX = 0.5
 """History is polled (there is no history long-poll RPC): from 50 ms, growing to 0.5 s while
 nothing happens, back to 50 ms as soon as something does."""
 SEND_ATTEMPTS = 5
+MAX_MESSAGE_ID_CHARS = 200
+"""The longest idempotency key `send_message` takes."""
 MAX_SESSION_ID_CHARS = 200
 
 
@@ -298,7 +300,16 @@ def _message(
     tools: Sequence[str] | None,
     llm_retry: RetryPolicy | None,
     tool_retry: RetryPolicy | None,
+    message_id: str | None = None,
 ) -> dict[str, Any]:
+    if message_id is not None and (
+        not isinstance(message_id, str)
+        or not message_id.strip()
+        or len(message_id) > MAX_MESSAGE_ID_CHARS
+    ):
+        raise InvalidArgument(
+            f"message_id must be a non-empty string of at most {MAX_MESSAGE_ID_CHARS} characters"
+        )
     if not isinstance(text, str) or not text.strip():
         raise InvalidArgument("the message text must be a non-empty string")
     if len(text) > MAX_TEXT_CHARS:
@@ -310,7 +321,7 @@ def _message(
     ):
         raise InvalidArgument(f"max_steps must be an integer from 1 to {MAX_STEPS_LIMIT}")
     message: dict[str, Any] = {
-        "message_id": uuid.uuid4().hex,
+        "message_id": message_id or uuid.uuid4().hex,
         "text": text,
         "max_steps": max_steps,
     }
@@ -375,6 +386,17 @@ async def _open_session_run(client: Client, session_id: str) -> str:
 async def _turn_of(handle: WorkflowHandle, message_id: str) -> int | None:
     """Return the turn the session run will give ``message_id``, or None if it was closed
     before that message (it will never be answered by this run)."""
+    found, turn = await _find_turn(handle, message_id)
+    if not found:
+        raise FailedPrecondition(
+            f"the message {message_id} is not in the history of session run {handle.run_id}"
+        )
+    return turn
+
+
+async def _find_turn(handle: WorkflowHandle, message_id: str) -> tuple[bool, int | None]:
+    """Whether the session run received ``message_id``, and the turn it gives it (None: the
+    run was closed before it)."""
     events = await handle.history()
     start = events[0].data.get("input") if events else None
     turn = int(start.get("first_turn") or 1) if isinstance(start, dict) else 1
@@ -387,12 +409,10 @@ async def _turn_of(handle: WorkflowHandle, message_id: str) -> int | None:
             closed = True
             continue
         if isinstance(payload, dict) and payload.get("message_id") == message_id:
-            return None if closed else turn
+            return True, None if closed else turn
         if not closed:
             turn += 1
-    raise FailedPrecondition(
-        f"the message {message_id} is not in the history of session run {handle.run_id}"
-    )
+    return False, None
 
 
 async def send_message(
@@ -406,6 +426,7 @@ async def send_message(
     tools: Sequence[str] | None = None,
     llm_retry: RetryPolicy | None = None,
     tool_retry: RetryPolicy | None = None,
+    message_id: str | None = None,
 ) -> TurnHandle:
     """Send a message to a session; a turn of its own will answer it, after earlier ones.
 
@@ -420,6 +441,9 @@ async def send_message(
         tools: names of the tools to offer (default: every tool enabled on the worker).
         llm_retry: retry policy of the LLM calls (default: 4 attempts from 1 s).
         tool_retry: retry policy of every tool call (default: each tool's own).
+        message_id: the message's idempotency key (default: a new one). A retry with the same
+            key after a lost reply does not send the message again if the session's open run
+            has it: it returns the turn that answers it.
 
     Returns:
         A handle to the turn that will answer the message.
@@ -427,20 +451,25 @@ async def send_message(
     Raises:
         InvalidArgument: a bad session id, empty or too long text, or a bad option.
         ServerUnavailable: the control plane is unreachable (the message may not have been
-            delivered; a signal is not retried automatically).
+            delivered; a signal is not retried automatically: retry with the same
+            ``message_id`` to send it at most once).
         FailedPrecondition: the session kept ending while the message was being delivered.
     """
     _check_session_id(session_id)
-    message = _message(text, max_steps, provider, model, tools, llm_retry, tool_retry)
+    message = _message(text, max_steps, provider, model, tools, llm_retry, tool_retry, message_id)
     workflow_id = session_workflow_id(session_id)
     for _ in range(SEND_ATTEMPTS):
         run_id = await _open_session_run(client, session_id)
         handle = client.get_handle(workflow_id, run_id)
-        try:
-            await handle.signal(MESSAGE_SIGNAL, message)
-        except FailedPrecondition:
-            continue  # the run ended between finding it and signalling it: use the next one
-        turn = await _turn_of(handle, message["message_id"])
+        found, turn = (
+            await _find_turn(handle, message_id) if message_id is not None else (False, None)
+        )
+        if not found:
+            try:
+                await handle.signal(MESSAGE_SIGNAL, message)
+            except FailedPrecondition:
+                continue  # the run ended between finding it and signalling it: the next one
+            turn = await _turn_of(handle, message["message_id"])
         if turn is not None:
             return TurnHandle(
                 client, session_id, turn, message_id=message["message_id"], session_run_id=run_id

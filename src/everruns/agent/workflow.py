@@ -52,6 +52,12 @@ TURN_LIMIT_REACHED = "turn_limit_reached"
 MAX_CONTEXT_TURNS = 10
 """How many earlier turns of a session a new turn sees (older ones are left out)."""
 
+MAX_CONTEXT_BYTES = 1_000_000
+"""The most JSON text of earlier turns a new turn carries; older turns are left out first.
+Half the control plane's default payload limit (EVERRUNS_MAX_PAYLOAD_BYTES, 2 MB), so that the
+context, the message and what the turn adds fit in one payload. A turn refused as too large
+halves it again for the rest of the run (a control plane may set a lower limit)."""
+
 
 def session_workflow_id(session_id: str) -> str:
     """Return the workflow id of a session: ``session:<id>``."""
@@ -211,6 +217,22 @@ def _session_state(state: Any) -> tuple[str, int, list[list[dict[str, Any]]]]:
     return session_id, first_turn, context[-MAX_CONTEXT_TURNS:]
 
 
+def _size(turns: list[list[dict[str, Any]]]) -> int:
+    return sum(len(json.dumps(past)) for past in turns)
+
+
+def _within(turns: list[list[dict[str, Any]]], budget: int) -> list[list[dict[str, Any]]]:
+    """The latest ``turns`` whose JSON text adds up to at most ``budget`` characters."""
+    kept: list[list[dict[str, Any]]] = []
+    size = 0
+    for past in reversed(turns):
+        size += len(json.dumps(past))
+        if size > budget:
+            break
+        kept.append(past)
+    return kept[::-1]
+
+
 @workflow(name=SESSION_WORKFLOW)
 async def agent_session(ctx: WorkflowContext, state: Any) -> dict[str, Any]:
     """Run a session: one turn per ``message`` signal, in arrival order, until closed.
@@ -226,10 +248,11 @@ async def agent_session(ctx: WorkflowContext, state: Any) -> dict[str, Any]:
 
     Raises:
         InvalidArgument: ``state`` is malformed (the session fails).
-        WorkflowCancelled: the session was cancelled (a running turn is left to finish).
+        WorkflowCancelled: the session was cancelled (a running turn is cancelled with it).
     """
     session_id, turn, turns = _session_state(state)
     first_turn = turn
+    budget = MAX_CONTEXT_BYTES
     while True:
         payload = await ctx.wait_signal(MESSAGE_SIGNAL)
         if is_close(payload):
@@ -240,6 +263,7 @@ async def agent_session(ctx: WorkflowContext, state: Any) -> dict[str, Any]:
                 "turns": turn - first_turn,
                 "context": turns,
             }
+        turns = _within(turns, budget)
         child_input = {
             "session_id": session_id,
             "turn": turn,
@@ -250,8 +274,11 @@ async def agent_session(ctx: WorkflowContext, state: Any) -> dict[str, Any]:
             result = await ctx.execute_child_workflow(
                 agent_turn, child_input, workflow_id=turn_workflow_id(session_id, turn)
             )
-        except ChildWorkflowError:
-            pass  # a failed or cancelled turn adds nothing to the conversation
+        except ChildWorkflowError as exc:
+            # A failed or cancelled turn adds nothing to the conversation. One refused as too
+            # large would fail again with the same context: later turns carry half of it.
+            if "ResourceExhausted" in str(exc):
+                budget = _size(turns) // 2
         else:
             new = result.get("messages") if isinstance(result, dict) else None
             if isinstance(new, list):

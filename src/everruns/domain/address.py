@@ -10,7 +10,13 @@ from collections.abc import Mapping
 
 from everruns.errors import ConfigError
 
-__all__ = ["DEFAULT_GRPC_ADDRESS", "call_stream_from_env", "parse_address", "switch_from_env"]
+__all__ = [
+    "DEFAULT_GRPC_ADDRESS",
+    "call_stream_from_env",
+    "check_auth_token",
+    "parse_address",
+    "switch_from_env",
+]
 
 DEFAULT_GRPC_ADDRESS = "127.0.0.1:9001"
 
@@ -36,9 +42,31 @@ def parse_address(
     lowest = 0 if allow_any_port else 1
     # isdigit() alone is true for '²', which int() refuses.
     digits = port_text.isascii() and port_text.isdigit()
-    if not sep or not host or not digits or not lowest <= int(port_text) <= 65535:
-        raise ConfigError(f"{setting}={value!r} is not host:port (e.g. {DEFAULT_GRPC_ADDRESS})")
+    # A URL ('http://host:port') is the commonest mistake: its "host" would be taken as a name
+    # to resolve, and the failure reported as an unreachable control plane.
+    odd_host = any(c in host for c in "/@?# ") or "://" in value
+    if not sep or not host or odd_host or not digits or not lowest <= int(port_text) <= 65535:
+        raise ConfigError(
+            f"{setting}={value!r} is not host:port (e.g. {DEFAULT_GRPC_ADDRESS}, no scheme)"
+        )
     return host, int(port_text)
+
+
+def check_auth_token(token: str | None, *, setting: str = "EVERRUNS_AUTH_TOKEN") -> str | None:
+    """Return ``token`` if an HTTP/2 header can carry it as ``Bearer <token>``.
+
+    Raises:
+        ConfigError: it holds a character other than visible ASCII (a trailing newline from
+            a secret file, a space, a non-ASCII letter); names ``setting``.
+    """
+    if token is None:
+        return None
+    if not token.isascii() or not token.isprintable() or " " in token:
+        raise ConfigError(
+            f"{setting} holds a character a gRPC header cannot carry (only visible ASCII, no "
+            "spaces or line ends; a secret read from a file may end with a newline)"
+        )
+    return token
 
 
 def switch_from_env(env: Mapping[str, str], name: str, *, default: bool) -> bool:

@@ -290,8 +290,12 @@ class StartChildWorkflow:
         return self.child_id
 
     def describe(self) -> str:
-        """Return e.g. ``StartChildWorkflow(id=3, type=ship)`` for error messages."""
-        return f"StartChildWorkflow(id={self.child_id}, type={self.workflow_type})"
+        """Return e.g. ``StartChildWorkflow(id=3, type=ship, workflow_id=order-7:ship)`` for
+        error messages."""
+        return (
+            f"StartChildWorkflow(id={self.child_id}, type={self.workflow_type}, "
+            f"workflow_id={self.workflow_id})"
+        )
 
     def to_event(self) -> dict[str, Any]:
         """Return the ``child_workflow_started`` event this command becomes."""

@@ -220,6 +220,8 @@ class HistoryEvent:
             parts.append(f"type={d.get('activity_type')}")
         elif self.type == CHILD_WORKFLOW_STARTED:
             parts.append(f"type={d.get('workflow_type')}")
+            if d.get("workflow_id") is not None:
+                parts.append(f"workflow_id={d['workflow_id']}")
         elif self.type == TIMER_STARTED:
             parts.append(f"seconds={d.get('seconds')}")
         elif self.type == SIGNAL_RECEIVED:

@@ -19,8 +19,10 @@ __all__ = [
     "MAX_NAME_LENGTH",
     "MAX_SECONDS",
     "MAX_SECONDS_TEXT",
+    "MAX_WORKER_ID_LENGTH",
     "check_name",
     "check_type_name",
+    "check_worker_id",
     "escape_nul_in_json",
 ]
 
@@ -39,10 +41,13 @@ MAX_NAME_LENGTH = 512
 """The longest type, id or key name: the ``CHECK (length(...) BETWEEN 1 AND 512)`` of the
 name columns."""
 
+MAX_WORKER_ID_LENGTH = 256
+"""The longest worker id: ``durable_workers.id`` is ``CHECK (length(id) BETWEEN 1 AND 256)``."""
+
 _NUL_ESCAPE = "\\u0000"  # how JSON text spells a NUL character
 
 
-def check_name(value: object, what: str) -> str:
+def check_name(value: object, what: str, *, limit: int = MAX_NAME_LENGTH) -> str:
     """Return ``value`` if it can name a type, id, signal or breaker key.
 
     Args:
@@ -54,20 +59,23 @@ def check_name(value: object, what: str) -> str:
 
     Raises:
         InvalidArgument: ``value`` is not a string, is empty or only spaces, is longer than
-            `MAX_NAME_LENGTH`, or holds a NUL character (PostgreSQL text cannot); the one-line
-            message names ``what``.
+            ``limit`` (`MAX_NAME_LENGTH`), or holds a NUL character (PostgreSQL text cannot);
+            the one-line message names ``what``.
     """
     if not isinstance(value, str):
         raise InvalidArgument(f"{what} must be a string, got {type(value).__name__}")
     if not value or not value.strip():
         raise InvalidArgument(f"{what} must not be empty")
-    if len(value) > MAX_NAME_LENGTH:
-        raise InvalidArgument(
-            f"{what} is {len(value)} characters long; the limit is {MAX_NAME_LENGTH}"
-        )
+    if len(value) > limit:
+        raise InvalidArgument(f"{what} is {len(value)} characters long; the limit is {limit}")
     if "\x00" in value:
         raise InvalidArgument(f"{what} must not contain NUL characters")
     return value
+
+
+def check_worker_id(value: object) -> str:
+    """`check_name` for a worker id, whose column allows `MAX_WORKER_ID_LENGTH` characters."""
+    return check_name(value, "worker_id", limit=MAX_WORKER_ID_LENGTH)
 
 
 def check_type_name(value: object, what: str) -> str:

@@ -78,12 +78,8 @@ def _check(value: Any, path: str) -> None:
     )
 
 
-def encode_text(value: Any, *, what: str = "payload") -> str:
-    """Return the exact JSON text of ``value``.
-
-    Raises:
-        PayloadError: ``value`` contains something JSON cannot carry exactly.
-    """
+def _text(value: Any, what: str) -> str:
+    """The JSON text of ``value``, which may still hold a lone surrogate (see `encode_text`)."""
     kind = type(value)
     try:
         if kind is int:  # the commonest input and id; JSONEncoder builds its C encoder per call
@@ -96,11 +92,39 @@ def encode_text(value: Any, *, what: str = "payload") -> str:
     except ValueError as exc:  # an int past Python's limit of digits for a conversion to text
         reason = str(exc).split(";")[0]
         raise PayloadError(f"{what} cannot be written as JSON: {reason}") from None
+    except RecursionError:
+        raise PayloadError(
+            f"{what} is nested too deeply (or contains itself) to be written as JSON"
+        ) from None
+
+
+def _utf8(text: str, what: str) -> bytes:
+    try:
+        return text.encode()
+    except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from os.fsdecode or JSON "\\udce9"
+        raise PayloadError(
+            f"{what} holds the lone surrogate {exc.object[exc.start]!r}, which UTF-8 cannot "
+            "carry; decode the text it came from properly (or use errors='replace')"
+        ) from None
+
+
+def encode_text(value: Any, *, what: str = "payload") -> str:
+    """Return the exact JSON text of ``value``.
+
+    Raises:
+        PayloadError: ``value`` contains something JSON cannot carry exactly (a type JSON does
+            not have, NaN, a string UTF-8 cannot encode, nesting deeper than Python's
+            recursion limit or a value that contains itself).
+    """
+    text = _text(value, what)
+    if not text.isascii():
+        _utf8(text, what)
+    return text
 
 
 def encode(value: Any, *, what: str = "payload") -> bytes:
     """Return the exact JSON of ``value`` as UTF-8 bytes (see `encode_text`)."""
-    return encode_text(value, what=what).encode()
+    return _utf8(_text(value, what), what)
 
 
 def json_error(text: str) -> str | None:

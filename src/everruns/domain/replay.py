@@ -613,6 +613,9 @@ def _matches(command: Command, event: HistoryEvent) -> bool:
             event.type == h.CHILD_WORKFLOW_STARTED
             and data.get("child_id") == command.child_id
             and data.get("workflow_type") == command.workflow_type
+            # the child it names: code that now starts another one has changed (a history
+            # written without the id, by an early version, matches any)
+            and data.get("workflow_id") in (None, command.workflow_id)
         )
     if isinstance(command, CompleteWorkflow):
         return event.type == h.WORKFLOW_COMPLETED

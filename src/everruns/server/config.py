@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from everruns.domain.address import DEFAULT_GRPC_ADDRESS, parse_address
+from everruns.domain.address import DEFAULT_GRPC_ADDRESS, check_auth_token, parse_address
 from everruns.domain.limits import MAX_SECONDS
 from everruns.errors import ConfigError
 
@@ -22,24 +22,31 @@ __all__ = ["ServerConfig", "validate_database_url"]
 
 
 def validate_database_url(url: str) -> str:
-    """Return ``url`` if it looks like a PostgreSQL URL.
+    """Return ``url`` if it looks like a PostgreSQL URL: the ``postgresql://`` scheme and, for
+    each host it names (``h1:5432,h2:5432`` fails over, as in libpq), a valid port if any. No
+    host at all (``postgresql:///everruns``) is libpq's too: ``PGHOST`` or the local socket.
 
     Raises:
-        ConfigError: wrong scheme, or no database host/path; names DATABASE_URL.
+        ConfigError: wrong scheme or a bad port; names DATABASE_URL.
     """
-    try:
-        parts = urlsplit(url)
-        _ = parts.port  # raises ValueError on a bad port
-    except ValueError as exc:
-        raise ConfigError(f"DATABASE_URL is invalid: {exc}") from exc
+    parts = urlsplit(url)
     if parts.scheme not in ("postgres", "postgresql"):
         raise ConfigError(
             f"DATABASE_URL is invalid: scheme {parts.scheme or '(none)'!r} is not postgresql:// "
             "(e.g. postgresql://user:password@localhost:5432/everruns)"
         )
-    if not parts.hostname and "host=" not in parts.query:
-        raise ConfigError("DATABASE_URL is invalid: it names no host (postgresql://HOST/DB)")
+    hosts = parts.netloc.rpartition("@")[2]
+    for host in hosts.split(","):
+        try:
+            _ = urlsplit(f"//{host}").port  # raises ValueError on a bad port
+        except ValueError as exc:
+            raise ConfigError(f"DATABASE_URL is invalid: {exc}") from exc
     return url
+
+
+def _expand_home(path: str | None) -> str | None:
+    # `~/pg` from an env file names the same directory as in a shell (and as the demo reads it)
+    return os.path.expanduser(path) if path else path
 
 
 _SECONDS_PER_DAY = 86400.0
@@ -135,7 +142,7 @@ class ServerConfig:
     """
 
     database_url: str | None = None
-    data_dir: str | None = None
+    data_dir: str | None = attrs.field(default=None, converter=_expand_home)
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 9001
     db_connect_timeout: float = 30.0
@@ -196,7 +203,7 @@ class ServerConfig:
                 unit="days",
             )
             * _SECONDS_PER_DAY,
-            auth_token=env.get("EVERRUNS_AUTH_TOKEN") or None,
+            auth_token=check_auth_token(env.get("EVERRUNS_AUTH_TOKEN") or None),
             pool_size=_int(env, "EVERRUNS_DB_POOL_SIZE", 10, minimum=2),
             schedule_to_start_timeout=_float(env, "EVERRUNS_SCHEDULE_TO_START_TIMEOUT", 60.0)
             or None,

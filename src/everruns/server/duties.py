@@ -134,7 +134,7 @@ async def _scan_once(engine: Engine, since: datetime | None) -> tuple[datetime, 
     open_duration = engine.breakers.open_duration
     if await engine.store.breakers_due_since(since, open_duration=open_duration):
         engine.notifier.poke_tasks()
-    keys, since = await engine.store.newly_visible_keys(since)
+    keys, since, straggler = await engine.store.newly_visible_keys(since)
     for key in keys:
         engine.notifier.poke_key(key)
     waits = [
@@ -142,6 +142,10 @@ async def _scan_once(engine: Engine, since: datetime | None) -> tuple[datetime, 
         for w in (
             await engine.store.seconds_until_due(breaker_open_duration=open_duration),
             await engine.store.seconds_until_timeout(),
+            # A task waiting now is claimed within a second unless its wake-up was lost (a
+            # claim that skipped its locked row, say): look again when it would straggle,
+            # and every second while one does.
+            straggler,
         )
         if w is not None
     ]

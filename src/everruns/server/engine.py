@@ -164,6 +164,13 @@ def _error_dict(text: str) -> dict[str, Any]:
     return value
 
 
+def _check_open(run: WorkflowRun, workflow_id: str, verb: str) -> None:
+    if not run.is_open:
+        raise FailedPrecondition(
+            f"cannot {verb} workflow {workflow_id!r}: it has already ended {run.status}"
+        )
+
+
 class Engine:
     """Durable operations the control plane serves."""
 
@@ -267,15 +274,19 @@ class Engine:
                     await self._give_back(handed)
         return workflow_id, run_id, task is not None
 
-    async def _give_back(self, handed: Sequence[ClaimedTask]) -> None:
-        """Return tasks claimed for a poll that did not take them to the queue, their attempt
-        uncharged (NOTIFY wakes another claimer)."""
+    async def _give_back(self, handed: Sequence[ClaimedTask | Task]) -> None:
+        """Return tasks claimed for a call that did not take them (a poll that ended, a reply
+        that was not sent) to the queue, their attempt uncharged (NOTIFY wakes another
+        claimer). One no longer under the lease it was claimed with is left alone."""
+        if not handed:
+            return
         try:
             async with self.store.transaction() as conn:
                 for claimed in handed:
-                    await self.store.unclaim(conn, claimed.task)
+                    task = claimed.task if isinstance(claimed, ClaimedTask) else claimed
+                    await self.store.unclaim(conn, task)
         except EverrunsError as exc:  # their leases lapse and the reclaimer frees them
-            log.warning("could not give back %d task(s) claimed for a poll: %s", len(handed), exc)
+            log.warning("could not give back %d task(s) claimed for a call: %s", len(handed), exc)
 
     async def _start_statements(
         self, rows: list[tuple[str, str, str, uuid.UUID | None]]
@@ -363,13 +374,13 @@ class Engine:
     async def _lock_open(
         self, conn: Connection, workflow_id: str, run_id: str, verb: str
     ) -> WorkflowRun:
-        run = await self.find_run(workflow_id, run_id, conn=conn)
-        run = await self.store.lock_run(conn, run.run_id)
-        if not run.is_open:
-            raise FailedPrecondition(
-                f"cannot {verb} workflow {workflow_id!r}: it has already ended {run.status}"
-            )
+        run = await self._locked(conn, workflow_id, run_id)
+        _check_open(run, workflow_id, verb)
         return run
+
+    async def _locked(self, conn: Connection, workflow_id: str, run_id: str) -> WorkflowRun:
+        run = await self.find_run(workflow_id, run_id, conn=conn)
+        return await self.store.lock_run(conn, run.run_id)
 
     # ------------------------------------------------------------------ signals and cancel
 
@@ -388,7 +399,10 @@ class Engine:
         """Request cancellation of an open run: its code sees the request, its activities are
         cancelled (pending ones at once, running ones on their workers)."""
         async with self.store.transaction() as conn:
-            run = await self._lock_open(conn, workflow_id, run_id, "cancel")
+            run = await self._locked(conn, workflow_id, run_id)
+            if run.status == "cancelled" and run.cancel_requested_at is not None:
+                return  # requested before and done: cancelling is idempotent
+            _check_open(run, workflow_id, "cancel")
             await self._request_cancel(conn, run, reason)
 
     async def _request_cancel(self, conn: Connection, run: WorkflowRun, reason: str) -> None:
@@ -396,6 +410,21 @@ class Engine:
         request on to its open children (a cancelled parent does not leave orphans running)."""
         if run.cancel_requested_at is not None:
             return  # already requested: cancelling is idempotent
+        if run.started_at is None and not await self.store.workflow_task_held(conn, run.run_id):
+            # No worker ever picked it up (a type no worker serves, say): no code ran that
+            # could see the request, so the run ends cancelled here, freeing its workflow id.
+            await self.store.request_run_cancel(conn, run.run_id)
+            await self.store.append_events(
+                conn,
+                run,
+                [
+                    NewEvent.of(ev.workflow_cancel_requested(reason)),
+                    NewEvent.of(ev.workflow_cancelled()),
+                ],
+            )
+            ended = await self.store.end_run(conn, run.run_id, "cancelled")
+            await self._after_end(conn, ended, RunEnd("cancelled"))
+            return
         await self.store.add_signal(conn, run, "cancel", "null", signal_type="cancel")
         await self.store.request_run_cancel(conn, run.run_id)
         events = [NewEvent.of(ev.workflow_cancel_requested(reason))]
@@ -717,6 +746,28 @@ class Engine:
             # say), which rolled back the whole statement: each goes its own way instead, so
             # only the guilty one is refused.
             applied = [(False, [])] * len(decisions)
+        try:
+            return await self._complete_rest(worker_id, completions, plans, fast, applied, results)
+        except BaseException:
+            # No reply carries the activities claimed for the worker (the call was cancelled,
+            # or a general path failed): back to the queue, not left until their leases lapse.
+            handed = [t for r in results if isinstance(r, tuple) for t in r[2]]
+            if handed:
+                with trio.move_on_after(_GIVE_BACK_SECONDS, shield=True):
+                    await self._give_back(handed)
+            raise
+
+    async def _complete_rest(
+        self,
+        worker_id: str,
+        completions: Sequence[WorkflowTaskCompletion],
+        plans: list[tuple[int, list[Command], _Outcome | None]],
+        fast: list[tuple[int, _Outcome]],
+        applied: Sequence[tuple[bool, list[Task]]],
+        results: list[tuple[bool, bool, list[ClaimedTask]] | EverrunsError | None],
+    ) -> list[tuple[bool, bool, list[ClaimedTask]] | EverrunsError]:
+        """The rest of `complete_workflow_tasks` once its statement has committed: what the
+        fast path applied, then the general path of the others (``results`` is filled in)."""
         done = set()
         for (n, outcome), (ok, claimed) in zip(fast, applied, strict=True):
             if ok:
@@ -1079,51 +1130,75 @@ class Engine:
             except EverrunsError as exc:  # the results stand; the slots refill by polling
                 log.warning("claim beside recorded results failed: %s", exc)
 
-        async with trio.open_nursery() as nursery:
-            if beside:
-                nursery.start_soon(claim_beside)
-            recorded: tuple[Any, ...] | EverrunsError
-            try:
-                recorded = await self._record_results(
-                    worker_id, [result for _, result in valid], workflow_types, max_new_tasks, ahead
-                )
-            except EverrunsError as exc:
-                recorded = exc  # raised once the claim beside it has ended (not as a group)
-        if isinstance(recorded, EverrunsError):
-            raise recorded
+        try:
+            async with trio.open_nursery() as nursery:
+                if beside:
+                    nursery.start_soon(claim_beside)
+                recorded: tuple[Any, ...] | EverrunsError
+                try:
+                    recorded = await self._record_results(
+                        worker_id,
+                        [result for _, result in valid],
+                        workflow_types,
+                        max_new_tasks,
+                        ahead,
+                    )
+                except EverrunsError as exc:
+                    recorded = exc  # raised once the claim beside it has ended (not as a group)
+            if isinstance(recorded, EverrunsError):
+                raise recorded
+        except BaseException:
+            with trio.move_on_after(_GIVE_BACK_SECONDS, shield=True):
+                await self._give_back(claimed)  # the claim beside ran to its end (shielded)
+            raise
         done, eager, histories, applied = recorded
-        for p, (n, (task_id, lease_token, _)) in enumerate(valid):
-            if p not in done:  # not under its lease, or another of the same task was
-                verdicts[n] = await self.store.stale_reason(task_id, lease_token)
-        for breaker_key in [key for key in done.values() if key is not None]:  # one per success
-            async with self.store.transaction() as conn:
-                await self.store.record_breaker_success_if_tracked(
-                    conn, breaker_key, config=self.breakers
+        # Claimed for the worker: given back if no reply carries them (the call cancelled, or
+        # failing), not left until their leases lapse.
+        outstanding: list[ClaimedTask | Task] = [*eager, *claimed]
+        outstanding += [task for tasks in applied.values() for task in tasks]
+        try:
+            for p, (n, (task_id, lease_token, _)) in enumerate(valid):
+                if p not in done:  # not under its lease, or another of the same task was
+                    verdicts[n] = await self.store.stale_reason(task_id, lease_token)
+            for breaker_key in [key for key in done.values() if key is not None]:  # one per success
+                async with self.store.transaction() as conn:
+                    await self.store.record_breaker_success_if_tracked(
+                        conn, breaker_key, config=self.breakers
+                    )
+            decided: set[int] = set()
+            scheduled: list[ClaimedTask] = []
+            for p, new_tasks in applied.items():
+                f, outcome = planned[p]
+                decided.add(f.result)
+                scheduled.extend(self._scheduled(outcome.activities, new_tasks, f.decided_at))
+            if later and eager:
+                recorded_ok = {n for n, verdict in enumerate(verdicts) if verdict is None}
+                eager, more, decided_later = await self._apply_follow_ups(
+                    worker_id,
+                    [(f, results[f.result][2]) for f in later if f.result in recorded_ok],
+                    eager,
+                    histories,
                 )
-        decided: set[int] = set()
-        scheduled: list[ClaimedTask] = []
-        for p, new_tasks in applied.items():
-            f, outcome = planned[p]
-            decided.add(f.result)
-            scheduled.extend(self._scheduled(outcome.activities, new_tasks, f.decided_at))
-        if later and eager:
-            recorded_ok = {n for n, verdict in enumerate(verdicts) if verdict is None}
-            eager, more, decided_later = await self._apply_follow_ups(
-                worker_id,
-                [(f, results[f.result][2]) for f in later if f.result in recorded_ok],
-                eager,
-                histories,
-            )
-            scheduled += more
-            decided |= decided_later
-        claimed = scheduled + claimed
-        handed = await self._hand_out(eager, histories) + claimed
-        room = max_new_tasks - len(handed)
-        if not beside and claim_queued and room > 0 and (activity_types or workflow_types):
-            handed += await self._claim_unless_quiet(
-                None, worker_id, sorted(workflow_types), sorted(activity_types), room, woken=False
-            )
-        return verdicts, handed, decided
+                outstanding += more
+                scheduled += more
+                decided |= decided_later
+            claimed = scheduled + claimed
+            handed = await self._hand_out(eager, histories) + claimed
+            room = max_new_tasks - len(handed)
+            if not beside and claim_queued and room > 0 and (activity_types or workflow_types):
+                handed += await self._claim_unless_quiet(
+                    None,
+                    worker_id,
+                    sorted(workflow_types),
+                    sorted(activity_types),
+                    room,
+                    woken=False,
+                )
+            return verdicts, handed, decided
+        except BaseException:
+            with trio.move_on_after(_GIVE_BACK_SECONDS, shield=True):
+                await self._give_back(outstanding)
+            raise
 
     async def _record_results(
         self,

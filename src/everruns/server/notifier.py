@@ -18,7 +18,13 @@ import trio
 
 from everruns._aio import pg
 from everruns.errors import DatabaseError
-from everruns.store.store import CHANNEL_CANCEL, CHANNEL_RUNS, CHANNEL_TASKS, CHANNEL_TIMERS
+from everruns.store.store import (
+    CHANNEL_CANCEL,
+    CHANNEL_RUNS,
+    CHANNEL_TASKS,
+    CHANNEL_TIMERS,
+    STRAGGLING_AFTER_S,
+)
 
 __all__ = ["CancelNotice", "Notifier"]
 
@@ -29,6 +35,9 @@ CancelNotice = tuple[str, int]  # (task_id, lease_token)
 QUIET_FOR = 1.0
 """Seconds a claim that found nothing (for keys nobody has poked since) spares later claimers
 of the same keys their own query: they wait for a wake-up instead."""
+
+_STRAGGLER_MARGIN_S = 0.05
+"""How long after a task would count as straggling the due-scanner looks for it."""
 
 
 class TaskInterest:
@@ -322,6 +331,9 @@ class Notifier:
                 # "kind:type", or "kind:type<TAB>n" when n tasks of it were added at once.
                 key, _, count = payload.partition("\t")
                 self.poke_key(key, count=int(count) if count.isdigit() else 1)
+            # Should its wake-up be lost (a claim skipped the task's row while another
+            # transaction held it, say), the due-scanner's look for stragglers finds it.
+            self.deadline_added(STRAGGLING_AFTER_S + _STRAGGLER_MARGIN_S)
         elif channel == CHANNEL_RUNS:
             self.run_changed(payload)
         elif channel == CHANNEL_TIMERS:

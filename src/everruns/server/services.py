@@ -21,7 +21,12 @@ import trio
 
 from everruns._aio.grpc import status_for
 from everruns._proto.everruns import v1 as pb
-from everruns.domain.limits import check_name, check_type_name, escape_nul_in_json
+from everruns.domain.limits import (
+    check_name,
+    check_type_name,
+    check_worker_id,
+    escape_nul_in_json,
+)
 from everruns.domain.packing import pack_uuids, unpack_blobs
 from everruns.errors import EverrunsError, InvalidArgument, NotFound
 from everruns.server.engine import (
@@ -163,7 +168,7 @@ class WorkerService:
         self._shutting_down = shutting_down
 
     async def register_worker(self, request: pb.RegisterWorkerRequest) -> pb.RegisterWorkerResponse:
-        check_name(request.worker_id, "worker_id")
+        check_worker_id(request.worker_id)
         if request.max_concurrency < 1:
             raise InvalidArgument(
                 f"max_concurrency must be at least 1, got {request.max_concurrency}"
@@ -200,7 +205,7 @@ class WorkerService:
     async def worker_heartbeat(
         self, request: pb.WorkerHeartbeatRequest
     ) -> pb.WorkerHeartbeatResponse:
-        check_name(request.worker_id, "worker_id")
+        check_worker_id(request.worker_id)
         status = request.status or "active"
         if status == "stopped":  # a clean exit: the worker says goodbye
             await self.store.stop_worker(request.worker_id)
@@ -213,7 +218,7 @@ class WorkerService:
         return pb.WorkerHeartbeatResponse(ok=record is not None, known=record is not None)
 
     async def poll_tasks(self, request: pb.PollTasksRequest) -> pb.PollTasksResponse:
-        check_name(request.worker_id, "worker_id")
+        check_worker_id(request.worker_id)
         wait_s = _wait_s(request.wait_s)
         claimed = await self.engine.poll(
             request.worker_id,
@@ -318,7 +323,7 @@ class WorkerService:
     async def complete_activity_tasks(
         self, request: pb.CompleteActivityTasksRequest
     ) -> pb.CompleteActivityTasksResponse:
-        check_name(request.worker_id, "worker_id")
+        check_worker_id(request.worker_id)
         if len(request.results) > _MAX_BATCH:
             raise InvalidArgument(
                 f"at most {_MAX_BATCH} results per call, got {len(request.results)}"
@@ -381,7 +386,7 @@ class WorkerService:
     ) -> None:
         """Push cancellations of the worker's tasks; when the worker's connection drops (and
         this control plane is not itself shutting down), release the tasks it held."""
-        worker_id = check_name(request.worker_id, "worker_id")
+        worker_id = check_worker_id(request.worker_id)
         try:
             with self.engine.notifier.subscribe_cancellations(worker_id) as notices:
                 await send(pb.Cancellation(keepalive=True))

@@ -412,6 +412,16 @@ SELECT * FROM durable_task_queue
 WHERE run_id = $1 AND kind = $2 AND status = ANY($3::text[])
 ORDER BY created_at, activity_id;
 
+-- name: workflow_task_held
+-- Whether a worker holds one of a run's workflow tasks. Locks its open workflow tasks, so that
+-- a claim of one under way is waited for and seen.
+WITH open AS (
+    SELECT status FROM durable_task_queue
+    WHERE run_id = $1 AND kind = 'workflow' AND status IN ('pending', 'claimed')
+    FOR UPDATE
+)
+SELECT coalesce(bool_or(status = 'claimed'), false) FROM open;
+
 -- name: request_task_cancel
 -- Flag a claimed task for cancellation (its heartbeat reply and the push stream tell the holder).
 UPDATE durable_task_queue SET cancel_requested_at = coalesce(cancel_requested_at, now())
@@ -992,7 +1002,8 @@ SELECT * FROM durable_workers WHERE id = $1;
 -- a backoff, a release, a requeue; a task visible when written was announced then), or whose
 -- next task in
 -- claim order has waited visible for more than $2 seconds (a safety net: a wake-up lost
--- anywhere costs at most one scanner round), with the database time. The keys are walked
+-- anywhere costs at most one scanner round), with the database time and the seconds until
+-- the scanner should look again for stragglers (None: no task waits). The keys are walked
 -- through the claim index one at a time (a skip scan) and each key's next task is looked up,
 -- so a backlog costs a few index probes per key, not a read of every waiting task.
 WITH RECURSIVE waiting AS (
@@ -1003,21 +1014,27 @@ WITH RECURSIVE waiting AS (
         SELECT t.kind, t.activity_type FROM durable_task_queue t
         WHERE t.status = 'pending' AND (t.kind, t.activity_type) > (w.kind, w.activity_type)
         ORDER BY t.kind, t.activity_type LIMIT 1) after
-), straggling AS (
-    SELECT w.kind || ':' || w.activity_type AS key
+), heads AS (
+    SELECT w.kind || ':' || w.activity_type AS key, head.visible_at
     FROM waiting w, LATERAL (
         SELECT t.visible_at FROM durable_task_queue t
         WHERE t.status = 'pending' AND t.kind = w.kind AND t.activity_type = w.activity_type
           AND t.visible_at <= now()
         ORDER BY t.priority DESC, t.visible_at LIMIT 1) head
-    WHERE head.visible_at < now() - make_interval(secs => $2)
+), straggling AS (
+    SELECT key FROM heads WHERE visible_at < now() - make_interval(secs => $2)
 ), fresh AS (
     -- Tasks made visible later than they were written (the others were announced then).
     SELECT kind || ':' || activity_type AS key FROM durable_task_queue
     WHERE status = 'pending' AND visible_at > created_at AND visible_at <= now()
       AND visible_at > $1
 )
-SELECT k.key, now() AS now
+SELECT k.key, now() AS now,
+       -- when to look again: when a head that waits now would straggle, or (one straggles
+       -- already: its wake-up was lost, or its claimers are busy) $2 seconds from now
+       (SELECT min(CASE WHEN visible_at > now() - make_interval(secs => $2)
+                        THEN extract(epoch FROM visible_at - now())::float8 + $2
+                        ELSE $2 END) FROM heads) AS next_straggler_s
 FROM (SELECT key FROM fresh UNION SELECT key FROM straggling) k
 RIGHT JOIN (SELECT 1) one ON true;
 

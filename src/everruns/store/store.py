@@ -48,6 +48,9 @@ T = TypeVar("T")
 CHANNEL_TASKS = "everruns_tasks"
 CHANNEL_CANCEL = "everruns_cancel"
 CHANNEL_RUNS = "everruns_runs"
+STRAGGLING_AFTER_S = 1.0
+"""A task waiting visible longer than this is re-announced by the due-scanner (a safety net for
+a wake-up lost anywhere)."""
 CHANNEL_TIMERS = "everruns_timers"
 
 
@@ -1029,6 +1032,11 @@ class Store:
         """Close a workflow task (applied, superseded or abandoned)."""
         await conn.execute(Q["close_workflow_task"], task_id)
 
+    async def workflow_task_held(self, conn: Connection, run_id: uuid.UUID) -> bool:
+        """Whether a worker holds one of the run's workflow tasks (waits for a claim of one
+        under way; its open workflow tasks stay locked until ``conn``'s transaction ends)."""
+        return bool(await conn.fetchval(Q["workflow_task_held"], run_id))
+
     async def drop_pending_workflow_tasks(self, conn: Connection, run_id: uuid.UUID) -> None:
         """Cancel the pending workflow task of a run that has ended."""
         await conn.execute(Q["cancel_pending_workflow_tasks"], run_id)
@@ -1062,14 +1070,19 @@ class Store:
         return [(r["run_id"], r["timer_id"]) for r in rows]
 
     async def newly_visible_keys(
-        self, since: datetime, *, straggling_after: float = 1.0
-    ) -> tuple[list[str], datetime]:
+        self, since: datetime, *, straggling_after: float = STRAGGLING_AFTER_S
+    ) -> tuple[list[str], datetime, float | None]:
         """Keys (``kind:type``) of pending tasks that became visible after ``since`` or have
-        waited visible longer than ``straggling_after`` seconds, and the database time to pass
-        as ``since`` next time."""
+        waited visible longer than ``straggling_after`` seconds, the database time to pass
+        as ``since`` next time, and the seconds until stragglers should be looked for again:
+        when a key's next task, waiting now, will have waited that long, or at most
+        ``straggling_after`` while one straggles (None: no task waits)."""
         rows = await self.pool.fetch(Q["newly_visible_keys"], since, straggling_after)
-        now: datetime = rows[0]["now"] if rows else await self.now()
-        return [r["key"] for r in rows if r["key"] is not None], now
+        if not rows:  # the statement returns at least one row; this keeps the types honest
+            return [], await self.now(), None
+        later = rows[0]["next_straggler_s"]
+        keys = [r["key"] for r in rows if r["key"] is not None]
+        return keys, rows[0]["now"], None if later is None else max(0.0, float(later))
 
     async def seconds_until_due(self, *, breaker_open_duration: float) -> float | None:
         """Seconds until the next timer fires, delayed task becomes visible or open breaker may

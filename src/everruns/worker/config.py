@@ -21,9 +21,11 @@ import attrs
 from everruns.domain.address import (
     DEFAULT_GRPC_ADDRESS,
     call_stream_from_env,
+    check_auth_token,
     parse_address,
     switch_from_env,
 )
+from everruns.domain.limits import MAX_WORKER_ID_LENGTH
 from everruns.errors import ConfigError
 
 __all__ = [
@@ -61,6 +63,10 @@ def _check_worker_id(_inst: object, _attr: attrs.Attribute[str], value: str) -> 
     if not isinstance(value, str) or not value.strip() or value.strip() != value:
         raise ConfigError(
             f"WORKER_ID={value!r} must be a non-empty name without surrounding spaces"
+        )
+    if len(value) > MAX_WORKER_ID_LENGTH:
+        raise ConfigError(
+            f"WORKER_ID is {len(value)} characters long; the limit is {MAX_WORKER_ID_LENGTH}"
         )
 
 
@@ -145,7 +151,7 @@ class WorkerConfig:
             max_concurrent_tasks=_env_int(
                 env, "MAX_CONCURRENT_TASKS", DEFAULT_MAX_CONCURRENT_TASKS
             ),
-            auth_token=env.get("EVERRUNS_AUTH_TOKEN") or None,
+            auth_token=check_auth_token(env.get("EVERRUNS_AUTH_TOKEN") or None),
             grace_period=_env_seconds(env, "EVERRUNS_WORKER_GRACE_PERIOD", DEFAULT_GRACE_PERIOD),
             call_stream=call_stream_from_env(env),
             start_ahead=switch_from_env(env, "EVERRUNS_START_AHEAD", default=True),

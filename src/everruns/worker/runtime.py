@@ -915,7 +915,7 @@ class Worker:
                 handle.outcome = _Failed(error_from_exception(exc, non_retryable=True), True)
             else:
                 handle.ctx = self._activity_context(handle, previous)
-        reported = False
+        reported = internal = False
         try:
             if handle.outcome is None and definition is not None:
                 handle.beat = self._heartbeats.add(handle, self._beat_interval(handle.task))
@@ -926,10 +926,13 @@ class Worker:
                     self._heartbeats.remove(handle.beat)
             await self._finish_activity(handle)
             reported = True
+        except Exception:
+            internal = True
+            raise
         finally:
             if not reported:
                 with trio.move_on_after(FINAL_REPORT_BUDGET, shield=True):
-                    await self._final_activity_report(handle)
+                    await self._final_activity_report(handle, internal=internal)
 
     def _activity_context(self, handle: _RunningTask, previous: Any) -> ActivityContext:
         task = handle.task
@@ -1302,8 +1305,9 @@ class Worker:
         else:
             log.warning("%s failed for good: %s", handle.describe(), failure.error["message"])
 
-    async def _final_activity_report(self, handle: _RunningTask) -> None:
-        """Report what can be reported while the worker itself is being stopped (shielded)."""
+    async def _final_activity_report(self, handle: _RunningTask, *, internal: bool) -> None:
+        """Report what can be reported while the worker itself is being stopped, or when an
+        error of its own (``internal``) ended the attempt (shielded)."""
         if not await handle.wait_bound():
             return
         task = handle.task
@@ -1327,12 +1331,21 @@ class Worker:
                 failure = outcome
             elif cancelled:
                 failure = self._cancelled_failure(handle)
-            else:
+            elif not internal:
                 failure = _Failed(
                     make_error(
                         "everruns.WorkerShutdown",
                         f"worker {self.worker_id} stopped before the activity finished; "
                         "released to another worker",
+                    ),
+                    False,
+                )
+            else:  # not a stop: a failure of the worker's own ended the attempt
+                failure = _Failed(
+                    make_error(
+                        "everruns.WorkerError",
+                        f"worker {self.worker_id} failed while running the activity (its log "
+                        "says why); released to another worker",
                     ),
                     False,
                 )
