@@ -588,18 +588,20 @@ class WorkflowHandle:
 
         Returns once the request is recorded, not when the run has ended (use `result`). A
         run no worker has picked up yet ends cancelled at once. Cancelling again is a no-op,
-        also once the run has ended cancelled, so the call is retried like a read.
+        also once the run has ended cancelled, so the call is retried like a read; a handle
+        without a run id cancels the run that is the workflow id's latest when called.
 
         Raises:
             NotFound: no such workflow or run.
             FailedPrecondition: the run has ended otherwise (the message says how).
             ServerUnavailable: the control plane stayed unreachable through the retries.
         """
+        run_id = self.run_id
+        if run_id is None:  # pinned, so that a retry cannot cancel a run started meanwhile
+            run_id = (await self.describe()).run_id
         await self._client._call(
             self._client._stub.cancel_workflow,
-            pb.CancelWorkflowRequest(
-                workflow_id=self.workflow_id, run_id=self.run_id or "", reason=reason
-            ),
+            pb.CancelWorkflowRequest(workflow_id=self.workflow_id, run_id=run_id, reason=reason),
             retry=True,
         )
 

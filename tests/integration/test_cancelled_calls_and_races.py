@@ -132,7 +132,7 @@ async def test_follow_up_workflow_task_of_a_cancelled_complete_activity_tasks_ca
             _, (activity,) = await p.first_steps(one_step, "step", ["a"], "y")
             await pool.execute(
                 "INSERT INTO durable_circuit_breaker_state (key, state, opened_at)"
-                " VALUES ('work', 'half_open', now())"
+                " VALUES ('work', 'half_open', now() - interval '1 hour')"  # the task: its probe
             )
             async with row_locked(
                 database_url,

@@ -680,7 +680,7 @@ async def test_a_signal_is_not_retried_a_cancel_is(autojump_clock: Any) -> None:
         await handle.signal("go", 1)
     assert [c[0] for c in channel.calls] == ["signal_workflow"]
     channel = FakeChannel([ServerUnavailable("down"), pb.CancelWorkflowResponse()])
-    await Client(channel).get_handle("w").cancel()
+    await Client(channel).get_handle("w", "r").cancel()
     assert [c[0] for c in channel.calls] == ["cancel_workflow"] * 2
 
 

@@ -56,7 +56,12 @@ MAX_CONTEXT_BYTES = 1_000_000
 """The most JSON text of earlier turns a new turn carries; older turns are left out first.
 Half the control plane's default payload limit (EVERRUNS_MAX_PAYLOAD_BYTES, 2 MB), so that the
 context, the message and what the turn adds fit in one payload. A turn refused as too large
-halves it again for the rest of the run (a control plane may set a lower limit)."""
+halves it again for the rest of the run (a control plane may set a lower limit), down to
+`MIN_CONTEXT_BYTES`."""
+
+MIN_CONTEXT_BYTES = 20_000
+"""The least context a refused turn leaves its successors: a turn too large by itself (its
+own tool results, say) does not take the conversation's memory with it."""
 
 
 def session_workflow_id(session_id: str) -> str:
@@ -278,7 +283,7 @@ async def agent_session(ctx: WorkflowContext, state: Any) -> dict[str, Any]:
             # A failed or cancelled turn adds nothing to the conversation. One refused as too
             # large would fail again with the same context: later turns carry half of it.
             if "ResourceExhausted" in str(exc):
-                budget = _size(turns) // 2
+                budget = min(budget, max(_size(turns) // 2, MIN_CONTEXT_BYTES))
         else:
             new = result.get("messages") if isinstance(result, dict) else None
             if isinstance(new, list):

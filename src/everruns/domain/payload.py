@@ -135,7 +135,7 @@ def json_error(text: str) -> str | None:
     """
     try:
         end = _SCAN(text, 0)[1]
-    except (StopIteration, ValueError):  # no value at the first character; a malformed one
+    except (StopIteration, ValueError, RecursionError):  # no value there; a malformed one
         end = -1
     if end == len(text):
         return None
@@ -143,6 +143,8 @@ def json_error(text: str) -> str | None:
         json.loads(text)
     except ValueError as exc:
         return str(exc)
+    except RecursionError:
+        return "it is nested too deeply"
     return None
 
 
@@ -158,3 +160,5 @@ def decode(data: bytes | str, *, what: str = "payload") -> Any:
         return json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise PayloadError(f"{what} is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise PayloadError(f"{what} is nested too deeply to be read") from None

@@ -27,13 +27,21 @@ def validate_database_url(url: str) -> str:
     host at all (``postgresql:///everruns``) is libpq's too: ``PGHOST`` or the local socket.
 
     Raises:
-        ConfigError: wrong scheme or a bad port; names DATABASE_URL.
+        ConfigError: wrong scheme, no ``//``, or a bad host or port; names DATABASE_URL.
     """
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. an unclosed IPv6 bracket
+        raise ConfigError(f"DATABASE_URL is invalid: {exc}") from exc
     if parts.scheme not in ("postgres", "postgresql"):
         raise ConfigError(
             f"DATABASE_URL is invalid: scheme {parts.scheme or '(none)'!r} is not postgresql:// "
             "(e.g. postgresql://user:password@localhost:5432/everruns)"
+        )
+    if not url.split(":", 1)[1].startswith("//"):
+        raise ConfigError(
+            "DATABASE_URL is invalid: it needs // after the scheme (postgresql://HOST/DB, or "
+            "postgresql:///DB for the local socket)"
         )
     hosts = parts.netloc.rpartition("@")[2]
     for host in hosts.split(","):

@@ -1377,6 +1377,7 @@ class Engine:
                 )
             if cancelled:
                 await self.store.cancel_task(conn, task_id)
+                await self.store.release_probe(conn, task)
                 await self._record(
                     conn,
                     task,
@@ -1467,7 +1468,6 @@ class Engine:
         for outcome in outcomes:
             task = outcome.task
             if task.kind == "activity" and task.activity_id is not None:
-                await self.store.release_probe(conn, task.effective_breaker_key)
                 event = ev.activity_timed_out(
                     task.activity_id, "heartbeat", task.attempt, outcome.will_retry
                 )

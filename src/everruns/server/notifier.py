@@ -100,7 +100,7 @@ class Notifier:
         # When the due-scanner will next look by itself (None while it is scanning), and the
         # earliest deadline made while it scans: the scan may have read the tables before it
         # was made, so its next look must come no later.
-        self._due_at: float | None = None
+        self._due_scope: trio.CancelScope | None = None  # the scanner's sleep, while it sleeps
         self._made_while_scanning = float("inf")
 
     # ---------------------------------------------------------------- tasks
@@ -303,10 +303,20 @@ class Notifier:
         if seconds is None:
             return
         at = trio.current_time() + seconds
-        if self._due_at is None:
+        if self._due_scope is None:
             self._made_while_scanning = min(self._made_while_scanning, at)
-        elif at < self._due_at:
+        elif at < self._due_scope.deadline:
             self.poke_due()
+
+    def look_again_by(self, seconds: float) -> None:
+        """Have the due-scanner's next round begin within ``seconds`` without waking it now:
+        its sleep is cut to that (or, while it scans, its next one)."""
+        at = trio.current_time() + seconds
+        scope = self._due_scope
+        if scope is None:
+            self._made_while_scanning = min(self._made_while_scanning, at)
+        elif at < scope.deadline:
+            scope.deadline = at
 
     async def wait_due(self, timeout: float | None) -> None:
         """Wait until poked or ``timeout`` seconds pass (None: until poked), or until the
@@ -315,11 +325,13 @@ class Notifier:
         wait = float("inf") if timeout is None else max(0.0, timeout)
         wait = max(0.0, min(wait, self._made_while_scanning - now))
         self._made_while_scanning = float("inf")
-        self._due_at = now + wait
-        with trio.move_on_after(wait):
-            await self._due.wait()
+        with trio.move_on_after(wait) as scope:
+            self._due_scope = scope
+            try:
+                await self._due.wait()
+            finally:
+                self._due_scope = None
         self._due = trio.Event()
-        self._due_at = None
 
     # ---------------------------------------------------------------- the listener
 
@@ -333,7 +345,7 @@ class Notifier:
                 self.poke_key(key, count=int(count) if count.isdigit() else 1)
             # Should its wake-up be lost (a claim skipped the task's row while another
             # transaction held it, say), the due-scanner's look for stragglers finds it.
-            self.deadline_added(STRAGGLING_AFTER_S + _STRAGGLER_MARGIN_S)
+            self.look_again_by(STRAGGLING_AFTER_S + _STRAGGLER_MARGIN_S)
         elif channel == CHANNEL_RUNS:
             self.run_changed(payload)
         elif channel == CHANNEL_TIMERS:

@@ -507,10 +507,13 @@ WHERE id IN (SELECT id FROM durable_workflow_instances
 RETURNING id;
 
 -- name: release_probe
--- A half-open breaker's probe ended without a verdict: free its slot.
+-- A half-open breaker's probe ended without a verdict: free its slot. $2 is when the task was
+-- claimed: one claimed before the breaker last opened was not its probe (tasks of a breaker
+-- that is not closed are handed out only as probes).
 UPDATE durable_circuit_breaker_state
 SET probes_in_flight = greatest(probes_in_flight - 1, 0), updated_at = now()
-WHERE key = $1 AND state = 'half_open';
+WHERE key = $1 AND state = 'half_open' AND probes_in_flight > 0 AND opened_at <= $2
+RETURNING key;
 
 -- name: close_superseded_task
 -- Close a claimed workflow task ($2 its lease) whose run got another one pending meanwhile
@@ -567,9 +570,9 @@ ORDER BY created_at;
 -- its events appended, its activities enqueued (eager ones claimed for $4 unless their breaker
 -- is not closed) and the run ended if asked. A decision that does not apply writes nothing; its
 -- workflow task is made as without it. Returns one row per completed request (task_id: the
--- lease held; decided: its decision applied) with its breaker key when that breaker is not
--- closed, one row per eager workflow task (its columns, and its run's full history as parallel
--- arrays: the events this statement appends are not in its snapshot, so they are added from
+-- lease held; decided: its decision applied) with its breaker key when that breaker is
+-- half-open and the task was its probe, one row per eager workflow task (its columns, and its
+-- run's full history as parallel arrays: the events this statement appends are not in its snapshot, so they are added from
 -- the insert), and one row per activity claimed for an applied decision (its columns, and
 -- decided_no: the decision's number).
 WITH req AS (
@@ -581,7 +584,7 @@ WITH req AS (
     FROM req
     WHERE t.id = req.id AND t.lease_token = req.lease AND t.claimed_by IS NOT NULL
     RETURNING t.id, t.run_id, t.activity_id, t.attempt, t.requeue_count, req.ord, req.result,
-              coalesce(t.breaker_key, t.activity_type) AS bkey
+              coalesce(t.breaker_key, t.activity_type) AS bkey, t.claimed_at
 ), per_run AS (
     SELECT run_id, count(*) AS n FROM task WHERE requeue_count = 0 GROUP BY run_id
 ), locked AS (
@@ -736,10 +739,11 @@ WITH req AS (
         UNION ALL
         SELECT pg_notify('everruns_runs', run.id::text) FROM run WHERE run.ended IS NOT NULL) x
 ), done AS (
+    -- A success counts for a half-open breaker only from its probe (claimed since it opened).
     SELECT task.id AS task_id, task.ord AS done_ord, b.key AS breaker,
            EXISTS (SELECT 1 FROM gate WHERE gate.done_task = task.id) AS decided
     FROM task LEFT JOIN durable_circuit_breaker_state b
-         ON b.key = task.bkey AND b.state <> 'closed'
+         ON b.key = task.bkey AND b.state = 'half_open' AND b.opened_at <= task.claimed_at
 ), eager AS (
     SELECT wft.*, NULL::int AS decided_no FROM wft WHERE wft.status = 'claimed'
     UNION ALL

@@ -787,10 +787,10 @@ class Store:
         Returns:
             The completions applied, by their index in ``completions`` (of a task given
             twice, at most one is: the one under the lease that holds, or either one when
-            both name it), each with its breaker key if that breaker is not closed; the
-            workflow tasks handed to the worker; their runs' full histories; and, by the index
-            of the completion it follows, each decision applied with the activities it
-            scheduled that were claimed for the worker.
+            both name it), each with its breaker key if that breaker is half-open and the
+            task was its probe; the workflow tasks handed to the worker; their runs' full
+            histories; and, by the index of the completion it follows, each decision applied
+            with the activities it scheduled that were claimed for the worker.
         """
         (counts, *ends), written = _decision_columns(decisions, worker_id)
         rows = await self.pool.fetch(
@@ -947,6 +947,7 @@ class Store:
         queue is closed instead (see queries.sql): then ``will_retry`` is False.
         """
         entry = {**reason, "attempt": task.attempt}
+        await self.release_probe(conn, task)
         if task.kind == "activity" and task.attempt >= task.max_attempts:
             dead_task, letter = await self._kill(conn, task, entry)
             return FailOutcome(dead_task, False, 0.0, letter)
@@ -1317,9 +1318,14 @@ class Store:
         # A probe slot was freed (or the breaker closed): held tasks may go now.
         await self.notify(conn, CHANNEL_TASKS, "*")
 
-    async def release_probe(self, conn: Connection, key: str) -> None:
-        """Free a half-open breaker's probe slot (the probe ended without a verdict)."""
-        await conn.execute(Q["release_probe"], key)
+    async def release_probe(self, conn: Connection, task: Task) -> None:
+        """Free the probe slot of a half-open breaker if the claimed activity ``task`` was its
+        probe and ends without a verdict (cancelled, released, reclaimed); held tasks may go."""
+        if task.kind != "activity" or task.claimed_at is None:
+            return
+        key = task.effective_breaker_key
+        if await conn.fetchval(Q["release_probe"], key, task.claimed_at) is not None:
+            await self.notify(conn, CHANNEL_TASKS, "*")
 
     async def admit_probe(
         self, conn: Connection, key: str, config: breaker_math.BreakerConfig
