@@ -7,6 +7,7 @@ Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import gc
+import logging
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,7 +16,13 @@ import trio
 
 from everruns.errors import ConfigError, EverrunsError
 
-__all__ = ["SWITCH_INTERVAL", "operator_error", "run_program"]
+__all__ = ["SWITCH_INTERVAL", "operator_error", "quiet_transport_logs", "run_program"]
+
+
+def quiet_transport_logs() -> None:
+    """Keep grpclib's INFO lines out of a program's log: "Request was cancelled: Connection
+    lost" each time a CLI process exits and cuts its call stream reads like a failure."""
+    logging.getLogger("grpclib").setLevel(logging.WARNING)
 
 
 def operator_error(exc: BaseException) -> EverrunsError | None:

@@ -435,14 +435,23 @@ async def _workflow_signal(client: Client, args: argparse.Namespace, out: Output
 
 
 async def _workflow_cancel(client: Client, args: argparse.Namespace, out: Output) -> int:
+    handle = client.get_handle(args.workflow_id, args.run)
     try:
-        await client.get_handle(args.workflow_id, args.run).cancel(args.reason)
+        await handle.cancel(args.reason)
     except FailedPrecondition as exc:
         raise FailedPrecondition(await _with_final_status(client, args, exc)) from exc
+    # Cancelling is idempotent: say whether the run is still ending or has ended cancelled
+    # (a run no worker had picked up ends at once; one cancelled before stays so).
+    status = (await handle.describe()).status
+    text = (
+        f"workflow {args.workflow_id} is cancelled"
+        if status == "cancelled"
+        else f"cancellation requested for workflow {args.workflow_id}; "
+        f"`everruns workflow result {args.workflow_id}` waits for it to end"
+    )
     out.emit(
-        {"ok": True, "workflow_id": args.workflow_id, "run_id": args.run},
-        f"cancellation requested for workflow {args.workflow_id}; "
-        f"`everruns workflow result {args.workflow_id}` waits for it to end",
+        {"ok": True, "workflow_id": args.workflow_id, "run_id": args.run, "status": status},
+        text,
     )
     return EXIT_OK
 

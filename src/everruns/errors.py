@@ -181,3 +181,8 @@ class WorkflowFailed(EverrunsError):
 
 class NonRetryableError(EverrunsError):
     """Raise from an activity to fail it at once: no further attempts are made."""
+
+
+WORKER_SHUTDOWN_ERROR = "everruns.WorkerShutdown"
+"""The error type of an activity attempt a stopping worker gives back when its grace period
+ends: the control plane sends the task to another worker without charging the attempt."""

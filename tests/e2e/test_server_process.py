@@ -89,9 +89,9 @@ async def test_migrate_applies_and_exits(pg_server_url: str) -> None:
         code, output = await _run(["migrate"], {"DATABASE_URL": url})
         assert code == 0, output
         assert (
-            "migrations applied: 6 (001_durable_tables.sql, 002_foreign_key_indexes.sql, "
+            "migrations applied: 7 (001_durable_tables.sql, 002_foreign_key_indexes.sql, "
             "003_signals_by_run_only.sql, 004_start_deadlines.sql, 005_deferred_tasks_index.sql, "
-            "006_orphaned_children.sql)" in output
+            "006_orphaned_children.sql, 007_breaker_recent_failures.sql)" in output
         )
         code, output = await _run(["migrate"], {"DATABASE_URL": url})
         assert code == 0 and "migrations applied: 0" in output

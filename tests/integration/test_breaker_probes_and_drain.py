@@ -1,6 +1,7 @@
 """Half-open circuit breakers and their probes (DESIGN §5: "half-open after 30 s with a bounded
 number of probes"): a probe that ends without a verdict frees its slot however it ends, and only
-a probe's success counts. Each docstring says what went wrong before."""
+a probe's success counts; and a draining worker's release (DESIGN §2). Each docstring says what
+went wrong before."""
 
 from __future__ import annotations
 
@@ -143,3 +144,49 @@ async def test_a_success_of_a_task_handed_out_before_the_breaker_opened_is_not_a
                 f"second probe {second} out while {probe.task_id} still runs "
                 f"(breaker after the non-probe success: {state})"
             )
+
+
+async def once(ctx: Any, input: Any) -> Any:
+    from everruns.domain.retry import RetryPolicy
+
+    try:
+        return await ctx.execute_activity("charge", input, retry=RetryPolicy(max_attempts=1))
+    except Exception as exc:
+        return {"caught": type(exc).__name__, "message": str(exc)}
+
+
+async def test_a_task_released_by_a_draining_worker_goes_to_another_worker_not_to_the_dlq(
+    database_url: str, pool: pg.Pool
+) -> None:
+    """DESIGN §2: "Worker shutdown = stop claiming, let running tasks finish within a grace
+    period, then cancel them and report them as failed-retryable so another worker picks them
+    up at once." An activity on its last attempt (here max_attempts = 1, e.g. a payment) that
+    a draining worker releases is dead-lettered instead, and its workflow sees it fail with
+    everruns.WorkerShutdown: a planned, graceful drain failed user work for good. Now the task
+    gets one attempt more for the one the drain interrupted."""
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            wid = await p.start("once", 7)
+            await p.drive(once, "once")
+            (task,) = await p.poll(act=["charge"])
+            await p.channel.unary(
+                p.workers.fail_activity_task,
+                pb.FailActivityTaskRequest(
+                    task_id=task.task_id,
+                    lease_token=task.lease_token,
+                    worker_id="w1",
+                    error=b'{"type": "everruns.WorkerShutdown", "message": "worker stopped"}',
+                    release=True,
+                ),
+            )
+            status = await pool.fetchval(
+                "SELECT status FROM durable_task_queue WHERE id = $1::uuid", task.task_id
+            )
+            letters = await pool.fetchval("SELECT count(*) FROM durable_dead_letter_queue")
+            assert (status, letters) == ("pending", 0), (
+                f"released task is {status!r}, {letters} dead letter(s); "
+                f"history {await p.history_types(wid)}"
+            )
+            again = await p.poll(act=["charge"], wait=1)
+            assert [t.task_id for t in again] == [task.task_id]
+            assert (again[0].attempt, again[0].max_attempts) == (2, 2), "the attempt was charged"

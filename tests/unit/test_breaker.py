@@ -119,8 +119,24 @@ def test_window_boundary_is_inclusive() -> None:
     assert s.state == "open"
     s = fail_n(reset("k"), [0, 10, 20, 30, 60.000001])
     assert s.state == "closed"
-    assert s.failure_count == 1
-    assert s.window_started_at == at(60.000001)
+    assert s.failure_count == 4  # the failure at 0 left the window
+    assert s.window_started_at == at(10)
+    assert s.recent_failures == (at(10), at(20), at(30), at(60.000001))
+
+
+def test_the_window_slides() -> None:
+    # DESIGN §5: five failures in a 60 s window open it, whenever the window begins: a stray
+    # failure at 0 must not make the burst at 57..62 s straddle two windows.
+    s = fail_n(reset("k"), [0, 57, 58, 59, 61])
+    assert (s.state, s.failure_count) == ("closed", 4)
+    assert on_failure(s, CFG, at(62)).state == "open"
+
+
+def test_an_operator_lowering_the_count_forgets_the_older_failures() -> None:
+    # `UPDATE durable_circuit_breaker_state SET failure_count = 0`: the times it kept go too.
+    s = attrs.evolve(fail_n(reset("k"), [0, 1, 2, 3]), failure_count=0)
+    s = on_failure(s, CFG, at(4))
+    assert (s.state, s.failure_count, s.recent_failures) == ("closed", 1, (at(4),))
 
 
 def test_success_while_closed_does_not_reset_the_count() -> None:
@@ -255,10 +271,13 @@ def test_random_sequences_stay_valid(cfg: BreakerConfig, script: list[tuple[Op, 
             if before.state == "closed":
                 closed_failures.append(t)
             s = on_failure(s, cfg, now)
-            if before.state == "closed" and s.state == "open":
+            if before.state == "closed":
+                # Opens exactly when the last failure_threshold failures fit in the window.
                 recent = closed_failures[-cfg.failure_threshold :]
-                assert len(recent) == cfg.failure_threshold
-                assert recent[-1] - recent[0] <= cfg.window + 2e-6
+                fits = len(recent) == cfg.failure_threshold and all(
+                    (at(recent[-1]) - at(x)).total_seconds() <= cfg.window for x in recent
+                )
+                assert (s.state == "open") == fits
             if before.state == "half_open":
                 assert s.state == "open"
                 assert s.opened_at == now
@@ -355,6 +374,9 @@ def any_valid_state(draw: st.DrawFn) -> BreakerState:
         window_started_at=draw(optional_times),
         opened_at=opened,
         last_failure_at=draw(optional_times),
+        recent_failures=tuple(
+            draw(st.lists(optional_times.filter(lambda x: x is not None), max_size=8))
+        ),
     )
 
 

@@ -18,11 +18,11 @@ The life of a breaker::
 
 Decisions that are easy to get wrong:
 
-- The window is *tumbling*, not sliding: it starts at the first failure, and the first failure
-  after it has elapsed (more than ``window`` seconds later) starts a new window with a count of
-  1. A breaker therefore opens only if its last ``failure_threshold`` failures fit in ``window``
-  seconds, and the row needs no list of timestamps. The price: a burst straddling two windows may
-  need up to ``2 * failure_threshold - 1`` failures to open it.
+- The window *slides*: a breaker opens exactly when its last ``failure_threshold`` failures
+  while closed fit in ``window`` seconds. The row keeps the times of the failures still in the
+  window (``recent_failures``, at most ``failure_threshold - 1`` of them once written back);
+  ``failure_count`` is how many there are, and an operator who sets it lower (or to 0) by SQL
+  forgets the older ones.
 - A success while closed does not reset the failure count: failures are counted per window, and
   a flaky dependency that fails four times in five within a minute should still trip it.
 - open becomes half_open lazily, in :func:`admit`; no timer is needed. Results arriving while
@@ -122,13 +122,16 @@ class BreakerState:
     Attributes:
         key: what the breaker guards (the activity type by default).
         state: ``closed``, ``open`` or ``half_open``.
-        failure_count: failures in the current window; while open or half-open, the failures
-            that tripped it plus any recorded since (informational).
+        failure_count: failures in the window (while closed: ``len(recent_failures)``); while
+            open or half-open, the failures that tripped it plus any recorded since
+            (informational).
         success_count: probe successes since the breaker went half-open.
         probes_in_flight: probe tasks handed out and not yet finished (0 unless half-open).
-        window_started_at: when the current failure window began; None before any failure.
+        window_started_at: the oldest failure still in the window; None when there is none.
         opened_at: when the breaker last opened; set exactly when it is not closed.
         last_failure_at: the most recent failure, for operators.
+        recent_failures: while closed, the times of the failures still in the window, in the
+            order they were recorded (empty once it opens).
 
     Raises:
         InvalidArgument: a count is negative, the state is unknown, or ``opened_at`` disagrees
@@ -143,6 +146,7 @@ class BreakerState:
     window_started_at: dt.datetime | None = None
     opened_at: dt.datetime | None = None
     last_failure_at: dt.datetime | None = None
+    recent_failures: tuple[dt.datetime, ...] = ()
 
     def __attrs_post_init__(self) -> None:
         # Mirrors the table's CHECK ((state = 'closed') = (opened_at IS NULL)).
@@ -166,6 +170,7 @@ def _open(state: BreakerState, now: dt.datetime, failure_count: int) -> BreakerS
         probes_in_flight=0,
         opened_at=now,
         last_failure_at=now,
+        recent_failures=(),
     )
 
 
@@ -184,9 +189,8 @@ def reset(key: str) -> BreakerState:
 def on_failure(state: BreakerState, cfg: BreakerConfig, now: dt.datetime) -> BreakerState:
     """Record a failed task of this key.
 
-    Closed: counts the failure in the current window (starting a new window if the previous one
-    has elapsed, i.e. more than ``cfg.window`` seconds passed since it began) and opens the
-    breaker when the count reaches ``cfg.failure_threshold``. Half-open: the probe failed, so the
+    Closed: counts the failure with those of the last ``cfg.window`` seconds and opens the
+    breaker when they reach ``cfg.failure_threshold``. Half-open: the probe failed, so the
     breaker re-opens with ``opened_at = now``. Open: only ``failure_count`` and
     ``last_failure_at`` change; a late failure does not extend the open period.
 
@@ -202,15 +206,22 @@ def on_failure(state: BreakerState, cfg: BreakerConfig, now: dt.datetime) -> Bre
         return _open(state, now, state.failure_count + 1)
     if state.state == "open":
         return attrs.evolve(state, failure_count=state.failure_count + 1, last_failure_at=now)
-    start = state.window_started_at
-    # A clock that stepped backwards (now < start) keeps the window: the failure is recent.
-    if start is None or _elapsed(start, now) > cfg.window:
-        start, count = now, 1
-    else:
-        count = state.failure_count + 1
-    if count >= cfg.failure_threshold:
-        return _open(attrs.evolve(state, window_started_at=start), now, count)
-    return attrs.evolve(state, failure_count=count, window_started_at=start, last_failure_at=now)
+    # The failures still in the window: no more than failure_count says (an operator's SQL may
+    # have lowered it), and one fewer than the threshold is all a decision needs. A clock that
+    # stepped backwards (a failure "after" now) keeps it: it is recent.
+    keep = min(state.failure_count, cfg.failure_threshold - 1)
+    earlier = state.recent_failures[len(state.recent_failures) - keep :] if keep > 0 else ()
+    recent = (*(t for t in earlier if _elapsed(t, now) <= cfg.window), now)
+    start = min(recent)
+    if len(recent) >= cfg.failure_threshold:
+        return _open(attrs.evolve(state, window_started_at=start), now, len(recent))
+    return attrs.evolve(
+        state,
+        failure_count=len(recent),
+        window_started_at=start,
+        last_failure_at=now,
+        recent_failures=recent,
+    )
 
 
 def on_success(state: BreakerState, cfg: BreakerConfig, now: dt.datetime) -> BreakerState:
@@ -240,6 +251,7 @@ def on_success(state: BreakerState, cfg: BreakerConfig, now: dt.datetime) -> Bre
             probes_in_flight=0,
             window_started_at=None,
             opened_at=None,
+            recent_failures=(),
         )
     return attrs.evolve(
         state, success_count=successes, probes_in_flight=max(0, state.probes_in_flight - 1)

@@ -13,7 +13,7 @@ import sys
 import trio
 
 from everruns._aio import open_aio_loop
-from everruns._program import run_program
+from everruns._program import quiet_transport_logs, run_program
 from everruns.errors import ConfigError
 from everruns.server.app import ServerInfo, serve
 from everruns.server.config import ServerConfig
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"everruns.server: unknown arguments {' '.join(args)!r}\n{USAGE}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    quiet_transport_logs()
     try:
         config = ServerConfig.from_env()
     except ConfigError as exc:

@@ -40,6 +40,7 @@ from everruns.domain.payload import decode, encode_text, json_error
 from everruns.domain.replay import continues_decision
 from everruns.domain.retry import RetryPolicy
 from everruns.errors import (
+    WORKER_SHUTDOWN_ERROR,
     DatabaseError,
     EverrunsError,
     FailedPrecondition,
@@ -1389,7 +1390,10 @@ class Engine:
                 )
                 return False, 0.0
             if release:
-                outcome = await self.store.release_task(conn, task, error)
+                # A graceful stop's release (the worker's error type says so) is not charged:
+                # a task on its last attempt goes to another worker, not to the dead letters.
+                stopped = error.get("type") == WORKER_SHUTDOWN_ERROR
+                outcome = await self.store.release_task(conn, task, error, charge=not stopped)
             else:
                 outcome = await self.store._fail_locked(
                     conn, task, error, non_retryable=non_retryable

@@ -255,11 +255,14 @@ ORDER BY id
 FOR UPDATE;
 
 -- name: release_task
--- Give a claimed task back to the queue at once (its attempt stays counted), unless it has no
--- use there: a workflow task whose run has another one pending (which replays the same
--- history) is closed, and a task whose cancellation was requested is cancelled.
+-- Give a claimed task back to the queue at once (its attempt stays counted; with $3 it gets
+-- one attempt more, so the interrupted one costs nothing), unless it has no use there: a
+-- workflow task whose run has another one pending (which replays the same history) is closed,
+-- and a task whose cancellation was requested is cancelled.
 UPDATE durable_task_queue t
 SET status = v.status, claimed_by = NULL, claimed_at = NULL, heartbeat_at = NULL,
+    max_attempts = CASE WHEN $3::bool AND t.max_attempts < 2147483647
+                        THEN t.max_attempts + 1 ELSE t.max_attempts END,
     completed_at = CASE WHEN v.status <> 'pending' THEN now() END,
     visible_at = now(), start_deadline = now() + make_interval(secs => t.schedule_to_start_s),
     last_error = $2::json,
@@ -351,7 +354,8 @@ SELECT * FROM durable_circuit_breaker_state WHERE key = $1 FOR UPDATE;
 -- Write a breaker's new state (caller holds the row lock).
 UPDATE durable_circuit_breaker_state
 SET state = $2, failure_count = $3, success_count = $4, probes_in_flight = $5,
-    window_started_at = $6, opened_at = $7, last_failure_at = $8, updated_at = now()
+    window_started_at = $6, opened_at = $7, last_failure_at = $8, recent_failures = $9,
+    updated_at = now()
 WHERE key = $1
 RETURNING *;
 

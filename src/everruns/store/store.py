@@ -938,22 +938,26 @@ class Store:
         return Task.from_row(row), DeadLetter.from_row(letter)
 
     async def release_task(
-        self, conn: Connection, task: Task, reason: dict[str, Any]
+        self, conn: Connection, task: Task, reason: dict[str, Any], *, charge: bool = True
     ) -> FailOutcome:
         """Give a claimed task back (its holder is gone); dead-letter it past ``max_attempts``.
 
         The attempt the holder consumed stays counted, so a task that keeps killing its
-        workers ends in the dead-letter queue instead of looping. A task with no use in the
-        queue is closed instead (see queries.sql): then ``will_retry`` is False.
+        workers ends in the dead-letter queue instead of looping. Not ``charge``d (a worker
+        that stops gracefully gives back what outlived its grace period: that attempt was
+        interrupted, not spent), the task gets one attempt more instead, so attempts keep
+        their numbers and its budget is whole. A task with no use in the queue is closed
+        instead (see queries.sql): then ``will_retry`` is False.
         """
         entry = {**reason, "attempt": task.attempt}
         await self.release_probe(conn, task)
-        if task.kind == "activity" and task.attempt >= task.max_attempts:
+        if charge and task.kind == "activity" and task.attempt >= task.max_attempts:
             dead_task, letter = await self._kill(conn, task, entry)
             return FailOutcome(dead_task, False, 0.0, letter)
-        row = await self._unless_superseded(
-            conn, task, partial(conn.fetchrow, Q["release_task"], task.task_id, encode_text(entry))
+        release = partial(
+            conn.fetchrow, Q["release_task"], task.task_id, encode_text(entry), not charge
         )
+        row = await self._unless_superseded(conn, task, release)
         assert row is not None
         released = Task.from_row(row)
         if released.status != "pending":
@@ -1283,6 +1287,7 @@ class Store:
             state.window_started_at,
             state.opened_at,
             state.last_failure_at,
+            list(state.recent_failures),
         )
         assert row is not None
         return _breaker_from_row(row)
@@ -1449,4 +1454,5 @@ def _breaker_from_row(row: Any) -> breaker_math.BreakerState:
         window_started_at=row["window_started_at"],
         opened_at=row["opened_at"],
         last_failure_at=row["last_failure_at"],
+        recent_failures=tuple(row["recent_failures"] or ()),
     )

@@ -18,7 +18,7 @@ import sys
 
 import trio
 
-from everruns._program import run_program
+from everruns._program import quiet_transport_logs, run_program
 from everruns.domain.registry import default_registry
 from everruns.errors import ConfigError
 from everruns.worker.runtime import Worker
@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s: %(message)s"
     )
+    quiet_transport_logs()
     try:
         worker = Worker.from_env(default_registry)
         import_modules(args)

@@ -48,6 +48,7 @@ from everruns.domain.registry import ActivityDefinition, Registry, default_regis
 from everruns.domain.replay import FollowUp, Replayer
 from everruns.domain.retry import RetryPolicy
 from everruns.errors import (
+    WORKER_SHUTDOWN_ERROR,
     ConcurrencyConflict,
     ConfigError,
     FailedPrecondition,
@@ -655,14 +656,14 @@ class Worker:
                 reply = await self._call(
                     self._stub.worker_heartbeat, request, what="WorkerHeartbeat"
                 )
-                if not reply.known:
+                if not reply.known and not self.draining:
                     log.warning(
                         "the control plane no longer knows worker %s; registering again",
                         self.config.worker_id,
                     )
                     await self._register()
-                    if self.draining:
-                        self._heartbeat_wakeup.set()
+                # A draining worker is not registered again: its goodbye ("stopped") may have
+                # landed before this heartbeat ("draining"), which it would undo.
             except Exception as exc:
                 wait = min(self._heartbeat_interval, backoff.next_delay())
                 if is_transient(exc):
@@ -1334,7 +1335,7 @@ class Worker:
             elif not internal:
                 failure = _Failed(
                     make_error(
-                        "everruns.WorkerShutdown",
+                        WORKER_SHUTDOWN_ERROR,
                         f"worker {self.worker_id} stopped before the activity finished; "
                         "released to another worker",
                     ),
