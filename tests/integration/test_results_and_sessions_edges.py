@@ -13,7 +13,7 @@ import everruns.client
 from everruns.agent import register, send_message, tool
 from everruns.domain import history as h
 from everruns.domain.registry import Registry, activity
-from everruns.errors import ServerUnavailable, WorkflowFailed
+from everruns.errors import InvalidArgument, ServerUnavailable, WorkflowFailed
 from everruns.worker import ActivityContext, Worker
 from tests.integration.agent_harness import serve_agent
 from tests.integration.test_worker import (
@@ -179,3 +179,17 @@ async def test_send_message_retried_after_a_lost_reply_is_answered_once(
         if e.type == h.SIGNAL_RECEIVED and isinstance(e.data.get("payload"), dict)
     ]
     assert messages == ["what is 3 * 3"], f"one user message became {len(messages)}: {messages}"
+
+
+@pytest.mark.db
+async def test_a_message_id_sent_again_with_another_text_is_refused(database_url: str) -> None:
+    """An idempotency key names one message: sent again with another text, it used to return
+    the earlier message's turn, and the new text was never delivered, without a word."""
+    with trio.fail_after(60):
+        async with serve_agent(database_url, REGISTRY) as client:
+            first = await send_message(client, "rc3", "what is 1 + 1", message_id="m-7")
+            again = await send_message(client, "rc3", "what is 1 + 1", message_id="m-7")
+            assert again.turn == first.turn
+            with pytest.raises(InvalidArgument, match="another text"):
+                await send_message(client, "rc3", "what is 2 + 2", message_id="m-7")
+            await first.result()

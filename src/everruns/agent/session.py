@@ -394,9 +394,15 @@ async def _turn_of(handle: WorkflowHandle, message_id: str) -> int | None:
     return turn
 
 
-async def _find_turn(handle: WorkflowHandle, message_id: str) -> tuple[bool, int | None]:
+async def _find_turn(
+    handle: WorkflowHandle, message_id: str, text: str | None = None
+) -> tuple[bool, int | None]:
     """Whether the session run received ``message_id``, and the turn it gives it (None: the
-    run was closed before it)."""
+    run was closed before it).
+
+    Raises:
+        InvalidArgument: the run received ``message_id`` with another text than ``text``.
+    """
     events = await handle.history()
     start = events[0].data.get("input") if events else None
     turn = int(start.get("first_turn") or 1) if isinstance(start, dict) else 1
@@ -409,6 +415,11 @@ async def _find_turn(handle: WorkflowHandle, message_id: str) -> tuple[bool, int
             closed = True
             continue
         if isinstance(payload, dict) and payload.get("message_id") == message_id:
+            if text is not None and payload.get("text") != text:
+                raise InvalidArgument(
+                    f"message_id {message_id!r} was sent to this session with another text; "
+                    "a new message needs a new message_id"
+                )
             return True, None if closed else turn
         if not closed:
             turn += 1
@@ -443,13 +454,15 @@ async def send_message(
         tool_retry: retry policy of every tool call (default: each tool's own).
         message_id: the message's idempotency key (default: a new one). A retry with the same
             key after a lost reply does not send the message again if the session's open run
-            has it: it returns the turn that answers it.
+            has it: it returns the turn that answers it. The same key with another text is
+            InvalidArgument.
 
     Returns:
         A handle to the turn that will answer the message.
 
     Raises:
-        InvalidArgument: a bad session id, empty or too long text, or a bad option.
+        InvalidArgument: a bad session id, empty or too long text, a bad option, or a
+            ``message_id`` the session received with another text.
         ServerUnavailable: the control plane is unreachable (the message may not have been
             delivered; a signal is not retried automatically: retry with the same
             ``message_id`` to send it at most once).
@@ -462,7 +475,7 @@ async def send_message(
         run_id = await _open_session_run(client, session_id)
         handle = client.get_handle(workflow_id, run_id)
         found, turn = (
-            await _find_turn(handle, message_id) if message_id is not None else (False, None)
+            await _find_turn(handle, message_id, text) if message_id is not None else (False, None)
         )
         if not found:
             try:
