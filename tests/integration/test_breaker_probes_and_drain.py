@@ -22,15 +22,20 @@ async def three_deps(ctx: Any, input: Any) -> Any:
     return await ctx.gather(*[ctx.start_activity("dep", i) for i in range(3)])
 
 
-async def _half_open_probe(p: Plane, pool: pg.Pool) -> pb.Task:
-    """Start a run with three "dep" activities, open the "dep" breaker 31 s ago, and claim
-    the one probe a half-open breaker admits (half_open_max_probes = 1)."""
+async def _breaker_due_to_probe(p: Plane, pool: pg.Pool) -> None:
+    """Start a run with three "dep" activities and open the "dep" breaker 31 s ago: its next
+    claim admits one probe (half_open_max_probes = 1)."""
     await p.start("three")
     await p.drive(three_deps, "three")
     await pool.execute(
         "INSERT INTO durable_circuit_breaker_state (key, state, failure_count, opened_at) "
         "VALUES ('dep', 'open', 5, now() - interval '31 seconds')"
     )
+
+
+async def _half_open_probe(p: Plane, pool: pg.Pool) -> pb.Task:
+    """`_breaker_due_to_probe`, then claim the probe."""
+    await _breaker_due_to_probe(p, pool)
     (probe,) = await p.poll(act=["dep"], wait=1)
     state = await pool.fetchrow("SELECT state, probes_in_flight FROM durable_circuit_breaker_state")
     assert state is not None and (state["state"], state["probes_in_flight"]) == ("half_open", 1)
@@ -85,12 +90,7 @@ async def test_a_probe_of_a_lost_worker_frees_its_probe_slot(
     one, and a released task is no longer claimed, so it never will)."""
     with trio.fail_after(30):
         async with plane(database_url) as p:
-            await p.start("three")
-            await p.drive(three_deps, "three")
-            await pool.execute(
-                "INSERT INTO durable_circuit_breaker_state (key, state, failure_count, opened_at) "
-                "VALUES ('dep', 'open', 5, now() - interval '31 seconds')"
-            )
+            await _breaker_due_to_probe(p, pool)
             async with doomed_worker(p, activity_types=["dep"]) as doomed_poll:
                 (probe,) = await doomed_poll(max_tasks=4, activity_types=["dep"], wait_s=2)
                 assert await _breaker(pool) == ("half_open", 1)

@@ -270,24 +270,27 @@ class Engine:
                     ClaimedTask(task, task.type_name, history, task.claimed_at, may_start)
                 )
         finally:
-            if not self.notifier.settle(taker, handed) and handed:
-                with trio.move_on_after(_GIVE_BACK_SECONDS, shield=True):
-                    await self._give_back(handed)
+            if not self.notifier.settle(taker, handed):
+                await self._give_back(handed)
         return workflow_id, run_id, task is not None
 
     async def _give_back(self, handed: Sequence[ClaimedTask | Task]) -> None:
         """Return tasks claimed for a call that did not take them (a poll that ended, a reply
         that was not sent) to the queue, their attempt uncharged (NOTIFY wakes another
-        claimer). One no longer under the lease it was claimed with is left alone."""
+        claimer). One no longer under the lease it was claimed with is left alone. Shielded
+        and bounded (`_GIVE_BACK_SECONDS`): callers give back from their cleanup."""
         if not handed:
             return
-        try:
-            async with self.store.transaction() as conn:
-                for claimed in handed:
-                    task = claimed.task if isinstance(claimed, ClaimedTask) else claimed
-                    await self.store.unclaim(conn, task)
-        except EverrunsError as exc:  # their leases lapse and the reclaimer frees them
-            log.warning("could not give back %d task(s) claimed for a call: %s", len(handed), exc)
+        with trio.move_on_after(_GIVE_BACK_SECONDS, shield=True):
+            try:
+                async with self.store.transaction() as conn:
+                    for claimed in handed:
+                        task = claimed.task if isinstance(claimed, ClaimedTask) else claimed
+                        await self.store.unclaim(conn, task)
+            except EverrunsError as exc:  # their leases lapse and the reclaimer frees them
+                log.warning(
+                    "could not give back %d task(s) claimed for a call: %s", len(handed), exc
+                )
 
     async def _start_statements(
         self, rows: list[tuple[str, str, str, uuid.UUID | None]]
@@ -497,8 +500,7 @@ class Engine:
                 return interest.take()
             finally:
                 if interest.handed:  # handed over but not taken: this poll was cancelled
-                    with trio.move_on_after(_GIVE_BACK_SECONDS, shield=True):
-                        await self._give_back(interest.take())
+                    await self._give_back(interest.take())
 
     async def _claim_unless_quiet(
         self,
@@ -752,10 +754,7 @@ class Engine:
         except BaseException:
             # No reply carries the activities claimed for the worker (the call was cancelled,
             # or a general path failed): back to the queue, not left until their leases lapse.
-            handed = [t for r in results if isinstance(r, tuple) for t in r[2]]
-            if handed:
-                with trio.move_on_after(_GIVE_BACK_SECONDS, shield=True):
-                    await self._give_back(handed)
+            await self._give_back([t for r in results if isinstance(r, tuple) for t in r[2]])
             raise
 
     async def _complete_rest(
@@ -1131,6 +1130,10 @@ class Engine:
             except EverrunsError as exc:  # the results stand; the slots refill by polling
                 log.warning("claim beside recorded results failed: %s", exc)
 
+        # Claimed for the worker: given back if no reply carries them (the call cancelled, or
+        # failing), not left until their leases lapse. Until the results are recorded, only
+        # what the claim beside them put in `claimed`.
+        outstanding: list[ClaimedTask | Task] = []
         try:
             async with trio.open_nursery() as nursery:
                 if beside:
@@ -1148,16 +1151,8 @@ class Engine:
                     recorded = exc  # raised once the claim beside it has ended (not as a group)
             if isinstance(recorded, EverrunsError):
                 raise recorded
-        except BaseException:
-            with trio.move_on_after(_GIVE_BACK_SECONDS, shield=True):
-                await self._give_back(claimed)  # the claim beside ran to its end (shielded)
-            raise
-        done, eager, histories, applied = recorded
-        # Claimed for the worker: given back if no reply carries them (the call cancelled, or
-        # failing), not left until their leases lapse.
-        outstanding: list[ClaimedTask | Task] = [*eager, *claimed]
-        outstanding += [task for tasks in applied.values() for task in tasks]
-        try:
+            done, eager, histories, applied = recorded
+            outstanding = [*claimed, *eager, *(t for tasks in applied.values() for t in tasks)]
             for p, (n, (task_id, lease_token, _)) in enumerate(valid):
                 if p not in done:  # not under its lease, or another of the same task was
                     verdicts[n] = await self.store.stale_reason(task_id, lease_token)
@@ -1197,8 +1192,7 @@ class Engine:
                 )
             return verdicts, handed, decided
         except BaseException:
-            with trio.move_on_after(_GIVE_BACK_SECONDS, shield=True):
-                await self._give_back(outstanding)
+            await self._give_back(outstanding or claimed)
             raise
 
     async def _record_results(

@@ -300,23 +300,24 @@ class Notifier:
         cost more than the claims). While it scans, its next sleep is cut short instead: waking
         it would start another scan at once, and under a steady flow of claims it would scan
         without pause."""
-        if seconds is None:
-            return
-        at = trio.current_time() + seconds
-        if self._due_scope is None:
-            self._made_while_scanning = min(self._made_while_scanning, at)
-        elif at < self._due_scope.deadline:
-            self.poke_due()
+        if seconds is not None:
+            self._due_by(seconds, wake=True)
 
     def look_again_by(self, seconds: float) -> None:
         """Have the due-scanner's next round begin within ``seconds`` without waking it now:
         its sleep is cut to that (or, while it scans, its next one)."""
+        self._due_by(seconds, wake=False)
+
+    def _due_by(self, seconds: float, *, wake: bool) -> None:
         at = trio.current_time() + seconds
         scope = self._due_scope
-        if scope is None:
+        if scope is None:  # scanning: its next sleep ends by then
             self._made_while_scanning = min(self._made_while_scanning, at)
-        elif at < scope.deadline:
-            scope.deadline = at
+        elif at < scope.deadline:  # sleeping past it: wake it now, or end its sleep then
+            if wake:
+                self.poke_due()
+            else:
+                scope.deadline = at
 
     async def wait_due(self, timeout: float | None) -> None:
         """Wait until poked or ``timeout`` seconds pass (None: until poked), or until the
