@@ -754,7 +754,18 @@ class Engine:
         except BaseException:
             # No reply carries the activities claimed for the worker (the call was cancelled,
             # or a general path failed): back to the queue, not left until their leases lapse.
-            await self._give_back([t for r in results if isinstance(r, tuple) for t in r[2]])
+            # Not the activities the worker started ahead: they ran there already (and may
+            # have killed it), so they stay claimed, to be released with their attempt counted.
+            ahead = {task_id for c in completions for task_id in c.started.values()}
+            await self._give_back(
+                [
+                    t
+                    for r in results
+                    if isinstance(r, tuple)
+                    for t in r[2]
+                    if t.task.task_id not in ahead
+                ]
+            )
             raise
 
     async def _complete_rest(
