@@ -104,6 +104,43 @@ async def test_releasing_a_dropped_workers_workflow_task_beside_a_pending_one(po
         assert await engine.release_worker("w1", "connection of worker w1 dropped") == 1
 
 
+async def test_a_dropped_worker_is_marked_lost_in_the_same_transaction_as_its_release(
+    pool: Any,
+) -> None:
+    """Who sees the worker ``lost`` sees its tasks released, and the reverse. Before, the
+    mark committed first, so a reader between the two statements saw the worker lost and its
+    task still ``claimed`` by it (found by the dead-letter e2e test, which read the task row
+    as soon as its killed worker showed ``lost``)."""
+    store = Store(pool, rng=random.Random(7))
+    engine = Engine(store, ServerConfig(), Notifier())
+    await store.register_worker("w1", activity_types=[], workflow_types=["wf"], max_concurrency=1)
+    await engine.start_workflows([StartRequest("wf", "1", "wf-lost")])
+    with trio.fail_after(30):
+        (held,) = await engine.poll(
+            "w1", workflow_types=["wf"], activity_types=[], max_tasks=1, wait_s=2
+        )
+        seen: list[tuple[str, str]] = []
+        release_task = store.release_task
+
+        async def looking(conn: Any, task: Any, error: Any, **kw: Any) -> Any:
+            # Another session, mid-release: the worker's row and the task's, as committed.
+            status = await pool.fetchval("SELECT status FROM durable_workers WHERE id = 'w1'")
+            row = await pool.fetchval(
+                "SELECT status FROM durable_task_queue WHERE id = $1", held.task.task_id
+            )
+            seen.append((status, row))
+            return await release_task(conn, task, error, **kw)
+
+        store.release_task = looking  # type: ignore[method-assign]
+        assert await engine.release_worker("w1", "connection of worker w1 dropped") == 1
+        assert seen == [("active", "claimed")]
+        status = await pool.fetchval("SELECT status FROM durable_workers WHERE id = 'w1'")
+        row = await pool.fetchval(
+            "SELECT status FROM durable_task_queue WHERE id = $1", held.task.task_id
+        )
+        assert (status, row) == ("lost", "pending")
+
+
 async def test_the_retry_of_a_timed_out_attempt_is_not_told_to_cancel(
     database_url: str,
 ) -> None:

@@ -1441,15 +1441,20 @@ class Engine:
     # ------------------------------------------------------------------ liveness
 
     async def release_worker(self, worker_id: str, reason: str) -> int:
-        """Release every task a worker holds (its connection dropped); return how many.
+        """Mark a worker lost and release every task it holds (its connection dropped);
+        return how many.
 
-        A call of that worker still being applied when its connection dropped either rolls
-        back (its tasks are then waited for and released here) or commits tasks claimed for
-        the worker after this looked: so it looks again, until a look finds nothing (a few
-        rounds at most: nothing new is claimed for a worker whose connection is gone)."""
+        The mark and the first release are one transaction: whoever sees the worker lost
+        sees its tasks released, and whoever gets its tasks next sees it lost. A call of that
+        worker still being applied when its connection dropped either rolls back (its tasks
+        are then waited for and released here) or commits tasks claimed for the worker after
+        this looked: so it looks again, until a look finds nothing (a few rounds at most:
+        nothing new is claimed for a worker whose connection is gone)."""
         released = 0
-        for _ in range(_RELEASE_ROUNDS):
+        for round_ in range(_RELEASE_ROUNDS):
             async with self.store.transaction() as conn:
+                if round_ == 0:
+                    await self.store.stop_worker(worker_id, lost=True, conn=conn)
                 tasks = await self.store.tasks_held_by(conn, worker_id)
                 for task in tasks:
                     error = {"type": "WorkerLost", "message": reason, "non_retryable": False}

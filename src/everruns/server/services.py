@@ -406,8 +406,6 @@ class WorkerService:
                 worker_id
             ):
                 with trio.move_on_after(10, shield=True):
-                    # Lost first: whoever gets its tasks next sees it lost.
-                    await self.store.stop_worker(worker_id, lost=True)
                     await self.engine.release_worker(
                         worker_id, f"connection of worker {worker_id} dropped"
                     )

@@ -1246,9 +1246,12 @@ class Store:
         row = await self.pool.fetchrow(Q["heartbeat_worker"], worker_id, current_load, status)
         return None if row is None else WorkerRecord.from_row(row)
 
-    async def stop_worker(self, worker_id: str, *, lost: bool = False) -> WorkerRecord | None:
+    async def stop_worker(
+        self, worker_id: str, *, lost: bool = False, conn: Connection | None = None
+    ) -> WorkerRecord | None:
         """Mark a worker stopped (clean exit) or lost; None if it was not live."""
-        row = await self.pool.fetchrow(Q["stop_worker"], worker_id, "lost" if lost else "stopped")
+        db = conn or self.pool
+        row = await db.fetchrow(Q["stop_worker"], worker_id, "lost" if lost else "stopped")
         return None if row is None else WorkerRecord.from_row(row)
 
     async def mark_lost_workers(self, *, missed_after: float) -> list[str]:
