@@ -141,6 +141,67 @@ async def test_a_dropped_worker_is_marked_lost_in_the_same_transaction_as_its_re
         assert (status, row) == ("lost", "pending")
 
 
+async def test_an_attempt_the_control_plane_ends_is_started_on_its_holder_in_the_history(
+    database_url: str, pool: Any
+) -> None:
+    """An attempt that times out, or whose worker is lost, has its ``activity_started`` (on the
+    worker that held it) before how it ended, as one its worker reports has. Before, such an
+    attempt's history had ``activity_timed_out`` or ``activity_failed`` alone: nothing said
+    that it had started, or where."""
+    with trio.fail_after(30):
+        async with plane(database_url, reclaim_interval=0.2) as p:
+            wid = await p.start("one", 1)
+            await p.drive(one_activity, "one")
+            await p.poll(act=["flaky"])  # never answered: start-to-close (0.3 s) ends it
+            (second,) = await p.poll(act=["flaky"], wait=10)
+            engine_release = Engine(Store(pool), ServerConfig(), Notifier())
+            assert await engine_release.release_worker("w1", "connection of w1 dropped") == 1
+            rows = await pool.fetch(
+                "SELECT payload FROM durable_workflow_events WHERE workflow_id = $1"
+                " ORDER BY sequence_num",
+                wid,
+            )
+    events = [json.loads(r["payload"]) for r in rows]
+    attempts = [
+        (e["type"], e.get("attempt"), e.get("worker_id"))
+        for e in events
+        if e["type"] in ("activity_started", "activity_timed_out", "activity_failed")
+    ]
+    assert attempts == [
+        ("activity_started", 1, "w1"),
+        ("activity_timed_out", 1, None),
+        ("activity_started", 2, "w1"),
+        ("activity_failed", 2, None),
+    ]
+    assert second.attempt == 2
+
+
+async def test_an_activity_heartbeat_timeout_has_one_outcome_whichever_duty_looks_first(
+    pool: Any,
+) -> None:
+    """An activity whose own heartbeat timeout (1 s) expired is a timed-out attempt: retried
+    after its policy's backoff. Before, the reclaimer (every 10 s, the 30 s rule or the task's
+    own heartbeat timeout) caught it too when it looked first, and released it instead: back
+    in the queue at once, no backoff, no breaker failure, its holder not told to stop."""
+    store = Store(pool, rng=random.Random(7))
+    engine = Engine(store, ServerConfig(), Notifier())
+    with trio.fail_after(30):
+        run = await _run(store)
+        policy = RetryPolicy(max_attempts=3, initial_interval=60, jitter=0)
+        task_id = await _activity(store, run, heartbeat_timeout_s=1.0, retry=policy)
+        await _claim(store, "w1")
+        await _age_heartbeats(pool, 2)
+        assert await reclaim_once(engine) == 0  # the reclaimer looks first: not its task
+        assert await engine.enforce_timeouts() == 1
+        row = await pool.fetchrow(
+            "SELECT status, attempt, visible_at - now() AS wait FROM durable_task_queue"
+            " WHERE id = $1",
+            task_id,
+        )
+        assert (row["status"], row["attempt"]) == ("pending", 1)
+        assert row["wait"].total_seconds() > 50  # the policy's backoff, not "at once"
+
+
 async def test_the_retry_of_a_timed_out_attempt_is_not_told_to_cancel(
     database_url: str,
 ) -> None:

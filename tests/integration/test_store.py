@@ -377,12 +377,18 @@ async def test_stale_reclaim_makes_task_claimable(store: Store, pool: Pool) -> N
         assert [t.task_id for t in await _claim(store, "w2")] == [task.task_id]
 
 
-async def test_reclaim_uses_the_task_heartbeat_timeout(store: Store, pool: Pool) -> None:
+async def test_reclaim_leaves_an_activity_heartbeat_timeout_to_the_timeout_duty(
+    store: Store, pool: Pool
+) -> None:
     with trio.fail_after(10):
         run = await _run(store)
         await _activity(store, run, heartbeat_timeout_s=5.0)
         await _claim(store, "w1")
         await _age_heartbeats(pool, 6)
+        async with store.transaction() as conn:
+            assert await store.reclaim_stale(conn, stale_after=30) == []
+            assert len(await store.timed_out_tasks(conn)) == 1
+        await _age_heartbeats(pool, 30)  # the global rule still holds for it
         async with store.transaction() as conn:
             assert len(await store.reclaim_stale(conn, stale_after=30)) == 1
 

@@ -1466,7 +1466,7 @@ class Engine:
                         await self._record(
                             conn,
                             task,
-                            [_attempt_end(outcome, failed)],
+                            _attempt_events(outcome, failed),
                             wake=not outcome.will_retry,
                         )
             if not tasks:
@@ -1486,7 +1486,7 @@ class Engine:
                     task.activity_id, "heartbeat", task.attempt, outcome.will_retry
                 )
                 await self._record(
-                    conn, task, [_attempt_end(outcome, event)], wake=not outcome.will_retry
+                    conn, task, _attempt_events(outcome, event), wake=not outcome.will_retry
                 )
             log.warning("stale task %s (%s): %s", task.task_id, task.type_name, outcome.verdict)
         return len(outcomes)
@@ -1524,7 +1524,7 @@ class Engine:
                     task.activity_id, kind, outcome.task.attempt, outcome.will_retry
                 )
                 await self._record(
-                    conn, task, [_attempt_end(outcome, event)], wake=not outcome.will_retry
+                    conn, task, _attempt_events(outcome, event), wake=not outcome.will_retry
                 )
                 log.warning(
                     "activity %s of workflow %s: %s timeout (attempt %d, %s)",
@@ -1606,6 +1606,18 @@ def _attempt_end(outcome: FailOutcome, event: dict[str, Any]) -> dict[str, Any]:
     if outcome.cancelled and activity_id is not None:
         return ev.activity_cancelled(activity_id)
     return event
+
+
+def _attempt_events(outcome: FailOutcome, event: dict[str, Any]) -> list[dict[str, Any]]:
+    """The events of an attempt the control plane ended (its holder lost or silent, or a
+    timeout): ``activity_started`` on the holder, when there was one, then how it ended. A
+    holder that reports its attempt records the same pair (see `fail_activity`), so every
+    attempt's end follows its start in the history, whoever ended it."""
+    end = _attempt_end(outcome, event)
+    activity_id = outcome.task.activity_id
+    if outcome.held_by is None or activity_id is None:
+        return [end]
+    return [ev.activity_started(activity_id, outcome.task.attempt, outcome.held_by), end]
 
 
 @attrs.define

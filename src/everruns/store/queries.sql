@@ -237,10 +237,13 @@ WHERE id = $1 AND status = 'dead'
 RETURNING *;
 
 -- name: find_stale_tasks
--- Claimed tasks whose heartbeat is older than the global threshold or their own timeout.
+-- Claimed tasks whose heartbeat is older than the global threshold, or than a workflow task's
+-- own timeout. An activity's own heartbeat timeout is not this rule's: find_timed_out_tasks
+-- fails that attempt as a timeout (retry policy, backoff, breaker), whichever duty looks first.
 SELECT * FROM durable_task_queue
 WHERE status = 'claimed'
-  AND heartbeat_at < now() - make_interval(secs => least($1, coalesce(heartbeat_timeout_s, $1)))
+  AND heartbeat_at < now() - make_interval(secs => CASE WHEN kind = 'activity' THEN $1
+                                                      ELSE least($1, coalesce(heartbeat_timeout_s, $1)) END)
 ORDER BY heartbeat_at
 LIMIT $2
 FOR UPDATE SKIP LOCKED;

@@ -206,6 +206,9 @@ class FailOutcome:
     will_retry: bool
     delay: float
     dead_letter: DeadLetter | None
+    held_by: str | None = None
+    """The worker whose claim the control plane ended (a release or a timeout), if any: that
+    attempt started on it, though the worker never reported it."""
 
     @property
     def cancelled(self) -> bool:
@@ -950,10 +953,11 @@ class Store:
         instead (see queries.sql): then ``will_retry`` is False.
         """
         entry = {**reason, "attempt": task.attempt}
+        holder = task.claimed_by
         await self.release_probe(conn, task)
         if charge and task.kind == "activity" and task.attempt >= task.max_attempts:
             dead_task, letter = await self._kill(conn, task, entry)
-            return FailOutcome(dead_task, False, 0.0, letter)
+            return FailOutcome(dead_task, False, 0.0, letter, holder)
         release = partial(
             conn.fetchrow, Q["release_task"], task.task_id, encode_text(entry), not charge
         )
@@ -961,9 +965,9 @@ class Store:
         assert row is not None
         released = Task.from_row(row)
         if released.status != "pending":
-            return FailOutcome(released, False, 0.0, None)
+            return FailOutcome(released, False, 0.0, None, holder)
         await self.notify(conn, CHANNEL_TASKS, f"{task.kind}:{task.type_name}")
-        return FailOutcome(released, True, 0.0, None)
+        return FailOutcome(released, True, 0.0, None, holder)
 
     async def cancel_task(self, conn: Connection, task_id: uuid.UUID) -> Task | None:
         """Close a pending or claimed task as cancelled; None if it had already finished."""
@@ -973,8 +977,10 @@ class Store:
     async def reclaim_stale(
         self, conn: Connection, *, stale_after: float, limit: int = 500
     ) -> list[FailOutcome]:
-        """Release claimed tasks whose heartbeat is older than ``stale_after`` seconds (or their
-        own heartbeat timeout, when shorter); each release counts the attempt."""
+        """Release claimed tasks whose heartbeat is older than ``stale_after`` seconds (or a
+        workflow task's own heartbeat timeout, when shorter); each release counts the attempt.
+        An activity's own heartbeat timeout is `time_out`'s (a failed attempt, retried after
+        its policy's backoff), not a release."""
         rows = await conn.fetch(Q["find_stale_tasks"], stale_after, limit)
         outcomes = []
         for row in rows:
@@ -1119,7 +1125,8 @@ class Store:
             row = await conn.fetchrow(Q["charge_attempt"], task.task_id)
             assert row is not None
             task = Task.from_row(row)
-        return await self._fail_locked(conn, task, error, non_retryable=False)
+        outcome = await self._fail_locked(conn, task, error, non_retryable=False)
+        return attrs.evolve(outcome, held_by=task.claimed_by)
 
     async def seconds_until_timeout(self) -> float | None:
         """Seconds until the next activity timeout could expire (None: nothing to watch)."""
