@@ -15,7 +15,7 @@ import trio
 
 from everruns._aio import pg
 from everruns._proto.everruns import v1 as pb
-from everruns.errors import DatabaseUnavailable, InvalidArgument
+from everruns.errors import DatabaseUnavailable, FailedPrecondition, InvalidArgument
 from everruns.store.store import Store
 from tests.integration.test_engine import (
     ahead_fanout,
@@ -252,3 +252,56 @@ async def test_started_is_honoured_only_for_a_decision_on_the_start_alone(
             reply = await p.channel.unary(p.workers.complete_workflow_task, request)
             (second,) = reply.eager_tasks
             assert second.activity_id == "2" and second.task_id != chosen
+
+
+@pytest.mark.parametrize(
+    "fn", [ahead_with_timer, ahead_fanout], ids=["under lock", "one statement"]
+)
+async def test_a_decision_retried_after_its_reply_was_lost_gets_that_reply(
+    database_url: str, pool: pg.Pool, fn: Any
+) -> None:
+    """The control plane applies a decision and its reply is lost (it was stopped, the
+    connection broke): the worker sends the same call again. The tasks the decision claimed
+    for it (started ahead, or eager) are handed to it again under the same leases, instead of
+    a stale verdict that leaves them claimed for a worker that does not know them until the
+    30 s stale rule (meanwhile the worker cancelled what it had started ahead). Found by a
+    CI run of the control-plane SIGTERM e2e test: a 30 s stall, and the activities run twice.
+    A different worker, or a different lease, gets the stale verdict."""
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            task = await p.first_workflow_task("nap" if fn is ahead_with_timer else "fan", "work")
+            request = p.decide(task, fn, max_eager=5)
+            last = "1" if fn is ahead_with_timer else "3"
+            (chosen,) = started_ahead(request, last)
+            first = await p.channel.unary(p.workers.complete_workflow_task, request)
+            assert first.accepted and first.eager_tasks
+            handed = sorted((t.task_id, t.lease_token) for t in first.eager_tasks)
+            assert chosen in {task_id for task_id, _ in handed}
+
+            again = await p.channel.unary(p.workers.complete_workflow_task, request)  # lost reply
+            assert again.accepted
+            assert sorted((t.task_id, t.lease_token) for t in again.eager_tasks) == handed
+            batch = await p.channel.unary(
+                p.workers.complete_workflow_tasks,
+                pb.CompleteWorkflowTasksRequest(completions=[request]),
+            )
+            (outcome,) = batch.outcomes
+            assert outcome.accepted and len(outcome.eager_tasks) == len(handed)
+
+            request.worker_id = "someone-else"
+            with pytest.raises(FailedPrecondition, match="no longer valid"):
+                await p.channel.unary(p.workers.complete_workflow_task, request)
+            request.worker_id = "w1"
+            request.lease_token += 1
+            with pytest.raises(FailedPrecondition, match="no longer valid"):
+                await p.channel.unary(p.workers.complete_workflow_task, request)
+            # Once the worker reports one of them, it is no longer handed out again.
+            await p.complete(next(t for t in first.eager_tasks if t.task_id == chosen), "ok")
+            request.lease_token -= 1
+            rest = [h for h in handed if h[0] != chosen]
+            if rest:
+                third = await p.channel.unary(p.workers.complete_workflow_task, request)
+                assert sorted((t.task_id, t.lease_token) for t in third.eager_tasks) == rest
+            else:
+                with pytest.raises(FailedPrecondition, match="no longer valid"):
+                    await p.channel.unary(p.workers.complete_workflow_task, request)

@@ -46,6 +46,7 @@ from everruns.errors import (
     FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
+    StaleLease,
 )
 from everruns.server.claims import CLAIM_LIMIT_SECONDS, ClaimGroups, claim_overran
 from everruns.server.config import ServerConfig
@@ -807,6 +808,8 @@ class Engine:
                 )
             except DatabaseError as exc:
                 failures.append(exc)  # the whole call fails (and is retried)
+            except StaleLease as exc:
+                results[n] = await self._handed_out_before(worker_id, c) or exc
             except EverrunsError as exc:
                 results[n] = exc
 
@@ -817,6 +820,23 @@ class Engine:
         if failures:
             raise failures[0]
         return [r for r in results if r is not None]
+
+    async def _handed_out_before(
+        self, worker_id: str, c: WorkflowTaskCompletion
+    ) -> tuple[bool, bool, list[ClaimedTask]] | None:
+        """A completion whose task is no longer under its lease may be the retry of one this
+        worker made whose reply was lost (the control plane stopped, the connection broke):
+        the task was completed with this very lease, and the activities it claimed for the
+        worker wait under its name, unknown to it, until the stale rule releases them (30 s,
+        and activities started ahead were cancelled by the worker meanwhile). Found, they are
+        the reply the worker missed; None otherwise."""
+        try:
+            tasks = await self.store.handed_out_by_completion(c.task_id, c.lease_token, worker_id)
+        except DatabaseError:
+            return None  # the stale verdict stands; the stale rule releases them
+        if not tasks:
+            return None
+        return True, False, [ClaimedTask(t, "", [], t.claimed_at or c.claim_time) for t in tasks]
 
     def _fast_outcome(
         self, worker_id: str, commands: Sequence[Command], claim_time: datetime
@@ -888,6 +908,8 @@ class Engine:
                 raise FailedPrecondition(f"workflow task {task_id} changed under its lock")
             if outcome.end is not None:
                 await self._after_end(conn, run, outcome.end)
+            elif outcome.wake:
+                await self.store.ensure_workflow_task(conn, run)
         return True, False, self._scheduled(outcome.activities, claimed, claim_time)
 
     def _scheduled(
@@ -962,13 +984,17 @@ class Engine:
             await self.store.cancel_timer(conn, run.run_id, command.timer_id)
             outcome.events.append(NewEvent.of(command.to_event()))
         elif isinstance(command, StartChildWorkflow):
-            outcome.events.extend(await self._start_child(conn, run, command))
+            events = await self._start_child(conn, run, command)
+            outcome.events.extend(events)
+            outcome.wake |= len(events) > 1
         else:
             raise InvalidArgument(f"unknown command {command!r}")
 
     async def _start_child(
         self, conn: Connection, run: WorkflowRun, command: StartChildWorkflow
     ) -> list[NewEvent]:
+        """The events of a child's start: ``child_workflow_started``, then, when its workflow
+        id is taken by an open run, ``child_workflow_failed`` (AlreadyExists)."""
         child_wid = command.workflow_id or f"{run.workflow_id}/{command.child_id}"
         input_text = encode_text(command.input, what="child workflow input")
         child, created = await self._start(
@@ -1627,6 +1653,9 @@ class _Outcome:
     events: list[NewEvent]
     activities: list[NewTask] = attrs.field(factory=list)
     end: RunEnd | None = None
+    wake: bool = False
+    """The commands added an input event of their own (a child refused at once): the run
+    needs a workflow task to see it."""
 
 
 def _plan(config: ServerConfig, command: Command, outcome: _Outcome) -> bool:

@@ -872,6 +872,18 @@ UPDATE durable_task_queue
 SET status = 'completed', claimed_by = NULL, completed_at = now(), updated_at = now()
 WHERE id = ANY($1::uuid[]);
 
+-- name: handed_out_by_completion
+-- The activity tasks that applying workflow task $1 under lease $2 claimed for worker $3 and
+-- that it still holds: claimed in that transaction (their claimed_at is its completed_at, the
+-- transaction's now()). A worker whose CompleteWorkflowTasks reply was lost retries the call
+-- and finds the task completed; these are what the lost reply carried.
+SELECT t.* FROM durable_task_queue w
+JOIN durable_task_queue t ON t.run_id = w.run_id AND t.kind = 'activity'
+                         AND t.status = 'claimed' AND t.claimed_by = $3
+                         AND t.claimed_at = w.completed_at
+WHERE w.id = $1 AND w.lease_token = $2 AND w.kind = 'workflow' AND w.status = 'completed'
+ORDER BY t.id;
+
 -- name: taken_task_ids
 -- Which of the task ids $1 name a task already.
 SELECT id FROM durable_task_queue WHERE id = ANY($1::uuid[]);

@@ -572,6 +572,14 @@ class Store:
         await self.notify(conn, CHANNEL_TASKS, f"activity:{task.activity_type}")
         return Task.from_row(row)
 
+    async def handed_out_by_completion(
+        self, task_id: uuid.UUID, lease_token: int, worker_id: str
+    ) -> list[Task]:
+        """The activity tasks that completing workflow task ``task_id`` under ``lease_token``
+        claimed for ``worker_id`` (eager dispatch, or started ahead) and that it still holds."""
+        rows = await self.pool.fetch(Q["handed_out_by_completion"], task_id, lease_token, worker_id)
+        return [Task.from_row(row) for row in rows]
+
     async def taken_task_ids(
         self, conn: Connection, task_ids: Sequence[uuid.UUID]
     ) -> set[uuid.UUID]:
