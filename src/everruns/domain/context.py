@@ -356,7 +356,11 @@ class WorkflowContext:
             retry: retry policy.
             schedule_to_start_timeout: seconds the task may wait in the queue.
             start_to_close_timeout: seconds one attempt may run.
-            heartbeat_timeout: seconds allowed between heartbeats.
+            heartbeat_timeout: seconds the control plane waits without a heartbeat for an
+                attempt before it times the attempt out. The worker heartbeats each running
+                activity on its own (at least every third of this), so this catches a worker
+                that died or hung (its event loop blocked), not an activity that is slow or
+                stuck while its worker is well: bound that with ``start_to_close_timeout``.
             priority: higher is claimed first.
             breaker_key: circuit breaker key.
 

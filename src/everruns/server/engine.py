@@ -197,12 +197,7 @@ class Engine:
 
     def check_payload(self, text: str, what: str) -> str:
         """Validate a client payload: size limit and JSON syntax. Returns it unchanged."""
-        size = len(text) if text.isascii() else len(text.encode())
-        if size > self.config.max_payload_bytes:
-            raise ResourceExhausted(
-                f"{what} is too large: {size} bytes; the limit is "
-                f"{self.config.max_payload_bytes} bytes (EVERRUNS_MAX_PAYLOAD_BYTES)"
-            )
+        _check_size(self.config, text, what)
         error = json_error(text)
         if error is not None:
             raise InvalidArgument(f"{what} is not valid JSON: {error}")
@@ -996,7 +991,8 @@ class Engine:
         """The events of a child's start: ``child_workflow_started``, then, when its workflow
         id is taken by an open run, ``child_workflow_failed`` (AlreadyExists)."""
         child_wid = command.workflow_id or f"{run.workflow_id}/{command.child_id}"
-        input_text = encode_text(command.input, what="child workflow input")
+        what = f"input of child workflow {child_wid!r}"
+        input_text = _check_size(self.config, encode_text(command.input, what=what), what)
         child, created = await self._start(
             conn,
             StartRequest(command.workflow_type, input_text, child_wid),
@@ -1068,21 +1064,37 @@ class Engine:
         non_determinism: bool,
     ) -> None:
         """Record a workflow task the worker could not complete; the run is marked stuck and
-        is not retried in a loop (a new event gives it another try)."""
+        is not retried in a loop (a new event gives it another try).
+
+        A run whose cancellation was requested ends cancelled instead: its code cannot run to
+        see the request (the stuck message tells the operator to cancel such a run)."""
         error = _error_dict(error_json)
+        kind = "non-determinism" if non_determinism else "workflow task failed"
+        reason = f"{kind}: {error.get('message', '')}"
         async with self.store.transaction() as conn:
             task = await self.store.lock_leased(conn, task_id, lease_token)
             run = await self.store.lock_run(conn, task.run_id)
             await self.store.close_workflow_task(conn, task_id)
             if not run.is_open:
                 return
-            await self.store.append_events(
-                conn, run, [NewEvent.of(ev.workflow_task_failed({**error, "worker_id": worker_id}))]
+            failed = NewEvent.of(ev.workflow_task_failed({**error, "worker_id": worker_id}))
+            if run.cancel_requested_at is not None:
+                await self.store.append_events(
+                    conn, run, [failed, NewEvent.of(ev.workflow_cancelled())]
+                )
+                ended = await self.store.end_run(conn, run.run_id, "cancelled")
+                await self._after_end(conn, ended, RunEnd("cancelled"))
+            else:
+                await self.store.append_events(conn, run, [failed])
+                await self.store.set_stuck(conn, run.run_id, reason[:4000])
+        if run.cancel_requested_at is not None:
+            log.warning(
+                "workflow %s ended cancelled: its code could not run to see the request (%s)",
+                run.workflow_id,
+                reason,
             )
-            kind = "non-determinism" if non_determinism else "workflow task failed"
-            reason = f"{kind}: {error.get('message', '')}"
-            await self.store.set_stuck(conn, run.run_id, reason[:4000])
-        log.error("workflow %s is stuck: %s", run.workflow_id, reason)
+        else:
+            log.error("workflow %s is stuck: %s", run.workflow_id, reason)
 
     # ------------------------------------------------------------------ activity tasks
 
@@ -1658,6 +1670,18 @@ class _Outcome:
     needs a workflow task to see it."""
 
 
+def _check_size(config: ServerConfig, text: str, what: str) -> str:
+    """Refuse a payload over ``EVERRUNS_MAX_PAYLOAD_BYTES``, whoever sends it: a client, an
+    activity, or workflow code (an activity's or child's input, a workflow's result)."""
+    size = len(text) if text.isascii() else len(text.encode())
+    if size > config.max_payload_bytes:
+        raise ResourceExhausted(
+            f"{what} is too large: {size} bytes; the limit is "
+            f"{config.max_payload_bytes} bytes (EVERRUNS_MAX_PAYLOAD_BYTES)"
+        )
+    return text
+
+
 def _plan(config: ServerConfig, command: Command, outcome: _Outcome) -> bool:
     """Add a command that needs no read (an activity, the run's end) to ``outcome``; False for
     a command that must be applied under the run's lock (timers, children).
@@ -1667,7 +1691,8 @@ def _plan(config: ServerConfig, command: Command, outcome: _Outcome) -> bool:
     """
     if isinstance(command, ScheduleActivity):
         options = command.options
-        input_text = encode_text(command.input, what="activity input")
+        what = f"input of activity {command.activity_id}"
+        input_text = _check_size(config, encode_text(command.input, what=what), what)
         outcome.activities.append(
             NewTask(
                 activity_type=command.activity_type,
@@ -1688,7 +1713,8 @@ def _plan(config: ServerConfig, command: Command, outcome: _Outcome) -> bool:
         if outcome.end is not None:
             raise InvalidArgument(f"the run already ended {outcome.end.status}: {command!r}")
         if isinstance(command, CompleteWorkflow):
-            result = encode_text(command.result, what="workflow result")
+            what = "workflow result"
+            result = _check_size(config, encode_text(command.result, what=what), what)
             outcome.end = RunEnd("completed", result=result)
             outcome.events.append(NewEvent.of(command.to_event(), result=result))
         elif isinstance(command, FailWorkflow):

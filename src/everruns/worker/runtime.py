@@ -977,7 +977,9 @@ class Worker:
                 value = await trio.to_thread.run_sync(
                     functools.partial(definition.fn, ctx, args), limiter=self._sync_limiter
                 )
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
+            # SystemExit too (a script's sys.exit() wrapped as an activity): it fails this
+            # activity, not the worker, which would crash each worker the task went to next.
             log.info("%s failed: %s: %s", handle.describe(), type_name(exc), exc)
             error = error_from_exception(exc)
             return _Failed(error, bool(error["non_retryable"]))
@@ -1017,6 +1019,11 @@ class Worker:
                 what="RecordHeartbeat",
                 budget=max(beat.interval, 5.0),
             )
+        except trio.Cancelled:
+            # The attempt ended meanwhile: its report sends what this one may not have.
+            if details is not None:
+                ctx._requeue_details(details)
+            raise
         except Exception as exc:
             if _is_stale(exc):
                 log.warning("%s lost its lease (%s); stopping it", handle.describe(), exc)
@@ -1281,6 +1288,8 @@ class Worker:
         self, handle: _RunningTask, failure: _Failed, *, cancelled: bool = False
     ) -> None:
         task = handle.task
+        if not cancelled and handle.ctx is not None:
+            await self._send_last_details(handle, handle.ctx)
         request = pb.FailActivityTaskRequest(
             task_id=task.task_id,
             lease_token=task.lease_token,
@@ -1305,6 +1314,25 @@ class Worker:
             log.info("%s will be retried", handle.describe())
         else:
             log.warning("%s failed for good: %s", handle.describe(), failure.error["message"])
+
+    async def _send_last_details(self, handle: _RunningTask, ctx: ActivityContext) -> None:
+        """Send the heartbeat details the attempt recorded last, if the heartbeat scheduler
+        has not (recorded just before the failure, or within the minimum gap between beats):
+        the next attempt resumes from them. Best effort: the failure is reported either way."""
+        details = ctx._take_details()
+        if details is None:
+            return
+        request = pb.RecordHeartbeatRequest(
+            task_id=handle.task.task_id, lease_token=handle.task.lease_token, details=details
+        )
+        try:
+            await self._call(
+                self._stub.record_heartbeat, request, what="RecordHeartbeat", budget=5.0
+            )
+        except Exception as exc:
+            log.warning(
+                "the last heartbeat details of %s were not recorded: %s", handle.describe(), exc
+            )
 
     async def _final_activity_report(self, handle: _RunningTask, *, internal: bool) -> None:
         """Report what can be reported while the worker itself is being stopped, or when an

@@ -1,0 +1,105 @@
+"""The activity side of the worker at its edges: progress recorded just before a failure, an
+activity that calls ``sys.exit``. Found by a review (session 17); each test failed before."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+from everruns.client import Client
+from everruns.domain.registry import Registry, activity, workflow
+from everruns.domain.retry import RetryPolicy
+from everruns.errors import ActivityError
+from everruns.server import ServerConfig, serve
+from everruns.worker import ActivityContext, Worker
+
+pytestmark = pytest.mark.db
+
+
+@asynccontextmanager
+async def served(
+    database_url: str, registry: Registry, **server: Any
+) -> AsyncIterator[tuple[Client, Worker]]:
+    """A control plane (with ``server`` settings), a worker serving ``registry`` and a client,
+    all stopped at the end."""
+    async with trio.open_nursery() as nursery:
+        config = ServerConfig(database_url=database_url, grpc_port=0, **server)
+        info = await nursery.start(serve, config)
+        worker = Worker(registry, address=info.address, grace_period=0.5, poll_wait=1.0)
+        await nursery.start(worker.run)
+        async with Client.connect(info.address) as client:
+            yield client, worker
+        worker.shutdown()
+        nursery.cancel_scope.cancel()
+
+
+async def test_progress_recorded_just_before_a_failure_reaches_the_next_attempt(
+    database_url: str,
+) -> None:
+    """Record progress with ``ctx.heartbeat(details)``, fail, and the next attempt resumes
+    from ``ctx.heartbeat_details``. Before, details the heartbeat scheduler had not sent yet
+    when the attempt failed (recorded just before, or within the minimum gap between beats)
+    were dropped with the attempt: the next one saw None."""
+    registry = Registry()
+    seen: list[Any] = []
+
+    @activity(registry=registry)
+    async def resumable(ctx: ActivityContext, _: Any) -> Any:
+        seen.append(ctx.heartbeat_details)
+        if ctx.attempt == 1:
+            ctx.heartbeat({"done": 5})
+            raise ValueError("crashed after recording progress")
+        return ctx.heartbeat_details
+
+    @workflow(registry=registry)
+    async def resume(ctx: Any, _: Any) -> Any:
+        return await ctx.execute_activity(
+            resumable, None, retry=RetryPolicy(max_attempts=2, initial_interval=0.1)
+        )
+
+    with trio.fail_after(20):
+        async with served(database_url, registry) as (client, _):
+            handle = await client.start_workflow(resume, None)
+            result = await handle.result(timeout=10)
+    assert seen == [None, {"done": 5}]
+    assert result == {"done": 5}
+
+
+async def test_an_activity_calling_sys_exit_fails_the_activity_not_the_worker(
+    database_url: str,
+) -> None:
+    """A sync activity wrapping a script that calls ``sys.exit`` fails with SystemExit, and
+    the worker goes on. Before, ``Worker.run`` raised SystemExit: the worker died, and the
+    task it released would have crashed the next worker too."""
+    registry = Registry()
+
+    @activity(registry=registry)
+    def exits(ctx: ActivityContext, _: Any) -> Any:
+        sys.exit(3)
+
+    @activity(registry=registry)
+    async def exits_async(ctx: ActivityContext, _: Any) -> Any:
+        sys.exit(4)
+
+    @workflow(registry=registry)
+    async def call_both(ctx: Any, _: Any) -> Any:
+        caught = []
+        for fn in (exits, exits_async):
+            try:
+                await ctx.execute_activity(fn, None, retry=RetryPolicy(max_attempts=1))
+            except ActivityError as exc:
+                caught.append(exc.error_type)
+        return caught
+
+    with trio.fail_after(20):
+        async with served(database_url, registry) as (client, _):
+            handle = await client.start_workflow(call_both, None)
+            assert await handle.result(timeout=10) == ["builtins.SystemExit"] * 2
+            # Still serving.
+            again = await client.start_workflow(call_both, None)
+            assert await again.result(timeout=10) == ["builtins.SystemExit"] * 2

@@ -1,0 +1,163 @@
+"""The workflow programming model at its edges: a child whose workflow id is taken, a stuck run
+that is cancelled, payload limits on what workflow code sends. Found by a review (session
+17); each test failed on the code before its fix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+
+from everruns.client import Client, WorkflowHandle
+from everruns.domain.registry import Registry, activity, workflow
+from everruns.errors import ChildWorkflowError, ResourceExhausted, WorkflowFailed
+from everruns.server import ServerConfig, serve
+from everruns.worker import ActivityContext, Worker
+from tests.e2e.harness import wait_until
+from tests.integration.test_activity_edges import served
+
+pytestmark = pytest.mark.db
+
+
+async def _types(handle: WorkflowHandle) -> list[str]:
+    return [e.type for e in await handle.history()]
+
+
+async def test_a_child_refused_because_its_id_is_taken_fails_in_its_parent(
+    database_url: str,
+) -> None:
+    """A child whose workflow id an open run holds: the control plane records
+    ``child_workflow_failed`` (AlreadyExists) with ``child_workflow_started``, and the
+    parent's ``execute_child_workflow`` raises ChildWorkflowError. Before, no workflow task
+    was made for that event: the parent was never replayed over it and waited for ever."""
+    registry = Registry()
+
+    @workflow(registry=registry)
+    async def occupant(ctx: Any, _: Any) -> Any:
+        return await ctx.wait_signal("go")
+
+    @workflow(registry=registry)
+    async def parent_of_taken(ctx: Any, _: Any) -> Any:
+        try:
+            await ctx.execute_child_workflow(occupant, None, workflow_id="taken-id")
+        except ChildWorkflowError as exc:
+            return ["child refused", exc.error_type]
+        return "child ran"
+
+    with trio.fail_after(20):
+        async with served(database_url, registry) as (client, _):
+            await client.start_workflow(occupant, None, workflow_id="taken-id")
+            handle = await client.start_workflow(parent_of_taken, None)
+            assert await handle.result(timeout=10) == ["child refused", "AlreadyExists"]
+
+
+async def test_cancelling_a_run_stuck_on_non_determinism_ends_it(database_url: str) -> None:
+    """The non-determinism message says "... or cancel it". Cancelling a stuck run ends it
+    cancelled once a worker fails to replay it again. Before, the request was recorded, the
+    replay failed again, and the run stayed running and stuck, holding its workflow id."""
+    old_registry, new_registry = Registry(), Registry()
+
+    @activity(registry=old_registry, name="step_a")
+    @activity(registry=new_registry, name="step_a")
+    async def step_a(ctx: ActivityContext, value: Any) -> Any:
+        return value
+
+    @activity(registry=new_registry, name="step_b")
+    async def step_b(ctx: ActivityContext, value: Any) -> Any:
+        return value
+
+    @workflow(registry=old_registry, name="evolving")
+    async def old_code(ctx: Any, _: Any) -> Any:
+        await ctx.execute_activity("step_a", 1)
+        return await ctx.wait_signal("go")
+
+    @workflow(registry=new_registry, name="evolving")
+    async def new_code(ctx: Any, _: Any) -> Any:
+        await ctx.execute_activity("step_b", 1)  # changed under a running workflow
+        return await ctx.wait_signal("go")
+
+    async def waiting_for_the_signal() -> bool:
+        types = await _types(handle)
+        return "activity_completed" in types and types[-1] == "workflow_task_completed"
+
+    async def stuck() -> bool:
+        return bool((await handle.describe()).stuck_reason)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            info = await nursery.start(serve, ServerConfig(database_url=database_url, grpc_port=0))
+            async with Client.connect(info.address) as client:
+                old = Worker(old_registry, address=info.address, grace_period=0.5)
+                async with trio.open_nursery() as inner:
+                    await inner.start(old.run)
+                    handle = await client.start_workflow("evolving", None, workflow_id="evolving")
+                    await wait_until(waiting_for_the_signal, timeout=10, what="old code waits")
+                    old.shutdown()
+                new = Worker(new_registry, address=info.address, grace_period=0.5)
+                async with trio.open_nursery() as inner:
+                    await inner.start(new.run)
+                    await handle.signal("go", 1)
+                    await wait_until(stuck, timeout=10, what="the run is stuck")
+                    assert "or cancel it" in str((await handle.describe()).stuck_reason)
+                    await handle.cancel("the code changed; give up on this run")
+                    with pytest.raises(WorkflowFailed) as ended:
+                        await handle.result(timeout=10)
+                    assert ended.value.status == "cancelled"
+                    types = await _types(handle)
+                    assert types[-2:] == ["workflow_task_failed", "workflow_cancelled"]
+                    new.shutdown()
+            nursery.cancel_scope.cancel()
+
+
+async def test_the_payload_limit_applies_to_what_workflow_code_sends(database_url: str) -> None:
+    """EVERRUNS_MAX_PAYLOAD_BYTES is "the largest payload one request may carry": a client's
+    start input over it is refused, and so are a child's input, an activity's input and a
+    workflow's result that workflow code sends (the run is stuck, saying which was too
+    large). Before, those were stored and handed out as if there were no limit."""
+    registry = Registry()
+    limit = 100_000
+
+    @activity(registry=registry)
+    async def measure(ctx: ActivityContext, text: str) -> int:
+        return len(text)
+
+    @workflow(registry=registry)
+    async def takes_big(ctx: Any, text: str) -> int:
+        return len(text)
+
+    @workflow(registry=registry)
+    async def sends_big(ctx: Any, n: int) -> Any:
+        return await ctx.execute_child_workflow(takes_big, "y" * n)
+
+    @workflow(registry=registry)
+    async def schedules_big(ctx: Any, n: int) -> Any:
+        return await ctx.execute_activity(measure, "z" * n)
+
+    @workflow(registry=registry)
+    async def returns_big(ctx: Any, n: int) -> Any:
+        return "x" * n
+
+    with trio.fail_after(30):
+        async with served(database_url, registry, max_payload_bytes=limit) as (client, _):
+            with pytest.raises(ResourceExhausted):
+                await client.start_workflow(takes_big, "y" * 2 * limit)
+            for fn, what in (
+                (sends_big, "input of child workflow"),
+                (schedules_big, "input of activity"),
+                (returns_big, "workflow result"),
+            ):
+                handle = await client.start_workflow(fn, 2 * limit)
+
+                async def stuck(handle: WorkflowHandle = handle) -> bool:
+                    return bool((await handle.describe()).stuck_reason)
+
+                await wait_until(stuck, timeout=10, what=f"{fn.__name__} is stuck")
+                description = await handle.describe()
+                assert description.is_open and description.result is None
+                assert f"{what}" in str(description.stuck_reason)
+                assert "too large" in str(description.stuck_reason)
+            # Under the limit, the same code runs.
+            assert (
+                await (await client.start_workflow(returns_big, 10)).result(timeout=10) == "x" * 10
+            )
