@@ -1,12 +1,14 @@
 """`python -m everruns.server [migrate]`: run the control plane, or apply migrations and exit.
 
 Operator mistakes (bad variable, unreachable database) print one line and exit 2 or 1, never a
-traceback; SIGINT/SIGTERM stop it cleanly.
+traceback; SIGINT, SIGTERM and SIGHUP stop it cleanly (exit 0), at any point of its start, and a
+second one stops it at once.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 
@@ -32,16 +34,42 @@ See docs/operations.md for the rest.
 log = logging.getLogger("everruns.server")
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+async def _watch_signals(
+    serving: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Stop the control plane on SIGINT, SIGTERM or SIGHUP (a closed terminal), whatever it is
+    doing, including waiting for its database at start; a second signal ends the process at
+    once, its shutdown (stopping the embedded PostgreSQL, up to 35 s) left unfinished."""
+    with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+        task_status.started()
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if not serving.cancel_called:
+                log.info("received %s, shutting down; send it again to stop now", name)
+                serving.cancel()
+                continue
+            log.warning("received %s again: stopping now", name)
+            # The signal's own default action ends the process as the operator asked (status
+            # -signum, 128+signum in a shell); the shutdown in progress is shielded from any
+            # cancellation, so nothing short of this interrupts it.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+
 async def _run(config: ServerConfig) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
+    async with trio.open_nursery() as nursery:
+        serving = trio.CancelScope()
+        await nursery.start(_watch_signals, serving)
+        with serving:
             print("Using Durable execution engine runner (PostgreSQL-backed)", flush=True)
-            info: ServerInfo = await nursery.start(serve, config)
-            print(f"everruns control plane listening on {info.address}", flush=True)
-            async for signum in signals:
-                log.info("received %s, shutting down", signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                break
+            async with trio.open_nursery() as server:
+                info: ServerInfo = await server.start(serve, config)
+                print(f"everruns control plane listening on {info.address}", flush=True)
+        # Only a signal ends serve() without an error: a clean stop.
+        nursery.cancel_scope.cancel()
 
 
 async def _migrate(config: ServerConfig) -> None:

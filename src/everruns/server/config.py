@@ -182,7 +182,7 @@ class ServerConfig:
             ConfigError: a variable has a bad value; the message names it.
         """
         env = os.environ if env is None else env
-        mode = env.get("RUNNER_MODE", "durable")
+        mode = env.get("RUNNER_MODE") or "durable"  # empty, as in `RUNNER_MODE=`: the default
         if mode != "durable":
             raise ConfigError(f"RUNNER_MODE={mode!r} is not supported; the only mode is 'durable'")
         url = env.get("DATABASE_URL") or None

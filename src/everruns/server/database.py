@@ -1,8 +1,10 @@
 """Which PostgreSQL the control plane uses, and getting it ready: embedded or DATABASE_URL,
 reachable, migrated.
 
-The embedded server is started in a thread (its module blocks) and stopped on the way out only
-if this process started it. Nothing here serves requests.
+The embedded server is started in a thread (its module blocks), started again if its
+postmaster dies while the control plane runs, and stopped on the way out only if this process
+started it (or took it over from a control plane killed with kill -9). Nothing here serves
+requests.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import attrs
 import trio
 
 from everruns._aio import pg
+from everruns.errors import EmbeddedPostgresError
 from everruns.server.config import ServerConfig
 from everruns.store import embedded
 from everruns.store.migrate import apply_migrations
@@ -29,11 +33,14 @@ async def open_database(config: ServerConfig) -> AsyncIterator[str]:
     """Yield the URL of a reachable PostgreSQL for the block.
 
     With ``config.database_url`` unset, the embedded PostgreSQL is started (or reused) first
-    and, if this process started it, stopped after the block (shielded, bounded).
+    and, if this process started it, kept running during the block (started again if it dies)
+    and stopped after it (shielded, bounded).
 
     Raises:
         EmbeddedPostgresError: the embedded server could not be started.
         DatabaseUnavailable: the database did not answer within ``db_connect_timeout``.
+        ExceptionGroup of EmbeddedPostgresError: the embedded server died during the block and
+            could not be started again (the block is cancelled).
     """
     if config.database_url is not None:
         log.info("database: %s", embedded.mask_url(config.database_url))
@@ -46,14 +53,67 @@ async def open_database(config: ServerConfig) -> AsyncIterator[str]:
     handle = await trio.to_thread.run_sync(embedded.start, data_dir)
     how = "started" if handle.started_by_us else "reusing"
     log.info("database: embedded PostgreSQL (%s) in %s at %s", how, data_dir, handle.url)
+    owned = _Owned(handle)
     try:
         await pg.wait_until_ready(handle.url, budget=config.db_connect_timeout, log=log.warning)
-        yield handle.url
+        if not handle.started_by_us:
+            yield handle.url
+            return
+        async with trio.open_nursery() as nursery:
+            await nursery.start(_keep_embedded_running, owned)
+            yield handle.url
+            nursery.cancel_scope.cancel()
     finally:
-        if handle.started_by_us:
+        if owned.handle.started_by_us:
             with trio.move_on_after(35, shield=True):
-                await trio.to_thread.run_sync(embedded.stop, handle)
+                await trio.to_thread.run_sync(embedded.stop, owned.handle)
                 log.info("database: embedded PostgreSQL stopped")
+
+
+WATCH_INTERVAL = 2.0
+"""Seconds between two looks at whether the embedded postmaster still runs."""
+
+
+@attrs.define
+class _Owned:
+    """The embedded server this control plane started last (the one to stop on the way out)."""
+
+    handle: embedded.EmbeddedHandle
+
+
+async def _keep_embedded_running(
+    owned: _Owned, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Start the embedded PostgreSQL again when its postmaster dies (the OOM killer, a kill -9):
+    nothing else starts it, and without it the control plane could only ever answer
+    UNAVAILABLE. It comes back on the same data directory and port, so the pool reconnects.
+
+    Raises:
+        EmbeddedPostgresError: it could not be started again, or only on another port (the
+            control plane then exits 1, for its supervisor to restart it).
+    """
+    task_status.started()
+    while True:
+        await trio.sleep(WATCH_INTERVAL)
+        handle = owned.handle
+        if await trio.to_thread.run_sync(embedded.running, handle):
+            continue
+        log.warning(
+            "database: the embedded PostgreSQL in %s stopped running; starting it again",
+            handle.data_dir,
+        )
+        again = await trio.to_thread.run_sync(embedded.start, handle.data_dir)
+        if again.started_by_us:
+            owned.handle = again  # stopped on the way out, whatever happens next
+        if again.port != handle.port:
+            raise EmbeddedPostgresError(
+                f"the embedded PostgreSQL in {handle.data_dir} came back on port {again.port} "
+                f"instead of {handle.port}, which the control plane's connections use; "
+                "restart the control plane"
+            )
+        if not again.started_by_us:
+            log.warning("database: the embedded PostgreSQL was started by another process")
+            return  # not ours to watch any more
 
 
 async def migrate_database(url: str) -> list[str]:

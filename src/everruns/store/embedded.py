@@ -8,7 +8,9 @@ recovers from a crashed previous run. An exclusive file lock beside the data dir
 start decision atomic between processes. As root, PostgreSQL refuses to run, so the cluster is
 owned and run by an unprivileged system user created for the purpose. This module must not
 import trio or asyncio, keep global state or register exit hooks, and it never stops a server it
-did not start; everything that goes wrong surfaces as a one-line ``EmbeddedPostgresError``.
+did not start, unless the process that started it is gone (killed with kill -9: then the
+process reusing the server takes it over, or nothing would ever stop it); everything that goes
+wrong surfaces as a one-line ``EmbeddedPostgresError``.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import attrs
 
 from everruns.errors import EmbeddedPostgresError
 
-__all__ = ["EmbeddedHandle", "default_data_dir", "mask_url", "start", "stop"]
+__all__ = ["EmbeddedHandle", "default_data_dir", "mask_url", "running", "start", "stop"]
 
 _SUPERUSER = "postgres"
 _HOST = "127.0.0.1"
@@ -63,8 +65,9 @@ class EmbeddedHandle:
         url: Connection URL of the everruns database (trust auth, no password).
         data_dir: The cluster's data directory.
         port: The TCP port it listens on, on 127.0.0.1 only.
-        started_by_us: False if a server already running on this data directory was reused;
-            :func:`stop` then leaves it running.
+        started_by_us: False if a server already running on this data directory was reused
+            (started by hand, or by another process that still runs); :func:`stop` then leaves
+            it running. True also for a reused server whose starter died without stopping it.
     """
 
     url: str
@@ -125,8 +128,9 @@ def start(data_dir: Path, *, database: str = "everruns", timeout: float = 60.0) 
 
     The first start creates the cluster (trust auth, UTF8, superuser ``postgres``) and picks a
     free port, remembered for later starts while it stays free. A server already running on the
-    directory is reused; a pid file left by a crashed run is cleared. Blocking: run it in a
-    thread from async code. It cannot be interrupted; ``timeout`` bounds it.
+    directory is reused, and taken over if the process that started it has died (kill -9); a
+    pid file left by a crashed run is cleared. Blocking: run it in a thread from async code. It
+    cannot be interrupted; ``timeout`` bounds it.
 
     Args:
         data_dir: The cluster's data directory; created (with its parents) if missing.
@@ -149,6 +153,7 @@ def start(data_dir: Path, *, database: str = "everruns", timeout: float = 60.0) 
             f"{_MAX_NAME_BYTES} bytes without NUL; choose another name"
         )
     data_dir = Path(os.path.abspath(data_dir))
+    _check_shell_safe(data_dir)
     _make_parent(data_dir)
     bin_dir = _bin_dir()
     runner = _Runner.current()
@@ -165,13 +170,15 @@ def _start_locked(
         port = _reusable_port(bin_dir, data_dir, deadline)
         if port is not None:
             _ensure_database(bin_dir, port, database, deadline)
-            return EmbeddedHandle(_url(port, database), data_dir, port, started_by_us=False)
+            adopted = _adopt_orphan(data_dir)
+            return EmbeddedHandle(_url(port, database), data_dir, port, started_by_us=adopted)
         runner.check_binaries(bin_dir)
         _ensure_cluster(bin_dir, runner, data_dir, deadline)
         try:
             port = _launch(bin_dir, runner, data_dir, deadline)
             _wait_ready(bin_dir, data_dir, port, deadline)
             _ensure_database(bin_dir, port, database, deadline)
+            _Owner.record(data_dir)
         except Exception:
             # Leave nothing half-started behind (pg_ctl leaves a server that is slow to recover
             # running when it gives up waiting): the caller gets an error, not a server.
@@ -207,8 +214,8 @@ def stop(handle: EmbeddedHandle, *, timeout: float = 30.0) -> None:
         raise _unexpected(handle.data_dir, exc) from exc
     if not stopped:
         raise EmbeddedPostgresError(
-            f"the embedded PostgreSQL in {handle.data_dir} would not stop; "
-            f"see {handle.data_dir / _LOG_NAME}"
+            f"the embedded PostgreSQL in {handle.data_dir} would not stop"
+            f"{_see_log(handle.data_dir)}"
         )
 
 
@@ -221,9 +228,23 @@ def _stop_locked(bin_dir: Path, runner: _Runner, handle: EmbeddedHandle, deadlin
         if _holder(pid_file.pid, handle.data_dir) != "ours":
             return True  # pg_ctl would signal whatever process now has that pid
         remaining = max(deadline - time.monotonic(), 1.0)
-        return _pg_ctl_stop(bin_dir, runner, handle.data_dir, "fast", remaining) or _pg_ctl_stop(
+        stopped = _pg_ctl_stop(bin_dir, runner, handle.data_dir, "fast", remaining) or _pg_ctl_stop(
             bin_dir, runner, handle.data_dir, "immediate", 10.0
         )
+        if stopped:
+            _Owner.forget(handle.data_dir)
+        return stopped
+
+
+def running(handle: EmbeddedHandle) -> bool:
+    """Return whether the postmaster serving ``handle`` still runs (a live process on its data
+    directory, per its pid file, on its port). Blocking but cheap: no connection is made."""
+    pid_file = _PidFile.read(handle.data_dir)
+    return (
+        pid_file is not None
+        and pid_file.port == handle.port
+        and _holder(pid_file.pid, handle.data_dir) == "ours"
+    )
 
 
 # --- who runs the server ---------------------------------------------------------------------
@@ -386,6 +407,29 @@ def _make_parent(data_dir: Path) -> None:
         raise _cannot_create(data_dir, exc) from exc
 
 
+# pg_ctl runs the server through `/bin/sh -c` with the data directory (and the log file in it)
+# inside double quotes, where these characters still mean something: `$x` expands, a backtick
+# runs a command. No quoting passed to pg_ctl can protect them.
+_SHELL_SPECIAL = frozenset('$`"\\')
+
+
+def _check_shell_safe(data_dir: Path) -> None:
+    found = sorted(set(str(data_dir)) & _SHELL_SPECIAL)
+    if found:
+        chars = " ".join(found)
+        raise EmbeddedPostgresError(
+            f"the embedded PostgreSQL cannot use the data directory {data_dir}: its path holds "
+            f"{chars}, which pg_ctl's shell command would interpret; choose a path without "
+            '$ ` " \\ in EVERRUNS_DATA_DIR or set DATABASE_URL'
+        )
+
+
+def _see_log(data_dir: Path) -> str:
+    """``; see LOG`` when the server's log file exists, else nothing: never name a missing file."""
+    log = data_dir / _LOG_NAME
+    return f"; see {log}" if log.is_file() else ""
+
+
 def _unexpected(data_dir: Path, exc: OSError) -> EmbeddedPostgresError:
     where = f" ({exc.filename})" if exc.filename else ""
     return EmbeddedPostgresError(
@@ -546,10 +590,104 @@ def _reusable_port(bin_dir: Path, data_dir: Path, deadline: float) -> int | None
         if time.monotonic() >= deadline:
             raise EmbeddedPostgresError(
                 f"a PostgreSQL server (pid {pid_file.pid}) is running on {data_dir} but does not "
-                f"accept connections on {_HOST}:{pid_file.port}; stop it or see "
-                f"{data_dir / _LOG_NAME}"
+                f"accept connections on {_HOST}:{pid_file.port}; stop it{_see_log(data_dir)}"
             )
         time.sleep(_POLL * 4)  # starting up or shutting down: look again
+
+
+# --- which control plane a running server belongs to ------------------------------------------
+
+_OWNER_NAME = "everruns-owner.pid"
+
+
+@attrs.frozen
+class _Owner:
+    """Who started the running server: ``everruns-owner.pid`` in the data directory holds the
+    pid and start time of the process that started it, and the postmaster's pid.
+
+    Written (under the lock) when :func:`start` starts the server and removed when :func:`stop`
+    stops it, so that a process reusing the server can tell whether the one that started it,
+    and would have stopped it, is gone: killed with kill -9, nothing else would ever stop it.
+    A server started by hand has no such file (or one about an older postmaster) and is never
+    taken over.
+    """
+
+    pid: int
+    started: str  # the process's start time in clock ticks since boot; "" where unknown
+    postmaster: int
+
+    @classmethod
+    def read(cls, data_dir: Path) -> _Owner | None:
+        try:
+            fields = (data_dir / _OWNER_NAME).read_text(errors="replace").split()
+        except OSError:
+            return None
+        if len(fields) != 3 or not (fields[0].isdigit() and fields[2].isdigit()):
+            return None
+        started = "" if fields[1] == "-" else fields[1]
+        return cls(int(fields[0]), started, int(fields[2]))
+
+    @classmethod
+    def record(cls, data_dir: Path) -> None:
+        """Record this process as the owner of the server now running on ``data_dir``."""
+        pid_file = _PidFile.read(data_dir)
+        if pid_file is None:
+            return
+        path = data_dir / _OWNER_NAME
+        tmp = path.with_name(f"{_OWNER_NAME}.tmp")
+        me = os.getpid()
+        tmp.write_text(f"{me} {_start_time(me) or '-'} {pid_file.pid}\n", encoding="utf-8")
+        tmp.replace(path)
+
+    @staticmethod
+    def forget(data_dir: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (data_dir / _OWNER_NAME).unlink()
+
+    def is_me(self) -> bool:
+        return self.pid == os.getpid()
+
+    def alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass  # another account's process now: the start time below tells
+        now = _start_time(self.pid)
+        if now == "zombie":
+            return False  # killed, not yet reaped by its parent
+        # A pid reused by another process (after a reboot, say) has another start time.
+        return not (self.started and now and now != self.started)
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time (clock ticks since boot), "zombie" for one that has exited,
+    "" where /proc does not tell."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return ""
+    if fields and fields[0] in ("Z", "X"):
+        return "zombie"
+    return fields[19] if len(fields) > 19 else ""
+
+
+def _adopt_orphan(data_dir: Path) -> bool:
+    """Take over the running server if the control plane that started it is dead; return
+    whether we did (our caller then stops it when done). Called under the lock."""
+    owner = _Owner.read(data_dir)
+    pid_file = _PidFile.read(data_dir)
+    if (
+        owner is None
+        or pid_file is None
+        or owner.postmaster != pid_file.pid  # a server started since, not by us (by hand)
+        or owner.is_me()  # another handle of this process owns it
+        or owner.alive()  # a second control plane on one data dir: the first one stops it
+    ):
+        return False
+    _Owner.record(data_dir)
+    return True
 
 
 def _remove_stale(data_dir: Path, pid_file: _PidFile) -> None:
@@ -604,7 +742,7 @@ def _launch(bin_dir: Path, runner: _Runner, data_dir: Path, deadline: float) -> 
                 continue
         reason = _failure_line(text) or _last_line(result.stdout)
         raise EmbeddedPostgresError(
-            f"the embedded PostgreSQL in {data_dir} did not start: {reason}; see {log}"
+            f"the embedded PostgreSQL in {data_dir} did not start: {reason}{_see_log(data_dir)}"
         )
 
 
@@ -696,7 +834,7 @@ def _wait_ready(bin_dir: Path, data_dir: Path, port: int, deadline: float) -> No
         if time.monotonic() >= deadline:
             raise EmbeddedPostgresError(
                 f"the embedded PostgreSQL in {data_dir} started but did not accept connections "
-                f"on {_HOST}:{port} in time; see {data_dir / _LOG_NAME}"
+                f"on {_HOST}:{port} in time{_see_log(data_dir)}"
             )
         time.sleep(_POLL)
 

@@ -3,10 +3,10 @@ modules register.
 
 Each module is imported so that its ``@everruns.workflow``/``@everruns.activity`` decorators fill
 the default registry; with no module, ``everruns.agent`` is served if it is installed. The first
-SIGINT/SIGTERM drains the worker gracefully, a second one stops it at once. Operator mistakes
-(bad variable, module that does not import, refused registration) print one line and exit
-non-zero, never a traceback. Configuration comes only from the environment; ``DATABASE_URL`` is
-never read.
+SIGINT/SIGTERM/SIGHUP (a closed terminal) drains the worker gracefully, a second one stops it
+at once. Operator mistakes (bad variable, module that does not import, refused registration)
+print one line and exit non-zero, never a traceback. Configuration comes only from the
+environment; ``DATABASE_URL`` is never read.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ Runs an everruns worker serving the workflows and activities that MODULE(s) regi
   EVERRUNS_WORKER_GRACE_PERIOD  seconds running tasks get on SIGTERM (default 30)
   EVERRUNS_TLS_CA               PEM file of the CA(s) to trust: connect with TLS
   EVERRUNS_TLS                  1: connect with TLS, trusting the system's CAs
-The first SIGINT/SIGTERM drains the worker; a second one stops it at once.
+The first SIGINT/SIGTERM/SIGHUP drains the worker; a second one stops it at once.
 """
 
 DEFAULT_MODULE = "everruns.agent"
@@ -72,7 +72,7 @@ def _import_error(name: str, exc: BaseException) -> str:
 
 
 async def _watch_signals(worker: Worker, stop_now: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
             name = signal.Signals(signum).name
             if not worker.draining:
