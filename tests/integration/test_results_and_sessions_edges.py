@@ -115,29 +115,29 @@ async def test_a_session_whose_conversation_outgrows_the_payload_limit_stays_usa
     database_url: str,
 ) -> None:
     """The session carries the messages of its last 10 turns into every turn's input
-    (workflow.py agent_session); a turn's result (a workflow result, not size-checked) holds a
-    tool result three times over (tool result, tool content, the scripted answer). Once that
-    conversation passes EVERRUNS_MAX_PAYLOAD_BYTES, process_input returns it as an activity
-    result, which the control plane refuses as too large: the turn fails, the session keeps
-    the same context (a failed turn adds nothing, nothing is trimmed), so EVERY later message
-    fails the same way, even a trivial one; a close/reopen carries the context over too. Here
+    (workflow.py agent_session); a turn's result holds a tool result three times over (tool
+    result, tool content, the scripted answer). Once that passes EVERRUNS_MAX_PAYLOAD_BYTES,
+    the turn fails as too large, and the session goes on: a failed turn adds nothing to the
+    conversation. Before session 17 the turn's result was not size-checked: the turn was
+    answered, its conversation then too large for every later turn's input (refused as an
+    activity result), and every later message failed the same way, even a trivial one. Here
     the limit is 200 kB (the default 2 MB behaves the same with a 700 kB tool result)."""
     with trio.fail_after(90):
         async with serve_agent(database_url, REGISTRY, max_payload_bytes=200_000) as client:
             first = await send_message(
                 client, "rc1", "please run bulky_document", tools=["bulky_document"]
             )
-            first_result = await first.result()
+            with pytest.raises(WorkflowFailed) as first_failed:
+                await first.result()
             second = await send_message(client, "rc1", "what is 1 + 1")
-            with pytest.raises(WorkflowFailed) as second_failed:
-                await second.result()
+            second_result = await second.result()
             third = await send_message(client, "rc1", "what is 2 + 2")
             try:
                 third_result = await third.result()
             except WorkflowFailed as exc:
                 pytest.fail(f"the session is bricked: turn {third.turn} failed too: {exc}"[:600])
-    assert first_result.outcome == "answered"
-    assert "too large" in str(second_failed.value)
+    assert "too large" in str(first_failed.value)
+    assert second_result.outcome == "answered"
     assert third_result.answer is not None and "2 + 2 = 4" in third_result.answer
 
 

@@ -11,7 +11,13 @@ import trio
 
 from everruns.client import Client, WorkflowHandle
 from everruns.domain.registry import Registry, activity, workflow
-from everruns.errors import ChildWorkflowError, ResourceExhausted, WorkflowFailed
+from everruns.errors import (
+    ActivityError,
+    ChildWorkflowError,
+    NotFound,
+    ResourceExhausted,
+    WorkflowFailed,
+)
 from everruns.server import ServerConfig, serve
 from everruns.worker import ActivityContext, Worker
 from tests.e2e.harness import wait_until
@@ -112,11 +118,15 @@ async def test_cancelling_a_run_stuck_on_non_determinism_ends_it(database_url: s
 
 async def test_the_payload_limit_applies_to_what_workflow_code_sends(database_url: str) -> None:
     """EVERRUNS_MAX_PAYLOAD_BYTES is "the largest payload one request may carry": a client's
-    start input over it is refused, and so are a child's input, an activity's input and a
-    workflow's result that workflow code sends (the run is stuck, saying which was too
-    large). Before, those were stored and handed out as if there were no limit."""
+    start input over it is refused, and so is what workflow code sends over it. The one
+    command fails, in a way the code sees: a child's input (ChildWorkflowError, the child not
+    started), an activity's input (ActivityError, the activity not run), the run's result (the
+    run fails). Before, those were stored and handed out as if there were no limit; and
+    refusing the whole decision instead would leave the run stuck for good (replay makes the
+    same decision again)."""
     registry = Registry()
     limit = 100_000
+    too_large = "everruns.errors.ResourceExhausted"
 
     @activity(registry=registry)
     async def measure(ctx: ActivityContext, text: str) -> int:
@@ -128,11 +138,17 @@ async def test_the_payload_limit_applies_to_what_workflow_code_sends(database_ur
 
     @workflow(registry=registry)
     async def sends_big(ctx: Any, n: int) -> Any:
-        return await ctx.execute_child_workflow(takes_big, "y" * n)
+        try:
+            return await ctx.execute_child_workflow(takes_big, "y" * n, workflow_id="big-child")
+        except ChildWorkflowError as exc:
+            return [exc.error_type, "too large" in str(exc)]
 
     @workflow(registry=registry)
     async def schedules_big(ctx: Any, n: int) -> Any:
-        return await ctx.execute_activity(measure, "z" * n)
+        try:
+            return await ctx.execute_activity(measure, "z" * n)
+        except ActivityError as exc:
+            return [exc.error_type, "too large" in str(exc)]
 
     @workflow(registry=registry)
     async def returns_big(ctx: Any, n: int) -> Any:
@@ -142,22 +158,18 @@ async def test_the_payload_limit_applies_to_what_workflow_code_sends(database_ur
         async with served(database_url, registry, max_payload_bytes=limit) as (client, _):
             with pytest.raises(ResourceExhausted):
                 await client.start_workflow(takes_big, "y" * 2 * limit)
-            for fn, what in (
-                (sends_big, "input of child workflow"),
-                (schedules_big, "input of activity"),
-                (returns_big, "workflow result"),
-            ):
-                handle = await client.start_workflow(fn, 2 * limit)
-
-                async def stuck(handle: WorkflowHandle = handle) -> bool:
-                    return bool((await handle.describe()).stuck_reason)
-
-                await wait_until(stuck, timeout=10, what=f"{fn.__name__} is stuck")
-                description = await handle.describe()
-                assert description.is_open and description.result is None
-                assert f"{what}" in str(description.stuck_reason)
-                assert "too large" in str(description.stuck_reason)
+            handle = await client.start_workflow(sends_big, 2 * limit)
+            assert await handle.result(timeout=10) == [too_large, True]
+            with pytest.raises(NotFound):
+                await client.get_handle("big-child").describe()
+            handle = await client.start_workflow(schedules_big, 2 * limit)
+            assert await handle.result(timeout=10) == [too_large, True]
+            handle = await client.start_workflow(returns_big, 2 * limit)
+            with pytest.raises(WorkflowFailed) as failed:
+                await handle.result(timeout=10)
+            assert failed.value.status == "failed"
+            assert "workflow result is too large" in str(failed.value)
             # Under the limit, the same code runs.
-            assert (
-                await (await client.start_workflow(returns_big, 10)).result(timeout=10) == "x" * 10
-            )
+            for fn in (sends_big, schedules_big):
+                assert await (await client.start_workflow(fn, 10)).result(timeout=10) == 10
+            assert await (await client.start_workflow(returns_big, 3)).result(timeout=10) == "xxx"

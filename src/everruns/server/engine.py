@@ -970,7 +970,7 @@ class Engine:
         """Apply one command under the run's lock: what needs no read is planned into
         ``outcome`` (written by one statement after the last command); timers and children
         are written here."""
-        if _plan(self.config, command, outcome):
+        if _plan(self.config, command, outcome, locked=True):
             return
         if isinstance(command, StartTimer):
             await self.store.start_timer(conn, run, command.timer_id, command.seconds)
@@ -989,25 +989,29 @@ class Engine:
         self, conn: Connection, run: WorkflowRun, command: StartChildWorkflow
     ) -> list[NewEvent]:
         """The events of a child's start: ``child_workflow_started``, then, when its workflow
-        id is taken by an open run, ``child_workflow_failed`` (AlreadyExists)."""
+        id is taken by an open run (AlreadyExists) or its input is too large (the child is not
+        started), ``child_workflow_failed``."""
         child_wid = command.workflow_id or f"{run.workflow_id}/{command.child_id}"
         what = f"input of child workflow {child_wid!r}"
-        input_text = _check_size(self.config, encode_text(command.input, what=what), what)
+        input_text = encode_text(command.input, what=what)
+        started = NewEvent.of(command.to_event(), input=input_text)
+        error = _too_large(self.config, input_text, what)
+        if error is not None:
+            return [started, NewEvent.of(ev.child_workflow_failed(command.child_id, error))]
         child, created = await self._start(
             conn,
             StartRequest(command.workflow_type, input_text, child_wid),
             parent=run,
             child_id=command.child_id,
         )
-        events = [NewEvent.of(command.to_event(), input=input_text)]
-        if not created:
-            error = {
-                "type": "AlreadyExists",
-                "message": f"workflow {child_wid!r} is already running (run {child.run_id})",
-                "non_retryable": True,
-            }
-            events.append(NewEvent.of(ev.child_workflow_failed(command.child_id, error)))
-        return events
+        if created:
+            return [started]
+        taken = {
+            "type": "AlreadyExists",
+            "message": f"workflow {child_wid!r} is already running (run {child.run_id})",
+            "non_retryable": True,
+        }
+        return [started, NewEvent.of(ev.child_workflow_failed(command.child_id, taken))]
 
     async def _after_end(self, conn: Connection, run: WorkflowRun, end: RunEnd) -> None:
         """What ending a run does beyond its own row (written by the statement that ended
@@ -1665,26 +1669,55 @@ class _Outcome:
     events: list[NewEvent]
     activities: list[NewTask] = attrs.field(factory=list)
     end: RunEnd | None = None
+    refused: set[str] = attrs.field(factory=set)
+    """Activities that failed at once, never enqueued (their input is too large)."""
     wake: bool = False
     """The commands added an input event of their own (a child refused at once): the run
     needs a workflow task to see it."""
 
 
-def _check_size(config: ServerConfig, text: str, what: str) -> str:
-    """Refuse a payload over ``EVERRUNS_MAX_PAYLOAD_BYTES``, whoever sends it: a client, an
-    activity, or workflow code (an activity's or child's input, a workflow's result)."""
+def _size_error(config: ServerConfig, text: str, what: str) -> str | None:
+    """Why a payload is over ``EVERRUNS_MAX_PAYLOAD_BYTES``, or None when it is not."""
     size = len(text) if text.isascii() else len(text.encode())
-    if size > config.max_payload_bytes:
-        raise ResourceExhausted(
-            f"{what} is too large: {size} bytes; the limit is "
-            f"{config.max_payload_bytes} bytes (EVERRUNS_MAX_PAYLOAD_BYTES)"
-        )
+    if size <= config.max_payload_bytes:
+        return None
+    return (
+        f"{what} is too large: {size} bytes; the limit is "
+        f"{config.max_payload_bytes} bytes (EVERRUNS_MAX_PAYLOAD_BYTES)"
+    )
+
+
+def _check_size(config: ServerConfig, text: str, what: str) -> str:
+    """Refuse a payload a client or an activity sends over ``EVERRUNS_MAX_PAYLOAD_BYTES``."""
+    message = _size_error(config, text, what)
+    if message is not None:
+        raise ResourceExhausted(message)
     return text
 
 
-def _plan(config: ServerConfig, command: Command, outcome: _Outcome) -> bool:
+def _too_large(config: ServerConfig, text: str, what: str) -> dict[str, Any] | None:
+    """The error of a payload that workflow code sends over ``EVERRUNS_MAX_PAYLOAD_BYTES`` (an
+    activity's or child's input, its result), or None. Not a refusal of the whole decision,
+    which replay would make again and again (the run stuck for good): the one command fails,
+    in a way the workflow code sees and may handle (`ActivityError`, `ChildWorkflowError`),
+    or its run fails."""
+    message = _size_error(config, text, what)
+    if message is None:
+        return None
+    return {"type": TOO_LARGE_ERROR, "message": message, "non_retryable": True}
+
+
+TOO_LARGE_ERROR = "everruns.errors.ResourceExhausted"
+"""The error type of a payload over the limit, as workflow code sees it."""
+
+
+def _plan(
+    config: ServerConfig, command: Command, outcome: _Outcome, *, locked: bool = False
+) -> bool:
     """Add a command that needs no read (an activity, the run's end) to ``outcome``; False for
-    a command that must be applied under the run's lock (timers, children).
+    a command that must be applied under the run's lock (timers, children, and, unless
+    ``locked``, an activity whose input is too large: it fails at once, which needs a
+    workflow task to tell the code).
 
     Raises:
         InvalidArgument: a second command that ends the run.
@@ -1692,7 +1725,17 @@ def _plan(config: ServerConfig, command: Command, outcome: _Outcome) -> bool:
     if isinstance(command, ScheduleActivity):
         options = command.options
         what = f"input of activity {command.activity_id}"
-        input_text = _check_size(config, encode_text(command.input, what=what), what)
+        input_text = encode_text(command.input, what=what)
+        error = _too_large(config, input_text, what)
+        if error is not None:
+            if not locked:
+                return False
+            outcome.events.append(NewEvent.of(command.to_event(), input=input_text))
+            failed = ev.activity_failed(command.activity_id, error, 1, False)
+            outcome.events.append(NewEvent.of(failed))
+            outcome.refused.add(command.activity_id)
+            outcome.wake = True
+            return True
         outcome.activities.append(
             NewTask(
                 activity_type=command.activity_type,
@@ -1713,10 +1756,14 @@ def _plan(config: ServerConfig, command: Command, outcome: _Outcome) -> bool:
         if outcome.end is not None:
             raise InvalidArgument(f"the run already ended {outcome.end.status}: {command!r}")
         if isinstance(command, CompleteWorkflow):
-            what = "workflow result"
-            result = _check_size(config, encode_text(command.result, what=what), what)
-            outcome.end = RunEnd("completed", result=result)
-            outcome.events.append(NewEvent.of(command.to_event(), result=result))
+            result = encode_text(command.result, what="workflow result")
+            error = _too_large(config, result, "workflow result")
+            if error is not None:
+                outcome.end = RunEnd("failed", error=error)
+                outcome.events.append(NewEvent.of(ev.workflow_failed(error)))
+            else:
+                outcome.end = RunEnd("completed", result=result)
+                outcome.events.append(NewEvent.of(command.to_event(), result=result))
         elif isinstance(command, FailWorkflow):
             outcome.end = RunEnd("failed", error=dict(command.error))
             outcome.events.append(NewEvent.of(command.to_event()))
@@ -1751,7 +1798,8 @@ def _take_started_ids(outcome: _Outcome, started: Mapping[str, uuid.UUID]) -> No
     if not started:
         return
     scheduled = {task.activity_id for task in outcome.activities}
-    unknown = sorted(set(started) - scheduled)
+    # One refused at once is not handed back: the worker cancels what it started ahead.
+    unknown = sorted(set(started) - scheduled - outcome.refused)
     if unknown:
         raise InvalidArgument(
             f"started names activities these commands do not schedule: {', '.join(unknown)}"
