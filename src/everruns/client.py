@@ -32,14 +32,17 @@ from everruns.domain.address import (
     check_auth_token,
     parse_address,
 )
+from everruns.domain.limits import check_name
 from everruns.domain.packing import pack_blobs, unpack_uuids
 from everruns.domain.payload import decode, encode
-from everruns.domain.registry import name_of
+from everruns.domain.registry import ActivityDefinition, definition_of, name_of
 from everruns.domain.status import TERMINAL_WORKFLOW_STATUSES, WORKFLOW_STATUSES
 from everruns.errors import (
+    ClientClosed,
     InvalidArgument,
     PayloadError,
     RpcError,
+    ServerTimeout,
     ServerUnavailable,
     WorkflowFailed,
 )
@@ -66,8 +69,11 @@ __all__ = [
 
 DEFAULT_ADDRESS = DEFAULT_GRPC_ADDRESS
 
-# Delays before the 2nd, 3rd and 4th try of a retryable request: an unreachable control plane is
-# reported within about two seconds, a restarting one is ridden over.
+# Delays before the 2nd, 3rd and 4th try of a retryable request: a control plane that refuses
+# connections is reported within about two seconds, a restarting one is ridden over. A try that
+# got no answer in time (ServerTimeout) is not repeated: a peer that accepts connections but
+# stays silent is reported after _aio.grpc.CONNECT_TIMEOUT (5 s), a call it accepted and never
+# answered after its deadline.
 RETRY_DELAYS: tuple[float, ...] = (0.1, 0.4, 1.2)
 # Per-request deadline; AwaitResult adds its long-poll budget on top.
 RPC_TIMEOUT = 30.0
@@ -426,12 +432,40 @@ class WorkflowStart:
     workflow_id: str | None = None
 
 
+def _check_text(value: str, what: str) -> str:
+    """Return ``value`` if the wire (UTF-8) can carry it: a lone surrogate cannot."""
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidArgument(
+            f"{what} {value!r} cannot be sent: UTF-8 cannot encode the character at position "
+            f"{exc.start} ({exc.reason})"
+        ) from None
+    return value
+
+
 def _check_workflow_id(workflow_id: str | None) -> str:
     if workflow_id is None:
         return ""
     if not isinstance(workflow_id, str) or not workflow_id.strip():
         raise InvalidArgument(f"workflow_id must be a non-empty string, got {workflow_id!r}")
-    return workflow_id
+    return _check_text(workflow_id, "workflow_id")
+
+
+def _workflow_type(workflow: WorkflowRef) -> str:
+    """The registered name of ``workflow``, checked as the control plane would check it.
+
+    Raises:
+        InvalidArgument: ``workflow`` is an @activity function (a run of that type would wait
+            for a worker that never comes), or its name cannot be stored or sent.
+    """
+    definition = definition_of(workflow)
+    if isinstance(definition, ActivityDefinition):
+        raise InvalidArgument(
+            f"{definition.name!r} is an activity, not a workflow; start a workflow, which runs "
+            "it with ctx.execute_activity"
+        )
+    return _check_text(check_name(name_of(workflow), "workflow_type"), "workflow_type")
 
 
 def _workflow_ids(ids: list[str | None]) -> list[str]:
@@ -453,7 +487,7 @@ def _check_page_size(value: int, what: str, lowest: int) -> None:
 
 
 def _start_request(workflow: WorkflowRef, input: Any, workflow_id: str | None) -> Any:
-    name = name_of(workflow)
+    name = _workflow_type(workflow)
     return pb.StartWorkflowRequest(
         workflow_type=name,
         input=encode(input, what=f"input of workflow {name!r}"),
@@ -566,7 +600,7 @@ class WorkflowHandle:
 
         Raises:
             PayloadError: the payload is not exact JSON (nothing is sent).
-            InvalidArgument: the name is empty.
+            InvalidArgument: the name is empty or cannot be sent as UTF-8.
             NotFound: no such workflow or run.
             FailedPrecondition: the run has ended (the message says its final status).
             ServerUnavailable: the control plane is unreachable (not retried: a signal is not
@@ -574,6 +608,7 @@ class WorkflowHandle:
         """
         if not isinstance(name, str) or not name:
             raise InvalidArgument("a signal name must be a non-empty string")
+        _check_text(name, "signal name")
         data = encode(payload, what=f"payload of signal {name!r}")
         await self._client._call(
             self._client._stub.signal_workflow,
@@ -663,6 +698,7 @@ class Client:
         self._channel = channel
         self._stub = pb.WorkflowServiceStub(channel.raw)
         self.address = channel.address
+        self._closed = False  # set as its `connect` block ends
 
     @classmethod
     @asynccontextmanager
@@ -677,7 +713,10 @@ class Client:
         """Open a client for the block: ``async with Client.connect("127.0.0.1:9001") as c:``.
 
         Opens the trio-asyncio loop if none is open yet (re-entrant). Connections are made
-        lazily, so an unreachable server is reported by the first call, not here.
+        lazily, so an unreachable server is reported by the first call, not here: one that
+        refuses connections within about two seconds (the retries), one that accepts them but
+        does not answer within 5 s (`ServerTimeout`). Once the block has ended, the client and
+        its handles raise `ClientClosed`.
 
         Args:
             address: ``host:port``; default ``GRPC_ADDRESS`` or 127.0.0.1:9001.
@@ -714,7 +753,11 @@ class Client:
                     host, port, auth_token=auth_token, tls=context, call_stream=call_stream
                 ) as channel,
             ):
-                yield cls(channel)
+                client = cls(channel)
+                try:
+                    yield client
+                finally:
+                    client._closed = True
         except BaseExceptionGroup as group:
             # The aio loop's nursery wraps whatever the block raised; a caller who wrote
             # `except NotFound` around the block must still catch it.
@@ -736,11 +779,24 @@ class Client:
     ) -> Reply:
         """Make the call; with ``retry``, try again after `RETRY_DELAYS` while the control plane
         is unreachable, but never sleep past ``retry_until`` (a `trio.current_time` value):
-        then the last ServerUnavailable is raised."""
+        then the last ServerUnavailable is raised. A try that got no answer in time
+        (ServerTimeout: the connection or the call) is not repeated; it waited longer than the
+        retries are meant to ride over.
+
+        Raises:
+            ClientClosed: the client's `connect` block has ended; nothing is sent.
+        """
         delays = iter(RETRY_DELAYS if retry else ())
         while True:
+            if self._closed:
+                raise ClientClosed(
+                    "this Client is closed (its `async with Client.connect()` block has ended); "
+                    "open a new one to call the control plane"
+                )
             try:
                 return await self._channel.unary(method, request, timeout=timeout)
+            except ServerTimeout:
+                raise
             except ServerUnavailable:
                 delay = next(delays, None)
                 if delay is None:
@@ -767,7 +823,8 @@ class Client:
 
         Raises:
             PayloadError: ``input`` is not exact JSON; raised before anything is sent.
-            InvalidArgument: bad workflow name or id.
+            InvalidArgument: bad workflow name or id (one UTF-8 cannot carry included), or
+                ``workflow`` is an @activity function; raised before anything is sent.
             ResourceExhausted: the control plane sheds load, or the input is too large.
             ServerUnavailable: the control plane is unreachable (retried only when
                 ``workflow_id`` is given: each request carries an idempotency key, so a retry
@@ -796,7 +853,7 @@ class Client:
 
         Raises:
             PayloadError: an input is not exact JSON; nothing is sent.
-            InvalidArgument: an entry is malformed.
+            InvalidArgument: an entry is malformed, or names an @activity function.
             ServerUnavailable: the control plane is unreachable (retried only when every entry
                 names its workflow id; as for `start_workflow`, a retry returns the runs its
                 first try started).
@@ -805,7 +862,7 @@ class Client:
         if not entries:
             return []
         # Sent and answered in the packed form: a few blobs instead of a message per run.
-        types = [name_of(workflow) for workflow, _, _ in entries]
+        types = [_workflow_type(workflow) for workflow, _, _ in entries]
         inputs, ends = pack_blobs(_encoded_inputs(entries, types))
         retry = all(workflow_id is not None for _, _, workflow_id in entries)
         request = pb.StartWorkflowsRequest(
@@ -848,10 +905,14 @@ class Client:
         """Return a handle to an existing workflow id (its latest run unless ``run_id``).
 
         Raises:
-            InvalidArgument: ``workflow_id`` is empty. An unknown id is only reported (NotFound)
-                by the handle's calls.
+            InvalidArgument: ``workflow_id`` is empty, or it or ``run_id`` cannot be sent as
+                UTF-8. An unknown id is only reported (NotFound) by the handle's calls.
         """
-        return WorkflowHandle(self, _check_workflow_id(workflow_id), run_id)
+        return WorkflowHandle(
+            self,
+            _check_workflow_id(workflow_id),
+            _check_text(run_id, "run_id") if isinstance(run_id, str) else run_id,
+        )
 
     async def send_message(self, session_id: str, text: str, **options: Any) -> TurnHandle:
         """Send a message to an agent session; its own turn will answer it, after earlier ones.
@@ -886,7 +947,8 @@ class Client:
             ``(runs, next_page_token)``; the token is None on the last page.
 
         Raises:
-            InvalidArgument: unknown status, or a limit outside 1 to `MAX_PAGE_SIZE`.
+            InvalidArgument: unknown status, a bad workflow type, or a limit outside 1 to
+                `MAX_PAGE_SIZE`.
             ServerUnavailable: the control plane stayed unreachable through the retries.
         """
         if status is not None and status not in WORKFLOW_STATUSES:
@@ -895,7 +957,7 @@ class Client:
         reply = await self._call(
             self._stub.list_workflows,
             pb.ListWorkflowsRequest(
-                workflow_type=name_of(workflow_type) if workflow_type is not None else "",
+                workflow_type=_workflow_type(workflow_type) if workflow_type is not None else "",
                 status=status or "",
                 limit=limit,
                 page_token=page_token or "",

@@ -19,6 +19,8 @@ edges and chained with ``raise ... from``; code outside the edges never sees the
     ├── InvalidArgument             a request field is malformed
     ├── RpcError                    the control plane answered with an error status
     │   └── ServerUnavailable       no control plane answered
+    │       └── ServerTimeout       it accepted the connection but did not answer in time
+    ├── ClientClosed                a Client (or a handle of it) was used after its block ended
     ├── PayloadError                a value is not exact JSON (names the offending type)
     ├── WorkflowError               raised inside workflow code
     │   ├── ActivityError           an activity failed for good (after its retries)
@@ -102,6 +104,16 @@ class RpcError(EverrunsError):
 
 class ServerUnavailable(RpcError):
     """No control plane answered at the configured address."""
+
+
+class ServerTimeout(ServerUnavailable):
+    """The control plane accepted the connection but did not answer within the deadline: it is
+    hung or overloaded, or the address is a silent listener that is not a control plane."""
+
+
+class ClientClosed(EverrunsError, RuntimeError):
+    """A `Client`, or a handle made by it, was used after its ``async with Client.connect()``
+    block ended; open a new client."""
 
 
 class PayloadError(EverrunsError, TypeError):

@@ -49,12 +49,14 @@ from everruns.errors import (
     PayloadError,
     ResourceExhausted,
     RpcError,
+    ServerTimeout,
     ServerUnavailable,
     StaleLease,
 )
 
 __all__ = [
     "CALLS_ROUTE",
+    "CONNECT_TIMEOUT",
     "CallStream",
     "RpcChannel",
     "client_tls",
@@ -439,13 +441,78 @@ class _Server(grpclib.server.Server):
             transport.close()
 
 
+CONNECT_TIMEOUT = 5.0
+"""Seconds a new connection has to come up: connected (TLS included) and answered by the peer's
+first HTTP/2 frame, which a control plane sends at once. A peer that accepts connections but
+stays silent (a hung process, a listener that is not a control plane, an address black-holed
+behind a proxy) fails a call after this long rather than after the call's own deadline."""
+
+
+class _NoHandshake(ConnectionError):
+    """A new connection was not up (answered at the HTTP/2 level) within its deadline."""
+
+
+def _greeting(protocol: H2Protocol) -> asyncio.Future[bool]:
+    """A future that becomes True when the first bytes from the peer have been processed on
+    ``protocol``'s connection (an HTTP/2 server's first frame is its SETTINGS), or False when
+    the connection is lost before."""
+    greeted: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    received, lost = protocol.data_received, protocol.connection_lost
+
+    def data_received(data: bytes) -> None:
+        received(data)
+        if not greeted.done():
+            greeted.set_result(True)
+
+    def connection_lost(exc: BaseException | None) -> None:
+        if not greeted.done():
+            greeted.set_result(False)
+        lost(exc)
+
+    protocol.data_received = data_received  # type: ignore[method-assign]
+    protocol.connection_lost = connection_lost  # type: ignore[method-assign]
+    return greeted
+
+
 class _Channel(Channel):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    """grpclib's channel, writing corked, whose connections must come up within
+    ``connect_timeout`` seconds (`CONNECT_TIMEOUT`) or fail with `_NoHandshake`."""
+
+    def __init__(self, *args: Any, connect_timeout: float = CONNECT_TIMEOUT, **kwargs: Any) -> None:
         self.fast_codec = FastCodec()
+        self._connect_timeout = connect_timeout
+        self._greeted: asyncio.Future[bool] | None = None
         super().__init__(*args, codec=self.fast_codec, **kwargs)
 
     def _protocol_factory(self) -> H2Protocol:
-        return _corked(super()._protocol_factory())
+        protocol = _corked(super()._protocol_factory())
+        # One connection is made at a time (grpclib holds its connect lock around this).
+        self._greeted = _greeting(protocol)
+        return protocol
+
+    async def _create_connection(self) -> H2Protocol:
+        self._greeted = None
+        protocol: H2Protocol | None = None
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                protocol = await super()._create_connection()
+                greeted = self._greeted
+                if greeted is not None and not await greeted:
+                    raise ConnectionResetError(
+                        f"the peer at {self._host}:{self._port} closed the connection without "
+                        "answering"
+                    )
+        except BaseException as exc:
+            if protocol is not None:
+                protocol.processor.close("not answered")  # closes the transport too
+            if isinstance(exc, TimeoutError):
+                raise _NoHandshake(
+                    f"no answer from the control plane at {self._host}:{self._port} within "
+                    f"{self._connect_timeout:g} s of connecting (it accepted the connection, "
+                    "or the connection attempt hung)"
+                ) from None
+            raise
+        return protocol
 
 
 def _method_name(handler: grpclib.const.Handler) -> str:
@@ -573,9 +640,16 @@ def error_for_status(status_name: str, message: str, what: str) -> EverrunsError
     return _error_for(status, message or status.name, what)
 
 
-def _to_everruns_error(exc: BaseException, what: str) -> EverrunsError:
+def _to_everruns_error(
+    exc: BaseException, what: str, timeout: float | None = None
+) -> EverrunsError:
     if isinstance(exc, grpclib.exceptions.GRPCError):
         return _error_for(exc.status, exc.message or exc.status.name, what)
+    if isinstance(exc, _NoHandshake):
+        return ServerTimeout(f"{what}: {exc}")
+    if isinstance(exc, TimeoutError):  # the call's own deadline; str(TimeoutError()) is ""
+        within = f" within {timeout:g} s" if timeout is not None else " in time"
+        return ServerTimeout(f"{what}: no answer from the control plane{within}")
     if isinstance(
         exc, (OSError, grpclib.exceptions.StreamTerminatedError, h2.exceptions.StreamClosedError)
     ):
@@ -831,7 +905,11 @@ class RpcChannel:
         """Call a unary stub method (e.g. ``stub.start_workflow``) and return its reply.
 
         Raises:
+            ServerTimeout: the connection was not up within its `CONNECT_TIMEOUT`, or the call
+                got no reply within ``timeout``.
             ServerUnavailable: no control plane answered.
+            InvalidArgument: a text field of ``request`` cannot be encoded as UTF-8 (a lone
+                surrogate); nothing was sent.
             NotFound, InvalidArgument, FailedPrecondition, ...: the server's verdict.
         """
         calls = self._calls
@@ -848,7 +926,13 @@ class RpcChannel:
                 partial(method, request, timeout=timeout, metadata=self._metadata)
             )
         except _CALL_ERRORS as exc:
-            raise _to_everruns_error(exc, getattr(method, "__name__", "call")) from exc
+            raise _to_everruns_error(exc, getattr(method, "__name__", "call"), timeout) from exc
+        except UnicodeEncodeError as exc:
+            # A text field UTF-8 cannot carry (a lone surrogate); nothing was sent.
+            raise InvalidArgument(
+                f"{getattr(method, '__name__', 'call')}: a text field of the request cannot be "
+                f"sent as UTF-8: {exc}"
+            ) from exc
         return reply
 
     async def stream(
@@ -909,9 +993,14 @@ def _stream_route(method: Callable[..., Any]) -> tuple[str, type[Any]]:
 
 
 def _open(
-    host: str, port: int, tls: ssl.SSLContext | None, auth_token: str | None, call_stream: bool
+    host: str,
+    port: int,
+    tls: ssl.SSLContext | None,
+    auth_token: str | None,
+    call_stream: bool,
+    connect_timeout: float,
 ) -> tuple[_Channel, CallStream | None]:
-    channel = _Channel(host, port, ssl=tls)
+    channel = _Channel(host, port, ssl=tls, connect_timeout=connect_timeout)
     calls = CallStream(channel, _bearer(auth_token), channel.fast_codec) if call_stream else None
     return channel, calls
 
@@ -930,13 +1019,17 @@ async def open_channel(
     auth_token: str | None = None,
     tls: ssl.SSLContext | None = None,
     call_stream: bool = True,
+    connect_timeout: float = CONNECT_TIMEOUT,
 ) -> AsyncIterator[RpcChannel]:
     """Open a channel to ``host:port`` for the block (connections are made lazily).
 
     With ``call_stream``, its unary calls go over `CallService.Calls` where the control plane
-    serves it.
+    serves it. A connection not up within ``connect_timeout`` seconds (connected and answered
+    at the HTTP/2 level) fails the calls waiting for it with `ServerTimeout`.
     """
-    channel, calls = await call_in_loop(partial(_open, host, port, tls, auth_token, call_stream))
+    channel, calls = await call_in_loop(
+        partial(_open, host, port, tls, auth_token, call_stream, connect_timeout)
+    )
     try:
         yield RpcChannel(channel, f"{host}:{port}", auth_token, calls)
     finally:

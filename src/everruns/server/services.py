@@ -527,9 +527,12 @@ class WorkflowService:
             "cancelled",
         ):
             raise InvalidArgument(f"unknown status {request.status!r}")
+        workflow_type = request.workflow_type or None
+        if workflow_type is not None:  # a NUL would reach PostgreSQL and fail as INTERNAL
+            check_name(workflow_type, "workflow_type")
         after = _page_cursor(request.page_token)
         runs = await self.store.list_workflows(
-            workflow_type=request.workflow_type or None,
+            workflow_type=workflow_type,
             status=request.status or None,
             limit=limit,
             after=after,
