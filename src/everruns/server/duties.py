@@ -83,12 +83,9 @@ async def run_duties(
         try:
             await reclaim_once(engine)
             if trio.current_time() >= next_retention:
-                async with engine.store.transaction() as conn:
-                    mine = await conn.fetchval(
-                        "SELECT pg_try_advisory_xact_lock($1)", RETENTION_LOCK
-                    )
-                if mine:
-                    await engine.delete_expired()
+                # Each batch under the lock (held only by its own transaction): one control
+                # plane deletes at a time.
+                await engine.delete_expired(lock=RETENTION_LOCK)
                 next_retention = trio.current_time() + engine.config.retention_interval
         except Exception as exc:
             await outage.failed(exc)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -95,6 +96,10 @@ class StartRequest(NamedTuple):
     # state, it is the answer and nothing starts, so a retried request cannot start twice.
     run_id: uuid.UUID | None = None
 
+
+CAPACITY_LOCK = 0x6576_0003
+"""Advisory lock under which a start counts the queue and inserts (EVERRUNS_MAX_PENDING_TASKS);
+beside the duties' locks (`duties.RECLAIM_LOCK`, `duties.RETENTION_LOCK`)."""
 
 _REQUEST_IDS = uuid.UUID("5f0e2a6c-3b8d-4c51-9a7e-2d4b8c1f6e93")
 
@@ -189,6 +194,10 @@ class Engine:
         # own clock so that it never delays what claims learn.
         self._unclosed_for_start_ahead = _UnclosedBreakers(self.store)
         self._served: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
+        # With EVERRUNS_MAX_PENDING_TASKS, a start's count and its insert are one step: one
+        # start at a time per control plane waits for the database's lock (`_within_capacity`),
+        # the others here, holding no connection.
+        self._capacity = trio.Lock()
         self._claims: ClaimGroups[
             tuple[tuple[str, ...], tuple[str, ...]], Task, dict[uuid.UUID, list[StoredEvent]]
         ] = ClaimGroups(self._claim_slots)
@@ -203,12 +212,31 @@ class Engine:
             raise InvalidArgument(f"{what} is not valid JSON: {error}")
         return text
 
-    async def _check_capacity(self, adding: int) -> None:
+    @asynccontextmanager
+    async def _within_capacity(self, requests: Sequence[StartRequest]) -> AsyncIterator[None]:
+        """Refuse starts that would take the queue past ``EVERRUNS_MAX_PENDING_TASKS``, and
+        keep the count true until they have committed: the count and the starts run under one
+        transaction-scoped advisory lock, shared by every control plane on the database (each
+        plane's starts queue for it one at a time, holding no connection while they wait).
+        Only the starts that would add a run count: one whose workflow id has an open run, or
+        whose request id names a run already, returns that run and adds nothing."""
         limit = self.config.max_pending_tasks
-        if limit and await self.store.count_pending() + adding > limit:
-            raise ResourceExhausted(
-                f"{limit} tasks are already waiting (EVERRUNS_MAX_PENDING_TASKS); retry later"
+        if not limit:
+            yield
+            return
+        async with self._capacity, self.store.transaction() as conn:
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", CAPACITY_LOCK)
+            adding = await self.store.count_new_runs(
+                conn,
+                [r.workflow_id for r in requests if r.workflow_id],
+                [r.run_id for r in requests if r.run_id is not None],
+                len(requests),
             )
+            if adding and await self.store.count_pending(conn) + adding > limit:
+                raise ResourceExhausted(
+                    f"{limit} tasks are already waiting (EVERRUNS_MAX_PENDING_TASKS); retry later"
+                )
+            yield
 
     # ------------------------------------------------------------------ starting
 
@@ -225,13 +253,15 @@ class Engine:
             if request.workflow_id is not None:
                 check_name(request.workflow_id, "workflow_id")
             self.check_payload(request.input, "input")
-        await self._check_capacity(len(requests))
         rows = [(r.workflow_id or "", r.workflow_type, r.input, r.run_id) for r in requests]
-        taker = self.notifier.reserve_claimer(f"workflow:{rows[0][1]}") if len(rows) == 1 else None
-        if taker is not None:
-            started = [await self._start_handed(rows[0], taker)]
-        else:
-            started = await self._start_statements(rows)
+        async with self._within_capacity(requests):
+            taker = (
+                self.notifier.reserve_claimer(f"workflow:{rows[0][1]}") if len(rows) == 1 else None
+            )
+            if taker is not None:
+                started = [await self._start_handed(rows[0], taker)]
+            else:
+                started = await self._start_statements(rows)
         results: list[tuple[StartedRun, bool]] = []
         for request, (workflow_id, run_id, created) in zip(requests, started, strict=True):
             if run_id is None:  # its open run ended in the same instant: start it again
@@ -1578,13 +1608,19 @@ class Engine:
                 )
         return len(tasks)
 
-    async def delete_expired(self) -> int:
-        """Delete ended runs older than the retention period, in bounded batches."""
+    async def delete_expired(self, *, lock: int | None = None) -> int:
+        """Delete ended runs older than the retention period, in bounded batches; each batch
+        only while it holds advisory lock ``lock`` (then one control plane deletes at a time:
+        another that finds it held ends its round)."""
         if self.config.retention_seconds <= 0:
             return 0
         deleted = 0
         while True:
             async with self.store.transaction() as conn:
+                if lock is not None and not await conn.fetchval(
+                    "SELECT pg_try_advisory_xact_lock($1)", lock
+                ):
+                    break
                 batch = await self.store.delete_expired_runs(
                     conn, older_than=self.config.retention_seconds, limit=500
                 )

@@ -506,12 +506,26 @@ RETURNING *;
 
 -- name: delete_expired_runs
 -- Delete up to $2 ended runs older than $1 seconds (events, tasks, signals, timers and dead
--- letters go with them by cascade).
+-- letters go with them by cascade); not a child whose parent is still open (its history names
+-- the child, whose run must stay there to inspect; it goes once its parent has ended).
 DELETE FROM durable_workflow_instances
-WHERE id IN (SELECT id FROM durable_workflow_instances
-             WHERE completed_at IS NOT NULL AND completed_at < now() - make_interval(secs => $1)
-             ORDER BY completed_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+WHERE id IN (SELECT c.id FROM durable_workflow_instances c
+             WHERE c.completed_at IS NOT NULL
+               AND c.completed_at < now() - make_interval(secs => $1)
+               AND NOT EXISTS (SELECT 1 FROM durable_workflow_instances p
+                               WHERE p.id = c.parent_run_id AND p.completed_at IS NULL)
+             ORDER BY c.completed_at LIMIT $2 FOR UPDATE OF c SKIP LOCKED)
 RETURNING id;
+
+-- name: count_new_runs
+-- Of $3 starts, how many would add a run: not those whose workflow id ($1) has an open run,
+-- nor those whose request id ($2) names a run already (each answers with that run).
+SELECT $3::int
+       - (SELECT count(DISTINCT workflow_id) FROM durable_workflow_instances
+          WHERE workflow_id = ANY($1::text[]) AND status IN ('pending', 'running'))::int
+       - (SELECT count(*) FROM durable_workflow_instances
+          WHERE id = ANY($2::uuid[])
+            AND (status NOT IN ('pending', 'running') OR NOT (workflow_id = ANY($1::text[]))))::int;
 
 -- name: release_probe
 -- A half-open breaker's probe ended without a verdict: free its slot. $2 is when the task was

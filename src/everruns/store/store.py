@@ -1010,9 +1010,27 @@ class Store:
         """Lock and return every task a worker holds."""
         return [Task.from_row(r) for r in await conn.fetch(Q["find_tasks_of_worker"], worker_id)]
 
-    async def count_pending(self) -> int:
+    async def count_pending(self, conn: Connection | None = None) -> int:
         """How many tasks wait in the queue."""
-        return int(await self.pool.fetchval(Q["count_pending_tasks"]))
+        return int(await (conn or self.pool).fetchval(Q["count_pending_tasks"]))
+
+    async def count_new_runs(
+        self,
+        conn: Connection,
+        workflow_ids: Sequence[str],
+        request_ids: Sequence[uuid.UUID],
+        starts: int,
+    ) -> int:
+        """Of ``starts`` starts, how many would add a run (an open workflow id, or a request
+        id already answered, adds none)."""
+        return max(
+            0,
+            int(
+                await conn.fetchval(
+                    Q["count_new_runs"], list(workflow_ids), list(request_ids), starts
+                )
+            ),
+        )
 
     async def tasks_of_run(
         self,
