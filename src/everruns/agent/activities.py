@@ -11,6 +11,7 @@ the rest is retried by its policy. No API key or other secret ever enters a payl
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -208,7 +209,24 @@ def _request(data: Any) -> tuple[str, ReasonRequest]:
         raise InvalidArgument("the reason input needs a provider name and a list of messages")
     if not isinstance(tools, list) or (model is not None and not isinstance(model, str)):
         raise InvalidArgument("the reason input has malformed tools or model")
-    return provider, ReasonRequest(tuple(messages), tuple(tools), model)
+    return provider, ReasonRequest(tuple(_with_tool_content(messages)), tuple(tools), model)
+
+
+def _with_tool_content(messages: list[Any]) -> list[Any]:
+    """The messages with a ``content`` text on every tool message: the JSON of its ``error``
+    (``{"error": ...}``) or of its ``result``. The turn keeps each tool result once, without
+    that text (it would double the size of what the turn carries and records); providers read
+    ``content``. A message that has one (written by an earlier version) keeps it."""
+    out = []
+    for message in messages:
+        if isinstance(message, dict) and message.get("role") == "tool" and "content" not in message:
+            if "error" in message:
+                content = json.dumps({"error": message["error"]})
+            else:
+                content = json.dumps(message.get("result"))
+            message = {**message, "content": content}
+        out.append(message)
+    return out
 
 
 @activity(name="reason", retry=LLM_RETRY, start_to_close_timeout=LLM_CALL_TIMEOUT + 30.0)

@@ -119,7 +119,8 @@ class ReasonRequest:
     Attributes:
         messages: the conversation, oldest first: ``{"role": "system"|"user"|"assistant"|
             "tool", "content": ...}``; assistant messages may carry ``tool_calls`` (`ToolCall`
-            dicts), tool messages carry ``tool_call_id`` and ``name``.
+            dicts), tool messages carry ``tool_call_id``, ``name``, the tool's ``result`` or
+            ``error``, and as ``content`` the JSON text of either.
         tools: the tools on offer: ``{"name", "description", "parameters"}`` (JSON schema).
         model: the model to use, or None for the provider's default.
     """

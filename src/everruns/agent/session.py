@@ -13,6 +13,7 @@ signal call returns).
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -26,6 +27,7 @@ from everruns.agent.workflow import (
     MESSAGE_SIGNAL,
     SESSION_WORKFLOW,
     is_close,
+    message_id_of,
     session_workflow_id,
     turn_workflow_id,
 )
@@ -155,23 +157,34 @@ class TurnHandle:
             WorkflowFailed: the session ended (closed or cancelled) before starting this turn.
             ServerUnavailable: the control plane stayed unreachable.
         """
-        if self._handle is not None:
-            return self._handle
         poll = _Poll()
         while True:
-            found = await self._find()
+            found = await self._look_up()
             if found is not None:
                 return found
-            if not await self._session_open():
-                found = await self._find()  # it may have started just before the session ended
-                if found is not None:
-                    return found
-                raise WorkflowFailed(
-                    f"session {self.session_id!r} ended before turn {self.turn} started; "
-                    "send the message again",
-                    status="failed",
-                )
             await poll.wait()
+
+    async def _look_up(self) -> WorkflowHandle | None:
+        """Look for the turn's workflow once: its handle, or None while it has not started.
+
+        Raises:
+            WorkflowFailed: the session ended before starting this turn.
+        """
+        if self._handle is not None:
+            return self._handle
+        found = await self._find()
+        if found is not None:
+            return found
+        if not await self._session_open():
+            found = await self._find()  # it may have started just before the session ended
+            if found is not None:
+                return found
+            raise WorkflowFailed(
+                f"session {self.session_id!r} ended before turn {self.turn} started; "
+                "send the message again",
+                status="failed",
+            )
+        return None
 
     async def _find(self) -> WorkflowHandle | None:
         try:
@@ -242,9 +255,13 @@ class TurnHandle:
             TimeoutError: it had not ended after ``timeout`` seconds.
         """
         deadline = float("inf") if timeout is None else trio.current_time() + timeout
-        with trio.move_on_at(deadline):
-            handle = await self.workflow()
-        if self._handle is None:
+        # One lookup whatever the timeout (like WorkflowHandle.result): a turn that started
+        # long ago is found even with timeout=0; only the waiting is bounded.
+        handle = await self._look_up()
+        if handle is None:
+            with trio.move_on_at(deadline):
+                handle = await self.workflow()
+        if handle is None:
             raise TimeoutError(f"turn {self.workflow_id!r} had not started after {timeout:g} s")
         remaining = None if timeout is None else max(0.0, deadline - trio.current_time())
         return TurnResult.from_dict(await handle.result(timeout=remaining))
@@ -278,6 +295,11 @@ def get_turn(client: Client, session_id: str, turn: int) -> TurnHandle:
     return TurnHandle(client, session_id, turn)
 
 
+_LIKE_A_TURN = re.compile(r":turn:[0-9]+$")
+"""Session ids ending like this would give the session a workflow id that is another session's
+turn (``session:acme:turn:1`` is turn 1 of session ``acme``)."""
+
+
 def _check_session_id(session_id: Any) -> str:
     if (
         not isinstance(session_id, str)
@@ -288,6 +310,11 @@ def _check_session_id(session_id: Any) -> str:
         raise InvalidArgument(
             f"session id must be 1-{MAX_SESSION_ID_CHARS} printable characters without spaces, "
             f"got {session_id!r}"
+        )
+    if _LIKE_A_TURN.search(session_id):
+        raise InvalidArgument(
+            f"session id {session_id!r} ends in ':turn:<number>', which names a turn of "
+            "another session; choose another id"
         )
     return session_id
 
@@ -383,10 +410,14 @@ async def _open_session_run(client: Client, session_id: str) -> str:
     return handle.run_id
 
 
-async def _turn_of(handle: WorkflowHandle, message_id: str) -> int | None:
+async def _turn_of(handle: WorkflowHandle, message_id: str, text: str) -> int | None:
     """Return the turn the session run will give ``message_id``, or None if it was closed
-    before that message (it will never be answered by this run)."""
-    found, turn = await _find_turn(handle, message_id)
+    before that message (it will never be answered by this run).
+
+    Raises:
+        InvalidArgument: another send of ``message_id``, with another text, got there first.
+    """
+    found, turn = await _find_turn(handle, message_id, text)
     if not found:
         raise FailedPrecondition(
             f"the message {message_id} is not in the history of session run {handle.run_id}"
@@ -398,15 +429,18 @@ async def _find_turn(
     handle: WorkflowHandle, message_id: str, text: str | None = None
 ) -> tuple[bool, int | None]:
     """Whether the session run received ``message_id``, and the turn it gives it (None: the
-    run was closed before it).
+    run was closed before it). The session's rules: one turn per message signal in arrival
+    order, none after a close, none for a ``message_id`` the run already received (the first
+    copy is the one answered).
 
     Raises:
-        InvalidArgument: the run received ``message_id`` with another text than ``text``.
+        InvalidArgument: the run received ``message_id`` first with another text than ``text``.
     """
     events = await handle.history()
     start = events[0].data.get("input") if events else None
     turn = int(start.get("first_turn") or 1) if isinstance(start, dict) else 1
     closed = False
+    received: set[str] = set()
     for event in events:
         if event.type != "signal_received" or event.data.get("name") != MESSAGE_SIGNAL:
             continue
@@ -414,13 +448,18 @@ async def _find_turn(
         if is_close(payload):
             closed = True
             continue
-        if isinstance(payload, dict) and payload.get("message_id") == message_id:
+        found_id = message_id_of(payload)
+        if found_id == message_id and isinstance(payload, dict):
             if text is not None and payload.get("text") != text:
                 raise InvalidArgument(
                     f"message_id {message_id!r} was sent to this session with another text; "
                     "a new message needs a new message_id"
                 )
             return True, None if closed else turn
+        if found_id is not None:
+            if found_id in received:
+                continue  # a second copy gets no turn
+            received.add(found_id)
         if not closed:
             turn += 1
     return False, None
@@ -454,14 +493,17 @@ async def send_message(
         tool_retry: retry policy of every tool call (default: each tool's own).
         message_id: the message's idempotency key (default: a new one). A retry with the same
             key after a lost reply does not send the message again if the session's open run
-            has it: it returns the turn that answers it. The same key with another text is
+            has it: it returns the turn that answers it. Sends of one key that race may both
+            deliver it; the session answers the first copy once and gives the others no turn,
+            and every such send returns that turn. The same key with another text is
             InvalidArgument.
 
     Returns:
         A handle to the turn that will answer the message.
 
     Raises:
-        InvalidArgument: a bad session id, empty or too long text, a bad option, or a
+        InvalidArgument: a bad session id (including one ending in ``:turn:<number>``, which
+            names another session's turn), empty or too long text, a bad option, or a
             ``message_id`` the session received with another text.
         ServerUnavailable: the control plane is unreachable (the message may not have been
             delivered; a signal is not retried automatically: retry with the same
@@ -482,7 +524,7 @@ async def send_message(
                 await handle.signal(MESSAGE_SIGNAL, message)
             except FailedPrecondition:
                 continue  # the run ended between finding it and signalling it: the next one
-            turn = await _turn_of(handle, message["message_id"])
+            turn = await _turn_of(handle, message["message_id"], text)
         if turn is not None:
             return TurnHandle(
                 client, session_id, turn, message_id=message["message_id"], session_run_id=run_id

@@ -3,8 +3,9 @@
 ``agent_session`` (workflow id ``session:<id>``) receives messages as ``message`` signals and
 runs one ``agent_turn`` child workflow per message (id ``session:<id>:turn:<n>``), strictly one
 after another, in arrival order: a message that arrives while a turn runs waits in the signal
-buffer, which is part of the history, so it is never dropped and never reordered. The session
-carries the conversation (the messages of its last completed turns) into each turn's input.
+buffer, which is part of the history, so it is never dropped and never reordered; a second copy
+of a message (a ``message_id`` the run already received) gets no turn. The session carries the
+conversation (the messages of its last completed turns) into each turn's input.
 
 ``agent_turn`` is the reference guide's flow: ``process_input`` (validate, build the context) →
 ``reason`` (one LLM call) → when the model asks for tools, ``act``: every tool call is its own
@@ -28,7 +29,13 @@ from everruns.agent.activities import process_input, reason
 from everruns.domain.context import WorkflowContext
 from everruns.domain.registry import workflow
 from everruns.domain.retry import RetryPolicy
-from everruns.errors import ActivityCancelled, ActivityError, ChildWorkflowError, InvalidArgument
+from everruns.errors import (
+    ActivityCancelled,
+    ActivityError,
+    ChildWorkflowError,
+    InvalidArgument,
+    ResourceExhausted,
+)
 
 __all__ = [
     "ANSWERED",
@@ -40,6 +47,7 @@ __all__ = [
     "agent_session",
     "agent_turn",
     "is_close",
+    "message_id_of",
     "session_workflow_id",
     "turn_workflow_id",
 ]
@@ -55,13 +63,18 @@ MAX_CONTEXT_TURNS = 10
 MAX_CONTEXT_BYTES = 1_000_000
 """The most JSON text of earlier turns a new turn carries; older turns are left out first.
 Half the control plane's default payload limit (EVERRUNS_MAX_PAYLOAD_BYTES, 2 MB), so that the
-context, the message and what the turn adds fit in one payload. A turn refused as too large
-halves it again for the rest of the run (a control plane may set a lower limit), down to
-`MIN_CONTEXT_BYTES`."""
+context, the message and what the turn adds fit in one payload. A control plane may set a lower
+limit: a turn whose input it refuses as too large (the turn is not started) is started again
+with half the context, as often as needed, and the run keeps that smaller budget; a turn that
+fails as too large once started (its own tool results, say) halves it for the rest of the run,
+down to `MIN_CONTEXT_BYTES`."""
 
 MIN_CONTEXT_BYTES = 20_000
-"""The least context a refused turn leaves its successors: a turn too large by itself (its
-own tool results, say) does not take the conversation's memory with it."""
+"""The least context a turn that failed as too large leaves its successors: a turn too large
+by itself (its own tool results, say) does not take the conversation's memory with it."""
+
+TOO_LARGE_ERROR = "everruns.errors.ResourceExhausted"
+"""The error type of a payload over the control plane's limit, as workflow code sees it."""
 
 
 def session_workflow_id(session_id: str) -> str:
@@ -90,12 +103,12 @@ def _tool_message(
         "tool_call_id": call.get("id"),
         "name": call.get("name"),
     }
+    # The result (or error) is kept once: the ``content`` text providers read is made from it
+    # by the ``reason`` activity, so a tool's result is not carried and recorded twice.
     if error is not None:
         message["error"] = error
-        message["content"] = json.dumps({"error": error})
     else:
         message["result"] = result
-        message["content"] = json.dumps(result)
     return message
 
 
@@ -147,8 +160,14 @@ async def agent_turn(ctx: WorkflowContext, turn: Any) -> dict[str, Any]:
     Raises:
         ActivityError: the message is invalid, or the LLM call failed after its retries (the
             turn ends ``failed``).
+        ResourceExhausted: the session could not give the turn its message (``refused`` in
+            the input: even without context, the input was over the payload limit).
         WorkflowCancelled: the turn was cancelled (it ends ``cancelled``).
     """
+    refused = turn.get("refused") if isinstance(turn, dict) else None
+    if isinstance(refused, str):
+        # The session could not start this turn with the message in its input: say so.
+        raise ResourceExhausted(f"the message was not answered: {refused}")
     prepared = await ctx.execute_activity(process_input, turn)
     messages: list[dict[str, Any]] = list(prepared["messages"])
     tools = {spec["name"]: spec for spec in prepared["tools"]}
@@ -238,9 +257,29 @@ def _within(turns: list[list[dict[str, Any]]], budget: int) -> list[list[dict[st
     return kept[::-1]
 
 
+def _not_started(exc: ChildWorkflowError) -> bool:
+    """Whether the control plane refused to start a turn because its input is too large: no
+    workflow holds the turn's id, so the turn may be started again under it. (A turn that
+    started and failed as too large names its own payload: an activity's input, its result.)"""
+    return (
+        exc.error_type == TOO_LARGE_ERROR
+        and f"{TOO_LARGE_ERROR}: input of child workflow " in str(exc)
+    )
+
+
+def message_id_of(payload: Any) -> str | None:
+    """The ``message_id`` of a ``message`` signal's payload; `send_message` always sets one.
+    The client's `everruns.agent.session._find_turn` numbers turns by the same rule."""
+    message_id = payload.get("message_id") if isinstance(payload, dict) else None
+    return message_id if isinstance(message_id, str) else None
+
+
 @workflow(name=SESSION_WORKFLOW)
 async def agent_session(ctx: WorkflowContext, state: Any) -> dict[str, Any]:
     """Run a session: one turn per ``message`` signal, in arrival order, until closed.
+
+    A message whose ``message_id`` this run has already received (two sends of one message
+    that raced) is skipped: it gets no turn and no turn number.
 
     Args:
         ctx: the workflow context.
@@ -258,6 +297,7 @@ async def agent_session(ctx: WorkflowContext, state: Any) -> dict[str, Any]:
     session_id, turn, turns = _session_state(state)
     first_turn = turn
     budget = MAX_CONTEXT_BYTES
+    received: set[str] = set()
     while True:
         payload = await ctx.wait_signal(MESSAGE_SIGNAL)
         if is_close(payload):
@@ -266,26 +306,51 @@ async def agent_session(ctx: WorkflowContext, state: Any) -> dict[str, Any]:
                 "closed": True,
                 "next_turn": turn,
                 "turns": turn - first_turn,
-                "context": turns,
+                "context": _within(turns, budget),
             }
+        message_id = message_id_of(payload)
+        if message_id is not None:
+            if message_id in received:
+                continue  # a second copy: the first one has (or had) its turn
+            received.add(message_id)
         turns = _within(turns, budget)
-        child_input = {
+        child_input: dict[str, Any] = {
             "session_id": session_id,
             "turn": turn,
             "message": payload,
             "context": [message for past in turns for message in past],
         }
-        try:
-            result = await ctx.execute_child_workflow(
-                agent_turn, child_input, workflow_id=turn_workflow_id(session_id, turn)
-            )
-        except ChildWorkflowError as exc:
-            # A failed or cancelled turn adds nothing to the conversation. One refused as too
-            # large would fail again with the same context: later turns carry half of it.
-            if "ResourceExhausted" in str(exc):
-                budget = min(budget, max(_size(turns) // 2, MIN_CONTEXT_BYTES))
-        else:
-            new = result.get("messages") if isinstance(result, dict) else None
-            if isinstance(new, list):
-                turns = [*turns, new][-MAX_CONTEXT_TURNS:]
+        while True:
+            try:
+                result = await ctx.execute_child_workflow(
+                    agent_turn, child_input, workflow_id=turn_workflow_id(session_id, turn)
+                )
+            except ChildWorkflowError as exc:
+                if _not_started(exc) and "refused" not in child_input:
+                    if turns:
+                        # Not started, so the number is free: the same turn again, with half
+                        # the context, and the rest of the run keeps to that.
+                        budget = _size(turns) // 2
+                        turns = _within(turns, budget)
+                        child_input["context"] = [m for past in turns for m in past]
+                    else:
+                        # Too large with no context at all: a turn that fails saying so, so
+                        # that the sender is told (not one left waiting for a turn that never
+                        # starts).
+                        child_input = {
+                            "session_id": session_id,
+                            "turn": turn,
+                            "message": {"message_id": message_id},
+                            "refused": str(exc).split(f"{TOO_LARGE_ERROR}: ", 1)[-1][:1000],
+                        }
+                    continue
+                # A failed or cancelled turn adds nothing to the conversation. One that failed
+                # as too large would fail again with the same context: later turns carry half.
+                if "ResourceExhausted" in str(exc):
+                    budget = min(budget, max(_size(turns) // 2, MIN_CONTEXT_BYTES))
+            else:
+                new = result.get("messages") if isinstance(result, dict) else None
+                if isinstance(new, list):
+                    turns = [*turns, new][-MAX_CONTEXT_TURNS:]
+            break
         turn += 1
