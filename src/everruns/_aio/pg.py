@@ -538,8 +538,11 @@ async def listen(
     async with connect(url) as conn:
         raw = conn._raw
         await call_in_loop(raw.add_termination_listener, on_lost)
-        for channel in channels:
-            await run_aio(raw.add_listener, channel, on_notify)
+        try:
+            for channel in channels:
+                await run_aio(raw.add_listener, channel, on_notify)
+        except _MAPPED as exc:  # the connection died while it registered: as any query's error
+            raise map_pg_error(exc) from exc
         try:
             yield receive
         finally:

@@ -284,11 +284,26 @@ class Engine:
         lost."""
         assert taker.worker is not None
         handed: list[ClaimedTask] = []
+        if row[3] is None:  # a run id of our own: known, should the reply of the start be lost
+            row = (*row[:3], uuid.uuid4())
         try:
             breakers_closed = await self._breakers_closed()  # before: the start then hands out
-            workflow_id, run_id, task, history = await self.store.start_workflow_for(
-                taker.worker, *row
-            )
+            try:
+                workflow_id, run_id, task, history = await self.store.start_workflow_for(
+                    taker.worker, *row
+                )
+            except DatabaseError:
+                # It may have committed (the connection died before its answer came): its
+                # task, claimed for the waiting poll, which will not get it, goes back.
+                assert row[3] is not None
+                with trio.move_on_after(_GIVE_BACK_SECONDS, shield=True):
+                    try:
+                        await self._give_back(
+                            await self.store.claimed_first_task_of(row[3], taker.worker)
+                        )
+                    except DatabaseError:
+                        pass  # the stale rule frees it
+                raise
             if task is not None:
                 assert task.claimed_at is not None
                 may_start = breakers_closed and _starts_afresh(task, history)
@@ -584,13 +599,20 @@ class Engine:
             )
             more = len(tasks) == limit  # this claim cannot tell: assume so
             histories = None
-            if probes:
-                tasks = await self._admit_probes(tasks, probes)
         else:
             key = (tuple(workflow_types), tuple(activity_types))
             claimed, more, histories = await self._claims.claim(key, worker_id, limit)
             tasks = list(claimed)
-        return await self._hand_out(tasks, histories), more
+            probes = None
+        try:
+            if probes:
+                tasks = await self._admit_probes(tasks, probes)
+            return await self._hand_out(tasks, histories), more
+        except BaseException:
+            # Claimed (committed) but not handed out: back to the queue, not left claimed for
+            # a worker that never hears of them until the stale rule charges their attempt.
+            await self._give_back(tasks)
+            raise
 
     async def _claim_slots(
         self, key: tuple[tuple[str, ...], tuple[str, ...]], slots: list[str]
@@ -845,6 +867,18 @@ class Engine:
         if failures:
             raise failures[0]
         return [r for r in results if r is not None]
+
+    async def _recorded_before(
+        self, worker_id: str, task_id: uuid.UUID, lease_token: int
+    ) -> tuple[bool, list[Task]]:
+        """A result no longer under its lease may be the retry of one this worker sent whose
+        reply was lost: recorded under this very lease (then it stands, and is not refused),
+        with the run's next workflow task claimed for the worker by the same statement (the
+        reply it missed). ``(False, [])`` otherwise, or when the database cannot say."""
+        try:
+            return await self.store.handed_out_by_result(task_id, lease_token, worker_id)
+        except DatabaseError:
+            return False, []
 
     async def _handed_out_before(
         self, worker_id: str, c: WorkflowTaskCompletion
@@ -1236,9 +1270,16 @@ class Engine:
                 raise recorded
             done, eager, histories, applied = recorded
             outstanding = [*claimed, *eager, *(t for tasks in applied.values() for t in tasks)]
+            again: list[Task] = []
             for p, (n, (task_id, lease_token, _)) in enumerate(valid):
                 if p not in done:  # not under its lease, or another of the same task was
-                    verdicts[n] = await self.store.stale_reason(task_id, lease_token)
+                    recorded_before, follow_up = await self._recorded_before(
+                        worker_id, task_id, lease_token
+                    )
+                    if not recorded_before:
+                        verdicts[n] = await self.store.stale_reason(task_id, lease_token)
+                    again += follow_up
+            outstanding += again
             for breaker_key in [key for key in done.values() if key is not None]:  # one per success
                 async with self.store.transaction() as conn:
                     await self.store.record_breaker_success_if_tracked(
@@ -1263,6 +1304,8 @@ class Engine:
                 decided |= decided_later
             claimed = scheduled + claimed
             handed = await self._hand_out(eager, histories) + claimed
+            if again:  # their histories were not read by this call's statement
+                handed += await self._hand_out(again)
             room = max_new_tasks - len(handed)
             if not beside and claim_queued and room > 0 and (activity_types or workflow_types):
                 handed += await self._claim_unless_quiet(

@@ -898,6 +898,26 @@ JOIN durable_task_queue t ON t.run_id = w.run_id AND t.kind = 'activity'
 WHERE w.id = $1 AND w.lease_token = $2 AND w.kind = 'workflow' AND w.status = 'completed'
 ORDER BY t.id;
 
+-- name: handed_out_by_result
+-- Activity task $1's result, recorded under lease $2 (its status completed), and the workflow
+-- task of its run that the same statement claimed for worker $3 (claimed_at = the activity's
+-- completed_at, the transaction's now()) and that it still holds: what the reply of a
+-- CompleteActivityTasks call carried, for the worker's retry of a call whose reply was lost.
+-- One row with the activity alone when there is no such workflow task; none when the result
+-- was not recorded under that lease.
+SELECT w.* FROM durable_task_queue a
+LEFT JOIN durable_task_queue w ON w.run_id = a.run_id AND w.kind = 'workflow'
+                              AND w.status = 'claimed' AND w.claimed_by = $3
+                              AND w.claimed_at = a.completed_at
+WHERE a.id = $1 AND a.lease_token = $2 AND a.kind = 'activity' AND a.status = 'completed';
+
+-- name: claimed_first_task_of
+-- The first workflow task of run $1 if it is claimed for worker $2 (an eager start whose
+-- reply was lost: nothing handed it to the worker's poll).
+SELECT * FROM durable_task_queue
+WHERE run_id = $1 AND kind = 'workflow' AND status = 'claimed' AND claimed_by = $2
+  AND attempt = 1;
+
 -- name: taken_task_ids
 -- Which of the task ids $1 name a task already.
 SELECT id FROM durable_task_queue WHERE id = ANY($1::uuid[]);

@@ -572,6 +572,20 @@ class Store:
         await self.notify(conn, CHANNEL_TASKS, f"activity:{task.activity_type}")
         return Task.from_row(row)
 
+    async def handed_out_by_result(
+        self, task_id: uuid.UUID, lease_token: int, worker_id: str
+    ) -> tuple[bool, list[Task]]:
+        """Whether activity task ``task_id``'s result was recorded under ``lease_token``, and
+        the follow-up workflow task that recording claimed for ``worker_id`` and that it
+        still holds (none or one)."""
+        rows = await self.pool.fetch(Q["handed_out_by_result"], task_id, lease_token, worker_id)
+        return bool(rows), [Task.from_row(row) for row in rows if row["id"] is not None]
+
+    async def claimed_first_task_of(self, run_id: uuid.UUID, worker_id: str) -> list[Task]:
+        """Run ``run_id``'s first workflow task, if it is claimed for ``worker_id``."""
+        rows = await self.pool.fetch(Q["claimed_first_task_of"], run_id, worker_id)
+        return [Task.from_row(row) for row in rows]
+
     async def handed_out_by_completion(
         self, task_id: uuid.UUID, lease_token: int, worker_id: str
     ) -> list[Task]:

@@ -34,7 +34,9 @@ class ActivityInfo:
     Attributes:
         workflow_id: the business key of the workflow that scheduled it.
         run_id: that workflow's run.
-        workflow_type: that workflow's registered name.
+        workflow_type: that workflow's registered name when this worker knows it (an
+            activity it started ahead of its workflow's decision); empty for a task the
+            control plane handed out, which does not carry it.
         activity_id: the command id within the run; stable across attempts, so usable as an
             idempotency key.
         activity_type: the activity's registered name.
@@ -45,6 +47,11 @@ class ActivityInfo:
         start_to_close_timeout: seconds this attempt may run, or None for the server default.
         scheduled_at: when the task became due.
         started_at: when this attempt was claimed.
+
+    An activity started ahead of its workflow's decision sees the worker's own view until the
+    control plane's reply binds its task (then ``ctx.info`` is the task's): until then its
+    timeouts are what the workflow code asked for (None where it relied on the control
+    plane's defaults) and its times are the worker's clock.
     """
 
     workflow_id: str

@@ -163,6 +163,32 @@ def _history_events(history: Sequence[Any]) -> list[HistoryEvent]:
     ]
 
 
+def _ours(exc: BaseException) -> bool:
+    """Whether ``exc`` is Trio's cancellation or an interrupt, or a group holding one: the
+    worker's to handle, never an activity's failure."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(lambda e: isinstance(e, trio.Cancelled | KeyboardInterrupt)) is not None
+    return isinstance(exc, trio.Cancelled | KeyboardInterrupt)
+
+
+def _activity_info(task: Any) -> ActivityInfo:
+    """What an activity attempt sees of itself (`ActivityContext.info`), from its task."""
+    return ActivityInfo(
+        workflow_id=task.workflow_id,
+        run_id=task.run_id,
+        workflow_type=task.workflow_type,
+        activity_id=task.activity_id,
+        activity_type=task.activity_type,
+        attempt=task.attempt,
+        max_attempts=task.max_attempts,
+        task_id=task.task_id,
+        heartbeat_timeout=task.heartbeat_timeout_s or None,
+        start_to_close_timeout=task.start_to_close_s or None,
+        scheduled_at=_time_or_none(task.scheduled_at),
+        started_at=_time_or_none(task.claimed_at),
+    )
+
+
 def _time_or_none(seconds: float) -> datetime | None:
     return datetime.fromtimestamp(seconds, UTC) if seconds else None
 
@@ -936,21 +962,6 @@ class Worker:
                     await self._final_activity_report(handle, internal=internal)
 
     def _activity_context(self, handle: _RunningTask, previous: Any) -> ActivityContext:
-        task = handle.task
-        info = ActivityInfo(
-            workflow_id=task.workflow_id,
-            run_id=task.run_id,
-            workflow_type=task.workflow_type,
-            activity_id=task.activity_id,
-            activity_type=task.activity_type,
-            attempt=task.attempt,
-            max_attempts=task.max_attempts,
-            task_id=task.task_id,
-            heartbeat_timeout=task.heartbeat_timeout_s or None,
-            start_to_close_timeout=task.start_to_close_s or None,
-            scheduled_at=_time_or_none(task.scheduled_at),
-            started_at=_time_or_none(task.claimed_at),
-        )
         token = self._token
         assert token is not None
 
@@ -961,6 +972,7 @@ class Worker:
             except trio.RunFinishedError:
                 pass
 
+        info = _activity_info(handle.task)
         ctx = ActivityContext(info, heartbeat_details=previous, on_heartbeat=on_heartbeat)
         if handle.cancel_reason is not None or handle.stale_reason is not None:
             ctx._mark_cancel_requested()
@@ -977,9 +989,14 @@ class Worker:
                 value = await trio.to_thread.run_sync(
                     functools.partial(definition.fn, ctx, args), limiter=self._sync_limiter
                 )
-        except (Exception, SystemExit) as exc:
-            # SystemExit too (a script's sys.exit() wrapped as an activity): it fails this
-            # activity, not the worker, which would crash each worker the task went to next.
+        except BaseException as exc:
+            # Any error of the activity's own fails this attempt, not the worker, which would
+            # crash each worker the task went to next: SystemExit (a script's sys.exit()),
+            # GeneratorExit, asyncio's CancelledError out of a sync activity's asyncio.run(),
+            # a library's BaseException. Not trio's Cancelled (its scope was cancelled: the
+            # cancel request, or the worker stopping) nor a KeyboardInterrupt.
+            if _ours(exc):
+                raise
             log.info("%s failed: %s: %s", handle.describe(), type_name(exc), exc)
             error = error_from_exception(exc)
             return _Failed(error, bool(error["non_retryable"]))
@@ -1627,8 +1644,16 @@ class Worker:
         return started
 
     def _bind(self, handle: _RunningTask, task: Any) -> None:
-        """An activity started ahead is ours: its task (with the lease) was handed back."""
+        """An activity started ahead is ours: its task (with the lease) was handed back. Its
+        ``ctx.info`` becomes the task's (the control plane's defaults applied, its times)."""
         handle.task = task
+        if handle.ctx is not None:
+            # The workflow's type is the worker's to tell: the control plane hands an
+            # activity's task out without it.
+            known = handle.ctx.info.workflow_type
+            handle.ctx._info = attrs.evolve(
+                _activity_info(task), workflow_type=task.workflow_type or known
+            )
         handle.claim_time = task.claimed_at
         handle.received = trio.current_time()
         early = self._early_cancels.pop((handle.key, task.lease_token), None)
