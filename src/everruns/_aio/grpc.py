@@ -71,6 +71,11 @@ __all__ = [
 
 log = logging.getLogger("everruns.rpc")
 
+# The HPACK coder under h2 logs every header it encodes or decodes at DEBUG, the bearer token
+# (`authorization`) included: a program that logs at DEBUG would write the token in clear.
+_hpack_log = logging.getLogger("hpack")
+_hpack_log.setLevel(max(_hpack_log.level, logging.INFO))
+
 Reply = TypeVar("Reply")
 Send = Callable[[Any], Awaitable[None]]
 
@@ -107,15 +112,28 @@ def status_for(exc: BaseException) -> Status:
     return Status.INTERNAL if not isinstance(exc, EverrunsError) else Status.UNAVAILABLE
 
 
+MAX_ERROR_MESSAGE = 2000
+"""Characters of an error message sent to a caller. It travels in a trailer (HPACK): an
+error quoting a huge value (a 100 kB run id) would pass the caller's header-list limit, and
+the caller would tear down the whole connection, failing every other call on it."""
+
+
+def capped(message: str) -> str:
+    """``message``, cut to `MAX_ERROR_MESSAGE` characters (saying how long it was)."""
+    if len(message) <= MAX_ERROR_MESSAGE:
+        return message
+    return f"{message[: MAX_ERROR_MESSAGE - 40]}... ({len(message)} characters in all)"
+
+
 def _to_grpc_error(exc: BaseException, route: str) -> grpclib.exceptions.GRPCError:
     if isinstance(exc, EverrunsError) and not isinstance(exc, RpcError):
         status = status_for(exc)
         if status is Status.UNAVAILABLE:
             log.warning("%s: %s", route, exc)
-        return grpclib.exceptions.GRPCError(status, str(exc))
+        return grpclib.exceptions.GRPCError(status, capped(str(exc)))
     log.error("%s failed", route, exc_info=exc)
     return grpclib.exceptions.GRPCError(
-        Status.INTERNAL, f"internal error in {route}: {type(exc).__name__}: {exc}"
+        Status.INTERNAL, capped(f"internal error in {route}: {type(exc).__name__}: {exc}")
     )
 
 

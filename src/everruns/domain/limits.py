@@ -21,9 +21,11 @@ __all__ = [
     "MAX_SECONDS_TEXT",
     "MAX_WORKER_ID_LENGTH",
     "check_name",
+    "check_text",
     "check_type_name",
     "check_worker_id",
     "escape_nul_in_json",
+    "shown",
 ]
 
 MAX_SECONDS = 100 * 365.25 * 86400.0
@@ -66,6 +68,28 @@ def check_name(value: object, what: str, *, limit: int = MAX_NAME_LENGTH) -> str
         raise InvalidArgument(f"{what} must be a string, got {type(value).__name__}")
     if not value or not value.strip():
         raise InvalidArgument(f"{what} must not be empty")
+    if len(value) > limit:
+        raise InvalidArgument(f"{what} is {len(value)} characters long; the limit is {limit}")
+    if "\x00" in value:
+        raise InvalidArgument(f"{what} must not contain NUL characters")
+    return value
+
+
+def shown(value: str, limit: int = 80) -> str:
+    """``value`` as an error message quotes it: ``repr``, cut to ``limit`` characters (a bad
+    value may be huge; the message must stay a line)."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
+def check_text(value: str, what: str, *, limit: int = MAX_NAME_LENGTH) -> str:
+    """Return ``value`` if PostgreSQL text can hold it within ``limit`` characters: optional
+    descriptive text (a worker's host or version), which may be empty.
+
+    Raises:
+        InvalidArgument: too long, or holds a NUL character.
+    """
     if len(value) > limit:
         raise InvalidArgument(f"{what} is {len(value)} characters long; the limit is {limit}")
     if "\x00" in value:

@@ -29,10 +29,11 @@ def validate_database_url(url: str) -> str:
     Raises:
         ConfigError: wrong scheme, no ``//``, or a bad host or port; names DATABASE_URL.
     """
+    # The messages never quote the URL or urlsplit's error: either may hold the password.
     try:
         parts = urlsplit(url)
     except ValueError as exc:  # e.g. an unclosed IPv6 bracket
-        raise ConfigError(f"DATABASE_URL is invalid: {exc}") from exc
+        raise ConfigError(f"DATABASE_URL is invalid: {_BAD_HOST}") from exc
     if parts.scheme not in ("postgres", "postgresql"):
         raise ConfigError(
             f"DATABASE_URL is invalid: scheme {parts.scheme or '(none)'!r} is not postgresql:// "
@@ -43,13 +44,22 @@ def validate_database_url(url: str) -> str:
             "DATABASE_URL is invalid: it needs // after the scheme (postgresql://HOST/DB, or "
             "postgresql:///DB for the local socket)"
         )
+    if "@" in url.split("://", 1)[1] and "@" not in parts.netloc:
+        # The user name or password holds a "/", "?" or "#": the host part ended before "@".
+        raise ConfigError(f"DATABASE_URL is invalid: {_BAD_HOST}")
     hosts = parts.netloc.rpartition("@")[2]
     for host in hosts.split(","):
         try:
             _ = urlsplit(f"//{host}").port  # raises ValueError on a bad port
         except ValueError as exc:
-            raise ConfigError(f"DATABASE_URL is invalid: {exc}") from exc
+            raise ConfigError(f"DATABASE_URL is invalid: {_BAD_HOST}") from exc
     return url
+
+
+_BAD_HOST = (
+    "its host or port cannot be read (percent-encode '/', '?', '#' and '@' in the user name "
+    "and password, and put an IPv6 address in brackets)"
+)
 
 
 def _expand_home(path: str | None) -> str | None:

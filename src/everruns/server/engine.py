@@ -35,7 +35,7 @@ from everruns.domain.commands import (
     command_from_dict,
 )
 from everruns.domain.lease import timeout_kind
-from everruns.domain.limits import check_name, check_type_name
+from everruns.domain.limits import check_name, check_type_name, shown
 from everruns.domain.parts import split_keeping_keys
 from everruns.domain.payload import decode, encode_text, json_error
 from everruns.domain.replay import continues_decision
@@ -1907,7 +1907,7 @@ def _run_uuid(run_id: str) -> uuid.UUID | None:
     try:
         return uuid.UUID(run_id)
     except ValueError:
-        raise InvalidArgument(f"run_id {run_id!r} is not a UUID") from None
+        raise InvalidArgument(f"run_id {shown(run_id)} is not a UUID") from None
 
 
 def parse_task_id(task_id: str) -> uuid.UUID:
@@ -1915,7 +1915,7 @@ def parse_task_id(task_id: str) -> uuid.UUID:
     try:
         return uuid.UUID(task_id)
     except ValueError:
-        raise InvalidArgument(f"task_id {task_id!r} is not a UUID") from None
+        raise InvalidArgument(f"task_id {shown(task_id)} is not a UUID") from None
 
 
 def _parse_commands(text: str) -> list[Command]:

@@ -23,9 +23,11 @@ from everruns._aio.grpc import status_for
 from everruns._proto.everruns import v1 as pb
 from everruns.domain.limits import (
     check_name,
+    check_text,
     check_type_name,
     check_worker_id,
     escape_nul_in_json,
+    shown,
 )
 from everruns.domain.packing import pack_uuids, unpack_blobs
 from everruns.errors import EverrunsError, InvalidArgument, NotFound
@@ -175,6 +177,8 @@ class WorkerService:
             )
         for name in [*request.activity_types, *request.workflow_types]:
             check_type_name(name, "type name")
+        check_text(request.host, "host")
+        check_text(request.version, "version")
         self.engine.note_worker(request.worker_id, request.activity_types, request.workflow_types)
         record = await self.store.register_worker(
             request.worker_id,
@@ -411,6 +415,10 @@ class WorkerService:
                     )
 
 
+MAX_CANCEL_REASON = 4000
+"""Characters of a cancel reason (a line for people; it is recorded in the history)."""
+
+
 class WorkflowService:
     """WorkflowService: what clients and operators call."""
 
@@ -465,6 +473,8 @@ class WorkflowService:
         return pb.SignalWorkflowResponse()
 
     async def cancel_workflow(self, request: pb.CancelWorkflowRequest) -> pb.CancelWorkflowResponse:
+        # The reason goes into the run's history, which every later workflow task carries.
+        check_text(request.reason, "cancel reason", limit=MAX_CANCEL_REASON)
         await self.engine.cancel(request.workflow_id, request.run_id, request.reason)
         return pb.CancelWorkflowResponse()
 
@@ -779,4 +789,4 @@ def _page_cursor(token: str) -> tuple[datetime, uuid.UUID] | None:
         at, _, row_id = base64.urlsafe_b64decode(token.encode()).decode().partition("|")
         return datetime.fromisoformat(at), uuid.UUID(row_id)
     except ValueError:
-        raise InvalidArgument(f"page_token {token!r} is not one this server issued") from None
+        raise InvalidArgument(f"page_token {shown(token)} is not one this server issued") from None

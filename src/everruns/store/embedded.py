@@ -106,11 +106,14 @@ def mask_url(url: str) -> str:
         The URL with the password in the userinfo and any ``password=`` query parameter replaced
         by ``***``; a URL without a password comes back unchanged.
     """
+    scheme, slashes, rest = url.partition("://")
+    userinfo, at, after = rest.rpartition("@")
+    if slashes and at and ":" in userinfo:
+        # Cut at the last "@", not where the host part seems to end: a password holding an
+        # unescaped "/", "?" or "#" ends urlsplit's netloc early, and would be left in clear.
+        url = f"{scheme}://{userinfo.partition(':')[0]}:***@{after}"
     parts = urllib.parse.urlsplit(url)
     netloc = parts.netloc
-    userinfo, at, hostport = netloc.rpartition("@")
-    if at and ":" in userinfo:
-        netloc = f"{userinfo.partition(':')[0]}:***@{hostport}"
     query = parts.query
     if query:
         pairs = query.split("&")
