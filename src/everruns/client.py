@@ -745,28 +745,19 @@ class Client:
             context = client_tls_from_env(os.environ)
         else:
             context = client_tls(None) if tls is True else (tls or None)
-        leaf: BaseException | None = None
-        try:
-            async with (
-                open_aio_loop(),
-                open_channel(
-                    host, port, auth_token=auth_token, tls=context, call_stream=call_stream
-                ) as channel,
-            ):
-                client = cls(channel)
-                try:
-                    yield client
-                finally:
-                    client._closed = True
-        except BaseExceptionGroup as group:
-            # The aio loop's nursery wraps whatever the block raised; a caller who wrote
-            # `except NotFound` around the block must still catch it.
-            leaf = _sole_leaf(group)
-            if leaf is None:
-                raise
-        if leaf is not None:
-            # Raised outside the handler so the leaf keeps its own context, not the group.
-            raise leaf
+        # What the block raises comes out as it was raised: no nursery of ours wraps it (a
+        # caller's own ExceptionGroup stays a group).
+        async with (
+            open_aio_loop(),
+            open_channel(
+                host, port, auth_token=auth_token, tls=context, call_stream=call_stream
+            ) as channel,
+        ):
+            client = cls(channel)
+            try:
+                yield client
+            finally:
+                client._closed = True
 
     async def _call(
         self,
@@ -1076,17 +1067,3 @@ def _encoded_inputs(
     for (_, value, _), name in zip(entries, types, strict=True):
         encode(value, what=f"input of workflow {name!r}")
     raise unnamed
-
-
-def _sole_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            leaves.append(exc)
-
-    walk(group)
-    return leaves[0] if len(leaves) == 1 else None

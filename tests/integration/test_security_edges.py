@@ -6,9 +6,6 @@ DATABASE_URL password and the bearer token kept out of messages and logs. From a
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
 
 import pytest
 import trio
@@ -21,20 +18,11 @@ from everruns.errors import (
     InvalidArgument,
     ResourceExhausted,
 )
-from everruns.server import ServerConfig, serve
+from everruns.server import ServerConfig
 from everruns.store.embedded import mask_url
+from tests.integration.test_hostile import running
 
 pytestmark = pytest.mark.db
-
-
-@asynccontextmanager
-async def running(database_url: str, **overrides: Any) -> AsyncIterator[int]:
-    async with trio.open_nursery() as nursery:
-        info = await nursery.start(
-            serve, ServerConfig(database_url=database_url, grpc_port=0, **overrides)
-        )
-        yield info.port
-        nursery.cancel_scope.cancel()
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ cancelled.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import attrs
 import trio
@@ -59,6 +60,43 @@ async def serve(
         ConfigError, DatabaseError: the database could not be reached, started or migrated.
         ServerUnavailable: the gRPC address cannot be bound.
     """
+    started = False
+
+    def report(info: ServerInfo) -> None:
+        nonlocal started
+        started = True
+        task_status.started(info)
+
+    try:
+        await _serve(config, report)
+    except BaseExceptionGroup as group:
+        # Before it serves, what stops it is one error (the port taken, the database gone),
+        # wrapped by the nurseries it passed through: the caller of `nursery.start(serve, ...)`
+        # gets that error, as documented, to catch by its type.
+        leaf = None if started else _sole_leaf(group)
+        if not isinstance(leaf, EverrunsError):
+            raise
+    else:
+        return
+    raise leaf  # outside the handler: the error keeps its own context, not the group
+
+
+def _sole_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one exception a group holds, however deeply nested; None if it holds several."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    return leaves[0] if len(leaves) == 1 else None
+
+
+async def _serve(config: ServerConfig, report: Callable[[ServerInfo], None]) -> None:
     async with open_aio_loop(), open_database(config) as url:
         await migrate_database(url)
         async with pg.open_pool(
@@ -94,7 +132,7 @@ async def serve(
                 info = ServerInfo(f"{config.grpc_host}:{port}", port, embedded.mask_url(url))
                 log.info("serving gRPC on %s", info.address)
                 nursery.start_soon(_warm_up, store, config.pool_size)
-                task_status.started(info)
+                report(info)
 
 
 async def _warm_up(store: Store, size: int) -> None:

@@ -870,15 +870,16 @@ class Engine:
 
     async def _recorded_before(
         self, worker_id: str, task_id: uuid.UUID, lease_token: int
-    ) -> tuple[bool, list[Task]]:
+    ) -> tuple[str | None, list[Task]]:
         """A result no longer under its lease may be the retry of one this worker sent whose
-        reply was lost: recorded under this very lease (then it stands, and is not refused),
-        with the run's next workflow task claimed for the worker by the same statement (the
-        reply it missed). ``(False, [])`` otherwise, or when the database cannot say."""
+        reply was lost: the result recorded under this very lease (the same text: then it
+        stands, and is not refused), with the run's next workflow task claimed for the worker
+        by the same statement (the reply it missed). ``(None, [])`` when none was recorded
+        under that lease, or when the database cannot say."""
         try:
             return await self.store.handed_out_by_result(task_id, lease_token, worker_id)
         except DatabaseError:
-            return False, []
+            return None, []
 
     async def _handed_out_before(
         self, worker_id: str, c: WorkflowTaskCompletion
@@ -1271,14 +1272,15 @@ class Engine:
             done, eager, histories, applied = recorded
             outstanding = [*claimed, *eager, *(t for tasks in applied.values() for t in tasks)]
             again: list[Task] = []
-            for p, (n, (task_id, lease_token, _)) in enumerate(valid):
+            for p, (n, (task_id, lease_token, result)) in enumerate(valid):
                 if p not in done:  # not under its lease, or another of the same task was
-                    recorded_before, follow_up = await self._recorded_before(
+                    earlier, follow_up = await self._recorded_before(
                         worker_id, task_id, lease_token
                     )
-                    if not recorded_before:
+                    if earlier != result:
                         verdicts[n] = await self.store.stale_reason(task_id, lease_token)
-                    again += follow_up
+                    else:  # this very result, recorded by a call whose reply was lost: it
+                        again += follow_up  # stands, and its follow-up is handed out again
             outstanding += again
             for breaker_key in [key for key in done.values() if key is not None]:  # one per success
                 async with self.store.transaction() as conn:
@@ -1304,7 +1306,11 @@ class Engine:
                 decided |= decided_later
             claimed = scheduled + claimed
             handed = await self._hand_out(eager, histories) + claimed
-            if again:  # their histories were not read by this call's statement
+            # Their histories were not read by this call's statement. (Two copies of one result
+            # in a call: the follow-up is this call's own, handed out once.)
+            ours = {t.task_id for t in eager}
+            again = list({t.task_id: t for t in again if t.task_id not in ours}.values())
+            if again:
                 handed += await self._hand_out(again)
             room = max_new_tasks - len(handed)
             if not beside and claim_queued and room > 0 and (activity_types or workflow_types):

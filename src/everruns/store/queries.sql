@@ -904,8 +904,8 @@ ORDER BY t.id;
 -- completed_at, the transaction's now()) and that it still holds: what the reply of a
 -- CompleteActivityTasks call carried, for the worker's retry of a call whose reply was lost.
 -- One row with the activity alone when there is no such workflow task; none when the result
--- was not recorded under that lease.
-SELECT w.* FROM durable_task_queue a
+-- was not recorded under that lease. recorded: the result recorded (the caller compares it).
+SELECT a.result::text AS recorded, w.* FROM durable_task_queue a
 LEFT JOIN durable_task_queue w ON w.run_id = a.run_id AND w.kind = 'workflow'
                               AND w.status = 'claimed' AND w.claimed_by = $3
                               AND w.claimed_at = a.completed_at

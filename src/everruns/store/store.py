@@ -574,12 +574,13 @@ class Store:
 
     async def handed_out_by_result(
         self, task_id: uuid.UUID, lease_token: int, worker_id: str
-    ) -> tuple[bool, list[Task]]:
-        """Whether activity task ``task_id``'s result was recorded under ``lease_token``, and
-        the follow-up workflow task that recording claimed for ``worker_id`` and that it
-        still holds (none or one)."""
+    ) -> tuple[str | None, list[Task]]:
+        """The result recorded for activity task ``task_id`` under ``lease_token`` (None if
+        none was), and the follow-up workflow task that recording claimed for ``worker_id``
+        and that it still holds (none or one)."""
         rows = await self.pool.fetch(Q["handed_out_by_result"], task_id, lease_token, worker_id)
-        return bool(rows), [Task.from_row(row) for row in rows if row["id"] is not None]
+        recorded = rows[0]["recorded"] if rows else None
+        return recorded, [Task.from_row(row) for row in rows if row["id"] is not None]
 
     async def claimed_first_task_of(self, run_id: uuid.UUID, worker_id: str) -> list[Task]:
         """Run ``run_id``'s first workflow task, if it is claimed for ``worker_id``."""

@@ -31,6 +31,7 @@ from typing import Any, TypeVar, cast
 
 import attrs
 import trio
+from outcome import acapture
 
 from everruns._aio import open_aio_loop
 from everruns._aio.grpc import RpcChannel, client_tls_from_env, error_for_status, open_channel
@@ -161,6 +162,13 @@ def _history_events(history: Sequence[Any]) -> list[HistoryEvent]:
         )
         for e in history
     ]
+
+
+_FINAL_REPORT_TRIES = 2
+"""Tries of a report made while the worker stops (shielded, within `FINAL_REPORT_BUDGET`): a
+control plane that does not answer twice is most likely stopping too (an app that embeds both
+cancels both); it releases the task itself when it sees the worker's connection drop. Before,
+the report backed off for the whole 5 s budget against a closed port."""
 
 
 def _ours(exc: BaseException) -> bool:
@@ -595,18 +603,21 @@ class Worker:
         *,
         what: str,
         budget: float = RPC_TIMEOUT,
+        tries: int | None = None,
     ) -> Reply:
-        """Call until the control plane gives a verdict, backing off while it cannot.
+        """Call until the control plane gives a verdict, backing off while it cannot (at most
+        ``tries`` times, when given).
 
         Raises:
             FailedPrecondition, NotFound, InvalidArgument, RpcError: a non-transient verdict.
+            ServerUnavailable...: still transient after ``tries`` tries.
         """
         backoff = Backoff(rng=self._rng)
         while True:
             try:
                 reply = await self._call(method, request, what=what, budget=budget)
             except (RpcError, ResourceExhausted, ConcurrencyConflict) as exc:
-                if not is_transient(exc):
+                if not is_transient(exc) or (tries is not None and backoff.failures + 1 >= tries):
                     raise
                 delay = backoff.next_delay()
                 self._log_retry(what, exc, delay)
@@ -986,9 +997,8 @@ class Worker:
             if definition.is_async:
                 value = await definition.fn(ctx, args)
             else:
-                value = await trio.to_thread.run_sync(
-                    functools.partial(definition.fn, ctx, args), limiter=self._sync_limiter
-                )
+                assert ctx is not None
+                value = await self._run_sync_activity(definition, ctx, args)
         except BaseException as exc:
             # Any error of the activity's own fails this attempt, not the worker, which would
             # crash each worker the task went to next: SystemExit (a script's sys.exit()),
@@ -1005,6 +1015,35 @@ class Worker:
         except PayloadError as exc:
             return _Failed(error_from_exception(exc, non_retryable=True), True)
         return _Completed(result)
+
+    async def _run_sync_activity(
+        self, definition: ActivityDefinition, ctx: ActivityContext, args: Any
+    ) -> Any:
+        """Run a sync activity in a thread. Trio cannot interrupt the thread, so a
+        cancellation of the worker's own (the host app cancelling `Worker.run`) is passed on
+        as ``ctx.cancel_requested``, as a cancel request or a lease lost are; the activity
+        returns when it sees it, and the cancellation goes on."""
+        done = False
+
+        async def tell_on_cancel() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                if not done:
+                    ctx._mark_cancel_requested()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(tell_on_cancel)
+            try:
+                ran = await acapture(
+                    trio.to_thread.run_sync,
+                    functools.partial(definition.fn, ctx, args),
+                    limiter=self._sync_limiter,
+                )
+            finally:
+                done = True
+                nursery.cancel_scope.cancel()
+        return ran.unwrap()
 
     def _beat_interval(self, task: Any) -> float:
         # The control plane announces the period it needs (it releases tasks after a few
@@ -1369,6 +1408,7 @@ class Worker:
                         result=outcome.result,
                     ),
                     what="CompleteActivityTask",
+                    tries=_FINAL_REPORT_TRIES,
                 )
                 return
             cancelled = outcome is None and handle.cancel_reason is not None
@@ -1407,6 +1447,7 @@ class Worker:
                     release=release,
                 ),
                 what="FailActivityTask",
+                tries=_FINAL_REPORT_TRIES,
             )
             if release:
                 self._released += 1
