@@ -630,3 +630,35 @@ def attrs_evolve(cfg: Any, port: int) -> Any:
     import attrs
 
     return attrs.evolve(cfg, port=port)
+
+
+def test_cancelling_a_worker_whose_cancellation_stream_is_not_open_yet_stops_it(
+    db: Db, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker waits, after registering, for its cancellation stream's first message before
+    it claims. Cancelled during that wait, it left the stream's loop running: the loop is
+    shielded (it closes only after the goodbye), and only the code after the wait cancelled
+    it, so the worker's nursery waited for it for ever, reconnecting (a fresh-clone CI run
+    hung here, on test_cancel_right_after_readiness). Here the stream never opens, and its
+    loop gives up after 5 s by itself: stopping must not wait for that."""
+    from everruns.worker import runtime
+
+    async def never_opens(self: Any) -> None:
+        for _ in range(100):  # reconnecting, shielded; gives up after 5 s on its own
+            await trio.sleep(0.05)
+
+    monkeypatch.setattr(runtime.Worker, "_follow_cancellations", never_opens)
+    monkeypatch.setattr(runtime, "STREAM_OPEN_WAIT", 30.0)
+    reg, _ = make_registry()
+
+    async def main() -> Any:
+        async with trio.open_nursery() as nursery:
+            info = await nursery.start(everruns.serve, config(db))
+            nursery.start_soon(Worker(reg, address=info.address).run)
+            await trio.sleep(0.5)  # registered, waiting for its stream
+            began = trio.current_time()
+            nursery.cancel_scope.cancel()
+        return trio.current_time() - began
+
+    took = run(main)
+    assert took < 3, f"stopping took {took:.1f} s"

@@ -541,11 +541,18 @@ class Worker:
                 # goodbye below: its drop is what makes the control plane mark us lost.
                 stream_scope = trio.CancelScope(shield=True)
                 services.start_soon(self._cancellation_loop, stream_scope)
-                # Claim only once the control plane follows the worker's connection (its first
-                # message on the stream): a worker that dies right after its first claim then
-                # has its tasks released at once, not by the stale-heartbeat rule 30 s later.
-                with trio.move_on_after(STREAM_OPEN_WAIT):
-                    await self._stream_open.wait()
+                try:
+                    # Claim only once the control plane follows the worker's connection (its
+                    # first message on the stream): a worker that dies right after its first
+                    # claim then has its tasks released at once, not by the stale-heartbeat
+                    # rule 30 s later.
+                    with trio.move_on_after(STREAM_OPEN_WAIT):
+                        await self._stream_open.wait()
+                except BaseException:
+                    # Stopped before it claimed anything: the shielded stream goes too (left
+                    # open, it kept reconnecting, and the services nursery waited for ever).
+                    stream_scope.cancel()
+                    raise
                 try:
                     with trio.CancelScope() as tasks_scope:
                         async with trio.open_nursery() as tasks:
