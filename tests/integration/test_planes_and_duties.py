@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -22,6 +24,13 @@ from tests.e2e.harness import wait_until
 from tests.integration.test_engine import Plane, plane
 
 pytestmark = pytest.mark.db
+
+
+@asynccontextmanager
+async def three_planes(database_url: str) -> AsyncIterator[tuple[Plane, Plane, Plane]]:
+    """Three control planes on one database."""
+    async with plane(database_url) as a, plane(database_url) as b, plane(database_url) as c:
+        yield a, b, c
 
 
 async def sleeper(ctx: Any, input: Any) -> Any:
@@ -101,11 +110,7 @@ async def test_timers_fire_exactly_once_and_on_time_across_three_planes(
 ) -> None:
     n_runs = 30
     with trio.fail_after(30):
-        async with (
-            plane(database_url) as a,
-            plane(database_url) as b,
-            plane(database_url) as c,
-        ):
+        async with three_planes(database_url) as (a, b, c):
             await a.register(workflow_types=["sleeper"])
             for i in range(n_runs):
                 await (a, b, c)[i % 3].start("sleeper", 1.0, wid=f"s{i}")
@@ -243,11 +248,7 @@ async def test_runbook_requeue_is_applied_once_across_three_planes(
     database_url: str, pool: pg.Pool
 ) -> None:
     with trio.fail_after(25):
-        async with (
-            plane(database_url) as a,
-            plane(database_url) as b,
-            plane(database_url) as c,
-        ):
+        async with three_planes(database_url) as (a, b, c):
             for i in range(4):
                 await a.start("caught", i, wid=f"c{i}")
             decided = 0
@@ -402,11 +403,7 @@ async def test_schedule_to_start_timeouts_are_enforced_once_across_three_planes(
 ) -> None:
     runs = 6
     with trio.fail_after(30):
-        async with (
-            plane(database_url) as a,
-            plane(database_url) as b,
-            plane(database_url) as c,
-        ):
+        async with three_planes(database_url) as (a, b, c):
             for i in range(runs):
                 await (a, b, c)[i % 3].start("unstarted", i, wid=f"u{i}")
             decided = 0
