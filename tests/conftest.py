@@ -12,6 +12,7 @@ import functools
 import itertools
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -44,6 +45,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     plain = [i for i in items if i not in aio]
     automark(plain, run=trio.run)
     automark(aio, run=_run_with_aio)
+
+
+@pytest.fixture(autouse=True)
+def _sigint_handler_left_as_found() -> Iterator[None]:
+    """A test that leaves SIGINT's handler changed (a Trio run that did not restore its own,
+    say) fails here, and the handler is put back: a later ``trio.run`` installs its Ctrl-C
+    handling only over Python's default handler, and tests of Ctrl-C would fail far from the
+    cause."""
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    after = signal.getsignal(signal.SIGINT)
+    if after is not before:
+        signal.signal(signal.SIGINT, before)
+        pytest.fail(f"the test left SIGINT's handler changed: {after!r} instead of {before!r}")
 
 
 def with_database(url: str, database: str) -> str:
