@@ -74,7 +74,7 @@ against 127-145 ms for one of 1,000)."""
 START_STATEMENTS_AT_ONCE = 4
 _NONE_STARTED: Mapping[str, uuid.UUID] = {}  # no activities started ahead
 _START_SEQUENCE = 1  # the sequence number of a run's first event, its start
-_RELEASE_ROUNDS = 3  # looks at a lost worker's tasks (`release_worker`)
+_RELEASE_ROUNDS = 4  # looks at a lost worker's tasks, at most (`release_worker`)
 _GIVE_BACK_SECONDS = 5.0  # bounded cleanup: tasks handed to a poll that left go back
 
 # Events after a workflow task's view of the history that make its commands stale: new input
@@ -1570,7 +1570,9 @@ class Engine:
         worker still being applied when its connection dropped either rolls back (its tasks
         are then waited for and released here) or commits tasks claimed for the worker after
         this looked: so it looks again, until a look finds nothing (a few rounds at most:
-        nothing new is claimed for a worker whose connection is gone)."""
+        nothing new is claimed for a worker whose connection is gone). The first look's
+        "nothing" is not trusted: a look that waited for such a call's rows re-checks those
+        rows alone, and misses the tasks the call's commit claimed for the worker."""
         released = 0
         for round_ in range(_RELEASE_ROUNDS):
             async with self.store.transaction() as conn:
@@ -1590,7 +1592,7 @@ class Engine:
                             _attempt_events(outcome, failed),
                             wake=not outcome.will_retry,
                         )
-            if not tasks:
+            if not tasks and round_ > 0:
                 break
             released += len(tasks)
         if released:
