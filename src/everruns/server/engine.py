@@ -1561,9 +1561,20 @@ class Engine:
 
     # ------------------------------------------------------------------ liveness
 
-    async def release_worker(self, worker_id: str, reason: str) -> int:
-        """Mark a worker lost and release every task it holds (its connection dropped);
-        return how many.
+    async def release_worker(
+        self, worker_id: str, reason: str, *, registered_at: datetime | None = None
+    ) -> int:
+        """Release the tasks of a worker incarnation whose connection dropped; return how many.
+
+        ``registered_at`` names the incarnation (the ``started_at`` of the registration its
+        connection belongs to; None: the worker's current one). While it is still the
+        worker's current registration, the worker is marked lost and every task it holds is
+        released. If the worker registered again since (a new process with the same
+        WORKER_ID, perhaps on another control plane), the worker is left as it is and only the
+        tasks claimed before that newer registration are released: they belong to
+        incarnations that are gone, and the others to the live one. The worker's row is
+        locked while a look decides, so a registration lands either before the look (and is
+        taken into account) or after it.
 
         The mark and the first release are one transaction: whoever sees the worker lost
         sees its tasks released, and whoever gets its tasks next sees it lost. A call of that
@@ -1576,9 +1587,13 @@ class Engine:
         released = 0
         for round_ in range(_RELEASE_ROUNDS):
             async with self.store.transaction() as conn:
-                if round_ == 0:
+                current = await self.store.lock_worker_registration(conn, worker_id)
+                superseded = registered_at is not None and current not in (None, registered_at)
+                if round_ == 0 and not superseded:
                     await self.store.stop_worker(worker_id, lost=True, conn=conn)
-                tasks = await self.store.tasks_held_by(conn, worker_id)
+                tasks = await self.store.tasks_held_by(
+                    conn, worker_id, claimed_before=current if superseded else None
+                )
                 for task in tasks:
                     error = {"type": "WorkerLost", "message": reason, "non_retryable": False}
                     outcome = await self.store.release_task(conn, task, error)

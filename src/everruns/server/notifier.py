@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 import trio
@@ -95,7 +96,8 @@ class Notifier:
         self._epoch = 0
         self._quiet: dict[str, tuple[int, int, float]] = {}
         self._runs: dict[str, list[Any]] = {}  # run id -> [event, waiters]
-        self._cancels: dict[str, set[trio.MemorySendChannel[CancelNotice]]] = {}
+        # worker id -> its cancellation streams here -> the registration each belongs to
+        self._cancels: dict[str, dict[trio.MemorySendChannel[CancelNotice], datetime]] = {}
         self._due = trio.Event()
         # When the due-scanner will next look by itself (None while it is scanning), and the
         # earliest deadline made while it scans: the scan may have read the tables before it
@@ -263,23 +265,26 @@ class Notifier:
 
     @contextmanager
     def subscribe_cancellations(
-        self, worker_id: str
+        self, worker_id: str, registered_at: datetime
     ) -> Iterator[trio.MemoryReceiveChannel[CancelNotice]]:
-        """Receive the cancellation requests for tasks held by ``worker_id``."""
+        """Receive the cancellation requests for tasks held by ``worker_id``, on a stream of
+        the incarnation registered at ``registered_at``."""
         send, receive = trio.open_memory_channel[CancelNotice](256)
-        self._cancels.setdefault(worker_id, set()).add(send)
+        self._cancels.setdefault(worker_id, {})[send] = registered_at
         try:
             yield receive
         finally:
             subscribers = self._cancels.get(worker_id)
             if subscribers is not None:
-                subscribers.discard(send)
+                subscribers.pop(send, None)
                 if not subscribers:
                     del self._cancels[worker_id]
             send.close()
 
-    def has_cancel_stream(self, worker_id: str) -> bool:
-        return bool(self._cancels.get(worker_id))
+    def has_cancel_stream(self, worker_id: str, registered_at: datetime) -> bool:
+        """Whether a cancellation stream of this incarnation of the worker is open here (a
+        stream of another incarnation does not count: its connection is another process's)."""
+        return registered_at in self._cancels.get(worker_id, {}).values()
 
     def _cancel(self, worker_id: str, task_id: str, lease_token: int) -> None:
         for send in list(self._cancels.get(worker_id, ())):

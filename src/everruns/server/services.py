@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from itertools import repeat
 from typing import Any
 
@@ -389,10 +389,19 @@ class WorkerService:
         send: Callable[[pb.Cancellation], Awaitable[None]],
     ) -> None:
         """Push cancellations of the worker's tasks; when the worker's connection drops (and
-        this control plane is not itself shutting down), release the tasks it held."""
+        this control plane is not itself shutting down), release the tasks it held.
+
+        The stream belongs to the worker's registration current when it opens (a worker
+        registers, then opens its stream): its incarnation. Its drop releases nothing while
+        another stream of the same incarnation is open here (a live worker reconnected);
+        otherwise it releases that incarnation's tasks, and marks the worker lost only if no
+        newer registration of it exists (`Engine.release_worker`)."""
         worker_id = check_worker_id(request.worker_id)
+        registered_at = await self.store.worker_registered_at(worker_id)
+        if registered_at is None:
+            registered_at = BEFORE_ANY_REGISTRATION
         try:
-            with self.engine.notifier.subscribe_cancellations(worker_id) as notices:
+            with self.engine.notifier.subscribe_cancellations(worker_id, registered_at) as notices:
                 await send(pb.Cancellation(keepalive=True))
                 while True:
                     with trio.move_on_after(_CANCEL_KEEPALIVE) as idle:
@@ -407,12 +416,19 @@ class WorkerService:
                         )
         finally:
             if not self._shutting_down.is_set() and not self.engine.notifier.has_cancel_stream(
-                worker_id
+                worker_id, registered_at
             ):
                 with trio.move_on_after(10, shield=True):
                     await self.engine.release_worker(
-                        worker_id, f"connection of worker {worker_id} dropped"
+                        worker_id,
+                        f"connection of worker {worker_id} dropped",
+                        registered_at=registered_at,
                     )
+
+
+BEFORE_ANY_REGISTRATION = datetime.min.replace(tzinfo=UTC)
+"""The incarnation of a cancellation stream opened before its worker ever registered: older
+than any registration of it."""
 
 
 MAX_CANCEL_REASON = 4000

@@ -249,11 +249,13 @@ LIMIT $2
 FOR UPDATE SKIP LOCKED;
 
 -- name: find_tasks_of_worker
--- Claimed tasks held by one worker (its connection dropped or it shut down), locked. A task
--- another transaction holds (a call of that worker still being applied or rolled back) is
--- waited for, not skipped: skipped, it would stay with a worker that is gone.
+-- Claimed tasks held by one worker (its connection dropped or it shut down), locked; with $2,
+-- only those claimed before $2 (a later registration of the worker: the tasks of incarnations
+-- that are gone). A task another transaction holds (a call of that worker still being applied
+-- or rolled back) is waited for, not skipped: skipped, it would stay with a worker that is gone.
 SELECT * FROM durable_task_queue
 WHERE status = 'claimed' AND claimed_by = $1
+  AND ($2::timestamptz IS NULL OR claimed_at < $2)
 ORDER BY id
 FOR UPDATE;
 
@@ -324,6 +326,14 @@ UPDATE durable_workers
 SET last_heartbeat_at = now(), current_load = $2, status = $3, stopped_at = NULL
 WHERE id = $1 AND status IN ('active', 'draining', 'lost')
 RETURNING *;
+
+-- name: worker_registered_at
+-- When a worker's current registration (its incarnation) was made; no row: never registered.
+SELECT started_at FROM durable_workers WHERE id = $1;
+
+-- name: lock_worker_registration
+-- The same, the worker's row locked: no registration lands until the transaction ends.
+SELECT started_at FROM durable_workers WHERE id = $1 FOR UPDATE;
 
 -- name: stop_worker
 -- A worker leaves: stopped (clean exit) or lost (connection gone, heartbeats missed).

@@ -1021,9 +1021,13 @@ class Store:
             )
         return outcomes
 
-    async def tasks_held_by(self, conn: Connection, worker_id: str) -> list[Task]:
-        """Lock and return every task a worker holds."""
-        return [Task.from_row(r) for r in await conn.fetch(Q["find_tasks_of_worker"], worker_id)]
+    async def tasks_held_by(
+        self, conn: Connection, worker_id: str, *, claimed_before: datetime | None = None
+    ) -> list[Task]:
+        """Lock and return every task a worker holds (with ``claimed_before``, only those
+        claimed before then)."""
+        rows = await conn.fetch(Q["find_tasks_of_worker"], worker_id, claimed_before)
+        return [Task.from_row(r) for r in rows]
 
     async def count_pending(self, conn: Connection | None = None) -> int:
         """How many tasks wait in the queue."""
@@ -1293,6 +1297,22 @@ class Store:
             raise ValueError(f"a live worker is active or draining, not {status!r}")
         row = await self.pool.fetchrow(Q["heartbeat_worker"], worker_id, current_load, status)
         return None if row is None else WorkerRecord.from_row(row)
+
+    async def worker_registered_at(self, worker_id: str) -> datetime | None:
+        """When the worker's current registration was made (``started_at``), which names its
+        incarnation; None if it never registered."""
+        registered_at: datetime | None = await self.pool.fetchval(
+            Q["worker_registered_at"], worker_id
+        )
+        return registered_at
+
+    async def lock_worker_registration(self, conn: Connection, worker_id: str) -> datetime | None:
+        """`worker_registered_at`, the worker's row locked until ``conn``'s transaction ends, so
+        that no registration of the worker lands meanwhile."""
+        registered_at: datetime | None = await conn.fetchval(
+            Q["lock_worker_registration"], worker_id
+        )
+        return registered_at
 
     async def stop_worker(
         self, worker_id: str, *, lost: bool = False, conn: Connection | None = None
