@@ -70,7 +70,16 @@ def test_huge_messages_and_broken_str_are_bounded() -> None:
             raise RuntimeError("boom")
 
     error = error_from_exception(Broken())
-    assert "str() of the exception failed" in error["message"]
+    assert error["message"] == "<unprintable Broken: RuntimeError: boom>"
+
+    class Exits(Exception):
+        # Any exception __str__ raises, a BaseException too, fails the attempt, not the worker.
+        def __str__(self) -> str:
+            raise SystemExit(3)
+
+    error = error_from_exception(Exits())
+    assert error["message"] == "<unprintable Exits: SystemExit: 3>"
+    assert error["type"].endswith("Exits")
 
 
 @given(st.integers(min_value=1, max_value=100_000), st.floats(min_value=0, max_value=0.999))

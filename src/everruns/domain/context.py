@@ -156,9 +156,11 @@ def _wait(ctx: WorkflowContext, future: _Future) -> Generator[Any, Any, Any]:
     if future.done():
         return future.result()
     if ctx._closing:
-        raise GeneratorExit
+        ctx._check_open()  # unwinds the coroutine being closed, until the bound is spent
     # A ctx of a finished replay still yields: the running driver sees a foreign request and
-    # reports it as an IllegalAwait.
+    # reports it as an IllegalAwait. So does a ctx being closed once it has refused
+    # `_MAX_REFUSALS` times: `coroutine.close()` then ends (the driver swallows its
+    # "coroutine ignored GeneratorExit") instead of spinning in a loop that catches everything.
     return (yield _Wait(ctx, future))
 
 
@@ -248,6 +250,13 @@ class _Pending:
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
+# How many times a ctx that is being closed, or was closed, refuses an operation by raising
+# (GeneratorExit while its replay's coroutines are closed, IllegalAwait after): enough for any
+# unwinding `finally:` and for every misuse to be reported, few enough that workflow code that
+# catches everything in a loop (a bare ``except:``) cannot spin for ever. Past it, operations
+# issue nothing and their awaits yield, so the loop stops at its next await.
+_MAX_REFUSALS = 1000
+
 
 def _check_seconds(what: str, value: float, *, allow_zero: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -287,6 +296,7 @@ class WorkflowContext:
         self._cancel_requested = False
         self._closing = False
         self._closed = False
+        self._refusals = 0  # see `_MAX_REFUSALS`
         self._counter = 0
         self._commands: list[Command] = []
         self._pending: dict[str, _Pending] = {}
@@ -516,7 +526,7 @@ class WorkflowContext:
         try:
             await _Blocker(self, fired)
         except Exception:
-            if not fired.done() and not self._closing:
+            if not fired.done() and self._is_open():
                 self._cancel_timer(timer_id)
             raise
 
@@ -583,7 +593,7 @@ class WorkflowContext:
             try:
                 winner = await _Blocker(self, first)
             except Exception:
-                if not fired.done() and not self._closing:
+                if not fired.done() and self._is_open():
                     self._cancel_timer(timer_id)
                 raise
             if winner is fired:
@@ -656,16 +666,23 @@ class WorkflowContext:
 
     # ------------------------------------------------------------- driver side (replay only)
 
+    def _is_open(self) -> bool:
+        return not (self._closing or self._closed)
+
     def _check_open(self) -> None:
         # After replay has produced its result, leftover coroutines are closed; a `finally:`
         # that tries to issue or wait must unwind instead of adding commands nobody will read.
+        # The refusals are bounded (`_MAX_REFUSALS`): code that catches them and carries on in
+        # a loop must reach an await that yields, or closing it would never return.
+        if self._is_open() or self._refusals >= _MAX_REFUSALS:
+            return
+        self._refusals += 1
         if self._closing:
             raise GeneratorExit
-        if self._closed:
-            raise IllegalAwait(
-                f"the ctx of {self._info.describe()} was used after its replay ended; use only "
-                "the ctx passed to the running workflow function (do not keep it in globals)"
-            )
+        raise IllegalAwait(
+            f"the ctx of {self._info.describe()} was used after its replay ended; use only "
+            "the ctx passed to the running workflow function (do not keep it in globals)"
+        )
 
     def _next_id(self) -> str:
         self._counter += 1
@@ -678,7 +695,8 @@ class WorkflowContext:
 
     def _emit(self, command: Command) -> None:
         self._check_open()
-        self._commands.append(command)
+        if self._is_open():  # a closing or closed replay's commands are read by nobody
+            self._commands.append(command)
 
     def _take_commands(self) -> list[Command]:
         taken, self._commands = self._commands, []

@@ -59,6 +59,7 @@ __all__ = [
     "child_workflow_failed",
     "child_workflow_started",
     "error_info",
+    "exception_text",
     "format_time",
     "parse_time",
     "signal_received",
@@ -258,6 +259,31 @@ def parse_time(text: str) -> datetime:
     if value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value.astimezone(UTC)
+
+
+def exception_text(exc: BaseException) -> str:
+    """Return ``str(exc)``, or a placeholder when the exception's own ``__str__`` raises.
+
+    Exceptions come from user code, and a broken ``__str__`` (an attribute it reads never set)
+    must not turn the failure being reported into another one. Any exception ``__str__``
+    raises gives ``<unprintable TypeName: ErrorType: message>``, as any exception workflow code
+    raises is its failure; only the operator's KeyboardInterrupt propagates.
+
+    Returns:
+        The exception's message, or the placeholder.
+    """
+    try:
+        return str(exc)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as bad:
+        try:
+            why = f"{type(bad).__name__}: {bad}"
+        except KeyboardInterrupt:
+            raise
+        except BaseException:
+            why = type(bad).__name__
+        return f"<unprintable {type(exc).__name__}: {why}>"
 
 
 def error_info(

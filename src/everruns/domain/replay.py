@@ -140,6 +140,11 @@ class _Driver:
         except BaseException:
             coro.close()
             raise
+        if not self.ctx._is_open():
+            # Closing (or closed) and past its refusals: the coroutine never runs, and what
+            # awaits it yields a wait nothing answers (see `_check_open`).
+            _close_quietly(coro)
+            return _Future()
         task = _Task(len(self.tasks), coro)
         self.tasks.append(task)
         heapq.heappush(self.ready, task.index)
@@ -307,7 +312,7 @@ def _format_traceback(exc: BaseException) -> str:
                 code = tb.tb_frame.f_code
                 lines.append(f'  File "{code.co_filename}", line {tb.tb_lineno}, in {code.co_name}')
             tb = tb.tb_next
-        lines.append(f"{_type_name(item)}: {item}")
+        lines.append(f"{_type_name(item)}: {h.exception_text(item)}")
         blocks.append("\n".join(lines))
     text = "\n\nThe above exception was the direct cause of the following exception:\n\n".join(
         blocks
@@ -324,7 +329,10 @@ def error_from_exception(exc: BaseException) -> dict[str, Any]:
         qualified name otherwise.
     """
     return h.error_info(
-        _type_name(exc), str(exc), traceback=_format_traceback(exc), non_retryable=True
+        _type_name(exc),
+        h.exception_text(exc),
+        traceback=_format_traceback(exc),
+        non_retryable=True,
     )
 
 
@@ -416,16 +424,16 @@ def _illegal_call(info: WorkflowInfo, exc: BaseException) -> IllegalAwait | None
             where = f" in {_describe_frame(previous)}" if previous is not None else ""
             return IllegalAwait(
                 f"{info.describe()} called {what}{where}, which needs a running event loop "
-                f"({exc}): workflow code runs in everruns' deterministic replay driver and may "
-                f"await only what ctx gives it. {_advice(what)}"
+                f"({h.exception_text(exc)}): workflow code runs in everruns' deterministic "
+                f"replay driver and may await only what ctx gives it. {_advice(what)}"
             )
         previous = frame
         tb = tb.tb_next
     if refused or foreign:
         return IllegalAwait(
-            f"{info.describe()} raised {_type_name(exc)} ({exc}), which only an event loop "
-            "raises: workflow code runs in everruns' deterministic replay driver and may await "
-            f"only what ctx gives it. {_advice('')}"
+            f"{info.describe()} raised {_type_name(exc)} ({h.exception_text(exc)}), which only "
+            "an event loop raises: workflow code runs in everruns' deterministic replay driver "
+            f"and may await only what ctx gives it. {_advice('')}"
         )
     return None
 

@@ -57,14 +57,17 @@ WHERE id = $1 AND completed_at IS NULL
 RETURNING *;
 
 -- name: end_run
--- Record a run's end: status completed/failed/cancelled with its result or error.
+-- Record a run's end: status completed/failed/cancelled with its result or error (an ended run
+-- is not stuck).
 UPDATE durable_workflow_instances
-SET status = $2, result = $3::json, error = $4::json, completed_at = now(), updated_at = now()
+SET status = $2, result = $3::json, error = $4::json, completed_at = now(), updated_at = now(),
+    stuck_reason = NULL
 WHERE id = $1 AND completed_at IS NULL
 RETURNING *;
 
 -- name: set_run_stuck
--- Mark an open run as stuck (non-determinism): it stays visible and is not retried.
+-- Mark an open run as stuck (non-determinism): it stays visible and is not retried. Applying a
+-- workflow task's decision, or ending the run, clears the mark.
 UPDATE durable_workflow_instances SET stuck_reason = $2, updated_at = now()
 WHERE id = $1 AND completed_at IS NULL;
 
@@ -678,7 +681,9 @@ WITH req AS (
         result = CASE WHEN gate.end_status = 'completed' THEN gate.end_result::json
                       ELSE r.result END,
         error = CASE WHEN gate.end_status = 'failed' THEN gate.end_error::json ELSE r.error END,
-        completed_at = CASE WHEN gate.end_status IS NULL THEN r.completed_at ELSE now() END
+        completed_at = CASE WHEN gate.end_status IS NULL THEN r.completed_at ELSE now() END,
+        -- A decision applied: the run replays again (if it was stuck, it recovered).
+        stuck_reason = CASE WHEN gate.no IS NULL THEN r.stuck_reason END
     FROM locked LEFT JOIN gate ON gate.run_id = locked.id
     WHERE r.id = locked.id AND r.completed_at IS NULL
     RETURNING r.id, r.workflow_id, r.workflow_type, gate.no AS decided_no,
@@ -948,7 +953,8 @@ FOR UPDATE;
 -- unless their breaker is not closed; the others wake claimers with one NOTIFY per type),
 -- append its events, close the task, mark the run's signals processed, end the run if asked (a
 -- NOTIFY on everruns_runs; with $26, only a run with no parent, no other open task and no open
--- child), and make a run still pending (its claim could not mark it) running.
+-- child), make a run still pending (its claim could not mark it) running, and clear the run's
+-- stuck mark (it replays again).
 -- Tasks, in parallel arrays numbered from 1 by position: $1 ids, $2 leases, $3 expected history
 -- ends, $4 event counts, $5-$7 the run end (status, result JSON, error JSON). Events, flattened:
 -- $8 task number, $9 position within its task (from 1), $10 types, $11 JSON texts. Activities,
@@ -1028,7 +1034,8 @@ WITH req AS (
         started_at = coalesce(r.started_at, now()),
         result = CASE WHEN ok.end_status = 'completed' THEN ok.end_result::json ELSE r.result END,
         error = CASE WHEN ok.end_status = 'failed' THEN ok.end_error::json ELSE r.error END,
-        completed_at = CASE WHEN ok.end_status IS NULL THEN r.completed_at ELSE now() END
+        completed_at = CASE WHEN ok.end_status IS NULL THEN r.completed_at ELSE now() END,
+        stuck_reason = NULL  -- a decision applied: the run replays again (it recovered)
     FROM ok WHERE r.id = ok.id
     RETURNING r.id
 ), events AS (

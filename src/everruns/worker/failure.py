@@ -11,7 +11,7 @@ from __future__ import annotations
 import traceback
 from typing import Any
 
-from everruns.domain.history import error_info
+from everruns.domain.history import error_info, exception_text
 from everruns.errors import NonRetryableError
 
 __all__ = [
@@ -43,11 +43,8 @@ def _bounded(text: str, limit: int, *, keep_end: bool = False) -> str:
 
 
 def _message(exc: BaseException) -> str:
-    try:
-        text = str(exc)
-    except Exception as bad:  # a broken __str__ must not hide the original failure
-        text = f"<str() of the exception failed: {type(bad).__name__}>"
-    return _bounded(text, MAX_MESSAGE_CHARS)
+    # A broken __str__ must not hide the original failure (nor fail the worker).
+    return _bounded(exception_text(exc), MAX_MESSAGE_CHARS)
 
 
 def short_traceback(exc: BaseException, *, frames: int = TRACEBACK_FRAMES) -> str:

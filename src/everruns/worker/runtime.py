@@ -44,7 +44,7 @@ from everruns.domain.commands import (
     ScheduleActivity,
 )
 from everruns.domain.context import WorkflowInfo
-from everruns.domain.history import HistoryEvent
+from everruns.domain.history import HistoryEvent, exception_text
 from everruns.domain.registry import ActivityDefinition, Registry, default_registry
 from everruns.domain.replay import FollowUp, Replayer
 from everruns.domain.retry import RetryPolicy
@@ -1014,7 +1014,7 @@ class Worker:
             # cancel request, or the worker stopping) nor a KeyboardInterrupt.
             if _ours(exc):
                 raise
-            log.info("%s failed: %s: %s", handle.describe(), type_name(exc), exc)
+            log.info("%s failed: %s: %s", handle.describe(), type_name(exc), exception_text(exc))
             error = error_from_exception(exc)
             return _Failed(error, bool(error["non_retryable"]))
         try:
