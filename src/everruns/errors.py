@@ -198,3 +198,8 @@ class NonRetryableError(EverrunsError):
 WORKER_SHUTDOWN_ERROR = "everruns.WorkerShutdown"
 """The error type of an activity attempt a stopping worker gives back when its grace period
 ends: the control plane sends the task to another worker without charging the attempt."""
+
+NOT_SERVED_ERROR = "everruns.NotServed"
+"""The error type of a task a worker gives back because it does not serve its type (handed to
+it by a control plane that remembered an older registration): the control plane puts it back
+in the queue for another worker, without charging the attempt or failing the run."""

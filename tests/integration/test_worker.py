@@ -24,7 +24,13 @@ from everruns._proto.everruns import v1 as pb
 from everruns.domain import history, payload
 from everruns.domain.registry import Registry, activity, workflow
 from everruns.domain.retry import RetryPolicy
-from everruns.errors import DatabaseUnavailable, NonRetryableError, ResourceExhausted, StaleLease
+from everruns.errors import (
+    NOT_SERVED_ERROR,
+    DatabaseUnavailable,
+    NonRetryableError,
+    ResourceExhausted,
+    StaleLease,
+)
 from everruns.server import ServerConfig, serve
 from everruns.worker import ActivityContext, Worker
 from everruns.worker.runtime import INLINE_REPLAY_EVENTS
@@ -333,10 +339,13 @@ async def test_failures_are_reported_with_type_traceback_and_retryability() -> N
     assert errors["broken"]["type"] == "builtins.ValueError"
     assert errors["broken"]["message"] == "bad input 7"
     assert "in broken" in errors["broken"]["traceback"]
-    assert flags == {"broken": False, "fatal": True, "weird": True, "nobody": True}
+    assert flags == {"broken": False, "fatal": True, "weird": True, "nobody": False}
     assert errors["fatal"]["non_retryable"] is True
     assert "set" in errors["weird"]["message"]
+    # A type it does not serve is given back to the queue for another worker, not failed.
     assert "nobody" in errors["nobody"]["message"]
+    assert errors["nobody"]["type"] == NOT_SERVED_ERROR
+    assert [t.activity_type for t in tasks if by_id[t.task_id].release] == ["nobody"]
     assert not fake.completed
 
 

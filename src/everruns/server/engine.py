@@ -41,6 +41,7 @@ from everruns.domain.payload import decode, encode_text, json_error
 from everruns.domain.replay import continues_decision
 from everruns.domain.retry import RetryPolicy
 from everruns.errors import (
+    NOT_SERVED_ERROR,
     WORKER_SHUTDOWN_ERROR,
     DatabaseError,
     EverrunsError,
@@ -76,6 +77,11 @@ _NONE_STARTED: Mapping[str, uuid.UUID] = {}  # no activities started ahead
 _START_SEQUENCE = 1  # the sequence number of a run's first event, its start
 _RELEASE_ROUNDS = 4  # looks at a lost worker's tasks, at most (`release_worker`)
 _GIVE_BACK_SECONDS = 5.0  # bounded cleanup: tasks handed to a poll that left go back
+SERVED_FRESH_SECONDS = 10.0
+"""How long the control plane trusts what it remembers a worker serves (`Engine._served_by`)
+without reading its registration again: a safety net, since a registration on any control
+plane makes every other forget the worker at once (NOTIFY), and a lost LISTEN connection makes
+it forget every worker."""
 
 # Events after a workflow task's view of the history that make its commands stale: new input
 # for the code, or another workflow task's applied commands (two tasks of one run can be out at
@@ -193,7 +199,12 @@ class Engine:
         # The same question for workflow tasks handed out (`_breakers_closed`), asked on its
         # own clock so that it never delays what claims learn.
         self._unclosed_for_start_ahead = _UnclosedBreakers(self.store)
-        self._served: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
+        # What each worker serves, (activity types, workflow types, when read): it decides
+        # which tasks are handed to a worker unasked (eager dispatch, follow-up claims), so it
+        # must follow re-registrations made on other control planes (`_forget_served`).
+        self._served: dict[str, tuple[frozenset[str], frozenset[str], float]] = {}
+        self._served_epoch = 0  # bumped by every change: a read begun before is not kept
+        notifier.watch_registrations(self._forget_served)
         # With EVERRUNS_MAX_PENDING_TASKS, a start's count and its insert are one step: one
         # start at a time per control plane waits for the database's lock (`_within_capacity`),
         # the others here, holding no connection.
@@ -516,6 +527,7 @@ class Engine:
             return []
         keys = _claim_keys(workflow_types, activity_types)
         with self.notifier.claim_interest(keys, worker_id) as interest:
+            claimed: list[ClaimedTask] = []
             try:
                 with trio.move_on_after(max(0.0, wait_s)):
                     woken = False
@@ -529,16 +541,26 @@ class Engine:
                             woken=woken,
                         )
                         if claimed:
-                            return claimed
+                            break
                         if not interest.event.is_set():  # not poked while we were claiming
                             await interest.wait()
                         if interest.handed:
-                            return interest.take()
+                            break
                         woken = interest.woken_by is not None
                         interest.rearm()
-                if interest.reserved:  # a start is handing this poll its task: wait for it
-                    await interest.wait()
-                return interest.take()
+                if not claimed:
+                    if interest.reserved:  # a start is handing this poll its task: wait for it
+                        await interest.wait()
+                    claimed = interest.take()
+                # The claim is shielded (it finishes once begun), so the poll may have been
+                # cancelled meanwhile (its worker's connection dropped, say): no reply will
+                # carry these tasks, and `release_worker` may have looked already. They go
+                # back (below), not left claimed for a gone worker until the stale rule.
+                await trio.lowlevel.checkpoint_if_cancelled()
+                return claimed
+            except BaseException:
+                await self._give_back(claimed)
+                raise
             finally:
                 if interest.handed:  # handed over but not taken: this poll was cancelled
                     await self._give_back(interest.take())
@@ -798,7 +820,11 @@ class Engine:
             # only the guilty one is refused.
             applied = [(False, [])] * len(decisions)
         try:
-            return await self._complete_rest(worker_id, completions, plans, fast, applied, results)
+            done = await self._complete_rest(worker_id, completions, plans, fast, applied, results)
+            # Its statements commit whole even when the call is cancelled meanwhile (its
+            # worker gone): then no reply carries the activities claimed for the worker.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            return done
         except BaseException:
             # No reply carries the activities claimed for the worker (the call was cancelled,
             # or a general path failed): back to the queue, not left until their leases lapse.
@@ -1008,25 +1034,52 @@ class Engine:
     def note_worker(
         self, worker_id: str, activity_types: Sequence[str], workflow_types: Sequence[str]
     ) -> None:
-        """Remember what a worker serves (for eager dispatch)."""
-        self._served[worker_id] = (frozenset(activity_types), frozenset(workflow_types))
+        """Remember what a worker serves (for eager dispatch), as it registers here."""
+        self._served_epoch += 1
+        self._served[worker_id] = (
+            frozenset(activity_types),
+            frozenset(workflow_types),
+            trio.current_time(),
+        )
+
+    def _forget_served(self, worker_id: str | None) -> None:
+        """A worker (None: any worker) registered somewhere: read its types again when next
+        needed."""
+        self._served_epoch += 1
+        if worker_id is None:
+            self._served.clear()
+        else:
+            self._served.pop(worker_id, None)
 
     async def _served_by(self, worker_id: str) -> tuple[frozenset[str], frozenset[str]]:
-        served = self._served.get(worker_id)
-        if served is None:
+        """What a worker serves, ``(activity types, workflow types)``: remembered, read again
+        from its registration when forgotten or older than `SERVED_FRESH_SECONDS` (a failed
+        read keeps what was remembered). An unknown worker serves nothing."""
+        now = trio.current_time()
+        entry = self._served.get(worker_id)
+        if entry is not None and now - entry[2] < SERVED_FRESH_SECONDS:
+            return entry[0], entry[1]
+        epoch = self._served_epoch
+        try:
             record = await self.store.get_worker(worker_id)
-            if record is None:
-                return frozenset(), frozenset()
-            self.note_worker(worker_id, record.activity_types, record.workflow_types)
-            served = self._served[worker_id]
+        except DatabaseError:
+            if entry is None:
+                raise
+            return entry[0], entry[1]
+        if record is None:
+            served: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())
+        else:
+            served = (frozenset(record.activity_types), frozenset(record.workflow_types))
+        if self._served_epoch == epoch:  # no registration came in while it was read
+            self._served[worker_id] = (*served, now)
         return served
 
     async def activity_types_of(self, worker_id: str) -> frozenset[str]:
-        """The activity types a worker registered (cached; read once from the table)."""
+        """The activity types a worker registered (remembered: `_served_by`)."""
         return (await self._served_by(worker_id))[0]
 
     async def workflow_types_of(self, worker_id: str) -> frozenset[str]:
-        """The workflow types a worker registered (cached; read once from the table)."""
+        """The workflow types a worker registered (remembered: `_served_by`)."""
         return (await self._served_by(worker_id))[1]
 
     async def _apply(
@@ -1133,7 +1186,8 @@ class Engine:
         non_determinism: bool,
     ) -> None:
         """Record a workflow task the worker could not complete; the run is marked stuck and
-        is not retried in a loop (a new event gives it another try).
+        is not retried in a loop (a new event gives it another try). One the worker gives back
+        because it does not serve its type (`NOT_SERVED_ERROR`) goes back to the queue instead.
 
         A run whose cancellation was requested ends cancelled instead: its code cannot run to
         see the request (the stuck message tells the operator to cancel such a run)."""
@@ -1142,6 +1196,12 @@ class Engine:
         reason = f"{kind}: {error.get('message', '')}"
         async with self.store.transaction() as conn:
             task = await self.store.lock_leased(conn, task_id, lease_token)
+            if error.get("type") == NOT_SERVED_ERROR:
+                # Handed to a worker that does not serve its type: back to the queue for
+                # another (uncharged); the run is not to blame.
+                await self.store.release_task(conn, task, error, charge=False)
+                log.warning("worker %s gave back %s: %s", worker_id, task_id, reason)
+                return
             run = await self.store.lock_run(conn, task.run_id)
             await self.store.close_workflow_task(conn, task_id)
             if not run.is_open:
@@ -1314,7 +1374,7 @@ class Engine:
                 handed += await self._hand_out(again)
             room = max_new_tasks - len(handed)
             if not beside and claim_queued and room > 0 and (activity_types or workflow_types):
-                handed += await self._claim_unless_quiet(
+                late = await self._claim_unless_quiet(
                     None,
                     worker_id,
                     sorted(workflow_types),
@@ -1322,6 +1382,11 @@ class Engine:
                     room,
                     woken=False,
                 )
+                outstanding += late
+                handed += late
+            # The claims are shielded: a call cancelled meanwhile (its worker gone) has no
+            # reply to carry what they claimed, which goes back (below).
+            await trio.lowlevel.checkpoint_if_cancelled()
             return verdicts, handed, decided
         except BaseException:
             await self._give_back(outstanding or claimed)
@@ -1518,8 +1583,9 @@ class Engine:
             if release:
                 # A graceful stop's release (the worker's error type says so) is not charged:
                 # a task on its last attempt goes to another worker, not to the dead letters.
-                stopped = error.get("type") == WORKER_SHUTDOWN_ERROR
-                outcome = await self.store.release_task(conn, task, error, charge=not stopped)
+                # Nor is one the worker was handed but does not serve (our mistake, not its).
+                uncharged = error.get("type") in (WORKER_SHUTDOWN_ERROR, NOT_SERVED_ERROR)
+                outcome = await self.store.release_task(conn, task, error, charge=not uncharged)
             else:
                 outcome = await self.store._fail_locked(
                     conn, task, error, non_retryable=non_retryable

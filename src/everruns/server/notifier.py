@@ -2,7 +2,8 @@
 
 One LISTEN connection per control plane. Long-polling claims wait for "tasks changed", result
 long-polls wait for "this run changed", cancellation streams wait for "cancel this task of your
-worker", and the due-scanner waits for "a timer or delayed task was added". Notifications are
+worker", the due-scanner waits for "a timer or delayed task was added", and the engine's cache
+of what each worker serves forgets a worker that (re-)registered anywhere. Notifications are
 hints: every waiter re-reads the tables after waking, so a lost notification can only delay,
 never lose, work; when the LISTEN connection is lost and re-established, everyone is woken.
 """
@@ -10,7 +11,7 @@ never lose, work; when the LISTEN connection is lost and re-established, everyon
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -24,6 +25,7 @@ from everruns.store.store import (
     CHANNEL_RUNS,
     CHANNEL_TASKS,
     CHANNEL_TIMERS,
+    CHANNEL_WORKERS,
     STRAGGLING_AFTER_S,
 )
 
@@ -104,6 +106,9 @@ class Notifier:
         # was made, so its next look must come no later.
         self._due_scope: trio.CancelScope | None = None  # the scanner's sleep, while it sleeps
         self._made_while_scanning = float("inf")
+        # Called with a worker id when that worker (re-)registers on any control plane, with
+        # None when registrations may have been missed (the LISTEN connection was lost).
+        self._registration_watchers: list[Callable[[str | None], None]] = []
 
     # ---------------------------------------------------------------- tasks
     #
@@ -339,6 +344,17 @@ class Notifier:
                 self._due_scope = None
         self._due = trio.Event()
 
+    # ---------------------------------------------------------------- workers
+
+    def watch_registrations(self, watcher: Callable[[str | None], None]) -> None:
+        """Call ``watcher(worker_id)`` whenever a worker registers on any control plane, and
+        ``watcher(None)`` when some may have been missed (the LISTEN connection was lost)."""
+        self._registration_watchers.append(watcher)
+
+    def worker_registered(self, worker_id: str | None) -> None:
+        for watcher in self._registration_watchers:
+            watcher(worker_id)
+
     # ---------------------------------------------------------------- the listener
 
     def _dispatch(self, channel: str, payload: str) -> None:
@@ -361,10 +377,13 @@ class Notifier:
             task_id, _, lease = rest.partition("\t")
             if lease.isdigit():
                 self._cancel(worker_id, task_id, int(lease))
+        elif channel == CHANNEL_WORKERS:
+            self.worker_registered(payload)
 
     def _wake_everyone(self) -> None:
         self.poke_tasks()
         self.poke_due()
+        self.worker_registered(None)
         for run_id in list(self._runs):
             self.run_changed(run_id)
 
@@ -372,7 +391,7 @@ class Notifier:
         self, url: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """LISTEN until cancelled, reconnecting with backoff; ready once LISTEN is registered."""
-        channels = [CHANNEL_TASKS, CHANNEL_RUNS, CHANNEL_TIMERS, CHANNEL_CANCEL]
+        channels = [CHANNEL_TASKS, CHANNEL_RUNS, CHANNEL_TIMERS, CHANNEL_CANCEL, CHANNEL_WORKERS]
         started = False
         delay = 0.1
         while True:

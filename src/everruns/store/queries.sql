@@ -313,15 +313,20 @@ UPDATE durable_signals SET processed_at = now()
 WHERE id = ANY($1::bigint[]) AND processed_at IS NULL;
 
 -- name: upsert_worker
--- Register (or re-register) a worker as active.
-INSERT INTO durable_workers (id, status, activity_types, workflow_types, max_concurrency,
-                             current_load, host, pid, version, started_at, last_heartbeat_at)
-VALUES ($1, 'active', $2, $3, $4, 0, $5, $6, $7, now(), now())
-ON CONFLICT (id) DO UPDATE
-SET status = 'active', activity_types = $2, workflow_types = $3, max_concurrency = $4,
-    current_load = 0, host = $5, pid = $6, version = $7, started_at = now(),
-    last_heartbeat_at = now(), stopped_at = NULL
-RETURNING *;
+-- Register (or re-register) a worker as active; tell every control plane (its types may change).
+WITH registered AS (
+    INSERT INTO durable_workers (id, status, activity_types, workflow_types, max_concurrency,
+                                 current_load, host, pid, version, started_at, last_heartbeat_at)
+    VALUES ($1, 'active', $2, $3, $4, 0, $5, $6, $7, now(), now())
+    ON CONFLICT (id) DO UPDATE
+    SET status = 'active', activity_types = $2, workflow_types = $3, max_concurrency = $4,
+        current_load = 0, host = $5, pid = $6, version = $7, started_at = now(),
+        last_heartbeat_at = now(), stopped_at = NULL
+    RETURNING *
+), told AS (
+    SELECT pg_notify('everruns_workers', $1)
+)
+SELECT registered.* FROM registered, told;
 
 -- name: heartbeat_worker
 -- A live worker reports its load and status (active or draining).

@@ -52,6 +52,8 @@ STRAGGLING_AFTER_S = 1.0
 """A task waiting visible longer than this is re-announced by the due-scanner (a safety net for
 a wake-up lost anywhere)."""
 CHANNEL_TIMERS = "everruns_timers"
+CHANNEL_WORKERS = "everruns_workers"
+"""A worker (re-)registered, maybe serving other types: its id (see `upsert_worker`)."""
 
 
 @attrs.frozen

@@ -49,6 +49,7 @@ from everruns.domain.registry import ActivityDefinition, Registry, default_regis
 from everruns.domain.replay import FollowUp, Replayer
 from everruns.domain.retry import RetryPolicy
 from everruns.errors import (
+    NOT_SERVED_ERROR,
     WORKER_SHUTDOWN_ERROR,
     ConcurrencyConflict,
     ConfigError,
@@ -213,6 +214,8 @@ class _Completed:
 class _Failed:
     error: dict[str, Any]
     non_retryable: bool
+    # Given back to the queue for another worker (FailActivityTask's release), not failed.
+    release: bool = False
 
 
 @attrs.frozen
@@ -943,15 +946,20 @@ class Worker:
         definition = self.registry.get_activity(task.activity_type)
         args: Any = None
         if definition is None:
+            # A control plane handed it over on an older registration of this worker id
+            # (another process, other code): not the activity's fault, so it goes back to the
+            # queue for a worker that serves it, its attempt uncharged.
             handle.outcome = _Failed(
                 make_error(
-                    "everruns.errors.NotFound",
+                    NOT_SERVED_ERROR,
                     f"worker {self.worker_id} has no activity named {task.activity_type!r} "
-                    f"(it serves {', '.join(self.registry.activity_types()) or 'none'})",
-                    non_retryable=True,
+                    f"(it serves {', '.join(self.registry.activity_types()) or 'none'}); "
+                    "given back to the queue",
                 ),
-                True,
+                False,
+                release=True,
             )
+            log.warning("%s", handle.outcome.error["message"])
         else:
             try:
                 args = payload.decode(task.input, what=f"input of activity {task.activity_type!r}")
@@ -1360,6 +1368,7 @@ class Worker:
             error=payload.encode(failure.error, what="error"),
             non_retryable=failure.non_retryable,
             cancelled=cancelled,
+            release=failure.release,
         )
         try:
             reply = await self._call_until_answered(
@@ -1373,6 +1382,8 @@ class Worker:
             return
         if cancelled:
             log.info("%s reported cancelled", handle.describe())
+        elif failure.release:
+            log.info("gave %s back to the queue", handle.describe())
         elif reply.will_retry:
             log.info("%s will be retried", handle.describe())
         else:
@@ -1419,7 +1430,9 @@ class Worker:
                 )
                 return
             cancelled = outcome is None and handle.cancel_reason is not None
-            release = outcome is None and not cancelled
+            release = (outcome is None and not cancelled) or (
+                isinstance(outcome, _Failed) and outcome.release
+            )
             if isinstance(outcome, _Failed):
                 failure = outcome
             elif cancelled:
@@ -1502,14 +1515,12 @@ class Worker:
         try:
             definition = self.registry.workflow(task.workflow_type)
         except NotFound as exc:
+            # Handed over on an older registration of this worker id (as an activity can
+            # be, `_run_activity`): given back to the queue, the run not marked stuck.
             self._replays.drop(task.run_id)
+            log.warning("worker %s: %s; giving %s back", self.worker_id, exc, handle.describe())
             return _WorkflowTaskFailed(
-                make_error(
-                    type_name(exc),
-                    f"worker {self.worker_id}: {exc}",
-                    non_retryable=True,
-                ),
-                False,
+                make_error(NOT_SERVED_ERROR, f"worker {self.worker_id}: {exc}"), False
             )
         info = WorkflowInfo(
             workflow_id=task.workflow_id, run_id=task.run_id, workflow_type=task.workflow_type
@@ -1746,6 +1757,8 @@ class Worker:
         task = handle.task
         if failure.non_determinism:
             log.error("%s is stuck: %s", handle.describe(), failure.error["message"])
+        elif failure.error["type"] == NOT_SERVED_ERROR:
+            pass  # a give-back, warned of already (`_decide`)
         else:
             log.error(
                 "%s failed: %s: %s",
