@@ -1,7 +1,8 @@
-"""Worker identity, registration and restart: a worker restarted with the same WORKER_ID,
-workers seen by several control planes, and a worker killed while its claim is under way.
-Found by a review in session 18; each test failed before its fix, for the defect its
-assertion message names."""
+"""Worker identity, registration and restart: a worker restarted with the same WORKER_ID (each
+registration is an incarnation), workers seen by several control planes, a worker handed a
+type it does not serve, and a worker killed while its claim is under way. Found by a review in
+session 18; each test failed before its fix, for the defect its assertion message names. One
+more (a second stream of the same incarnation) guards the rule those fixes keep."""
 
 from __future__ import annotations
 
@@ -101,7 +102,6 @@ async def _task_row(pool: pg.Pool, task_id: str) -> Any:
 # ------------------------------------------------------------------ restart, one plane
 
 
-@pytest.mark.skip(reason="fixed on branch fix-identity")
 async def test_a_restarted_workers_old_connection_dropping_releases_what_it_held(
     database_url: str, pool: pg.Pool
 ) -> None:
@@ -156,7 +156,6 @@ async def test_a_restarted_workers_old_connection_dropping_releases_what_it_held
 # ------------------------------------------------------------------ restart, two planes
 
 
-@pytest.mark.skip(reason="fixed on branch fix-identity")
 async def test_a_late_drop_on_one_plane_does_not_release_the_new_incarnations_tasks(
     database_url: str, pool: pg.Pool
 ) -> None:
@@ -221,6 +220,32 @@ async def test_a_late_drop_on_one_plane_does_not_release_the_new_incarnations_ta
                 f"{task.lease_token}), the worker {status}, and the live worker's result "
                 f"refused: {refused!r}"
             )
+
+
+async def test_a_second_stream_of_the_same_incarnation_keeps_its_tasks_when_one_drops(
+    database_url: str, pool: pg.Pool
+) -> None:
+    """The rule the restart fixes keep: a live worker's stream that drops while another
+    stream of the same registration is open on the plane (a reconnect) releases nothing;
+    the last one's drop releases the task and marks the worker lost."""
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            await p.channel.unary(
+                p.workers.register_worker, _register(1111, wf=["one"], act=["act"])
+            )
+            async with incarnation_stream(p, p.port):
+                async with incarnation_stream(p, p.port):
+                    await p.start("one", 1, wid="r5")
+                    (wft,) = await _poll(p, p.channel, workflow_types=["one"])
+                    await _complete_workflow_task(p, p.channel, wft, one_call)
+                    (task,) = await _poll(p, p.channel, activity_types=["act"])
+                await trio.sleep(1.0)  # a drop is acted on within milliseconds
+                kept = await _task_row(pool, task.task_id)
+            with trio.fail_after(5):
+                while (await _task_row(pool, task.task_id))["status"] == "claimed":  # noqa: ASYNC110 (a database state)
+                    await trio.sleep(0.05)
+            status = await pool.fetchval("SELECT status FROM durable_workers WHERE id = $1", WID)
+    assert (kept["status"], kept["lease_token"], status) == ("claimed", task.lease_token, "lost")
 
 
 async def test_a_plane_hands_a_re_registered_worker_only_the_types_it_serves_now(
