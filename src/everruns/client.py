@@ -392,7 +392,7 @@ class CircuitBreakerInfo:
         success_count: successes while half-open.
         probes_in_flight: half-open probes handed out and not finished.
         opened_at: when it opened, or None while closed.
-        updated_at: last state change, or None.
+        updated_at: last change to its state, counts or probes, or None.
     """
 
     key: str

@@ -2091,6 +2091,9 @@ async def test_statements_find_rows_by_key_whatever_the_statistics_say(
                 pb.RequeueDeadLetterRequest(id=letters.dead_letters[0].id),
             )
             await p.drive(plan_steps, "steps")  # the failure reaches the workflow, which fails
+            (requeued,) = await p.poll(act=["work"])  # the requeue runs all the same
+            assert requeued.task_id == work.task_id
+            await p.complete(requeued, 4)
             wid = await p.start("steps", 2)
             await p.drive(plan_steps, "steps")
             (work,) = await p.poll(act=["work"])

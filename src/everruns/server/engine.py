@@ -498,6 +498,8 @@ class Engine:
         events = []
         for task in await self.store.tasks_of_run(run.run_id, conn=conn):
             assert task.activity_id is not None
+            if task.requeue_count:  # an operator's requeue: not the code's to cancel
+                continue
             if task.status == "pending":
                 await self.store.cancel_task(conn, task.task_id)
                 events.append(NewEvent.of(ev.activity_cancelled(task.activity_id)))
@@ -1137,6 +1139,8 @@ class Engine:
         await self.store.drop_pending_workflow_tasks(conn, run.run_id)
         # Activities the code no longer waits for are cancelled, not left to run.
         for task in await self.store.tasks_of_run(run.run_id, conn=conn):
+            if task.requeue_count:  # an operator's requeue runs whatever its run does
+                continue
             if task.status == "pending":
                 await self.store.cancel_task(conn, task.task_id)
             else:

@@ -625,15 +625,15 @@ class WorkflowService:
         return pb.ListCircuitBreakersResponse(
             breakers=[
                 pb.CircuitBreaker(
-                    key=b.key,
-                    state=b.state,
-                    failure_count=b.failure_count,
-                    success_count=b.success_count,
-                    probes_in_flight=b.probes_in_flight,
-                    opened_at=_ts(b.opened_at),
-                    updated_at=_ts(b.last_failure_at or b.opened_at),
+                    key=r.breaker.key,
+                    state=r.breaker.state,
+                    failure_count=r.breaker.failure_count,
+                    success_count=r.breaker.success_count,
+                    probes_in_flight=r.breaker.probes_in_flight,
+                    opened_at=_ts(r.breaker.opened_at),
+                    updated_at=_ts(r.updated_at),
                 )
-                for b in await self.store.list_breakers()
+                for r in await self.store.list_breakers()
             ]
         )
 
@@ -803,6 +803,11 @@ def _page_cursor(token: str) -> tuple[datetime, uuid.UUID] | None:
         return None
     try:
         at, _, row_id = base64.urlsafe_b64decode(token.encode()).decode().partition("|")
-        return datetime.fromisoformat(at), uuid.UUID(row_id)
-    except ValueError:
+        when = datetime.fromisoformat(at)
+        if when.utcoffset() is None:  # this server issues aware times only
+            raise ValueError(at)
+        # PostgreSQL stores any time Python holds in UTC; one that leaves Python's range when
+        # moved to UTC (year 1 at +05:00) raises OverflowError here instead of a DataError there.
+        return when.astimezone(UTC), uuid.UUID(row_id)
+    except (ValueError, OverflowError):
         raise InvalidArgument(f"page_token {shown(token)} is not one this server issued") from None

@@ -14,7 +14,10 @@ from typing import Any
 
 import attrs
 
+from everruns.domain.breaker import BreakerState
+
 __all__ = [
+    "BreakerRecord",
     "DeadLetter",
     "Signal",
     "StoredEvent",
@@ -198,6 +201,33 @@ class DeadLetter:
             dead_at=row["dead_at"],
             requeued_at=row["requeued_at"],
             requeue_applied_at=row["requeue_applied_at"],
+        )
+
+
+@attrs.frozen
+class BreakerRecord:
+    """A circuit breaker's row as operators see it: its state, and when the row last changed
+    (``updated_at``: a state change, a failure or probe success counted, a probe handed out or
+    freed)."""
+
+    breaker: BreakerState
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Row) -> BreakerRecord:
+        return cls(
+            breaker=BreakerState(
+                key=row["key"],
+                state=row["state"],
+                failure_count=row["failure_count"],
+                success_count=row["success_count"],
+                probes_in_flight=row["probes_in_flight"],
+                window_started_at=row["window_started_at"],
+                opened_at=row["opened_at"],
+                last_failure_at=row["last_failure_at"],
+                recent_failures=tuple(row["recent_failures"] or ()),
+            ),
+            updated_at=row["updated_at"],
         )
 
 

@@ -230,14 +230,17 @@ WHERE d.id = r.id
 RETURNING d.*;
 
 -- name: revive_task
--- Put a dead task back in the queue with fresh attempts.
-UPDATE durable_task_queue
+-- Put a dead task back in the queue with fresh attempts. Its run is locked (key share): a
+-- retention round skips a locked run, and one that locked it first has deleted it (with the
+-- task) by the time this goes on, so the requeue fails instead of being lost silently.
+UPDATE durable_task_queue t
 SET status = 'pending', attempt = 0, claimed_by = NULL, claimed_at = NULL, heartbeat_at = NULL,
     visible_at = now(), start_deadline = now() + make_interval(secs => schedule_to_start_s),
     completed_at = NULL, cancel_requested_at = NULL, requeue_count = requeue_count + 1,
     updated_at = now()
-WHERE id = $1 AND status = 'dead'
-RETURNING *;
+WHERE t.id = $1 AND t.status = 'dead'
+  AND EXISTS (SELECT 1 FROM durable_workflow_instances r WHERE r.id = t.run_id FOR KEY SHARE)
+RETURNING t.*;
 
 -- name: find_stale_tasks
 -- Claimed tasks whose heartbeat is older than the global threshold, or than a workflow task's
@@ -525,13 +528,16 @@ RETURNING *;
 -- name: delete_expired_runs
 -- Delete up to $2 ended runs older than $1 seconds (events, tasks, signals, timers and dead
 -- letters go with them by cascade); not a child whose parent is still open (its history names
--- the child, whose run must stay there to inspect; it goes once its parent has ended).
+-- the child, whose run must stay there to inspect; it goes once its parent has ended); nor a
+-- run with a live task (an operator's requeue of its dead letter): it goes once that has run.
 DELETE FROM durable_workflow_instances
 WHERE id IN (SELECT c.id FROM durable_workflow_instances c
              WHERE c.completed_at IS NOT NULL
                AND c.completed_at < now() - make_interval(secs => $1)
                AND NOT EXISTS (SELECT 1 FROM durable_workflow_instances p
                                WHERE p.id = c.parent_run_id AND p.completed_at IS NULL)
+               AND NOT EXISTS (SELECT 1 FROM durable_task_queue t
+                               WHERE t.run_id = c.id AND t.status IN ('pending', 'claimed'))
              ORDER BY c.completed_at LIMIT $2 FOR UPDATE OF c SKIP LOCKED)
 RETURNING id;
 

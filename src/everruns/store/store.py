@@ -32,6 +32,7 @@ from everruns.errors import (
     StaleLease,
 )
 from everruns.store.models import (
+    BreakerRecord,
     DeadLetter,
     Signal,
     StoredEvent,
@@ -1443,9 +1444,9 @@ class Store:
         async with self.pool.transaction() as conn:
             return await self._locked_breaker(conn, key)
 
-    async def list_breakers(self) -> list[breaker_math.BreakerState]:
-        """Every breaker by key."""
-        return [_breaker_from_row(r) for r in await self.pool.fetch(Q["list_breakers"])]
+    async def list_breakers(self) -> list[BreakerRecord]:
+        """Every breaker by key, with when its row last changed."""
+        return [BreakerRecord.from_row(r) for r in await self.pool.fetch(Q["list_breakers"])]
 
     async def reset_breaker(self, key: str) -> None:
         """Close a breaker and forget its counts.
@@ -1518,14 +1519,4 @@ def _in_claim_order(rows: Sequence[Any]) -> list[Task]:
 
 
 def _breaker_from_row(row: Any) -> breaker_math.BreakerState:
-    return breaker_math.BreakerState(
-        key=row["key"],
-        state=row["state"],
-        failure_count=row["failure_count"],
-        success_count=row["success_count"],
-        probes_in_flight=row["probes_in_flight"],
-        window_started_at=row["window_started_at"],
-        opened_at=row["opened_at"],
-        last_failure_at=row["last_failure_at"],
-        recent_failures=tuple(row["recent_failures"] or ()),
-    )
+    return BreakerRecord.from_row(row).breaker

@@ -380,7 +380,7 @@ class CircuitBreaker(betterproto2.Message):
 
     updated_at: "float" = betterproto2.field(7, betterproto2.TYPE_DOUBLE)
     """
-    last state change
+    last change to its state, counts or probes
     """
 
 
