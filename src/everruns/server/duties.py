@@ -114,7 +114,8 @@ async def run_due_scanner(
             await outage.failed(exc)
             continue
         outage.recovered()
-        # Past-due timers another control plane is firing right now: look again shortly.
+        # Past-due timers whose run another transaction holds (another control plane firing
+        # them, say): look again shortly.
         await engine.notifier.wait_due(max(wait, 0.02))
 
 

@@ -1137,6 +1137,7 @@ class Engine:
         """What ending a run does beyond its own row (written by the statement that ended
         it): its pending workflow task, its activities and children, its parent."""
         await self.store.drop_pending_workflow_tasks(conn, run.run_id)
+        await self.store.cancel_timers_of_run(conn, run.run_id)  # nothing fires into an ended run
         # Activities the code no longer waits for are cancelled, not left to run.
         for task in await self.store.tasks_of_run(run.run_id, conn=conn):
             if task.requeue_count:  # an operator's requeue runs whatever its run does
@@ -1770,22 +1771,36 @@ class Engine:
     # ------------------------------------------------------------------ timers
 
     async def fire_due_timers(self) -> int:
-        """Fire every due timer (append timer_fired, wake the workflow); return how many."""
+        """Fire every due timer (append timer_fired, wake the workflow); return how many.
+
+        The due timers are read without locking, in bounded batches, and each is fired in a
+        transaction of its own that locks its run first and the timer second, as every other
+        path does, and no other run: holding one run while waiting for another, or a timer
+        while waiting for its run, deadlocked with cancels, completions and retention. A timer
+        whose run another transaction holds is left pending for the next round (another
+        control plane may be firing it; the due-scanner looks again shortly); one whose run
+        ended is marked cancelled, not fired.
+        """
         fired = 0
+        after = None
         while True:
-            async with self.store.transaction() as conn:
-                due = await self.store.fire_due_timers(conn)
-                for run_id, timer_id in due:
-                    run = await self.store.lock_run(conn, run_id)
-                    if not run.is_open:
+            due = await self.store.due_timers(after=after, limit=200)
+            for timer in due:
+                async with self.store.transaction() as conn:
+                    run = await self.store.lock_run_unless_held(conn, timer.run_id)
+                    if run is None:
                         continue
-                    await self.store.append_events(
-                        conn, run, [NewEvent.of(ev.timer_fired(timer_id))]
-                    )
-                    await self.store.ensure_workflow_task(conn, run)
-            fired += len(due)
+                    if not await self.store.fire_timer(conn, timer, run_open=run.is_open):
+                        continue  # withdrawn, or fired by another control plane
+                    if run.is_open:
+                        await self.store.append_events(
+                            conn, run, [NewEvent.of(ev.timer_fired(timer.timer_id))]
+                        )
+                        await self.store.ensure_workflow_task(conn, run)
+                        fired += 1
             if len(due) < 200:
                 return fired
+            after = due[-1]
 
 
 class _UnclosedBreakers:

@@ -19,6 +19,7 @@ from everruns.domain.breaker import BreakerState
 __all__ = [
     "BreakerRecord",
     "DeadLetter",
+    "DueTimer",
     "Signal",
     "StoredEvent",
     "Task",
@@ -261,6 +262,22 @@ class WorkerRecord:
             started_at=row["started_at"],
             last_heartbeat_at=row["last_heartbeat_at"],
             stopped_at=row["stopped_at"],
+        )
+
+
+@attrs.frozen
+class DueTimer:
+    """A pending timer whose time has come, as read (unlocked) to be fired."""
+
+    id: int
+    run_id: uuid.UUID
+    timer_id: str
+    fire_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Row) -> DueTimer:
+        return cls(
+            id=row["id"], run_id=row["run_id"], timer_id=row["timer_id"], fire_at=row["fire_at"]
         )
 
 

@@ -407,13 +407,29 @@ RETURNING fire_at;
 UPDATE durable_timers SET status = 'cancelled'
 WHERE run_id = $1 AND timer_id = $2 AND status NOT IN ('fired', 'cancelled');
 
--- name: fire_due_timers
--- Mark up to $1 due timers fired (skipping ones another control plane is firing).
-UPDATE durable_timers t SET status = 'fired'
-FROM (SELECT id FROM durable_timers WHERE status = 'pending' AND fire_at <= now()
-      ORDER BY fire_at LIMIT $1 FOR UPDATE SKIP LOCKED) due
-WHERE t.id = due.id
-RETURNING t.run_id, t.timer_id;
+-- name: due_timers
+-- Up to $1 due pending timers after ($2, $3) in (fire_at, id) order, read without locking:
+-- each is fired in a transaction of its own (lock_run_unless_held, then fire_timer).
+SELECT id, run_id, timer_id, fire_at FROM durable_timers
+WHERE status = 'pending' AND fire_at <= now()
+  AND (fire_at, id) > (coalesce($2::timestamptz, '-infinity'), coalesce($3::int8, 0))
+ORDER BY fire_at, id LIMIT $1;
+
+-- name: lock_run_unless_held
+-- Lock a run's row unless another transaction holds it (then, or if it is gone: nothing).
+SELECT * FROM durable_workflow_instances WHERE id = $1 FOR UPDATE SKIP LOCKED;
+
+-- name: fire_timer
+-- Mark pending timer $1 fired if its run (locked by the caller) is open ($2), else
+-- cancelled; return its timer id (nothing if it was no longer pending).
+UPDATE durable_timers SET status = CASE WHEN $2::bool THEN 'fired' ELSE 'cancelled' END
+WHERE id = $1 AND status NOT IN ('fired', 'cancelled')
+RETURNING timer_id;
+
+-- name: cancel_timers_of_run
+-- Cancel every pending timer of an ended run.
+UPDATE durable_timers SET status = 'cancelled'
+WHERE run_id = $1 AND status NOT IN ('fired', 'cancelled');
 
 -- name: next_due
 -- Seconds until the next timer fires, a delayed task becomes visible, or an open breaker may
@@ -611,10 +627,10 @@ ORDER BY created_at;
 -- one result, the history ends where the decision assumed (its result's events next), the
 -- decision it continues is a marker of $4 at that time followed by activity_scheduled events
 -- only, no other workflow task of the run is out, and (if it ends the run) the run has no
--- parent, no other open task and no open child: then the workflow task is recorded completed,
--- its events appended, its activities enqueued (eager ones claimed for $4 unless their breaker
--- is not closed) and the run ended if asked. A decision that does not apply writes nothing; its
--- workflow task is made as without it. Returns one row per completed request (task_id: the
+-- parent, no other open task, no open child and no pending timer: then the workflow task is
+-- recorded completed, its events appended, its activities enqueued (eager ones claimed for $4
+-- unless their breaker is not closed) and the run ended if asked. A decision that does not
+-- apply writes nothing; its workflow task is made as without it. Returns one row per completed request (task_id: the
 -- lease held; decided: its decision applied) with its breaker key when that breaker is
 -- half-open and the task was its probe, one row per eager workflow task (its columns, and its
 -- run's full history as parallel arrays: the events this statement appends are not in its snapshot, so they are added from
@@ -679,7 +695,10 @@ WITH req AS (
                             AND o.status IN ('pending', 'claimed'))
           AND NOT EXISTS (SELECT 1 FROM durable_workflow_instances c
                           WHERE c.parent_run_id = locked.id
-                            AND c.completed_at IS NULL)))
+                            AND c.completed_at IS NULL)
+          AND NOT EXISTS (SELECT 1 FROM durable_timers tm
+                          WHERE tm.run_id = locked.id
+                            AND tm.status NOT IN ('fired', 'cancelled'))))
 ), run AS (
     UPDATE durable_workflow_instances r
     SET last_sequence_num = r.last_sequence_num + 2 * locked.n + coalesce(gate.n_events, 0),
@@ -963,9 +982,9 @@ FOR UPDATE;
 -- activities (rows flagged eager are handed straight to worker $25, claimed with a fresh lease,
 -- unless their breaker is not closed; the others wake claimers with one NOTIFY per type),
 -- append its events, close the task, mark the run's signals processed, end the run if asked (a
--- NOTIFY on everruns_runs; with $26, only a run with no parent, no other open task and no open
--- child), make a run still pending (its claim could not mark it) running, and clear the run's
--- stuck mark (it replays again).
+-- NOTIFY on everruns_runs; with $26, only a run with no parent, no other open task, no open
+-- child and no pending timer), make a run still pending (its claim could not mark it) running,
+-- and clear the run's stuck mark (it replays again).
 -- Tasks, in parallel arrays numbered from 1 by position: $1 ids, $2 leases, $3 expected history
 -- ends, $4 event counts, $5-$7 the run end (status, result JSON, error JSON). Events, flattened:
 -- $8 task number, $9 position within its task (from 1), $10 types, $11 JSON texts. Activities,
@@ -1010,7 +1029,9 @@ WITH req AS (
                         WHERE o.run_id = gate.id AND o.id <> gate.task_id
                           AND o.status IN ('pending', 'claimed'))
         AND NOT EXISTS (SELECT 1 FROM durable_workflow_instances c
-                        WHERE c.parent_run_id = gate.id AND c.completed_at IS NULL))
+                        WHERE c.parent_run_id = gate.id AND c.completed_at IS NULL)
+        AND NOT EXISTS (SELECT 1 FROM durable_timers tm
+                        WHERE tm.run_id = gate.id AND tm.status NOT IN ('fired', 'cancelled')))
     ORDER BY gate.id, gate.no
 ), inserted AS (
     INSERT INTO durable_task_queue (id, run_id, workflow_id, kind, activity_type, activity_id,

@@ -34,6 +34,7 @@ from everruns.errors import (
 from everruns.store.models import (
     BreakerRecord,
     DeadLetter,
+    DueTimer,
     Signal,
     StoredEvent,
     Task,
@@ -638,8 +639,8 @@ class Store:
 
         Nothing is written unless the caller holds the task's lease, the run is open and its
         history ends at ``expected_sequence`` (and, with ``end`` and ``simple_end_only``, the
-        run has no parent, no other open task and no open child). Without ``conn`` the
-        statement is its own transaction: one round trip.
+        run has no parent, no other open task, no open child and no pending timer). Without
+        ``conn`` the statement is its own transaction: one round trip.
 
         Activities flagged in ``eager`` are claimed at once for worker ``eager_for`` (unless
         their circuit breaker is not closed).
@@ -1121,12 +1122,32 @@ class Store:
         """Cancel a pending timer."""
         await conn.execute(Q["cancel_timer"], run_id, timer_id)
 
-    async def fire_due_timers(
-        self, conn: Connection, *, limit: int = 200
-    ) -> list[tuple[uuid.UUID, str]]:
-        """Mark due timers fired; return their ``(run_id, timer_id)``."""
-        rows = await conn.fetch(Q["fire_due_timers"], limit)
-        return [(r["run_id"], r["timer_id"]) for r in rows]
+    async def cancel_timers_of_run(self, conn: Connection, run_id: uuid.UUID) -> None:
+        """Cancel every pending timer of a run that ended (under its lock)."""
+        await conn.execute(Q["cancel_timers_of_run"], run_id)
+
+    async def due_timers(self, *, after: DueTimer | None = None, limit: int) -> list[DueTimer]:
+        """Up to ``limit`` due pending timers, oldest first, after ``after`` (None: from the
+        first), read without locking them (`fire_timer` settles each)."""
+        rows = await self.pool.fetch(
+            Q["due_timers"],
+            limit,
+            after.fire_at if after else None,
+            after.id if after else None,
+        )
+        return [DueTimer.from_row(r) for r in rows]
+
+    async def lock_run_unless_held(self, conn: Connection, run_id: uuid.UUID) -> WorkflowRun | None:
+        """Lock a run's row for this transaction and return it; None when another transaction
+        holds it (without waiting) or it is gone."""
+        row = await conn.fetchrow(Q["lock_run_unless_held"], run_id)
+        return None if row is None else WorkflowRun.from_row(row)
+
+    async def fire_timer(self, conn: Connection, timer: DueTimer, *, run_open: bool) -> bool:
+        """Mark a pending timer fired (its run, which the caller holds locked, is open) or
+        cancelled (the run ended); return False when it was no longer pending."""
+        timer_id = await conn.fetchval(Q["fire_timer"], timer.id, run_open)
+        return timer_id is not None
 
     async def newly_visible_keys(
         self, since: datetime, *, straggling_after: float = STRAGGLING_AFTER_S
