@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from everruns._aio import pg
 from everruns.errors import ConfigError
 from everruns.server.config import validate_database_url
 
@@ -23,3 +24,42 @@ def test_database_url_missing_its_slashes_is_still_refused() -> None:
     the server connects to the local socket with database 'localhost:5432/everruns'."""
     with pytest.raises(ConfigError, match="DATABASE_URL"):
         validate_database_url("postgresql:localhost:5432/everruns")
+
+
+def test_libpq_connect_timeout_is_accepted_and_taken_out_of_the_url() -> None:
+    """`?connect_timeout=10` is libpq's (psql takes it); asyncpg would send it to the server
+    as a setting, so it becomes the connect timeout instead (as in libpq, 1 counts as 2, and
+    0 means no limit of its own)."""
+    url = "postgresql://u:secret@db:5432/everruns?connect_timeout=10&application_name=cp"
+    assert validate_database_url(url) == url
+    assert pg.split_connect_timeout(url) == (
+        "postgresql://u:secret@db:5432/everruns?application_name=cp",
+        10.0,
+    )
+    assert pg.split_connect_timeout("postgresql:///x?connect_timeout=1")[1] == 2.0
+    assert pg.split_connect_timeout("postgresql:///x?connect_timeout=0") == (
+        "postgresql:///x",
+        None,
+    )
+    assert pg.split_connect_timeout("postgresql:///x?sslmode=require") == (
+        "postgresql:///x?sslmode=require",
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("query", "named"),
+    [
+        ("keepalives=1&keepalives_idle=30", "keepalives, keepalives_idle"),
+        ("tcp_user_timeout=1000", "tcp_user_timeout"),
+        ("connect_timeout=ten", "connect_timeout='ten'"),
+        ("password", "name=value"),
+    ],
+)
+def test_libpq_parameters_the_control_plane_cannot_use_are_refused_in_one_line(
+    query: str, named: str
+) -> None:
+    with pytest.raises(ConfigError, match="DATABASE_URL") as caught:
+        validate_database_url(f"postgresql://u:secret@db/everruns?{query}")
+    message = str(caught.value)
+    assert named in message and "\n" not in message and "secret" not in message

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
+from everruns._aio import pg
 from everruns._aio.pg import map_pg_error
 from everruns.errors import AlreadyExists, DatabaseError, DatabaseUnavailable, InvalidArgument
 
@@ -52,3 +53,29 @@ def test_a_broken_stream_or_a_reply_that_does_not_decode_is_an_everruns_error() 
     assert type(grpc._to_everruns_error(closed, "describe")) is ServerUnavailable
     mapped = grpc._to_everruns_error(malformed, "describe")
     assert type(mapped) is RpcError and "truncated varint" in str(mapped)
+
+
+@pytest.mark.parametrize(
+    ("error", "temporary"),
+    [
+        # what passes: retried for EVERRUNS_DB_CONNECT_TIMEOUT at start
+        (ConnectionRefusedError("refused"), True),
+        (TimeoutError(), True),
+        (asyncpg.exceptions.CannotConnectNowError("the database system is starting up"), True),
+        (asyncpg.exceptions.TooManyConnectionsError("too many clients"), True),
+        (asyncpg.exceptions.ConnectionFailureError("connection failure"), True),
+        (asyncpg.exceptions.AdminShutdownError("terminating connection"), True),
+        # what stays: refused at once, naming PostgreSQL's message
+        (asyncpg.exceptions.InsufficientPrivilegeError("permission denied for database"), False),
+        (asyncpg.exceptions.UndefinedObjectError("unrecognized configuration parameter"), False),
+        (asyncpg.exceptions.InvalidPasswordError("password authentication failed"), False),
+        (asyncpg.exceptions.InvalidCatalogNameError('database "x" does not exist'), False),
+        (asyncpg.exceptions.ClientConfigurationError("invalid sslmode"), False),
+    ],
+)
+def test_a_connection_refusal_is_retried_only_if_it_can_pass(
+    error: Exception, temporary: bool
+) -> None:
+    """wait_until_ready retried every server error but three (a role refused CONNECT was
+    retried for the whole budget, then reported as an unreachable server)."""
+    assert pg._temporary(error) is temporary

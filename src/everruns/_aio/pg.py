@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import asyncpg
 import trio
@@ -412,17 +413,106 @@ async def _prepare(raw: asyncpg.Connection, statements: Sequence[str]) -> None:
     await raw.execute("SELECT 1")
 
 
+def sqlstate_of(exc: BaseException) -> str | None:
+    """The SQLSTATE of the PostgreSQL error behind ``exc`` (itself or its chained causes), if
+    any: how code outside this module tells, say, a missing privilege (``42501``) apart."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        state = getattr(seen, "sqlstate", None)
+        if isinstance(state, str):
+            return state
+        seen = seen.__cause__
+    return None
+
+
+CONNECT_TIMEOUT_PARAMETER = "connect_timeout"
+"""libpq's URL parameter for the seconds one connection attempt may take. asyncpg would send it
+to the server as a setting (which PostgreSQL refuses), so it is taken out of the URL here and
+becomes asyncpg's ``timeout``."""
+
+
+def parse_connect_timeout(value: str) -> float | None:
+    """The seconds a libpq ``connect_timeout`` value stands for (None: 0 or less, which libpq
+    reads as no limit). As in libpq, 1 s counts as 2 s.
+
+    Raises:
+        ValueError: ``value`` is not a whole number.
+    """
+    try:
+        seconds = int(value.strip())
+    except ValueError:
+        raise ValueError(f"connect_timeout={value!r} is not a whole number of seconds") from None
+    return float(max(seconds, 2)) if seconds > 0 else None
+
+
+def split_connect_timeout(url: str) -> tuple[str, float | None]:
+    """Return ``url`` without libpq's ``connect_timeout`` and that timeout in seconds (None:
+    not given, or no limit).
+
+    Raises:
+        ValueError: ``connect_timeout`` is not a whole number (the message does not quote the
+            URL, which may hold a password).
+    """
+    parts = urlsplit(url)
+    if CONNECT_TIMEOUT_PARAMETER not in parts.query:
+        return url, None
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    values = [v for k, v in pairs if k == CONNECT_TIMEOUT_PARAMETER]
+    if not values:
+        return url, None
+    seconds = parse_connect_timeout(values[-1])  # the last one counts, in libpq and asyncpg
+    rest = urlencode([(k, v) for k, v in pairs if k != CONNECT_TIMEOUT_PARAMETER])
+    # Cut by hand: urlunsplit would turn a host-less postgresql:///db into postgresql:/db.
+    start = url.rindex("?" + parts.query)
+    end = start + 1 + len(parts.query)
+    return url[:start] + (f"?{rest}" if rest else "") + url[end:], seconds
+
+
+def _asyncpg_target(url: str) -> tuple[str, float | None]:
+    try:
+        return split_connect_timeout(url)
+    except ValueError as exc:
+        raise DatabaseError(f"the database URL is invalid: {exc}") from exc
+
+
 async def _connect_once(url: str, timeout: float) -> asyncpg.Connection:
-    return await run_aio(partial(asyncpg.connect, url, timeout=timeout))
+    """Connect once; ``timeout`` unless the URL's ``connect_timeout`` says otherwise."""
+    dsn, url_timeout = _asyncpg_target(url)
+    return await run_aio(partial(asyncpg.connect, dsn, timeout=url_timeout or timeout))
+
+
+# SQLSTATEs of a connection refused for a reason that passes: the server is starting or
+# stopping (57P01-57P03), lacks resources such as connection slots (class 53, with
+# too_many_connections 53300), or the connection broke (class 08).
+_TEMPORARY_STATES = ("57P01", "57P02", "57P03")
+_TEMPORARY_CLASSES = ("53", "08")
+
+
+def _temporary(exc: BaseException) -> bool:
+    """Whether a failed connection attempt may succeed when made again."""
+    if isinstance(exc, (OSError, TimeoutError, asyncpg.InterfaceError)):
+        # Unreachable, timed out, or the connection dropped mid-handshake; but a client
+        # configuration asyncpg refuses (a bad sslmode) is the same at every attempt.
+        return not isinstance(exc, asyncpg.ClientConfigurationError)
+    state = getattr(exc, "sqlstate", None)
+    if not isinstance(state, str):
+        return False
+    return state in _TEMPORARY_STATES or state.startswith(_TEMPORARY_CLASSES)
 
 
 async def wait_until_ready(url: str, *, budget: float, log: Any = None) -> None:
     """Connect until PostgreSQL answers, backing off 0.1 s → 2 s; give up after ``budget`` s.
 
+    Only what may pass is retried: the server unreachable or not answering in time, starting
+    up or shutting down (57P01-57P03), out of resources such as connection slots (class 53),
+    or the connection broken (class 08). Each attempt is bounded by the URL's libpq
+    ``connect_timeout`` if given, else by ``budget`` (1 to 10 s). Cancellation stops it.
+
     Raises:
         DatabaseUnavailable: no connection within the budget (names the last cause).
-        ConfigError-like DatabaseError: the server answered but refused us (auth, no database):
-            retrying cannot help, so this is raised at once.
+        DatabaseError: the server answered but refused us for a reason that stays (a wrong
+            password, no such database, no CONNECT privilege, an unknown setting in the URL):
+            raised at once, naming PostgreSQL's message.
     """
     deadline = trio.current_time() + budget
     delay = 0.1
@@ -431,14 +521,11 @@ async def wait_until_ready(url: str, *, budget: float, log: Any = None) -> None:
         attempt += 1
         try:
             conn = await _connect_once(url, timeout=max(1.0, min(10.0, budget)))
-        except (
-            asyncpg.InvalidAuthorizationSpecificationError,
-            asyncpg.InvalidPasswordError,
-            asyncpg.InvalidCatalogNameError,
-        ) as exc:
-            raise DatabaseError(f"PostgreSQL refused the connection: {exc}") from exc
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if not _temporary(exc):
+                who = "PostgreSQL refused" if isinstance(exc, asyncpg.PostgresError) else "asyncpg"
+                raise DatabaseError(f"{who} the connection: {cause}") from exc
             remaining = deadline - trio.current_time()
             if remaining <= 0:
                 raise DatabaseUnavailable(
@@ -476,7 +563,10 @@ async def open_pool(
         kwargs["command_timeout"] = command_timeout
     if settings:
         kwargs["server_settings"] = dict(settings)
-    pool = Pool(url, max_size, kwargs)
+    dsn, connect_timeout = _asyncpg_target(url)
+    if connect_timeout is not None:
+        kwargs["timeout"] = connect_timeout
+    pool = Pool(dsn, max_size, kwargs)
     try:
         await pool._fill(min(min_size, max_size))
         yield pool

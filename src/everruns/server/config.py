@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 import ssl
 from collections.abc import Mapping
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import attrs
 
+from everruns._aio.pg import CONNECT_TIMEOUT_PARAMETER, parse_connect_timeout
 from everruns.domain.address import DEFAULT_GRPC_ADDRESS, check_auth_token, parse_address
 from everruns.domain.limits import MAX_SECONDS
 from everruns.errors import ConfigError
@@ -53,7 +54,66 @@ def validate_database_url(url: str) -> str:
             _ = urlsplit(f"//{host}").port  # raises ValueError on a bad port
         except ValueError as exc:
             raise ConfigError(f"DATABASE_URL is invalid: {_BAD_HOST}") from exc
+    _check_parameters(parts.query)
     return url
+
+
+# libpq's connection parameters that asyncpg does not understand: it would send each to the
+# server as a setting, which PostgreSQL refuses ("unrecognized configuration parameter").
+# connect_timeout is not here: the control plane takes it out of the URL and uses it.
+_LIBPQ_ONLY = frozenset(
+    {
+        "channel_binding",
+        "fallback_application_name",
+        "gssdelegation",
+        "gssencmode",
+        "hostaddr",
+        "keepalives",
+        "keepalives_count",
+        "keepalives_idle",
+        "keepalives_interval",
+        "load_balance_hosts",
+        "max_protocol_version",
+        "min_protocol_version",
+        "require_auth",
+        "requirepeer",
+        "requiressl",
+        "sslcertmode",
+        "sslcompression",
+        "sslkeylogfile",
+        "sslsni",
+        "tcp_user_timeout",
+    }
+)
+
+
+def _check_parameters(query: str) -> None:
+    """Refuse a query asyncpg cannot read, the libpq-only parameters the control plane cannot
+    honour, and a ``connect_timeout`` that is not a whole number of seconds (libpq's rule).
+    The messages never quote the query: it may hold the password."""
+    if not query:
+        return
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+    except ValueError as exc:
+        raise ConfigError(
+            "DATABASE_URL is invalid: its parameters (after '?') must be name=value pairs "
+            "joined by '&'"
+        ) from exc
+    unusable = sorted({name for name, _ in pairs} & _LIBPQ_ONLY)
+    if unusable:
+        raise ConfigError(
+            f"DATABASE_URL has libpq parameter(s) the control plane cannot use: "
+            f"{', '.join(unusable)}; remove them (connect_timeout, sslmode and the other ssl* "
+            "settings, target_session_attrs, passfile and server settings such as "
+            "application_name or options are understood)"
+        )
+    for name, value in pairs:
+        if name == CONNECT_TIMEOUT_PARAMETER:
+            try:
+                parse_connect_timeout(value)
+            except ValueError as exc:
+                raise ConfigError(f"DATABASE_URL is invalid: {exc}") from exc
 
 
 _BAD_HOST = (

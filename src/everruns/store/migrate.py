@@ -2,19 +2,23 @@
 
 Each migration runs in its own transaction, under a PostgreSQL advisory lock so that several
 control planes starting together apply it exactly once. An applied migration whose file has
-changed since stops everything with a clear error: the database no longer matches the code.
+changed since, or one recorded that this code has no file for (a newer release migrated the
+database), stops everything with a clear error: the database no longer matches the code. With
+nothing to apply it only reads, so a role without CREATE on the schema can start.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Awaitable, Callable
+from functools import partial
 from importlib import resources
 
 import attrs
 import trio
 
-from everruns._aio.pg import Connection
+from everruns._aio.pg import Connection, sqlstate_of
 from everruns.errors import MigrationError
 
 __all__ = ["Migration", "apply_migrations", "load_migrations"]
@@ -55,13 +59,17 @@ def load_migrations() -> list[Migration]:
     return [found[v] for v in sorted(found)]
 
 
-_CREATE_LEDGER = """
-CREATE TABLE IF NOT EXISTS everruns_schema_migrations (
+_LEDGER = "everruns_schema_migrations"
+_CREATE_LEDGER = f"""
+CREATE TABLE IF NOT EXISTS {_LEDGER} (
     version    integer PRIMARY KEY,
     name       text NOT NULL,
     checksum   text NOT NULL,
     applied_at timestamptz NOT NULL DEFAULT now()
 )"""
+
+# PostgreSQL's insufficient_privilege: the role may not create or alter what a migration does.
+_INSUFFICIENT_PRIVILEGE = "42501"
 
 
 async def apply_migrations(
@@ -69,17 +77,37 @@ async def apply_migrations(
 ) -> list[str]:
     """Apply every migration not yet recorded; return the names applied (in order).
 
+    With nothing to apply, only reads: a role that may use the tables but not create any (the
+    schema's owner having migrated) gets through.
+
     Raises:
-        MigrationError: an applied migration was edited, or a migration failed (its transaction
-            is rolled back and the ones before it stay applied).
+        MigrationError: the database records a migration this code has no file for (a newer
+            release migrated it), an applied migration was edited, a pending one needs a
+            privilege the role lacks, or a migration failed (its transaction is rolled back
+            and the ones before it stay applied).
     """
     todo = load_migrations() if migrations is None else migrations
     applied: list[str] = []
+    # The lock comes before the look at the ledger: two control planes starting on an empty
+    # database must not both find it missing and both create it.
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
     try:
-        await conn.execute(_CREATE_LEDGER)
-        rows = await conn.fetch("SELECT version, name, checksum FROM everruns_schema_migrations")
+        # Looked up rather than CREATE TABLE IF NOT EXISTS, which PostgreSQL refuses to a role
+        # without CREATE on the schema even when the table exists.
+        if await conn.fetchval("SELECT to_regclass($1)::text", _LEDGER) is None:
+            await _schema_change(
+                partial(conn.execute, _CREATE_LEDGER), f"creating the table {_LEDGER}"
+            )
+        rows = await conn.fetch(f"SELECT version, name, checksum FROM {_LEDGER}")
         done = {row["version"]: row for row in rows}
+        known = {migration.version for migration in todo}
+        unknown = [f"{v:03d}_{done[v]['name']}" for v in sorted(done) if v not in known]
+        if unknown:
+            raise MigrationError(
+                f"this database has migration(s) {', '.join(unknown)} applied, which this "
+                "everruns does not know: it was migrated by a newer release; run that release "
+                "or newer"
+            )
         for migration in todo:
             row = done.get(migration.version)
             label = f"{migration.version:03d}_{migration.name}.sql"
@@ -90,22 +118,37 @@ async def apply_migrations(
                         "restore the original file and add a new migration for the change"
                     )
                 continue
-            try:
+
+            async def apply(migration: Migration = migration) -> None:
                 async with conn.transaction():
                     await conn.execute(migration.sql)
                     await conn.execute(
-                        "INSERT INTO everruns_schema_migrations (version, name, checksum) "
-                        "VALUES ($1, $2, $3)",
+                        f"INSERT INTO {_LEDGER} (version, name, checksum) VALUES ($1, $2, $3)",
                         migration.version,
                         migration.name,
                         migration.checksum,
                     )
-            except MigrationError:
-                raise
-            except Exception as exc:
-                raise MigrationError(f"migration {label} failed: {exc}") from exc
+
+            await _schema_change(apply, f"migration {label}")
             applied.append(label)
     finally:
         with trio.move_on_after(5, shield=True):
             await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
     return applied
+
+
+async def _schema_change(change: Callable[[], Awaitable[object]], what: str) -> None:
+    """Make a schema change; its failure becomes a `MigrationError` naming ``what``, which for
+    a missing privilege says who can make it."""
+    try:
+        await change()
+    except MigrationError:
+        raise
+    except Exception as exc:
+        cause = str(exc)
+        if sqlstate_of(exc) == _INSUFFICIENT_PRIVILEGE:
+            raise MigrationError(
+                f"{what} needs a privilege this database role lacks ({cause}); run "
+                "`python -m everruns.server migrate` as the schema's owner, then start again"
+            ) from exc
+        raise MigrationError(f"{what} failed: {cause}") from exc
