@@ -1026,8 +1026,11 @@ async def test_grace_ending_while_a_result_is_in_a_batch_leaves_its_slot_release
     reg = Registry()
 
     @activity(registry=reg)
-    def hold(ctx: ActivityContext, _: Any) -> str:
-        time.sleep(1.5)  # a sync activity: keeps the task nursery open past the grace period
+    async def hold(ctx: ActivityContext, _: Any) -> str:
+        # Keeps the task nursery open past the grace period. (A sync activity did, until its
+        # thread was abandoned on cancellation.)
+        with trio.CancelScope(shield=True):
+            await trio.sleep(1.5)
         return "held"
 
     @activity(registry=reg)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import trio
 import trio.testing
@@ -75,3 +77,41 @@ async def test_small_capacities_still_claim_when_idle(capacity: int) -> None:
     slots = TaskSlots(capacity)
     with trio.fail_after(1):
         assert await slots.wait_claimable() == capacity
+
+
+async def test_a_thread_is_held_until_an_abandoned_thread_really_ends() -> None:
+    """A sync activity's thread (`Thread`, passed to Trio as its limiter) stays taken while a
+    thread abandoned on cancellation runs on, and only its end gives it back."""
+    slots = TaskSlots(2, threads=1)
+    (slot,) = slots.reserve(1)
+    assert slots.add_threads([slot]) == 1 and slots.free_threads == 0
+    thread = slots.start(slot, needs_thread=True)
+    assert thread is not None and slot.thread is None
+    gate = threading.Event()
+    with trio.move_on_after(0.05):
+        await trio.to_thread.run_sync(gate.wait, limiter=thread, abandon_on_cancel=True)  # type: ignore[arg-type]
+    thread.give_back()  # a thread was started with it: its end gives it back, not this
+    slots.release(slot)
+    assert slots.free_threads == 0 and slots.new_thread() is None
+    gate.set()
+    with trio.fail_after(5):
+        await slots.wait_thread()
+    assert slots.free_threads == 1
+
+
+async def test_a_thread_never_started_goes_back_with_its_slot_or_its_task() -> None:
+    slots = TaskSlots(3, threads=2)
+    reserved = slots.reserve(3)
+    assert slots.add_threads(reserved) == 2
+    assert [s.thread is not None for s in reserved] == [True, True, False]
+    assert slots.start(reserved[0]) is None  # not a sync activity: its thread goes back
+    assert slots.free_threads == 1
+    slots.release(reserved[1])
+    assert slots.free_threads == 2
+    (again,) = slots.reserve(1)
+    slots.add_threads([again])
+    thread = slots.start(again, needs_thread=True)
+    assert thread is not None and slots.free_threads == 1
+    thread.give_back()
+    thread.give_back()  # once only
+    assert slots.free_threads == 2

@@ -9,8 +9,17 @@ run sync ones. This module does no I/O itself.
 
 Cancellation: an async activity is cancelled as Trio cancels anything (``trio.Cancelled`` at
 its current ``await``; ``finally`` blocks run). A sync activity runs in a thread that Trio
-cannot interrupt: it runs to completion unless it looks at ``ctx.cancel_requested`` and stops
-on its own.
+cannot interrupt: when its attempt is cancelled (a cancel request, a lost lease, the end of a
+shutdown's grace period, an immediate stop), the worker abandons the thread, sets
+``ctx.cancel_requested`` and reports the attempt at once. The thread runs on until the function
+returns (sooner if it looks at ``ctx.cancel_requested``): its result is dropped, its heartbeats
+are ignored, and it keeps one of the worker's ``max_sync_threads`` until it ends.
+
+Errors: anything an activity raises fails its attempt (retried as its policy says), even a
+``BaseException``; only Trio's ``Cancelled`` and a ``KeyboardInterrupt`` out of an *async*
+activity are the worker's (the operator's Ctrl-C arrives on the Trio thread). A sync activity's
+``KeyboardInterrupt`` is its own (Python delivers Ctrl-C to the main thread only) and fails its
+attempt like any other exception.
 """
 
 from __future__ import annotations
@@ -112,7 +121,8 @@ class ActivityContext:
     @property
     def cancel_requested(self) -> bool:
         """True once the worker decided to stop this attempt (cancel request, lost lease or
-        shutdown). Sync activities, which cannot be interrupted, can poll it and return early."""
+        shutdown). Sync activities, which cannot be interrupted, can poll it and return early:
+        their attempt is reported without them, and their result dropped."""
         return self._cancel_requested
 
     def heartbeat(self, details: Any = None) -> None:

@@ -103,7 +103,11 @@ class WorkerConfig:
             more claimed tasks.
         auth_token: bearer token sent with every call, if the control plane requires one.
         grace_period: seconds a graceful shutdown lets running tasks finish.
-        max_sync_threads: threads for sync activities (default: one per task slot).
+        max_sync_threads: threads for sync activities (default: one per task slot). A sync
+            activity is claimed only with a thread free for it, so that it never waits for
+            one while its start-to-close timeout runs: with fewer threads than slots, claims
+            are no larger than the free threads, and leave sync activities out while every
+            thread is busy. A thread abandoned by a stop keeps its place until it ends.
         call_stream: send calls over the control plane's call stream (one HTTP/2 stream for
             all of them) where it serves one; False: one HTTP/2 stream per call.
         start_ahead: start the activities a workflow task's decision schedules, in free slots,

@@ -30,8 +30,8 @@ from importlib import metadata
 from typing import Any, TypeVar, cast
 
 import attrs
+import outcome
 import trio
-from outcome import acapture
 
 from everruns._aio import open_aio_loop
 from everruns._aio.grpc import RpcChannel, client_tls_from_env, error_for_status, open_channel
@@ -77,7 +77,7 @@ from everruns.worker.config import (
 from everruns.worker.failure import error_from_exception, make_error, type_name
 from everruns.worker.heartbeats import Beat, Heartbeats
 from everruns.worker.replays import ReplayCache
-from everruns.worker.slots import Slot, TaskSlots
+from everruns.worker.slots import Slot, TaskSlots, Thread
 
 __all__ = ["Worker"]
 
@@ -170,11 +170,15 @@ _FINAL_REPORT_TRIES = 2
 control plane that does not answer twice is most likely stopping too (an app that embeds both
 cancels both); it releases the task itself when it sees the worker's connection drop. Before,
 the report backed off for the whole 5 s budget against a closed port."""
+_FINAL_DETAILS_BUDGET = 1.0
+"""Time the last heartbeat details of an activity released at a stop may take, out of
+`FINAL_REPORT_BUDGET`: the release that follows them matters more."""
 
 
 def _ours(exc: BaseException) -> bool:
     """Whether ``exc`` is Trio's cancellation or an interrupt, or a group holding one: the
-    worker's to handle, never an activity's failure."""
+    worker's to handle, never an activity's failure. Not asked of what a sync activity's
+    thread raised: that is all the activity's own (`Worker._call_activity`)."""
     if isinstance(exc, BaseExceptionGroup):
         return exc.subgroup(lambda e: isinstance(e, trio.Cancelled | KeyboardInterrupt)) is not None
     return isinstance(exc, trio.Cancelled | KeyboardInterrupt)
@@ -259,6 +263,9 @@ class _RunningTask:
         self.stale_reason: str | None = None
         self.ctx: ActivityContext | None = None
         self.outcome: _Outcome | None = None
+        # A sync activity's thread, taken with its slot (`TaskSlots.start`); it goes with the
+        # activity's thread, or back when none is started.
+        self.thread: Thread | None = None
         self.claim_time: float = task.claimed_at
         self.received = trio.current_time()
         self.ahead: _Ahead | None = None
@@ -336,7 +343,11 @@ class Worker:
         auth_token: bearer token, if the control plane requires one.
         tls: TLS context for the connection (None: plaintext).
         grace_period: seconds `shutdown` lets running tasks finish before cancelling them.
-        max_sync_threads: threads for sync activities (default: one per task slot).
+        max_sync_threads: threads for sync activities (default: one per task slot). A worker
+            claims a sync activity only with a thread free for it (fewer threads than slots
+            make its claims smaller while it serves sync activities, and leave sync
+            activities out of them while every thread is busy); a thread abandoned by a stop
+            counts until it ends.
         poll_wait: long-poll budget of one claim call, in seconds (finite, > 0).
         start_ahead: start the activities a decision schedules while it is on its way (see
             `WorkerConfig.start_ahead`).
@@ -419,10 +430,9 @@ class Worker:
         self.registry = registry
         self._tls = tls
         self._poll_wait = poll
-        self._slots = TaskSlots(config.max_concurrent_tasks)
-        self._sync_limiter = trio.CapacityLimiter(
-            config.max_sync_threads or config.max_concurrent_tasks
-        )
+        self._slots = TaskSlots(config.max_concurrent_tasks, threads=config.max_sync_threads)
+        # The sync activity types served, read when `run` starts: offered slots need threads.
+        self._sync_types: frozenset[str] = frozenset()
         self._replay_limiter = trio.CapacityLimiter(REPLAY_THREADS)
         self._rng = random.Random()
         self._running: dict[str, _RunningTask] = {}
@@ -508,6 +518,11 @@ class Worker:
             raise RuntimeError("Worker.run may be called only once per Worker")
         self._run_called = True
         self._token = trio.lowlevel.current_trio_token()
+        self._sync_types = frozenset(
+            name
+            for name in self.registry.activity_types()
+            if (d := self.registry.get_activity(name)) is not None and not d.is_async
+        )
         cfg = self.config
         async with (
             open_aio_loop(),
@@ -802,7 +817,8 @@ class Worker:
         deadline = trio.current_time() + grace
         tasks_scope.deadline = min(tasks_scope.deadline, deadline)
         await trio.sleep_until(deadline)
-        # Sync activities cannot be interrupted; this is their only hint to stop early.
+        # Sync activities cannot be interrupted: their threads, abandoned as their tasks are
+        # cancelled, are told to stop early here (and by `_run_sync_activity`).
         for handle in self._running.values():
             if handle.ctx is not None:
                 handle.ctx._mark_cancel_requested()
@@ -811,15 +827,34 @@ class Worker:
 
     async def _poll_loop(self, scope: trio.CancelScope) -> None:
         with scope:
-            activity_types = self.registry.activity_types()
+            all_activity_types = self.registry.activity_types()
             workflow_types = self.registry.workflow_types()
-            if not activity_types and not workflow_types:
+            if not all_activity_types and not workflow_types:
                 log.warning("worker %s serves nothing; it will not claim tasks", self.worker_id)
                 await trio.sleep_forever()
+            other_types = [t for t in all_activity_types if t not in self._sync_types]
             backoff = Backoff(rng=self._rng)
             while True:
                 free = await self._slots.wait_claimable()
                 slots = self._slots.reserve(free)
+                activity_types = all_activity_types
+                if self._sync_types:
+                    # A sync activity is claimed only with a thread free for it: claimed
+                    # without, its start-to-close clock would run while it waits for one.
+                    # So the claim is no larger than the free threads, or leaves the sync
+                    # types out while every thread is busy (one that ends is refilled by its
+                    # result call, or by the next claim).
+                    threaded = self._slots.add_threads(slots)
+                    if not threaded:
+                        activity_types = other_types
+                    for slot in slots[threaded or len(slots) :]:
+                        self._slots.release(slot)
+                    slots = slots[: threaded or len(slots)]
+                    if not activity_types and not workflow_types:
+                        for slot in slots:
+                            self._slots.release(slot)
+                        await self._slots.wait_thread()
+                        continue
                 used = 0
                 asked_at = trio.current_time()
                 try:
@@ -893,19 +928,33 @@ class Worker:
     def _launch(self, nursery: trio.Nursery, handle: _RunningTask) -> None:
         """Run ``handle``'s task in its slot, as a task of the worker's task nursery."""
         assert handle.slot is not None
-        self._slots.start(handle.slot)
         task = handle.task
+        handle.thread = self._slots.start(
+            handle.slot,
+            needs_thread=task.kind == "activity" and task.activity_type in self._sync_types,
+        )
         ahead = " (ahead)" if handle.bound is not None else ""
         nursery.start_soon(
             self._run_task, handle, name=f"everruns task {task.kind} {task.task_id}{ahead}"
         )
 
-    def _eager_offer(self, handle: _RunningTask) -> tuple[list[Slot], int]:
-        """Reserve slots for tasks a completion may hand back; the task's own slot counts."""
+    def _eager_offer(self, finished: Sequence[_RunningTask]) -> tuple[list[Slot], int]:
+        """Reserve free slots for tasks a completion may hand back; return them and how many
+        slots to offer in all, the finished tasks' own slots first (each passes on).
+
+        A worker that runs sync activities offers only slots it has a thread for (any task
+        handed back may be a sync activity); `_adopt_new_tasks` uses only those."""
         if self.draining:
             return [], 0
         extra = self._slots.reserve_eager(self._slots.free)
-        return extra, len(extra) + 1
+        if not self._sync_types:
+            return extra, len(finished) + len(extra)
+        own = [h.slot for h in finished if h.slot is not None]
+        self._slots.add_threads([*own, *extra])
+        kept = [slot for slot in extra if slot.thread is not None]
+        for slot in extra[len(kept) :]:
+            self._slots.release(slot)
+        return kept, sum(slot.thread is not None for slot in own) + len(kept)
 
     # ------------------------------------------------------------------------------ tasks
 
@@ -932,6 +981,8 @@ class Worker:
                 handle.describe(),
             )
         finally:
+            if handle.thread is not None:
+                handle.thread.give_back()  # unless its thread runs on (abandoned): it ends it
             if self._running.get(handle.key) is handle:
                 del self._running[handle.key]
             # A completion that handed back a task may have taken the slot over already.
@@ -1012,53 +1063,66 @@ class Worker:
             if definition.is_async:
                 value = await definition.fn(ctx, args)
             else:
-                assert ctx is not None
-                value = await self._run_sync_activity(definition, ctx, args)
+                ran = await self._run_sync_activity(definition, handle, args)
+                if isinstance(ran, outcome.Error):
+                    # Whatever the thread raised is the activity's own, a KeyboardInterrupt
+                    # too: Python delivers Ctrl-C to the main thread only. The worker's own
+                    # cancellation comes out of `_run_sync_activity` itself.
+                    return self._activity_failed(handle, ran.error)
+                value = ran.unwrap()
         except BaseException as exc:
             # Any error of the activity's own fails this attempt, not the worker, which would
             # crash each worker the task went to next: SystemExit (a script's sys.exit()),
-            # GeneratorExit, asyncio's CancelledError out of a sync activity's asyncio.run(),
-            # a library's BaseException. Not trio's Cancelled (its scope was cancelled: the
-            # cancel request, or the worker stopping) nor a KeyboardInterrupt.
+            # GeneratorExit, a library's BaseException. Not trio's Cancelled (its scope was
+            # cancelled: the cancel request, or the worker stopping) nor a KeyboardInterrupt
+            # out of an async activity (the operator's Ctrl-C, delivered on the Trio thread).
             if _ours(exc):
                 raise
-            log.info("%s failed: %s: %s", handle.describe(), type_name(exc), exception_text(exc))
-            error = error_from_exception(exc)
-            return _Failed(error, bool(error["non_retryable"]))
+            return self._activity_failed(handle, exc)
         try:
             result = payload.encode(value, what=f"result of activity {definition.name!r}")
         except PayloadError as exc:
             return _Failed(error_from_exception(exc, non_retryable=True), True)
         return _Completed(result)
 
+    def _activity_failed(self, handle: _RunningTask, exc: BaseException) -> _Failed:
+        log.info("%s failed: %s: %s", handle.describe(), type_name(exc), exception_text(exc))
+        error = error_from_exception(exc)
+        return _Failed(error, bool(error["non_retryable"]))
+
     async def _run_sync_activity(
-        self, definition: ActivityDefinition, ctx: ActivityContext, args: Any
-    ) -> Any:
-        """Run a sync activity in a thread. Trio cannot interrupt the thread, so a
-        cancellation of the worker's own (the host app cancelling `Worker.run`) is passed on
-        as ``ctx.cancel_requested``, as a cancel request or a lease lost are; the activity
-        returns when it sees it, and the cancellation goes on."""
-        done = False
+        self, definition: ActivityDefinition, handle: _RunningTask, args: Any
+    ) -> outcome.Outcome[Any]:
+        """Run a sync activity in its thread (taken with its slot); return what the thread
+        returned or raised.
 
-        async def tell_on_cancel() -> None:
-            try:
-                await trio.sleep_forever()
-            finally:
-                if not done:
-                    ctx._mark_cancel_requested()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(tell_on_cancel)
-            try:
-                ran = await acapture(
-                    trio.to_thread.run_sync,
-                    functools.partial(definition.fn, ctx, args),
-                    limiter=self._sync_limiter,
-                )
-            finally:
-                done = True
-                nursery.cancel_scope.cancel()
-        return ran.unwrap()
+        Cancellation (a cancel request, a lost lease, the grace period over, the host app
+        cancelling `Worker.run`): Trio cannot interrupt the thread, so it is abandoned at once
+        and told (``ctx.cancel_requested``); `Cancelled` goes on, and the task is reported
+        (released, or cancelled) without waiting for the thread. The thread runs on until the
+        activity returns, its outcome dropped and its heartbeats ignored; it counts against
+        ``max_sync_threads`` until then.
+        """
+        ctx = handle.ctx
+        assert ctx is not None
+        while handle.thread is None:
+            # Not taken with the claim: a control plane handed out a sync activity when the
+            # worker did not offer a thread for one.
+            handle.thread = self._slots.new_thread()
+            if handle.thread is None:
+                await self._slots.wait_thread()
+        try:
+            # Captured in the thread, so that what the thread raised is told apart from what
+            # the Trio thread raises here (Cancelled, or the operator's KeyboardInterrupt).
+            return await trio.to_thread.run_sync(
+                functools.partial(outcome.capture, definition.fn, ctx, args),
+                # Held already; Trio releases it when the thread really ends (`Thread`).
+                limiter=cast(trio.CapacityLimiter, handle.thread),
+                abandon_on_cancel=True,
+            )
+        except BaseException:
+            ctx._mark_cancel_requested()
+            raise
 
     def _beat_interval(self, task: Any) -> float:
         # The control plane announces the period it needs (it releases tasks after a few
@@ -1243,8 +1307,7 @@ class Worker:
         """One CompleteActivityTasks call for a batch of results; the reply's new tasks start
         in the slots of the results sent (accepted or refused: the control plane claims a task
         for each whatever its verdict), then in free slots offered with the call."""
-        extra = [] if self.draining else self._slots.reserve_eager(self._slots.free)
-        offer = 0 if self.draining else len(handles) + len(extra)
+        extra, offer = self._eager_offer(handles)
         used = 0
         try:
             results = []
@@ -1295,14 +1358,17 @@ class Worker:
 
         A finished task whose report was abandoned (cancelled at the end of the grace period
         while its batch was in flight) may have released its slot already: it has none to
-        pass on."""
+        pass on. Nor does one whose slot was not offered, for want of a thread
+        (`_eager_offer`)."""
         freed: list[Slot] = []
         for handle in finished:
             if len(freed) == len(tasks) or self._task_nursery is None:
                 break
+            if handle.slot is None or (self._sync_types and handle.slot.thread is None):
+                continue
             slot = handle.take_slot()
-            if slot is not None:
-                freed.append(slot)
+            assert slot is not None
+            freed.append(slot)
         return self._start_tasks(tasks, [*freed, *extra], what=what) - len(freed)
 
     async def _result_refused(self, handle: _RunningTask, exc: BaseException) -> None:
@@ -1330,7 +1396,7 @@ class Worker:
 
     async def _complete_activity_alone(self, handle: _RunningTask, outcome: _Completed) -> None:
         task = handle.task
-        extra, offer = self._eager_offer(handle)
+        extra, offer = self._eager_offer([handle])
         used = 0
         try:
             request = pb.CompleteActivityTaskRequest(
@@ -1433,6 +1499,12 @@ class Worker:
             release = (outcome is None and not cancelled) or (
                 isinstance(outcome, _Failed) and outcome.release
             )
+            if not cancelled and handle.stale_reason is None and handle.ctx is not None:
+                # The next attempt resumes from the progress this one recorded last, as after
+                # any failure (`_fail_activity`); within the minimum gap between heartbeats it
+                # is still pending. Best effort, and bounded: the report matters more.
+                with trio.move_on_after(_FINAL_DETAILS_BUDGET):
+                    await self._send_last_details(handle, handle.ctx)
             if isinstance(outcome, _Failed):
                 failure = outcome
             elif cancelled:
@@ -1592,7 +1664,7 @@ class Worker:
             await self._fail_workflow_task(handle, outcome)
             return
         assert isinstance(outcome, _Decided)
-        extra, offer = self._eager_offer(handle) if eager else ([], 0)
+        extra, offer = self._eager_offer([handle]) if eager else ([], 0)
         ahead = self._start_ahead(handle, outcome.activities, extra)
         used = len(ahead)  # the first slots of `extra`, each now owned by its activity
         try:
