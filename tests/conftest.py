@@ -47,6 +47,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     automark(aio, run=_run_with_aio)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # The tests of Ctrl-C need Python's own SIGINT handler: Trio delivers KeyboardInterrupt
+    # only over it. A run started in the background by a shell script inherits SIGINT ignored
+    # (as `(scripts/test > log &)` does), and those tests then failed for no fault of the code.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @pytest.fixture(autouse=True)
 def _sigint_handler_left_as_found() -> Iterator[None]:
     """A test that leaves SIGINT's handler changed (a Trio run that did not restore its own,
