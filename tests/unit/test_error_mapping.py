@@ -3,6 +3,8 @@ state causes is UNAVAILABLE (callers retry it), what the request causes is its o
 
 from __future__ import annotations
 
+import ssl
+
 import asyncpg
 import pytest
 
@@ -71,6 +73,9 @@ def test_a_broken_stream_or_a_reply_that_does_not_decode_is_an_everruns_error() 
         (asyncpg.exceptions.InvalidPasswordError("password authentication failed"), False),
         (asyncpg.exceptions.InvalidCatalogNameError('database "x" does not exist'), False),
         (asyncpg.exceptions.ClientConfigurationError("invalid sslmode"), False),
+        # TLS: a certificate refused stays; a TLS connection cut short passes
+        (ssl.SSLCertVerificationError("certificate verify failed"), False),
+        (ssl.SSLEOFError("EOF occurred in violation of protocol"), True),
     ],
 )
 def test_a_connection_refusal_is_retried_only_if_it_can_pass(

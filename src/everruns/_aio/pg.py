@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import ssl
 import weakref
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -490,6 +491,10 @@ _TEMPORARY_CLASSES = ("53", "08")
 
 def _temporary(exc: BaseException) -> bool:
     """Whether a failed connection attempt may succeed when made again."""
+    if isinstance(exc, ssl.SSLError):
+        # A certificate or TLS setting refused is the same at every attempt; a TLS connection
+        # cut short (EOF) is the network's.
+        return isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError))
     if isinstance(exc, (OSError, TimeoutError, asyncpg.InterfaceError)):
         # Unreachable, timed out, or the connection dropped mid-handshake; but a client
         # configuration asyncpg refuses (a bad sslmode) is the same at every attempt.

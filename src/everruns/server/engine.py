@@ -77,7 +77,7 @@ _NONE_STARTED: Mapping[str, uuid.UUID] = {}  # no activities started ahead
 _START_SEQUENCE = 1  # the sequence number of a run's first event, its start
 _RELEASE_ROUNDS = 4  # looks at a lost worker's tasks, at most (`release_worker`)
 _GIVE_BACK_SECONDS = 5.0  # bounded cleanup: tasks handed to a poll that left go back
-SERVED_FRESH_SECONDS = 10.0
+SERVED_FRESH_SECONDS = 60.0
 """How long the control plane trusts what it remembers a worker serves (`Engine._served_by`)
 without reading its registration again: a safety net, since a registration on any control
 plane makes every other forget the worker at once (NOTIFY), and a lost LISTEN connection makes

@@ -229,6 +229,15 @@ FROM (SELECT id FROM durable_dead_letter_queue
 WHERE d.id = r.id
 RETURNING d.*;
 
+-- name: lock_run_of_dead_letter
+-- A requeue locks the dead letter's run first (key share), before the dead letter's row: in
+-- the order retention takes them (the run, then by cascade its dead letters), so the two never
+-- deadlock. No row: no such dead letter, or its run is gone.
+SELECT r.id FROM durable_dead_letter_queue d
+JOIN durable_workflow_instances r ON r.id = d.run_id
+WHERE d.id = $1
+FOR KEY SHARE OF r;
+
 -- name: revive_task
 -- Put a dead task back in the queue with fresh attempts. Its run is locked (key share): a
 -- retention round skips a locked run, and one that locked it first has deleted it (with the
@@ -541,20 +550,30 @@ UPDATE durable_task_queue SET attempt = least(attempt + 1, max_attempts)
 WHERE id = $1
 RETURNING *;
 
+-- name: lock_expired_runs
+-- Lock up to $2 ended runs older than $1 seconds that retention may delete: not a child whose
+-- parent is still open (its history names the child, whose run must stay there to inspect; it
+-- goes once its parent has ended); nor a run with a live task (an operator's requeue of its
+-- dead letter): it goes once that has run. Locked runs are skipped (a requeue holds its run).
+SELECT c.id FROM durable_workflow_instances c
+WHERE c.completed_at IS NOT NULL
+  AND c.completed_at < now() - make_interval(secs => $1)
+  AND NOT EXISTS (SELECT 1 FROM durable_workflow_instances p
+                  WHERE p.id = c.parent_run_id AND p.completed_at IS NULL)
+  AND NOT EXISTS (SELECT 1 FROM durable_task_queue t
+                  WHERE t.run_id = c.id AND t.status IN ('pending', 'claimed'))
+ORDER BY c.completed_at LIMIT $2
+FOR UPDATE OF c SKIP LOCKED;
+
 -- name: delete_expired_runs
--- Delete up to $2 ended runs older than $1 seconds (events, tasks, signals, timers and dead
--- letters go with them by cascade); not a child whose parent is still open (its history names
--- the child, whose run must stay there to inspect; it goes once its parent has ended); nor a
--- run with a live task (an operator's requeue of its dead letter): it goes once that has run.
-DELETE FROM durable_workflow_instances
-WHERE id IN (SELECT c.id FROM durable_workflow_instances c
-             WHERE c.completed_at IS NOT NULL
-               AND c.completed_at < now() - make_interval(secs => $1)
-               AND NOT EXISTS (SELECT 1 FROM durable_workflow_instances p
-                               WHERE p.id = c.parent_run_id AND p.completed_at IS NULL)
-               AND NOT EXISTS (SELECT 1 FROM durable_task_queue t
-                               WHERE t.run_id = c.id AND t.status IN ('pending', 'claimed'))
-             ORDER BY c.completed_at LIMIT $2 FOR UPDATE OF c SKIP LOCKED)
+-- Delete the runs lock_expired_runs locked ($1), events, tasks, signals, timers and dead letters
+-- with them by cascade. The live-task rule is checked again here, in a snapshot taken after the
+-- locks: a requeue that committed between that statement's snapshot and its lock (a key-share
+-- lock makes no new row version, so nothing re-checked it there) keeps its run.
+DELETE FROM durable_workflow_instances r
+WHERE r.id = ANY($1::uuid[])
+  AND NOT EXISTS (SELECT 1 FROM durable_task_queue t
+                  WHERE t.run_id = r.id AND t.status IN ('pending', 'claimed'))
 RETURNING id;
 
 -- name: count_new_runs

@@ -1203,8 +1203,13 @@ class Store:
         return None if value is None else float(value)
 
     async def delete_expired_runs(self, conn: Connection, *, older_than: float, limit: int) -> int:
-        """Delete up to ``limit`` runs that ended more than ``older_than`` seconds ago."""
-        return len(await conn.fetch(Q["delete_expired_runs"], older_than, limit))
+        """Delete up to ``limit`` runs that ended more than ``older_than`` seconds ago (lock
+        them, then delete those still without a live task, in a snapshot taken after the
+        locks)."""
+        locked = [r["id"] for r in await conn.fetch(Q["lock_expired_runs"], older_than, limit)]
+        if not locked:
+            return 0
+        return len(await conn.fetch(Q["delete_expired_runs"], locked))
 
     # ---------------------------------------------------------------- dead letters
 
@@ -1224,6 +1229,7 @@ class Store:
             NotFound: no such dead letter.
             FailedPrecondition: it was already requeued.
         """
+        await conn.fetchrow(Q["lock_run_of_dead_letter"], dead_letter_id)
         row = await conn.fetchrow(Q["mark_requeue"], dead_letter_id)
         if row is None:
             existing = await conn.fetchrow(Q["get_dead_letter"], dead_letter_id)

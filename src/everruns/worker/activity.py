@@ -13,7 +13,12 @@ cannot interrupt: when its attempt is cancelled (a cancel request, a lost lease,
 shutdown's grace period, an immediate stop), the worker abandons the thread, sets
 ``ctx.cancel_requested`` and reports the attempt at once. The thread runs on until the function
 returns (sooner if it looks at ``ctx.cancel_requested``): its result is dropped, its heartbeats
-are ignored, and it keeps one of the worker's ``max_sync_threads`` until it ends.
+are ignored, and it keeps one of the worker's ``max_sync_threads`` until it ends. Two things
+follow. The task goes back to the queue at once, so another worker's attempt may run while the
+abandoned thread still does: a sync activity's side effects must tolerate an overlapping
+attempt (they must be idempotent anyway). And the thread belongs to no one: when the process
+exits (``python -m everruns.worker`` after its stop), it ends mid-call, with no ``finally``
+run; an embedded ``Worker.run`` returns while it still runs.
 
 Errors: anything an activity raises fails its attempt (retried as its policy says), even a
 ``BaseException``; only Trio's ``Cancelled`` and a ``KeyboardInterrupt`` out of an *async*
