@@ -4,6 +4,8 @@ that is cancelled, payload limits on what workflow code sends. Found by a review
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -18,7 +20,7 @@ from everruns.errors import (
     ResourceExhausted,
     WorkflowFailed,
 )
-from everruns.server import ServerConfig, serve
+from everruns.server import ServerConfig, ServerInfo, serve
 from everruns.worker import ActivityContext, Worker
 from tests.e2e.harness import wait_until
 from tests.integration.test_activity_edges import served
@@ -58,10 +60,9 @@ async def test_a_child_refused_because_its_id_is_taken_fails_in_its_parent(
             assert await handle.result(timeout=10) == ["child refused", "AlreadyExists"]
 
 
-async def test_cancelling_a_run_stuck_on_non_determinism_ends_it(database_url: str) -> None:
-    """The non-determinism message says "... or cancel it". Cancelling a stuck run ends it
-    cancelled once a worker fails to replay it again. Before, the request was recorded, the
-    replay failed again, and the run stayed running and stuck, holding its workflow id."""
+def evolving_code() -> tuple[Registry, Registry]:
+    """Two versions of workflow ``evolving``: the old runs ``step_a`` then waits for signal
+    ``go``; the new runs ``step_b`` instead, so it cannot replay the old one's history."""
     old_registry, new_registry = Registry(), Registry()
 
     @activity(registry=old_registry, name="step_a")
@@ -83,6 +84,19 @@ async def test_cancelling_a_run_stuck_on_non_determinism_ends_it(database_url: s
         await ctx.execute_activity("step_b", 1)  # changed under a running workflow
         return await ctx.wait_signal("go")
 
+    return old_registry, new_registry
+
+
+@asynccontextmanager
+async def stuck_evolving_run(
+    database_url: str,
+) -> AsyncIterator[tuple[ServerInfo, WorkflowHandle, Worker, Registry]]:
+    """A control plane with a run of ``evolving`` stuck on non-determinism: the old code ran
+    ``step_a`` and waits for ``go``; the signal was sent, and the new code failed to replay.
+    Yields the control plane, the run's handle, the worker with the new code (still running:
+    shut it down to stop it) and the old code's registry."""
+    old_registry, new_registry = evolving_code()
+
     async def waiting_for_the_signal() -> bool:
         types = await _types(handle)
         return "activity_completed" in types and types[-1] == "workflow_task_completed"
@@ -90,30 +104,38 @@ async def test_cancelling_a_run_stuck_on_non_determinism_ends_it(database_url: s
     async def stuck() -> bool:
         return bool((await handle.describe()).stuck_reason)
 
+    async with trio.open_nursery() as nursery:
+        info = await nursery.start(serve, ServerConfig(database_url=database_url, grpc_port=0))
+        async with Client.connect(info.address) as client:
+            old = Worker(old_registry, address=info.address, grace_period=0.5)
+            async with trio.open_nursery() as inner:
+                await inner.start(old.run)
+                handle = await client.start_workflow("evolving", None, workflow_id="evolving")
+                await wait_until(waiting_for_the_signal, timeout=10, what="old code waits")
+                old.shutdown()
+            new = Worker(new_registry, address=info.address, grace_period=0.5)
+            async with trio.open_nursery() as inner:
+                await inner.start(new.run)
+                await handle.signal("go", 1)
+                await wait_until(stuck, timeout=10, what="the run is stuck")
+                yield info, handle, new, old_registry
+        nursery.cancel_scope.cancel()
+
+
+async def test_cancelling_a_run_stuck_on_non_determinism_ends_it(database_url: str) -> None:
+    """The non-determinism message says "... or cancel it". Cancelling a stuck run ends it
+    cancelled once a worker fails to replay it again. Before, the request was recorded, the
+    replay failed again, and the run stayed running and stuck, holding its workflow id."""
     with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            info = await nursery.start(serve, ServerConfig(database_url=database_url, grpc_port=0))
-            async with Client.connect(info.address) as client:
-                old = Worker(old_registry, address=info.address, grace_period=0.5)
-                async with trio.open_nursery() as inner:
-                    await inner.start(old.run)
-                    handle = await client.start_workflow("evolving", None, workflow_id="evolving")
-                    await wait_until(waiting_for_the_signal, timeout=10, what="old code waits")
-                    old.shutdown()
-                new = Worker(new_registry, address=info.address, grace_period=0.5)
-                async with trio.open_nursery() as inner:
-                    await inner.start(new.run)
-                    await handle.signal("go", 1)
-                    await wait_until(stuck, timeout=10, what="the run is stuck")
-                    assert "or cancel it" in str((await handle.describe()).stuck_reason)
-                    await handle.cancel("the code changed; give up on this run")
-                    with pytest.raises(WorkflowFailed) as ended:
-                        await handle.result(timeout=10)
-                    assert ended.value.status == "cancelled"
-                    types = await _types(handle)
-                    assert types[-2:] == ["workflow_task_failed", "workflow_cancelled"]
-                    new.shutdown()
-            nursery.cancel_scope.cancel()
+        async with stuck_evolving_run(database_url) as (_, handle, new, _):
+            assert "or cancel it" in str((await handle.describe()).stuck_reason)
+            await handle.cancel("the code changed; give up on this run")
+            with pytest.raises(WorkflowFailed) as ended:
+                await handle.result(timeout=10)
+            assert ended.value.status == "cancelled"
+            types = await _types(handle)
+            assert types[-2:] == ["workflow_task_failed", "workflow_cancelled"]
+            new.shutdown()
 
 
 async def test_the_payload_limit_applies_to_what_workflow_code_sends(database_url: str) -> None:
