@@ -715,6 +715,28 @@ class CliResult:
         )
 
 
+def server_env(env_extra: Mapping[str, str]) -> dict[str, str]:
+    """`base_env` for ``python -m everruns.server`` run as an operator would: the database and
+    the address come from ``env_extra`` alone, never from the test run's own environment."""
+    return base_env(env_extra, drop=("DATABASE_URL", "GRPC_ADDRESS"))
+
+
+async def run_server_command(
+    args: Sequence[str], env_extra: Mapping[str, str], timeout: float = 30.0
+) -> tuple[int, str]:
+    """Run ``python -m everruns.server ARGS...`` to its end (within ``timeout`` seconds, else
+    ``trio.TooSlowError``); return its exit status and its output, stdout then stderr."""
+    with trio.fail_after(timeout):
+        done = await trio.run_process(
+            [sys.executable, "-m", "everruns.server", *args],
+            env=server_env(env_extra),
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    return done.returncode, (done.stdout + done.stderr).decode()
+
+
 async def run_cli(
     address: str,
     *args: str,

@@ -8,34 +8,15 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping
 
 import pytest
 import trio
 
 from everruns._aio import pg
 
-from .harness import free_port
+from .harness import free_port, run_server_command, server_env
 
 pytestmark = pytest.mark.db
-
-
-def _env(extra: Mapping[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "GRPC_ADDRESS")}
-    env.update(extra)
-    return env
-
-
-async def _run(args: list[str], extra: Mapping[str, str], timeout: float = 30) -> tuple[int, str]:
-    with trio.fail_after(timeout):
-        done = await trio.run_process(
-            [sys.executable, "-m", "everruns.server", *args],
-            env=_env(extra),
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
-    return done.returncode, (done.stdout + done.stderr).decode()
 
 
 @pytest.mark.parametrize(
@@ -49,7 +30,7 @@ async def _run(args: list[str], extra: Mapping[str, str], timeout: float = 30) -
     ],
 )
 async def test_bad_configuration_is_one_line_and_exit_2(extra: dict[str, str], needle: str) -> None:
-    code, output = await _run([], extra)
+    code, output = await run_server_command([], extra)
     assert code == 2, output
     assert needle in output
     assert "Traceback" not in output
@@ -58,7 +39,7 @@ async def test_bad_configuration_is_one_line_and_exit_2(extra: dict[str, str], n
 
 async def test_unreachable_database_is_retried_then_a_clear_error() -> None:
     port = free_port()  # nothing listens there
-    code, output = await _run(
+    code, output = await run_server_command(
         [],
         {
             "DATABASE_URL": f"postgresql://postgres:secret@127.0.0.1:{port}/x",
@@ -73,7 +54,7 @@ async def test_unreachable_database_is_retried_then_a_clear_error() -> None:
 
 
 async def test_unknown_arguments_exit_2() -> None:
-    code, output = await _run(["serve-forever"], {})
+    code, output = await run_server_command(["serve-forever"], {})
     assert code == 2 and "unknown arguments" in output
 
 
@@ -86,14 +67,14 @@ async def test_migrate_applies_and_exits(pg_server_url: str) -> None:
         await admin.execute(f'CREATE DATABASE "{name}"')
     try:
         url = with_database(pg_server_url, name)
-        code, output = await _run(["migrate"], {"DATABASE_URL": url})
+        code, output = await run_server_command(["migrate"], {"DATABASE_URL": url})
         assert code == 0, output
         assert (
             "migrations applied: 7 (001_durable_tables.sql, 002_foreign_key_indexes.sql, "
             "003_signals_by_run_only.sql, 004_start_deadlines.sql, 005_deferred_tasks_index.sql, "
             "006_orphaned_children.sql, 007_breaker_recent_failures.sql)" in output
         )
-        code, output = await _run(["migrate"], {"DATABASE_URL": url})
+        code, output = await run_server_command(["migrate"], {"DATABASE_URL": url})
         assert code == 0 and "migrations applied: 0" in output
     finally:
         with trio.move_on_after(10, shield=True):
@@ -106,7 +87,7 @@ async def test_server_announces_itself_and_stops_cleanly(database_url: str, sign
     with trio.fail_after(30):
         process = await trio.lowlevel.open_process(
             [sys.executable, "-m", "everruns.server"],
-            env=_env({"DATABASE_URL": database_url, "GRPC_ADDRESS": address}),
+            env=server_env({"DATABASE_URL": database_url, "GRPC_ADDRESS": address}),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )

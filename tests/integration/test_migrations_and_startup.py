@@ -29,28 +29,15 @@ import trio
 from everruns._aio import pg
 from everruns.store.migrate import Migration, apply_migrations, load_migrations
 from tests.conftest import drop_database, with_database
-from tests.e2e.harness import free_port
+from tests.e2e.harness import free_port, run_server_command, server_env
 
 pytestmark = pytest.mark.db
 
 
-def _env(extra: Mapping[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "GRPC_ADDRESS")}
-    env.update(extra)
-    return env
-
-
 async def _run(args: list[str], extra: Mapping[str, str], timeout: float) -> tuple[int, str, float]:
     began = trio.current_time()
-    with trio.fail_after(timeout):
-        done = await trio.run_process(
-            [sys.executable, "-m", "everruns.server", *args],
-            env=_env(extra),
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
-    return done.returncode, (done.stdout + done.stderr).decode(), trio.current_time() - began
+    code, output = await run_server_command(args, extra, timeout)
+    return code, output, trio.current_time() - began
 
 
 def _with_user(url: str, user: str) -> str:
@@ -134,7 +121,7 @@ async def test_a_role_that_cannot_create_tables_starts_on_a_migrated_database(
             address = f"127.0.0.1:{free_port()}"
             process = await trio.lowlevel.open_process(
                 [sys.executable, "-m", "everruns.server"],
-                env=_env({"DATABASE_URL": _with_user(url, role), "GRPC_ADDRESS": address}),
+                env=server_env({"DATABASE_URL": _with_user(url, role), "GRPC_ADDRESS": address}),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
             )

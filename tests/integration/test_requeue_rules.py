@@ -23,6 +23,7 @@ from everruns.server.engine import Engine, StartRequest
 from everruns.server.notifier import Notifier
 from everruns.store.models import WorkflowRun
 from everruns.store.store import NewEvent, Store
+from tests.integration.test_cancelled_calls_and_races import waiting_on_lock
 from tests.integration.test_engine import one_activity, plane
 from tests.integration.test_store import (
     _activity,
@@ -183,11 +184,7 @@ async def test_a_task_claimed_for_a_dropped_worker_by_a_commit_its_release_waite
                         )
 
                     nursery.start_soon(release)
-                    while not await pool.fetchval(  # noqa: ASYNC110 (a database state)
-                        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity"
-                        " WHERE datname = current_database() AND wait_event_type = 'Lock')"
-                    ):
-                        await trio.sleep(0.02)
+                    await waiting_on_lock(pool)
                     await decision.execute("COMMIT")
             except BaseException:
                 with trio.move_on_after(5, shield=True):

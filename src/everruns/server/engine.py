@@ -498,7 +498,7 @@ class Engine:
         events = []
         for task in await self.store.tasks_of_run(run.run_id, conn=conn):
             assert task.activity_id is not None
-            if task.requeue_count:  # an operator's requeue: not the code's to cancel
+            if task.requeue_count:  # an operator's requeue runs whatever its run does
                 continue
             if task.status == "pending":
                 await self.store.cancel_task(conn, task.task_id)
@@ -1138,14 +1138,9 @@ class Engine:
         it): its pending workflow task, its activities and children, its parent."""
         await self.store.drop_pending_workflow_tasks(conn, run.run_id)
         await self.store.cancel_timers_of_run(conn, run.run_id)  # nothing fires into an ended run
-        # Activities the code no longer waits for are cancelled, not left to run.
-        for task in await self.store.tasks_of_run(run.run_id, conn=conn):
-            if task.requeue_count:  # an operator's requeue runs whatever its run does
-                continue
-            if task.status == "pending":
-                await self.store.cancel_task(conn, task.task_id)
-            else:
-                await self.store.request_task_cancel(conn, task)
+        # Activities the code no longer waits for are cancelled, not left to run (an ended
+        # run's history records no more events: those of the cancellations are dropped).
+        await self._cancel_activities(conn, run)
         for child in await self.store.open_children(conn, run.run_id):
             child = await self.store.lock_run(conn, child.run_id)
             if child.is_open:
