@@ -517,7 +517,9 @@ async def test_activities_started_ahead_must_be_what_the_commands_schedule(
             assert outcome.refused_status == "INVALID_ARGUMENT" and message in outcome.message
 
 
-async def test_superseded_workflow_task_is_replayed_not_lost(database_url: str) -> None:
+async def test_a_signal_that_came_while_a_decision_travelled_is_replayed_not_lost(
+    database_url: str,
+) -> None:
     async def waiter(ctx: Any, input: Any) -> Any:
         return await ctx.wait_signal("go")
 
@@ -525,13 +527,14 @@ async def test_superseded_workflow_task_is_replayed_not_lost(database_url: str) 
         async with plane(database_url) as p:
             wid = await p.start("waiter")
             (task,) = await p.poll(wf=["waiter"])
-            # A signal arrives while the workflow task is out.
+            # A signal arrives while the workflow task is out: its decision (wait) is applied
+            # and the signal held past it (tests/integration/test_held_input.py).
             await p.channel.unary(
                 p.workflows.signal_workflow,
                 pb.SignalWorkflowRequest(workflow_id=wid, name="go", payload=b'"yes"'),
             )
             reply = await p.run_workflow_task(task, waiter)
-            assert reply.superseded and not reply.accepted
+            assert reply.accepted and not reply.superseded
             await p.drive(waiter, "waiter")
             final = await p.describe(wid)
             assert final.status == "completed" and json.loads(final.result) == "yes"

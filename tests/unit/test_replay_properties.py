@@ -368,17 +368,12 @@ def test_recorded_histories_replay_exactly_when_cut_anywhere(
     _must_not_replay(wf, [*events[:index], *events[index + 1 :]], "a dropped command event")
 
 
-@_PROPERTY
-@given(program=programs(), rng=st.randoms(use_true_random=True))
-def test_a_replay_kept_open_answers_every_task_as_a_full_replay(
-    program: list[Step], rng: random.Random
-) -> None:
-    """What a worker does with a run's replay kept between tasks: each task advances it with
-    the events that came since, or replays in full when they do not continue from its last
-    decision (an answer thrown away). Every answer equals a full replay's."""
-    wf = make_workflow(program)
-    attempts: list[tuple[int, datetime]] = []
-    log, _ = simulate(rng, wf, program, attempts)
+def replay_kept_open(
+    wf: Callable[..., Any], log: History, attempts: list[tuple[int, datetime]]
+) -> int:
+    """Answer every workflow task (events seen, claim time) as a worker does, with one replay
+    kept open between tasks (advanced, or replayed in full when the events do not continue its
+    last decision); check each answer equals a full replay's. Returns how many advanced."""
     kept: Replayer | None = None
     advanced = 0
     for seen, now in attempts:
@@ -395,11 +390,25 @@ def test_a_replay_kept_open_answers_every_task_as_a_full_replay(
             kept = Replayer(wf, info=INFO)
             got = kept.replay(events, now=now)
         assert got == full
-        assert kept is not None
         if got.completed:
             kept.close()
             kept = None
     assert kept is None  # the last task ends the workflow
+    return advanced
+
+
+@_PROPERTY
+@given(program=programs(), rng=st.randoms(use_true_random=True))
+def test_a_replay_kept_open_answers_every_task_as_a_full_replay(
+    program: list[Step], rng: random.Random
+) -> None:
+    """What a worker does with a run's replay kept between tasks: each task advances it with
+    the events that came since, or replays in full when they do not continue from its last
+    decision (an answer thrown away). Every answer equals a full replay's."""
+    wf = make_workflow(program)
+    attempts: list[tuple[int, datetime]] = []
+    log, _ = simulate(rng, wf, program, attempts)
+    advanced = replay_kept_open(wf, log, attempts)
     # Every task after a recorded one went on from it (none is thrown away without more
     # events arriving, and those come before any marker).
     recorded_then_next = sum(

@@ -334,13 +334,26 @@ def workflow_task_scheduled() -> dict[str, Any]:
     return {"type": WORKFLOW_TASK_SCHEDULED}
 
 
-def workflow_task_completed(worker_id: str, time: datetime) -> dict[str, Any]:
+def workflow_task_completed(
+    worker_id: str, time: datetime, *, seen_sequence: int | None = None
+) -> dict[str, Any]:
     """Return the marker event; ``time`` is the claim time replay will give ``ctx.now()``.
+
+    ``seen_sequence`` is recorded when the decision was made on less history than precedes
+    its marker (events arrived while it travelled and were held for the next decision):
+    replay then delivers the events after ``seen_sequence`` after this decision's commands.
 
     Raises:
         InvalidArgument: ``time`` is naive.
     """
-    return {"type": WORKFLOW_TASK_COMPLETED, "worker_id": worker_id, "time": format_time(time)}
+    event: dict[str, Any] = {
+        "type": WORKFLOW_TASK_COMPLETED,
+        "worker_id": worker_id,
+        "time": format_time(time),
+    }
+    if seen_sequence is not None:
+        event["seen_sequence"] = seen_sequence
+    return event
 
 
 def workflow_task_failed(error: Mapping[str, Any]) -> dict[str, Any]:

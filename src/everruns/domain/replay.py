@@ -4,8 +4,9 @@
 the start with a small deterministic scheduler of plain coroutines (not Trio, whose scheduling
 order is deliberately random, and not asyncio): ctx awaitables yield a request to the driver,
 which steps ready coroutines in creation order and resolves each request from the history event
-with the same command id. The history is cut into batches at ``workflow_task_completed`` markers;
-the commands each batch issues must equal the command events recorded after its marker, or
+with the same command id. The history is cut into batches at ``workflow_task_completed`` markers
+(events a marker's decision did not see, held while it travelled, open the next batch); the
+commands each batch issues must equal the command events recorded after its marker, or
 `NonDeterminismError` is raised; the commands issued after the last marker are the result.
 Nothing here performs I/O, reads the clock or uses global randomness; awaiting anything that is
 not a ctx operation stops the replay with `IllegalAwait` instead of hanging. Workflow code runs
@@ -38,6 +39,7 @@ from everruns.domain.commands import (
     ScheduleActivity,
     StartChildWorkflow,
     StartTimer,
+    is_terminal,
 )
 from everruns.domain.context import WorkflowContext, WorkflowInfo, _Future, _Wait, nondeterminism
 from everruns.domain.history import HistoryEvent
@@ -57,6 +59,7 @@ __all__ = [
     "continues_decision",
     "error_from_exception",
     "replay",
+    "superseded_by",
 ]
 
 # Event loops and their helpers: a frame from one of these inside workflow code means the code
@@ -552,18 +555,26 @@ def _split(history: Sequence[HistoryEvent], info: WorkflowInfo) -> list[_Batch]:
             raise nondeterminism(
                 info, f"workflow_started at seq 1 has {key}={recorded!r}, not {expected!r}"
             )
-    return _batches(history, info)
+    return _batches(history, info, floor=first.sequence_num)
 
 
-def _batches(events: Sequence[HistoryEvent], info: WorkflowInfo) -> list[_Batch]:
-    """Cut events into batches: inputs, then the marker that ends them and the command events
-    recorded after it; the last batch has no marker."""
+def _batches(events: Sequence[HistoryEvent], info: WorkflowInfo, *, floor: int) -> list[_Batch]:
+    """Cut events into batches: the inputs a decision saw, then the marker that records it and
+    the command events recorded after it; the last batch has no marker. Inputs after the
+    ``seen_sequence`` a marker records arrived while its decision travelled and were held: they
+    open the next batch. ``floor`` is the last event the first decision must have seen."""
     batches: list[_Batch] = []
     inputs: list[HistoryEvent] = []
     for event in events:
         if event.type == h.MARKER_EVENT_TYPE:
-            batches.append(_Batch(inputs=inputs, marker=event, recorded=[]))
-            inputs = []
+            seen = _marker_seen(info, event, floor)
+            batches.append(
+                _Batch(
+                    inputs=[e for e in inputs if e.sequence_num <= seen], marker=event, recorded=[]
+                )
+            )
+            inputs = [e for e in inputs if e.sequence_num > seen]
+            floor = event.sequence_num
         elif event.type in h.COMMAND_EVENT_TYPES:
             if not batches:
                 raise nondeterminism(
@@ -572,6 +583,7 @@ def _batches(events: Sequence[HistoryEvent], info: WorkflowInfo) -> list[_Batch]
                     "workflow task completed",
                 )
             batches[-1].recorded.append(event)
+            floor = event.sequence_num
         elif event.type in h.INPUT_EVENT_TYPES or event.type in h.IGNORED_EVENT_TYPES:
             inputs.append(event)
         else:
@@ -582,6 +594,26 @@ def _batches(events: Sequence[HistoryEvent], info: WorkflowInfo) -> list[_Batch]
             )
     batches.append(_Batch(inputs=inputs, marker=None, recorded=[]))
     return batches
+
+
+def _marker_seen(info: WorkflowInfo, marker: HistoryEvent, floor: int) -> int:
+    """The last event the decision a marker records was made on: the ``seen_sequence`` it
+    records, else every event before it."""
+    seen = marker.data.get("seen_sequence")
+    if seen is None:
+        return marker.sequence_num - 1
+    if (
+        isinstance(seen, bool)
+        or not isinstance(seen, int)
+        or not floor <= seen < marker.sequence_num
+    ):
+        raise nondeterminism(
+            info,
+            f"the workflow_task_completed at seq {marker.sequence_num} records seen_sequence="
+            f"{seen!r}; a decision sees the events of the one before it (to seq {floor}) and "
+            "none after its own marker",
+        )
+    return seen
 
 
 def _marker_time(info: WorkflowInfo, marker: HistoryEvent) -> datetime:
@@ -785,7 +817,11 @@ class Replayer:
             return None
         if any(e.sequence_num != self._seen + n for n, e in enumerate(events, start=1)):
             return None
-        batches = _batches(events, self._info)
+        # The decision recorded first must be this replayer's: made on what it had seen.
+        marker = next((e for e in events if e.type == h.MARKER_EVENT_TYPE), None)
+        if marker is None or marker.data.get("seen_sequence", self._seen) != self._seen:
+            return None
+        batches = _batches(events, self._info, floor=self._seen)
         marker = batches[0].marker
         # The open batch must end with the marker recording its decision, under the clock the
         # decision was made with (the claim time it carries).
@@ -964,6 +1000,29 @@ def continues_decision(
     return done.get("activity_id") == activity_id and json.dumps(done.get("result")) == json.dumps(
         result
     )
+
+
+def superseded_by(
+    commands: Sequence[Command], unseen: Sequence[RecordedEvent]
+) -> RecordedEvent | None:
+    """The first of the events a decision was not made on (``unseen``: those appended after its
+    ``seen_sequence``) that makes its commands stale; None when the commands still hold, and
+    are applied with those events held for the next decision (its marker records
+    ``seen_sequence``; replay delivers them after its commands). Pure.
+
+    Stale: another decision's events (a marker or a command event); a cancel request (it
+    cancelled the activities the run had, so the code must see it before it schedules more);
+    any input when the decision ends the run (ending without seeing it would lose it).
+    Diagnostic events never are. A timer that fired unseen by a decision cancelling it is not
+    either: its firing, delivered after the cancel, is ignored, as when it fires first."""
+    ends = any(is_terminal(c) for c in commands)
+    for event in unseen:
+        kind = event.type
+        if kind in (h.MARKER_EVENT_TYPE, h.WORKFLOW_CANCEL_REQUESTED):
+            return event
+        if kind in h.COMMAND_EVENT_TYPES or (ends and kind in h.INPUT_EVENT_TYPES):
+            return event
+    return None
 
 
 def _check_now(now: datetime) -> None:

@@ -38,7 +38,7 @@ from everruns.domain.lease import timeout_kind
 from everruns.domain.limits import check_name, check_type_name, shown
 from everruns.domain.parts import split_keeping_keys
 from everruns.domain.payload import decode, encode_text, json_error
-from everruns.domain.replay import continues_decision
+from everruns.domain.replay import continues_decision, superseded_by
 from everruns.domain.retry import RetryPolicy
 from everruns.errors import (
     NOT_SERVED_ERROR,
@@ -82,13 +82,6 @@ SERVED_FRESH_SECONDS = 60.0
 without reading its registration again: a safety net, since a registration on any control
 plane makes every other forget the worker at once (NOTIFY), and a lost LISTEN connection makes
 it forget every worker."""
-
-# Events after a workflow task's view of the history that make its commands stale: new input
-# for the code, or another workflow task's applied commands (two tasks of one run can be out at
-# once: one claimed, one pending that a new event created meanwhile).
-_SUPERSEDING_EVENT_TYPES = sorted(
-    (ev.INPUT_EVENT_TYPES - {ev.WORKFLOW_STARTED}) | ev.COMMAND_EVENT_TYPES | {ev.MARKER_EVENT_TYPE}
-)
 
 
 class StartRequest(NamedTuple):
@@ -955,19 +948,26 @@ class Engine:
         started: Mapping[str, uuid.UUID],
     ) -> tuple[bool, bool, list[ClaimedTask]]:
         """The general path of a workflow task's completion, under its run's lock."""
-        completed = NewEvent.of(ev.workflow_task_completed(worker_id, claim_time))
         async with self.store.transaction() as conn:
             run = await self.store.lock_leased_with_run(conn, task_id, lease_token)
             if not run.is_open:
                 await self.store.close_workflow_task(conn, task_id)
                 return False, True, []
-            if run.last_sequence_num != seen_sequence and await self.store.input_events_after(
-                conn, run.run_id, seen_sequence, _SUPERSEDING_EVENT_TYPES
-            ):
-                await self.store.close_workflow_task(conn, task_id)
-                await self.store.ensure_workflow_task(conn, run)
-                return False, True, []
-            outcome = _Outcome([completed])
+            held = None  # the decision's view, when events it did not see are held past it
+            wake = False
+            if run.last_sequence_num != seen_sequence:
+                unseen = await self.store.load_events(run.run_id, after=seen_sequence, conn=conn)
+                if superseded_by(commands, unseen) is not None:
+                    await self.store.close_workflow_task(conn, task_id)
+                    await self.store.ensure_workflow_task(conn, run)
+                    return False, True, []
+                held = seen_sequence
+                # Held input needs a workflow task after this one. The one its arrival made may
+                # be this very task: claimed a moment later, with a history read before the
+                # input committed.
+                wake = any(e.type in ev.INPUT_EVENT_TYPES for e in unseen)
+            completed = ev.workflow_task_completed(worker_id, claim_time, seen_sequence=held)
+            outcome = _Outcome([NewEvent.of(completed)])
             for command in commands:
                 await self._apply(conn, run, command, outcome)
             _take_started_ids(outcome, started)
@@ -996,7 +996,7 @@ class Engine:
                 raise FailedPrecondition(f"workflow task {task_id} changed under its lock")
             if outcome.end is not None:
                 await self._after_end(conn, run, outcome.end)
-            elif outcome.wake:
+            elif outcome.wake or wake:
                 await self.store.ensure_workflow_task(conn, run)
         return True, False, self._scheduled(outcome.activities, claimed, claim_time)
 

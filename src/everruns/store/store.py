@@ -528,12 +528,6 @@ class Store:
         )
         return int(last)
 
-    async def input_events_after(
-        self, conn: Connection, run_id: uuid.UUID, after: int, types: Sequence[str]
-    ) -> bool:
-        """Whether events of ``types`` were appended to the run after sequence ``after``."""
-        return bool(await conn.fetchval(Q["input_events_after"], run_id, after, list(types)))
-
     async def load_events(
         self,
         run_id: uuid.UUID,
