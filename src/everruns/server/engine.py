@@ -1768,31 +1768,24 @@ class Engine:
     async def fire_due_timers(self) -> int:
         """Fire every due timer (append timer_fired, wake the workflow); return how many.
 
-        The due timers are read without locking, in bounded batches, and each is fired in a
-        transaction of its own that locks its run first and the timer second, as every other
-        path does, and no other run: holding one run while waiting for another, or a timer
-        while waiting for its run, deadlocked with cancels, completions and retention. A timer
-        whose run another transaction holds is left pending for the next round (another
-        control plane may be firing it; the due-scanner looks again shortly); one whose run
-        ended is marked cancelled, not fired.
+        The due timers are read without locking, in batches of up to 200, and each batch is
+        fired in one transaction (`Store.fire_timers`) that locks the batch's runs first and
+        their timers second, as every other path does. It never waits for a lock: the runs
+        are locked with SKIP LOCKED, and a run whose live workflow task another transaction
+        holds is skipped too (a dead worker's release makes such a task pending without the
+        run's lock, then may wait for another run of the batch). Holding runs while waiting
+        for another, or a timer while waiting for its run, deadlocked with cancels,
+        completions and retention. A timer whose run is skipped is left pending for the next
+        round (another control plane may be firing it; the due-scanner looks again shortly);
+        one whose run ended is marked cancelled, not fired.
         """
         fired = 0
         after = None
         while True:
             due = await self.store.due_timers(after=after, limit=200)
-            for timer in due:
+            if due:
                 async with self.store.transaction() as conn:
-                    run = await self.store.lock_run_unless_held(conn, timer.run_id)
-                    if run is None:
-                        continue
-                    if not await self.store.fire_timer(conn, timer, run_open=run.is_open):
-                        continue  # withdrawn, or fired by another control plane
-                    if run.is_open:
-                        await self.store.append_events(
-                            conn, run, [NewEvent.of(ev.timer_fired(timer.timer_id))]
-                        )
-                        await self.store.ensure_workflow_task(conn, run)
-                        fired += 1
+                    fired += await self.store.fire_timers(conn, due)
             if len(due) < 200:
                 return fired
             after = due[-1]

@@ -418,22 +418,87 @@ WHERE run_id = $1 AND timer_id = $2 AND status NOT IN ('fired', 'cancelled');
 
 -- name: due_timers
 -- Up to $1 due pending timers after ($2, $3) in (fire_at, id) order, read without locking:
--- each is fired in a transaction of its own (lock_run_unless_held, then fire_timer).
+-- each batch is fired in a transaction of its own (lock_runs_unless_held, then
+-- fire_timers_of_locked_runs).
 SELECT id, run_id, timer_id, fire_at FROM durable_timers
 WHERE status = 'pending' AND fire_at <= now()
   AND (fire_at, id) > (coalesce($2::timestamptz, '-infinity'), coalesce($3::int8, 0))
 ORDER BY fire_at, id LIMIT $1;
 
--- name: lock_run_unless_held
--- Lock a run's row unless another transaction holds it (then, or if it is gone: nothing).
-SELECT * FROM durable_workflow_instances WHERE id = $1 FOR UPDATE SKIP LOCKED;
+-- name: lock_runs_unless_held
+-- Lock the rows of runs $1 that no other transaction holds (those are skipped, never waited
+-- for); return the ids locked (a run that is gone is left out too).
+SELECT id FROM durable_workflow_instances WHERE id = ANY($1::uuid[])
+ORDER BY id
+FOR UPDATE SKIP LOCKED;
 
--- name: fire_timer
--- Mark pending timer $1 fired if its run (locked by the caller) is open ($2), else
--- cancelled; return its timer id (nothing if it was no longer pending).
-UPDATE durable_timers SET status = CASE WHEN $2::bool THEN 'fired' ELSE 'cancelled' END
-WHERE id = $1 AND status NOT IN ('fired', 'cancelled')
-RETURNING timer_id;
+-- name: fire_timers_of_locked_runs
+-- Fire the pending timers, up to ($2, $3) in (fire_at, id) order, of runs $1, which this
+-- transaction holds locked (an earlier statement took the locks, so this one's snapshot has
+-- every row written under them). In an open run each timer is marked fired and gets its
+-- timer_fired event, in (fire_at, id) order after the run's last event, and the run a pending
+-- workflow task; in an ended run each is marked cancelled. A timer no longer pending
+-- (withdrawn or fired meanwhile) is left alone. One NOTIFY per type tells how many runs were
+-- woken (a claim may have skipped a pending task while this held it). Returns how many fired.
+-- The statement never waits for a lock. Others write the rows it writes only under their
+-- run's lock, except workflow tasks: a claim makes a pending one claimed (and never waits), a
+-- dead worker's release makes a claimed one pending again and may then wait for another run
+-- of this batch, and inserting a second pending workflow task of that run would wait for the
+-- release. So an open run's live workflow tasks are locked before its own is inserted (SKIP
+-- LOCKED, each at its latest version), and a run with one another transaction holds is
+-- skipped: its timers stay pending for the next round.
+WITH live AS (
+    SELECT t.id, t.run_id FROM durable_task_queue t
+    WHERE t.run_id = ANY($1::uuid[]) AND t.kind = 'workflow'
+      AND t.status IN ('pending', 'claimed')
+), held AS MATERIALIZED (
+    SELECT t.id FROM durable_task_queue t
+    WHERE t.id = ANY(ARRAY(SELECT id FROM live))
+    FOR UPDATE SKIP LOCKED
+), ready AS MATERIALIZED (
+    SELECT r.id, r.completed_at IS NULL AS open FROM durable_workflow_instances r
+    WHERE r.id = ANY($1::uuid[])
+      AND (r.completed_at IS NOT NULL
+           OR NOT EXISTS (SELECT 1 FROM live
+                          WHERE live.run_id = r.id AND live.id NOT IN (SELECT id FROM held)))
+), timers AS (
+    UPDATE durable_timers tm
+    SET status = CASE WHEN ready.open THEN 'fired' ELSE 'cancelled' END
+    FROM ready
+    WHERE tm.run_id = ready.id AND tm.status NOT IN ('fired', 'cancelled')
+      AND (tm.fire_at, tm.id) <= ($2::timestamptz, $3::int8)
+      -- the same runs as an array of keys, so that their timers are looked up by key, not
+      -- read whole and joined
+      AND tm.run_id = ANY(ARRAY(SELECT id FROM ready))
+    RETURNING tm.id, tm.run_id, tm.timer_id, tm.fire_at, ready.open
+), fired AS (
+    SELECT timers.*, row_number() OVER (PARTITION BY run_id ORDER BY fire_at, id) AS n
+    FROM timers WHERE open
+), run AS (
+    UPDATE durable_workflow_instances r
+    SET last_sequence_num = r.last_sequence_num + f.n, updated_at = now()
+    FROM (SELECT run_id, count(*) AS n FROM fired GROUP BY run_id) f
+    WHERE r.id = f.run_id AND r.id = ANY($1::uuid[])
+    RETURNING r.id, r.workflow_id, r.workflow_type, r.last_sequence_num - f.n AS base
+), events AS (
+    INSERT INTO durable_workflow_events (run_id, workflow_id, sequence_num, event_type, payload)
+    SELECT run.id, run.workflow_id, run.base + fired.n, 'timer_fired',
+           json_build_object('type', 'timer_fired', 'timer_id', fired.timer_id)
+    FROM fired JOIN run ON run.id = fired.run_id
+), wake AS (
+    INSERT INTO durable_task_queue (id, run_id, workflow_id, kind, activity_type, max_attempts,
+                                    partition_key)
+    SELECT gen_random_uuid(), run.id, run.workflow_id, 'workflow', run.workflow_type,
+           2147483647, run.workflow_id
+    FROM run
+    ON CONFLICT (run_id) WHERE kind = 'workflow' AND status = 'pending' DO NOTHING
+), woke AS (
+    SELECT count(*) AS n FROM (
+        SELECT pg_notify('everruns_tasks', 'workflow:' || t || E'\t' || n)
+        FROM (SELECT workflow_type AS t, count(*) AS n FROM run GROUP BY workflow_type) d) x
+)
+-- The uncorrelated test of woke is a one-time filter: a SELECT CTE runs only on demand.
+SELECT count(*) FROM fired WHERE (SELECT n FROM woke) IS NOT NULL;
 
 -- name: cancel_timers_of_run
 -- Cancel every pending timer of an ended run.

@@ -1122,7 +1122,7 @@ class Store:
 
     async def due_timers(self, *, after: DueTimer | None = None, limit: int) -> list[DueTimer]:
         """Up to ``limit`` due pending timers, oldest first, after ``after`` (None: from the
-        first), read without locking them (`fire_timer` settles each)."""
+        first), read without locking them (`fire_timers` settles them)."""
         rows = await self.pool.fetch(
             Q["due_timers"],
             limit,
@@ -1131,17 +1131,28 @@ class Store:
         )
         return [DueTimer.from_row(r) for r in rows]
 
-    async def lock_run_unless_held(self, conn: Connection, run_id: uuid.UUID) -> WorkflowRun | None:
-        """Lock a run's row for this transaction and return it; None when another transaction
-        holds it (without waiting) or it is gone."""
-        row = await conn.fetchrow(Q["lock_run_unless_held"], run_id)
-        return None if row is None else WorkflowRun.from_row(row)
+    async def fire_timers(self, conn: Connection, due: Sequence[DueTimer]) -> int:
+        """Fire a batch of due timers, read in (fire_at, id) order by `due_timers`; return how
+        many fired into open runs.
 
-    async def fire_timer(self, conn: Connection, timer: DueTimer, *, run_open: bool) -> bool:
-        """Mark a pending timer fired (its run, which the caller holds locked, is open) or
-        cancelled (the run ended); return False when it was no longer pending."""
-        timer_id = await conn.fetchval(Q["fire_timer"], timer.id, run_open)
-        return timer_id is not None
+        The batch's runs are locked first, in one statement, skipping (never waiting for)
+        those another transaction holds. A second statement, whose snapshot then holds every
+        row committed under those locks, fires the pending timers of the runs locked up to
+        the batch's last, in (fire_at, id) order: in an open run a timer_fired event each and
+        a pending workflow task, in an ended run the timers cancelled. It skips a run whose
+        live workflow task another transaction holds. A skipped run's timers stay pending for
+        a later round; the earlier ones of a run fire with, and before, any later one.
+        """
+        if not due:
+            return 0
+        rows = await conn.fetch(Q["lock_runs_unless_held"], list({t.run_id for t in due}))
+        if not rows:
+            return 0
+        last = due[-1]
+        fired: int = await conn.fetchval(
+            Q["fire_timers_of_locked_runs"], [r["id"] for r in rows], last.fire_at, last.id
+        )
+        return fired
 
     async def newly_visible_keys(
         self, since: datetime, *, straggling_after: float = STRAGGLING_AFTER_S
