@@ -61,19 +61,21 @@ async def _drop_role(server_url: str, role: str) -> None:
 async def test_a_database_migrated_by_a_newer_release_is_refused_at_start(
     pg_server_url: str,
 ) -> None:
-    """A release that adds migration 008 has run on this database (then the operator rolled
-    the control plane back, or an old replica restarted). This code does not know 008: it must
-    refuse to serve, in one line that names it, rather than run on a schema it does not
-    understand (here: a NOT NULL column its INSERTs do not fill, so every start would fail
-    later with a constraint error)."""
+    """A release that adds a migration (the number after this code's last) has run on this
+    database (then the operator rolled the control plane back, or an old replica restarted).
+    This code does not know it: it must refuse to serve, in one line that names it, rather
+    than run on a schema it does not understand (here: a NOT NULL column its INSERTs do not
+    fill, so every start would fail later with a constraint error)."""
     name = f"rev_migrate_newer_{os.getpid()}"
     try:
         with trio.fail_after(60):
             url = await _fresh_database(pg_server_url, name)
+            known = load_migrations()
+            unknown = f"{known[-1].version + 1:03d}"
             newer = [
-                *load_migrations(),
+                *known,
                 Migration(
-                    8,
+                    known[-1].version + 1,
                     "tenants",
                     "ALTER TABLE durable_task_queue ADD COLUMN tenant text NOT NULL DEFAULT 't';"
                     "ALTER TABLE durable_task_queue ALTER COLUMN tenant DROP DEFAULT;",
@@ -83,9 +85,9 @@ async def test_a_database_migrated_by_a_newer_release_is_refused_at_start(
                 await apply_migrations(conn, newer)
             code, output, _ = await _run(["migrate"], {"DATABASE_URL": url}, timeout=45)
             errors = [line for line in output.splitlines() if line.startswith("everruns.server:")]
-            assert code == 1 and len(errors) == 1 and "008" in errors[0], (
-                "a database whose schema is newer than the code (migration 008_tenants recorded, "
-                "unknown to this release) was accepted: apply_migrations ignores recorded "
+            assert code == 1 and len(errors) == 1 and unknown in errors[0], (
+                f"a database whose schema is newer than the code (migration {unknown}_tenants "
+                "recorded, unknown to this release) was accepted: apply_migrations ignores recorded "
                 "versions it has no file for, so the control plane starts and fails later on "
                 f"the schema it does not know; exit {code}, output:\n{output}"
             )

@@ -15,6 +15,7 @@ from typing import Any
 from everruns.errors import InvalidArgument
 
 __all__ = [
+    "MAX_INCARNATION_LENGTH",
     "MAX_INT4",
     "MAX_NAME_LENGTH",
     "MAX_SECONDS",
@@ -45,6 +46,10 @@ name columns."""
 
 MAX_WORKER_ID_LENGTH = 256
 """The longest worker id: ``durable_workers.id`` is ``CHECK (length(id) BETWEEN 1 AND 256)``."""
+
+MAX_INCARNATION_LENGTH = 256
+"""The longest incarnation token a worker may send: ``durable_workers.incarnation`` is
+``CHECK (length(incarnation) BETWEEN 1 AND 256)``."""
 
 _NUL_ESCAPE = "\\u0000"  # how JSON text spells a NUL character
 

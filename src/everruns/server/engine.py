@@ -53,7 +53,7 @@ from everruns.errors import (
 from everruns.server.claims import CLAIM_LIMIT_SECONDS, ClaimGroups, claim_overran
 from everruns.server.config import ServerConfig
 from everruns.server.notifier import Notifier, TaskInterest
-from everruns.store.models import StoredEvent, Task, WorkflowRun
+from everruns.store.models import Incarnation, StoredEvent, Task, WorkflowRun
 from everruns.store.store import (
     Decision,
     DecisionAhead,
@@ -1628,19 +1628,19 @@ class Engine:
     # ------------------------------------------------------------------ liveness
 
     async def release_worker(
-        self, worker_id: str, reason: str, *, registered_at: datetime | None = None
+        self, worker_id: str, reason: str, *, incarnation: Incarnation | None = None
     ) -> int:
         """Release the tasks of a worker incarnation whose connection dropped; return how many.
 
-        ``registered_at`` names the incarnation (the ``started_at`` of the registration its
-        connection belongs to; None: the worker's current one). While it is still the
-        worker's current registration, the worker is marked lost and every task it holds is
-        released. If the worker registered again since (a new process with the same
-        WORKER_ID, perhaps on another control plane), the worker is left as it is and only the
-        tasks claimed before that newer registration are released: they belong to
-        incarnations that are gone, and the others to the live one. The worker's row is
-        locked while a look decides, so a registration lands either before the look (and is
-        taken into account) or after it.
+        ``incarnation`` names the run of the worker's process the connection belonged to
+        (None: the worker's current one). While the worker's registration is still that
+        incarnation's (however often it registered again), the worker is marked lost and
+        every task it holds is released. If another incarnation registered since (a new
+        process with the same WORKER_ID, perhaps on another control plane), the worker is
+        left as it is and only the tasks claimed before that incarnation first registered
+        are released: they belong to incarnations that are gone, and the others to the live
+        one. The worker's row is locked while a look decides, so a registration lands either
+        before the look (and is taken into account) or after it.
 
         The mark and the first release are one transaction: whoever sees the worker lost
         sees its tasks released, and whoever gets its tasks next sees it lost. A call of that
@@ -1654,11 +1654,14 @@ class Engine:
         for round_ in range(_RELEASE_ROUNDS):
             async with self.store.transaction() as conn:
                 current = await self.store.lock_worker_registration(conn, worker_id)
-                superseded = registered_at is not None and current not in (None, registered_at)
-                if round_ == 0 and not superseded:
+                if incarnation is None or current is None or current.names(incarnation):
+                    newer = None
+                else:
+                    newer = current  # another incarnation's registration
+                if round_ == 0 and newer is None:
                     await self.store.stop_worker(worker_id, lost=True, conn=conn)
                 tasks = await self.store.tasks_held_by(
-                    conn, worker_id, claimed_before=current if superseded else None
+                    conn, worker_id, claimed_before=None if newer is None else newer.started_at
                 )
                 for task in tasks:
                     error = {"type": "WorkerLost", "message": reason, "non_retryable": False}

@@ -13,13 +13,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from typing import Any
 
 import trio
 
 from everruns._aio import pg
 from everruns.errors import DatabaseError
+from everruns.store.models import Incarnation
 from everruns.store.store import (
     CHANNEL_CANCEL,
     CHANNEL_RUNS,
@@ -98,8 +98,8 @@ class Notifier:
         self._epoch = 0
         self._quiet: dict[str, tuple[int, int, float]] = {}
         self._runs: dict[str, list[Any]] = {}  # run id -> [event, waiters]
-        # worker id -> its cancellation streams here -> the registration each belongs to
-        self._cancels: dict[str, dict[trio.MemorySendChannel[CancelNotice], datetime]] = {}
+        # worker id -> its cancellation streams here -> the incarnation each belongs to
+        self._cancels: dict[str, dict[trio.MemorySendChannel[CancelNotice], Incarnation]] = {}
         self._due = trio.Event()
         # When the due-scanner will next look by itself (None while it is scanning), and the
         # earliest deadline made while it scans: the scan may have read the tables before it
@@ -270,12 +270,12 @@ class Notifier:
 
     @contextmanager
     def subscribe_cancellations(
-        self, worker_id: str, registered_at: datetime
+        self, worker_id: str, incarnation: Incarnation
     ) -> Iterator[trio.MemoryReceiveChannel[CancelNotice]]:
         """Receive the cancellation requests for tasks held by ``worker_id``, on a stream of
-        the incarnation registered at ``registered_at``."""
+        ``incarnation``."""
         send, receive = trio.open_memory_channel[CancelNotice](256)
-        self._cancels.setdefault(worker_id, {})[send] = registered_at
+        self._cancels.setdefault(worker_id, {})[send] = incarnation
         try:
             yield receive
         finally:
@@ -286,10 +286,10 @@ class Notifier:
                     del self._cancels[worker_id]
             send.close()
 
-    def has_cancel_stream(self, worker_id: str, registered_at: datetime) -> bool:
+    def has_cancel_stream(self, worker_id: str, incarnation: Incarnation) -> bool:
         """Whether a cancellation stream of this incarnation of the worker is open here (a
         stream of another incarnation does not count: its connection is another process's)."""
-        return registered_at in self._cancels.get(worker_id, {}).values()
+        return incarnation in self._cancels.get(worker_id, {}).values()
 
     def _cancel(self, worker_id: str, task_id: str, lease_token: int) -> None:
         for send in list(self._cancels.get(worker_id, ())):

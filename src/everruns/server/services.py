@@ -22,6 +22,7 @@ import trio
 from everruns._aio.grpc import status_for
 from everruns._proto.everruns import v1 as pb
 from everruns.domain.limits import (
+    MAX_INCARNATION_LENGTH,
     check_name,
     check_text,
     check_type_name,
@@ -41,7 +42,14 @@ from everruns.server.engine import (
     request_run_id,
     utc_from_timestamp,
 )
-from everruns.store.models import DeadLetter, StoredEvent, Task, WorkerRecord, WorkflowRun
+from everruns.store.models import (
+    DeadLetter,
+    Incarnation,
+    StoredEvent,
+    Task,
+    WorkerRecord,
+    WorkflowRun,
+)
 
 __all__ = ["WorkerService", "WorkflowService"]
 
@@ -52,6 +60,12 @@ _MAX_POLL_WAIT = 60.0
 _MAX_STARTS = 10_000  # runs per StartWorkflows call
 _MAX_BATCH = 1000  # results per CompleteActivityTasks call, and tasks claimed by one
 _CANCEL_KEEPALIVE = 15.0
+
+
+def _incarnation(token: str) -> str | None:
+    """A worker's incarnation token as its request carries it; None for none (an older
+    worker)."""
+    return check_text(token, "incarnation", limit=MAX_INCARNATION_LENGTH) or None
 
 
 def _ts(value: datetime | None) -> float:
@@ -188,6 +202,7 @@ class WorkerService:
             host=request.host,
             pid=request.pid or None,
             version=request.version,
+            incarnation=_incarnation(request.incarnation),
         )
         log.info(
             "worker %s registered (%d slots; workflows %s; activities %s)",
@@ -212,7 +227,9 @@ class WorkerService:
         check_worker_id(request.worker_id)
         status = request.status or "active"
         if status == "stopped":  # a clean exit: the worker says goodbye
-            await self.store.stop_worker(request.worker_id)
+            await self.store.stop_worker(
+                request.worker_id, incarnation=_incarnation(request.incarnation)
+            )
             return pb.WorkerHeartbeatResponse(ok=True, known=True)
         if status not in ("active", "draining"):
             raise InvalidArgument(f"status must be active, draining or stopped, got {status!r}")
@@ -391,17 +408,21 @@ class WorkerService:
         """Push cancellations of the worker's tasks; when the worker's connection drops (and
         this control plane is not itself shutting down), release the tasks it held.
 
-        The stream belongs to the worker's registration current when it opens (a worker
-        registers, then opens its stream): its incarnation. Its drop releases nothing while
-        another stream of the same incarnation is open here (a live worker reconnected);
-        otherwise it releases that incarnation's tasks, and marks the worker lost only if no
-        newer registration of it exists (`Engine.release_worker`)."""
+        The stream belongs to an incarnation of the worker: the one its token names, or for
+        a worker that sends none, the registration current when it opens (a worker
+        registers, then opens its stream). Its drop releases nothing while another stream of
+        the same incarnation is open here (a live worker reconnected); otherwise it releases
+        that incarnation's tasks, and marks the worker lost only if no other incarnation
+        registered since (`Engine.release_worker`)."""
         worker_id = check_worker_id(request.worker_id)
-        registered_at = await self.store.worker_registered_at(worker_id)
-        if registered_at is None:
-            registered_at = BEFORE_ANY_REGISTRATION
+        token = _incarnation(request.incarnation)
+        if token is not None:
+            incarnation = Incarnation.of_token(token)
+        else:
+            registered_at = await self.store.worker_registered_at(worker_id)
+            incarnation = Incarnation.registered(registered_at or BEFORE_ANY_REGISTRATION)
         try:
-            with self.engine.notifier.subscribe_cancellations(worker_id, registered_at) as notices:
+            with self.engine.notifier.subscribe_cancellations(worker_id, incarnation) as notices:
                 await send(pb.Cancellation(keepalive=True))
                 while True:
                     with trio.move_on_after(_CANCEL_KEEPALIVE) as idle:
@@ -416,19 +437,19 @@ class WorkerService:
                         )
         finally:
             if not self._shutting_down.is_set() and not self.engine.notifier.has_cancel_stream(
-                worker_id, registered_at
+                worker_id, incarnation
             ):
                 with trio.move_on_after(10, shield=True):
                     await self.engine.release_worker(
                         worker_id,
                         f"connection of worker {worker_id} dropped",
-                        registered_at=registered_at,
+                        incarnation=incarnation,
                     )
 
 
 BEFORE_ANY_REGISTRATION = datetime.min.replace(tzinfo=UTC)
-"""The incarnation of a cancellation stream opened before its worker ever registered: older
-than any registration of it."""
+"""The incarnation of a cancellation stream without a token opened before its worker ever
+registered: older than any registration of it."""
 
 
 MAX_CANCEL_REASON = 4000

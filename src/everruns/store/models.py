@@ -20,10 +20,12 @@ __all__ = [
     "BreakerRecord",
     "DeadLetter",
     "DueTimer",
+    "Incarnation",
     "Signal",
     "StoredEvent",
     "Task",
     "WorkerRecord",
+    "WorkerRegistration",
     "WorkflowRun",
 ]
 
@@ -263,6 +265,49 @@ class WorkerRecord:
             last_heartbeat_at=row["last_heartbeat_at"],
             stopped_at=row["stopped_at"],
         )
+
+
+@attrs.frozen
+class Incarnation:
+    """One run of a worker's process, as its connection names it: the token that run sent
+    (`Worker.run` makes one), or, for a worker that sends none (an older release), the time of
+    the registration current when its cancellation stream opened."""
+
+    token: str | None
+    registered_at: datetime | None
+
+    def __attrs_post_init__(self) -> None:
+        if (self.token is None) == (self.registered_at is None):
+            raise ValueError("an incarnation is named by a token or by a registration time")
+
+    @classmethod
+    def of_token(cls, token: str) -> Incarnation:
+        return cls(token=token, registered_at=None)
+
+    @classmethod
+    def registered(cls, at: datetime) -> Incarnation:
+        return cls(token=None, registered_at=at)
+
+
+@attrs.frozen
+class WorkerRegistration:
+    """A worker's current registration: its incarnation's token (None: registered by a worker
+    that sends none, each registration an incarnation of its own) and when that incarnation
+    first registered (``started_at``)."""
+
+    incarnation: str | None
+    started_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Row) -> WorkerRegistration:
+        return cls(incarnation=row["incarnation"], started_at=row["started_at"])
+
+    def names(self, incarnation: Incarnation) -> bool:
+        """Whether this registration is ``incarnation``'s: the same token, or, for a connection
+        without one, the registration it found when its stream opened."""
+        if incarnation.token is not None:
+            return self.incarnation == incarnation.token
+        return self.started_at == incarnation.registered_at
 
 
 @attrs.frozen

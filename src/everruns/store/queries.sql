@@ -265,9 +265,10 @@ FOR UPDATE SKIP LOCKED;
 
 -- name: find_tasks_of_worker
 -- Claimed tasks held by one worker (its connection dropped or it shut down), locked; with $2,
--- only those claimed before $2 (a later registration of the worker: the tasks of incarnations
--- that are gone). A task another transaction holds (a call of that worker still being applied
--- or rolled back) is waited for, not skipped: skipped, it would stay with a worker that is gone.
+-- only those claimed before $2 (when the worker's current incarnation first registered: the
+-- tasks of incarnations that are gone). A task another transaction holds (a call of that worker
+-- still being applied or rolled back) is waited for, not skipped: skipped, it would stay with a
+-- worker that is gone.
 SELECT * FROM durable_task_queue
 WHERE status = 'claimed' AND claimed_by = $1
   AND ($2::timestamptz IS NULL OR claimed_at < $2)
@@ -325,15 +326,21 @@ UPDATE durable_signals SET processed_at = now()
 WHERE id = ANY($1::bigint[]) AND processed_at IS NULL;
 
 -- name: upsert_worker
--- Register (or re-register) a worker as active; tell every control plane (its types may change).
+-- Register (or re-register) a worker as active, as incarnation $8 (NULL: an older worker that
+-- sends none); tell every control plane (its types may change). started_at is when that
+-- incarnation first registered: kept when it registers again, now() for another one (and for
+-- every registration without a token, each its own incarnation).
 WITH registered AS (
     INSERT INTO durable_workers (id, status, activity_types, workflow_types, max_concurrency,
-                                 current_load, host, pid, version, started_at, last_heartbeat_at)
-    VALUES ($1, 'active', $2, $3, $4, 0, $5, $6, $7, now(), now())
+                                 current_load, host, pid, version, started_at, last_heartbeat_at,
+                                 incarnation)
+    VALUES ($1, 'active', $2, $3, $4, 0, $5, $6, $7, now(), now(), $8)
     ON CONFLICT (id) DO UPDATE
     SET status = 'active', activity_types = $2, workflow_types = $3, max_concurrency = $4,
-        current_load = 0, host = $5, pid = $6, version = $7, started_at = now(),
-        last_heartbeat_at = now(), stopped_at = NULL
+        current_load = 0, host = $5, pid = $6, version = $7,
+        started_at = CASE WHEN durable_workers.incarnation = $8 THEN durable_workers.started_at
+                          ELSE now() END,
+        last_heartbeat_at = now(), stopped_at = NULL, incarnation = $8
     RETURNING *
 ), told AS (
     SELECT pg_notify('everruns_workers', $1)
@@ -352,14 +359,17 @@ RETURNING *;
 SELECT started_at FROM durable_workers WHERE id = $1;
 
 -- name: lock_worker_registration
--- The same, the worker's row locked: no registration lands until the transaction ends.
-SELECT started_at FROM durable_workers WHERE id = $1 FOR UPDATE;
+-- A worker's current registration (its incarnation's token and first registration time), the
+-- row locked: no registration lands until the transaction ends.
+SELECT incarnation, started_at FROM durable_workers WHERE id = $1 FOR UPDATE;
 
 -- name: stop_worker
--- A worker leaves: stopped (clean exit) or lost (connection gone, heartbeats missed).
+-- A worker leaves: stopped (clean exit) or lost (connection gone, heartbeats missed). With $3,
+-- only while incarnation $3 is the registered one (an old process's goodbye leaves a newer
+-- process of the same worker id active).
 UPDATE durable_workers
 SET status = $2, current_load = 0, stopped_at = now()
-WHERE id = $1 AND stopped_at IS NULL
+WHERE id = $1 AND stopped_at IS NULL AND ($3::text IS NULL OR incarnation = $3)
 RETURNING *;
 
 -- name: mark_lost_workers

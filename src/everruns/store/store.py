@@ -39,6 +39,7 @@ from everruns.store.models import (
     StoredEvent,
     Task,
     WorkerRecord,
+    WorkerRegistration,
     WorkflowRun,
 )
 from everruns.store.queries import QUERIES as Q
@@ -1309,8 +1310,10 @@ class Store:
         host: str = "",
         pid: int | None = None,
         version: str = "",
+        incarnation: str | None = None,
     ) -> WorkerRecord:
-        """Register (or re-register) a worker as active."""
+        """Register (or re-register) a worker as active, as ``incarnation`` (the token of the
+        worker process's run; None: an older worker that sends none)."""
         row = await self.pool.fetchrow(
             Q["upsert_worker"],
             worker_id,
@@ -1320,6 +1323,7 @@ class Store:
             host,
             pid,
             version,
+            incarnation,
         )
         assert row is not None
         return WorkerRecord.from_row(row)
@@ -1334,27 +1338,36 @@ class Store:
         return None if row is None else WorkerRecord.from_row(row)
 
     async def worker_registered_at(self, worker_id: str) -> datetime | None:
-        """When the worker's current registration was made (``started_at``), which names its
-        incarnation; None if it never registered."""
+        """When the worker's current registration was made (``started_at``), which names the
+        incarnation of a worker that sends no token; None if it never registered."""
         registered_at: datetime | None = await self.pool.fetchval(
             Q["worker_registered_at"], worker_id
         )
         return registered_at
 
-    async def lock_worker_registration(self, conn: Connection, worker_id: str) -> datetime | None:
-        """`worker_registered_at`, the worker's row locked until ``conn``'s transaction ends, so
-        that no registration of the worker lands meanwhile."""
-        registered_at: datetime | None = await conn.fetchval(
-            Q["lock_worker_registration"], worker_id
-        )
-        return registered_at
+    async def lock_worker_registration(
+        self, conn: Connection, worker_id: str
+    ) -> WorkerRegistration | None:
+        """The worker's current registration, its row locked until ``conn``'s transaction
+        ends, so that no registration of the worker lands meanwhile; None if it never
+        registered."""
+        row = await conn.fetchrow(Q["lock_worker_registration"], worker_id)
+        return None if row is None else WorkerRegistration.from_row(row)
 
     async def stop_worker(
-        self, worker_id: str, *, lost: bool = False, conn: Connection | None = None
+        self,
+        worker_id: str,
+        *,
+        lost: bool = False,
+        incarnation: str | None = None,
+        conn: Connection | None = None,
     ) -> WorkerRecord | None:
-        """Mark a worker stopped (clean exit) or lost; None if it was not live."""
+        """Mark a worker stopped (clean exit) or lost; None if it was not live (or, with
+        ``incarnation``, if another incarnation of it is the registered one)."""
         db = conn or self.pool
-        row = await db.fetchrow(Q["stop_worker"], worker_id, "lost" if lost else "stopped")
+        row = await db.fetchrow(
+            Q["stop_worker"], worker_id, "lost" if lost else "stopped", incarnation
+        )
         return None if row is None else WorkerRecord.from_row(row)
 
     async def mark_lost_workers(self, *, missed_after: float) -> list[str]:

@@ -455,6 +455,10 @@ class Worker:
             self._send_decisions, max_batch=MAX_RESULTS_PER_CALL
         )
         self._token: trio.lowlevel.TrioToken | None = None
+        # Names this run of the worker (made when `run` starts) on every registration,
+        # heartbeat and cancellation stream: the control plane releases the tasks of this
+        # run when its connection drops, even if it registered again meanwhile.
+        self._incarnation = ""
         self._run_called = False
         self._released = 0
 
@@ -517,6 +521,7 @@ class Worker:
         if self._run_called:
             raise RuntimeError("Worker.run may be called only once per Worker")
         self._run_called = True
+        self._incarnation = str(uuid.uuid4())
         self._token = trio.lowlevel.current_trio_token()
         self._sync_types = frozenset(
             name
@@ -682,6 +687,7 @@ class Worker:
             host=socket.gethostname(),
             pid=os.getpid(),
             version=_version(),
+            incarnation=self._incarnation,
         )
         reply = await self._call_until_answered(
             self._stub.register_worker, request, what="RegisterWorker"
@@ -691,7 +697,10 @@ class Worker:
 
     async def _goodbye(self) -> None:
         request = pb.WorkerHeartbeatRequest(
-            worker_id=self.config.worker_id, current_load=0, status="stopped"
+            worker_id=self.config.worker_id,
+            current_load=0,
+            status="stopped",
+            incarnation=self._incarnation,
         )
         try:
             await self._call(self._stub.worker_heartbeat, request, what="WorkerHeartbeat")
@@ -713,6 +722,7 @@ class Worker:
                 worker_id=self.config.worker_id,
                 current_load=self._slots.load,
                 status="draining" if self.draining else "active",
+                incarnation=self._incarnation,
             )
             try:
                 reply = await self._call(
@@ -745,7 +755,9 @@ class Worker:
     async def _follow_cancellations(self) -> None:
         assert self._channel is not None
         backoff = Backoff(rng=self._rng)
-        request = pb.StreamCancellationsRequest(worker_id=self.config.worker_id)
+        request = pb.StreamCancellationsRequest(
+            worker_id=self.config.worker_id, incarnation=self._incarnation
+        )
         while True:
             try:
                 with trio.CancelScope() as watchdog:

@@ -1164,6 +1164,14 @@ class RegisterWorkerRequest(betterproto2.Message):
     everruns version the worker runs
     """
 
+    incarnation: "str" = betterproto2.field(8, betterproto2.TYPE_STRING)
+    """
+    A token the worker process makes once per run (a random UUID) and sends on every
+    registration, heartbeat and cancellation stream of that run: its incarnation. A process
+    that registers again keeps it; a restarted one has a new one. Empty (an older worker):
+    each registration is an incarnation of its own, named by its time.
+    """
+
 
 default_message_pool.register_message("everruns.v1", "RegisterWorkerRequest", RegisterWorkerRequest)
 
@@ -1431,6 +1439,12 @@ class StreamCancellationsRequest(betterproto2.Message):
     as registered; the server pushes cancellations of its tasks
     """
 
+    incarnation: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    As registered. When the stream drops, the tasks of this incarnation are released; empty
+    (an older worker): the incarnation is the registration current when the stream opened.
+    """
+
 
 default_message_pool.register_message(
     "everruns.v1", "StreamCancellationsRequest", StreamCancellationsRequest
@@ -1554,6 +1568,12 @@ class WorkerHeartbeatRequest(betterproto2.Message):
     status: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
     """
     "active", "draining" (stop handing me new tasks) or "stopped" (clean exit)
+    """
+
+    incarnation: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
+    """
+    As registered. A "stopped" that names an incarnation stops the worker only while that
+    incarnation is its registered one (a newer process of the same worker_id stays active).
     """
 
 
