@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from everruns._aio import pg
+from everruns.store.migrate import load_migrations
 
 from .harness import free_port, run_server_command, server_env
 
@@ -69,11 +70,9 @@ async def test_migrate_applies_and_exits(pg_server_url: str) -> None:
         url = with_database(pg_server_url, name)
         code, output = await run_server_command(["migrate"], {"DATABASE_URL": url})
         assert code == 0, output
-        assert (
-            "migrations applied: 7 (001_durable_tables.sql, 002_foreign_key_indexes.sql, "
-            "003_signals_by_run_only.sql, 004_start_deadlines.sql, 005_deferred_tasks_index.sql, "
-            "006_orphaned_children.sql, 007_breaker_recent_failures.sql)" in output
-        )
+        shipped = [f"{m.version:03d}_{m.name}.sql" for m in load_migrations()]
+        assert shipped[:2] == ["001_durable_tables.sql", "002_foreign_key_indexes.sql"]
+        assert f"migrations applied: {len(shipped)} ({', '.join(shipped)})" in output
         code, output = await run_server_command(["migrate"], {"DATABASE_URL": url})
         assert code == 0 and "migrations applied: 0" in output
     finally:
