@@ -226,15 +226,17 @@ class WorkerService:
     ) -> pb.WorkerHeartbeatResponse:
         check_worker_id(request.worker_id)
         status = request.status or "active"
+        incarnation = _incarnation(request.incarnation)
         if status == "stopped":  # a clean exit: the worker says goodbye
-            await self.store.stop_worker(
-                request.worker_id, incarnation=_incarnation(request.incarnation)
-            )
+            await self.store.stop_worker(request.worker_id, incarnation=incarnation)
             return pb.WorkerHeartbeatResponse(ok=True, known=True)
         if status not in ("active", "draining"):
             raise InvalidArgument(f"status must be active, draining or stopped, got {status!r}")
         record = await self.store.worker_heartbeat(
-            request.worker_id, current_load=max(0, request.current_load), status=status
+            request.worker_id,
+            current_load=max(0, request.current_load),
+            status=status,
+            incarnation=incarnation,
         )
         return pb.WorkerHeartbeatResponse(ok=record is not None, known=record is not None)
 

@@ -304,10 +304,11 @@ class WorkerRegistration:
 
     def names(self, incarnation: Incarnation) -> bool:
         """Whether this registration is ``incarnation``'s: the same token, or, for a connection
-        without one, the registration it found when its stream opened."""
+        without one, the registration it found when its stream opened, itself made without a
+        token (a tokened registration is another process's, even at that time)."""
         if incarnation.token is not None:
             return self.incarnation == incarnation.token
-        return self.started_at == incarnation.registered_at
+        return self.incarnation is None and self.started_at == incarnation.registered_at
 
 
 @attrs.frozen

@@ -348,10 +348,14 @@ WITH registered AS (
 SELECT registered.* FROM registered, told;
 
 -- name: heartbeat_worker
--- A live worker reports its load and status (active or draining).
+-- A live worker reports its load and status (active or draining). A row marked lost comes back
+-- only for the incarnation it names ($4; NULL: a worker that sends no token): a lost row of
+-- another process (a newer one that died) is not revived by an older one's heartbeat, which
+-- must register again, so that its own drop later releases its tasks.
 UPDATE durable_workers
 SET last_heartbeat_at = now(), current_load = $2, status = $3, stopped_at = NULL
-WHERE id = $1 AND status IN ('active', 'draining', 'lost')
+WHERE id = $1 AND (status IN ('active', 'draining')
+                   OR (status = 'lost' AND ($4::text IS NULL OR incarnation = $4)))
 RETURNING *;
 
 -- name: worker_registered_at
@@ -449,7 +453,8 @@ FOR UPDATE SKIP LOCKED;
 -- timer_fired event, in (fire_at, id) order after the run's last event, and the run a pending
 -- workflow task; in an ended run each is marked cancelled. A timer no longer pending
 -- (withdrawn or fired meanwhile) is left alone. One NOTIFY per type tells how many runs were
--- woken (a claim may have skipped a pending task while this held it). Returns how many fired.
+-- woken or had their pending workflow task held here (a claim may have skipped it while this
+-- held it). Returns how many fired.
 -- The statement never waits for a lock. Others write the rows it writes only under their
 -- run's lock, except workflow tasks: a claim makes a pending one claimed (and never waits), a
 -- dead worker's release makes a claimed one pending again and may then wait for another run
@@ -462,7 +467,7 @@ WITH live AS (
     WHERE t.run_id = ANY($1::uuid[]) AND t.kind = 'workflow'
       AND t.status IN ('pending', 'claimed')
 ), held AS MATERIALIZED (
-    SELECT t.id FROM durable_task_queue t
+    SELECT t.id, t.run_id, t.status FROM durable_task_queue t
     WHERE t.id = ANY(ARRAY(SELECT id FROM live))
     FOR UPDATE SKIP LOCKED
 ), ready AS MATERIALIZED (
@@ -503,9 +508,14 @@ WITH live AS (
     FROM run
     ON CONFLICT (run_id) WHERE kind = 'workflow' AND status = 'pending' DO NOTHING
 ), woke AS (
+    -- The runs woken, and those whose pending workflow task this statement held locked while
+    -- firing nothing (its timer fired or withdrawn meanwhile): a claim may have skipped it.
     SELECT count(*) AS n FROM (
         SELECT pg_notify('everruns_tasks', 'workflow:' || t || E'\t' || n)
-        FROM (SELECT workflow_type AS t, count(*) AS n FROM run GROUP BY workflow_type) d) x
+        FROM (SELECT r.workflow_type AS t, count(*) AS n FROM durable_workflow_instances r
+              WHERE r.id = ANY(ARRAY(SELECT id FROM run
+                                     UNION SELECT run_id FROM held WHERE status = 'pending'))
+              GROUP BY r.workflow_type) d) x
 )
 -- The uncorrelated test of woke is a one-time filter: a SELECT CTE runs only on demand.
 SELECT count(*) FROM fired WHERE (SELECT n FROM woke) IS NOT NULL;

@@ -1329,12 +1329,21 @@ class Store:
         return WorkerRecord.from_row(row)
 
     async def worker_heartbeat(
-        self, worker_id: str, *, current_load: int, status: str = "active"
+        self,
+        worker_id: str,
+        *,
+        current_load: int,
+        status: str = "active",
+        incarnation: str | None = None,
     ) -> WorkerRecord | None:
-        """Record a worker heartbeat; None if the worker is unknown or stopped (re-register)."""
+        """Record a worker heartbeat of ``incarnation`` (None: a worker that sends no token);
+        None if the worker is unknown or stopped, or lost under another incarnation
+        (re-register)."""
         if status not in ("active", "draining"):
             raise ValueError(f"a live worker is active or draining, not {status!r}")
-        row = await self.pool.fetchrow(Q["heartbeat_worker"], worker_id, current_load, status)
+        row = await self.pool.fetchrow(
+            Q["heartbeat_worker"], worker_id, current_load, status, incarnation
+        )
         return None if row is None else WorkerRecord.from_row(row)
 
     async def worker_registered_at(self, worker_id: str) -> datetime | None:
