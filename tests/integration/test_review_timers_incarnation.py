@@ -5,8 +5,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 
 import pytest
 import trio
@@ -34,26 +33,10 @@ pytestmark = pytest.mark.db
 # ------------------------------------------------------------------ helpers
 
 
-@asynccontextmanager
-async def token_stream(p: Plane, token: str, worker_id: str = WID) -> AsyncIterator[None]:
+def token_stream(p: Plane, token: str, worker_id: str = WID) -> AbstractAsyncContextManager[None]:
     """A worker process's own connection with its cancellation stream open, naming incarnation
-    ``token`` (as `Worker.run` does); dropped when the block ends, as when the process dies."""
-    async with open_channel("127.0.0.1", p.port) as channel, trio.open_nursery() as nursery:
-        opened = trio.Event()
-
-        async def follow() -> None:
-            async for _ in channel.stream(
-                p.workers.stream_cancellations,
-                pb.StreamCancellationsRequest(worker_id=worker_id, incarnation=token),
-            ):
-                opened.set()
-
-        nursery.start_soon(follow)
-        await opened.wait()
-        try:
-            yield
-        finally:
-            nursery.cancel_scope.cancel()
+    ``token``; dropped when the block ends, as when the process dies."""
+    return incarnation_stream(p, p.port, worker_id, token)
 
 
 def _register(pid: int, token: str = "") -> pb.RegisterWorkerRequest:

@@ -70,18 +70,21 @@ async def _complete_workflow_task(
 
 
 @asynccontextmanager
-async def incarnation_stream(p: Plane, port: int, worker_id: str = WID) -> AsyncIterator[None]:
+async def incarnation_stream(
+    p: Plane, port: int, worker_id: str = WID, token: str = ""
+) -> AsyncIterator[None]:
     """A worker process's own connection to the control plane at ``port``, with its
     cancellation stream open (the control plane follows the connection once the first
     message arrived); the connection is dropped when the block ends, as when the process
-    dies. The stream names no incarnation token, as a worker of an older release."""
+    dies. The stream names incarnation ``token`` (as `Worker.run` does), or none, as a worker
+    of an older release."""
     async with open_channel("127.0.0.1", port) as channel, trio.open_nursery() as nursery:
         opened = trio.Event()
 
         async def follow() -> None:
             async for _ in channel.stream(
                 p.workers.stream_cancellations,
-                pb.StreamCancellationsRequest(worker_id=worker_id),
+                pb.StreamCancellationsRequest(worker_id=worker_id, incarnation=token),
             ):
                 opened.set()
 
