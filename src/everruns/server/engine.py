@@ -726,8 +726,9 @@ class Engine:
         closed (the worker then cancels them).
 
         Returns:
-            ``(accepted, superseded, eager_tasks)``: superseded when new input events arrived
-            meanwhile (the pending workflow task replays them; nothing is lost).
+            ``(accepted, superseded, eager_tasks)``: superseded when events that arrived
+            meanwhile make the commands stale (`superseded_by`; the pending workflow task
+            replays them, nothing is lost); other input is held past the decision.
 
         Raises:
             StaleLease: the caller does not hold the task's lease.
@@ -953,6 +954,11 @@ class Engine:
             if not run.is_open:
                 await self.store.close_workflow_task(conn, task_id)
                 return False, True, []
+            if not _START_SEQUENCE <= seen_sequence <= run.last_sequence_num:
+                raise InvalidArgument(
+                    f"seen_sequence {seen_sequence} is outside the history of run "
+                    f"{run.run_id} (1 to {run.last_sequence_num})"
+                )
             held = None  # the decision's view, when events it did not see are held past it
             wake = False
             if run.last_sequence_num != seen_sequence:
@@ -1957,13 +1963,14 @@ def _starts_afresh(task: Task, history: Sequence[StoredEvent]) -> bool:
     decision (breakers aside): only the first workflow task of a run (its history is the
     start alone), on its first attempt.
 
-    A later workflow task reacts to events (results, signals, timers, a cancel request), and
-    more of them arriving meanwhile would supersede its decision, the activities started
-    ahead being cancelled and started again by the next one: side effects run twice with
-    nothing gone wrong. And a task handed out again lost its worker (or its lease) before its
-    decision was applied, maybe to an activity started ahead that crashed the worker, which
-    no attempt count would stop; this time the activities are recorded first, and their
-    attempts count."""
+    A later workflow task reacts to events (results, signals, timers, a cancel request);
+    when this rule was made, more of them arriving meanwhile superseded its decision, the
+    activities started ahead being cancelled and started again by the next one (side effects
+    run twice with nothing gone wrong). Input is now held past a decision and only a cancel
+    request (or an end) supersedes one, so this could widen; not measured, not done. And a
+    task handed out again lost its worker (or its lease) before its decision was applied,
+    maybe to an activity started ahead that crashed the worker, which no attempt count would
+    stop; this time the activities are recorded first, and their attempts count."""
     return task.attempt == 1 and all(e.type == "workflow_started" for e in history)
 
 
