@@ -214,6 +214,11 @@ class Plane:
 
 
 def _events(task: pb.Task) -> list[HistoryEvent]:
+    return history_events(task.history)
+
+
+def history_events(events: Sequence[pb.HistoryEvent]) -> list[HistoryEvent]:
+    """Events as the control plane sends them, as replay reads them."""
     return [
         HistoryEvent(
             sequence_num=e.sequence_num,
@@ -221,7 +226,7 @@ def _events(task: pb.Task) -> list[HistoryEvent]:
             data=json.loads(e.data),
             time=datetime.fromtimestamp(e.time, UTC),
         )
-        for e in task.history
+        for e in events
     ]
 
 

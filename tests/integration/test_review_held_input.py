@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,22 +12,14 @@ from everruns._proto.everruns import v1 as pb
 from everruns.domain.context import WorkflowInfo
 from everruns.domain.history import HistoryEvent
 from everruns.domain.replay import replay
-from tests.integration.test_engine import plane
+from tests.integration.test_engine import history_events, plane
 
 pytestmark = pytest.mark.db
 
 
 async def _events(p: Any, wid: str) -> list[HistoryEvent]:
     reply = await p.channel.unary(p.workflows.get_history, pb.GetHistoryRequest(workflow_id=wid))
-    return [
-        HistoryEvent(
-            sequence_num=e.sequence_num,
-            type=e.type,
-            data=json.loads(e.data),
-            time=datetime.fromtimestamp(e.time, UTC),
-        )
-        for e in reply.events
-    ]
+    return history_events(reply.events)
 
 
 async def work_then_wait(ctx: Any, input: Any) -> Any:
