@@ -2,8 +2,8 @@
 what the operator guide's runbook promises. An operator's requeue of a dead letter runs whatever
 its run does (the run ending or being cancelled does not cancel it, retention does not delete it
 before it runs); a forged page token is bad input, not an internal error; `breakers list`
-reports when a breaker last changed. Found by a review in session 18; each of its four tests
-failed before its fix."""
+reports when a breaker last changed; the duty that applies the runbook's requeues never
+deadlocks with retention. Each test failed before its fix."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from everruns import cli
 from everruns._aio import pg
 from everruns._proto.everruns import v1 as pb
 from everruns.domain.retry import RetryPolicy
+from everruns.store.store import Store
 from tests.integration.test_engine import caught_failure, plane
 
 pytestmark = pytest.mark.db
@@ -217,3 +218,32 @@ async def test_a_requeued_dead_letter_runs_when_its_open_run_is_cancelled(
             assert "activity_cancelled" not in [r["event_type"] for r in types]
             again = await p.poll(act=["flaky"], wait=1)
             assert [t.task_id for t in again] == [task.task_id]
+
+
+async def test_the_requeue_duty_skips_a_run_retention_holds_instead_of_deadlocking(
+    database_url: str, pool: pg.Pool, store: Store
+) -> None:
+    """A requeue written with the runbook's SQL is applied by a duty. It locked the dead letter
+    and then waited for its run, while retention, holding the run, deleted it and by cascade
+    waited for the dead letter: a deadlock, one side aborted after a second. The duty now locks
+    runs first and skips one another transaction holds."""
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            task, letter = await _dead_letter_of_a_run_that_ended(p)
+        run_id = await pool.fetchval(
+            "SELECT run_id FROM durable_dead_letter_queue WHERE id = $1", letter.id
+        )
+        # The runbook's requeue, written while no control plane runs.
+        await pool.execute(
+            "UPDATE durable_dead_letter_queue SET requeued_at = now() WHERE id = $1", letter.id
+        )
+        async with pool.transaction() as holder:  # retention holds the run
+            await holder.execute(
+                "SELECT 1 FROM durable_workflow_instances WHERE id = $1 FOR UPDATE", run_id
+            )
+            with trio.fail_after(5):  # waiting for the run would hang here
+                async with store.transaction() as conn:
+                    assert await store.apply_operator_requeues(conn) == []
+        async with store.transaction() as conn:  # released: the next round applies it
+            (revived,) = await store.apply_operator_requeues(conn)
+        assert str(revived.task_id) == task.task_id and revived.status == "pending"

@@ -220,12 +220,25 @@ RETURNING *;
 SELECT * FROM durable_dead_letter_queue WHERE id = $1;
 
 -- name: claim_operator_requeues
--- Requeues written by an operator's UPDATE ... SET requeued_at and not applied yet.
+-- Requeues written by an operator's UPDATE ... SET requeued_at and not applied yet. Their runs
+-- are locked first (key share), then the dead letters, in the order retention takes them (the
+-- run, then by cascade its dead letters), so the two never deadlock; a run another
+-- transaction holds (retention deleting it, say) is skipped, its requeue left for a later round.
+WITH wanted AS MATERIALIZED (
+    SELECT id, run_id FROM durable_dead_letter_queue
+    WHERE requeued_at IS NOT NULL AND requeue_applied_at IS NULL
+    ORDER BY requeued_at LIMIT $1
+), runs AS MATERIALIZED (
+    SELECT r.id FROM durable_workflow_instances r
+    WHERE r.id = ANY(ARRAY(SELECT run_id FROM wanted))
+    FOR KEY SHARE SKIP LOCKED
+)
 UPDATE durable_dead_letter_queue d
 SET requeue_applied_at = now()
 FROM (SELECT id FROM durable_dead_letter_queue
-      WHERE requeued_at IS NOT NULL AND requeue_applied_at IS NULL
-      ORDER BY requeued_at LIMIT $1 FOR UPDATE SKIP LOCKED) r
+      WHERE id = ANY(ARRAY(SELECT w.id FROM wanted w JOIN runs ON runs.id = w.run_id))
+        AND requeued_at IS NOT NULL AND requeue_applied_at IS NULL
+      FOR UPDATE SKIP LOCKED) r
 WHERE d.id = r.id
 RETURNING d.*;
 
