@@ -212,6 +212,28 @@ class Plane:
             ),
         )
 
+    async def fail_workflow_task(
+        self,
+        task: pb.Task,
+        error: dict[str, Any],
+        *,
+        non_determinism: bool = False,
+        seen_sequence: int = 0,
+    ) -> None:
+        """What worker "w1" sends when its replay of ``task`` fails (``seen_sequence``: the
+        last event it replayed; 0, unknown, as an older worker sends)."""
+        await self.channel.unary(
+            self.workers.fail_workflow_task,
+            pb.FailWorkflowTaskRequest(
+                task_id=task.task_id,
+                lease_token=task.lease_token,
+                worker_id="w1",
+                error=json.dumps(error).encode(),
+                non_determinism=non_determinism,
+                seen_sequence=seen_sequence,
+            ),
+        )
+
 
 def _events(task: pb.Task) -> list[HistoryEvent]:
     return history_events(task.history)
@@ -810,17 +832,10 @@ async def test_non_determinism_marks_the_run_stuck(database_url: str) -> None:
             (task,) = await p.poll(wf=["nd"])
             with pytest.raises(Exception) as info:
                 await p.run_workflow_task(task, v2)
-            await p.channel.unary(
-                p.workers.fail_workflow_task,
-                pb.FailWorkflowTaskRequest(
-                    task_id=task.task_id,
-                    lease_token=task.lease_token,
-                    worker_id="w1",
-                    error=json.dumps(
-                        {"type": "NonDeterminismError", "message": str(info.value)}
-                    ).encode(),
-                    non_determinism=True,
-                ),
+            await p.fail_workflow_task(
+                task,
+                {"type": "NonDeterminismError", "message": str(info.value)},
+                non_determinism=True,
             )
             described = await p.describe(wid)
             assert described.status == "running"
@@ -1690,15 +1705,7 @@ async def test_failure_reports_with_nul_characters_are_kept_with_the_nul_escaped
 
             await p.start("wf", 1, wid="wft")
             (task,) = await p.poll(wf=["wf"])
-            await p.channel.unary(
-                p.workers.fail_workflow_task,
-                pb.FailWorkflowTaskRequest(
-                    task_id=task.task_id,
-                    lease_token=task.lease_token,
-                    worker_id="w1",
-                    error=json.dumps({"type": "E\x00", "message": "no\x00pe"}).encode(),
-                ),
-            )
+            await p.fail_workflow_task(task, {"type": "E\x00", "message": "no\x00pe"})
             assert (await p.describe("wft")).stuck_reason == "workflow task failed: no\\x00pe"
 
 

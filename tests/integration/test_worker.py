@@ -863,6 +863,9 @@ async def test_workflow_task_replays_and_returns_commands() -> None:
     assert "goodbye" in payload.decode(failures[diverged.task_id].error)["message"]
     assert not failures[illegal.task_id].non_determinism
     assert "IllegalAwait" in payload.decode(failures[illegal.task_id].error)["type"]
+    # Each failure says how much history it was replayed on (input after it gets a try).
+    assert failures[diverged.task_id].seen_sequence == 4
+    assert failures[illegal.task_id].seen_sequence == 1
 
 
 async def test_short_histories_replay_inline_and_long_ones_in_a_thread() -> None:

@@ -60,6 +60,7 @@ __all__ = [
     "error_from_exception",
     "replay",
     "superseded_by",
+    "unseen_input",
 ]
 
 # Event loops and their helpers: a frame from one of these inside workflow code means the code
@@ -1023,6 +1024,16 @@ def superseded_by(
         if kind in h.COMMAND_EVENT_TYPES or (ends and kind in h.INPUT_EVENT_TYPES):
             return event
     return None
+
+
+def unseen_input(unseen: Sequence[RecordedEvent]) -> bool:
+    """Whether events a workflow task was not given (``unseen``: those appended after the
+    history it replayed) hold input, which another workflow task must replay. Pure.
+
+    Their arrival made sure a workflow task was pending, but the pending one may have been
+    that very task, claimed a moment later by a statement whose snapshot predates them: then
+    no other task is coming for them unless the task's end makes one."""
+    return any(event.type in h.INPUT_EVENT_TYPES for event in unseen)
 
 
 def _check_now(now: datetime) -> None:

@@ -38,7 +38,7 @@ from everruns.domain.lease import timeout_kind
 from everruns.domain.limits import check_name, check_type_name, shown
 from everruns.domain.parts import split_keeping_keys
 from everruns.domain.payload import decode, encode_text, json_error
-from everruns.domain.replay import continues_decision, superseded_by
+from everruns.domain.replay import continues_decision, superseded_by, unseen_input
 from everruns.domain.retry import RetryPolicy
 from everruns.errors import (
     NOT_SERVED_ERROR,
@@ -968,10 +968,7 @@ class Engine:
                     await self.store.ensure_workflow_task(conn, run)
                     return False, True, []
                 held = seen_sequence
-                # Held input needs a workflow task after this one. The one its arrival made may
-                # be this very task: claimed a moment later, with a history read before the
-                # input committed.
-                wake = any(e.type in ev.INPUT_EVENT_TYPES for e in unseen)
+                wake = unseen_input(unseen)  # held input needs a workflow task after this one
             completed = ev.workflow_task_completed(worker_id, claim_time, seen_sequence=held)
             outcome = _Outcome([NewEvent.of(completed)])
             for command in commands:
@@ -1190,16 +1187,29 @@ class Engine:
         error_json: str,
         *,
         non_determinism: bool,
+        seen_sequence: int = 0,
     ) -> None:
         """Record a workflow task the worker could not complete; the run is marked stuck and
         is not retried in a loop (a new event gives it another try). One the worker gives back
-        because it does not serve its type (`NOT_SERVED_ERROR`) goes back to the queue instead.
+        because it does not serve its type (`NOT_SERVED_ERROR`) goes back to the queue instead
+        (``seen_sequence`` is not looked at then).
+
+        ``seen_sequence`` is the last event of the history the worker replayed (0: unknown, a
+        worker older than the field). When input follows it, the task failed without that
+        input, whose own try it took (`unseen_input`): the run is marked stuck all the same
+        and a workflow task replays it once more, with the input.
 
         A run whose cancellation was requested ends cancelled instead: its code cannot run to
-        see the request (the stuck message tells the operator to cancel such a run)."""
+        see the request (the stuck message tells the operator to cancel such a run).
+
+        Raises:
+            StaleLease: the caller does not hold the task's lease.
+            InvalidArgument: ``seen_sequence`` is neither 0 nor in the run's history.
+        """
         error = _error_dict(error_json)
         kind = "non-determinism" if non_determinism else "workflow task failed"
         reason = f"{kind}: {error.get('message', '')}"
+        again = False
         async with self.store.transaction() as conn:
             task = await self.store.lock_leased(conn, task_id, lease_token)
             if error.get("type") == NOT_SERVED_ERROR:
@@ -1212,6 +1222,11 @@ class Engine:
             await self.store.close_workflow_task(conn, task_id)
             if not run.is_open:
                 return
+            if not 0 <= seen_sequence <= run.last_sequence_num:
+                raise InvalidArgument(
+                    f"seen_sequence {seen_sequence} is outside the history of run "
+                    f"{run.run_id} (1 to {run.last_sequence_num}, or 0: unknown)"
+                )
             failed = NewEvent.of(ev.workflow_task_failed({**error, "worker_id": worker_id}))
             if run.cancel_requested_at is not None:
                 await self.store.append_events(
@@ -1220,11 +1235,25 @@ class Engine:
                 ended = await self.store.end_run(conn, run.run_id, "cancelled")
                 await self._after_end(conn, ended, RunEnd("cancelled"))
             else:
+                if 0 < seen_sequence < run.last_sequence_num:
+                    unseen = await self.store.load_events(
+                        run.run_id, after=seen_sequence, conn=conn
+                    )
+                    again = unseen_input(unseen)
                 await self.store.append_events(conn, run, [failed])
                 await self.store.set_stuck(conn, run.run_id, reason[:4000])
+                if again:
+                    await self.store.ensure_workflow_task(conn, run)
         if run.cancel_requested_at is not None:
             log.warning(
                 "workflow %s ended cancelled: its code could not run to see the request (%s)",
+                run.workflow_id,
+                reason,
+            )
+        elif again:
+            log.error(
+                "workflow %s is stuck: %s; it replays once more with the input that task "
+                "did not see",
                 run.workflow_id,
                 reason,
             )

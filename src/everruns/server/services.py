@@ -328,6 +328,7 @@ class WorkerService:
             request.worker_id,
             _error(request.error),
             non_determinism=request.non_determinism,
+            seen_sequence=request.seen_sequence,
         )
         return pb.FailWorkflowTaskResponse()
 

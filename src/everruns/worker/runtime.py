@@ -1839,10 +1839,13 @@ class Worker:
 
     async def _fail_workflow_task(self, handle: _RunningTask, failure: _WorkflowTaskFailed) -> None:
         task = handle.task
+        # Whichever way the replay failed, it was given the whole history the task carries:
+        # input recorded after it gets the run another try (0: none was replayed).
+        seen = max((e.sequence_num for e in task.history), default=0)
         if failure.non_determinism:
             log.error("%s is stuck: %s", handle.describe(), failure.error["message"])
         elif failure.error["type"] == NOT_SERVED_ERROR:
-            pass  # a give-back, warned of already (`_decide`)
+            seen = 0  # a give-back, warned of already (`_decide`): nothing was replayed
         else:
             log.error(
                 "%s failed: %s: %s",
@@ -1856,6 +1859,7 @@ class Worker:
             worker_id=self.config.worker_id,
             error=payload.encode(failure.error, what="error"),
             non_determinism=failure.non_determinism,
+            seen_sequence=seen,
         )
         try:
             await self._call_until_answered(

@@ -787,6 +787,13 @@ class FailWorkflowTaskRequest(betterproto2.Message):
     replay disagreed with history: mark the run stuck, do not retry
     """
 
+    seen_sequence: "int" = betterproto2.field(6, betterproto2.TYPE_INT64)
+    """
+    The last history sequence_num the replay saw; 0: unknown (a worker older than this field).
+    Input recorded after it gets the run one more workflow task (it is still marked stuck).
+    Neither 0 nor in the run's history: INVALID_ARGUMENT. Not looked at for a give-back.
+    """
+
 
 default_message_pool.register_message(
     "everruns.v1", "FailWorkflowTaskRequest", FailWorkflowTaskRequest
