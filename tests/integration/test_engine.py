@@ -1950,14 +1950,16 @@ async def test_a_task_handed_to_a_poll_that_left_goes_back_to_the_queue(
 
 # Statements that read a partial index (or a table) whole by design: the duties' sweeps, for
 # which every claimed task may have timed out or lost its holder (as many as the workers have
-# slots; pending tasks are swept through the index of their deadlines), and every requeue an
-# operator wrote is due; the next due timer, a min() that reads one end of its index; and a
-# page of the operator's dead-letter listing.
+# slots; pending tasks are swept through the index of their deadlines), every requeue an
+# operator wrote is due, and every open child with no cancel request may have lost its parent;
+# the next due timer, a min() that reads one end of its index; and a page of the operator's
+# dead-letter listing.
 _WHOLE_BY_DESIGN = {
     "find_stale_tasks",
     "find_timed_out_tasks",
     "next_timeout",
     "claim_operator_requeues",
+    "find_orphaned_children",
     "next_due",
     "list_dead_letters",
 }

@@ -28,6 +28,7 @@ from tests.integration.test_engine import one_activity, plane
 from tests.integration.test_store import (
     _activity,
     _age_heartbeats,
+    _child,
     _claim,
     _claimed_workflow_task,
     _run,
@@ -324,15 +325,8 @@ async def test_retention_deletes_a_parent_whose_child_run_ended_later(
     with it every round of retention)."""
     with trio.fail_after(20):
         parent = await _run(store, "parent", "p")
+        child = await _child(store, parent, "c1")
         async with store.transaction() as conn:
-            child, _ = await store.create_workflow(
-                conn,
-                workflow_id="parent/c1",
-                workflow_type="c",
-                input="null",
-                parent_run_id=parent.run_id,
-                parent_child_id="c1",
-            )
             await store.end_run(conn, parent.run_id, "cancelled")
             await store.end_run(conn, child.run_id, "cancelled")
         await pool.execute(

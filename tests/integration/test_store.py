@@ -31,6 +31,21 @@ async def _run(store: Store, workflow_id: str = "wf-1", wtype: str = "checkout")
     return run
 
 
+async def _child(store: Store, parent: WorkflowRun, child_id: str = "1") -> WorkflowRun:
+    """A child run of ``parent`` (child id ``child_id``), as its start command makes one."""
+    async with store.transaction() as conn:
+        run, created = await store.create_workflow(
+            conn,
+            workflow_id=f"{parent.workflow_id}/{child_id}",
+            workflow_type="kid",
+            input="null",
+            parent_run_id=parent.run_id,
+            parent_child_id=child_id,
+        )
+    assert created
+    return run
+
+
 async def _activity(
     store: Store, run: WorkflowRun, activity_id: str = "1", atype: str = "charge", **kw: object
 ) -> uuid.UUID:

@@ -205,7 +205,8 @@ class ServerConfig:
         grpc_host, grpc_port: where gRPC listens (port 0: any free port).
         db_connect_timeout: how long to keep retrying an unreachable database at start.
         stale_after: seconds without a heartbeat after which a claimed task is released.
-        reclaim_interval: how often the stale-task reclaimer runs.
+        reclaim_interval: how often the reclaim round runs (stale tasks, lost workers, operator
+            requeues, child runs an ended parent left open).
         worker_lost_after: seconds without a worker heartbeat before it is marked lost.
         max_pending_tasks: refuse new work with RESOURCE_EXHAUSTED at this many pending tasks
             (0: no limit).

@@ -1,5 +1,6 @@
-"""The control plane's background duties: stale-task reclamation, lost workers and the
-dead-letter requeues operators write with the runbook's SQL.
+"""The control plane's background duties: stale-task reclamation, lost workers, the
+dead-letter requeues operators write with the runbook's SQL, and the cancellation of child runs
+their parent left open.
 
 Each duty is a loop in the server's nursery. Duties that must run once across several control
 planes take a PostgreSQL advisory lock for each round (try-lock: a replica that does not get it
@@ -16,7 +17,7 @@ import trio
 from everruns.errors import DatabaseError
 from everruns.server.engine import Engine
 
-__all__ = ["run_duties"]
+__all__ = ["run_child_follow_ups", "run_due_scanner", "run_duties"]
 
 log = logging.getLogger("everruns.server")
 
@@ -24,9 +25,15 @@ log = logging.getLogger("everruns.server")
 RECLAIM_LOCK = 0x6576_0001
 RETENTION_LOCK = 0x6576_0002
 
+FOLLOW_UP_SECONDS = 30.0
+"""How long the follow-up of one skipped child may wait for the transactions that hold it and
+its parent (they are short); past that, the reclaim round's sweep takes the child over."""
+
 
 async def reclaim_once(engine: Engine) -> int:
-    """One round: release stale tasks, mark silent workers lost, apply operator requeues.
+    """One round: release stale tasks, mark silent workers lost, apply operator requeues,
+    request the cancellation of child runs their parent left open
+    (`Engine.cancel_orphaned_children`).
 
     Returns:
         How many tasks were released or revived.
@@ -42,6 +49,7 @@ async def reclaim_once(engine: Engine) -> int:
     missed = engine.config.worker_lost_after
     for worker_id in await store.mark_lost_workers(missed_after=missed):
         log.warning("worker %s lost (no heartbeat for %.0f s)", worker_id, missed)
+    await engine.cancel_orphaned_children()
     return released + len(revived)
 
 
@@ -93,6 +101,27 @@ async def run_duties(
         outage.recovered()
         until_retention = next_retention - trio.current_time()
         await trio.sleep(max(0.0, min(engine.config.reclaim_interval, until_retention)))
+
+
+async def run_child_follow_ups(
+    engine: Engine, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Cancel the open children a parent's end or cancellation skipped (another transaction
+    held them) as soon as that transaction lets go, one child at a time, each in a
+    transaction that waits for the child, then for its parent (`Engine.cancel_if_orphaned`).
+    A follow-up that fails or takes too long is left to the reclaim round's sweep."""
+    task_status.started()
+    while True:
+        for child_id in await engine.skipped_children():
+            try:
+                with trio.move_on_after(FOLLOW_UP_SECONDS):
+                    await engine.cancel_if_orphaned(child_id, wait=True)
+            except Exception as exc:
+                log.warning(
+                    "child run %s: its cancellation is left to the reclaim round (%s)",
+                    child_id,
+                    exc,
+                )
 
 
 async def run_due_scanner(

@@ -47,6 +47,7 @@ from everruns.errors import (
     EverrunsError,
     FailedPrecondition,
     InvalidArgument,
+    NotFound,
     ResourceExhausted,
     StaleLease,
 )
@@ -205,6 +206,10 @@ class Engine:
         self._claims: ClaimGroups[
             tuple[tuple[str, ...], tuple[str, ...]], Task, dict[uuid.UUID, list[StoredEvent]]
         ] = ClaimGroups(self._claim_slots)
+        # Open children a parent's end or cancellation skipped (another transaction held
+        # them), for `skipped_children`: cancelled as soon as that transaction lets go.
+        self._skipped: set[uuid.UUID] = set()
+        self._skipped_added = trio.Event()
 
     # ------------------------------------------------------------------ input checks
 
@@ -456,7 +461,8 @@ class Engine:
 
     async def _request_cancel(self, conn: Connection, run: WorkflowRun, reason: str) -> None:
         """Record a cancel request on a locked open run, cancel its activities, and pass the
-        request on to its open children (a cancelled parent does not leave orphans running)."""
+        request on to its open children (a cancelled parent does not leave orphans running;
+        those another transaction holds are cancelled later: `_cancel_children`)."""
         if run.cancel_requested_at is not None:
             return  # already requested: cancelling is idempotent
         if run.started_at is None and not await self.store.workflow_task_held(conn, run.run_id):
@@ -480,12 +486,7 @@ class Engine:
         events += await self._cancel_activities(conn, run)
         await self.store.append_events(conn, run, events)
         await self.store.ensure_workflow_task(conn, run)
-        for child in await self.store.open_children(conn, run.run_id):
-            child = await self.store.lock_run(conn, child.run_id)
-            if child.is_open:
-                await self._request_cancel(
-                    conn, child, f"parent workflow {run.workflow_id!r} was cancelled"
-                )
+        await self._cancel_children(conn, run, f"parent workflow {run.workflow_id!r} was cancelled")
 
     async def _cancel_activities(self, conn: Connection, run: WorkflowRun) -> list[NewEvent]:
         events = []
@@ -1144,14 +1145,86 @@ class Engine:
         # Activities the code no longer waits for are cancelled, not left to run (an ended
         # run's history records no more events: those of the cancellations are dropped).
         await self._cancel_activities(conn, run)
-        for child in await self.store.open_children(conn, run.run_id):
-            child = await self.store.lock_run(conn, child.run_id)
-            if child.is_open:
-                await self._request_cancel(
-                    conn, child, f"parent workflow {run.workflow_id!r} ended {end.status}"
-                )
+        await self._cancel_children(
+            conn, run, f"parent workflow {run.workflow_id!r} ended {end.status}"
+        )
         if run.parent_run_id is not None and run.parent_child_id is not None:
             await self._tell_parent(conn, run, end.status, result=end.result, error=end.error)
+
+    async def _cancel_children(self, conn: Connection, run: WorkflowRun, reason: str) -> None:
+        """Pass a cancel request on to the open children of ``run`` (which this transaction
+        holds), never waiting for one. A child's end holds the child and then waits for its
+        parent (`_tell_parent`): a parent that waited for its child while holding itself
+        deadlocked with it, and PostgreSQL aborted one of the two after a second. A child
+        another transaction holds is skipped here and cancelled once that transaction lets
+        go, by `cancel_if_orphaned` from `duties.run_child_follow_ups`; should this control
+        plane stop first, by the reclaim round's sweep (`cancel_orphaned_children`)."""
+        children, skipped = await self.store.lock_open_children(conn, run.run_id)
+        for child in children:
+            await self._request_cancel(conn, child, reason)
+        if skipped:
+            self._skipped.update(skipped)
+            self._skipped_added.set()
+
+    async def skipped_children(self) -> list[uuid.UUID]:
+        """Wait until a parent's end or cancellation has skipped children (another
+        transaction held them); return them, each once. Perhaps before that parent's
+        transaction has ended: `cancel_if_orphaned` waits for it."""
+        await self._skipped_added.wait()
+        self._skipped_added = trio.Event()
+        skipped = list(self._skipped)
+        self._skipped.clear()
+        return skipped
+
+    async def cancel_if_orphaned(self, child_id: uuid.UUID, *, wait: bool) -> bool:
+        """Request the cancellation of an open child run whose parent ended, is gone, or had
+        its own cancellation requested after the child started, unless it was requested
+        already (`_orphaned_because`); return whether this call requested it.
+
+        One transaction: it locks the child (with ``wait``, waiting for whoever holds it;
+        without, leaving a child another transaction holds alone), then its parent, waiting,
+        as a child's end does: so it sees the parent as the transaction that skipped the child
+        left it, committed or rolled back. Nothing waits for a child while holding its parent.
+        """
+        async with self.store.transaction() as conn:
+            if wait:
+                try:
+                    child: WorkflowRun | None = await self.store.lock_run(conn, child_id)
+                except NotFound:
+                    return False
+            else:
+                child = await self.store.lock_run_unless_held(conn, child_id)
+            if child is None or not child.is_open or child.cancel_requested_at is not None:
+                return False
+            parent = None
+            if child.parent_run_id is not None:
+                parent = await self.store.lock_run(conn, child.parent_run_id)
+            reason = _orphaned_because(child, parent)
+            if reason is None:
+                return False
+            await self._request_cancel(conn, child, reason)
+            return True
+
+    async def cancel_orphaned_children(self, *, batch: int = 200) -> int:
+        """The reclaim round's sweep: request the cancellation of every open child run left
+        without one although its parent ended, is gone, or had its own requested after the
+        child started (a control plane that skipped the child stopped before it came back
+        to it, say). Each child is its own transaction, which skips a child another
+        transaction holds (found again next round). Returns how many it requested."""
+        requested = 0
+        while True:
+            found = await self.store.find_orphaned_children(limit=batch)
+            done = 0
+            for child_id in found:
+                done += await self.cancel_if_orphaned(child_id, wait=False)
+            requested += done
+            if len(found) < batch or not done:
+                break
+        if requested:
+            log.warning(
+                "requested the cancellation of %d child run(s) their parent left open", requested
+            )
+        return requested
 
     async def _tell_parent(
         self,
@@ -1850,6 +1923,24 @@ class _UnclosedBreakers:
     def opened(self) -> None:
         """This control plane saw a breaker open or go half-open."""
         self._unclosed = True
+
+
+def _orphaned_because(child: WorkflowRun, parent: WorkflowRun | None) -> str | None:
+    """Why the open child run ``child``, its cancellation not requested, must be cancelled,
+    given its ``parent`` (None: its row is gone); None if it may run on. A parent that ended
+    leaves no child running; a parent whose cancellation was requested passes the request on
+    to the children it started before it (not to those its code starts afterwards, having
+    seen it: clean-up). ``cancel_requested_at`` is taken under the parent's lock, after every
+    earlier child's start and before every later one's (`set_cancel_requested`)."""
+    if not child.is_open or child.cancel_requested_at is not None:
+        return None
+    if parent is None:
+        return None if child.parent_child_id is None else "its parent workflow run is gone"
+    if not parent.is_open:
+        return f"parent workflow {parent.workflow_id!r} ended {parent.status}"
+    if parent.cancel_requested_at is not None and child.created_at < parent.cancel_requested_at:
+        return f"parent workflow {parent.workflow_id!r} was cancelled"
+    return None
 
 
 def _attempt_end(outcome: FailOutcome, event: dict[str, Any]) -> dict[str, Any]:

@@ -72,9 +72,11 @@ UPDATE durable_workflow_instances SET stuck_reason = $2, updated_at = now()
 WHERE id = $1 AND completed_at IS NULL;
 
 -- name: set_cancel_requested
--- Remember that cancellation was requested (idempotent).
+-- Remember that cancellation was requested (idempotent). The time is the clock's under the run's
+-- lock, not the transaction's start: every child the run started before is older, every child
+-- it starts afterwards (having seen the request) newer (find_orphaned_children tells them apart).
 UPDATE durable_workflow_instances
-SET cancel_requested_at = coalesce(cancel_requested_at, now()), updated_at = now()
+SET cancel_requested_at = coalesce(cancel_requested_at, clock_timestamp()), updated_at = now()
 WHERE id = $1
 RETURNING cancel_requested_at;
 
@@ -651,13 +653,20 @@ RETURNING *;
 -- name: lock_expired_runs
 -- Lock up to $2 ended runs older than $1 seconds that retention may delete: not a child whose
 -- parent is still open (its history names the child, whose run must stay there to inspect; it
--- goes once its parent has ended); nor a run with a live task (an operator's requeue of its
--- dead letter): it goes once that has run. Locked runs are skipped (a requeue holds its run).
+-- goes once its parent has ended); nor a parent with an open child (deleting it would update
+-- the child's row by cascade, waiting for a child whose end holds it and waits for this
+-- parent: it goes once its children have ended); nor a run with a live task (an operator's
+-- requeue of its dead letter): it goes once that has run. Locked runs are skipped (a requeue
+-- holds its run).
 SELECT c.id FROM durable_workflow_instances c
 WHERE c.completed_at IS NOT NULL
   AND c.completed_at < now() - make_interval(secs => $1)
   AND NOT EXISTS (SELECT 1 FROM durable_workflow_instances p
                   WHERE p.id = c.parent_run_id AND p.completed_at IS NULL)
+  -- OFFSET 0 keeps this a lookup by key per candidate: as an anti-join, PostgreSQL may read
+  -- the whole index of children instead, when its statistics show few of them.
+  AND NOT EXISTS (SELECT 1 FROM durable_workflow_instances k
+                  WHERE k.parent_run_id = c.id AND k.completed_at IS NULL OFFSET 0)
   AND NOT EXISTS (SELECT 1 FROM durable_task_queue t
                   WHERE t.run_id = c.id AND t.status IN ('pending', 'claimed'))
 ORDER BY c.completed_at LIMIT $2
@@ -717,11 +726,41 @@ FROM (SELECT CASE WHEN s.kind = 'workflow' AND EXISTS (
       FROM durable_task_queue s WHERE s.id = $1) v
 WHERE t.id = $1 AND t.lease_token = $2 AND t.claimed_by IS NOT NULL;
 
--- name: open_children
--- The open child runs of a run.
-SELECT * FROM durable_workflow_instances
-WHERE parent_run_id = $1 AND completed_at IS NULL
-ORDER BY created_at;
+-- name: lock_open_children
+-- The open child runs of run $1 (which the caller holds), each locked unless another
+-- transaction holds it: those are skipped, never waited for (a child's end holds the child and
+-- then waits for its parent). Returns the children locked (latest versions, locked = true),
+-- then the ids of the others (locked = false; their other columns are this statement's
+-- snapshot, not to be used).
+WITH got AS MATERIALIZED (
+    SELECT * FROM durable_workflow_instances
+    WHERE parent_run_id = $1 AND completed_at IS NULL
+    ORDER BY created_at
+    FOR UPDATE SKIP LOCKED
+)
+SELECT got.*, true AS locked FROM got
+UNION ALL
+SELECT c.*, false FROM durable_workflow_instances c
+WHERE c.parent_run_id = $1 AND c.completed_at IS NULL
+  AND NOT (c.id = ANY(ARRAY(SELECT id FROM got)));
+
+-- name: find_orphaned_children
+-- Up to $1 open child runs whose cancellation has not been requested although their parent
+-- ended, is gone (a NULL parent_run_id with a child id: an operator deleted it, or retention
+-- before it kept such parents), or had its own requested after they started: the reclaim
+-- round's sweep. It reads the index of uncancelled open children whole (migration 009), by
+-- design.
+SELECT c.id FROM durable_workflow_instances c
+LEFT JOIN durable_workflow_instances p ON p.id = c.parent_run_id
+WHERE c.status IN ('pending', 'running') AND c.cancel_requested_at IS NULL
+  AND c.parent_child_id IS NOT NULL
+  AND (p.id IS NULL OR p.completed_at IS NOT NULL OR c.created_at < p.cancel_requested_at)
+ORDER BY c.parent_run_id
+LIMIT $1;
+
+-- name: lock_run_unless_held
+-- Lock a run's row unless another transaction holds it (then, or if it is gone, nothing).
+SELECT * FROM durable_workflow_instances WHERE id = $1 FOR UPDATE SKIP LOCKED;
 
 -- name: complete_activities
 -- Complete claimed activities under their leases and, for each one whose run is open (and that
@@ -766,11 +805,14 @@ WITH req AS (
 ), per_run AS (
     SELECT run_id, count(*) AS n FROM task WHERE requeue_count = 0 GROUP BY run_id
 ), locked AS (
-    -- Run rows are locked in id order, so two batches that share runs cannot deadlock. A
-    -- locked row reads as its latest version: last is the history's end as committed.
+    -- Run rows are locked newest first (then in id order), so two batches that share runs
+    -- cannot deadlock, and a child (always newer than its parent) is locked before its
+    -- parent, as a child's end locks them: in id order, a batch with results of both could
+    -- hold the parent and wait for a child whose end waited for that parent. A locked row
+    -- reads as its latest version: last is the history's end as committed.
     SELECT r.id, per_run.n, r.last_sequence_num AS last, r.status, r.parent_run_id
     FROM durable_workflow_instances r JOIN per_run ON r.id = per_run.run_id
-    ORDER BY r.id
+    ORDER BY r.created_at DESC, r.id
     FOR UPDATE OF r
 ), dreq AS (
     SELECT * FROM unnest($7::int[], $8::uuid[], $9::text[], $10::int[], $11::text[], $12::int[],

@@ -476,9 +476,25 @@ class Store:
         await self.notify(conn, CHANNEL_RUNS, str(run_id))
         return WorkflowRun.from_row(row)
 
-    async def open_children(self, conn: Connection, run_id: uuid.UUID) -> list[WorkflowRun]:
-        """The open child runs of a run."""
-        return [WorkflowRun.from_row(r) for r in await conn.fetch(Q["open_children"], run_id)]
+    async def lock_open_children(
+        self, conn: Connection, run_id: uuid.UUID
+    ) -> tuple[list[WorkflowRun], list[uuid.UUID]]:
+        """The open child runs of a run the caller holds, locked, oldest first, and the ids of
+        those another transaction holds: skipped, never waited for (a child's end holds the
+        child, then waits for its parent)."""
+        rows = await conn.fetch(Q["lock_open_children"], run_id)
+        locked = [WorkflowRun.from_row(r) for r in rows if r["locked"]]
+        return locked, [r["id"] for r in rows if not r["locked"]]
+
+    async def lock_run_unless_held(self, conn: Connection, run_id: uuid.UUID) -> WorkflowRun | None:
+        """Lock a run's row unless another transaction holds it; None then, or if it is gone."""
+        row = await conn.fetchrow(Q["lock_run_unless_held"], run_id)
+        return None if row is None else WorkflowRun.from_row(row)
+
+    async def find_orphaned_children(self, *, limit: int) -> list[uuid.UUID]:
+        """Up to ``limit`` open child runs with no cancel request whose parent ended, is gone,
+        or had its cancellation requested after they started (read without locks)."""
+        return [r["id"] for r in await self.pool.fetch(Q["find_orphaned_children"], limit)]
 
     async def request_run_cancel(self, conn: Connection, run_id: uuid.UUID) -> None:
         """Remember that cancellation of a run was requested (idempotent)."""
