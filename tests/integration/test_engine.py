@@ -1951,7 +1951,8 @@ async def test_a_task_handed_to_a_poll_that_left_goes_back_to_the_queue(
 # Statements that read a partial index (or a table) whole by design: the duties' sweeps, for
 # which every claimed task may have timed out or lost its holder (as many as the workers have
 # slots; pending tasks are swept through the index of their deadlines), every requeue an
-# operator wrote is due, and every open child with no cancel request may have lost its parent;
+# operator wrote is due, every open child with no cancel request may have lost its parent,
+# and every open activity task its run's end or cancel (each read through its partial index);
 # the next due timer, a min() that reads one end of its index; and a page of the operator's
 # dead-letter listing.
 _WHOLE_BY_DESIGN = {
@@ -1960,6 +1961,7 @@ _WHOLE_BY_DESIGN = {
     "next_timeout",
     "claim_operator_requeues",
     "find_orphaned_children",
+    "find_abandoned_activities",
     "next_due",
     "list_dead_letters",
 }

@@ -85,16 +85,29 @@ async def _until_waiters(pool: pg.Pool, n: int, done: set[str] | None = None) ->
 @asynccontextmanager
 async def _holding_run(database_url: str, run_id: uuid.UUID) -> AsyncIterator[Callable[[], Any]]:
     """A transaction of our own holding ``run_id``'s row lock until the yielded release()."""
+    async with _holding_row(database_url, "durable_workflow_instances", run_id) as release:
+        yield release
+
+
+@asynccontextmanager
+async def _holding_row(
+    database_url: str, table: str, row_id: uuid.UUID, *, also: str | None = None
+) -> AsyncIterator[Callable[[], Any]]:
+    """A transaction of our own holding the lock of ``table``'s row ``row_id`` until the
+    yielded release() ends it: rolled back, or with ``also`` (SQL on the row, $1: its own
+    change, as an operator's requeue holding a task would make) committed."""
     async with pg.connect(database_url) as x:
         await x.execute("BEGIN")
-        await x.execute("SELECT 1 FROM durable_workflow_instances WHERE id = $1 FOR UPDATE", run_id)
+        await x.execute(f"SELECT 1 FROM {table} WHERE id = $1 FOR UPDATE", row_id)
+        if also is not None:
+            await x.execute(also, row_id)
         released = False
 
         async def release() -> None:
             nonlocal released
             if not released:
                 released = True
-                await x.execute("ROLLBACK")
+                await x.execute("ROLLBACK" if also is None else "COMMIT")
 
         try:
             yield release

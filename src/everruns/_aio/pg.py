@@ -401,7 +401,7 @@ async def _prepare(raw: asyncpg.Connection, statements: Sequence[str]) -> None:
     for query in statements:
         try:
             # Into asyncpg's statement cache, where `fetch(query)` and its kin look first (the
-            # public `prepare()` returns a handle outside it). It holds 100 statements, LRU.
+            # public `prepare()` returns a handle outside it): STATEMENT_CACHE_SIZE, LRU.
             await raw._get_statement(query, None)
         except _MAPPED as exc:
             first_line = query.strip().splitlines()[0][:80]
@@ -548,6 +548,12 @@ async def wait_until_ready(url: str, *, budget: float, log: Any = None) -> None:
         return
 
 
+STATEMENT_CACHE_SIZE = 200
+"""Statements each pooled connection keeps prepared (asyncpg's LRU cache; its default is 100,
+which the control plane's statements outgrew): every statement of queries.sql, prepared at
+warm-up, plus room for the few ad hoc ones (tests, operators' runbook checks)."""
+
+
 @asynccontextmanager
 async def open_pool(
     url: str,
@@ -562,8 +568,11 @@ async def open_pool(
     connection starts with."""
     # Statements stay prepared for the connection's life (asyncpg's default drops each one
     # five minutes after preparing it, used or not, and the next use prepares it again): the
-    # control plane runs a fixed set of them, fewer than the cache holds.
-    kwargs: dict[str, Any] = {"max_cached_statement_lifetime": 0}
+    # control plane runs a fixed set of them, fewer than the cache holds (STATEMENT_CACHE_SIZE).
+    kwargs: dict[str, Any] = {
+        "max_cached_statement_lifetime": 0,
+        "statement_cache_size": STATEMENT_CACHE_SIZE,
+    }
     if command_timeout is not None and math.isfinite(command_timeout):
         kwargs["command_timeout"] = command_timeout
     if settings:

@@ -19,7 +19,7 @@ from everruns._proto.everruns import v1 as pb
 from everruns.errors import EverrunsError
 from everruns.server.config import ServerConfig
 from everruns.server.database import migrate_database, open_database
-from everruns.server.duties import run_child_follow_ups, run_due_scanner, run_duties
+from everruns.server.duties import run_due_scanner, run_duties, run_follow_ups
 from everruns.server.engine import Engine
 from everruns.server.notifier import Notifier
 from everruns.server.services import WorkerService, WorkflowService
@@ -115,7 +115,7 @@ async def _serve(config: ServerConfig, report: Callable[[ServerInfo], None]) -> 
                 await nursery.start(notifier.listen, url)
                 await nursery.start(run_duties, engine)
                 await nursery.start(run_due_scanner, engine)
-                await nursery.start(run_child_follow_ups, engine)
+                await nursery.start(run_follow_ups, engine)
                 port = await nursery.start(
                     lambda task_status: serve_services(
                         [

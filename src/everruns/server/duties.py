@@ -1,6 +1,6 @@
 """The control plane's background duties: stale-task reclamation, lost workers, the
 dead-letter requeues operators write with the runbook's SQL, and the cancellation of child runs
-their parent left open.
+and activities their parent or run left open.
 
 Each duty is a loop in the server's nursery. Duties that must run once across several control
 planes take a PostgreSQL advisory lock for each round (try-lock: a replica that does not get it
@@ -17,7 +17,7 @@ import trio
 from everruns.errors import DatabaseError
 from everruns.server.engine import Engine
 
-__all__ = ["run_child_follow_ups", "run_due_scanner", "run_duties"]
+__all__ = ["run_due_scanner", "run_duties", "run_follow_ups"]
 
 log = logging.getLogger("everruns.server")
 
@@ -26,14 +26,16 @@ RECLAIM_LOCK = 0x6576_0001
 RETENTION_LOCK = 0x6576_0002
 
 FOLLOW_UP_SECONDS = 30.0
-"""How long the follow-up of one skipped child may wait for the transactions that hold it and
-its parent (they are short); past that, the reclaim round's sweep takes the child over."""
+"""How long the follow-up of one skipped child or activity task may wait for the transactions
+that hold it and its parent or run (they are short); past that, the reclaim round's sweep takes
+it over."""
 
 
 async def reclaim_once(engine: Engine) -> int:
     """One round: release stale tasks, mark silent workers lost, apply operator requeues,
     request the cancellation of child runs their parent left open
-    (`Engine.cancel_orphaned_children`).
+    (`Engine.cancel_orphaned_children`), cancel activities their run left open
+    (`Engine.cancel_abandoned_activities`).
 
     Returns:
         How many tasks were released or revived.
@@ -50,6 +52,7 @@ async def reclaim_once(engine: Engine) -> int:
     for worker_id in await store.mark_lost_workers(missed_after=missed):
         log.warning("worker %s lost (no heartbeat for %.0f s)", worker_id, missed)
     await engine.cancel_orphaned_children()
+    await engine.cancel_abandoned_activities()
     return released + len(revived)
 
 
@@ -103,23 +106,24 @@ async def run_duties(
         await trio.sleep(max(0.0, min(engine.config.reclaim_interval, until_retention)))
 
 
-async def run_child_follow_ups(
+async def run_follow_ups(
     engine: Engine, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Cancel the open children a parent's end or cancellation skipped (another transaction
-    held them) as soon as that transaction lets go, one child at a time, each in a
-    transaction that waits for the child, then for its parent (`Engine.cancel_if_orphaned`).
+    """Cancel the open children and activity tasks a run's end or cancellation skipped
+    (another transaction held them) as soon as that transaction lets go, one at a time, each
+    in a transaction that waits for it, then for its parent or run (`Engine.follow_up`).
     A follow-up that fails or takes too long is left to the reclaim round's sweep."""
     task_status.started()
     while True:
-        for child_id in await engine.skipped_children():
+        for skipped in await engine.skipped():
             try:
                 with trio.move_on_after(FOLLOW_UP_SECONDS):
-                    await engine.cancel_if_orphaned(child_id, wait=True)
+                    await engine.follow_up(skipped)
             except Exception as exc:
                 log.warning(
-                    "child run %s: its cancellation is left to the reclaim round (%s)",
-                    child_id,
+                    "%s %s: its cancellation is left to the reclaim round (%s)",
+                    "child run" if skipped.child else "activity task",
+                    skipped.row_id,
                     exc,
                 )
 

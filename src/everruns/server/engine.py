@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -65,7 +65,7 @@ from everruns.store.store import (
     Store,
 )
 
-__all__ = ["ClaimedTask", "Engine", "StartRequest", "StartedRun"]
+__all__ = ["ClaimedTask", "Engine", "Skipped", "StartRequest", "StartedRun"]
 
 log = logging.getLogger("everruns.server")
 
@@ -117,6 +117,15 @@ class StartedRun(NamedTuple):
 
     workflow_id: str
     run_id: uuid.UUID
+
+
+@attrs.frozen
+class Skipped:
+    """A row a transaction holding a run skipped rather than wait for it (another transaction
+    held it): an open child run of that run (``child``), or an open activity task of it."""
+
+    row_id: uuid.UUID
+    child: bool
 
 
 @attrs.frozen
@@ -206,9 +215,9 @@ class Engine:
         self._claims: ClaimGroups[
             tuple[tuple[str, ...], tuple[str, ...]], Task, dict[uuid.UUID, list[StoredEvent]]
         ] = ClaimGroups(self._claim_slots)
-        # Open children a parent's end or cancellation skipped (another transaction held
-        # them), for `skipped_children`: cancelled as soon as that transaction lets go.
-        self._skipped: set[uuid.UUID] = set()
+        # Open children and activity tasks a run's end or cancellation skipped (another
+        # transaction held them), for `skipped`: cancelled as soon as that transaction lets go.
+        self._skipped: set[Skipped] = set()
         self._skipped_added = trio.Event()
 
     # ------------------------------------------------------------------ input checks
@@ -489,18 +498,74 @@ class Engine:
         await self._cancel_children(conn, run, f"parent workflow {run.workflow_id!r} was cancelled")
 
     async def _cancel_activities(self, conn: Connection, run: WorkflowRun) -> list[NewEvent]:
-        events = []
-        for task in await self.store.tasks_of_run(run.run_id, conn=conn):
-            assert task.activity_id is not None
-            if task.requeue_count:  # an operator's requeue runs whatever its run does
-                continue
-            if task.status == "pending":
-                await self.store.cancel_task(conn, task.task_id)
-                events.append(NewEvent.of(ev.activity_cancelled(task.activity_id)))
-            else:
-                await self.store.request_task_cancel(conn, task)
-                events.append(NewEvent.of(ev.activity_cancel_requested(task.activity_id)))
+        """Cancel the open activities of a run this transaction holds (flag the claimed ones),
+        never waiting for one: the results statement holds an activity's task and then waits
+        for its run, so waiting for a task while holding the run deadlocked with it. A task
+        another transaction holds is skipped here and cancelled once that transaction lets
+        go, by `cancel_if_abandoned` from `duties.run_follow_ups`; should this control plane
+        stop first, by the reclaim round's sweep (`cancel_abandoned_activities`). Returns the
+        events of the tasks cancelled here."""
+        tasks, skipped = await self.store.lock_open_activities(conn, run.run_id)
+        events = [
+            await self._cancel_activity(conn, task)
+            for task in tasks
+            if not task.requeue_count  # an operator's requeue runs whatever its run does
+        ]
+        self._follow_up(Skipped(task_id, child=False) for task_id in skipped)
         return events
+
+    async def _cancel_activity(self, conn: Connection, task: Task) -> NewEvent:
+        """Cancel a locked open activity task: a pending one at once, a claimed one by asking
+        its holder to stop. Returns the event that records it."""
+        assert task.activity_id is not None
+        if task.status == "pending":
+            await self.store.cancel_task(conn, task.task_id)
+            return NewEvent.of(ev.activity_cancelled(task.activity_id))
+        await self.store.request_task_cancel(conn, task)
+        return NewEvent.of(ev.activity_cancel_requested(task.activity_id))
+
+    async def cancel_if_abandoned(self, task_id: uuid.UUID, *, wait: bool) -> bool:
+        """Cancel an open activity task that its run's end or cancel request skipped (another
+        transaction held it), unless an operator requeued it or it was flagged already; return
+        whether this call cancelled it. Its event goes into the run's history while the run
+        is open (an ended run's records no more), with a workflow task to see it.
+
+        One transaction: it locks the task (with ``wait``, waiting for whoever holds it;
+        without, leaving a task another transaction holds alone), then its run, waiting, as
+        the results statement does: so it sees the run as the transaction that skipped the
+        task left it, committed or rolled back. Nothing waits for a task while holding its
+        run. Callers pass only tasks scheduled before the run's cancel request (the sweep's
+        query checks; a skipped task was open when the request was made)."""
+        async with self.store.transaction() as conn:
+            task = await self.store.lock_open_task(conn, task_id, wait=wait)
+            if task is None or task.activity_id is None:
+                return False
+            if task.requeue_count or task.cancel_requested_at is not None:
+                return False
+            try:
+                run = await self.store.lock_run(conn, task.run_id)
+            except NotFound:
+                return False
+            if run.is_open and run.cancel_requested_at is None:
+                return False  # the transaction that skipped it rolled back
+            event = await self._cancel_activity(conn, task)
+            if run.is_open:
+                await self.store.append_events(conn, run, [event])
+                await self.store.ensure_workflow_task(conn, run)
+            return True
+
+    async def cancel_abandoned_activities(self, *, batch: int = 200) -> int:
+        """The reclaim round's sweep: cancel every open activity task left uncancelled
+        although its run ended or had its cancellation requested after it was scheduled (a
+        control plane that skipped the task stopped before it came back to it, say). Each
+        task is its own transaction, which skips a task another transaction holds (found
+        again next round). Returns how many it cancelled."""
+        cancelled = await self._sweep(
+            self.store.find_abandoned_activities, self.cancel_if_abandoned, batch
+        )
+        if cancelled:
+            log.warning("cancelled %d activity task(s) their run left open", cancelled)
+        return cancelled
 
     # ------------------------------------------------------------------ claiming
 
@@ -1157,24 +1222,35 @@ class Engine:
         parent (`_tell_parent`): a parent that waited for its child while holding itself
         deadlocked with it, and PostgreSQL aborted one of the two after a second. A child
         another transaction holds is skipped here and cancelled once that transaction lets
-        go, by `cancel_if_orphaned` from `duties.run_child_follow_ups`; should this control
+        go, by `cancel_if_orphaned` from `duties.run_follow_ups`; should this control
         plane stop first, by the reclaim round's sweep (`cancel_orphaned_children`)."""
         children, skipped = await self.store.lock_open_children(conn, run.run_id)
         for child in children:
             await self._request_cancel(conn, child, reason)
-        if skipped:
-            self._skipped.update(skipped)
+        self._follow_up(Skipped(child_id, child=True) for child_id in skipped)
+
+    def _follow_up(self, skipped: Iterable[Skipped]) -> None:
+        before = len(self._skipped)
+        self._skipped.update(skipped)
+        if len(self._skipped) > before:
             self._skipped_added.set()
 
-    async def skipped_children(self) -> list[uuid.UUID]:
-        """Wait until a parent's end or cancellation has skipped children (another
-        transaction held them); return them, each once. Perhaps before that parent's
-        transaction has ended: `cancel_if_orphaned` waits for it."""
+    async def skipped(self) -> list[Skipped]:
+        """Wait until a run's end or cancellation has skipped children or activity tasks
+        (another transaction held them); return them, each once. Perhaps before that run's
+        transaction has ended: `follow_up` waits for it."""
         await self._skipped_added.wait()
         self._skipped_added = trio.Event()
         skipped = list(self._skipped)
         self._skipped.clear()
         return skipped
+
+    async def follow_up(self, skipped: Skipped) -> bool:
+        """Cancel what a run's end or cancellation skipped, waiting for the transaction that
+        holds it (`cancel_if_orphaned`, `cancel_if_abandoned`); return whether it did."""
+        if skipped.child:
+            return await self.cancel_if_orphaned(skipped.row_id, wait=True)
+        return await self.cancel_if_abandoned(skipped.row_id, wait=True)
 
     async def cancel_if_orphaned(self, child_id: uuid.UUID, *, wait: bool) -> bool:
         """Request the cancellation of an open child run whose parent ended, is gone, or had
@@ -1211,20 +1287,32 @@ class Engine:
         child started (a control plane that skipped the child stopped before it came back
         to it, say). Each child is its own transaction, which skips a child another
         transaction holds (found again next round). Returns how many it requested."""
-        requested = 0
-        while True:
-            found = await self.store.find_orphaned_children(limit=batch)
-            done = 0
-            for child_id in found:
-                done += await self.cancel_if_orphaned(child_id, wait=False)
-            requested += done
-            if len(found) < batch or not done:
-                break
+        requested = await self._sweep(
+            self.store.find_orphaned_children, self.cancel_if_orphaned, batch
+        )
         if requested:
             log.warning(
                 "requested the cancellation of %d child run(s) their parent left open", requested
             )
         return requested
+
+    @staticmethod
+    async def _sweep(
+        find: Callable[..., Awaitable[list[uuid.UUID]]],
+        cancel: Callable[..., Awaitable[bool]],
+        batch: int,
+    ) -> int:
+        """Cancel, in batches, what ``find`` returns, each without waiting for a row another
+        transaction holds (``wait=False``: found again next round); return how many."""
+        done_in_all = 0
+        while True:
+            found = await find(limit=batch)
+            done = 0
+            for row_id in found:
+                done += await cancel(row_id, wait=False)
+            done_in_all += done
+            if len(found) < batch or not done:
+                return done_in_all
 
     async def _tell_parent(
         self,

@@ -758,6 +758,68 @@ WHERE c.status IN ('pending', 'running') AND c.cancel_requested_at IS NULL
 ORDER BY c.parent_run_id
 LIMIT $1;
 
+-- name: lock_open_activities
+-- The open activity tasks of run $1 (which the caller holds), oldest first, each locked unless
+-- another transaction holds it: those are skipped, never waited for (the results statement holds
+-- a task, then waits for its run). Returns the tasks locked (latest versions, locked = true),
+-- then the ids of the others (locked = false; their other columns are this statement's
+-- snapshot, not to be used).
+WITH got AS MATERIALIZED (
+    SELECT * FROM durable_task_queue
+    WHERE run_id = $1 AND kind = 'activity' AND status IN ('pending', 'claimed')
+    ORDER BY created_at, activity_id
+    FOR UPDATE SKIP LOCKED
+)
+SELECT got.*, true AS locked FROM got
+UNION ALL
+SELECT t.*, false FROM durable_task_queue t
+WHERE t.run_id = $1 AND t.kind = 'activity' AND t.status IN ('pending', 'claimed')
+  AND NOT (t.id = ANY(ARRAY(SELECT id FROM got)))
+ORDER BY locked DESC, created_at, activity_id;
+
+-- name: lock_open_task
+-- Lock an open (pending or claimed) task by id, waiting for whoever holds it.
+SELECT * FROM durable_task_queue WHERE id = $1 AND status IN ('pending', 'claimed')
+FOR UPDATE;
+
+-- name: lock_open_task_unless_held
+-- Lock an open (pending or claimed) task by id unless another transaction holds it.
+SELECT * FROM durable_task_queue WHERE id = $1 AND status IN ('pending', 'claimed')
+FOR UPDATE SKIP LOCKED;
+
+-- name: find_abandoned_activities
+-- Up to $1 open activity tasks (not requeued by an operator, no cancel flag) that their run's
+-- end or cancel request should have cancelled and did not: the run ended, or its cancellation
+-- was requested after the activity was scheduled (its activity_scheduled event comes before the
+-- workflow_cancel_requested one; activities the code schedules after the request, clean-up, are
+-- left to run). The reclaim round's sweep, for a cancel that skipped a task another transaction
+-- held and whose control plane stopped before it came back to it. It reads the open tasks whole,
+-- by design: the pending ones and the claimed ones each through a partial index of exactly them
+-- (durable_task_queue_delayed, durable_task_queue_reclaim), never the tasks that ended.
+WITH open AS (
+    SELECT id, run_id, activity_id FROM durable_task_queue
+    WHERE status = 'pending' AND kind = 'activity'
+      AND cancel_requested_at IS NULL AND requeue_count = 0
+    UNION ALL
+    SELECT id, run_id, activity_id FROM durable_task_queue
+    WHERE status = 'claimed' AND kind = 'activity'
+      AND cancel_requested_at IS NULL AND requeue_count = 0
+)
+-- Each task's run looked up by its key (OFFSET 0 keeps the subquery a lookup per task): as a
+-- join, PostgreSQL may read every run instead.
+SELECT t.id FROM open t
+CROSS JOIN LATERAL (SELECT r.completed_at, r.cancel_requested_at
+                    FROM durable_workflow_instances r WHERE r.id = t.run_id OFFSET 0) r
+WHERE r.completed_at IS NOT NULL
+   OR (r.cancel_requested_at IS NOT NULL
+       AND (SELECT min(c.sequence_num) FROM durable_workflow_events c
+            WHERE c.run_id = t.run_id AND c.event_type = 'workflow_cancel_requested')
+         > (SELECT min(s.sequence_num) FROM durable_workflow_events s
+            WHERE s.run_id = t.run_id AND s.event_type = 'activity_scheduled'
+              AND s.payload->>'activity_id' = t.activity_id))
+ORDER BY t.run_id
+LIMIT $1;
+
 -- name: lock_run_unless_held
 -- Lock a run's row unless another transaction holds it (then, or if it is gone, nothing).
 SELECT * FROM durable_workflow_instances WHERE id = $1 FOR UPDATE SKIP LOCKED;

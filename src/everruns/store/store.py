@@ -486,6 +486,31 @@ class Store:
         locked = [WorkflowRun.from_row(r) for r in rows if r["locked"]]
         return locked, [r["id"] for r in rows if not r["locked"]]
 
+    async def lock_open_activities(
+        self, conn: Connection, run_id: uuid.UUID
+    ) -> tuple[list[Task], list[uuid.UUID]]:
+        """The open (pending or claimed) activity tasks of a run the caller holds, locked,
+        oldest first, and the ids of those another transaction holds: skipped, never waited
+        for (the results statement holds a task, then waits for its run)."""
+        rows = await conn.fetch(Q["lock_open_activities"], run_id)
+        locked = [Task.from_row(r) for r in rows if r["locked"]]
+        return locked, [r["id"] for r in rows if not r["locked"]]
+
+    async def lock_open_task(
+        self, conn: Connection, task_id: uuid.UUID, *, wait: bool
+    ) -> Task | None:
+        """Lock an open (pending or claimed) task: with ``wait``, waiting for whoever holds
+        it; without, None when another transaction holds it. None if it is not open."""
+        query = Q["lock_open_task"] if wait else Q["lock_open_task_unless_held"]
+        row = await conn.fetchrow(query, task_id)
+        return None if row is None else Task.from_row(row)
+
+    async def find_abandoned_activities(self, *, limit: int) -> list[uuid.UUID]:
+        """Up to ``limit`` open activity tasks, neither flagged nor requeued by an operator,
+        whose run ended or had its cancellation requested after they were scheduled (read
+        without locks)."""
+        return [r["id"] for r in await self.pool.fetch(Q["find_abandoned_activities"], limit)]
+
     async def lock_run_unless_held(self, conn: Connection, run_id: uuid.UUID) -> WorkflowRun | None:
         """Lock a run's row unless another transaction holds it; None then, or if it is gone."""
         row = await conn.fetchrow(Q["lock_run_unless_held"], run_id)
