@@ -602,13 +602,6 @@ SELECT EXISTS (
       AND (CASE WHEN $2 = 'workflow' THEN $1 = ANY(workflow_types) ELSE $1 = ANY(activity_types) END)
 );
 
--- name: input_events_after
--- Whether events that can wake workflow code were appended after sequence $2.
-SELECT EXISTS (
-    SELECT 1 FROM durable_workflow_events
-    WHERE run_id = $1 AND sequence_num > $2 AND event_type = ANY($3::text[])
-);
-
 -- name: lock_unclosed_breaker
 -- Lock one breaker row if it is open or half-open.
 SELECT * FROM durable_circuit_breaker_state WHERE key = $1 AND state <> 'closed' FOR UPDATE;
