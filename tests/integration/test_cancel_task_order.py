@@ -23,11 +23,13 @@ import trio
 
 from everruns._aio import pg
 from everruns._proto.everruns import v1 as pb
+from everruns.errors import WorkflowCancelled
 from everruns.server import duties
+from everruns.store.store import Store
 from tests.integration.test_engine import Plane, plane
 from tests.integration.test_parent_child_ends import _ENDED, _run_id
 from tests.integration.test_review_orphans import two_works
-from tests.integration.test_timer_lock_order import _holding_row
+from tests.integration.test_timer_lock_order import _engine, _holding_row
 
 pytestmark = pytest.mark.db
 
@@ -238,3 +240,51 @@ async def test_the_reclaim_round_cancels_the_tasks_a_cancel_or_an_end_left_open(
             assert sorted(events) == [("activity_cancelled", "1"), ("activity_cancelled", "2")], (
                 events
             )
+
+
+async def cleaning(ctx: Any, input: Any) -> Any:
+    """Waits for "work"; once cancelled, runs a "cleanup" activity and ends with its result."""
+    try:
+        return await ctx.execute_activity("work", 1)
+    except WorkflowCancelled:
+        return await ctx.execute_activity("cleanup", 2)
+
+
+async def test_a_clean_up_activity_scheduled_after_the_cancel_request_is_left_to_run(
+    database_url: str, pool: pg.Pool, store: Store
+) -> None:
+    """The follow-up of a run's end that skipped a task and then rolled back finds the run
+    open with its earlier cancel request: it must not cancel an activity the code scheduled
+    after that request (its clean-up). It used to (it checked only that a request existed);
+    it now acts only on a skip whose transaction committed (its record). A task the cancel
+    request skipped is still the follow-up's to cancel."""
+    with trio.fail_after(30):
+        async with plane(database_url) as p:
+            await p.register(workflow_types=["cleaning"], activity_types=["work", "cleanup"])
+            await p.start("cleaning", None, wid="clean")
+            await p.drive(cleaning, "cleaning")
+            run_id = await _run_id(p, "clean")
+            (work,) = await pool.fetch(
+                "SELECT id FROM durable_task_queue WHERE run_id = $1 AND activity_type = 'work'",
+                run_id,
+            )
+            async with _holding_task(database_url, str(work["id"])) as release:
+                await _cancel_without_waiting(p, "clean")  # skips the held "work" task
+                await p.drive(cleaning, "cleaning")  # the code answers with its clean-up
+                await release()
+            (cleanup,) = await pool.fetch(
+                "SELECT id FROM durable_task_queue WHERE run_id = $1 AND activity_type = 'cleanup'",
+                run_id,
+            )
+            engine = _engine(store, database_url)
+            # The follow-up of the cancel itself: "work" was scheduled before the request.
+            await engine.cancel_if_abandoned(work["id"], wait=True)
+            assert (await _task(pool, str(work["id"])))["status"] == "cancelled"
+            # The follow-up of an end that skipped the clean-up and rolled back.
+            assert not await engine.cancel_if_abandoned(cleanup["id"], wait=True)
+            row = await _task(pool, str(cleanup["id"]))
+            assert row["status"] == "pending" and row["cancel_requested_at"] is None, (
+                "the clean-up activity the code scheduled after the cancel request was cancelled"
+            )
+            # Every skip is settled: the sweep has nothing left to look at.
+            assert await store.find_abandoned_activities(limit=100) == []

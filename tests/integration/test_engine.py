@@ -1952,7 +1952,7 @@ async def test_a_task_handed_to_a_poll_that_left_goes_back_to_the_queue(
 # which every claimed task may have timed out or lost its holder (as many as the workers have
 # slots; pending tasks are swept through the index of their deadlines), every requeue an
 # operator wrote is due, every open child with no cancel request may have lost its parent,
-# and every open activity task its run's end or cancel (each read through its partial index);
+# and every activity task a run's end or cancel skipped is still to settle (their records);
 # the next due timer, a min() that reads one end of its index; and a page of the operator's
 # dead-letter listing.
 _WHOLE_BY_DESIGN = {

@@ -99,6 +99,8 @@ _CANCEL_REQUESTED = (
     " clock_timestamp()) WHERE id = $1"
 )
 """Run $1's cancellation requested now, or (with $2) a second before run $2 started."""
+_SKIPPED = "INSERT INTO durable_skipped_cancels (row_id, kind, run_id) VALUES ($1, 'child', $2)"
+"""The record of child $1's skip by its parent $2's end or cancel request (migration 010)."""
 
 
 async def _open(p: Plane, *wids: str) -> bool:
@@ -175,11 +177,12 @@ async def test_the_reclaim_round_cancels_the_children_an_ended_parent_left_open(
     database_url: str, pool: pg.Pool
 ) -> None:
     """States a control plane that stopped between a parent's end and its follow-up leaves
-    behind, written with SQL: the reclaim round requests the cancellation of an open child
+    behind, written with SQL (with the record of the skip that the parent's end or cancel
+    request writes, `_SKIPPED`): the reclaim round requests the cancellation of an open child
     whose parent ended, whose parent's row is gone, or whose parent's cancellation was
     requested after it started; it leaves alone a child whose cancellation was requested
     already, a child whose parent is open, and a child its parent started after its own
-    cancellation was requested (clean-up)."""
+    cancellation was requested (clean-up), and settles every record."""
     with trio.fail_after(60):
         async with plane(database_url, reclaim_interval=0.2) as p:
             family = {
@@ -195,6 +198,8 @@ async def test_the_reclaim_round_cancels_the_children_an_ended_parent_left_open(
                 await conn.execute(_ENDED, ids["requested"])
                 await conn.execute(_CANCEL_REQUESTED, kids["requested"], None)
             await pool.execute(_CANCEL_REQUESTED, ids["clean-up"], kids["clean-up"])
+            for name in ("ended", "cancelled", "requested", "clean-up"):
+                await pool.execute(_SKIPPED, kids[name], ids[name])
             for name in ("ended", "gone", "cancelled"):
                 assert await _until_cancel_requested(p, f"kid-{name}", 5), (
                     f"no reclaim round requested the cancellation of the open child whose "
@@ -204,6 +209,7 @@ async def test_the_reclaim_round_cancels_the_children_an_ended_parent_left_open(
             for name in ("requested", "open", "clean-up"):
                 assert not await _cancel_requested(p, f"kid-{name}"), name
                 assert (await p.describe(f"kid-{name}")).status == "running", name
+            assert await pool.fetchval("SELECT count(*) FROM durable_skipped_cancels") == 0
             await _end_kids(p)
             for name in ("ended", "gone", "cancelled"):
                 assert (await p.describe(f"kid-{name}")).status == "cancelled", name

@@ -503,9 +503,11 @@ class Engine:
         for its run, so waiting for a task while holding the run deadlocked with it. A task
         another transaction holds is skipped here and cancelled once that transaction lets
         go, by `cancel_if_abandoned` from `duties.run_follow_ups`; should this control plane
-        stop first, by the reclaim round's sweep (`cancel_abandoned_activities`). Returns the
-        events of the tasks cancelled here."""
+        stop first, by the reclaim round's sweep (`cancel_abandoned_activities`), which finds
+        it by the record of its skip this transaction writes. Returns the events of the tasks
+        cancelled here."""
         tasks, skipped = await self.store.lock_open_activities(conn, run.run_id)
+        await self.store.remember_skipped(conn, run.run_id, skipped, children=False)
         events = [
             await self._cancel_activity(conn, task)
             for task in tasks
@@ -533,21 +535,29 @@ class Engine:
         One transaction: it locks the task (with ``wait``, waiting for whoever holds it;
         without, leaving a task another transaction holds alone), then its run, waiting, as
         the results statement does: so it sees the run as the transaction that skipped the
-        task left it, committed or rolled back. Nothing waits for a task while holding its
-        run. Callers pass only tasks scheduled before the run's cancel request (the sweep's
-        query checks; a skipped task was open when the request was made)."""
+        task left it. Nothing waits for a task while holding its run. The skip's record
+        (`Store.remember_skipped`, written by the transaction that skipped the
+        task) is settled here: found, that transaction committed; missing, it rolled back (an
+        end that failed, whose run stays open with perhaps an earlier cancel request that
+        the code answered with this very task: a clean-up activity, left to run) or another
+        call settled it."""
         async with self.store.transaction() as conn:
             task = await self.store.lock_open_task(conn, task_id, wait=wait)
-            if task is None or task.activity_id is None:
-                return False
-            if task.requeue_count or task.cancel_requested_at is not None:
+            if task is None:  # closed meanwhile, or (without ``wait``) held by another
+                await self.store.forget_skipped_if_closed(conn, task_id)
                 return False
             try:
                 run = await self.store.lock_run(conn, task.run_id)
             except NotFound:
+                return False  # gone, with its tasks and their records
+            if not await self.store.forget_skipped(conn, task_id):
                 return False
-            if run.is_open and run.cancel_requested_at is None:
-                return False  # the transaction that skipped it rolled back
+            if (
+                task.activity_id is None
+                or task.requeue_count
+                or task.cancel_requested_at is not None
+            ):
+                return False
             event = await self._cancel_activity(conn, task)
             if run.is_open:
                 await self.store.append_events(conn, run, [event])
@@ -555,11 +565,11 @@ class Engine:
             return True
 
     async def cancel_abandoned_activities(self, *, batch: int = 200) -> int:
-        """The reclaim round's sweep: cancel every open activity task left uncancelled
-        although its run ended or had its cancellation requested after it was scheduled (a
-        control plane that skipped the task stopped before it came back to it, say). Each
-        task is its own transaction, which skips a task another transaction holds (found
-        again next round). Returns how many it cancelled."""
+        """The reclaim round's sweep: cancel the activity tasks a run's end or cancel request
+        skipped and nobody came back to (the control plane that skipped them stopped before
+        its follow-up, say). It reads the skips' records alone, never the queue. Each task is
+        its own transaction, which leaves a task another transaction holds alone (found again
+        next round). Returns how many it cancelled."""
         cancelled = await self._sweep(
             self.store.find_abandoned_activities, self.cancel_if_abandoned, batch
         )
@@ -1225,6 +1235,7 @@ class Engine:
         go, by `cancel_if_orphaned` from `duties.run_follow_ups`; should this control
         plane stop first, by the reclaim round's sweep (`cancel_orphaned_children`)."""
         children, skipped = await self.store.lock_open_children(conn, run.run_id)
+        await self.store.remember_skipped(conn, run.run_id, skipped, children=True)
         for child in children:
             await self._request_cancel(conn, child, reason)
         self._follow_up(Skipped(child_id, child=True) for child_id in skipped)
@@ -1261,20 +1272,23 @@ class Engine:
         without, leaving a child another transaction holds alone), then its parent, waiting,
         as a child's end does: so it sees the parent as the transaction that skipped the child
         left it, committed or rolled back. Nothing waits for a child while holding its parent.
+        The skip's record (`Store.remember_skipped`) is settled here, whatever the outcome.
         """
         async with self.store.transaction() as conn:
             if wait:
                 try:
                     child: WorkflowRun | None = await self.store.lock_run(conn, child_id)
                 except NotFound:
-                    return False
+                    child = None
             else:
                 child = await self.store.lock_run_unless_held(conn, child_id)
-            if child is None or not child.is_open or child.cancel_requested_at is not None:
+            if child is None:  # gone, or (without ``wait``) held by another
+                await self.store.forget_skipped_if_closed(conn, child_id)
                 return False
             parent = None
             if child.parent_run_id is not None:
                 parent = await self.store.lock_run(conn, child.parent_run_id)
+            await self.store.forget_skipped(conn, child_id)  # settled, whatever follows
             reason = _orphaned_because(child, parent)
             if reason is None:
                 return False
@@ -1282,11 +1296,12 @@ class Engine:
             return True
 
     async def cancel_orphaned_children(self, *, batch: int = 200) -> int:
-        """The reclaim round's sweep: request the cancellation of every open child run left
-        without one although its parent ended, is gone, or had its own requested after the
-        child started (a control plane that skipped the child stopped before it came back
-        to it, say). Each child is its own transaction, which skips a child another
-        transaction holds (found again next round). Returns how many it requested."""
+        """The reclaim round's sweep: request the cancellation of the open child runs that
+        their parent's end or cancel request skipped and nobody came back to (the control
+        plane that skipped them stopped before its follow-up, say), and of those whose parent
+        is gone. It reads the skips' records and the children without a parent, never every
+        open child. Each child is its own transaction, which leaves a child another
+        transaction holds alone (found again next round). Returns how many it requested."""
         requested = await self._sweep(
             self.store.find_orphaned_children, self.cancel_if_orphaned, batch
         )

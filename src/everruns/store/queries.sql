@@ -738,17 +738,19 @@ WHERE c.parent_run_id = $1 AND c.completed_at IS NULL
   AND NOT (c.id = ANY(ARRAY(SELECT id FROM got)));
 
 -- name: find_orphaned_children
--- Up to $1 open child runs whose cancellation has not been requested although their parent
--- ended, is gone (a NULL parent_run_id with a child id: an operator deleted it, or retention
--- before it kept such parents), or had its own requested after they started: the reclaim
--- round's sweep. It reads the index of uncancelled open children whole (migration 009), by
--- design.
-SELECT c.id FROM durable_workflow_instances c
-LEFT JOIN durable_workflow_instances p ON p.id = c.parent_run_id
-WHERE c.status IN ('pending', 'running') AND c.cancel_requested_at IS NULL
-  AND c.parent_child_id IS NOT NULL
-  AND (p.id IS NULL OR p.completed_at IS NOT NULL OR c.created_at < p.cancel_requested_at)
-ORDER BY c.parent_run_id
+-- Up to $1 open child runs with no cancel request that their parent's end or cancel request
+-- skipped (another transaction held them; their records, migration 010), or whose parent is
+-- gone (a NULL parent_run_id with a child id: an operator deleted it, or retention before it
+-- kept such parents; through the index of uncancelled open children, by its NULL key): the
+-- reclaim round's sweep. It reads neither every open child nor every open run.
+(SELECT row_id AS id, created_at FROM durable_skipped_cancels WHERE kind = 'child'
+ ORDER BY created_at LIMIT $1)
+UNION ALL
+(SELECT c.id, c.created_at FROM durable_workflow_instances c
+ WHERE c.parent_run_id IS NULL AND c.parent_child_id IS NOT NULL
+   AND c.status IN ('pending', 'running') AND c.cancel_requested_at IS NULL
+ LIMIT $1)
+ORDER BY created_at
 LIMIT $1;
 
 -- name: lock_open_activities
@@ -781,37 +783,34 @@ SELECT * FROM durable_task_queue WHERE id = $1 AND status IN ('pending', 'claime
 FOR UPDATE SKIP LOCKED;
 
 -- name: find_abandoned_activities
--- Up to $1 open activity tasks (not requeued by an operator, no cancel flag) that their run's
--- end or cancel request should have cancelled and did not: the run ended, or its cancellation
--- was requested after the activity was scheduled (its activity_scheduled event comes before the
--- workflow_cancel_requested one; activities the code schedules after the request, clean-up, are
--- left to run). The reclaim round's sweep, for a cancel that skipped a task another transaction
--- held and whose control plane stopped before it came back to it. It reads the open tasks whole,
--- by design: the pending ones and the claimed ones each through a partial index of exactly them
--- (durable_task_queue_delayed, durable_task_queue_reclaim), never the tasks that ended.
-WITH open AS (
-    SELECT id, run_id, activity_id FROM durable_task_queue
-    WHERE status = 'pending' AND kind = 'activity'
-      AND cancel_requested_at IS NULL AND requeue_count = 0
-    UNION ALL
-    SELECT id, run_id, activity_id FROM durable_task_queue
-    WHERE status = 'claimed' AND kind = 'activity'
-      AND cancel_requested_at IS NULL AND requeue_count = 0
-)
--- Each task's run looked up by its key (OFFSET 0 keeps the subquery a lookup per task): as a
--- join, PostgreSQL may read every run instead.
-SELECT t.id FROM open t
-CROSS JOIN LATERAL (SELECT r.completed_at, r.cancel_requested_at
-                    FROM durable_workflow_instances r WHERE r.id = t.run_id OFFSET 0) r
-WHERE r.completed_at IS NOT NULL
-   OR (r.cancel_requested_at IS NOT NULL
-       AND (SELECT min(c.sequence_num) FROM durable_workflow_events c
-            WHERE c.run_id = t.run_id AND c.event_type = 'workflow_cancel_requested')
-         > (SELECT min(s.sequence_num) FROM durable_workflow_events s
-            WHERE s.run_id = t.run_id AND s.event_type = 'activity_scheduled'
-              AND s.payload->>'activity_id' = t.activity_id))
-ORDER BY t.run_id
-LIMIT $1;
+-- Up to $1 activity tasks whose run's cancel request or end skipped them (another transaction
+-- held them) and that nobody has settled yet: the reclaim round's sweep, for a control plane
+-- that stopped before it came back to them. It reads only those records (migration 010), never
+-- the queue.
+SELECT row_id AS id FROM durable_skipped_cancels WHERE kind = 'activity'
+ORDER BY created_at LIMIT $1;
+
+-- name: remember_skipped
+-- Rows $3 (activity tasks, or child runs: $2 says which) that run $1's cancel request or end
+-- skipped, in the transaction that skipped them (which holds run $1).
+INSERT INTO durable_skipped_cancels (row_id, kind, run_id)
+SELECT unnest($3::uuid[]), $2, $1
+ON CONFLICT (row_id) DO NOTHING;
+
+-- name: forget_skipped
+-- Settle the record of row $1's skip (the caller holds the row and the run that skipped it):
+-- true if there was one, so the transaction that skipped it committed.
+DELETE FROM durable_skipped_cancels WHERE row_id = $1 RETURNING true;
+
+-- name: forget_skipped_if_closed
+-- Settle the record of row $1's skip if that row (a task, or a child run) is no longer open or
+-- is gone: nothing is left to cancel. Takes no lock on the row.
+DELETE FROM durable_skipped_cancels m
+WHERE m.row_id = $1
+  AND NOT EXISTS (SELECT 1 FROM durable_task_queue t
+                  WHERE m.kind = 'activity' AND t.id = $1 AND t.status IN ('pending', 'claimed'))
+  AND NOT EXISTS (SELECT 1 FROM durable_workflow_instances r
+                  WHERE m.kind = 'child' AND r.id = $1 AND r.completed_at IS NULL);
 
 -- name: lock_run_unless_held
 -- Lock a run's row unless another transaction holds it (then, or if it is gone, nothing).

@@ -506,10 +506,28 @@ class Store:
         return None if row is None else Task.from_row(row)
 
     async def find_abandoned_activities(self, *, limit: int) -> list[uuid.UUID]:
-        """Up to ``limit`` open activity tasks, neither flagged nor requeued by an operator,
-        whose run ended or had its cancellation requested after they were scheduled (read
-        without locks)."""
+        """Up to ``limit`` activity tasks a run's cancel request or end skipped (another
+        transaction held them) that nobody has settled yet (read without locks)."""
         return [r["id"] for r in await self.pool.fetch(Q["find_abandoned_activities"], limit)]
+
+    async def remember_skipped(
+        self, conn: Connection, run_id: uuid.UUID, ids: Sequence[uuid.UUID], *, children: bool
+    ) -> None:
+        """Record, in the transaction that skipped them, the activity tasks (or, with
+        ``children``, the child runs) that the cancel request or end of run ``run_id`` (which
+        it holds) could not cancel."""
+        if ids:
+            kind = "child" if children else "activity"
+            await conn.execute(Q["remember_skipped"], run_id, kind, list(ids))
+
+    async def forget_skipped(self, conn: Connection, row_id: uuid.UUID) -> bool:
+        """Settle a skipped task's or child's record (the caller holds it and the run that
+        skipped it); return whether there was one: whether the skip committed."""
+        return bool(await conn.fetchval(Q["forget_skipped"], row_id))
+
+    async def forget_skipped_if_closed(self, conn: Connection, row_id: uuid.UUID) -> None:
+        """Settle a skipped task's or child's record if it is no longer open (holding nothing)."""
+        await conn.execute(Q["forget_skipped_if_closed"], row_id)
 
     async def lock_run_unless_held(self, conn: Connection, run_id: uuid.UUID) -> WorkflowRun | None:
         """Lock a run's row unless another transaction holds it; None then, or if it is gone."""
@@ -517,8 +535,9 @@ class Store:
         return None if row is None else WorkflowRun.from_row(row)
 
     async def find_orphaned_children(self, *, limit: int) -> list[uuid.UUID]:
-        """Up to ``limit`` open child runs with no cancel request whose parent ended, is gone,
-        or had its cancellation requested after they started (read without locks)."""
+        """Up to ``limit`` child runs a parent's end or cancel request skipped that nobody has
+        settled yet, and open children with no cancel request whose parent is gone (read
+        without locks)."""
         return [r["id"] for r in await self.pool.fetch(Q["find_orphaned_children"], limit)]
 
     async def request_run_cancel(self, conn: Connection, run_id: uuid.UUID) -> None:
