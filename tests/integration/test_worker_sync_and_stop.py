@@ -6,6 +6,7 @@ its docstring names."""
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from typing import Any
@@ -279,3 +280,84 @@ async def test_an_abandoned_sync_thread_keeps_its_thread_and_its_heartbeats_are_
                     assert first.task_id not in fake.completed  # its result is dropped
     finally:
         gate.set()
+
+
+@pytest.mark.db
+async def test_a_thread_freed_by_a_failure_serves_a_sync_activity_before_the_long_poll_ends(
+    database_url: str,
+) -> None:
+    """``max_sync_threads`` below ``max_concurrent_tasks``: while its only thread is busy, the
+    worker's long poll leaves the sync types out. The thread's activity then fails (a retry
+    is scheduled far ahead, so the failure wakes no workflow task, and the poll out gets
+    nothing): the thread is free, no result call's claim refills it, and a sync activity
+    already queued waited for the long poll to end (``poll_wait``, 10 s here) before a poll
+    with the sync types claimed it. Found in session 19 ("Known limits")."""
+    registry = Registry()
+    gate = threading.Event()
+    token = trio.lowlevel.current_trio_token()
+    busy = trio.Event()
+    failed_at: list[float] = []
+    quick_at: list[float] = []
+    quick_started = trio.Event()
+
+    @activity(registry=registry)
+    def fails_later(ctx: ActivityContext, _: Any) -> None:
+        token.run_sync_soon(busy.set)
+        gate.wait(20)
+        failed_at.append(time.monotonic())
+        raise ValueError("failed on purpose")
+
+    @activity(registry=registry)
+    def quick(ctx: ActivityContext, _: Any) -> str:
+        quick_at.append(time.monotonic())
+        token.run_sync_soon(quick_started.set)
+        return "quick"
+
+    @workflow(registry=registry)
+    async def occupy(ctx: Any, _: Any) -> Any:
+        later = RetryPolicy(max_attempts=2, initial_interval=60, maximum_interval=60)
+        return await ctx.execute_activity(fails_later, None, retry=later)
+
+    @workflow(registry=registry)
+    async def queue_quick(ctx: Any, _: Any) -> Any:
+        return await ctx.execute_activity(quick, None)
+
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                info = await nursery.start(
+                    serve, ServerConfig(database_url=database_url, grpc_port=0)
+                )
+                worker = Worker(
+                    registry,
+                    address=info.address,
+                    max_concurrent_tasks=2,
+                    max_sync_threads=1,
+                    grace_period=1,
+                    poll_wait=10.0,
+                )
+                await nursery.start(worker.run)
+                async with Client.connect(info.address) as client:
+                    await client.start_workflow(occupy, None)
+                    await busy.wait()  # the only thread is taken
+                    second = await client.start_workflow(queue_quick, None)
+                    # Its workflow task schedules `quick`, in the control plane's state.
+                    while not (await second.describe()).pending_activities:  # noqa: ASYNC110
+                        await trio.sleep(0.05)
+                    # The worker's next poll, without the sync types, goes out meanwhile.
+                    await trio.sleep(0.5)
+                    assert not quick_started.is_set()
+                    gate.set()
+                    with trio.move_on_after(5):
+                        await quick_started.wait()
+                worker.shutdown()
+                nursery.cancel_scope.cancel()
+    finally:
+        gate.set()
+    assert failed_at, "the first sync activity never failed"
+    waited = quick_at[0] - failed_at[0] if quick_at else math.inf
+    assert waited < 2.0, (
+        f"a sync activity queued while the only thread was busy started {waited:.1f} s after "
+        "that thread's activity failed (poll_wait 10 s): no poll with the sync types went out "
+        "while the long poll sent without them was waiting"
+    )

@@ -846,75 +846,130 @@ class Worker:
                 await trio.sleep_forever()
             other_types = [t for t in all_activity_types if t not in self._sync_types]
             backoff = Backoff(rng=self._rng)
-            while True:
-                free = await self._slots.wait_claimable()
-                slots = self._slots.reserve(free)
-                activity_types = all_activity_types
-                if self._sync_types:
-                    # A sync activity is claimed only with a thread free for it: claimed
-                    # without, its start-to-close clock would run while it waits for one.
-                    # So the claim is no larger than the free threads, or leaves the sync
-                    # types out while every thread is busy (one that ends is refilled by its
-                    # result call, or by the next claim).
-                    threaded = self._slots.add_threads(slots)
-                    if not threaded:
-                        activity_types = other_types
-                    for slot in slots[threaded or len(slots) :]:
-                        self._slots.release(slot)
-                    slots = slots[: threaded or len(slots)]
-                    if not activity_types and not workflow_types:
-                        for slot in slots:
+            # Set when the poll sent without the sync types (below) has ended; None: none sent.
+            threadless: trio.Event | None = None
+            async with trio.open_nursery() as polls:
+                while True:
+                    free = await self._slots.wait_claimable()
+                    slots = self._slots.reserve(free)
+                    if self._sync_types:
+                        # A sync activity is claimed only with a thread free for it: claimed
+                        # without, its start-to-close clock would run while it waits for one.
+                        # So the claim is no larger than the free threads, or leaves the sync
+                        # types out while every thread is busy.
+                        threaded = self._slots.add_threads(slots)
+                        for slot in slots[threaded or len(slots) :]:
                             self._slots.release(slot)
-                        await self._slots.wait_thread()
-                        continue
-                used = 0
-                asked_at = trio.current_time()
-                try:
-                    request = pb.PollTasksRequest(
-                        worker_id=self.config.worker_id,
-                        max_tasks=len(slots),
-                        activity_types=activity_types,
-                        workflow_types=workflow_types,
-                        wait_s=self._poll_wait,
-                    )
-                    try:
-                        reply = await self._call(
-                            self._stub.poll_tasks,
-                            request,
-                            what="PollTasks",
-                            budget=self._poll_wait + RPC_TIMEOUT,
-                        )
-                    except Exception as exc:
-                        delay = backoff.next_delay()
-                        if is_transient(exc):
-                            self._log_retry("PollTasks", exc, delay)
-                        else:
-                            log.error("PollTasks refused: %s (retrying in %.1f s)", exc, delay)
-                            if isinstance(exc, (NotFound, FailedPrecondition)):
-                                self._heartbeat_wakeup.set()  # re-register if forgotten
-                        for slot in slots:
-                            self._slots.release(slot)
-                        slots = []
-                        await trio.sleep(delay)
-                        continue
-                    if backoff.failures:
-                        log.info("control plane at %s answers again", self.config.address)
-                        backoff.reset()
-                    used = self._start_tasks(reply.tasks, slots, what="PollTasks")
-                finally:
-                    for slot in slots[used:]:
-                        self._slots.release(slot)
-                if used:
-                    # Let the tasks just started run before this loop spends the next moment
-                    # encoding and sending its next long poll (twice: Trio may run the tasks
-                    # of one scheduling batch in either order). Measured: w4 latency p50
-                    # 7.2-7.6 -> 6.2-6.6 ms.
-                    for _ in range(2):
-                        await trio.lowlevel.checkpoint()
-                elif trio.current_time() - asked_at < self._poll_wait / 2:
-                    # A long poll that comes back empty-handed at once (a control plane that
-                    # is shutting down, say) must not turn into a busy loop.
-                    await trio.sleep(min(1.0, self._poll_wait / 2))
+                        slots = slots[: threaded or len(slots)]
+                        if not threaded:
+                            # That poll runs beside this loop, which polls again with the sync
+                            # types as soon as a thread is free (a failed or cancelled
+                            # activity's thread, or an abandoned one that ended: no result
+                            # call's claim refills those). The poll out is not cancelled: its
+                            # reply may carry tasks already claimed for this worker.
+                            if (other_types or workflow_types) and (
+                                threadless is None or threadless.is_set()
+                            ):
+                                threadless = trio.Event()
+                                polls.start_soon(
+                                    self._poll_without_threads,
+                                    slots,
+                                    other_types,
+                                    workflow_types,
+                                    backoff,
+                                    threadless,
+                                )
+                            else:
+                                for slot in slots:
+                                    self._slots.release(slot)
+                            await self._until_thread_or(threadless)
+                            continue
+                    await self._poll(slots, all_activity_types, workflow_types, backoff)
+
+    async def _poll_without_threads(
+        self,
+        slots: list[Slot],
+        activity_types: list[str],
+        workflow_types: list[str],
+        backoff: Backoff,
+        ended: trio.Event,
+    ) -> None:
+        try:
+            await self._poll(slots, activity_types, workflow_types, backoff)
+        finally:
+            ended.set()
+
+    async def _until_thread_or(self, ended: trio.Event | None) -> None:
+        """Return once a thread for sync activities is free, or ``ended`` is set."""
+        if ended is None or ended.is_set():
+            await self._slots.wait_thread()
+            return
+        async with trio.open_nursery() as nursery:
+
+            async def first(wait: Callable[[], Awaitable[object]]) -> None:
+                await wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(first, self._slots.wait_thread)
+            nursery.start_soon(first, ended.wait)
+
+    async def _poll(
+        self,
+        slots: list[Slot],
+        activity_types: list[str],
+        workflow_types: list[str],
+        backoff: Backoff,
+    ) -> None:
+        """One long poll for ``slots`` (reserved, given back unless a task claimed starts in
+        them); backs off after a failure."""
+        used = 0
+        asked_at = trio.current_time()
+        try:
+            request = pb.PollTasksRequest(
+                worker_id=self.config.worker_id,
+                max_tasks=len(slots),
+                activity_types=activity_types,
+                workflow_types=workflow_types,
+                wait_s=self._poll_wait,
+            )
+            try:
+                reply = await self._call(
+                    self._stub.poll_tasks,
+                    request,
+                    what="PollTasks",
+                    budget=self._poll_wait + RPC_TIMEOUT,
+                )
+            except Exception as exc:
+                delay = backoff.next_delay()
+                if is_transient(exc):
+                    self._log_retry("PollTasks", exc, delay)
+                else:
+                    log.error("PollTasks refused: %s (retrying in %.1f s)", exc, delay)
+                    if isinstance(exc, (NotFound, FailedPrecondition)):
+                        self._heartbeat_wakeup.set()  # re-register if forgotten
+                for slot in slots:
+                    self._slots.release(slot)
+                slots = []
+                await trio.sleep(delay)
+                return
+            if backoff.failures:
+                log.info("control plane at %s answers again", self.config.address)
+                backoff.reset()
+            used = self._start_tasks(reply.tasks, slots, what="PollTasks")
+        finally:
+            for slot in slots[used:]:
+                self._slots.release(slot)
+        if used:
+            # Let the tasks just started run before this loop spends the next moment
+            # encoding and sending its next long poll (twice: Trio may run the tasks
+            # of one scheduling batch in either order). Measured: w4 latency p50
+            # 7.2-7.6 -> 6.2-6.6 ms.
+            for _ in range(2):
+                await trio.lowlevel.checkpoint()
+        elif trio.current_time() - asked_at < self._poll_wait / 2:
+            # A long poll that comes back empty-handed at once (a control plane that
+            # is shutting down, say) must not turn into a busy loop.
+            await trio.sleep(min(1.0, self._poll_wait / 2))
 
     def _start_tasks(self, tasks: Sequence[Any], slots: Sequence[Slot], *, what: str) -> int:
         """Start each claimed task in a slot it was claimed for; return how many slots used.
