@@ -80,6 +80,15 @@ class Plane:
         )
         return list(reply.tasks)
 
+    async def listen_cancellations(self, seen: Callable[[pb.Cancellation], object]) -> None:
+        """Stream worker "w1"'s cancellations, passing each one (not the keep-alives) to
+        ``seen``, until cancelled."""
+        async for c in self.channel.stream(
+            self.workers.stream_cancellations, pb.StreamCancellationsRequest(worker_id="w1")
+        ):
+            if not c.keepalive:
+                seen(c)
+
     async def run_workflow_task(
         self, task: pb.Task, fn: Callable[..., Any]
     ) -> pb.CompleteWorkflowTaskResponse:
@@ -882,16 +891,11 @@ async def test_cancel_pushes_to_the_holder_and_cancels_pending(database_url: str
             got_one = trio.Event()
             async with trio.open_nursery() as nursery:
 
-                async def listen() -> None:
-                    async for c in p.channel.stream(
-                        p.workers.stream_cancellations,
-                        pb.StreamCancellationsRequest(worker_id="w1"),
-                    ):
-                        if not c.keepalive:
-                            received.append(c)
-                            got_one.set()
+                def seen(c: pb.Cancellation) -> None:
+                    received.append(c)
+                    got_one.set()
 
-                nursery.start_soon(listen)
+                nursery.start_soon(p.listen_cancellations, seen)
                 await trio.sleep(0.2)
                 reply = await p.channel.unary(
                     p.workers.poll_tasks,
