@@ -2140,6 +2140,7 @@ async def test_statements_find_rows_by_key_whatever_the_statistics_say(
             "set_run_stuck": (some, "reason"),
             "unclaim_task": (some, 1),
             "lock_task_lease": (some, 1),
+            "lock_timed_out_task": (some, 1, 1),
             "start_runs": ([some],),
         }.items():
             seen.setdefault(name, args)

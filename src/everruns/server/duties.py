@@ -28,7 +28,8 @@ RETENTION_LOCK = 0x6576_0002
 FOLLOW_UP_SECONDS = 30.0
 """How long the follow-up of one skipped child or activity task may wait for the transactions
 that hold it and its parent or run (they are short); past that, the reclaim round's sweep takes
-it over."""
+it over. (A task a duty skipped is found again by that duty's next round while it still
+qualifies; a lost worker's, by the stale rule.)"""
 
 
 async def reclaim_once(engine: Engine) -> int:
@@ -111,8 +112,11 @@ async def run_follow_ups(
 ) -> None:
     """Cancel the open children and activity tasks a run's end or cancellation skipped
     (another transaction held them) as soon as that transaction lets go, one at a time, each
-    in a transaction that waits for it, then for its parent or run (`Engine.follow_up`).
-    A follow-up that fails or takes too long is left to the reclaim round's sweep."""
+    in a transaction that waits for it, then for its parent or run (`Engine.follow_up`); and
+    release or time out the tasks a duty skipped (another transaction held their run) the
+    same way, each in a transaction that waits for the task, then for its run. A follow-up
+    that fails or takes too long is left to the reclaim round's sweep (a duty's task: to the
+    duty's next round, or the stale rule)."""
     task_status.started()
     while True:
         for skipped in await engine.skipped():
@@ -120,12 +124,7 @@ async def run_follow_ups(
                 with trio.move_on_after(FOLLOW_UP_SECONDS):
                     await engine.follow_up(skipped)
             except Exception as exc:
-                log.warning(
-                    "%s %s: its cancellation is left to the reclaim round (%s)",
-                    "child run" if skipped.child else "activity task",
-                    skipped.row_id,
-                    exc,
-                )
+                log.warning("%s (%s)", skipped.what, exc)
 
 
 async def run_due_scanner(

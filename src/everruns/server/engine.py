@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import attrs
 import trio
@@ -65,7 +65,7 @@ from everruns.store.store import (
     Store,
 )
 
-__all__ = ["ClaimedTask", "Engine", "Skipped", "StartRequest", "StartedRun"]
+__all__ = ["ClaimedTask", "DutySkip", "Engine", "Skipped", "StartRequest", "StartedRun"]
 
 log = logging.getLogger("everruns.server")
 
@@ -120,12 +120,46 @@ class StartedRun(NamedTuple):
 
 
 @attrs.frozen
+class DutySkip:
+    """What a duty was about to do to a task it had locked when it found the task's run held
+    by another transaction, and the claim it judged: the follow-up does it only while the task
+    is still that attempt in that state (`Engine.finish_skipped`)."""
+
+    duty: Literal["lost", "stale", "timeout"]  # release_worker, reclaim_stale, enforce_timeouts
+    attempt: int
+    lease_token: int | None
+    heartbeat_at: datetime | None
+    reason: str = ""  # why a lost worker's tasks are released
+
+    @classmethod
+    def of(
+        cls, task: Task, duty: Literal["lost", "stale", "timeout"], reason: str = ""
+    ) -> DutySkip:
+        return cls(duty, task.attempt, task.lease_token, task.heartbeat_at, reason)
+
+
+@attrs.frozen
 class Skipped:
-    """A row a transaction holding a run skipped rather than wait for it (another transaction
-    held it): an open child run of that run (``child``), or an open activity task of it."""
+    """A row a transaction skipped rather than wait for another transaction that held it: an
+    open child run of a run ending or cancelled (``child``), an open activity task of such a
+    run, or (``duty``) a task a duty had locked whose run another transaction held."""
 
     row_id: uuid.UUID
     child: bool
+    duty: DutySkip | None = None
+
+    @property
+    def what(self) -> str:
+        """What the row is and what is left to do, for a log line."""
+        if self.duty is not None:
+            return {
+                "lost": f"lost worker's task {self.row_id}: its release is left to the stale rule",
+                "stale": f"stale task {self.row_id}: its release is left to the next reclaim round",
+                "timeout": f"timed-out task {self.row_id}: its timeout is left to the next round",
+            }[self.duty.duty]
+        if self.child:
+            return f"child run {self.row_id}: its cancellation is left to the reclaim round"
+        return f"activity task {self.row_id}: its cancellation is left to the reclaim round"
 
 
 @attrs.frozen
@@ -1248,8 +1282,9 @@ class Engine:
 
     async def skipped(self) -> list[Skipped]:
         """Wait until a run's end or cancellation has skipped children or activity tasks
-        (another transaction held them); return them, each once. Perhaps before that run's
-        transaction has ended: `follow_up` waits for it."""
+        (another transaction held them), or a duty has skipped tasks (another transaction held their
+        run); return them, each once. Perhaps before the transaction that skipped them has
+        ended: `follow_up` waits for it."""
         await self._skipped_added.wait()
         self._skipped_added = trio.Event()
         skipped = list(self._skipped)
@@ -1257,8 +1292,11 @@ class Engine:
         return skipped
 
     async def follow_up(self, skipped: Skipped) -> bool:
-        """Cancel what a run's end or cancellation skipped, waiting for the transaction that
-        holds it (`cancel_if_orphaned`, `cancel_if_abandoned`); return whether it did."""
+        """Cancel what a run's end or cancellation skipped, or do what a duty skipped,
+        waiting for the transaction that holds it (`cancel_if_orphaned`,
+        `cancel_if_abandoned`, `finish_skipped`); return whether it did."""
+        if skipped.duty is not None:
+            return await self.finish_skipped(skipped.row_id, skipped.duty)
         if skipped.child:
             return await self.cancel_if_orphaned(skipped.row_id, wait=True)
         return await self.cancel_if_abandoned(skipped.row_id, wait=True)
@@ -1841,7 +1879,8 @@ class Engine:
     async def release_worker(
         self, worker_id: str, reason: str, *, incarnation: Incarnation | None = None
     ) -> int:
-        """Release the tasks of a worker incarnation whose connection dropped; return how many.
+        """Release the tasks of a worker incarnation whose connection dropped; return how many
+        this call released (not those it left to the follow-ups, below).
 
         ``incarnation`` names the run of the worker's process the connection belonged to
         (None: the worker's current one). While the worker's registration is still that
@@ -1854,14 +1893,21 @@ class Engine:
         before the look (and is taken into account) or after it.
 
         The mark and the first release are one transaction: whoever sees the worker lost
-        sees its tasks released, and whoever gets its tasks next sees it lost. A call of that
-        worker still being applied when its connection dropped either rolls back (its tasks
-        are then waited for and released here) or commits tasks claimed for the worker after
-        this looked: so it looks again, until a look finds nothing (a few rounds at most:
-        nothing new is claimed for a worker whose connection is gone). The first look's
-        "nothing" is not trusted: a look that waited for such a call's rows re-checks those
-        rows alone, and misses the tasks the call's commit claimed for the worker."""
+        sees its tasks released, and whoever gets its tasks next sees it lost, but for an
+        activity task whose run another transaction held. A look locks the tasks, then their
+        runs at once, skipping (never waiting for) a run another transaction holds: holding
+        one run while waiting for another deadlocked with a child's end, which holds the
+        child and waits for its parent. Such a task is released by `finish_skipped`, from
+        `duties.run_follow_ups`, once that transaction lets go (should that fail, by the
+        stale rule). A call of that worker still being applied when its connection dropped
+        either rolls back (its tasks are then waited for and released here) or commits tasks
+        claimed for the worker after this looked: so it looks again (past the tasks left to
+        the follow-ups), until a look finds nothing (a few rounds at most: nothing new is
+        claimed for a worker whose connection is gone). The first look's "nothing" is not
+        trusted: a look that waited for such a call's rows re-checks those rows alone, and
+        misses the tasks the call's commit claimed for the worker."""
         released = 0
+        handed: set[uuid.UUID] = set()  # skipped, left to the follow-ups
         for round_ in range(_RELEASE_ROUNDS):
             async with self.store.transaction() as conn:
                 current = await self.store.lock_worker_registration(conn, worker_id)
@@ -1872,87 +1918,188 @@ class Engine:
                 if round_ == 0 and newer is None:
                     await self.store.stop_worker(worker_id, lost=True, conn=conn)
                 tasks = await self.store.tasks_held_by(
-                    conn, worker_id, claimed_before=None if newer is None else newer.started_at
+                    conn,
+                    worker_id,
+                    claimed_before=None if newer is None else newer.started_at,
+                    besides=handed,  # the follow-ups' (which may hold them, waiting)
                 )
-                for task in tasks:
-                    error = {"type": "WorkerLost", "message": reason, "non_retryable": False}
-                    outcome = await self.store.release_task(conn, task, error)
-                    if task.kind == "activity" and task.activity_id is not None:
-                        failed = ev.activity_failed(
-                            task.activity_id, error, task.attempt, outcome.will_retry
-                        )
-                        await self._record(
-                            conn,
-                            task,
-                            _attempt_events(outcome, failed),
-                            wake=not outcome.will_retry,
-                        )
+                await self.store.lock_breakers(conn, _probe_keys(tasks), create=False)
+                ready, skipped = await self._lock_runs_of(conn, tasks)
+                for task in ready:
+                    await self._release_lost(conn, task, reason)
+            self._follow_up(
+                Skipped(t.task_id, child=False, duty=DutySkip.of(t, "lost", reason))
+                for t in skipped
+            )
+            handed.update(t.task_id for t in skipped)
+            released += len(ready)
             if not tasks and round_ > 0:
                 break
-            released += len(tasks)
         if released:
             log.warning("released %d task(s) of worker %s: %s", released, worker_id, reason)
+        if handed:
+            log.warning(
+                "%d task(s) of worker %s are released once the transactions holding their "
+                "runs let go: %s",
+                len(handed),
+                worker_id,
+                reason,
+            )
         return released
 
+    async def _release_lost(self, conn: Connection, task: Task, reason: str) -> None:
+        """Release a locked task of a lost worker (`release_worker`)."""
+        error = {"type": "WorkerLost", "message": reason, "non_retryable": False}
+        outcome = await self.store.release_task(conn, task, error)
+        if task.kind == "activity" and task.activity_id is not None:
+            failed = ev.activity_failed(task.activity_id, error, task.attempt, outcome.will_retry)
+            await self._record(
+                conn, task, _attempt_events(outcome, failed), wake=not outcome.will_retry
+            )
+
     async def reclaim_stale(self, conn: Connection) -> int:
-        """Release tasks whose holder stopped heartbeating (the operator guide's 30 s rule)."""
-        outcomes = await self.store.reclaim_stale(conn, stale_after=self.config.stale_after)
-        for outcome in outcomes:
-            task = outcome.task
-            if task.kind == "activity" and task.activity_id is not None:
-                event = ev.activity_timed_out(
-                    task.activity_id, "heartbeat", task.attempt, outcome.will_retry
-                )
-                await self._record(
-                    conn, task, _attempt_events(outcome, event), wake=not outcome.will_retry
-                )
-            log.warning("stale task %s (%s): %s", task.task_id, task.type_name, outcome.verdict)
-        return len(outcomes)
+        """Release tasks whose holder stopped heartbeating (the operator guide's 30 s rule);
+        return how many were released here.
+
+        The stale tasks are locked (skipping those another transaction holds), then the runs
+        of the activity tasks among them at once, skipping (never waiting for) a run another
+        transaction holds: holding one run while waiting for another deadlocked with a
+        child's end, which holds the child and waits for its parent. Such a task is released
+        by `finish_skipped`, from `duties.run_follow_ups`, once that transaction lets go (or,
+        still stale, by a later round)."""
+        tasks = await self.store.stale_tasks(conn, stale_after=self.config.stale_after)
+        await self.store.lock_breakers(conn, _probe_keys(tasks), create=False)
+        ready, skipped = await self._lock_runs_of(conn, tasks)
+        for task in ready:
+            await self._release_stale(conn, task)
+        self._follow_up(
+            Skipped(t.task_id, child=False, duty=DutySkip.of(t, "stale")) for t in skipped
+        )
+        return len(ready)
+
+    async def _release_stale(self, conn: Connection, task: Task) -> None:
+        """Release a locked stale task (`reclaim_stale`)."""
+        outcome = await self.store.release_stale(conn, task)
+        if task.kind == "activity" and task.activity_id is not None:
+            event = ev.activity_timed_out(
+                task.activity_id, "heartbeat", task.attempt, outcome.will_retry
+            )
+            await self._record(
+                conn, task, _attempt_events(outcome, event), wake=not outcome.will_retry
+            )
+        log.warning("stale task %s (%s): %s", task.task_id, task.type_name, outcome.verdict)
 
     async def enforce_timeouts(self) -> int:
         """Fail the attempts whose schedule-to-start, start-to-close or heartbeat timeout has
         expired; each is an ``activity_timed_out`` event and counts as a failed attempt.
-        Holders of timed-out claims are told to stop."""
+        Holders of timed-out claims are told to stop. Returns how many were failed here.
+
+        One transaction locks the timed-out tasks (skipping those another transaction
+        holds), the breakers their failures count against, then their runs at once,
+        skipping (never waiting for) a run another transaction holds: holding one run while
+        waiting for another deadlocked with a child's end, which holds the child and waits
+        for its parent. Such a task is timed out by `finish_skipped`, from
+        `duties.run_follow_ups`, once that transaction lets go (or, still timed out, by a
+        later round)."""
         async with self.store.transaction() as conn:
             now = await self.store.now(conn)
             tasks = await self.store.timed_out_tasks(conn)
-            for task in tasks:
-                assert task.activity_id is not None
-                kind = timeout_kind(
-                    task.visible_at,
-                    task.claimed_at,
-                    task.heartbeat_at,
-                    now,
-                    schedule_to_start=task.schedule_to_start_s,
-                    start_to_close=task.start_to_close_s,
-                    heartbeat_timeout=task.heartbeat_timeout_s,
-                ) or ("schedule_to_start" if task.status == "pending" else "start_to_close")
-                if task.status == "claimed":
-                    await self.store.tell_holder_to_stop(conn, task)
-                error = {
-                    "type": "ActivityTimeout",
-                    "message": f"{kind.replace('_', '-')} timeout expired",
-                    "timeout_kind": kind,
-                    "non_retryable": False,
-                }
-                outcome = await self.store.time_out(conn, task, kind, error)
-                if kind != "schedule_to_start":
-                    await self._breaker_failure(conn, task)
-                event = ev.activity_timed_out(
-                    task.activity_id, kind, outcome.task.attempt, outcome.will_retry
+            # A failed attempt takes its breaker, then its run (as `fail_activity` does):
+            # the breakers first, then, never waiting, the runs.
+            claimed = [t.effective_breaker_key for t in tasks if t.status == "claimed"]
+            await self.store.lock_breakers(conn, claimed, create=True)
+            ready, skipped = await self._lock_runs_of(conn, tasks)
+            for task in ready:
+                await self._time_out(conn, task, now)
+        self._follow_up(
+            Skipped(t.task_id, child=False, duty=DutySkip.of(t, "timeout")) for t in skipped
+        )
+        return len(ready)
+
+    async def _time_out(self, conn: Connection, task: Task, now: datetime) -> None:
+        """Fail the attempt of a locked timed-out activity task (`enforce_timeouts`)."""
+        assert task.activity_id is not None
+        kind = timeout_kind(
+            task.visible_at,
+            task.claimed_at,
+            task.heartbeat_at,
+            now,
+            schedule_to_start=task.schedule_to_start_s,
+            start_to_close=task.start_to_close_s,
+            heartbeat_timeout=task.heartbeat_timeout_s,
+        ) or ("schedule_to_start" if task.status == "pending" else "start_to_close")
+        if task.status == "claimed":
+            await self.store.tell_holder_to_stop(conn, task)
+        error = {
+            "type": "ActivityTimeout",
+            "message": f"{kind.replace('_', '-')} timeout expired",
+            "timeout_kind": kind,
+            "non_retryable": False,
+        }
+        outcome = await self.store.time_out(conn, task, kind, error)
+        if kind != "schedule_to_start":
+            await self._breaker_failure(conn, task)
+        event = ev.activity_timed_out(
+            task.activity_id, kind, outcome.task.attempt, outcome.will_retry
+        )
+        await self._record(conn, task, _attempt_events(outcome, event), wake=not outcome.will_retry)
+        log.warning(
+            "activity %s of workflow %s: %s timeout (attempt %d, %s)",
+            task.type_name,
+            task.workflow_id,
+            kind,
+            outcome.task.attempt,
+            outcome.verdict,
+        )
+
+    async def _lock_runs_of(
+        self, conn: Connection, tasks: Sequence[Task]
+    ) -> tuple[list[Task], list[Task]]:
+        """Lock, in one statement, the runs of the locked ``tasks`` that record in their run
+        (activity tasks), skipping (never waiting for) those another transaction holds.
+        Returns the tasks to handle now (those, and workflow tasks, which lock no run) and
+        the tasks whose run another transaction holds (a task's row keeps its run: the run
+        cannot be gone)."""
+        runs = {t.run_id for t in tasks if t.activity_id is not None}
+        if not runs:
+            return list(tasks), []
+        locked = await self.store.lock_runs_unless_held(conn, runs)
+        ready = [t for t in tasks if t.activity_id is None or t.run_id in locked]
+        return ready, [t for t in tasks if t.activity_id is not None and t.run_id not in locked]
+
+    async def finish_skipped(self, task_id: uuid.UUID, skip: DutySkip) -> bool:
+        """Do what a duty skipped (another transaction held the task's run): release a lost
+        worker's task or a stale one, or fail a timed-out attempt; return whether it did.
+
+        One transaction, which locks the task, waiting for whoever holds it, and goes on
+        only while it is still the attempt the duty judged, in the same state (for a stale
+        task: no heartbeat since; for a timed-out one: still past its timeout); then locks
+        the task's run, waiting, as the results statement and `fail_activity` do (the task,
+        then its breaker, then its one run). It holds no other run while it waits."""
+        async with self.store.transaction() as conn:
+            if skip.duty == "timeout":
+                task = await self.store.lock_timed_out_task(
+                    conn, task_id, attempt=skip.attempt, lease_token=skip.lease_token
                 )
-                await self._record(
-                    conn, task, _attempt_events(outcome, event), wake=not outcome.will_retry
-                )
-                log.warning(
-                    "activity %s of workflow %s: %s timeout (attempt %d, %s)",
-                    task.type_name,
-                    task.workflow_id,
-                    kind,
-                    outcome.task.attempt,
-                    outcome.verdict,
-                )
-        return len(tasks)
+            elif skip.lease_token is None:
+                return False
+            else:
+                task = await self.store.lock_claim(conn, task_id, skip.lease_token)
+                if (
+                    task is not None
+                    and skip.duty == "stale"
+                    and task.heartbeat_at != skip.heartbeat_at
+                ):
+                    task = None  # it heartbeated since: no longer stale
+            if task is None:
+                return False
+            if skip.duty == "timeout":
+                await self._time_out(conn, task, await self.store.now(conn))
+            elif skip.duty == "stale":
+                await self._release_stale(conn, task)
+            else:
+                await self._release_lost(conn, task, skip.reason)
+            return True
 
     async def delete_expired(self, *, lock: int | None = None) -> int:
         """Delete ended runs older than the retention period, in bounded batches; each batch
@@ -1987,7 +2134,7 @@ class Engine:
         their timers second, as every other path does. It never waits for a lock: the runs
         are locked with SKIP LOCKED, and a run whose live workflow task another transaction
         holds is skipped too (a dead worker's release makes such a task pending without the
-        run's lock, then may wait for another run of the batch). Holding runs while waiting
+        run's lock, and inserting another would wait for that release). Holding runs while waiting
         for another, or a timer while waiting for its run, deadlocked with cancels,
         completions and retention. A timer whose run is skipped is left pending for the next
         round (another control plane may be firing it; the due-scanner looks again shortly);
@@ -2044,6 +2191,12 @@ def _orphaned_because(child: WorkflowRun, parent: WorkflowRun | None) -> str | N
     if parent.cancel_requested_at is not None and child.created_at < parent.cancel_requested_at:
         return f"parent workflow {parent.workflow_id!r} was cancelled"
     return None
+
+
+def _probe_keys(tasks: Iterable[Task]) -> list[str]:
+    """The breaker keys of the claimed activity tasks among ``tasks``: a release writes the
+    breaker of one that was a half-open breaker's probe (`Store.release_probe`)."""
+    return [t.effective_breaker_key for t in tasks if t.kind == "activity" and t.claimed_at]
 
 
 def _attempt_end(outcome: FailOutcome, event: dict[str, Any]) -> dict[str, Any]:

@@ -281,12 +281,14 @@ FOR UPDATE SKIP LOCKED;
 -- name: find_tasks_of_worker
 -- Claimed tasks held by one worker (its connection dropped or it shut down), locked; with $2,
 -- only those claimed before $2 (when the worker's current incarnation first registered: the
--- tasks of incarnations that are gone). A task another transaction holds (a call of that worker
+-- tasks of incarnations that are gone); none of $3 (tasks an earlier look left to the
+-- follow-ups, which may hold them). A task another transaction holds (a call of that worker
 -- still being applied or rolled back) is waited for, not skipped: skipped, it would stay with a
 -- worker that is gone.
 SELECT * FROM durable_task_queue
 WHERE status = 'claimed' AND claimed_by = $1
   AND ($2::timestamptz IS NULL OR claimed_at < $2)
+  AND NOT (id = ANY($3::uuid[]))
 ORDER BY id
 FOR UPDATE;
 
@@ -472,9 +474,9 @@ FOR UPDATE SKIP LOCKED;
 -- held it). Returns how many fired.
 -- The statement never waits for a lock. Others write the rows it writes only under their
 -- run's lock, except workflow tasks: a claim makes a pending one claimed (and never waits), a
--- dead worker's release makes a claimed one pending again and may then wait for another run
--- of this batch, and inserting a second pending workflow task of that run would wait for the
--- release. So an open run's live workflow tasks are locked before its own is inserted (SKIP
+-- dead worker's release or a stale reclaim makes a claimed one pending again (it used to wait
+-- for another run of this batch next; it no longer waits for runs, but may for other rows),
+-- and inserting a second pending workflow task of that run would wait for the release. So an open run's live workflow tasks are locked before its own is inserted (SKIP
 -- LOCKED, each at its latest version), and a run with one another transaction holds is
 -- skipped: its timers stay pending for the next round.
 WITH live AS (
@@ -626,6 +628,19 @@ WHERE kind = 'activity' AND (
         AND heartbeat_at + make_interval(secs => heartbeat_timeout_s) < now()))
 LIMIT $1
 FOR UPDATE SKIP LOCKED;
+
+-- name: lock_timed_out_task
+-- Lock activity task $1, waiting for whoever holds it, if it is still attempt $2 under lease $3
+-- (as the timeout duty found it, which skipped it: another transaction held its run) and
+-- still past a timeout find_timed_out_tasks enforces.
+SELECT * FROM durable_task_queue
+WHERE id = $1 AND attempt = $2 AND lease_token IS NOT DISTINCT FROM $3 AND kind = 'activity' AND (
+       (status = 'pending' AND start_deadline < now())
+    OR (status = 'claimed' AND start_to_close_s IS NOT NULL
+        AND claimed_at + make_interval(secs => start_to_close_s) < now())
+    OR (status = 'claimed' AND heartbeat_timeout_s IS NOT NULL
+        AND heartbeat_at + make_interval(secs => heartbeat_timeout_s) < now()))
+FOR UPDATE;
 
 -- name: next_timeout
 -- Seconds until the next server-enforced activity timeout (NULL: none pending).

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from functools import partial
@@ -1062,31 +1062,63 @@ class Store:
         """Release claimed tasks whose heartbeat is older than ``stale_after`` seconds (or a
         workflow task's own heartbeat timeout, when shorter); each release counts the attempt.
         An activity's own heartbeat timeout is `time_out`'s (a failed attempt, retried after
-        its policy's backoff), not a release."""
-        rows = await conn.fetch(Q["find_stale_tasks"], stale_after, limit)
-        outcomes = []
-        for row in rows:
-            task = Task.from_row(row)
-            outcomes.append(
-                await self.release_task(
-                    conn,
-                    task,
-                    {
-                        "type": "HeartbeatTimeout",
-                        "message": f"no heartbeat from {task.claimed_by} since {task.heartbeat_at}",
-                        "non_retryable": False,
-                    },
-                )
-            )
-        return outcomes
+        its policy's backoff), not a release. (The control plane's duty releases them one by
+        one, `stale_tasks` then `release_stale`, recording each in its run's history.)"""
+        return [
+            await self.release_stale(conn, task)
+            for task in await self.stale_tasks(conn, stale_after=stale_after, limit=limit)
+        ]
+
+    async def stale_tasks(
+        self, conn: Connection, *, stale_after: float, limit: int = 500
+    ) -> list[Task]:
+        """Lock and return up to ``limit`` claimed tasks that `reclaim_stale` would release,
+        skipping (never waiting for) those another transaction holds."""
+        return [
+            Task.from_row(r) for r in await conn.fetch(Q["find_stale_tasks"], stale_after, limit)
+        ]
+
+    async def release_stale(self, conn: Connection, task: Task) -> FailOutcome:
+        """Release a locked stale task (`reclaim_stale`), counting its attempt."""
+        return await self.release_task(
+            conn,
+            task,
+            {
+                "type": "HeartbeatTimeout",
+                "message": f"no heartbeat from {task.claimed_by} since {task.heartbeat_at}",
+                "non_retryable": False,
+            },
+        )
 
     async def tasks_held_by(
-        self, conn: Connection, worker_id: str, *, claimed_before: datetime | None = None
+        self,
+        conn: Connection,
+        worker_id: str,
+        *,
+        claimed_before: datetime | None = None,
+        besides: Iterable[uuid.UUID] = (),
     ) -> list[Task]:
         """Lock and return every task a worker holds (with ``claimed_before``, only those
-        claimed before then)."""
-        rows = await conn.fetch(Q["find_tasks_of_worker"], worker_id, claimed_before)
+        claimed before then), but those of ``besides``, waiting for those another
+        transaction holds."""
+        rows = await conn.fetch(Q["find_tasks_of_worker"], worker_id, claimed_before, list(besides))
         return [Task.from_row(r) for r in rows]
+
+    async def lock_claim(
+        self, conn: Connection, task_id: uuid.UUID, lease_token: int
+    ) -> Task | None:
+        """Lock a task, waiting for whoever holds it, if it is still claimed under
+        ``lease_token`` (the same claim: every claim draws a new token); else None."""
+        row = await conn.fetchrow(Q["lock_task_lease"], task_id, lease_token)
+        return None if row is None else Task.from_row(row)
+
+    async def lock_runs_unless_held(
+        self, conn: Connection, run_ids: Iterable[uuid.UUID]
+    ) -> set[uuid.UUID]:
+        """Lock the runs ``run_ids`` in one statement, skipping (never waiting for) those
+        another transaction holds; return the ids locked (a run that is gone is left out)."""
+        rows = await conn.fetch(Q["lock_runs_unless_held"], list(set(run_ids)))
+        return {r["id"] for r in rows}
 
     async def count_pending(self, conn: Connection | None = None) -> int:
         """How many tasks wait in the queue."""
@@ -1248,6 +1280,15 @@ class Store:
         """
         await conn.execute(Q["renew_held_start_deadlines"])
         return [Task.from_row(r) for r in await conn.fetch(Q["find_timed_out_tasks"], limit)]
+
+    async def lock_timed_out_task(
+        self, conn: Connection, task_id: uuid.UUID, *, attempt: int, lease_token: int | None
+    ) -> Task | None:
+        """Lock an activity task, waiting for whoever holds it, if it is still attempt
+        ``attempt`` under ``lease_token`` (None for a pending task that never had one) and
+        still past a timeout `timed_out_tasks` enforces; else None."""
+        row = await conn.fetchrow(Q["lock_timed_out_task"], task_id, attempt, lease_token)
+        return None if row is None else Task.from_row(row)
 
     async def time_out(
         self, conn: Connection, task: Task, kind: str, error: dict[str, Any]
@@ -1497,6 +1538,17 @@ class Store:
             else breaker_math.on_failure(state, config, now)
         )
         return await self._save_breaker(conn, new)
+
+    async def lock_breakers(self, conn: Connection, keys: Iterable[str], *, create: bool) -> None:
+        """Lock the breakers of ``keys`` in key order, as a transaction that is about to lock
+        runs does first (failing an attempt takes its breaker, then its run): with
+        ``create``, every one (made closed where missing, as a recorded outcome makes it);
+        without, only those not closed (the ones a released probe may write)."""
+        for key in sorted(set(keys)):
+            if create:
+                await self._locked_breaker(conn, key)
+            else:
+                await conn.fetchrow(Q["lock_unclosed_breaker"], key)
 
     async def record_breaker_success_if_tracked(
         self, conn: Connection, key: str, *, config: breaker_math.BreakerConfig
