@@ -801,17 +801,31 @@ class Engine:
 
     async def _admit_probes(self, tasks: list[Task], probes: dict[str, int]) -> list[Task]:
         """Let through only as many tasks of a half-open breaker as it has probe slots; the
-        others go back to the queue uncharged."""
-        kept = []
+        others go back to the queue uncharged.
+
+        The tasks a breaker gates are locked first, in id order, then their breakers: the
+        order of every transaction that holds a task and then its breaker (a failed attempt,
+        the release of a lost worker's tasks, which locks them in id order too). Holding a
+        breaker while waiting for a task deadlocked with such a release. A gated task that
+        is no longer this claim (the release gave it back meanwhile) is left out."""
+        gated = {
+            t.task_id for t in tasks if t.kind == "activity" and t.effective_breaker_key in probes
+        }
+        kept = [t for t in tasks if t.task_id not in gated]
         async with self.store.transaction() as conn:
-            for task in tasks:
-                key = task.effective_breaker_key
-                unlimited = task.kind != "activity" or key not in probes
-                if unlimited or await self.store.admit_probe(conn, key, self.breakers):
+            held = []
+            # uuid order, as PostgreSQL's (find_tasks_of_worker's ORDER BY id)
+            for task in sorted((t for t in tasks if t.task_id in gated), key=lambda t: t.task_id):
+                assert task.lease_token is not None
+                if await self.store.lock_claim(conn, task.task_id, task.lease_token) is not None:
+                    held.append(task)
+            for task in held:
+                if await self.store.admit_probe(conn, task.effective_breaker_key, self.breakers):
                     kept.append(task)
                 else:
                     await self.store.unclaim(conn, task)
-        return kept
+        order = {t.task_id: n for n, t in enumerate(tasks)}
+        return sorted(kept, key=lambda t: order[t.task_id])
 
     # ------------------------------------------------------------------ workflow tasks
 

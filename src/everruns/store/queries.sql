@@ -632,15 +632,21 @@ FOR UPDATE SKIP LOCKED;
 -- name: lock_timed_out_task
 -- Lock activity task $1, waiting for whoever holds it, if it is still attempt $2 under lease $3
 -- (as the timeout duty found it, which skipped it: another transaction held its run) and
--- still past a timeout find_timed_out_tasks enforces.
-SELECT * FROM durable_task_queue
-WHERE id = $1 AND attempt = $2 AND lease_token IS NOT DISTINCT FROM $3 AND kind = 'activity' AND (
-       (status = 'pending' AND start_deadline < now())
-    OR (status = 'claimed' AND start_to_close_s IS NOT NULL
-        AND claimed_at + make_interval(secs => start_to_close_s) < now())
-    OR (status = 'claimed' AND heartbeat_timeout_s IS NOT NULL
-        AND heartbeat_at + make_interval(secs => heartbeat_timeout_s) < now()))
-FOR UPDATE;
+-- still past a timeout find_timed_out_tasks enforces. A pending task a breaker that is not closed
+-- holds back is not past its schedule-to-start timeout: it waits without burning attempts, and
+-- the duty's next round renews its deadline (renew_held_start_deadlines).
+SELECT * FROM durable_task_queue t
+WHERE t.id = $1 AND t.attempt = $2 AND t.lease_token IS NOT DISTINCT FROM $3
+  AND t.kind = 'activity' AND (
+       (t.status = 'pending' AND t.start_deadline < now()
+        AND NOT EXISTS (SELECT 1 FROM durable_circuit_breaker_state b
+                        WHERE b.key = coalesce(t.breaker_key, t.activity_type)
+                          AND b.state <> 'closed'))
+    OR (t.status = 'claimed' AND t.start_to_close_s IS NOT NULL
+        AND t.claimed_at + make_interval(secs => t.start_to_close_s) < now())
+    OR (t.status = 'claimed' AND t.heartbeat_timeout_s IS NOT NULL
+        AND t.heartbeat_at + make_interval(secs => t.heartbeat_timeout_s) < now()))
+FOR UPDATE OF t;
 
 -- name: next_timeout
 -- Seconds until the next server-enforced activity timeout (NULL: none pending).

@@ -870,6 +870,12 @@ class Worker:
                             if (other_types or workflow_types) and (
                                 threadless is None or threadless.is_set()
                             ):
+                                if len(slots) > 1:
+                                    # One free slot stays out of it, for the poll with the
+                                    # sync types a thread coming free calls for: an abandoned
+                                    # thread ends after its task gave its slot back, and a poll
+                                    # holding every free slot would leave it idle until then.
+                                    self._slots.release(slots.pop())
                                 threadless = trio.Event()
                                 polls.start_soon(
                                     self._poll_without_threads,
