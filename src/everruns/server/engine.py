@@ -803,11 +803,14 @@ class Engine:
         """Let through only as many tasks of a half-open breaker as it has probe slots; the
         others go back to the queue uncharged.
 
-        The tasks a breaker gates are locked first, in id order, then their breakers: the
-        order of every transaction that holds a task and then its breaker (a failed attempt,
-        the release of a lost worker's tasks, which locks them in id order too). Holding a
-        breaker while waiting for a task deadlocked with such a release. A gated task that
-        is no longer this claim (the release gave it back meanwhile) is left out."""
+        The tasks a breaker gates are locked first, in id order, then their breakers, in key
+        order: the order of every transaction that holds a task and then its breaker (a
+        failed attempt, the release of a lost worker's tasks, which locks them in id order
+        too) and of every one that takes several breakers (another claim's
+        `Store.admit_breakers`, the duties' `Store.lock_breakers`). Holding a breaker while
+        waiting for a task deadlocked with such a release, and breakers taken in task order
+        with another claim. A gated task that is no longer this claim (the release gave it
+        back meanwhile) is left out."""
         gated = {
             t.task_id for t in tasks if t.kind == "activity" and t.effective_breaker_key in probes
         }
@@ -819,7 +822,8 @@ class Engine:
                 assert task.lease_token is not None
                 if await self.store.lock_claim(conn, task.task_id, task.lease_token) is not None:
                     held.append(task)
-            for task in held:
+            # Breakers in key order, as every transaction that takes several does.
+            for task in sorted(held, key=lambda t: (t.effective_breaker_key, t.task_id)):
                 if await self.store.admit_probe(conn, task.effective_breaker_key, self.breakers):
                     kept.append(task)
                 else:
