@@ -50,6 +50,7 @@ from everruns.errors import (
 )
 
 __all__ = [
+    "EXIT_BROKEN_PIPE",
     "EXIT_CODES",
     "EXIT_FAILED",
     "EXIT_NOT_FOUND",
@@ -77,6 +78,7 @@ EXIT_NOT_FOUND = 3
 EXIT_UNREACHABLE = 4
 EXIT_PRECONDITION = 5
 EXIT_TIMEOUT = 6
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a command whose reader left
 
 EXIT_CODES = {
     EXIT_OK: "success",
@@ -86,6 +88,7 @@ EXIT_CODES = {
     EXIT_UNREACHABLE: "the control plane is unreachable",
     EXIT_PRECONDITION: "the object's state forbids the operation (e.g. the workflow has ended)",
     EXIT_TIMEOUT: "--timeout expired while the workflow was still open",
+    EXIT_BROKEN_PIPE: "the reader of the output went away (e.g. `| head -1`)",
 }
 
 # What every --timeout means, 0 included: one meaning across the commands.
@@ -356,6 +359,13 @@ async def _workflow_start(client: Client, args: argparse.Namespace, out: Output)
         result = await handle.result(timeout=args.timeout)
     except WorkflowFailed as exc:
         return _report_failure(out, doc, exc)
+    except TimeoutError as exc:
+        # Started all the same: say which run, so that a script does not start another.
+        if out.as_json:
+            doc.update(timed_out=True)
+            out.emit(doc, text)
+        print(f"everruns: {_one_line(str(exc))}", file=sys.stderr)
+        return EXIT_TIMEOUT
     doc.update(status="completed", result=result)
     out.emit(doc, json.dumps(result, ensure_ascii=False, indent=2))
     return EXIT_OK
@@ -633,8 +643,14 @@ def _json_argument(flag: str, text: str | None) -> Any:
                 text = f.read()
         except OSError as exc:
             raise UsageError(f"cannot read {source}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise UsageError(
+                f"{source} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+            ) from None
     try:
         return json.loads(text)
+    except RecursionError:
+        raise UsageError(f"{source} is nested too deeply to decode") from None
     except ValueError as exc:
         raise UsageError(
             f"{source} is not valid JSON ({exc}); quote JSON for the shell, "
@@ -988,6 +1004,14 @@ def _unreachable(address: str, exc: ServerUnavailable) -> str:
         # The control plane answered but cannot serve (e.g. its database is down).
         detail = message.split("unavailable:", 1)[1].strip()
         return f"control plane at {address} is unavailable: {detail}"
+    if "SSL" in message or "certificate" in message.lower():
+        # Something answered and the TLS handshake failed: a setting to fix, not a server to
+        # start.
+        detail = message.split("unreachable:", 1)[-1].strip()
+        return (
+            f"control plane at {address}: TLS handshake failed ({detail}); check EVERRUNS_TLS "
+            "and EVERRUNS_TLS_CA against the control plane's certificate (or plaintext)"
+        )
     return (
         f"control plane at {address} unreachable; is `python -m everruns.server` running? "
         "(set --address or GRPC_ADDRESS)"
@@ -1054,8 +1078,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = contextvars.Context().run(trio.run, _run_command, args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _reader_gone()
     except (EverrunsError, TimeoutError, BaseExceptionGroup) as raised:
         error = _sole_error(raised)
+        if isinstance(error, BrokenPipeError):
+            return _reader_gone()
         if not isinstance(error, (EverrunsError, TimeoutError)):
             raise
         if isinstance(error, ServerUnavailable):
@@ -1065,6 +1093,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"everruns: {_one_line(message)}", file=sys.stderr)
         return exit_code_for(error)
     return code
+
+
+def _reader_gone() -> int:
+    """End quietly when the reader of the output has gone (`everruns ... | head -1`), with
+    stdout pointed at the null device so that the interpreter's last flush fails no more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file (captured): nothing to flush there
+        pass
+    finally:
+        os.close(devnull)
+    return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -444,6 +444,16 @@ def _check_text(value: str, what: str) -> str:
     return value
 
 
+_MAX_INT64 = 2**63 - 1
+
+
+def _check_flag(value: bool, what: str) -> bool:
+    """Refuse a flag that is not a bool ("no" would mean yes)."""
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{what} must be True or False, got {value!r}")
+    return value
+
+
 def _check_workflow_id(workflow_id: str | None) -> str:
     if workflow_id is None:
         return ""
@@ -566,8 +576,12 @@ class WorkflowHandle:
 
         Cancelling the calling scope abandons the wait; the workflow is unaffected.
         """
-        if timeout is not None and not timeout >= 0:  # also NaN
-            raise InvalidArgument(f"timeout must be a number of seconds >= 0, got {timeout}")
+        if timeout is not None and (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not timeout >= 0  # also NaN
+        ):
+            raise InvalidArgument(f"timeout must be a number of seconds >= 0, got {timeout!r}")
         run_id = self.run_id or ""
         deadline = math.inf if timeout is None else trio.current_time() + timeout
         while True:
@@ -627,10 +641,14 @@ class WorkflowHandle:
         without a run id cancels the run that is the workflow id's latest when called.
 
         Raises:
+            InvalidArgument: ``reason`` is not a string UTF-8 can carry.
             NotFound: no such workflow or run.
             FailedPrecondition: the run has ended otherwise (the message says how).
             ServerUnavailable: the control plane stayed unreachable through the retries.
         """
+        if not isinstance(reason, str):
+            raise InvalidArgument(f"reason must be a string, got {reason!r}")
+        _check_text(reason, "reason")
         run_id = self.run_id
         if run_id is None:  # pinned, so that a retry cannot cancel a run started meanwhile
             run_id = (await self.describe()).run_id
@@ -662,11 +680,20 @@ class WorkflowHandle:
             page_size: events per request, up to `MAX_PAGE_SIZE` (0: the server's default).
 
         Raises:
-            InvalidArgument: ``page_size`` is outside 0 to `MAX_PAGE_SIZE`.
+            InvalidArgument: ``page_size`` is outside 0 to `MAX_PAGE_SIZE`, or
+                ``after_sequence`` is not an integer from 0 to 2**63 - 1.
             NotFound: no such workflow or run.
             ServerUnavailable: the control plane stayed unreachable through the retries.
         """
         _check_page_size(page_size, "page_size", 0)
+        if (
+            isinstance(after_sequence, bool)
+            or not isinstance(after_sequence, int)
+            or not 0 <= after_sequence <= _MAX_INT64
+        ):  # the wire's int64 would wrap it into a value never given
+            raise InvalidArgument(
+                f"after_sequence must be an integer from 0 to {_MAX_INT64}, got {after_sequence!r}"
+            )
         events: list[HistoryEvent] = []
         after = after_sequence
         while True:
@@ -741,6 +768,13 @@ class Client:
             check_auth_token(auth_token, setting="auth_token")
         if call_stream is None:
             call_stream = call_stream_from_env(os.environ)
+        if not (tls is None or isinstance(tls, (bool, ssl.SSLContext))):
+            raise InvalidArgument(
+                f"tls must be an ssl.SSLContext, True (the system's trust store) or "
+                f"None/False (plaintext), got {tls!r}"
+            )
+        if not (call_stream is None or isinstance(call_stream, bool)):
+            raise InvalidArgument(f"call_stream must be True, False or None, got {call_stream!r}")
         if tls is None:
             context = client_tls_from_env(os.environ)
         else:
@@ -899,6 +933,10 @@ class Client:
             InvalidArgument: ``workflow_id`` is empty, or it or ``run_id`` cannot be sent as
                 UTF-8. An unknown id is only reported (NotFound) by the handle's calls.
         """
+        if workflow_id is None:  # a start's None means "generate one"; a handle's names one
+            raise InvalidArgument("workflow_id must be a non-empty string, got None")
+        if run_id is not None and not isinstance(run_id, str):
+            raise InvalidArgument(f"run_id must be a string or None, got {run_id!r}")
         return WorkflowHandle(
             self,
             _check_workflow_id(workflow_id),
@@ -1010,7 +1048,7 @@ class Client:
         """
         reply = await self._call(
             self._stub.list_workers,
-            pb.ListWorkersRequest(include_stopped=include_stopped),
+            pb.ListWorkersRequest(include_stopped=_check_flag(include_stopped, "include_stopped")),
             retry=True,
         )
         return [WorkerInfo.from_proto(w) for w in reply.workers]
