@@ -106,6 +106,7 @@ class ActivityContext:
         self._on_heartbeat = on_heartbeat
         self._lock = threading.Lock()
         self._pending: bytes | None = None
+        self._in_flight: bytes | None = None  # taken by a heartbeat not answered yet
         self._cancel_requested = False
 
     @property
@@ -150,16 +151,36 @@ class ActivityContext:
             self._on_heartbeat()
 
     def _take_details(self) -> bytes | None:
-        """Return the details not yet sent (and forget them), or None."""
+        """Return the details not yet sent, or None, for a heartbeat to send: they count as in
+        flight until `_sent` (or `_requeue_details`)."""
         with self._lock:
             pending, self._pending = self._pending, None
+            if pending is not None:
+                self._in_flight = pending
             return pending
+
+    def _sent(self, details: bytes) -> None:
+        """The heartbeat carrying ``details`` was answered (or refused them for good)."""
+        with self._lock:
+            if self._in_flight is details:
+                self._in_flight = None
 
     def _requeue_details(self, details: bytes) -> None:
         """Put back details whose sending failed, unless newer ones arrived meanwhile."""
         with self._lock:
+            if self._in_flight is details:
+                self._in_flight = None
             if self._pending is None:
                 self._pending = details
+
+    def _take_unsent(self) -> bytes | None:
+        """For the attempt's last report: the details recorded last that the control plane
+        may not have, those of a heartbeat still in flight included (its call is cancelled as
+        the attempt ends, and it puts them back only after the report has looked)."""
+        with self._lock:
+            details = self._pending if self._pending is not None else self._in_flight
+            self._pending = self._in_flight = None
+            return details
 
     def _mark_cancel_requested(self) -> None:
         self._cancel_requested = True

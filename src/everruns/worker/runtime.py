@@ -1247,6 +1247,7 @@ class Worker:
             elif details is not None:
                 # Sent again they would be refused again (e.g. too large), with every later
                 # heartbeat: the lease would never be renewed.
+                ctx._sent(details)
                 log.warning(
                     "dropping the heartbeat details of %s: the control plane refused them "
                     "(%s); the next heartbeat goes without",
@@ -1256,6 +1257,8 @@ class Worker:
             else:
                 log.error("heartbeat of %s refused: %s", handle.describe(), exc)
             return trio.current_time() + delay
+        if details is not None:
+            ctx._sent(details)
         if beat.backoff is not None:
             beat.backoff.reset()
         if reply.cancel_requested:
@@ -1532,7 +1535,7 @@ class Worker:
         """Send the heartbeat details the attempt recorded last, if the heartbeat scheduler
         has not (recorded just before the failure, or within the minimum gap between beats):
         the next attempt resumes from them. Best effort: the failure is reported either way."""
-        details = ctx._take_details()
+        details = ctx._take_unsent()
         if details is None:
             return
         request = pb.RecordHeartbeatRequest(
