@@ -983,6 +983,10 @@ def _prepare(args: argparse.Namespace) -> None:
     """Check and convert what needs no server, so bad input fails before any connection."""
     args.input_value = _json_argument("--input", getattr(args, "input", None))
     args.payload_value = _json_argument("--payload", getattr(args, "payload", None))
+    if getattr(args, "wait", None) is False and getattr(args, "timeout", None) is not None:
+        raise UsageError("--timeout applies to --wait: add --wait, or leave --timeout out")
+    if getattr(args, "run", None) == "":
+        raise UsageError("--run needs a run id (leave --run out for the default run)")
     if args.address is not None:
         try:
             parse_address(args.address, setting="--address")

@@ -177,6 +177,9 @@ def test_usage_errors_exit_2(
         (["workflow", "start", "t", "--input", "@/nonexistent/x.json"], "cannot read --input"),
         (["--address", "no-port", "workflow", "list"], "is not host:port"),
         (["workflow", "list", "--address", "h:99999"], "is not host:port"),
+        # Once silently ignored: a start that did not wait, and the latest run.
+        (["workflow", "start", "t", "--timeout", "5"], "--timeout applies to --wait"),
+        (["workflow", "show", "w", "--run", ""], "--run needs a run id"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2_before_connecting(
