@@ -2214,7 +2214,7 @@ def _orphaned_because(child: WorkflowRun, parent: WorkflowRun | None) -> str | N
 def _probe_keys(tasks: Iterable[Task]) -> list[str]:
     """The breaker keys of the claimed activity tasks among ``tasks``: a release writes the
     breaker of one that was a half-open breaker's probe (`Store.release_probe`)."""
-    return [t.effective_breaker_key for t in tasks if t.kind == "activity" and t.claimed_at]
+    return [t.effective_breaker_key for t in tasks if t.may_be_probe]
 
 
 def _attempt_end(outcome: FailOutcome, event: dict[str, Any]) -> dict[str, Any]:

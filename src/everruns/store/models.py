@@ -139,6 +139,12 @@ class Task:
     def effective_breaker_key(self) -> str:
         return self.breaker_key or self.type_name
 
+    @property
+    def may_be_probe(self) -> bool:
+        """A claimed activity: it may be a half-open breaker's probe, whose slot its release
+        frees (`Store.release_probe`), so that release writes its breaker."""
+        return self.kind == "activity" and self.claimed_at is not None
+
     @classmethod
     def from_row(cls, row: Row) -> Task:
         return cls(

@@ -431,6 +431,14 @@ SELECT * FROM durable_circuit_breaker_state ORDER BY key;
 -- Lock every breaker that is not closed (claims consult and update them atomically).
 SELECT * FROM durable_circuit_breaker_state WHERE state <> 'closed' ORDER BY key FOR UPDATE;
 
+-- name: lock_unclosed_breakers_of
+-- Lock, in key order, the breakers of keys $1 that are not closed (those a released probe may
+-- write): one statement for a duty's batch (Store.lock_breakers).
+SELECT key FROM durable_circuit_breaker_state
+WHERE key = ANY($1::text[]) AND state <> 'closed'
+ORDER BY key
+FOR UPDATE;
+
 -- name: delete_breaker
 -- Reset a breaker by removing its row (it is recreated closed on next use).
 DELETE FROM durable_circuit_breaker_state WHERE key = $1 RETURNING key;

@@ -948,10 +948,10 @@ class Store:
         Raises:
             StaleLease: the task is not claimed under that lease (anymore).
         """
-        row = await conn.fetchrow(Q["lock_task_lease"], task_id, lease_token)
-        if row is None:
+        task = await self.lock_claim(conn, task_id, lease_token)
+        if task is None:
             raise await self._stale(conn, task_id, lease_token)
-        return Task.from_row(row)
+        return task
 
     async def heartbeat(
         self, task_id: uuid.UUID, lease_token: int, details: str | None = None
@@ -1544,11 +1544,11 @@ class Store:
         runs does first (failing an attempt takes its breaker, then its run): with
         ``create``, every one (made closed where missing, as a recorded outcome makes it);
         without, only those not closed (the ones a released probe may write)."""
+        if not create:
+            await conn.execute(Q["lock_unclosed_breakers_of"], sorted(set(keys)))
+            return
         for key in sorted(set(keys)):
-            if create:
-                await self._locked_breaker(conn, key)
-            else:
-                await conn.fetchrow(Q["lock_unclosed_breaker"], key)
+            await self._locked_breaker(conn, key)
 
     async def record_breaker_success_if_tracked(
         self, conn: Connection, key: str, *, config: breaker_math.BreakerConfig
@@ -1566,7 +1566,7 @@ class Store:
     async def release_probe(self, conn: Connection, task: Task) -> None:
         """Free the probe slot of a half-open breaker if the claimed activity ``task`` was its
         probe and ends without a verdict (cancelled, released, reclaimed); held tasks may go."""
-        if task.kind != "activity" or task.claimed_at is None:
+        if not task.may_be_probe:
             return
         key = task.effective_breaker_key
         if await conn.fetchval(Q["release_probe"], key, task.claimed_at) is not None:
