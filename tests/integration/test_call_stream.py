@@ -63,7 +63,12 @@ class Service:
 
 @asynccontextmanager
 async def serving(
-    service: Service, *, port: int = 0, calls: bool = True, token: str | None = None
+    service: Any,
+    *,
+    port: int = 0,
+    calls: bool = True,
+    token: str | None = None,
+    undelivered: Any = None,
 ) -> AsyncIterator[int]:
     async with trio.open_nursery() as nursery:
         bound: int = await nursery.start(
@@ -74,6 +79,7 @@ async def serving(
                 port,
                 calls=calls,
                 auth_token=token,
+                undelivered=undelivered,
             )
         )
         yield bound

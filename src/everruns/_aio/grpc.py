@@ -22,7 +22,7 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import grpclib.const
 import grpclib.exceptions
@@ -59,6 +59,7 @@ __all__ = [
     "CONNECT_TIMEOUT",
     "CallStream",
     "RpcChannel",
+    "Undelivered",
     "client_tls",
     "client_tls_from_env",
     "error_for_status",
@@ -78,6 +79,44 @@ _hpack_log.setLevel(max(_hpack_log.level, logging.INFO))
 
 Reply = TypeVar("Reply")
 Send = Callable[[Any], Awaitable[None]]
+
+
+class Undelivered(Protocol):
+    """What a server does with a reply its caller never takes: one that was made while the
+    caller gave up on its call (a cancel notice on the call stream crossed it, or the Trio
+    method returned in spite of the cancellation), or that could not be sent."""
+
+    def handed(self, reply: Any) -> Sequence[Any]:
+        """What ``reply`` hands its caller that must not be lost with it (claimed tasks);
+        empty: nothing. Called on the asyncio thread for every reply: cheap, no I/O."""
+        ...
+
+    async def give_back(self, handed: Sequence[Any]) -> None:
+        """Take back what `handed` returned for a reply its caller never took (a Trio
+        function, run in the methods' nursery; bounded)."""
+        ...
+
+
+def _give_back_soon(
+    undelivered: Undelivered, aio: AioLoop, nursery: trio.Nursery, handed: Sequence[Any]
+) -> None:
+    """On the asyncio thread: start ``undelivered.give_back(handed)`` in ``nursery``, unless
+    the server is already gone (its callers' connections then drop, and the control plane
+    releases what they held)."""
+    if not handed:
+        return
+
+    def start() -> None:  # on the Trio thread
+        try:
+            nursery.start_soon(undelivered.give_back, handed)
+        except RuntimeError:  # the nursery has closed: the server is stopping
+            log.debug("server stopping: %d undelivered item(s) left to the release", len(handed))
+
+    try:
+        aio.token.run_sync_soon(start)
+    except trio.RunFinishedError:
+        pass
+
 
 # everruns error -> gRPC status, most specific first.
 _STATUS_OF: Sequence[tuple[type[BaseException], Status]] = (
@@ -169,8 +208,13 @@ def _wrap_handler(
     token: str | None,
     aio: AioLoop,
     nursery: trio.Nursery,
+    undelivered: Undelivered | None = None,
 ) -> grpclib.const.Handler:
     streaming = handler.cardinality is grpclib.const.Cardinality.UNARY_STREAM
+
+    def orphaned(reply: Any) -> None:  # a reply made for a caller that has gone
+        if undelivered is not None:
+            _give_back_soon(undelivered, aio, nursery, undelivered.handed(reply))
 
     async def serve_one(stream: grpclib.server.Stream[Any, Any]) -> None:  # runs on asyncio
         if not _bearer_ok(stream.metadata, token):
@@ -186,8 +230,16 @@ def _wrap_handler(
 
                 await aio.run_trio(nursery, impl, request, send)
             else:
-                reply = await aio.run_trio(nursery, impl, request)
-                await stream.send_message(reply)
+                reply = await aio.run_trio(nursery, impl, request, orphan=orphaned)
+                try:
+                    await stream.send_message(reply)
+                except (
+                    h2.exceptions.StreamClosedError,
+                    grpclib.exceptions.StreamTerminatedError,
+                    asyncio.CancelledError,  # the stream was reset while the reply waited
+                ):
+                    orphaned(reply)
+                    raise
         except grpclib.exceptions.GRPCError:
             raise
         except (h2.exceptions.StreamClosedError, grpclib.exceptions.StreamTerminatedError):
@@ -206,6 +258,7 @@ _Target = tuple[Callable[..., Awaitable[Any]], type[Any], type[Any]]
 
 CALLS_ROUTE = "/everruns.v1.CallService/Calls"
 MAX_CALLS_IN_FLIGHT = 1000  # per call stream, as HTTP/2 bounds a connection's unary calls
+_ANSWERED_KEPT = 64  # per call stream: the latest answered calls a cancel notice may cross
 
 
 def _calls_handler(
@@ -213,14 +266,29 @@ def _calls_handler(
     token: str | None,
     aio: AioLoop,
     nursery: trio.Nursery,
+    undelivered: Undelivered | None,
     codec: FastCodec,
 ) -> grpclib.const.Handler:
     """The handler of `CallService.Calls`: each `Call` runs the unary method it names, as a
-    unary call of that method would, and is answered by a `CallReply` as it finishes."""
+    unary call of that method would, and is answered by a `CallReply` as it finishes.
+
+    A cancel notice stops a call still running; one that crosses a reply already made (the
+    caller gave up on it, and drops the reply when it comes) has ``undelivered`` take back
+    what the reply handed out. So do a reply the method made in spite of the cancellation and
+    one that could not be sent."""
     from everruns._proto.everruns import v1 as pb
 
-    async def run(call: Any) -> Any:
-        """The `CallReply` of one call: its method's reply, or the status it failed with."""
+    def give_back(handed: Sequence[Any]) -> None:
+        if undelivered is not None:
+            _give_back_soon(undelivered, aio, nursery, handed)
+
+    def handed_by(reply: Any) -> Sequence[Any]:
+        return undelivered.handed(reply) if undelivered is not None else ()
+
+    async def run(call: Any) -> tuple[Any, Sequence[Any]]:
+        """The `CallReply` of one call (its method's reply, or the status it failed with),
+        and what the reply hands out (`Undelivered.handed`)."""
+        handed: Sequence[Any] = ()
         try:
             target = targets.get(call.route)
             if target is None:
@@ -234,13 +302,18 @@ def _calls_handler(
                 raise grpclib.exceptions.GRPCError(
                     Status.INVALID_ARGUMENT, f"{call.route}: malformed request: {exc}"
                 ) from exc
-            reply = await aio.run_trio(nursery, impl, request)
-            return pb.CallReply(id=call.id, reply=codec.encode(reply, reply_type))
+            reply = await aio.run_trio(
+                nursery, impl, request, orphan=lambda lost: give_back(handed_by(lost))
+            )
+            handed = handed_by(reply)
+            return pb.CallReply(id=call.id, reply=codec.encode(reply, reply_type)), handed
         except Exception as exc:  # a reply that cannot be encoded fails as INTERNAL too
+            give_back(handed)  # the failure goes instead of the reply
             error = (
                 exc if isinstance(exc, grpclib.exceptions.GRPCError) else _verdict(exc, call.route)
             )
-            return pb.CallReply(id=call.id, status=error.status.name, message=error.message or "")
+            failed = pb.CallReply(id=call.id, status=error.status.name, message=error.message or "")
+            return failed, ()
 
     async def serve_calls(stream: grpclib.server.Stream[Any, Any]) -> None:  # runs on asyncio
         if not _bearer_ok(stream.metadata, token):
@@ -248,6 +321,11 @@ def _calls_handler(
         await stream.send_initial_metadata()  # the caller waits for it before its first call
         answering: set[asyncio.Task[None]] = set()  # every call not yet answered
         cancellable: dict[int, asyncio.Task[None]] = {}  # those still running their method
+        # What the latest replies handed out, by call id, until a cancel notice that crossed
+        # one of them (its caller drops it) has it given back. The most recent ones only
+        # (`_ANSWERED_KEPT`): such a notice was sent before the reply arrived, so it comes a
+        # moment after the reply left.
+        answered: dict[int, Sequence[Any]] = {}
         sending = asyncio.Lock()  # one message at a time: a large one is several frames
 
         async def send(out: Any) -> None:
@@ -259,13 +337,26 @@ def _calls_handler(
                 del cancellable[call_id]
 
         async def answer(call: Any) -> None:
-            out = await run(call)
+            out, handed = await run(call)
             # From here a cancel notice no longer reaches it: a reply cut off midway would
             # garble every message after it.
             uncancellable(call.id, asyncio.current_task())
+            if handed:
+                answered.pop(call.id, None)  # kept last
+                answered[call.id] = handed
+                if len(answered) > _ANSWERED_KEPT:
+                    del answered[next(iter(answered))]
             try:
                 await send(out)
-            except (h2.exceptions.StreamClosedError, grpclib.exceptions.StreamTerminatedError):
+            except (
+                h2.exceptions.StreamClosedError,
+                grpclib.exceptions.StreamTerminatedError,
+                asyncio.CancelledError,  # the stream was reset (or ended) while the reply waited
+            ) as exc:
+                if answered.get(call.id) is handed:
+                    give_back(answered.pop(call.id))
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
                 log.debug("%s: the client went away before the reply", call.route)
 
         def forget(call_id: int, task: asyncio.Task[None]) -> None:
@@ -284,6 +375,8 @@ def _calls_handler(
                     if task is not None:
                         task.cancel()
                         counted.discard(task)
+                    else:  # answered already: the caller drops the reply when it comes
+                        give_back(answered.pop(call.id, ()))
                 elif call.id in cancellable:
                     raise grpclib.exceptions.GRPCError(
                         Status.INVALID_ARGUMENT, f"call id {call.id} is already in flight"
@@ -548,12 +641,23 @@ def _implementation(route: str, handler: grpclib.const.Handler, impl: Any) -> An
 
 
 def _servable(
-    base: Any, impl: Any, token: str | None, aio: AioLoop, nursery: trio.Nursery
+    base: Any,
+    impl: Any,
+    token: str | None,
+    aio: AioLoop,
+    nursery: trio.Nursery,
+    undelivered: Undelivered | None,
 ) -> _Servable:
     return _Servable(
         {
             route: _wrap_handler(
-                route, handler, _implementation(route, handler, impl), token, aio, nursery
+                route,
+                handler,
+                _implementation(route, handler, impl),
+                token,
+                aio,
+                nursery,
+                undelivered,
             )
             for route, handler in base.__mapping__().items()
         }
@@ -579,6 +683,7 @@ async def serve_services(
     tls: ssl.SSLContext | None = None,
     closing: trio.Event | None = None,
     calls: bool = True,
+    undelivered: Undelivered | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``(generated_base_instance, trio_impl)`` pairs on ``host:port`` until cancelled.
@@ -586,7 +691,8 @@ async def serve_services(
     With ``calls``, `CallService.Calls` is served too: every unary method of the pairs can be
     called over it. Reports the bound port (the real one when ``port`` is 0) through
     ``task_status``. On the way out ``closing`` is set before connections are closed, so
-    handlers can tell a server shutdown from a client that went away.
+    handlers can tell a server shutdown from a client that went away. ``undelivered`` takes
+    back what a reply its caller never takes handed out.
     """
     aio = current_aio_loop()
     # The methods' Trio tasks run in a nursery of their own, shielded from the cancellation that
@@ -597,14 +703,17 @@ async def serve_services(
         handlers: trio.Nursery = await nursery.start(_host_methods, methods_scope)
         try:
             servables = [
-                _servable(base, impl, auth_token, aio, handlers) for base, impl in services
+                _servable(base, impl, auth_token, aio, handlers, undelivered)
+                for base, impl in services
             ]
             targets = _unary_targets(services)
             server = await call_in_loop(
                 partial(
                     _Server,
                     servables,
-                    partial(_calls_handler, targets, auth_token, aio, handlers) if calls else None,
+                    partial(_calls_handler, targets, auth_token, aio, handlers, undelivered)
+                    if calls
+                    else None,
                 )
             )
             try:
@@ -747,7 +856,12 @@ class CallStream:
                 self._write(opened, call_id, route, message)
                 reply = await future
             except asyncio.CancelledError:
-                if self._pending.pop(call_id, None) is not None and self._opened is opened:
+                unanswered = self._pending.pop(call_id, None) is not None
+                # A reply that came as the caller gave up is dropped all the same: the control
+                # plane hears of it as of any call given up on, and takes back what the reply
+                # handed out (claimed tasks) instead of leaving it to its stale rule.
+                dropped = future.done() and not future.cancelled() and not future.exception()
+                if (unanswered or dropped) and self._opened is opened:
                     # Written after the call itself (one lock, taken in turn).
                     self._write(opened, call_id, "", b"", cancel=True)
                 raise

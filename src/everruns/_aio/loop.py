@@ -134,18 +134,27 @@ class _ToAio:
 class _ToTrio:
     """One asyncio → Trio call in flight."""
 
-    __slots__ = ("_aio", "_args", "_cancelled", "_fn", "_scope", "future")
+    __slots__ = ("_aio", "_args", "_cancelled", "_fn", "_scope", "future", "orphan")
 
-    def __init__(self, aio: AioLoop, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...]):
+    def __init__(
+        self,
+        aio: AioLoop,
+        fn: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        orphan: Callable[[Any], None] | None = None,
+    ):
         self._aio = aio
         self._fn = fn
         self._args = args
         self._scope: trio.CancelScope | None = None
         self._cancelled = False
         self.future: asyncio.Future[Any] = aio.loop.create_future()
+        self.orphan = orphan
 
     def _settle(self, value: Any, error: BaseException | None) -> None:  # asyncio thread
-        if self.future.done():
+        if self.future.done():  # its awaiter was cancelled: nobody takes the value
+            if error is None and self.orphan is not None:
+                self.orphan(value)
             return
         if error is not None:
             self.future.set_exception(error)
@@ -260,11 +269,19 @@ class AioLoop:
         return result
 
     async def run_trio(
-        self, nursery: trio.Nursery, fn: Callable[..., Awaitable[T]], *args: Any
+        self,
+        nursery: trio.Nursery,
+        fn: Callable[..., Awaitable[T]],
+        *args: Any,
+        orphan: Callable[[T], None] | None = None,
     ) -> T:
         """Await the Trio function ``fn(*args)`` from the asyncio thread, as a task of
-        ``nursery``; cancelling the awaiting asyncio task cancels it."""
-        call = _ToTrio(self, fn, args)
+        ``nursery``; cancelling the awaiting asyncio task cancels it.
+
+        ``orphan``: called on the asyncio thread with a value ``fn`` returned that its awaiter,
+        cancelled, will never take (returned before the cancellation reached it, or in spite
+        of it)."""
+        call = _ToTrio(self, fn, args, orphan)
         try:
             self.token.run_sync_soon(call.start_in, nursery)
         except trio.RunFinishedError:
@@ -272,6 +289,11 @@ class AioLoop:
         try:
             result: T = await call.future
         except asyncio.CancelledError:
+            future = call.future
+            # A value that came just before the cancellation reached this task:
+            settled = future.done() and not future.cancelled() and future.exception() is None
+            if orphan is not None and settled:
+                orphan(future.result())
             try:
                 self.token.run_sync_soon(call.cancel)
             except trio.RunFinishedError:

@@ -22,7 +22,7 @@ from everruns.server.database import migrate_database, open_database
 from everruns.server.duties import run_due_scanner, run_duties, run_follow_ups
 from everruns.server.engine import Engine
 from everruns.server.notifier import Notifier
-from everruns.server.services import WorkerService, WorkflowService
+from everruns.server.services import UndeliveredTasks, WorkerService, WorkflowService
 from everruns.store import embedded
 from everruns.store.store import Store
 
@@ -127,6 +127,7 @@ async def _serve(config: ServerConfig, report: Callable[[ServerInfo], None]) -> 
                         auth_token=config.auth_token,
                         tls=tls,
                         closing=closing,
+                        undelivered=UndeliveredTasks(engine),
                         task_status=task_status,
                     )
                 )

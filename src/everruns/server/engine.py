@@ -54,7 +54,7 @@ from everruns.errors import (
 from everruns.server.claims import CLAIM_LIMIT_SECONDS, ClaimGroups, claim_overran
 from everruns.server.config import ServerConfig
 from everruns.server.notifier import Notifier, TaskInterest
-from everruns.store.models import Incarnation, StoredEvent, Task, WorkflowRun
+from everruns.store.models import Incarnation, StoredEvent, Task, TaskRef, WorkflowRun
 from everruns.store.store import (
     Decision,
     DecisionAhead,
@@ -367,7 +367,15 @@ class Engine:
                 await self._give_back(handed)
         return workflow_id, run_id, task is not None
 
-    async def _give_back(self, handed: Sequence[ClaimedTask | Task]) -> None:
+    async def give_back_undelivered(self, handed: Sequence[TaskRef]) -> None:
+        """Give back the tasks a reply handed out that its caller never took: it gave up on
+        the call as the reply was made, or the reply could not be sent (`Undelivered`). Those
+        still under the lease the reply carried go back to the queue, their attempt
+        uncharged, at once instead of after the stale rule."""
+        log.info("giving back %d task(s) of a reply its caller did not take", len(handed))
+        await self._give_back(handed)
+
+    async def _give_back(self, handed: Sequence[ClaimedTask | Task | TaskRef]) -> None:
         """Return tasks claimed for a call that did not take them (a poll that ended, a reply
         that was not sent) to the queue, their attempt uncharged (NOTIFY wakes another
         claimer). One no longer under the lease it was claimed with is left alone. Shielded

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from itertools import repeat
 from typing import Any
@@ -47,11 +47,12 @@ from everruns.store.models import (
     Incarnation,
     StoredEvent,
     Task,
+    TaskRef,
     WorkerRecord,
     WorkflowRun,
 )
 
-__all__ = ["WorkerService", "WorkflowService"]
+__all__ = ["UndeliveredTasks", "WorkerService", "WorkflowService"]
 
 log = logging.getLogger("everruns.server")
 
@@ -173,6 +174,49 @@ def _error(data: bytes) -> str:
     """A failure report's error from the wire, its NUL characters escaped: PostgreSQL cannot
     store them, and a failure report is kept whatever it holds."""
     return escape_nul_in_json(_text(data, "error"))
+
+
+_GIVE_BACKS_AT_ONCE = 4  # transactions giving back undelivered replies' tasks at a time
+
+
+class UndeliveredTasks:
+    """What the control plane does with a poll's reply its worker never takes (the bridge's
+    `Undelivered`): the tasks it claimed go back to the queue at once, under the lease the
+    reply carried, instead of waiting for the stale rule while a live worker that never heard
+    of them holds them.
+
+    Only a poll's: a worker that gives up on a completion sends the same request again, and
+    the control plane hands the retry the tasks the first call claimed for it, under the same
+    leases (`Engine._handed_out_before`), among them the activities the worker started ahead
+    of its decision and runs already. Giving those back would have them run twice."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._limiter = trio.CapacityLimiter(_GIVE_BACKS_AT_ONCE)
+
+    def handed(self, reply: Any) -> list[tuple[str, int, str, str]]:
+        if type(reply) is not pb.PollTasksResponse:
+            return []
+        # Made for every poll's reply, kept for the latest ones: plain fields, no history.
+        return [
+            (
+                task.task_id,
+                task.lease_token,
+                task.kind,
+                task.activity_type if task.kind == "activity" else task.workflow_type,
+            )
+            for task in reply.tasks
+        ]
+
+    async def give_back(self, handed: Sequence[tuple[str, int, str, str]]) -> None:
+        try:
+            refs = [
+                TaskRef(uuid.UUID(id_), lease, kind, type_) for id_, lease, kind, type_ in handed
+            ]
+            async with self._limiter:
+                await self.engine.give_back_undelivered(refs)
+        except Exception:  # one give-back failing must not end the server's methods
+            log.exception("could not give back %d task(s) of an undelivered reply", len(handed))
 
 
 class WorkerService:

@@ -10,7 +10,7 @@ import json
 import uuid
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 
@@ -101,6 +101,15 @@ class StoredEvent:
     @classmethod
     def from_row(cls, row: Row) -> StoredEvent:
         return cls(row["sequence_num"], row["event_type"], row["payload"], row["created_at"])
+
+
+class TaskRef(NamedTuple):
+    """A claim of a task as a reply handed it out: enough to give it back (`Store.unclaim`)."""
+
+    task_id: uuid.UUID
+    lease_token: int | None
+    kind: str
+    type_name: str  # activity type, or workflow type for workflow tasks
 
 
 @attrs.frozen

@@ -38,6 +38,7 @@ from everruns.store.models import (
     Signal,
     StoredEvent,
     Task,
+    TaskRef,
     WorkerRecord,
     WorkerRegistration,
     WorkflowRun,
@@ -1582,15 +1583,16 @@ class Store:
             await self._save_breaker(conn, new)
         return admitted
 
-    async def unclaim(self, conn: Connection, task: Task) -> None:
-        """Return a just-claimed task to the queue without charging its attempt."""
+    async def unclaim(self, conn: Connection, task: Task | TaskRef) -> None:
+        """Return a just-claimed task to the queue without charging its attempt (nothing if
+        it is no longer under the lease it was claimed with)."""
         await self._unless_superseded(
             conn, task, partial(conn.execute, Q["unclaim_task"], task.task_id, task.lease_token)
         )
         await self.notify(conn, CHANNEL_TASKS, f"{task.kind}:{task.type_name}")
 
     async def _unless_superseded(
-        self, conn: Connection, task: Task, statement: Callable[[], Awaitable[T]]
+        self, conn: Connection, task: Task | TaskRef, statement: Callable[[], Awaitable[T]]
     ) -> T | Row | None:
         """Run ``statement``, which makes the claimed ``task`` pending again (or closes a
         workflow task whose run has another one pending), in a savepoint when ``task`` is a
