@@ -108,6 +108,52 @@ def test_size_limits_and_early_close() -> None:
         ResponseParser().eof()
 
 
+@given(
+    st.sampled_from(["length", "chunked", "eof"]),
+    st.integers(min_value=0, max_value=40),
+    st.integers(min_value=0, max_value=30),
+    st.lists(st.integers(min_value=0, max_value=300), max_size=6),
+)
+def test_truncate_keeps_the_first_bytes_of_a_long_body(
+    framing: str, size: int, max_body: int, cuts: list[int]
+) -> None:
+    body = bytes(range(65, 65 + size))
+    if framing == "length":
+        data = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + body
+    elif framing == "chunked":
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in (body[:7], body[7:]) if c)
+        data = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n"
+    else:
+        data = b"HTTP/1.1 200 OK\r\n\r\n" + body
+    parser = ResponseParser(max_body=max_body, truncate=True)
+    response = feed_all(parser, split(data, cuts))
+    if response is None:
+        assert framing == "eof" and size <= max_body
+        response = parser.eof()
+    assert response.body == body[:max_body]
+    assert response.truncated is (size > max_body)
+
+
+def test_truncate_does_not_wait_for_the_rest_of_a_huge_chunk() -> None:
+    parser = ResponseParser(max_body=4, truncate=True)
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffff\r\n"
+    assert parser.feed(head + b"abcd") is None  # four bytes could still be the whole body
+    response = parser.feed(b"e")
+    assert response is not None and (response.body, response.truncated) == (b"abcd", True)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: " + b"1" * 5000 + b"\r\n\r\n",
+        b"HTTP/1.1 " + b"2" * 5000 + b" OK\r\n\r\n",
+    ],
+)
+def test_numbers_int_cannot_read_are_a_malformed_response(data: bytes) -> None:
+    with pytest.raises(EverrunsError, match="malformed"):
+        ResponseParser().feed(data)
+
+
 def test_json_errors_name_the_body() -> None:
     response = HttpResponse(502, "Bad Gateway", (), b"<html>oops</html>")
     with pytest.raises(EverrunsError, match="not JSON"):

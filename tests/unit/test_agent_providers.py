@@ -82,6 +82,9 @@ def test_wait_asks_for_sleep_and_its_number_is_not_arithmetic() -> None:
         ("sleep", {"seconds": 2.5}),
         ("calculator", {"expression": "1+1"}),
     ]
+    # Capped as the tool caps it; 400 nines read as a float are inf, which JSON cannot carry.
+    assert calls(ask("wait 90 seconds", *ALL_TOOLS)) == [("sleep", {"seconds": 60.0})]
+    assert calls(ask("wait " + "9" * 400 + " s", *ALL_TOOLS)) == [("sleep", {"seconds": 60.0})]
 
 
 def test_urls_use_http_get_only_when_offered() -> None:
@@ -342,6 +345,29 @@ def test_tool_arguments_json_cannot_carry_are_reported_to_the_model(arguments: A
 def test_finite_tool_arguments_are_kept() -> None:
     reply = parse_openai_reply(_tool_call_reply('{"seconds": 1.5e3, "deep": [[-0.0]]}'))
     assert reply.tool_calls[0] == ToolCall("call_1", "sleep", {"seconds": 1500.0, "deep": [[-0.0]]})
+
+
+def test_half_a_surrogate_pair_anywhere_in_a_reply_becomes_a_replacement_character() -> None:
+    """JSON escapes can carry half a surrogate pair, which UTF-8 (so the ``reason`` result)
+    cannot: each lone half becomes U+FFFD, in text, keys and nested values; a pair whose
+    halves arrived apart (a CESU-8 body) is joined into its character."""
+    body = (
+        '{"model": "m\\ud83d", "choices": [{"finish_reason": "stop\\udc00", "message": '
+        '{"content": "ok \\ud83d and \\ud83d\\ude00", "tool_calls": [{"id": "c\\udc00", '
+        '"function": {"name": "sleep", "arguments": '
+        '"{\\"k\\\\ud83d\\": [[\\"v\\\\udc00\\", 1]], \\"n\\": 1}"}}]}}]}'
+    )
+    data = json.loads(body)
+    reply = parse_openai_reply(data)
+    assert reply.content == "ok \ufffd and \U0001f600"
+    assert (reply.model, reply.finish_reason) == ("m\ufffd", "stop\ufffd")
+    assert reply.tool_calls == (
+        ToolCall("c\ufffd", "sleep", {"k\ufffd": [["v\ufffd", 1]], "n": 1}),
+    )
+    assert data["model"] == "m\ud83d"  # the caller's data is not changed
+    payload.encode(reply.to_dict(), what="result of activity 'reason'")
+    cesu = b'{"choices": [{"message": {"content": "\xed\xa0\xbd\xed\xb8\x80"}}]}'
+    assert parse_openai_reply(json.loads(cesu)).content == "\U0001f600"
 
 
 @pytest.mark.parametrize(

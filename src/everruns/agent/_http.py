@@ -39,12 +39,14 @@ class HttpResponse:
         reason: the reason phrase.
         headers: header (lower-cased name, value) pairs in arrival order.
         body: the body, de-chunked.
+        truncated: the body is only the first bytes of a longer one (see `ResponseParser`).
     """
 
     status: int
     reason: str
     headers: tuple[tuple[str, str], ...]
     body: bytes
+    truncated: bool = False
 
     def header(self, name: str) -> str | None:
         """Return the last value of header ``name`` (case-insensitive), or None."""
@@ -77,18 +79,40 @@ def _malformed(detail: str) -> EverrunsError:
     return EverrunsError(f"malformed HTTP response: {detail}")
 
 
+def _decimal(text: str) -> int | None:
+    """Return ``text`` as a non-negative decimal number, or None when it is not one."""
+    # str.isdigit alone accepts digits int() refuses ('²'); int() also refuses more than
+    # sys.get_int_max_str_digits() digits.
+    if not (text.isascii() and text.isdigit()):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
 class ResponseParser:
     """Incremental parser of one HTTP/1.1 response: `feed` bytes until it returns the response.
 
     Args:
         max_body: the largest body accepted, in bytes.
         head_request: the request was HEAD (the response has no body whatever it says).
+        truncate: a longer body is cut to its first ``max_body`` bytes (the response is
+            complete as soon as they have arrived, marked ``truncated``) instead of refused.
     """
 
-    def __init__(self, *, max_body: int = DEFAULT_MAX_BODY, head_request: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        max_body: int = DEFAULT_MAX_BODY,
+        head_request: bool = False,
+        truncate: bool = False,
+    ) -> None:
         self._buffer = bytearray()
         self._max_body = max_body
         self._head_request = head_request
+        self._truncate = truncate
+        self._truncated = False
         self._status = 0
         self._reason = ""
         self._headers: tuple[tuple[str, str], ...] = ()
@@ -100,16 +124,17 @@ class ResponseParser:
         """Add received bytes; return the response once it is complete, else None.
 
         Raises:
-            EverrunsError: the bytes are not a valid HTTP/1.1 response, or the body is too big.
+            EverrunsError: the bytes are not a valid HTTP/1.1 response, or the body is too big
+                (and ``truncate`` is false).
         """
         if self._state == "done":
             return None  # bytes after a complete response are ignored (we sent Connection: close)
         self._buffer += data
         while True:
             progressed, finished = self._step()
-            if finished:
+            if finished or self._truncated:
                 self._state = "done"
-                return HttpResponse(self._status, self._reason, self._headers, bytes(self._body))
+                return self._response()
             if not progressed:
                 return None
 
@@ -123,7 +148,7 @@ class ResponseParser:
             self._append_body(bytes(self._buffer))
             self._buffer.clear()
             self._state = "done"
-            return HttpResponse(self._status, self._reason, self._headers, bytes(self._body))
+            return self._response()
         if self._state == "done":
             raise _malformed("the response was already complete")
         where = "its headers" if self._state == "head" else "its body"
@@ -131,9 +156,23 @@ class ResponseParser:
 
     # -------------------------------------------------------------------------- internals
 
-    def _append_body(self, data: bytes) -> None:
-        if len(self._body) + len(data) > self._max_body:
+    def _response(self) -> HttpResponse:
+        return HttpResponse(
+            self._status, self._reason, self._headers, bytes(self._body), self._truncated
+        )
+
+    def _over_limit(self, size: int) -> bool:
+        """Whether a body of ``size`` bytes is over the bound (raises unless ``truncate``)."""
+        if size <= self._max_body:
+            return False
+        if not self._truncate:
             raise EverrunsError(f"the HTTP response body is larger than {self._max_body} bytes")
+        return True
+
+    def _append_body(self, data: bytes | bytearray) -> None:
+        if self._over_limit(len(self._body) + len(data)):
+            data = data[: self._max_body - len(self._body)]
+            self._truncated = True
         self._body += data
 
     def _step(self) -> tuple[bool, bool]:
@@ -160,14 +199,18 @@ class ResponseParser:
             if size == 0:
                 self._state = "trailers"
             else:
-                if len(self._body) + size > self._max_body:
-                    raise EverrunsError(
-                        f"the HTTP response body is larger than {self._max_body} bytes"
-                    )
+                self._over_limit(len(self._body) + size)  # raises unless truncating
                 self._remaining = size
                 self._state = "chunk-data"
             return True, False
         if self._state == "chunk-data":
+            room = self._max_body - len(self._body)
+            if self._remaining > room and self._truncate:
+                # The chunk ends past the bound: keep what fits without buffering the rest.
+                if len(self._buffer) <= room:
+                    return False, False
+                self._append_body(self._buffer)
+                return True, True
             if len(self._buffer) < self._remaining + 2:
                 return False, False
             if self._buffer[self._remaining : self._remaining + 2] != b"\r\n":
@@ -182,8 +225,9 @@ class ResponseParser:
                 return False, False
             return True, line == b""
         # "eof": everything until the peer closes is the body; `eof()` completes it.
-        if len(self._body) + len(self._buffer) > self._max_body:
-            raise EverrunsError(f"the HTTP response body is larger than {self._max_body} bytes")
+        if self._over_limit(len(self._body) + len(self._buffer)):
+            self._append_body(self._buffer)
+            return True, True
         return False, False
 
     def _line(self) -> bytes | None:
@@ -206,9 +250,9 @@ class ResponseParser:
         del self._buffer[: end + 4]
         status_line, *header_lines = head.split("\r\n")
         parts = status_line.split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        status = _decimal(parts[1]) if len(parts) >= 2 else None
+        if status is None or not parts[0].startswith("HTTP/1."):
             raise _malformed(f"bad status line {status_line[:80]!r}")
-        status = int(parts[1])
         headers: list[tuple[str, str]] = []
         for line in header_lines:
             name, sep, value = line.partition(":")
@@ -231,11 +275,10 @@ class ResponseParser:
             return True, False
         if "content-length" in lookup:
             text = lookup["content-length"]
-            if not text.isdigit():
-                raise _malformed(f"bad content-length {text!r}")
-            length = int(text)
-            if length > self._max_body:
-                raise EverrunsError(f"the HTTP response body is larger than {self._max_body} bytes")
+            length = _decimal(text)
+            if length is None:
+                raise _malformed(f"bad content-length {text[:80]!r}")
+            self._over_limit(length)  # raises unless truncating
             self._remaining = length
             self._state = "length"
             return True, length == 0
@@ -256,7 +299,10 @@ def build_request(
     Raises:
         InvalidArgument: the URL is not http(s)://host[:port]/..., or a header is unsafe.
     """
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # a malformed [IPv6] host
+        raise InvalidArgument(f"URL {url[:200]!r} has a malformed host: {exc}") from exc
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidArgument(f"URL {url!r} must be http:// or https:// with a host name")
     try:
@@ -296,6 +342,7 @@ async def request(
     headers: Mapping[str, str] | None = None,
     body: bytes = b"",
     max_body: int = DEFAULT_MAX_BODY,
+    truncate: bool = False,
     ssl_context: ssl.SSLContext | None = None,
 ) -> HttpResponse:
     """Send one HTTP/1.1 request and return the complete response (any status).
@@ -306,6 +353,8 @@ async def request(
         headers: extra request headers.
         body: the request body.
         max_body: the largest response body accepted.
+        truncate: return the first ``max_body`` bytes of a longer body (the response is
+            ``truncated``; the rest is not read) instead of raising.
         ssl_context: for https (default: the system's default verification).
 
     Returns:
@@ -314,7 +363,7 @@ async def request(
     Raises:
         InvalidArgument: the URL or a header is unusable.
         EverrunsError: the host could not be reached, the connection broke, or the response
-            was malformed or too large.
+            was malformed or too large (and ``truncate`` is false).
 
     Cancellation closes the connection at once.
     """
@@ -334,7 +383,7 @@ async def request(
             stream = await trio.open_tcp_stream(host, port)
     except OSError as exc:
         raise EverrunsError(f"cannot connect to {host}:{port}: {exc}") from exc
-    parser = ResponseParser(max_body=max_body, head_request=method == "HEAD")
+    parser = ResponseParser(max_body=max_body, head_request=method == "HEAD", truncate=truncate)
     try:
         await stream.send_all(data)
         while True:

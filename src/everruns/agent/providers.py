@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from everruns.agent import _http
+from everruns.agent.tools import MAX_SLEEP_SECONDS
 from everruns.errors import (
     ConfigError,
     EverrunsError,
@@ -331,7 +332,9 @@ class ScriptedProvider:
         wanted: list[tuple[str, dict[str, Any]]] = []
         wait = _WAIT.search(text)
         if wait and "sleep" in offered:
-            wanted.append(("sleep", {"seconds": float(wait.group(1))}))
+            # Capped as the tool caps it: 400 nines read as a float are inf, which JSON lacks.
+            seconds = float(wait.group(1))
+            wanted.append(("sleep", {"seconds": min(seconds, MAX_SLEEP_SECONDS)}))
         expression = find_arithmetic(_WAIT.sub(" ", text) if wait else text)
         if expression and "calculator" in offered:
             wanted.append(("calculator", {"expression": expression}))
@@ -474,6 +477,44 @@ def _all_finite(value: Any) -> bool:
     return True
 
 
+def _clean_text(text: str) -> str:
+    """Return ``text`` with each lone surrogate replaced by U+FFFD (a split pair is joined)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return text
+
+
+def _clean(value: Any) -> Any:
+    """Return parsed JSON ``value`` with `_clean_text` applied to every string, keys included.
+
+    JSON's ``\\uXXXX`` escapes can carry half a surrogate pair, which UTF-8 (so the ``reason``
+    activity's result) cannot.
+    """
+    # Iterative: the reply may nest as deep as the JSON parser allowed.
+    root: list[Any] = [None]
+    pending: list[tuple[Any, Any, Any]] = [(value, root, 0)]  # (value, container, its key)
+    while pending:
+        item, into, key = pending.pop()
+        if isinstance(item, str):
+            into[key] = _clean_text(item)
+        elif isinstance(item, dict):
+            fields: dict[Any, Any] = {}
+            into[key] = fields
+            for name, child in item.items():
+                clean_name = _clean_text(name) if isinstance(name, str) else name
+                fields[clean_name] = None  # keeps the order; the child's value comes later
+                pending.append((child, fields, clean_name))
+        elif isinstance(item, list):
+            items: list[Any] = [None] * len(item)
+            into[key] = items
+            pending.extend((child, items, index) for index, child in enumerate(item))
+        else:
+            into[key] = item
+    return root[0]
+
+
 def _tool_arguments(text: Any) -> tuple[dict[str, Any] | None, str]:
     """Return a tool call's arguments as a JSON object, or None and what is wrong with them.
 
@@ -493,7 +534,7 @@ def _tool_arguments(text: Any) -> tuple[dict[str, Any] | None, str]:
         return None, "the arguments are not a JSON object"
     if not _all_finite(arguments):
         return None, _NON_FINITE
-    return arguments, ""
+    return _clean(arguments), ""
 
 
 def parse_openai_reply(data: Any, *, model: str = "") -> ReasonReply:
@@ -501,11 +542,13 @@ def parse_openai_reply(data: Any, *, model: str = "") -> ReasonReply:
 
     A tool call whose arguments are not a JSON object, or hold a number JSON cannot carry
     (NaN, Infinity, ``1e999``), is kept with ``error`` set, so the model is told instead of
-    the turn failing.
+    the turn failing. Half a surrogate pair (``\\ud83d``, an emoji cut in two) in any string
+    becomes U+FFFD, for the same reason.
 
     Raises:
         EverrunsError: the body does not have the chat-completions shape.
     """
+    data = _clean(data)
     try:
         choice = data["choices"][0]
         message = choice["message"]
@@ -541,7 +584,7 @@ def _error_detail(response: _http.HttpResponse) -> str:
         data = response.json()
         message = data["error"]["message"]
         if isinstance(message, str):
-            return message[:300]
+            return _clean_text(message[:300])
     except (EverrunsError, KeyError, TypeError):
         pass
     return response.text()[:300]
@@ -565,7 +608,13 @@ def _check_base_url(base: str) -> None:
             f"{where} holds whitespace, control or non-ASCII characters; write international "
             "host names in their xn-- form"
         )
-    parts = urlsplit(base)
+    try:
+        parts = urlsplit(base)
+    except ValueError as exc:  # a malformed [IPv6] host, e.g. http://[::1/v1
+        raise ConfigError(
+            f"{where} has a malformed host ({exc}); write an IPv6 address in brackets, "
+            "e.g. http://[::1]:8080/v1"
+        ) from exc
     if not parts.hostname:
         raise ConfigError(f"{where} has no host name")
     try:

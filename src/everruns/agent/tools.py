@@ -273,6 +273,9 @@ async def http_get(ctx: ActivityContext, arguments: Any) -> dict[str, Any]:
     """GET ``arguments["url"]``; returns ``{"url", "status", "content_type", "body",
     "truncated"}`` whatever the status.
 
+    At most `HTTP_GET_MAX_BYTES` of the body are read and `HTTP_GET_MAX_CHARS` characters
+    returned; ``truncated`` says the page was longer.
+
     Raises:
         NonRetryableError: the tool is disabled on this worker, or the URL is unusable.
         EverrunsError: the host could not be reached or the transfer failed (retried).
@@ -286,7 +289,7 @@ async def http_get(ctx: ActivityContext, arguments: Any) -> dict[str, Any]:
         raise NonRetryableError("http_get needs a string argument 'url'")
     try:
         with trio.fail_after(HTTP_GET_TIMEOUT):
-            response = await _http.request("GET", url, max_body=HTTP_GET_MAX_BYTES)
+            response = await _http.request("GET", url, max_body=HTTP_GET_MAX_BYTES, truncate=True)
     except InvalidArgument as exc:
         raise NonRetryableError(str(exc)) from exc
     except trio.TooSlowError as exc:
@@ -297,5 +300,5 @@ async def http_get(ctx: ActivityContext, arguments: Any) -> dict[str, Any]:
         "status": response.status,
         "content_type": response.header("content-type") or "",
         "body": text[:HTTP_GET_MAX_CHARS],
-        "truncated": len(text) > HTTP_GET_MAX_CHARS,
+        "truncated": response.truncated or len(text) > HTTP_GET_MAX_CHARS,
     }
