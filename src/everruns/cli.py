@@ -84,7 +84,7 @@ EXIT_CODES = {
     EXIT_OK: "success",
     EXIT_FAILED: "the operation failed (workflow failed or cancelled, server error)",
     EXIT_USAGE: "usage error or bad input (bad flag, invalid JSON, invalid value)",
-    EXIT_NOT_FOUND: "no such workflow, run, dead letter or breaker",
+    EXIT_NOT_FOUND: "no such workflow, run or dead letter",
     EXIT_UNREACHABLE: "the control plane is unreachable",
     EXIT_PRECONDITION: "the object's state forbids the operation (e.g. the workflow has ended)",
     EXIT_TIMEOUT: "--timeout expired while the workflow was still open",
@@ -328,7 +328,16 @@ class Output:
 
     def emit(self, document: Any, text: str) -> None:
         if self.as_json:
-            print(json.dumps(to_json(document), ensure_ascii=False, indent=2), file=self.stream)
+            try:
+                rendered = json.dumps(
+                    to_json(document), ensure_ascii=False, indent=2, allow_nan=False
+                )
+            except ValueError as exc:  # NaN or infinity, never printed: they are not JSON
+                raise PayloadError(
+                    f"the reply cannot be printed as JSON: {exc} (a number in a payload beyond "
+                    "a double's range reads as infinity); leave out --json to see it"
+                ) from None
+            print(rendered, file=self.stream)
         else:
             print(text, file=self.stream)
 
@@ -395,9 +404,12 @@ async def _workflow_show(client: Client, args: argparse.Namespace, out: Output) 
 
 
 async def _workflow_history(client: Client, args: argparse.Namespace, out: Output) -> int:
-    events = await client.get_handle(args.workflow_id, args.run).history()
+    handle = client.get_handle(args.workflow_id, args.run)
+    if handle.run_id is None:  # the latest run, looked up once: the output names its run
+        handle = client.get_handle(args.workflow_id, (await handle.describe()).run_id)
+    events = await handle.history()
     out.emit(
-        {"workflow_id": args.workflow_id, "run_id": args.run, "events": events},
+        {"workflow_id": args.workflow_id, "run_id": handle.run_id, "events": events},
         render_history(events),
     )
     return EXIT_OK

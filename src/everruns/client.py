@@ -675,6 +675,10 @@ class WorkflowHandle:
     async def history(self, *, after_sequence: int = 0, page_size: int = 0) -> list[HistoryEvent]:
         """Return the run's event history, fetching every page.
 
+        A handle without a run id reads the run that is the workflow id's latest when called:
+        it is looked up once, before the first page, so that a run started while the pages
+        are read cannot mix its events into the answer.
+
         Args:
             after_sequence: only events with a higher sequence number.
             page_size: events per request, up to `MAX_PAGE_SIZE` (0: the server's default).
@@ -694,6 +698,9 @@ class WorkflowHandle:
             raise InvalidArgument(
                 f"after_sequence must be an integer from 0 to {_MAX_INT64}, got {after_sequence!r}"
             )
+        run_id = self.run_id
+        if run_id is None:  # pinned: each page would be resolved to the latest run again
+            run_id = (await self.describe()).run_id
         events: list[HistoryEvent] = []
         after = after_sequence
         while True:
@@ -701,7 +708,7 @@ class WorkflowHandle:
                 self._client._stub.get_history,
                 pb.GetHistoryRequest(
                     workflow_id=self.workflow_id,
-                    run_id=self.run_id or "",
+                    run_id=run_id,
                     after_sequence=after,
                     limit=page_size,
                 ),
@@ -1067,8 +1074,11 @@ class Client:
     async def reset_circuit_breaker(self, key: str) -> None:
         """Close a circuit breaker and clear its counters (idempotent).
 
+        A key with no recorded state is a closed breaker already: resetting it succeeds and
+        changes nothing, as a second reset (or a retry of one whose reply was lost) does.
+
         Raises:
-            NotFound: no breaker has that key.
+            InvalidArgument: ``key`` is empty or not a name the control plane accepts.
             ServerUnavailable: the control plane stayed unreachable through the retries.
         """
         await self._call(

@@ -10,7 +10,7 @@ edges and chained with ``raise ... from``; code outside the edges never sees the
     │   ├── EmbeddedPostgresError   the embedded server could not be started or reused
     │   └── MigrationError          a migration failed, or an applied one was edited
     ├── StoreError                  a store operation was refused by the data
-    │   ├── NotFound                no such workflow, task, dead letter, worker or breaker
+    │   ├── NotFound                no such workflow, task, dead letter or worker
     │   ├── AlreadyExists           a unique identity is taken
     │   ├── ConcurrencyConflict     optimistic concurrency: the history moved on
     │   ├── StaleLease              the lease token is not the task's current one

@@ -4,6 +4,7 @@ retry/long-poll logic against a fake channel (no network, autojump clock)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -528,6 +529,22 @@ def test_errors_map_to_exit_codes_with_one_line(
         )
 
 
+def test_json_output_refuses_a_value_json_cannot_carry_in_one_line(
+    fake: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A payload stored before the control plane refused numbers beyond a double's range
+    reads as infinity: `--json` says so in one line instead of printing `Infinity`."""
+    stored = _pb_description("running", input=b'{"amount": 1e400}')
+    fake["describe"] = WorkflowDescription.from_proto(stored)
+    assert fake["describe"].input == {"amount": math.inf}
+    assert cli.main(["--json", "workflow", "show", "w"]) == cli.EXIT_USAGE
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("everruns: the reply cannot be printed as JSON")
+    assert "leave out --json" in lines[0]
+
+
 def test_unreachable_line_names_the_address(
     fake: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -845,6 +862,20 @@ async def test_history_pages_until_the_end(autojump_clock: Any) -> None:
     assert events[2].data["payload"] == 3 and events[0].time.tzinfo is UTC
     assert [c[1].after_sequence for c in channel.calls] == [0, 2]
     assert all(c[1].run_id == "r" for c in channel.calls)
+
+
+async def test_history_of_the_latest_run_reads_every_page_from_one_run(
+    autojump_clock: Any,
+) -> None:
+    """Without a run id the latest run is looked up once, and every page asks for that run."""
+    pages = [
+        pb.DescribeWorkflowResponse(workflow=_pb_description("running")),
+        pb.GetHistoryResponse(events=[], next_after=0),
+    ]
+    channel = FakeChannel(pages)
+    assert await Client(channel).get_handle("w").history() == []
+    assert [c[0] for c in channel.calls] == ["describe_workflow", "get_history"]
+    assert channel.calls[1][1].run_id == "run-9"
 
 
 async def test_list_workflows_validates_and_returns_token(autojump_clock: Any) -> None:

@@ -93,6 +93,13 @@ def test_subclasses_of_the_json_types_are_accepted() -> None:
 
 _json_texts = st.one_of(
     st.text(max_size=12),
+    # Numbers beyond a double's range, alone and inside a value.
+    st.builds(
+        lambda number, before, after: before + number + after,
+        st.sampled_from(["1e400", "-1E+999", "9" * 320 + ".5", "1e-400", "1.7976931348623157e308"]),
+        st.sampled_from(["", " ", "[", '{"a":', "[1,"]),
+        st.sampled_from(["", " ", "]", "}", ",2]"]),
+    ),
     st.builds(
         lambda value, before, after: before + json.dumps(value) + after,
         st.recursive(
@@ -110,12 +117,37 @@ _json_texts = st.one_of(
 
 @given(_json_texts)
 def test_json_error_judges_text_as_json_loads_does(text: str) -> None:
+    """As `json.loads` does once told to refuse what it would read as NaN or an infinity."""
     try:
-        json.loads(text)
+        json.loads(text, parse_float=payload._finite, parse_constant=payload._no_constant)
     except ValueError as exc:
         assert payload.json_error(text) == str(exc)
     else:
         assert payload.json_error(text) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"amount": 1e400}', "the number 1e400 is beyond a double's range"),
+        (" [1, -1E+999] ", "the number -1E+999 is beyond a double's range"),
+        ("9" * 400 + ".0", "the number 9999999999...99999999.0 is beyond a double's range"),
+        ('{"a": NaN}', "NaN is not a JSON value; use null or a string"),
+        ("[Infinity]", "Infinity is not a JSON value"),
+        (" -Infinity", "-Infinity is not a JSON value"),
+    ],
+)
+def test_json_error_refuses_what_would_read_as_nan_or_infinity(text: str, message: str) -> None:
+    """`json.loads` reads ``1e400`` as ``inf`` and accepts NaN and Infinity: values that cannot
+    be written back as JSON, so the control plane refuses them at the door."""
+    error = payload.json_error(text)
+    assert error is not None and error.startswith(message), error
+    assert "\n" not in error
+
+
+@pytest.mark.parametrize("text", ["1e308", "-1.7976931348623157e308", "1e-400", "[0.1, 2.5e-3]"])
+def test_json_error_accepts_every_number_a_double_can_hold(text: str) -> None:
+    assert payload.json_error(text) is None
 
 
 @pytest.mark.parametrize("nested", [False, True], ids=["alone", "nested"])

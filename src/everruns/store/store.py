@@ -1617,14 +1617,14 @@ class Store:
         return [BreakerRecord.from_row(r) for r in await self.pool.fetch(Q["list_breakers"])]
 
     async def reset_breaker(self, key: str) -> None:
-        """Close a breaker and forget its counts.
+        """Close a breaker and forget its counts (idempotent).
 
-        Raises:
-            NotFound: no breaker has that key.
+        A key with no row is a closed breaker already (it has no counts to forget), so a
+        retried reset, a second one or one of a key never seen succeeds without a change.
         """
         async with self.pool.transaction() as conn:
             if await conn.fetchval(Q["delete_breaker"], key) is None:
-                raise NotFound(f"circuit breaker {key!r} not found")
+                return  # closed already: nothing is held, nobody to wake
             # Its held tasks may run now: wake every claimer (a breaker key need not be a type).
             await self.notify(conn, CHANNEL_TASKS, "*")
 
