@@ -123,6 +123,10 @@ def test_default_data_dir_expands_user() -> None:
         ("postgresql://u:p%40ss@[::1]:5/db?sslmode=require", "postgresql://u:***@[::1]:5/db?sslmode=require"),
         ("postgresql://h/db?user=u&password=pw&x=1", "postgresql://h/db?user=u&password=***&x=1"),
         ("postgresql://:pw@h/db", "postgresql://:***@h/db"),
+        # An "@" in a query value is the value's: the host is not taken for a password.
+        ("postgresql://h:5432/db?user=admin@corp&password=pw", "postgresql://h:5432/db?user=admin@corp&password=***"),
+        ("postgresql://u:pw@h/db?application_name=a@b", "postgresql://u:***@h/db?application_name=a@b"),
+        ("postgresql://app:pa?ss@h/db?user=a@b", "postgresql://app:***@h/db?user=a@b"),
     ],
 )  # fmt: skip
 def test_mask_url_examples(url: str, expected: str) -> None:
@@ -177,6 +181,27 @@ def test_a_running_server_is_reused_and_left_running(data_dir: Path) -> None:
         assert _postmaster_pid(data_dir) == pid
         assert psql(owner.url, "SELECT 1") == "1"
     assert not (data_dir / "postmaster.pid").exists()
+
+
+def test_a_server_another_live_process_started_again_is_left_to_it(data_dir: Path) -> None:
+    """Two control planes on one data directory: when the server one of them started stops,
+    either may start it again, and the one that does records itself as its owner. The other
+    one's handle still says `started_by_us` (same data directory, same port): its stop must
+    leave the server to the owner that is alive, and stop it once that owner is gone."""
+    with running(data_dir) as handle:
+        postmaster = _postmaster_pid(data_dir)
+        with subprocess.Popen(["sleep", "60"], cwd="/") as other:
+            try:
+                started = embedded._start_time(other.pid) or "-"
+                owner_file = data_dir / "everruns-owner.pid"
+                owner_file.write_text(f"{other.pid} {started} {postmaster}\n")
+                embedded.stop(handle, timeout=10.0)
+                assert _postmaster_pid(data_dir) == postmaster, "another's server was stopped"
+                assert psql(handle.url, "SELECT 1") == "1"
+            finally:
+                other.kill()
+        embedded.stop(handle, timeout=10.0)  # its owner is gone: ours to stop after all
+        assert not (data_dir / "postmaster.pid").exists()
 
 
 def test_recovers_after_the_postmaster_was_killed(data_dir: Path) -> None:

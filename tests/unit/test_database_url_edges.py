@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from everruns._aio import pg
-from everruns.errors import ConfigError
+from everruns.errors import ConfigError, DatabaseError
 from everruns.server.config import validate_database_url
 
 
@@ -63,3 +66,46 @@ def test_libpq_parameters_the_control_plane_cannot_use_are_refused_in_one_line(
         validate_database_url(f"postgresql://u:secret@db/everruns?{query}")
     message = str(caught.value)
     assert named in message and "\n" not in message and "secret" not in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://app:Sup3r/Secret@db.example:5432/everruns?user=a@b",
+        "postgresql://app:hunter2#x@db.example:5432/everruns",
+        "postgresql://app:5432?Secret@db.example:5432/everruns?sslmode=require",
+    ],
+)
+def test_an_at_sign_in_the_path_or_fragment_is_still_a_password_to_encode(url: str) -> None:
+    """An '@' is accepted in a query value (?user=admin@corp); one in the path, a parameter's
+    name or the fragment is the end of a password holding an unescaped '/', '?' or '#',
+    refused without quoting it."""
+    with pytest.raises(ConfigError, match="percent-encode") as caught:
+        validate_database_url(url)
+    assert "Secret" not in str(caught.value) and "hunter2" not in str(caught.value)
+
+
+def test_tls_files_named_by_the_url_or_pgssl_variables_must_be_readable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A TLS file that cannot be read is named at once (asyncpg's FileNotFoundError names no
+    file, and a missing sslkey without sslcert would not be noticed at all)."""
+    for variable in ("PGSSLMODE", "PGSSLROOTCERT", "PGSSLCERT", "PGSSLKEY", "PGSSLCRL"):
+        monkeypatch.delenv(variable, raising=False)
+    readable = tmp_path / "ca.pem"
+    readable.write_text("not checked here\n")
+    missing = tmp_path / "missing" / "client.key"
+    base = "postgresql://db/everruns"
+    pg.check_tls_files(f"{base}?sslmode=verify-full&sslrootcert={readable}")
+    pg.check_tls_files(f"{base}?sslmode=disable&sslkey={missing}")  # no TLS: never read
+    with pytest.raises(DatabaseError) as caught:
+        pg.check_tls_files(f"{base}?sslmode=require&sslrootcert={readable}&sslkey={missing}")
+    message = str(caught.value)
+    assert f"DATABASE_URL's sslkey file {missing} cannot be read" in message, message
+    assert "\n" not in message
+    with pytest.raises(DatabaseError, match=re.escape(f"sslcert file {tmp_path} cannot")):
+        pg.check_tls_files(f"{base}?sslcert={tmp_path}")  # a directory
+    monkeypatch.setenv("PGSSLROOTCERT", str(missing))
+    with pytest.raises(DatabaseError, match=re.escape(f"PGSSLROOTCERT file {missing} cannot")):
+        pg.check_tls_files(base)
+    pg.check_tls_files(f"{base}?sslrootcert={readable}")  # the URL's own comes first

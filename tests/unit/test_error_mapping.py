@@ -76,6 +76,11 @@ def test_a_broken_stream_or_a_reply_that_does_not_decode_is_an_everruns_error() 
         # TLS: a certificate refused stays; a TLS connection cut short passes
         (ssl.SSLCertVerificationError("certificate verify failed"), False),
         (ssl.SSLEOFError("EOF occurred in violation of protocol"), True),
+        # a local file (a TLS file of DATABASE_URL) stays; a Unix socket not there yet passes
+        (FileNotFoundError(2, "No such file or directory", "/run/secrets/ca.pem"), False),
+        (PermissionError(13, "Permission denied", "/run/secrets/client.key"), False),
+        (IsADirectoryError(21, "Is a directory", "/run/secrets"), False),
+        (FileNotFoundError(2, "No such file or directory"), True),
     ],
 )
 def test_a_connection_refusal_is_retried_only_if_it_can_pass(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import ssl
 import weakref
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -482,6 +483,47 @@ async def _connect_once(url: str, timeout: float) -> asyncpg.Connection:
     return await run_aio(partial(asyncpg.connect, dsn, timeout=url_timeout or timeout))
 
 
+_LOCAL_FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+# The files the TLS set-up of a connection reads: libpq's URL parameter, and the variable asyncpg
+# reads when the URL does not name one.
+_TLS_FILES = (
+    ("sslrootcert", "PGSSLROOTCERT"),
+    ("sslcert", "PGSSLCERT"),
+    ("sslkey", "PGSSLKEY"),
+    ("sslcrl", "PGSSLCRL"),
+)
+
+
+def check_tls_files(url: str) -> None:
+    """Make sure that every TLS file ``url`` names (``sslrootcert``, ``sslcert``, ``sslkey``,
+    ``sslcrl``, or their ``PGSSL*`` variables) can be read, unless ``sslmode=disable``.
+
+    asyncpg reports such a file missing as a bare FileNotFoundError, which names no file and
+    looks like a Unix socket not there yet; and it skips ``sslkey`` without ``sslcert``, so a
+    typo there would go unnoticed until the server asks for a client certificate.
+
+    Raises:
+        DatabaseError: a file cannot be read; names the parameter and the file.
+    """
+    params = dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))  # the last one counts
+    if (params.get("sslmode") or os.environ.get("PGSSLMODE")) == "disable":
+        return
+    for name, variable in _TLS_FILES:
+        path = params[name] if name in params else os.environ.get(variable, "")
+        if not path:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            where = f"DATABASE_URL's {name}" if name in params else variable
+            raise DatabaseError(
+                f"{where} file {path} cannot be read ({exc.strerror or exc}); "
+                "correct the path, or make the file readable by this process"
+            ) from exc
+
+
 # SQLSTATEs of a connection refused for a reason that passes: the server is starting or
 # stopping (57P01-57P03), lacks resources such as connection slots (class 53, with
 # too_many_connections 53300), or the connection broke (class 08).
@@ -495,6 +537,10 @@ def _temporary(exc: BaseException) -> bool:
         # A certificate or TLS setting refused is the same at every attempt; a TLS connection
         # cut short (EOF) is the network's.
         return isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError))
+    if isinstance(exc, _LOCAL_FILE_ERRORS) and exc.filename is not None:
+        # A local file that is missing or unreadable, not the network: a socket's errors name
+        # no file (a Unix socket not there yet is a FileNotFoundError, and passes).
+        return False
     if isinstance(exc, (OSError, TimeoutError, asyncpg.InterfaceError)):
         # Unreachable, timed out, or the connection dropped mid-handshake; but a client
         # configuration asyncpg refuses (a bad sslmode) is the same at every attempt.
@@ -517,8 +563,10 @@ async def wait_until_ready(url: str, *, budget: float, log: Any = None) -> None:
         DatabaseUnavailable: no connection within the budget (names the last cause).
         DatabaseError: the server answered but refused us for a reason that stays (a wrong
             password, no such database, no CONNECT privilege, an unknown setting in the URL):
-            raised at once, naming PostgreSQL's message.
+            raised at once, naming PostgreSQL's message; or a TLS file the URL names cannot
+            be read (raised at once, naming it).
     """
+    await trio.to_thread.run_sync(check_tls_files, url)
     deadline = trio.current_time() + budget
     delay = 0.1
     attempt = 0
@@ -529,8 +577,9 @@ async def wait_until_ready(url: str, *, budget: float, log: Any = None) -> None:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if not _temporary(exc):
-                who = "PostgreSQL refused" if isinstance(exc, asyncpg.PostgresError) else "asyncpg"
-                raise DatabaseError(f"{who} the connection: {cause}") from exc
+                if isinstance(exc, asyncpg.PostgresError):
+                    raise DatabaseError(f"PostgreSQL refused the connection: {cause}") from exc
+                raise DatabaseError(f"could not connect to PostgreSQL: {cause}") from exc
             remaining = deadline - trio.current_time()
             if remaining <= 0:
                 raise DatabaseUnavailable(

@@ -2,7 +2,9 @@
 
 Operator mistakes (bad variable, unreachable database) print one line and exit 2 or 1, never a
 traceback; SIGINT, SIGTERM and SIGHUP stop it cleanly (exit 0), at any point of its start, and a
-second one stops it at once.
+second one stops it at once. `migrate` stopped by a signal stops as cleanly (the migration in
+progress rolls back, the embedded PostgreSQL it started stops) but exits 1: what runs after it
+must not take the schema for up to date.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 
 import trio
 
 from everruns._aio import open_aio_loop
 from everruns._program import quiet_transport_logs, run_program
-from everruns.errors import ConfigError
+from everruns.errors import ConfigError, EverrunsError
 from everruns.server.app import ServerInfo, serve
 from everruns.server.config import ServerConfig
 from everruns.server.database import migrate_database, open_database
@@ -59,23 +62,41 @@ async def _watch_signals(
             os.kill(os.getpid(), signum)
 
 
-async def _run(config: ServerConfig) -> None:
+async def _until_signal(body: Callable[[], Awaitable[None]]) -> bool:
+    """Run ``body`` until it returns or a stop signal cancels it (then its own cleanup, such
+    as stopping the embedded PostgreSQL it started, runs, and this returns: a clean stop).
+    Returns whether ``body`` finished."""
     async with trio.open_nursery() as nursery:
-        serving = trio.CancelScope()
-        await nursery.start(_watch_signals, serving)
-        with serving:
-            print("Using Durable execution engine runner (PostgreSQL-backed)", flush=True)
-            async with trio.open_nursery() as server:
-                info: ServerInfo = await server.start(serve, config)
-                print(f"everruns control plane listening on {info.address}", flush=True)
-        # Only a signal ends serve() without an error: a clean stop.
+        stopping = trio.CancelScope()
+        await nursery.start(_watch_signals, stopping)
+        with stopping:
+            await body()
         nursery.cancel_scope.cancel()
+    return not stopping.cancelled_caught
+
+
+async def _run(config: ServerConfig) -> None:
+    async def serving() -> None:
+        print("Using Durable execution engine runner (PostgreSQL-backed)", flush=True)
+        async with trio.open_nursery() as server:
+            info: ServerInfo = await server.start(serve, config)
+            print(f"everruns control plane listening on {info.address}", flush=True)
+        # Only a signal ends serve() without an error.
+
+    await _until_signal(serving)
 
 
 async def _migrate(config: ServerConfig) -> None:
-    async with open_aio_loop(), open_database(config) as url:
-        applied = await migrate_database(url)
-    print(f"migrations applied: {len(applied)}" + (f" ({', '.join(applied)})" if applied else ""))
+    async def migrating() -> None:
+        async with open_aio_loop(), open_database(config) as url:
+            applied = await migrate_database(url)
+        names = f" ({', '.join(applied)})" if applied else ""
+        print(f"migrations applied: {len(applied)}{names}", flush=True)
+
+    if not await _until_signal(migrating):
+        raise EverrunsError(
+            "stopped by a signal before the migrations were all applied; run it again"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

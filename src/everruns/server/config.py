@@ -45,7 +45,7 @@ def validate_database_url(url: str) -> str:
             "DATABASE_URL is invalid: it needs // after the scheme (postgresql://HOST/DB, or "
             "postgresql:///DB for the local socket)"
         )
-    if "@" in url.split("://", 1)[1] and "@" not in parts.netloc:
+    if _misplaced_at(url.split("://", 1)[1]):
         # The user name or password holds a "/", "?" or "#": the host part ended before "@".
         raise ConfigError(f"DATABASE_URL is invalid: {_BAD_HOST}")
     hosts = parts.netloc.rpartition("@")[2]
@@ -56,6 +56,19 @@ def validate_database_url(url: str) -> str:
             raise ConfigError(f"DATABASE_URL is invalid: {_BAD_HOST}") from exc
     _check_parameters(parts.query)
     return url
+
+
+def _misplaced_at(rest: str) -> bool:
+    """Whether ``rest`` (the URL after ``://``) holds an '@' that is neither in the authority
+    (user info, before the first '/', '?' or '#') nor in a query value: one in the path, a
+    parameter's name or the fragment ends a user name or password holding an unescaped '/',
+    '?' or '#'. An '@' in a query value (``?user=admin@corp``, ``application_name=a@b``) is
+    the value's, as in libpq."""
+    authority_end = next((i for i, char in enumerate(rest) if char in "/?#"), len(rest))
+    path, _, after_path = rest[authority_end:].partition("?")  # without '?', up to the end
+    query, _, fragment = after_path.partition("#")
+    names = (pair.partition("=")[0] for pair in query.split("&"))
+    return "@" in path or "@" in fragment or any("@" in name for name in names)
 
 
 # libpq's connection parameters that asyncpg does not understand: it would send each to the

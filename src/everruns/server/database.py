@@ -1,10 +1,12 @@
 """Which PostgreSQL the control plane uses, and getting it ready: embedded or DATABASE_URL,
 reachable, migrated.
 
-The embedded server is started in a thread (its module blocks), started again if its
-postmaster dies while the control plane runs, and stopped on the way out only if this process
-started it (or took it over from a control plane killed with kill -9). Nothing here serves
-requests.
+The embedded server is started in a thread (its module blocks), or reused when it already
+runs. Either way it is watched while the control plane runs, and started again when it stops:
+its postmaster died, or another control plane on the same data directory, which started it,
+stopped it on its way out. Whoever starts it owns it (`everruns-owner.pid`), and it is stopped
+on the way out only by its owner (a control plane killed with kill -9 leaves it to the next
+one, which takes it over). Nothing here serves requests.
 """
 
 from __future__ import annotations
@@ -32,15 +34,15 @@ log = logging.getLogger("everruns.server")
 async def open_database(config: ServerConfig) -> AsyncIterator[str]:
     """Yield the URL of a reachable PostgreSQL for the block.
 
-    With ``config.database_url`` unset, the embedded PostgreSQL is started (or reused) first
-    and, if this process started it, kept running during the block (started again if it dies)
-    and stopped after it (shielded, bounded).
+    With ``config.database_url`` unset, the embedded PostgreSQL is started (or reused) first,
+    kept running during the block (started again if it stops, whoever started it), and
+    stopped after it (shielded, bounded) if this process started it last.
 
     Raises:
         EmbeddedPostgresError: the embedded server could not be started.
         DatabaseUnavailable: the database did not answer within ``db_connect_timeout``.
-        ExceptionGroup of EmbeddedPostgresError: the embedded server died during the block and
-            could not be started again (the block is cancelled).
+        ExceptionGroup of EmbeddedPostgresError: the embedded server stopped during the block
+            and could not be started again (the block is cancelled).
     """
     if config.database_url is not None:
         log.info("database: %s", embedded.mask_url(config.database_url))
@@ -56,9 +58,6 @@ async def open_database(config: ServerConfig) -> AsyncIterator[str]:
     owned = _Owned(handle)
     try:
         await pg.wait_until_ready(handle.url, budget=config.db_connect_timeout, log=log.warning)
-        if not handle.started_by_us:
-            yield handle.url
-            return
         async with trio.open_nursery() as nursery:
             await nursery.start(_keep_embedded_running, owned)
             yield handle.url
@@ -76,7 +75,8 @@ WATCH_INTERVAL = 2.0
 
 @attrs.define
 class _Owned:
-    """The embedded server this control plane started last (the one to stop on the way out)."""
+    """The embedded server this control plane uses now; stopped on the way out if its
+    ``started_by_us`` (this process started it last, or took it over)."""
 
     handle: embedded.EmbeddedHandle
 
@@ -84,9 +84,12 @@ class _Owned:
 async def _keep_embedded_running(
     owned: _Owned, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Start the embedded PostgreSQL again when its postmaster dies (the OOM killer, a kill -9):
-    nothing else starts it, and without it the control plane could only ever answer
-    UNAVAILABLE. It comes back on the same data directory and port, so the pool reconnects.
+    """Start the embedded PostgreSQL again when it stops running: its postmaster died (the OOM
+    killer, a kill -9), or the control plane that started it stopped it on its way out while
+    this one still uses it (two control planes on one data directory). Without it the control
+    plane could only ever answer UNAVAILABLE. It comes back on the same data directory and
+    port, so the pool reconnects; this process then owns it, unless another one started it
+    first (all starts take the data directory's lock), and goes on watching it either way.
 
     Raises:
         EmbeddedPostgresError: it could not be started again, or only on another port (the
@@ -103,17 +106,19 @@ async def _keep_embedded_running(
             handle.data_dir,
         )
         again = await trio.to_thread.run_sync(embedded.start, handle.data_dir)
-        if again.started_by_us:
-            owned.handle = again  # stopped on the way out, whatever happens next
+        # Stopped on the way out only if this process started it now: one that another
+        # process started is its starter's to stop (whatever this process started before).
+        owned.handle = again
         if again.port != handle.port:
             raise EmbeddedPostgresError(
                 f"the embedded PostgreSQL in {handle.data_dir} came back on port {again.port} "
                 f"instead of {handle.port}, which the control plane's connections use; "
                 "restart the control plane"
             )
-        if not again.started_by_us:
-            log.warning("database: the embedded PostgreSQL was started by another process")
-            return  # not ours to watch any more
+        if again.started_by_us:
+            log.info("database: embedded PostgreSQL started again, on port %d", again.port)
+        else:
+            log.warning("database: the embedded PostgreSQL was started again by another process")
 
 
 async def migrate_database(url: str) -> list[str]:

@@ -107,11 +107,9 @@ def mask_url(url: str) -> str:
         by ``***``; a URL without a password comes back unchanged.
     """
     scheme, slashes, rest = url.partition("://")
-    userinfo, at, after = rest.rpartition("@")
+    userinfo, at, _ = rest[: _userinfo_end(rest)].rpartition("@")
     if slashes and at and ":" in userinfo:
-        # Cut at the last "@", not where the host part seems to end: a password holding an
-        # unescaped "/", "?" or "#" ends urlsplit's netloc early, and would be left in clear.
-        url = f"{scheme}://{userinfo.partition(':')[0]}:***@{after}"
+        url = f"{scheme}://{userinfo.partition(':')[0]}:***@{rest[len(userinfo) + 1 :]}"
     parts = urllib.parse.urlsplit(url)
     netloc = parts.netloc
     query = parts.query
@@ -124,6 +122,18 @@ def mask_url(url: str) -> str:
     if netloc == parts.netloc and query == parts.query:
         return url
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _userinfo_end(rest: str) -> int:
+    """Where the user info of a URL (``rest``: what follows ``://``) may end at the latest: the
+    last "@" counts, not where the host part seems to end (a password holding an unescaped "/"
+    or "#" ends urlsplit's netloc early, and would be left in clear), but not one in a query
+    value (``?user=admin@corp``). An "@" in the first parameter's name is a password's "?"."""
+    head, _, query = rest.partition("?")
+    if "@" in head:
+        return len(head)
+    name = re.split("[=&]", query, maxsplit=1)[0]
+    return len(head) + 1 + name.rindex("@") + 1 if "@" in name else len(head)
 
 
 def start(data_dir: Path, *, database: str = "everruns", timeout: float = 60.0) -> EmbeddedHandle:
@@ -195,8 +205,9 @@ def _start_locked(
 def stop(handle: EmbeddedHandle, *, timeout: float = 30.0) -> None:
     """Stop the server behind ``handle`` if :func:`start` started it (fast shutdown).
 
-    A reused server, one already gone, or one that another process restarted on a different
-    port since is left alone. Blocking, like :func:`start`.
+    A reused server, one already gone, or one that another live process started again since
+    (on a different port, or recorded as its owner) is left alone. Blocking, like
+    :func:`start`.
 
     Args:
         handle: What :func:`start` returned.
@@ -230,6 +241,8 @@ def _stop_locked(bin_dir: Path, runner: _Runner, handle: EmbeddedHandle, deadlin
             return True
         if _holder(pid_file.pid, handle.data_dir) != "ours":
             return True  # pg_ctl would signal whatever process now has that pid
+        if _Owner.of_another(handle.data_dir, pid_file):
+            return True  # another live process started it again since: its own to stop
         remaining = max(deadline - time.monotonic(), 1.0)
         stopped = _pg_ctl_stop(bin_dir, runner, handle.data_dir, "fast", remaining) or _pg_ctl_stop(
             bin_dir, runner, handle.data_dir, "immediate", 10.0
@@ -647,6 +660,17 @@ class _Owner:
         with contextlib.suppress(FileNotFoundError):
             (data_dir / _OWNER_NAME).unlink()
 
+    @classmethod
+    def of_another(cls, data_dir: Path, pid_file: _PidFile) -> bool:
+        """Whether another live process started the postmaster of ``pid_file`` (and stops it)."""
+        owner = cls.read(data_dir)
+        return (
+            owner is not None
+            and owner.postmaster == pid_file.pid
+            and not owner.is_me()
+            and owner.alive()
+        )
+
     def is_me(self) -> bool:
         return self.pid == os.getpid()
 
@@ -686,7 +710,9 @@ def _adopt_orphan(data_dir: Path) -> bool:
         or pid_file is None
         or owner.postmaster != pid_file.pid  # a server started since, not by us (by hand)
         or owner.is_me()  # another handle of this process owns it
-        or owner.alive()  # a second control plane on one data dir: the first one stops it
+        # A second control plane on one data dir: the first one stops it on its way out, and
+        # the second one, which watches it (server.database), then starts it again as its own.
+        or owner.alive()
     ):
         return False
     _Owner.record(data_dir)
