@@ -13,7 +13,7 @@ import math
 import os
 import ssl
 import weakref
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -658,12 +658,14 @@ async def connect(url: str) -> AsyncIterator[Connection]:
 
 @asynccontextmanager
 async def listen(
-    url: str, channels: Sequence[str]
+    url: str, channels: Sequence[str], *, on_dropped: Callable[[], None] | None = None
 ) -> AsyncIterator[trio.MemoryReceiveChannel[tuple[str, str]]]:
     """LISTEN on ``channels`` over a dedicated connection; notifications arrive on the channel.
 
     The LISTEN is registered before the block starts, so nothing sent after entry is missed.
     If the connection is lost, the receive channel is closed (receivers see EndOfChannel).
+    A notification that finds the channel's buffer full is dropped, and ``on_dropped`` is
+    called (on the Trio thread) so the receiver can make up for it.
     """
     send, receive = trio.open_memory_channel[tuple[str, str]](1024)
     token = trio.lowlevel.current_trio_token()
@@ -679,7 +681,10 @@ async def listen(
     def _deliver(channel: str, payload: str) -> None:
         try:
             send.send_nowait((channel, payload))
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+        except trio.WouldBlock:
+            if on_dropped is not None:
+                on_dropped()
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
 
     def on_lost(_conn: Any) -> None:

@@ -106,6 +106,11 @@ class Notifier:
         # was made, so its next look must come no later.
         self._due_scope: trio.CancelScope | None = None  # the scanner's sleep, while it sleeps
         self._made_while_scanning = float("inf")
+        # Whether LISTEN is up: while it is not, no wake-up arrives, and the due-scanner looks
+        # for waiting tasks every STRAGGLING_AFTER_S instead. And whether notifications were
+        # dropped (the listener fell more than its buffer behind) since it last caught up.
+        self._listening = False
+        self._dropped = False
         # Called with a worker id when that worker (re-)registers on any control plane, with
         # None when registrations may have been missed (the LISTEN connection was lost).
         self._registration_watchers: list[Callable[[str | None], None]] = []
@@ -334,6 +339,8 @@ class Notifier:
         earliest deadline made since the last wait."""
         now = trio.current_time()
         wait = float("inf") if timeout is None else max(0.0, timeout)
+        if not self._listening:  # no wake-up comes by NOTIFY: look for waiting tasks often
+            wait = min(wait, STRAGGLING_AFTER_S + _STRAGGLER_MARGIN_S)
         wait = max(0.0, min(wait, self._made_while_scanning - now))
         self._made_while_scanning = float("inf")
         with trio.move_on_after(wait) as scope:
@@ -396,20 +403,31 @@ class Notifier:
         delay = 0.1
         while True:
             try:
-                async with pg.listen(url, channels) as notifications:
+                async with pg.listen(url, channels, on_dropped=self._note_dropped) as notes:
                     if not started:
                         task_status.started()
                         started = True
                     else:
                         log.info("LISTEN connection re-established")
+                    self._listening = True
                     self._wake_everyone()  # anything sent while we were away
                     delay = 0.1
-                    async for channel, payload in notifications:
+                    async for channel, payload in notes:
                         self._dispatch(channel, payload)
+                        if self._dropped:  # some wake-ups were lost: as after a reconnect
+                            self._dropped = False
+                            log.warning("LISTEN fell behind and dropped notifications")
+                            self._wake_everyone()
                 log.warning("LISTEN connection lost; reconnecting")
             except DatabaseError as exc:
                 if not started:
                     raise
                 log.warning("LISTEN connection failed (%s); retrying in %.1f s", exc, delay)
+            finally:
+                self._listening = False
+            self.look_again_by(0)  # the scanner looks often from now on (`wait_due`)
             await trio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+    def _note_dropped(self) -> None:
+        self._dropped = True
