@@ -660,10 +660,10 @@ def test_cancellation_reaches_every_blocked_coroutine_and_cancels_timers() -> No
     ]
     sim.cancel()
     seen.clear()
-    # Creation order: the main coroutine runs first and returns, which ends the workflow; the
-    # children are abandoned before they run, so they issue nothing.
-    assert sim.step() == [CompleteWorkflow("cleaned up")]
-    assert seen == ["main"]
+    # The gather waits for the children it was interrupted with (as a Trio nursery does):
+    # they cancel their timers, then the main coroutine sees the cancellation and returns.
+    assert sim.step() == [CancelTimer("1"), CancelTimer("2"), CompleteWorkflow("cleaned up")]
+    assert seen == ["sleeper", "waiter", "main"]
 
 
 def test_cancel_requested_while_sleeping_children_unwind_in_creation_order() -> None:
@@ -697,9 +697,17 @@ def test_cancel_requested_while_sleeping_children_unwind_in_creation_order() -> 
         "CancelTimer(id=3)",
         "ScheduleActivity(id=5, type=undo)",
     ]
-    assert seen == ["main", "x", "y"]
+    # The main coroutine goes on once its children have finished undoing.
+    assert seen == ["x", "y"]
+    sim.release("4")
+    seen.clear()
+    assert sim.step() == [] and seen == ["x", "y"]
+    sim.release("5")
+    seen.clear()
+    assert sim.step() == [] and seen == ["x", "y", "main"]
     sim.release("1")
     assert sim.step() == [CancelWorkflow()]
+    sim.check_replays()
 
 
 # -------------------------------------------------------------------------- non-determinism

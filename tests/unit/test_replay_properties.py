@@ -5,7 +5,8 @@ and without timeouts, parallel groups run through ``ctx.gather`` or through hand
 the control plane: it records each workflow task's commands, and between tasks delivers a random
 handful of the outcomes that are due, in random order, sometimes throwing a task's answer away
 (a superseded completion). The recorded history must then replay from scratch, cut anywhere,
-into exactly what was recorded.
+into exactly what was recorded. Cancel requests arrive the same way, into programs whose
+gathered branches compensate; values from the history reach the code whole at any depth.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextvars
 import itertools
 import json
 import random
+import sys
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -25,16 +27,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from everruns.domain import history as h
+from everruns.domain import payload
 from everruns.domain.commands import (
     CancelTimer,
     Command,
+    CompleteWorkflow,
     ScheduleActivity,
     StartTimer,
 )
 from everruns.domain.context import WorkflowContext, WorkflowInfo
 from everruns.domain.history import HistoryEvent
 from everruns.domain.replay import Replayer, ReplayResult, continues_decision, replay
-from everruns.errors import ActivityError, InvalidArgument, NonDeterminismError
+from everruns.errors import ActivityError, InvalidArgument, NonDeterminismError, WorkflowCancelled
 
 # Every property here runs 300 random programs, each simulated in full.
 _PROPERTY = settings(
@@ -222,15 +226,18 @@ def simulate(
     attempts: list[tuple[int, datetime]] | None = None,
     *,
     whole: bool = False,
+    cancels: int = 0,
 ) -> tuple[History, list[Task]]:
     """Play the control plane until the workflow ends; return the history and the tasks.
 
     ``attempts`` (when given) gets every workflow task's (events seen, claim time), those
     whose answer was thrown away included. ``whole``: an attempt's start and end arrive
-    together, as a worker's result does."""
+    together, as a worker's result does. ``cancels``: how many cancel requests arrive, at
+    random points, as signals do."""
     log = History(h.workflow_started("program", "prop", "run-prop", None))
     pending: dict[str, list[dict[str, Any]]] = {}
     unsent = [h.signal_received(name, _payload(name)) for name in _signals(program)]
+    unsent += [h.workflow_cancel_requested(f"cancel {n}") for n in range(cancels)]
     tasks: list[Task] = []
     clock = T0
     for _ in range(400):
@@ -417,6 +424,152 @@ def test_a_replay_kept_open_answers_every_task_as_a_full_replay(
         if log.dicts[seen]["type"] == h.WORKFLOW_TASK_COMPLETED and next_seen > seen
     )
     assert advanced == recorded_then_next
+
+
+def make_compensating_workflow(program: list[Step], branches: dict[str, str]) -> Callable[..., Any]:
+    """The program, each gather branch a saga step: cancelled, it runs an ``undo`` activity
+    to its end (cancelled again meanwhile too) before it lets the cancellation go on.
+    ``branches`` gets each branch's state in the last replay: running, done or undone."""
+
+    async def branch(ctx: WorkflowContext, steps: list[Step], tag: str) -> list[Any]:
+        branches[tag] = "running"
+        try:
+            result = await _run_steps(ctx, steps)
+        except WorkflowCancelled:
+            undo = ctx.start_activity("undo", tag)
+            while True:
+                try:
+                    await undo
+                    break
+                except WorkflowCancelled:
+                    continue
+            branches[tag] = "undone"
+            raise
+        branches[tag] = "done"
+        return result
+
+    async def workflow(ctx: WorkflowContext, _input: Any) -> list[Any]:
+        branches.clear()
+        out = []
+        for k, step in enumerate(program):
+            if step[0] == "gather":
+                parts = (branch(ctx, steps, f"{k}.{i}") for i, steps in enumerate(step[1]))
+                out.append(await ctx.gather(*parts))
+            else:
+                out.append(await _run_step(ctx, step))
+        return out
+
+    return workflow
+
+
+@_PROPERTY
+@given(program=programs(), cancels=st.integers(0, 2), rng=st.randoms(use_true_random=True))
+def test_a_cancelled_gather_lets_its_branches_finish_and_replays_exactly(
+    program: list[Step], cancels: int, rng: random.Random
+) -> None:
+    """Cancel requests (none, one, or two) arrive at random points of random programs whose
+    gather branches compensate when cancelled. A cancelled run ends only after every branch
+    it interrupted has run its compensation to the end, never with a branch left midway; and
+    its history replays exactly, cut anywhere, in full or kept open between tasks."""
+    branches: dict[str, str] = {}
+    wf = make_compensating_workflow(program, branches)
+    attempts: list[tuple[int, datetime]] = []
+    log, tasks = simulate(rng, wf, program, attempts, cancels=cancels)
+    events = log.dicts
+
+    final = _replay(wf, log.events, T0 + timedelta(days=1))
+    assert final.commands == [] and final.completed
+    assert "running" not in branches.values(), branches
+    undos = {
+        e["activity_id"]: e["input"]
+        for e in events
+        if e["type"] == h.ACTIVITY_SCHEDULED and e["activity_type"] == "undo"
+    }
+    assert sorted(undos.values()) == sorted(t for t, state in branches.items() if state == "undone")
+    end = next(i for i, e in enumerate(events) if e["type"] in h.TERMINAL_EVENT_TYPES)
+    if events[end]["type"] == h.WORKFLOW_COMPLETED:
+        assert not undos and _agrees(_expected(program), events[end]["result"])
+    else:
+        assert events[end]["type"] == h.WORKFLOW_CANCELLED, events[end]
+        finished = {e["activity_id"] for e in events[:end] if e["type"] == h.ACTIVITY_COMPLETED}
+        assert set(undos) <= finished, (undos, events)
+
+    for task in tasks:
+        result = _replay(wf, log.events[: task.seen], task.now)
+        assert [c.to_event() for c in result.commands] == _command_block(events, task.seen)
+        assert result.completed == task.completed
+    replay_kept_open(wf, log, attempts)
+
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+
+
+def _nest(value: Any, depth: int) -> list[Any]:
+    nested: list[Any] = [value]
+    for _ in range(depth - 1):
+        nested = [nested]
+    return nested
+
+
+def _containers(value: Any) -> set[int]:
+    found: set[int] = set()
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (list, dict)):
+            found.add(id(item))
+            stack.extend(item.values() if isinstance(item, dict) else item)
+    return found
+
+
+@_PROPERTY
+@given(value=_JSON, share=st.integers(1, 80))
+def test_values_from_the_history_reach_the_workflow_whole_and_its_own(
+    value: Any, share: int
+) -> None:
+    """A workflow input, a signal payload and an activity result reach workflow code as the
+    recorded JSON value (1, 1.0 and true kept apart) at any nesting the payload layer accepts,
+    and as the code's own: changing it changes nothing recorded."""
+    # Up to 80% of the recursion limit deep, which the payload layer accepts (checked here):
+    # it refuses only what reaches the limit. Hypothesis raises the limit while a test runs,
+    # so the depth follows the limit in force.
+    depth = max(1, sys.getrecursionlimit() * share // 100)
+    payload.decode(payload.encode(_nest(value, depth)))
+    got: list[Any] = []
+
+    async def wf(ctx: WorkflowContext, tree: Any) -> None:
+        got.clear()
+        got.extend([tree, await ctx.wait_signal("tree"), await ctx.execute_activity("fetch")])
+        for received in got:
+            received.append("changed by the workflow")
+
+    log = History(h.workflow_started("program", "prop", "run-prop", _nest(value, depth)))
+    log.append(h.signal_received("tree", _nest(value, depth)))
+    (command,) = _replay(wf, log.events, T0).commands
+    log.append(h.workflow_task_completed("w", T0))
+    log.append(command.to_event())
+    log.append(h.activity_started("1", 1, "w"))
+    log.append(h.activity_completed("1", _nest(value, depth), 1))
+    assert _replay(wf, log.events, T0).commands == [CompleteWorkflow(None)]
+    recorded = [log.dicts[0]["input"], log.dicts[1]["payload"], log.dicts[-1]["result"]]
+    for received, original in zip(got, recorded, strict=True):
+        assert len(original) == 1 and received[1:] == ["changed by the workflow"]
+        received, original = received[0], original[0]
+        for _ in range(depth - 1):
+            assert isinstance(received, list) and len(received) == 1
+            received, original = received[0], original[0]
+        assert json.dumps(received) == json.dumps(original)
+        assert not _containers(received) & _containers(original)
 
 
 def _three_steps_history() -> tuple[Callable[..., Any], list[HistoryEvent], datetime]:

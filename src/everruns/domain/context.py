@@ -50,6 +50,7 @@ from everruns.errors import (
     IllegalAwait,
     InvalidArgument,
     NonDeterminismError,
+    WorkflowCancelled,
 )
 
 __all__ = [
@@ -274,6 +275,47 @@ def _json_copy(value: Any, what: str) -> Any:
     return payload.decode(payload.encode_text(value, what=what), what=what)
 
 
+_IMMUTABLE = frozenset({str, int, float, bool, type(None)})
+
+
+def _detached(value: Any) -> Any:
+    """Return a deep copy of a JSON value from the history, for workflow code to own.
+
+    What the code does to the copy cannot change the recorded event, which a kept replay or
+    the next one reads again. Iterative: a value nested as deeply as the payload layer accepts
+    (up to Python's recursion limit) is copied, where `copy.deepcopy` needs two frames a level
+    and fails half-way there. Shared and cyclic dicts and lists stay so, as with
+    `copy.deepcopy`; anything but the JSON types (never in a recorded history) is left to it.
+    """
+    kind = type(value)
+    if kind in _IMMUTABLE:
+        return value
+    if kind is not dict and kind is not list:
+        return copy.deepcopy(value)
+    top: Any = {} if kind is dict else []
+    memo: dict[int, Any] = {id(value): top}
+    stack: list[tuple[Any, Any]] = [(value, top)]
+    while stack:
+        source, target = stack.pop()
+        pairs = source.items() if type(source) is dict else enumerate(source)
+        for key, item in pairs:
+            kind = type(item)
+            if kind in _IMMUTABLE:
+                copied = item
+            elif kind is dict or kind is list:
+                copied = memo.get(id(item))
+                if copied is None:
+                    copied = memo[id(item)] = {} if kind is dict else []
+                    stack.append((item, copied))
+            else:
+                copied = copy.deepcopy(item)
+            if type(target) is dict:
+                target[key] = copied
+            else:
+                target.append(copied)
+    return top
+
+
 class WorkflowContext:
     """The ``ctx`` argument of a workflow function.
 
@@ -457,14 +499,18 @@ class WorkflowContext:
         coroutine of the driver, created in argument order, so commands they issue follow
         argument order. The first failure (in the order the driver sees them) is raised at
         once; the other children keep running and their outcomes are discarded. If the
-        workflow is cancelled while waiting, ``WorkflowCancelled`` is raised here and in every
-        blocked child.
+        workflow is cancelled while waiting, ``WorkflowCancelled`` is raised in every blocked
+        child, and here once the child coroutines have finished, as a Trio nursery and
+        ``asyncio.gather`` do: the cleanup they run on cancellation (a compensating activity,
+        say) is issued before the workflow can end.
 
         Returns:
             The results, in argument order.
 
         Raises:
             InvalidArgument: an argument is not awaitable.
+            WorkflowCancelled: the workflow was cancelled while waiting (once the child
+                coroutines have finished).
             Exception: the first failure among the awaitables.
         """
         for aw in aws:
@@ -475,7 +521,14 @@ class WorkflowContext:
                 raise InvalidArgument(
                     f"ctx.gather takes awaitables (handles or coroutines), got {type(aw).__name__}"
                 )
-        futures = [self._future_of(aw) for aw in aws]
+        futures: list[_Future] = []
+        children: list[_Future] = []  # of the coroutines run here, not of the handles
+        for aw in aws:
+            if isinstance(aw, (ActivityHandle, ChildWorkflowHandle)) and aw._ctx is self:
+                futures.append(aw._future)
+            else:
+                futures.append(self._spawn(aw))
+                children.append(futures[-1])
         if not futures:
             return []
         combined = _Future()
@@ -496,12 +549,38 @@ class WorkflowContext:
 
         for index, future in enumerate(futures):
             future.add_done_callback(functools.partial(on_done, index))
-        gathered: list[Any] = await _Blocker(self, combined)
+        try:
+            gathered: list[Any] = await _Blocker(self, combined)
+        except WorkflowCancelled:
+            # Interrupted while waiting (not a child's own failure, which settles `combined`):
+            # the blocked children were interrupted too, and run after this coroutine, which
+            # the driver created first. Waiting for them keeps their cleanup from being cut
+            # short by the workflow ending. Deterministic: it only waits on the history.
+            if not combined.done():
+                await self._all_settled(children)
+            raise
         return gathered
 
-    def _future_of(self, aw: Awaitable[Any]) -> _Future:
-        if isinstance(aw, (ActivityHandle, ChildWorkflowHandle)) and aw._ctx is self:
-            return aw._future
+    async def _all_settled(self, futures: list[_Future]) -> None:
+        """Wait until every one of ``futures`` is resolved, whatever its outcome."""
+        unsettled = [f for f in futures if not f.done()]
+        settled = _Future()
+        remaining = [len(unsettled)]
+
+        def on_done(_: _Future) -> None:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                settled.set_result(None)
+
+        for future in unsettled:
+            future.add_done_callback(on_done)
+        while unsettled and not settled.done():
+            try:
+                await _Blocker(self, settled)
+            except WorkflowCancelled:
+                pass  # cancelled again: the children were interrupted again, and go on
+
+    def _spawn(self, aw: Awaitable[Any]) -> _Future:
         if inspect.iscoroutine(aw):
             return self._scheduler.spawn(aw)
         return self._scheduler.spawn(_await_any(aw))
@@ -738,7 +817,7 @@ class WorkflowContext:
             return False
         if kind == history.ACTIVITY_COMPLETED:
             entry = self._live(event, "activity", "activity_id")
-            entry.future.set_result(copy.deepcopy(data.get("result")))
+            entry.future.set_result(_detached(data.get("result")))
             return False
         if kind in (history.ACTIVITY_FAILED, history.ACTIVITY_TIMED_OUT):
             if data.get("will_retry"):
@@ -770,7 +849,7 @@ class WorkflowContext:
             return False
         if kind == history.CHILD_WORKFLOW_COMPLETED:
             entry = self._live(event, "child", "child_id")
-            entry.future.set_result(copy.deepcopy(data.get("result")))
+            entry.future.set_result(_detached(data.get("result")))
             return False
         if kind == history.CHILD_WORKFLOW_FAILED:
             entry = self._live(event, "child", "child_id")
@@ -854,7 +933,7 @@ class WorkflowContext:
             raise nondeterminism(
                 self._info, f"signal at seq {event.sequence_num} has no valid name ({name!r})"
             )
-        value = copy.deepcopy(event.data.get("payload"))
+        value = _detached(event.data.get("payload"))
         waiters = self._signal_waiters.get(name)
         if waiters:
             waiters.popleft().set_result(value)

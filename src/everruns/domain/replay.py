@@ -17,7 +17,6 @@ Trio task or in a thread, and cannot touch the calling task.
 from __future__ import annotations
 
 import contextvars
-import copy
 import heapq
 import json
 import sys
@@ -41,7 +40,14 @@ from everruns.domain.commands import (
     StartTimer,
     is_terminal,
 )
-from everruns.domain.context import WorkflowContext, WorkflowInfo, _Future, _Wait, nondeterminism
+from everruns.domain.context import (
+    WorkflowContext,
+    WorkflowInfo,
+    _detached,
+    _Future,
+    _Wait,
+    nondeterminism,
+)
 from everruns.domain.history import HistoryEvent
 from everruns.domain.registry import Registry
 from everruns.errors import (
@@ -260,7 +266,7 @@ class _Driver:
 
 
 async def _main(workflow_fn: Callable[..., Any], ctx: WorkflowContext, input: Any) -> Any:
-    return await workflow_fn(ctx, copy.deepcopy(input))
+    return await workflow_fn(ctx, _detached(input))
 
 
 def _close_quietly(coro: Coroutine[Any, Any, Any]) -> None:
@@ -330,14 +336,24 @@ def error_from_exception(exc: BaseException) -> dict[str, Any]:
     Returns:
         ``{"type", "message", "traceback", "non_retryable": True}``; a workflow's failure is
         final, so it is always non-retryable. ``type`` is the bare name for builtins and the
-        qualified name otherwise.
+        qualified name otherwise. Text UTF-8 cannot carry (a lone surrogate) is escaped
+        (``\\udce9``), so the error can always be sent.
     """
     return h.error_info(
-        _type_name(exc),
-        h.exception_text(exc),
-        traceback=_format_traceback(exc),
+        _sendable(_type_name(exc)),
+        _sendable(h.exception_text(exc)),
+        traceback=_sendable(_format_traceback(exc)),
         non_retryable=True,
     )
+
+
+def _sendable(text: str) -> str:
+    # A lone surrogate (a file name from os.fsdecode, a JSON "\udce9" escape) cannot be sent
+    # as UTF-8: left in, the FailWorkflow could not be sent and the run would be stuck instead
+    # of failed. Written as its escape, as `repr` would show it.
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # ----------------------------------------------------------------------------- illegal awaits
@@ -411,12 +427,17 @@ def _illegal_call(info: WorkflowInfo, exc: BaseException) -> IllegalAwait | None
     # Outside a running loop trio.sleep/asyncio.sleep fail with RuntimeError before they yield
     # anything, and inside a replay Trio refuses (`_TrioRefused`): the same bug as awaiting them
     # inside a loop, so report it the same way. A loop's own cancellation (trio.Cancelled,
-    # asyncio.CancelledError) can only come from such a call too.
+    # asyncio.CancelledError) can only come from such a call too. So can any exception an
+    # event loop package raises itself, whatever its type: an asyncio primitive (Event.wait,
+    # Queue.get, a contended Semaphore) binds to the running loop, finds none, and fails with
+    # an AttributeError. An exception workflow code raises itself is raised in its own frame,
+    # and stays the workflow's failure.
     refused = isinstance(exc, _TrioRefused)
     foreign = not isinstance(exc, Exception) and (
         _top_package(type(exc).__module__) in _FOREIGN_PACKAGES
     )
-    if not (refused or foreign or isinstance(exc, RuntimeError)):
+    from_loop = _raised_by_foreign_package(exc)
+    if not (refused or foreign or from_loop or isinstance(exc, RuntimeError)):
         return None
     tb = exc.__traceback__
     previous: types.FrameType | None = None
@@ -440,6 +461,15 @@ def _illegal_call(info: WorkflowInfo, exc: BaseException) -> IllegalAwait | None
             f"and may await only what ctx gives it. {_advice('')}"
         )
     return None
+
+
+def _raised_by_foreign_package(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return _top_package(tb.tb_frame.f_globals.get("__name__")) in _FOREIGN_PACKAGES
 
 
 class _TrioRefused(BaseException):
