@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 from hypothesis import given
 from hypothesis import strategies as st
 
+from everruns.domain import payload
 from everruns.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -107,3 +109,19 @@ def test_which_refusals_are_retried() -> None:
     assert not is_transient(RpcError("bad token", status="UNAUTHENTICATED"))
     assert not is_transient(FailedPrecondition("stale lease"))
     assert not is_transient(InvalidArgument("bad"))
+
+
+@given(st.text(), st.text())
+def test_an_activity_failure_can_always_be_reported(message: str, type_part: str) -> None:
+    """Whatever text an activity's exception carries (a lone surrogate from os.fsdecode
+    included), its error object encodes: the worker's FailActivityTask used to fail to encode
+    it (PayloadError), and the attempt went unreported until a timeout."""
+    error_type = type("E" + type_part.encode("utf-8", "replace").hex(), (Exception,), {})
+    for exc in (ValueError(message), error_type(message)):
+        error = error_from_exception(exc)
+        assert payload.decode(payload.encode(error, what="error")) == error
+
+
+def test_a_lone_surrogate_in_a_failure_message_is_written_as_its_escape() -> None:
+    error = error_from_exception(ValueError(os.fsdecode(b"caf\xe9")))
+    assert error["message"] == "caf\\udce9"

@@ -289,17 +289,28 @@ def exception_text(exc: BaseException) -> str:
 def error_info(
     type: str, message: str, *, traceback: str = "", non_retryable: bool = False
 ) -> dict[str, Any]:
-    """Return the ``error`` object carried by failure events.
+    """Return the ``error`` object carried by failure events (text UTF-8 cannot carry, a
+    lone surrogate, written as its escape: the object must reach the control plane).
 
     Returns:
         ``{"type", "message", "traceback", "non_retryable"}``.
     """
     return {
-        "type": type,
-        "message": message,
-        "traceback": traceback,
+        "type": _sendable(type),
+        "message": _sendable(message),
+        "traceback": _sendable(traceback),
         "non_retryable": non_retryable,
     }
+
+
+def _sendable(text: str) -> str:
+    # A lone surrogate (a file name from os.fsdecode, a JSON "\udce9" escape) cannot be sent
+    # as UTF-8: left in, the failure could not be reported, and a workflow's run would stay
+    # stuck instead of failed, an activity's attempt unreported. Written as its escape, as
+    # `repr` would show it.
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _seconds(value: float) -> float:

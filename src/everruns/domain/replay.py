@@ -340,20 +340,11 @@ def error_from_exception(exc: BaseException) -> dict[str, Any]:
         (``\\udce9``), so the error can always be sent.
     """
     return h.error_info(
-        _sendable(_type_name(exc)),
-        _sendable(h.exception_text(exc)),
-        traceback=_sendable(_format_traceback(exc)),
+        _type_name(exc),
+        h.exception_text(exc),
+        traceback=_format_traceback(exc),
         non_retryable=True,
     )
-
-
-def _sendable(text: str) -> str:
-    # A lone surrogate (a file name from os.fsdecode, a JSON "\udce9" escape) cannot be sent
-    # as UTF-8: left in, the FailWorkflow could not be sent and the run would be stuck instead
-    # of failed. Written as its escape, as `repr` would show it.
-    if text.isascii():
-        return text
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # ----------------------------------------------------------------------------- illegal awaits
