@@ -534,7 +534,9 @@ async def test_concurrent_breaker_updates_lose_no_count(store: Store) -> None:
 
         async def fail_once() -> None:
             async with store.transaction() as conn:
-                await store.record_breaker_outcome(conn, "charge", success=False, config=config)
+                await store.record_breaker_outcome(
+                    conn, "charge", success=False, config=config, claimed_at=None
+                )
 
         async with trio.open_nursery() as nursery:
             for _ in range(40):
@@ -550,7 +552,7 @@ async def test_breaker_opens_after_five_failures_and_blocks_claims(store: Store)
         for _ in range(5):
             async with store.transaction() as conn:
                 state = await store.record_breaker_outcome(
-                    conn, "charge", success=False, config=config
+                    conn, "charge", success=False, config=config, claimed_at=None
                 )
         assert state.state == "open"
         async with store.transaction() as conn:

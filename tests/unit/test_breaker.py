@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import attrs
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from everruns.domain.breaker import (
@@ -15,6 +15,7 @@ from everruns.domain.breaker import (
     BreakerState,
     BreakerStateName,
     admit,
+    is_probe,
     on_failure,
     on_success,
     probe_at,
@@ -33,7 +34,7 @@ def at(seconds: float) -> dt.datetime:
 
 def fail_n(state: BreakerState, times: list[float], cfg: BreakerConfig = CFG) -> BreakerState:
     for t in times:
-        state = on_failure(state, cfg, at(t))
+        state = on_failure(state, cfg, at(t), claimed_at=at(t))
     return state
 
 
@@ -107,7 +108,7 @@ def test_five_failures_open_the_breaker() -> None:
     s = fail_n(reset("k"), [0, 1, 2, 3])
     assert s.state == "closed"
     assert s.failure_count == 4
-    s = on_failure(s, CFG, at(4))
+    s = on_failure(s, CFG, at(4), claimed_at=at(4))
     assert s.state == "open"
     assert s.opened_at == at(4)
     assert s.last_failure_at == at(4)
@@ -129,13 +130,13 @@ def test_the_window_slides() -> None:
     # failure at 0 must not make the burst at 57..62 s straddle two windows.
     s = fail_n(reset("k"), [0, 57, 58, 59, 61])
     assert (s.state, s.failure_count) == ("closed", 4)
-    assert on_failure(s, CFG, at(62)).state == "open"
+    assert on_failure(s, CFG, at(62), claimed_at=at(62)).state == "open"
 
 
 def test_an_operator_lowering_the_count_forgets_the_older_failures() -> None:
     # `UPDATE durable_circuit_breaker_state SET failure_count = 0`: the times it kept go too.
     s = attrs.evolve(fail_n(reset("k"), [0, 1, 2, 3]), failure_count=0)
-    s = on_failure(s, CFG, at(4))
+    s = on_failure(s, CFG, at(4), claimed_at=at(4))
     assert (s.state, s.failure_count, s.recent_failures) == ("closed", 1, (at(4),))
 
 
@@ -143,7 +144,7 @@ def test_success_while_closed_does_not_reset_the_count() -> None:
     s = fail_n(reset("k"), [0, 1, 2, 3])
     s = on_success(s, CFG, at(3.5))
     assert s.failure_count == 4
-    assert on_failure(s, CFG, at(4)).state == "open"
+    assert on_failure(s, CFG, at(4), claimed_at=at(4)).state == "open"
 
 
 def test_open_refuses_until_open_duration_then_probes() -> None:
@@ -194,7 +195,7 @@ def test_probe_failure_reopens_with_a_new_opened_at() -> None:
     _, s = admit(s, CFG, at(40))
     s = on_success(s, CFG, at(41))
     _, s = admit(s, CFG, at(42))
-    s = on_failure(s, CFG, at(43))
+    s = on_failure(s, CFG, at(43), claimed_at=at(42))
     assert s.state == "open"
     assert s.opened_at == at(43)
     assert (s.success_count, s.probes_in_flight) == (0, 0)
@@ -202,9 +203,24 @@ def test_probe_failure_reopens_with_a_new_opened_at() -> None:
     assert admit(s, CFG, at(43 + 30))[0]
 
 
+def test_a_late_failure_of_a_task_claimed_before_it_opened_leaves_half_open_alone() -> None:
+    # A call that hung through the outage (claimed at 3, before the breaker opened at 4) fails
+    # while the probe is out: not the probe's verdict, so the probe keeps its slot and its say.
+    s = fail_n(reset("k"), [0, 1, 2, 3, 4])
+    _, s = admit(s, CFG, at(40))
+    late = on_failure(s, CFG, at(41), claimed_at=at(3))
+    assert late == attrs.evolve(s, failure_count=6, last_failure_at=at(41))
+    assert (late.state, late.probes_in_flight, late.opened_at) == ("half_open", 1, at(4))
+    assert not admit(late, CFG, at(41))[0]  # the probe's slot is still taken
+    assert on_success(late, CFG, at(42)).success_count == 1
+    assert on_failure(late, CFG, at(42), claimed_at=None) == attrs.evolve(
+        late, failure_count=7, last_failure_at=at(42)
+    )
+
+
 def test_late_results_while_open_do_not_extend_it() -> None:
     s = fail_n(reset("k"), [0, 1, 2, 3, 4])
-    s = on_failure(s, CFG, at(20))
+    s = on_failure(s, CFG, at(20), claimed_at=at(3))
     s = on_success(s, CFG, at(21))
     assert s.state == "open"
     assert s.opened_at == at(4)
@@ -229,7 +245,7 @@ def test_probe_at() -> None:
 
 def test_clock_stepping_backwards_is_absorbed() -> None:
     s = fail_n(reset("k"), [100, 101])
-    s = on_failure(s, CFG, at(50))
+    s = on_failure(s, CFG, at(50), claimed_at=at(50))
     assert (s.state, s.failure_count) == ("closed", 3)
     s = fail_n(s, [102, 103])
     assert s.state == "open"
@@ -270,7 +286,7 @@ def test_random_sequences_stay_valid(cfg: BreakerConfig, script: list[tuple[Op, 
         if op == "failure":
             if before.state == "closed":
                 closed_failures.append(t)
-            s = on_failure(s, cfg, now)
+            s = on_failure(s, cfg, now, claimed_at=now)
             if before.state == "closed":
                 # Opens exactly when the last failure_threshold failures fit in the window.
                 recent = closed_failures[-cfg.failure_threshold :]
@@ -307,12 +323,75 @@ def test_random_sequences_stay_valid(cfg: BreakerConfig, script: list[tuple[Op, 
         assert s.key == "k"
 
 
+End = Literal["failure", "success", "release"]
+
+
+@settings(max_examples=300)
+@given(
+    # Quick to open and to probe: late results of the tasks out when it opens are the point.
+    st.builds(
+        BreakerConfig,
+        failure_threshold=st.integers(1, 3),
+        window=st.just(60.0),
+        open_duration=st.sampled_from([0.0, 5.0]),
+        half_open_max_probes=st.integers(1, 3),
+        success_threshold=st.integers(1, 3),
+    ),
+    st.lists(
+        st.tuples(
+            st.sampled_from([0.0, 1.0, 5.0]),
+            st.integers(0, 2),
+            st.one_of(st.none(), st.sampled_from(["failure", "success", "release"])),
+            st.integers(0, 3),
+        ),
+        max_size=60,
+    ),
+)
+def test_only_probes_move_an_unclosed_breaker(
+    cfg: BreakerConfig, script: list[tuple[float, int, End | None, int]]
+) -> None:
+    # Each step hands out up to `claims` tasks, then one task out ends (the one out the longest
+    # for pick 0, else another), in any order, late ones included. As the store does, a success
+    # or a release writes the breaker only for a probe (`is_probe`), a failure always. While
+    # half-open, the slots taken are exactly the probes out, and a failure of a task claimed
+    # before the breaker last opened moves nothing but the informational counts.
+    s = reset("k")
+    t = 0.0
+    out: list[dt.datetime] = []  # claim times of the tasks handed out and not ended
+    for advance, claims, end, pick in script:
+        t += advance + 0.001
+        for _ in range(claims):
+            ok, s = admit(s, cfg, at(t))
+            if ok:
+                out.append(at(t))
+                assert s.state == "closed" or is_probe(s, at(t))
+        # Strictly after the claims: a claim and an opening are never simultaneous.
+        now = at(t + 0.0005)
+        before = s
+        if end is not None and out:
+            claimed = out.pop(pick % len(out) if pick else 0)
+            probe = is_probe(before, claimed)
+            if end == "failure":
+                s = on_failure(before, cfg, now, claimed_at=claimed)
+                if probe:
+                    assert (s.state, s.opened_at, s.probes_in_flight) == ("open", now, 0)
+                elif before.state != "closed":
+                    assert s == attrs.evolve(
+                        before, failure_count=before.failure_count + 1, last_failure_at=now
+                    )
+            elif probe:
+                s = (on_success if end == "success" else release_probe)(before, cfg, now)
+        if s.state == "half_open":
+            assert s.probes_in_flight == sum(is_probe(s, c) for c in out)
+        check_invariants(s, cfg)
+
+
 @given(st.lists(st.floats(min_value=0.0, max_value=60.0), min_size=5, max_size=5))
 def test_five_failures_within_the_window_always_open(times: list[float]) -> None:
     times.sort()
     s = fail_n(reset("k"), times[:4])
     assert s.state == "closed"
-    assert on_failure(s, CFG, at(times[4])).state == "open"
+    assert on_failure(s, CFG, at(times[4]), claimed_at=at(times[4])).state == "open"
 
 
 @given(
@@ -325,7 +404,11 @@ def test_successes_interleaved_do_not_prevent_opening(
     events = sorted([(t, "f") for t in failures] + [(t, "s") for t in successes])
     s = reset("k")
     for t, kind in events:
-        s = on_failure(s, CFG, at(t)) if kind == "f" else on_success(s, CFG, at(t))
+        s = (
+            on_failure(s, CFG, at(t), claimed_at=at(t))
+            if kind == "f"
+            else on_success(s, CFG, at(t))
+        )
     assert s.state == "open"
 
 
@@ -335,7 +418,7 @@ def test_failures_spread_over_more_than_the_window_never_open(gaps: list[float])
     s = reset("k")
     t = 0.0
     for gap in gaps:
-        s = on_failure(s, CFG, at(t))
+        s = on_failure(s, CFG, at(t), claimed_at=at(t))
         assert s.state == "closed"
         t += gap
 
@@ -388,11 +471,14 @@ def any_valid_state(draw: st.DrawFn) -> BreakerState:
         max_value=dt.datetime(2200, 1, 1),
         timezones=st.just(dt.UTC),
     ),
+    optional_times,
 )
-def test_every_transition_is_total(s: BreakerState, cfg: BreakerConfig, now: dt.datetime) -> None:
+def test_every_transition_is_total(
+    s: BreakerState, cfg: BreakerConfig, now: dt.datetime, claimed_at: dt.datetime | None
+) -> None:
     # Rows written under another config or clock must never make the store's transaction fail.
     results = [
-        on_failure(s, cfg, now),
+        on_failure(s, cfg, now, claimed_at=claimed_at),
         on_success(s, cfg, now),
         admit(s, cfg, now)[1],
         release_probe(s, cfg, now),
@@ -403,6 +489,34 @@ def test_every_transition_is_total(s: BreakerState, cfg: BreakerConfig, now: dt.
         assert (r.opened_at is None) == (r.state == "closed")
         assert r.probes_in_flight <= max(s.probes_in_flight, cfg.half_open_max_probes)
     probe_at(s, cfg)
+
+
+@given(
+    any_valid_state(),
+    configs,
+    st.datetimes(
+        min_value=dt.datetime(2000, 1, 1),
+        max_value=dt.datetime(2100, 1, 1),
+        timezones=st.just(dt.UTC),
+    ),
+    optional_times,
+)
+def test_a_failure_reopens_an_unclosed_breaker_only_from_a_probe(
+    s: BreakerState, cfg: BreakerConfig, now: dt.datetime, claimed_at: dt.datetime | None
+) -> None:
+    # A probe: a half-open breaker's task claimed since it opened (as the store's SQL says).
+    probe = (
+        s.state == "half_open"
+        and claimed_at is not None
+        and s.opened_at is not None
+        and claimed_at >= s.opened_at
+    )
+    assert is_probe(s, claimed_at) is probe
+    r = on_failure(s, cfg, now, claimed_at=claimed_at)
+    if probe:
+        assert (r.state, r.opened_at, r.probes_in_flight, r.success_count) == ("open", now, 0, 0)
+    elif s.state != "closed":
+        assert r == attrs.evolve(s, failure_count=s.failure_count + 1, last_failure_at=now)
 
 
 def test_probe_at_far_future_does_not_overflow() -> None:

@@ -14,7 +14,7 @@ The life of a breaker::
     closed --(failure_threshold failures within window)--> open
     open --(open_duration elapsed, on the next admit)--> half_open
     half_open --(success_threshold successes)--> closed
-    half_open --(any failure)--> open (with a new opened_at)
+    half_open --(a probe fails)--> open (with a new opened_at)
 
 Decisions that are easy to get wrong:
 
@@ -29,7 +29,9 @@ Decisions that are easy to get wrong:
   open (tasks handed out before it opened) are recorded as ``last_failure_at`` but move nothing.
 - In half_open every task handed out is a probe; a probe's verdict (success or failure) frees
   its slot, and :func:`release_probe` frees the slot of a probe that ended without one (reclaimed,
-  cancelled, timed out by the server).
+  cancelled, timed out by the server). A task claimed before the breaker last opened is no probe
+  (:func:`is_probe`): its failure while half-open moves nothing, as one while open does, so a
+  call that hung through the outage and times out late cannot reopen the breaker over its probe.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ __all__ = [
     "BreakerState",
     "BreakerStateName",
     "admit",
+    "is_probe",
     "on_failure",
     "on_success",
     "probe_at",
@@ -186,25 +189,51 @@ def reset(key: str) -> BreakerState:
     return BreakerState(key=key)
 
 
-def on_failure(state: BreakerState, cfg: BreakerConfig, now: dt.datetime) -> BreakerState:
+def is_probe(state: BreakerState, claimed_at: dt.datetime | None) -> bool:
+    """Whether a task claimed at ``claimed_at`` is a probe of this breaker: it is half-open and
+    the task was handed out since the breaker last opened (the store's ``release_probe`` and
+    ``complete_activities`` statements apply the same rule in SQL).
+
+    Args:
+        state: the current state.
+        claimed_at: when the task was claimed; None for one never handed out.
+
+    Returns:
+        True only for a half-open breaker and a task claimed at or after its ``opened_at``.
+        Never raises.
+    """
+    return (
+        state.state == "half_open"
+        and state.opened_at is not None
+        and claimed_at is not None
+        and state.opened_at <= claimed_at
+    )
+
+
+def on_failure(
+    state: BreakerState, cfg: BreakerConfig, now: dt.datetime, *, claimed_at: dt.datetime | None
+) -> BreakerState:
     """Record a failed task of this key.
 
     Closed: counts the failure with those of the last ``cfg.window`` seconds and opens the
-    breaker when they reach ``cfg.failure_threshold``. Half-open: the probe failed, so the
-    breaker re-opens with ``opened_at = now``. Open: only ``failure_count`` and
-    ``last_failure_at`` change; a late failure does not extend the open period.
+    breaker when they reach ``cfg.failure_threshold``. Half-open, from a probe
+    (:func:`is_probe`): the probe failed, so the breaker re-opens with ``opened_at = now``.
+    Open, or half-open from a task claimed before the breaker opened: only ``failure_count``
+    and ``last_failure_at`` change; a late failure neither extends the open period nor takes
+    a probe's slot or verdict.
 
     Args:
         state: the current state.
         cfg: the breaker's configuration.
         now: the time of the failure.
+        claimed_at: when the failed task was claimed (None: never handed out).
 
     Returns:
         The next state. Never raises.
     """
-    if state.state == "half_open":
+    if is_probe(state, claimed_at):
         return _open(state, now, state.failure_count + 1)
-    if state.state == "open":
+    if state.state != "closed":
         return attrs.evolve(state, failure_count=state.failure_count + 1, last_failure_at=now)
     # The failures still in the window: no more than failure_count says (an operator's SQL may
     # have lowered it), and one fewer than the threshold is all a decision needs. A clock that

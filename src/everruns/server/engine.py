@@ -271,7 +271,8 @@ class Engine:
         transaction-scoped advisory lock, shared by every control plane on the database (each
         plane's starts queue for it one at a time, holding no connection while they wait).
         Only the starts that would add a run count: one whose workflow id has an open run, or
-        whose request id names a run already, returns that run and adds nothing."""
+        whose request id names a run already, returns that run and adds nothing, and the
+        starts of a batch that name one new workflow id add one run between them."""
         limit = self.config.max_pending_tasks
         if not limit:
             yield
@@ -279,10 +280,7 @@ class Engine:
         async with self._capacity, self.store.transaction() as conn:
             await conn.execute("SELECT pg_advisory_xact_lock($1)", CAPACITY_LOCK)
             adding = await self.store.count_new_runs(
-                conn,
-                [r.workflow_id for r in requests if r.workflow_id],
-                [r.run_id for r in requests if r.run_id is not None],
-                len(requests),
+                conn, [(r.workflow_id or None, r.run_id) for r in requests]
             )
             if adding and await self.store.count_pending(conn) + adding > limit:
                 raise ResourceExhausted(
@@ -1887,8 +1885,13 @@ class Engine:
             await self.store.ensure_workflow_task(conn, run)
 
     async def _breaker_failure(self, conn: Connection, task: Task) -> None:
+        # A task claimed before its breaker last opened was no probe: its failure moves nothing.
         state = await self.store.record_breaker_outcome(
-            conn, task.effective_breaker_key, success=False, config=self.breakers
+            conn,
+            task.effective_breaker_key,
+            success=False,
+            config=self.breakers,
+            claimed_at=task.claimed_at,
         )
         if state.state != "closed":
             self._unclosed_for_claims.opened()

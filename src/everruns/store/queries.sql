@@ -165,7 +165,8 @@ SELECT * FROM durable_task_queue WHERE id = $1;
 
 -- name: retry_task
 -- Put a failed attempt back in the queue after a delay, keeping its error; a task whose
--- cancellation was requested (by its workflow, or because its run ended) is cancelled instead.
+-- cancellation was requested (by its workflow, or because its run ended) is cancelled instead
+-- (every failure of such a task comes here, its last attempt's too: it is never dead-lettered).
 UPDATE durable_task_queue
 SET status = CASE WHEN cancel_requested_at IS NULL THEN 'pending' ELSE 'cancelled' END,
     claimed_by = NULL, claimed_at = NULL, heartbeat_at = NULL,
@@ -254,11 +255,16 @@ WHERE d.id = $1
 FOR KEY SHARE OF r;
 
 -- name: revive_task
--- Put a dead task back in the queue with fresh attempts. Its run is locked (key share): a
+-- Put a dead task back in the queue with fresh attempts: an activity's budget is its retry
+-- policy's again ($2 when the policy names none, as when it was enqueued), not what its last
+-- life ended with (a graceful drain's release adds one). Its run is locked (key share): a
 -- retention round skips a locked run, and one that locked it first has deleted it (with the
 -- task) by the time this goes on, so the requeue fails instead of being lost silently.
 UPDATE durable_task_queue t
 SET status = 'pending', attempt = 0, claimed_by = NULL, claimed_at = NULL, heartbeat_at = NULL,
+    max_attempts = CASE WHEN t.kind = 'activity'
+                        THEN coalesce((t.retry_policy->>'max_attempts')::int, $2::int)
+                        ELSE t.max_attempts END,
     visible_at = now(), start_deadline = now() + make_interval(secs => schedule_to_start_s),
     completed_at = NULL, cancel_requested_at = NULL, requeue_count = requeue_count + 1,
     updated_at = now()
@@ -706,14 +712,21 @@ WHERE r.id = ANY($1::uuid[])
 RETURNING id;
 
 -- name: count_new_runs
--- Of $3 starts, how many would add a run: not those whose workflow id ($1) has an open run,
--- nor those whose request id ($2) names a run already (each answers with that run).
-SELECT $3::int
-       - (SELECT count(DISTINCT workflow_id) FROM durable_workflow_instances
-          WHERE workflow_id = ANY($1::text[]) AND status IN ('pending', 'running'))::int
-       - (SELECT count(*) FROM durable_workflow_instances
-          WHERE id = ANY($2::uuid[])
-            AND (status NOT IN ('pending', 'running') OR NOT (workflow_id = ANY($1::text[]))))::int;
+-- How many runs a batch of starts would add, deciding per start as start_workflows does: $3
+-- starts name neither a workflow id nor a run id and add one each; the others come as parallel
+-- arrays ($1 the workflow id, NULL for a generated one; $2 the run id the request asks for,
+-- NULL for none). One whose run id names a run adds none (that run answers, whatever its
+-- state), nor one whose workflow id has an open run (that run answers); the rest add one run
+-- per workflow id (a later start of the id gets the first one's run), one each without one.
+SELECT ($3::int + count(*) FILTER (WHERE s.workflow_id IS NULL)
+        + count(DISTINCT s.workflow_id))::int
+FROM unnest($1::text[], $2::uuid[]) AS s(workflow_id, run_id)
+-- OFFSET 0 keeps both a lookup by key per start: as anti-joins, PostgreSQL may read every run
+-- (or every open one) instead.
+WHERE NOT EXISTS (SELECT 1 FROM durable_workflow_instances x WHERE x.id = s.run_id OFFSET 0)
+  AND NOT EXISTS (SELECT 1 FROM durable_workflow_instances o
+                  WHERE o.workflow_id = s.workflow_id AND o.status IN ('pending', 'running')
+                  OFFSET 0);
 
 -- name: release_probe
 -- A half-open breaker's probe ended without a verdict: free its slot. $2 is when the task was

@@ -977,7 +977,8 @@ class Store:
         *,
         non_retryable: bool = False,
     ) -> FailOutcome:
-        """Record a failed attempt: retry after backoff, or kill it into the dead-letter queue.
+        """Record a failed attempt: retry after backoff, or kill it into the dead-letter queue;
+        a task whose cancellation was requested is cancelled instead, whatever its attempts.
 
         The dead letter is written in the same transaction that marks the task dead.
 
@@ -990,6 +991,15 @@ class Store:
     async def _fail_locked(
         self, conn: Connection, task: Task, error: dict[str, Any], *, non_retryable: bool
     ) -> FailOutcome:
+        entry = {**error, "attempt": task.attempt}
+        if task.cancel_requested_at is not None:
+            # Cancelled, whatever its attempts or its error: never dead-lettered (the workflow
+            # asked for it to stop, and sees ActivityCancelled). retry_task closes it so.
+            row = await conn.fetchrow(
+                Q["retry_task"], task.task_id, 0.0, encode_text(entry, what="error")
+            )
+            assert row is not None
+            return FailOutcome(Task.from_row(row), False, 0.0, None)
         policy = attrs.evolve(_stored_policy(task.retry_policy), max_attempts=task.max_attempts)
         decision = decide_retry(
             policy,
@@ -998,7 +1008,6 @@ class Store:
             non_retryable or bool(error.get("non_retryable")),
             self._rng.random(),
         )
-        entry = {**error, "attempt": task.attempt}
         if decision.retry:
             row = await conn.fetchrow(
                 Q["retry_task"], task.task_id, decision.delay, encode_text(entry, what="error")
@@ -1033,12 +1042,18 @@ class Store:
         that stops gracefully gives back what outlived its grace period: that attempt was
         interrupted, not spent), the task gets one attempt more instead, so attempts keep
         their numbers and its budget is whole. A task with no use in the queue is closed
-        instead (see queries.sql): then ``will_retry`` is False.
+        instead (see queries.sql): then ``will_retry`` is False. So is a task whose
+        cancellation was requested, on its last attempt too: cancelled, not dead-lettered.
         """
         entry = {**reason, "attempt": task.attempt}
         holder = task.claimed_by
         await self.release_probe(conn, task)
-        if charge and task.kind == "activity" and task.attempt >= task.max_attempts:
+        if (
+            charge
+            and task.kind == "activity"
+            and task.cancel_requested_at is None  # else the release cancels it
+            and task.attempt >= task.max_attempts
+        ):
             dead_task, letter = await self._kill(conn, task, entry)
             return FailOutcome(dead_task, False, 0.0, letter, holder)
         release = partial(
@@ -1126,21 +1141,21 @@ class Store:
         return int(await (conn or self.pool).fetchval(Q["count_pending_tasks"]))
 
     async def count_new_runs(
-        self,
-        conn: Connection,
-        workflow_ids: Sequence[str],
-        request_ids: Sequence[uuid.UUID],
-        starts: int,
+        self, conn: Connection, starts: Sequence[tuple[str | None, uuid.UUID | None]]
     ) -> int:
-        """Of ``starts`` starts, how many would add a run (an open workflow id, or a request
-        id already answered, adds none)."""
-        return max(
-            0,
-            int(
-                await conn.fetchval(
-                    Q["count_new_runs"], list(workflow_ids), list(request_ids), starts
-                )
-            ),
+        """How many runs the ``(workflow_id, run_id)`` starts of a batch would add (None: no
+        workflow id, a generated one; no run id asked for), as `start_workflows` decides: a
+        run id that names a run adds none, nor does a workflow id with an open run, and the
+        starts of one new workflow id add one run together."""
+        # Starts that name neither always add a run: only their number goes to the database.
+        named = [(w, r) for w, r in starts if w is not None or r is not None]
+        return int(
+            await conn.fetchval(
+                Q["count_new_runs"],
+                [w for w, _ in named],
+                [r for _, r in named],
+                len(starts) - len(named),
+            )
         )
 
     async def tasks_of_run(
@@ -1331,7 +1346,8 @@ class Store:
         return [DeadLetter.from_row(r) for r in rows]
 
     async def requeue_dead_letter(self, conn: Connection, dead_letter_id: uuid.UUID) -> Task:
-        """Put a dead letter's task back in the queue with fresh attempts.
+        """Put a dead letter's task back in the queue with fresh attempts: an activity gets
+        its retry policy's budget again (not one a drain's release added to its last life).
 
         Raises:
             NotFound: no such dead letter.
@@ -1350,7 +1366,8 @@ class Store:
         return await self._revive(conn, DeadLetter.from_row(row))
 
     async def _revive(self, conn: Connection, letter: DeadLetter) -> Task:
-        task = await conn.fetchrow(Q["revive_task"], letter.task_id)
+        # The budget of a policy that names none, as a task enqueued without one gets it.
+        task = await conn.fetchrow(Q["revive_task"], letter.task_id, RetryPolicy().max_attempts)
         if task is None:
             raise FailedPrecondition(
                 f"task {letter.task_id} of dead letter {letter.id} is not dead"
@@ -1529,14 +1546,18 @@ class Store:
         *,
         success: bool,
         config: breaker_math.BreakerConfig,
+        claimed_at: datetime | None,
     ) -> breaker_math.BreakerState:
-        """Apply one success or failure to a breaker atomically (row lock + pure transition)."""
+        """Apply one success or failure to a breaker atomically (row lock + pure transition).
+
+        ``claimed_at`` is when the task was claimed: a failure of one claimed before the
+        breaker last opened was no probe's and moves nothing (`breaker.is_probe`)."""
         state = await self._locked_breaker(conn, key)
         now = await self.now(conn)
         new = (
             breaker_math.on_success(state, config, now)
             if success
-            else breaker_math.on_failure(state, config, now)
+            else breaker_math.on_failure(state, config, now, claimed_at=claimed_at)
         )
         return await self._save_breaker(conn, new)
 
