@@ -9,6 +9,7 @@ onto ``everruns.errors`` here. No SQL text lives here: callers pass it in.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import ssl
@@ -32,6 +33,8 @@ from everruns.errors import (
 )
 
 Row = Mapping[str, Any]
+
+_log = logging.getLogger("everruns.db")
 
 _CLEANUP_SECONDS = 5.0
 
@@ -656,6 +659,44 @@ async def connect(url: str) -> AsyncIterator[Connection]:
             _drop(raw)
 
 
+LISTEN_PING_INTERVAL = 30.0
+"""Seconds between the pings that check a LISTEN connection still answers. A connection that
+only listens sends nothing: one whose peer vanished without a reset (a network partition, a
+host gone) would look alive for as long as TCP takes to give up (hours), and no wake-up would
+arrive meanwhile."""
+
+LISTEN_PING_TIMEOUT = 10.0
+"""Seconds a ping may take before its LISTEN connection counts as lost."""
+
+
+async def _ping_until_lost(raw: Any, lost: Callable[[], None]) -> None:
+    """Ping a LISTEN connection every `LISTEN_PING_INTERVAL` until it fails to answer within
+    `LISTEN_PING_TIMEOUT` (then it is closed at once, without a goodbye, and ``lost`` called)
+    or fails outright (its termination listener reports that)."""
+
+    async def cut_off_if_silent(answered: trio.Event) -> None:
+        with trio.move_on_after(LISTEN_PING_TIMEOUT):
+            await answered.wait()
+            return
+        _log.warning(
+            "the LISTEN connection did not answer within %.0f s; dropping it", LISTEN_PING_TIMEOUT
+        )
+        await call_in_loop(raw.terminate)  # the ping in flight fails at once
+        lost()
+
+    while True:
+        await trio.sleep(LISTEN_PING_INTERVAL)
+        answered = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cut_off_if_silent, answered)
+            try:
+                await run_aio(raw.fetchval, "SELECT 1")
+            except _MAPPED:
+                return
+            finally:
+                answered.set()
+
+
 @asynccontextmanager
 async def listen(
     url: str, channels: Sequence[str], *, on_dropped: Callable[[], None] | None = None
@@ -663,7 +704,8 @@ async def listen(
     """LISTEN on ``channels`` over a dedicated connection; notifications arrive on the channel.
 
     The LISTEN is registered before the block starts, so nothing sent after entry is missed.
-    If the connection is lost, the receive channel is closed (receivers see EndOfChannel).
+    If the connection is lost, the receive channel is closed (receivers see EndOfChannel),
+    also when it stops answering (`LISTEN_PING_INTERVAL`) without being closed.
     A notification that finds the channel's buffer full is dropped, and ``on_dropped`` is
     called (on the Trio thread) so the receiver can make up for it.
     """
@@ -701,7 +743,10 @@ async def listen(
                 await run_aio(raw.add_listener, channel, on_notify)
         except _MAPPED as exc:  # the connection died while it registered: as any query's error
             raise map_pg_error(exc) from exc
-        try:
-            yield receive
-        finally:
-            send.close()
+        async with trio.open_nursery() as pinging:
+            pinging.start_soon(_ping_until_lost, raw, send.close)
+            try:
+                yield receive
+            finally:
+                send.close()
+                pinging.cancel_scope.cancel()
