@@ -183,6 +183,10 @@ def render_description(d: WorkflowDescription) -> str:
                 "`everruns worker MODULE`",
             )
         )
+    if d.pending_timers:  # an open run asleep on ctx.sleep: when it wakes
+        first = d.pending_timers[0]
+        more = f" (and {len(d.pending_timers) - 1} more)" if len(d.pending_timers) > 1 else ""
+        fields.append(("timer", f"{first.timer_id} fires {_when(first.fire_at)}{more}"))
     width = max(len(k) for k, _ in fields)
     lines = [f"{k.ljust(width)}  {v}" for k, v in fields]
     if d.error and d.error.get("traceback"):
@@ -597,6 +601,10 @@ def _run_migrate(args: argparse.Namespace) -> int:
 
 def _run_worker(args: argparse.Namespace) -> int:
     _set_address(args)
+    # As `python -m everruns.worker` does: modules are found in the current directory first
+    # (a console script's own path starts with its bin directory instead).
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module("everruns.worker.__main__")
     except ImportError as exc:

@@ -58,6 +58,7 @@ __all__ = [
     "DeadLetterInfo",
     "HistoryEvent",
     "PendingActivity",
+    "PendingTimer",
     "WorkerInfo",
     "WorkflowDescription",
     "WorkflowHandle",
@@ -200,6 +201,24 @@ class PendingActivity:
 
 
 @attrs.frozen
+class PendingTimer:
+    """A timer of a run (``ctx.sleep``) that has not fired yet.
+
+    Attributes:
+        timer_id: its command id within the run.
+        fire_at: when it fires.
+    """
+
+    timer_id: str
+    fire_at: datetime
+
+    @classmethod
+    def from_proto(cls, msg: Any) -> PendingTimer:
+        """Build from a ``pb.PendingTimer``."""
+        return cls(timer_id=msg.timer_id, fire_at=_required_time(msg.fire_at))
+
+
+@attrs.frozen
 class WorkflowDescription:
     """Everything known about one run.
 
@@ -218,6 +237,7 @@ class WorkflowDescription:
         parent_workflow_id: the parent's workflow id for a child run, else None.
         pending_activities: activities not finished yet, with their attempts and errors.
         waiting_for_worker: no live worker serves a type this run needs.
+        pending_timers: timers not fired yet (an open run's), soonest first.
     """
 
     workflow_id: str
@@ -234,6 +254,7 @@ class WorkflowDescription:
     parent_workflow_id: str | None
     pending_activities: tuple[PendingActivity, ...]
     waiting_for_worker: bool
+    pending_timers: tuple[PendingTimer, ...] = ()
 
     @property
     def is_open(self) -> bool:
@@ -258,6 +279,7 @@ class WorkflowDescription:
             parent_workflow_id=msg.parent_workflow_id or None,
             pending_activities=tuple(PendingActivity.from_proto(a) for a in msg.pending_activities),
             waiting_for_worker=msg.waiting_for_worker,
+            pending_timers=tuple(PendingTimer.from_proto(t) for t in msg.pending_timers),
         )
 
 

@@ -153,3 +153,16 @@ def test_tool_table_and_registration() -> None:
         "act.http_get",
         "act.unit_test_lookup",
     }
+
+
+@pytest.mark.parametrize("value", ["true", "yes", "on", "TRUE", "1"])
+def test_http_get_is_switched_on_as_every_switch_is(value: str) -> None:
+    """`EVERRUNS_ENABLE_HTTP_GET` accepts what every on/off variable does (only "1" did: "true"
+    left the tool off without a word)."""
+    prepared = prepare_turn(turn(), env={HTTP_GET_ENV: value})
+    assert "http_get" in [t["name"] for t in prepared["tools"]]
+
+
+def test_a_bad_http_get_switch_is_named() -> None:
+    with pytest.raises(NonRetryableError, match=f"{HTTP_GET_ENV}='maybe'"):
+        prepare_turn(turn(), env={HTTP_GET_ENV: "maybe"})

@@ -4,10 +4,10 @@
 step runs every call as its own durable task) and as a `ToolSpec` in this process's tool table
 (name, description, JSON-schema parameters) that ``process_input`` offers to the model. Built
 in: ``calculator`` (safe arithmetic, no eval), ``clock``, ``sleep`` (waits, for demos of long
-steps and cancellation) and ``http_get`` (off unless ``EVERRUNS_ENABLE_HTTP_GET=1`` on the
-worker). A tool receives the model's arguments (a JSON object) and returns a JSON value; it
-raises `NonRetryableError` when the arguments are wrong (the model is told), anything else to be
-retried. This module decides nothing about turns.
+steps and cancellation) and ``http_get`` (off unless ``EVERRUNS_ENABLE_HTTP_GET`` is on, e.g.
+``1``, on the worker). A tool receives the model's arguments (a JSON object) and returns a JSON
+value; it raises `NonRetryableError` when the arguments are wrong (the model is told), anything
+else to be retried. This module decides nothing about turns.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ import trio
 
 from everruns.agent import _http
 from everruns.agent.calculator import evaluate, to_json_number
+from everruns.domain.address import switch_from_env
 from everruns.domain.registry import Registry, activity
 from everruns.domain.retry import RetryPolicy
-from everruns.errors import EverrunsError, InvalidArgument, NonRetryableError
+from everruns.errors import ConfigError, EverrunsError, InvalidArgument, NonRetryableError
 from everruns.worker.activity import ActivityContext
 
 __all__ = [
@@ -254,7 +255,12 @@ async def sleep(ctx: ActivityContext, arguments: Any) -> dict[str, Any]:
 
 
 def _http_get_enabled(env: Mapping[str, str]) -> bool:
-    return env.get(HTTP_GET_ENV) == "1"
+    """`EVERRUNS_ENABLE_HTTP_GET` read as every on/off variable is (1/true/yes/on, 0/false/
+    no/off); any other value fails the call for good, saying so (the model is told)."""
+    try:
+        return switch_from_env(env, HTTP_GET_ENV, default=False)
+    except ConfigError as exc:
+        raise NonRetryableError(str(exc)) from None
 
 
 @tool(

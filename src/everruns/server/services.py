@@ -565,7 +565,9 @@ class WorkflowService:
     async def _describe(self, run: WorkflowRun) -> pb.WorkflowDescription:
         tasks = await self.store.tasks_of_run(run.run_id)
         waiting = False
+        timers: list[tuple[str, datetime]] = []
         if run.is_open:
+            timers = await self.store.pending_timers(run.run_id)
             waiting = not await self.store.worker_serves(run.workflow_type, "workflow")
             for type_name in sorted({t.type_name for t in tasks if t.status == "pending"}):
                 if waiting:
@@ -592,6 +594,7 @@ class WorkflowService:
             parent_workflow_id=parent_wid,
             pending_activities=[_activity_info(t) for t in tasks],
             waiting_for_worker=waiting,
+            pending_timers=[pb.PendingTimer(timer_id=t, fire_at=_ts(at)) for t, at in timers],
         )
 
     async def describe_workflow(

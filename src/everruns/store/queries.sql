@@ -581,6 +581,13 @@ SELECT * FROM durable_task_queue
 WHERE run_id = $1 AND kind = $2 AND status = ANY($3::text[])
 ORDER BY created_at, activity_id;
 
+-- name: pending_timers_of_run
+-- A run's timers that have not fired (nor been cancelled), soonest first (the unique index on
+-- run_id, timer_id finds them).
+SELECT timer_id, fire_at FROM durable_timers
+WHERE run_id = $1 AND status = 'pending'
+ORDER BY fire_at, timer_id;
+
 -- name: workflow_task_held
 -- Whether a worker holds one of a run's workflow tasks. Locks its open workflow tasks, so that
 -- a claim of one under way is waited for and seen.

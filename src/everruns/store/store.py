@@ -1170,6 +1170,11 @@ class Store:
         rows = await (conn or self.pool).fetch(Q["tasks_of_run"], run_id, kind, list(statuses))
         return [Task.from_row(r) for r in rows]
 
+    async def pending_timers(self, run_id: uuid.UUID) -> list[tuple[str, datetime]]:
+        """A run's timers that have not fired: ``(timer_id, fire_at)``, soonest first."""
+        rows = await self.pool.fetch(Q["pending_timers_of_run"], run_id)
+        return [(r["timer_id"], r["fire_at"]) for r in rows]
+
     async def request_task_cancel(self, conn: Connection, task: Task) -> None:
         """Flag a claimed task for cancellation and push the request to its holder.
 

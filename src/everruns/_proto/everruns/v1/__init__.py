@@ -44,6 +44,7 @@ __all__ = (
     "ListWorkersResponse",
     "ListWorkflowsRequest",
     "ListWorkflowsResponse",
+    "PendingTimer",
     "PollTasksRequest",
     "PollTasksResponse",
     "RecordHeartbeatRequest",
@@ -1057,6 +1058,26 @@ default_message_pool.register_message("everruns.v1", "ListWorkflowsResponse", Li
 
 
 @dataclass(eq=False, repr=False)
+class PendingTimer(betterproto2.Message):
+    """
+    A timer of a run that has not fired yet.
+    """
+
+    timer_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+    """
+    the command id of the timer within the run
+    """
+
+    fire_at: "float" = betterproto2.field(2, betterproto2.TYPE_DOUBLE)
+    """
+    when it fires (unix seconds)
+    """
+
+
+default_message_pool.register_message("everruns.v1", "PendingTimer", PendingTimer)
+
+
+@dataclass(eq=False, repr=False)
 class PollTasksRequest(betterproto2.Message):
     worker_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
     """
@@ -1748,6 +1769,13 @@ class WorkflowDescription(betterproto2.Message):
     waiting_for_worker: "bool" = betterproto2.field(14, betterproto2.TYPE_BOOL)
     """
     no live worker serves a type this run needs
+    """
+
+    pending_timers: "list[PendingTimer]" = betterproto2.field(
+        15, betterproto2.TYPE_MESSAGE, repeated=True
+    )
+    """
+    timers (ctx.sleep) not fired yet, soonest first
     """
 
 
