@@ -493,3 +493,20 @@ def test_pathological_messages_are_answered_quickly() -> None:
     for text in ("(" * 32000, "1 " * 16000 + "x", "-" * 32000, "wait " * 6000):
         ask(text, *ALL_TOOLS)
     assert time.monotonic() - started < 2.0
+
+
+def test_tool_call_ids_missing_or_repeated_get_ids_of_their_own() -> None:
+    """A compatible server that sends no ids (or one id twice) got `call_0`, `call_1`... in
+    every step: later steps answered earlier calls' ids, and a strict API refuses that."""
+
+    def reply(*ids: str | None) -> ReasonReply:
+        tool_calls = [
+            {"function": {"name": "clock", "arguments": "{}"}, **({"id": i} if i else {})}
+            for i in ids
+        ]
+        return parse_openai_reply({"choices": [{"message": {"tool_calls": tool_calls}}]})
+
+    first = [c.id for c in reply(None, None).tool_calls]
+    second = [c.id for c in reply(None, "abc", "abc").tool_calls]
+    assert len(set(first + second)) == 5
+    assert second[1] == "abc"

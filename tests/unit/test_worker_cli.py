@@ -102,3 +102,14 @@ def test_an_unusable_tls_ca_is_one_line(
     assert cli.main([]) == 2 and not built
     err = capsys.readouterr().err
     assert "EVERRUNS_TLS_CA" in err and err.count("\n") == 1
+
+
+def test_module_exiting_on_import_is_reported(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A module that calls sys.exit while imported (a script, say) stopped the worker with exit
+    0 and no word; it is a one-line configuration error."""
+    (tmp_path / "everruns_test_exiting_module.py").write_text("import sys\nsys.exit(0)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"called sys\.exit\(0\)"):
+        cli.import_modules(["everruns_test_exiting_module"])

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -559,11 +560,18 @@ def parse_openai_reply(data: Any, *, model: str = "") -> ReasonReply:
     if not isinstance(message, dict):
         raise EverrunsError("the LLM response's choices[0].message is not an object")
     calls: list[ToolCall] = []
+    ids: set[str] = set()
     for index, raw in enumerate(message.get("tool_calls") or []):
         function = raw.get("function") if isinstance(raw, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise EverrunsError(f"the LLM response has a malformed tool call: {raw!r}"[:300])
-        call_id = str(raw.get("id") or f"call_{index}")
+        # Each tool result answers its call by id: one missing or repeated (some compatible
+        # servers send none) gets one of its own, unique in the conversation (`call_0` of every
+        # step answered several calls). The reply is recorded once, so a random id is safe.
+        call_id = str(raw.get("id") or "")
+        if not call_id or call_id in ids:
+            call_id = f"call_{uuid.uuid4().hex[:16]}_{index}"
+        ids.add(call_id)
         text = function.get("arguments") or "{}"
         arguments, problem = _tool_arguments(text)
         if arguments is not None:

@@ -62,6 +62,10 @@ def import_modules(names: list[str]) -> None:
     for name in names:
         try:
             importlib.import_module(name)
+        except SystemExit as exc:  # a module run as a script on import: say so, do not exit 0
+            raise ConfigError(
+                f"cannot import module {name!r}: it called sys.exit({exc.code!r}) when imported"
+            ) from exc
         except Exception as exc:
             raise ConfigError(_import_error(name, exc)) from exc
 
