@@ -200,6 +200,22 @@ class PendingActivity:
         )
 
 
+def deadline_after(timeout: float | None) -> float:
+    """The Trio deadline ``timeout`` seconds from now (None: no deadline, ``math.inf``).
+
+    Raises:
+        InvalidArgument: ``timeout`` is not a number of seconds >= 0 (negative, NaN, a bool).
+    """
+    if timeout is None:
+        return math.inf
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+        raise InvalidArgument(f"timeout must be a number of seconds >= 0, got {timeout!r}")
+    try:
+        return trio.current_time() + timeout
+    except OverflowError:  # an integer past a float's range: longer than any wait, as inf
+        return math.inf
+
+
 @attrs.frozen
 class PendingTimer:
     """A timer of a run (``ctx.sleep``) that has not fired yet.
@@ -469,6 +485,18 @@ def _check_text(value: str, what: str) -> str:
 _MAX_INT64 = 2**63 - 1
 
 
+def _check_string(value: str, what: str) -> str:
+    """Return ``value`` if it is a string the wire can carry (an id, a page token)."""
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{what} must be a string, got {type(value).__name__}")
+    return _check_text(value, what)
+
+
+def _page_token(value: str | None) -> str:
+    """A page token as the request carries it: "" for the first page."""
+    return "" if value is None else _check_string(value, "page_token")
+
+
 def _check_flag(value: bool, what: str) -> bool:
     """Refuse a flag that is not a bool ("no" would mean yes)."""
     if not isinstance(value, bool):
@@ -578,11 +606,11 @@ class WorkflowHandle:
         without a run id follows the run that is the latest when the wait begins.
 
         Args:
-            timeout: seconds to wait in all; None waits as long as it takes. At least one poll
-                is made and its reply decides, so 0 returns the result of a run that has
-                already ended and raises TimeoutError for an open one; a reply under way at the
-                deadline gets `LATE_REPLY_SECONDS` more (then the control plane counts as
-                unavailable).
+            timeout: seconds to wait in all; None (or ``math.inf``, or a number too large
+                for a float) waits as long as it takes. At least one poll is made and its
+                reply decides, so 0 returns the result of a run that has already ended and
+                raises TimeoutError for an open one; a reply under way at the deadline gets
+                `LATE_REPLY_SECONDS` more (then the control plane counts as unavailable).
 
         Returns:
             The workflow's result (decoded JSON).
@@ -598,14 +626,8 @@ class WorkflowHandle:
 
         Cancelling the calling scope abandons the wait; the workflow is unaffected.
         """
-        if timeout is not None and (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, (int, float))
-            or not timeout >= 0  # also NaN
-        ):
-            raise InvalidArgument(f"timeout must be a number of seconds >= 0, got {timeout!r}")
+        deadline = deadline_after(timeout)
         run_id = self.run_id or ""
-        deadline = math.inf if timeout is None else trio.current_time() + timeout
         while True:
             # Each poll asks the server to answer by the deadline, and its reply is awaited even
             # when it arrives a little after (cancelling it could hide a run that has ended),
@@ -1005,8 +1027,8 @@ class Client:
             ``(runs, next_page_token)``; the token is None on the last page.
 
         Raises:
-            InvalidArgument: unknown status, a bad workflow type, or a limit outside 1 to
-                `MAX_PAGE_SIZE`.
+            InvalidArgument: unknown status, a bad workflow type, a limit outside 1 to
+                `MAX_PAGE_SIZE`, or a page token that is not a string.
             ServerUnavailable: the control plane stayed unreachable through the retries.
         """
         if status is not None and status not in WORKFLOW_STATUSES:
@@ -1018,7 +1040,7 @@ class Client:
                 workflow_type=_workflow_type(workflow_type) if workflow_type is not None else "",
                 status=status or "",
                 limit=limit,
-                page_token=page_token or "",
+                page_token=_page_token(page_token),
             ),
             retry=True,
         )
@@ -1038,13 +1060,14 @@ class Client:
             ``(dead_letters, next_page_token)``; the token is None on the last page.
 
         Raises:
-            InvalidArgument: a limit outside 1 to `MAX_PAGE_SIZE`.
+            InvalidArgument: a limit outside 1 to `MAX_PAGE_SIZE`, or a page token that is
+                not a string.
             ServerUnavailable: the control plane stayed unreachable through the retries.
         """
         _check_page_size(limit, "limit", 1)
         reply = await self._call(
             self._stub.list_dead_letters,
-            pb.ListDeadLettersRequest(limit=limit, page_token=page_token or ""),
+            pb.ListDeadLettersRequest(limit=limit, page_token=_page_token(page_token)),
             retry=True,
         )
         letters = [DeadLetterInfo.from_proto(d) for d in reply.dead_letters]
@@ -1057,13 +1080,14 @@ class Client:
             The id of the task put back.
 
         Raises:
+            InvalidArgument: the id is not a string, or not a dead letter's id (a UUID).
             NotFound: no such dead letter.
             FailedPrecondition: it was requeued already.
             ServerUnavailable: the control plane is unreachable.
         """
         reply = await self._call(
             self._stub.requeue_dead_letter,
-            pb.RequeueDeadLetterRequest(id=dead_letter_id),
+            pb.RequeueDeadLetterRequest(id=_check_string(dead_letter_id, "dead_letter_id")),
             retry=False,
         )
         task_id: str = reply.task_id
@@ -1105,7 +1129,7 @@ class Client:
         """
         await self._call(
             self._stub.reset_circuit_breaker,
-            pb.ResetCircuitBreakerRequest(key=key),
+            pb.ResetCircuitBreakerRequest(key=_check_text(check_name(key, "key"), "key")),
             retry=True,
         )
 

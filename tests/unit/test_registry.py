@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytest
@@ -177,3 +178,38 @@ def test_bad_activity_options_are_invalid_at_decoration() -> None:
 
         @activity(start_to_close_timeout=-1, registry=Registry())
         def slow(ctx: Any, x: Any) -> None: ...
+
+
+def test_callable_objects_are_classified_by_what_calling_them_gives() -> None:
+    """An object with ``async def __call__`` (or a partial of one) is awaited, not run in a
+    thread; an object with a sync ``__call__`` still runs in a thread."""
+
+    class AsyncCall:
+        async def __call__(self, ctx: Any, x: Any) -> Any:
+            return x
+
+    class SyncCall:
+        def __call__(self, ctx: Any, x: Any) -> Any:
+            return x
+
+    async def coro(ctx: Any, x: Any, y: Any) -> Any:
+        return y
+
+    reg = Registry()
+    assert reg.add_activity(AsyncCall(), name="a").is_async is True
+    assert reg.add_activity(functools.partial(AsyncCall()), name="b").is_async is True
+    assert reg.add_activity(functools.partial(coro, y=1), name="c").is_async is True
+    assert reg.add_activity(SyncCall(), name="d").is_async is False
+
+
+@pytest.mark.parametrize("bad", ["x" * 513, "a\x00b", "a\udc80b"])
+def test_names_the_control_plane_cannot_store_or_the_wire_carry_are_refused(bad: str) -> None:
+    async def wf(ctx: Any, x: Any) -> None: ...
+
+    with pytest.raises(InvalidArgument) as info:
+        Registry().add_workflow(wf, name=bad)
+    assert "workflow name" in str(info.value)
+    assert len(str(info.value)) < 200
+    with pytest.raises(InvalidArgument, match="activity name"):
+        Registry().add_activity(wf, name=bad)
+    assert Registry().add_workflow(wf, name="x" * 512).name == "x" * 512

@@ -8,6 +8,7 @@ import pytest
 
 from everruns._aio.grpc import client_tls_from_env
 from everruns.domain.address import call_stream_from_env
+from everruns.domain.limits import MAX_SECONDS
 from everruns.errors import ConfigError
 from everruns.worker import Worker, WorkerConfig
 from everruns.worker.config import MAX_CONCURRENT_TASKS_LIMIT, default_worker_id, parse_address
@@ -161,3 +162,56 @@ def test_an_unknown_tls_switch_is_refused_not_read_as_plaintext(value: str) -> N
     values too."""
     with pytest.raises(ConfigError, match="EVERRUNS_TLS="):
         client_tls_from_env({"EVERRUNS_TLS": value})
+
+
+@pytest.mark.parametrize(
+    "grace", [float("inf"), float("nan"), -1, 10**400, True, "30", MAX_SECONDS * 2]
+)
+def test_a_grace_period_that_is_not_a_bounded_number_is_refused_as_the_variable_is(
+    grace: object,
+) -> None:
+    """EVERRUNS_WORKER_GRACE_PERIOD=inf is refused; so is the same value given in code (a
+    worker told to stop would never cancel its tasks), and an integer too large for a float
+    (which failed only as the worker stopped)."""
+    with pytest.raises(ConfigError, match="EVERRUNS_WORKER_GRACE_PERIOD"):
+        WorkerConfig(host="h", port=1, grace_period=grace)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="EVERRUNS_WORKER_GRACE_PERIOD"):
+        Worker(grace_period=grace)  # type: ignore[arg-type]
+    assert WorkerConfig(host="h", port=1, grace_period=MAX_SECONDS).grace_period == MAX_SECONDS
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("host", "[::1]"),
+        ("host", " h"),
+        ("host", "http://h"),
+        ("host", 5),
+        ("port", 65536),
+        ("port", True),
+        ("call_stream", "no"),
+        ("call_stream", 1),
+        ("start_ahead", None),
+        ("auth_token", "two words"),
+        ("auth_token", b"bytes"),
+        ("worker_id", "w\udc80"),
+    ],
+)
+def test_every_field_set_in_code_is_checked_and_named(field: str, value: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        WorkerConfig(**{"host": "h", "port": 1, field: value})  # type: ignore[arg-type]
+    message = str(info.value)
+    assert (field.upper() if field == "worker_id" else field) in message
+    assert "\n" not in message
+
+
+def test_hosts_and_ports_parse_address_accepts_round_trip() -> None:
+    for host in ("127.0.0.1", "::1", "cp.internal", "localhost"):
+        config = WorkerConfig(host=host, port=65535)
+        assert parse_address(config.address) == (host, 65535)
+
+
+@pytest.mark.parametrize("poll_wait", [10**400, MAX_SECONDS + 1])
+def test_a_poll_wait_past_the_longest_duration_is_refused(poll_wait: float) -> None:
+    with pytest.raises(ConfigError, match="poll_wait"):
+        Worker(poll_wait=poll_wait)

@@ -31,7 +31,7 @@ from everruns.agent.workflow import (
     session_workflow_id,
     turn_workflow_id,
 )
-from everruns.client import Client, WorkflowDescription, WorkflowHandle
+from everruns.client import Client, WorkflowDescription, WorkflowHandle, deadline_after
 from everruns.domain.retry import RetryPolicy
 from everruns.errors import FailedPrecondition, InvalidArgument, NotFound, WorkflowFailed
 
@@ -253,8 +253,9 @@ class TurnHandle:
             WorkflowFailed: the turn ended ``failed`` (e.g. the LLM failed after its retries)
                 or ``cancelled``, or the session ended before it started.
             TimeoutError: it had not ended after ``timeout`` seconds.
+            InvalidArgument: ``timeout`` is negative or NaN.
         """
-        deadline = float("inf") if timeout is None else trio.current_time() + timeout
+        deadline = deadline_after(timeout)
         # One lookup whatever the timeout (like WorkflowHandle.result): a turn that started
         # long ago is found even with timeout=0; only the waiting is bounded.
         handle = await self._look_up()

@@ -35,8 +35,13 @@ def parse_address(
         ``(host, port)`` with the brackets of an IPv6 host removed.
 
     Raises:
-        ConfigError: not of the form host:port with a valid port; names ``setting``.
+        ConfigError: not a string of the form host:port with a valid port; names ``setting``.
     """
+    if not isinstance(value, str):
+        raise ConfigError(
+            f"{setting} must be a string host:port (e.g. {DEFAULT_GRPC_ADDRESS}), "
+            f"got {type(value).__name__}"
+        )
     host, sep, port_text = value.strip().rpartition(":")
     host = host.strip("[]")
     lowest = 0 if allow_any_port else 1
@@ -56,11 +61,14 @@ def check_auth_token(token: str | None, *, setting: str = "EVERRUNS_AUTH_TOKEN")
     """Return ``token`` if an HTTP/2 header can carry it as ``Bearer <token>``.
 
     Raises:
-        ConfigError: it holds a character other than visible ASCII (a trailing newline from
-            a secret file, a space, a non-ASCII letter); names ``setting``.
+        ConfigError: it is not a string, or holds a character other than visible ASCII (a
+            trailing newline from a secret file, a space, a non-ASCII letter); names
+            ``setting``.
     """
     if token is None:
         return None
+    if not isinstance(token, str):
+        raise ConfigError(f"{setting} must be a string, got {type(token).__name__}")
     if not token.isascii() or not token.isprintable() or " " in token:
         raise ConfigError(
             f"{setting} holds a character a gRPC header cannot carry (only visible ASCII, no "

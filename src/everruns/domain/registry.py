@@ -9,6 +9,7 @@ asked to run here. This module only keeps names; it never runs the functions and
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
@@ -16,6 +17,7 @@ from typing import Any, TypeVar, overload
 import attrs
 
 from everruns.domain.commands import ActivityOptions
+from everruns.domain.limits import check_type_name, shown
 from everruns.domain.retry import RetryPolicy
 from everruns.errors import AlreadyExists, InvalidArgument, NotFound
 
@@ -42,11 +44,39 @@ def _is_name(value: object) -> bool:
     return isinstance(value, str) and bool(value) and value.strip() == value
 
 
-def _check_name(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
+def _check_storable(name: str, what: str) -> str:
+    """Return ``name`` if the control plane can store it and the wire carry it.
+
+    Raises:
+        InvalidArgument: longer than `MAX_NAME_LENGTH`, a NUL character, or a character UTF-8
+            cannot encode (a lone surrogate); every worker serving it would fail to register.
+    """
+    check_type_name(name, what)
+    try:
+        name.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidArgument(
+            f"{what} {shown(name)} cannot be sent: UTF-8 cannot encode the character at "
+            f"position {exc.start} ({exc.reason})"
+        ) from None
+    return name
+
+
+def _check_name(inst: object, attr: attrs.Attribute[str], value: str) -> None:
     if not _is_name(value):
         raise InvalidArgument(
             f"{attr.name} must be a non-empty string without surrounding spaces, got {value!r}"
         )
+    kind = "workflow" if isinstance(inst, WorkflowDefinition) else "activity"
+    _check_storable(value, f"{kind} name")
+
+
+def _is_async_callable(fn: Callable[..., Any]) -> bool:
+    """Whether calling ``fn`` gives a coroutine to await: an ``async def`` function (a method,
+    a `functools.partial` of one), or an object whose class has an ``async def __call__``."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
 
 
 @attrs.frozen
@@ -69,7 +99,8 @@ class ActivityDefinition:
     Attributes:
         name: the activity type, as workflows schedule it.
         fn: ``(async) def fn(ctx: ActivityContext, input) -> result``.
-        is_async: whether ``fn`` is a coroutine function (sync ones run in a thread).
+        is_async: whether calling ``fn`` gives a coroutine (an ``async def`` function, or an
+            object with an ``async def __call__``); sync ones run in a thread.
         options: defaults for every call; arguments of ``ctx.execute_activity`` override them.
     """
 
@@ -99,13 +130,15 @@ def name_of(fn_or_name: str | Callable[..., Any]) -> str:
 
     Raises:
         InvalidArgument: the string is empty or has surrounding spaces (no worker could ever
-            register it), or the object has no usable name (e.g. a lambda).
+            register it), or the object has no usable name (e.g. a lambda). A name too long
+            or holding a NUL is refused where it is used, under the field it fills
+            (``workflow_type``, ``activity_type``), and by the decorators.
     """
     if isinstance(fn_or_name, str):
         if not _is_name(fn_or_name):
             raise InvalidArgument(
                 "a workflow or activity name must be a non-empty string without surrounding "
-                f"spaces (no worker can register it), got {fn_or_name!r}"
+                f"spaces (no worker can register it), got {shown(fn_or_name)}"
             )
         return fn_or_name
     definition = definition_of(fn_or_name)
@@ -181,7 +214,7 @@ class Registry:
         definition = ActivityDefinition(
             name=name if name is not None else name_of(fn),
             fn=fn,
-            is_async=inspect.iscoroutinefunction(fn),
+            is_async=_is_async_callable(fn),
             options=options if options is not None else ActivityOptions(),
         )
         existing = self._activities.get(definition.name)
@@ -274,7 +307,8 @@ def workflow(
         ``fn`` itself (with its definition attached), or a decorator doing that.
 
     Raises:
-        InvalidArgument: ``fn`` is not an ``async def`` function.
+        InvalidArgument: ``fn`` is not an ``async def`` function, or the name is invalid
+            (see `name_of`).
         AlreadyExists: another function is registered under that name.
     """
 
@@ -348,7 +382,7 @@ def activity(
         ``fn`` itself (with its definition attached), or a decorator doing that.
 
     Raises:
-        InvalidArgument: an option is malformed.
+        InvalidArgument: an option is malformed, or the name is invalid (see `name_of`).
         AlreadyExists: another function is registered under that name.
     """
     options = ActivityOptions(

@@ -23,6 +23,7 @@ from everruns._aio.grpc import status_for
 from everruns._proto.everruns import v1 as pb
 from everruns.domain.limits import (
     MAX_INCARNATION_LENGTH,
+    MAX_INT4,
     check_name,
     check_text,
     check_type_name,
@@ -610,6 +611,10 @@ class WorkflowService:
             )
         limit = _limit(request.limit, 1000, 10_000)
         run = await self.engine.find_run(request.workflow_id, request.run_id)
+        if request.after_sequence >= MAX_INT4:
+            # Sequence numbers are PostgreSQL integers: none comes after this one, and a larger
+            # parameter would fail in the query (an INTERNAL error) instead of matching nothing.
+            return pb.GetHistoryResponse(events=[], next_after=0)
         events = await self.store.load_events(run.run_id, after=request.after_sequence, limit=limit)
         next_after = events[-1].sequence_num if len(events) == limit else 0
         return pb.GetHistoryResponse(events=[_event(e) for e in events], next_after=next_after)

@@ -25,7 +25,7 @@ from everruns.domain.address import (
     parse_address,
     switch_from_env,
 )
-from everruns.domain.limits import MAX_WORKER_ID_LENGTH
+from everruns.domain.limits import MAX_SECONDS, MAX_SECONDS_TEXT, MAX_WORKER_ID_LENGTH, shown
 from everruns.errors import ConfigError
 
 __all__ = [
@@ -59,6 +59,31 @@ def _positive_int(value: int, name: str) -> int:
     return value
 
 
+def _bracketed(host: str) -> str:
+    """``host`` as an address writes it: an IPv6 host in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
+def _check_host(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
+    # The rules of `parse_address`, which `address` must give back as (host, port) unchanged:
+    # a host it would refuse, or read differently (brackets, spaces), reaches no control plane.
+    if isinstance(value, str):
+        try:
+            if parse_address(f"{_bracketed(value)}:1") == (value, 1):
+                return
+        except ConfigError:
+            pass
+    raise ConfigError(
+        f"host={shown(value) if isinstance(value, str) else repr(value)} is not a host name or "
+        "IP address (e.g. 127.0.0.1; no scheme, port or brackets)"
+    )
+
+
+def _check_port(_inst: object, _attr: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ConfigError(f"port must be an integer from 1 to 65535, got {value!r}")
+
+
 def _check_worker_id(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
     if not isinstance(value, str) or not value.strip() or value.strip() != value:
         raise ConfigError(
@@ -68,6 +93,15 @@ def _check_worker_id(_inst: object, _attr: attrs.Attribute[str], value: str) -> 
         raise ConfigError(
             f"WORKER_ID is {len(value)} characters long; the limit is {MAX_WORKER_ID_LENGTH}"
         )
+    if "\x00" in value:
+        raise ConfigError(f"WORKER_ID={value!r} must not contain NUL characters")
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        raise ConfigError(
+            f"WORKER_ID={value!r} cannot be sent: UTF-8 cannot encode the character at "
+            f"position {exc.start} ({exc.reason})"
+        ) from None
 
 
 def _check_capacity(_inst: object, _attr: attrs.Attribute[int], value: int) -> None:
@@ -80,10 +114,26 @@ def _check_capacity(_inst: object, _attr: attrs.Attribute[int], value: int) -> N
 
 
 def _check_grace(_inst: object, _attr: attrs.Attribute[float], value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+    # Bounded, as the variable is: an infinite grace period would never cancel the tasks of a
+    # worker told to stop, and an integer past a float's range fails only as it stops.
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 <= value <= MAX_SECONDS  # also NaN
+    ):
         raise ConfigError(
-            f"EVERRUNS_WORKER_GRACE_PERIOD must be a number of seconds >= 0, got {value!r}"
+            "EVERRUNS_WORKER_GRACE_PERIOD must be a number of seconds from 0 to "
+            f"{MAX_SECONDS_TEXT}, got {value!r}"
         )
+
+
+def _check_auth_token(_inst: object, _attr: attrs.Attribute[str | None], value: str | None) -> None:
+    check_auth_token(value, setting="auth_token")
+
+
+def _check_switch(_inst: object, attr: attrs.Attribute[bool], value: bool) -> None:
+    if not isinstance(value, bool):  # a string read from a file ("no") would mean yes
+        raise ConfigError(f"{attr.name} must be True or False, got {value!r}")
 
 
 def _check_threads(_inst: object, _attr: attrs.Attribute[int | None], value: int | None) -> None:
@@ -96,13 +146,14 @@ class WorkerConfig:
     """What a worker needs to know, whether it came from the environment or from code.
 
     Attributes:
-        host: the control plane's host.
-        port: the control plane's gRPC port.
+        host: the control plane's host (a name or an IP address, IPv6 without brackets).
+        port: the control plane's gRPC port (1 to 65535).
         worker_id: this worker's name, unique among live workers.
         max_concurrent_tasks: task slots (1 to `MAX_CONCURRENT_TASKS_LIMIT`); the worker never holds
             more claimed tasks.
         auth_token: bearer token sent with every call, if the control plane requires one.
-        grace_period: seconds a graceful shutdown lets running tasks finish.
+        grace_period: seconds a graceful shutdown lets running tasks finish (at most
+            `MAX_SECONDS`).
         max_sync_threads: threads for sync activities (default: one per task slot). A sync
             activity is claimed only with a thread free for it, so that it never waits for
             one while its start-to-close timeout runs: with fewer threads than slots, claims
@@ -113,25 +164,28 @@ class WorkerConfig:
         start_ahead: start the activities a workflow task's decision schedules, in free slots,
             while the decision is on its way; an activity the control plane does not record
             and hand back is cancelled and its outcome dropped. False: wait for the reply.
+
+    Raises:
+        ConfigError: a field has a bad value (a port outside 1 to 65535, a token a gRPC
+            header cannot carry, a flag that is not a bool...); the one line names it.
     """
 
-    host: str
-    port: int
+    host: str = attrs.field(validator=_check_host)
+    port: int = attrs.field(validator=_check_port)
     worker_id: str = attrs.field(factory=default_worker_id, validator=_check_worker_id)
     max_concurrent_tasks: int = attrs.field(
         default=DEFAULT_MAX_CONCURRENT_TASKS, validator=_check_capacity
     )
-    auth_token: str | None = None
+    auth_token: str | None = attrs.field(default=None, validator=_check_auth_token)
     grace_period: float = attrs.field(default=DEFAULT_GRACE_PERIOD, validator=_check_grace)
     max_sync_threads: int | None = attrs.field(default=None, validator=_check_threads)
-    call_stream: bool = True
-    start_ahead: bool = True
+    call_stream: bool = attrs.field(default=True, validator=_check_switch)
+    start_ahead: bool = attrs.field(default=True, validator=_check_switch)
 
     @property
     def address(self) -> str:
         """``host:port`` as given (IPv6 hosts in brackets)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return f"{_bracketed(self.host)}:{self.port}"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerConfig:

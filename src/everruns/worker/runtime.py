@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 import random
 import socket
@@ -45,6 +44,7 @@ from everruns.domain.commands import (
 )
 from everruns.domain.context import WorkflowInfo
 from everruns.domain.history import HistoryEvent, exception_text
+from everruns.domain.limits import MAX_SECONDS, MAX_SECONDS_TEXT
 from everruns.domain.registry import ActivityDefinition, Registry, default_registry
 from everruns.domain.replay import FollowUp, Replayer
 from everruns.domain.retry import RetryPolicy
@@ -348,7 +348,7 @@ class Worker:
             make its claims smaller while it serves sync activities, and leave sync
             activities out of them while every thread is busy); a thread abandoned by a stop
             counts until it ends.
-        poll_wait: long-poll budget of one claim call, in seconds (finite, > 0).
+        poll_wait: long-poll budget of one claim call, in seconds (> 0, at most `MAX_SECONDS`).
         start_ahead: start the activities a decision schedules while it is on its way (see
             `WorkerConfig.start_ahead`).
 
@@ -371,10 +371,11 @@ class Worker:
         start_ahead: bool = True,
     ) -> None:
         if isinstance(poll_wait, bool) or not (
-            isinstance(poll_wait, (int, float)) and 0 < poll_wait < math.inf
+            isinstance(poll_wait, (int, float)) and 0 < poll_wait <= MAX_SECONDS
         ):
             raise ConfigError(
-                f"poll_wait must be a finite number of seconds > 0, got {poll_wait!r}"
+                f"poll_wait must be a number of seconds > 0 and at most {MAX_SECONDS_TEXT}, "
+                f"got {poll_wait!r}"
             )
         host, port = parse_address(address, setting="address")
         config = WorkerConfig(
