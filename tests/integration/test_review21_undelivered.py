@@ -15,32 +15,18 @@ CancelledError, not the errors the change catches).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
-import grpclib.const
 import pytest
 import trio
 
-from everruns._aio import grpc
 from everruns._aio.loop import run_aio
 from everruns._proto.everruns import v1 as pb
 from tests.integration.test_engine import ahead_with_timer, plane, started_ahead
+from tests.integration.test_undelivered_replies import calls_stream
 
 COMPLETE_WORKFLOW_TASK = "/everruns.v1.WorkerService/CompleteWorkflowTask"
 COMPLETE_WORKFLOW_TASKS = "/everruns.v1.WorkerService/CompleteWorkflowTasks"
-
-
-@asynccontextmanager
-async def calls_stream(channel: Any) -> AsyncIterator[Any]:
-    """A raw `CallService.Calls` stream, opened (on the asyncio loop)."""
-    async with channel.request(
-        grpc.CALLS_ROUTE, grpclib.const.Cardinality.STREAM_STREAM, pb.Call, pb.CallReply
-    ) as stream:
-        await stream.send_request()
-        await stream.recv_initial_metadata()
-        yield stream
 
 
 async def crossed(channel: Any, route: str, request: Any, reply_type: type[Any]) -> Any:
