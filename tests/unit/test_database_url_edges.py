@@ -107,5 +107,8 @@ def test_tls_files_named_by_the_url_or_pgssl_variables_must_be_readable(
         pg.check_tls_files(f"{base}?sslcert={tmp_path}")  # a directory
     monkeypatch.setenv("PGSSLROOTCERT", str(missing))
     with pytest.raises(DatabaseError, match=re.escape(f"PGSSLROOTCERT file {missing} cannot")):
-        pg.check_tls_files(base)
-    pg.check_tls_files(f"{base}?sslrootcert={readable}")  # the URL's own comes first
+        pg.check_tls_files(f"{base}?sslmode=verify-ca")
+    pg.check_tls_files(f"{base}?sslmode=verify-ca&sslrootcert={readable}")  # the URL's first
+    # Below verify-ca the root certificate is never read: a stale one stops nothing.
+    pg.check_tls_files(base)
+    pg.check_tls_files(f"{base}?sslmode=require")

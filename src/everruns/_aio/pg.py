@@ -498,9 +498,15 @@ _TLS_FILES = (
 )
 
 
+_VERIFYING_MODES = ("verify-ca", "verify-full")
+
+
 def check_tls_files(url: str) -> None:
     """Make sure that every TLS file ``url`` names (``sslrootcert``, ``sslcert``, ``sslkey``,
-    ``sslcrl``, or their ``PGSSL*`` variables) can be read, unless ``sslmode=disable``.
+    ``sslcrl``, or their ``PGSSL*`` variables) and the connection will read can be read: the
+    client certificate and key unless ``sslmode=disable``, the root certificate and the CRL
+    only when the server is verified (``verify-ca``, ``verify-full``; below that neither
+    asyncpg nor libpq reads them, and a stale ``PGSSLROOTCERT`` must not stop a connection).
 
     asyncpg reports such a file missing as a bare FileNotFoundError, which names no file and
     looks like a Unix socket not there yet; and it skips ``sslkey`` without ``sslcert``, so a
@@ -510,9 +516,12 @@ def check_tls_files(url: str) -> None:
         DatabaseError: a file cannot be read; names the parameter and the file.
     """
     params = dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))  # the last one counts
-    if (params.get("sslmode") or os.environ.get("PGSSLMODE")) == "disable":
+    mode = params.get("sslmode") or os.environ.get("PGSSLMODE")
+    if mode == "disable":
         return
     for name, variable in _TLS_FILES:
+        if name in ("sslrootcert", "sslcrl") and mode not in _VERIFYING_MODES:
+            continue
         path = params[name] if name in params else os.environ.get(variable, "")
         if not path:
             continue

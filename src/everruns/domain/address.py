@@ -105,3 +105,12 @@ def call_stream_from_env(env: Mapping[str, str]) -> bool:
         ConfigError: the value is not one of 1/true/yes/on, 0/false/no/off.
     """
     return switch_from_env(env, "EVERRUNS_CALL_STREAM", default=True)
+
+
+def split_userinfo(rest: str) -> tuple[str, str]:
+    """Split what follows ``://`` in a PostgreSQL URL into its user info and what follows the
+    user info's "@", as libpq reads it: the user info ends at the last "@" before the first
+    "/" (an "@" after that belongs to the path or a query value, ``?user=admin@corp``).
+    No user info: ``("", rest)``."""
+    userinfo, at, _ = rest.partition("/")[0].rpartition("@")
+    return (userinfo, rest[len(userinfo) + 1 :]) if at else ("", rest)

@@ -15,7 +15,12 @@ from urllib.parse import parse_qsl, urlsplit
 import attrs
 
 from everruns._aio.pg import CONNECT_TIMEOUT_PARAMETER, parse_connect_timeout
-from everruns.domain.address import DEFAULT_GRPC_ADDRESS, check_auth_token, parse_address
+from everruns.domain.address import (
+    DEFAULT_GRPC_ADDRESS,
+    check_auth_token,
+    parse_address,
+    split_userinfo,
+)
 from everruns.domain.limits import MAX_SECONDS
 from everruns.errors import ConfigError
 
@@ -59,11 +64,14 @@ def validate_database_url(url: str) -> str:
 
 
 def _misplaced_at(rest: str) -> bool:
-    """Whether ``rest`` (the URL after ``://``) holds an '@' that is neither in the authority
-    (user info, before the first '/', '?' or '#') nor in a query value: one in the path, a
-    parameter's name or the fragment ends a user name or password holding an unescaped '/',
-    '?' or '#'. An '@' in a query value (``?user=admin@corp``, ``application_name=a@b``) is
-    the value's, as in libpq."""
+    """Whether ``rest`` (the URL after ``://``) holds an '@' that ends a user name or password
+    holding an unescaped '/', '?' or '#': user info (libpq's, `split_userinfo`) holding '?' or
+    '#' (urlsplit, and asyncpg, would end the host part there and read the password as host
+    and port), or an '@' in the path, a parameter's name or the fragment. An '@' in a query
+    value (``?user=admin@corp``, ``application_name=a@b``) is the value's, as in libpq."""
+    userinfo, rest = split_userinfo(rest)
+    if "?" in userinfo or "#" in userinfo:
+        return True
     authority_end = next((i for i, char in enumerate(rest) if char in "/?#"), len(rest))
     path, _, after_path = rest[authority_end:].partition("?")  # without '?', up to the end
     query, _, fragment = after_path.partition("#")

@@ -380,12 +380,24 @@ class Engine:
         and bounded (`_GIVE_BACK_SECONDS`): callers give back from their cleanup."""
         if not handed:
             return
+        tasks = [c.task if isinstance(c, ClaimedTask) else c for c in handed]
         with trio.move_on_after(_GIVE_BACK_SECONDS, shield=True):
             try:
                 async with self.store.transaction() as conn:
-                    for claimed in handed:
-                        task = claimed.task if isinstance(claimed, ClaimedTask) else claimed
+                    # Tasks in id order, then breakers in key order, as every transaction
+                    # that holds several takes them. A handed-out activity of a half-open
+                    # breaker was its probe: going back unjudged, it frees the probe's slot
+                    # (`Store.release_probe`; the breaker stayed half-open for good before).
+                    probes: list[Task] = []
+                    for task in sorted(tasks, key=lambda t: t.task_id):
+                        if task.kind == "activity" and task.lease_token is not None:
+                            held = await self.store.lock_claim(conn, task.task_id, task.lease_token)
+                            if held is None:  # no longer this claim: left alone
+                                continue
+                            probes.append(held)
                         await self.store.unclaim(conn, task)
+                    for held in sorted(probes, key=lambda t: (t.effective_breaker_key, t.task_id)):
+                        await self.store.release_probe(conn, held)
             except EverrunsError as exc:  # their leases lapse and the reclaimer frees them
                 log.warning(
                     "could not give back %d task(s) claimed for a call: %s", len(handed), exc

@@ -414,7 +414,9 @@ class Notifier:
                     delay = 0.1
                     async for channel, payload in notes:
                         self._dispatch(channel, payload)
-                        if self._dropped:  # some wake-ups were lost: as after a reconnect
+                        # Some wake-ups were lost: as after a reconnect, once caught up (not
+                        # once per drop while the buffer stays full, under the heaviest load).
+                        if self._dropped and notes.statistics().current_buffer_used == 0:
                             self._dropped = False
                             log.warning("LISTEN fell behind and dropped notifications")
                             self._wake_everyone()

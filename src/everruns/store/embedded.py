@@ -36,6 +36,7 @@ from typing import Literal
 
 import attrs
 
+from everruns.domain.address import split_userinfo
 from everruns.errors import EmbeddedPostgresError
 
 __all__ = ["EmbeddedHandle", "default_data_dir", "mask_url", "running", "start", "stop"]
@@ -107,9 +108,15 @@ def mask_url(url: str) -> str:
         by ``***``; a URL without a password comes back unchanged.
     """
     scheme, slashes, rest = url.partition("://")
-    userinfo, at, _ = rest[: _userinfo_end(rest)].rpartition("@")
-    if slashes and at and ":" in userinfo:
-        url = f"{scheme}://{userinfo.partition(':')[0]}:***@{rest[len(userinfo) + 1 :]}"
+    # The user info as libpq reads it, or (a URL the control plane refuses, logged anyway) up
+    # to an "@" before any "?": a password holding an unescaped "/" is hidden too.
+    userinfo, after = split_userinfo(rest)
+    head = rest.partition("?")[0]
+    if "@" in head and len(head.rpartition("@")[0]) > len(userinfo):
+        userinfo = head.rpartition("@")[0]
+        after = rest[len(userinfo) + 1 :]
+    if slashes and ":" in userinfo:
+        url = f"{scheme}://{userinfo.partition(':')[0]}:***@{after}"
     parts = urllib.parse.urlsplit(url)
     netloc = parts.netloc
     query = parts.query
@@ -122,18 +129,6 @@ def mask_url(url: str) -> str:
     if netloc == parts.netloc and query == parts.query:
         return url
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
-
-
-def _userinfo_end(rest: str) -> int:
-    """Where the user info of a URL (``rest``: what follows ``://``) may end at the latest: the
-    last "@" counts, not where the host part seems to end (a password holding an unescaped "/"
-    or "#" ends urlsplit's netloc early, and would be left in clear), but not one in a query
-    value (``?user=admin@corp``). An "@" in the first parameter's name is a password's "?"."""
-    head, _, query = rest.partition("?")
-    if "@" in head:
-        return len(head)
-    name = re.split("[=&]", query, maxsplit=1)[0]
-    return len(head) + 1 + name.rindex("@") + 1 if "@" in name else len(head)
 
 
 def start(data_dir: Path, *, database: str = "everruns", timeout: float = 60.0) -> EmbeddedHandle:
