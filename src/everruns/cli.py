@@ -602,9 +602,16 @@ def _run_migrate(args: argparse.Namespace) -> int:
 def _run_worker(args: argparse.Namespace) -> int:
     _set_address(args)
     # As `python -m everruns.worker` does: modules are found in the current directory first
-    # (a console script's own path starts with its bin directory instead).
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    # (a console script's own path starts with its bin directory instead), unless the
+    # interpreter was told not to (PYTHONSAFEPATH, -P) or there is no current directory.
+    try:
+        here = os.getcwd()
+    except OSError:
+        here = None
+    if here is not None and not sys.flags.safe_path and "" not in sys.path:
+        if here in sys.path:
+            sys.path.remove(here)
+        sys.path.insert(0, here)
     try:
         module = importlib.import_module("everruns.worker.__main__")
     except ImportError as exc:

@@ -77,9 +77,7 @@ async def test_an_undelivered_poll_reply_holding_a_half_open_probe_frees_its_slo
                 worker_id="w1", max_tasks=1, activity_types=["dep"], wait_s=1
             )
             route = "/everruns.v1.WorkerService/PollTasks"
-            dropped = await run_aio(
-                crossed, p.channel.raw, route, poll, pb.PollTasksResponse
-            )
+            dropped = await run_aio(crossed, p.channel.raw, route, poll, pb.PollTasksResponse)
             assert len(dropped.tasks) == 1  # the probe, in the reply the worker dropped
             await trio.sleep(1.0)  # the give-back has run
             status = await pool.fetchval(

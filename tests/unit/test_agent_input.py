@@ -163,6 +163,14 @@ def test_http_get_is_switched_on_as_every_switch_is(value: str) -> None:
     assert "http_get" in [t["name"] for t in prepared["tools"]]
 
 
-def test_a_bad_http_get_switch_is_named() -> None:
+async def test_a_bad_http_get_switch_leaves_the_tool_off_and_its_call_says_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A value the switch does not know leaves http_get off (the turn still gets the other
+    tools); a call of it is refused naming the variable and its value."""
+    prepared = prepare_turn(turn(), env={HTTP_GET_ENV: "maybe"})
+    names = [t["name"] for t in prepared["tools"]]
+    assert "calculator" in names and "http_get" not in names
+    monkeypatch.setenv(HTTP_GET_ENV, "maybe")
     with pytest.raises(NonRetryableError, match=f"{HTTP_GET_ENV}='maybe'"):
-        prepare_turn(turn(), env={HTTP_GET_ENV: "maybe"})
+        await http_get(ctx("act.http_get"), {"url": "http://127.0.0.1:1/"})

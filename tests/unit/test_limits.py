@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import pytest
@@ -107,3 +108,18 @@ def test_a_type_name_is_a_name_without_surrounding_spaces(value: str) -> None:
     else:
         type_ok = True
     assert type_ok == (name_ok and value.strip() == value)
+
+
+def test_an_int_past_a_floats_range_is_refused_as_not_finite_everywhere() -> None:
+    """`math.isfinite(10**400)` raises OverflowError: durations and coefficients checked with
+    it escaped as that instead of InvalidArgument."""
+    from everruns.domain.breaker import BreakerConfig
+    from everruns.domain.limits import is_finite_number
+    from everruns.domain.retry import RetryPolicy
+
+    assert is_finite_number(1e308) and is_finite_number(10**300)
+    assert not any(map(is_finite_number, (10**400, -(10**400), math.inf, math.nan, True, "1")))
+    with pytest.raises(InvalidArgument):
+        RetryPolicy(backoff_coefficient=10**400)
+    with pytest.raises(InvalidArgument):
+        BreakerConfig(open_duration=10**400)

@@ -256,11 +256,20 @@ async def sleep(ctx: ActivityContext, arguments: Any) -> dict[str, Any]:
 
 def _http_get_enabled(env: Mapping[str, str]) -> bool:
     """`EVERRUNS_ENABLE_HTTP_GET` read as every on/off variable is (1/true/yes/on, 0/false/
-    no/off); any other value fails the call for good, saying so (the model is told)."""
+    no/off); any other value leaves the tool off (the other tools are still offered), and a
+    call of it is refused saying why (`_http_get_refusal`)."""
     try:
         return switch_from_env(env, HTTP_GET_ENV, default=False)
+    except ConfigError:
+        return False
+
+
+def _http_get_refusal(env: Mapping[str, str]) -> str:
+    try:
+        switch_from_env(env, HTTP_GET_ENV, default=False)
     except ConfigError as exc:
-        raise NonRetryableError(str(exc)) from None
+        return f"http_get is disabled on this worker: {exc}"
+    return f"http_get is disabled on this worker; set {HTTP_GET_ENV}=1 to allow it"
 
 
 @tool(
@@ -287,9 +296,7 @@ async def http_get(ctx: ActivityContext, arguments: Any) -> dict[str, Any]:
         EverrunsError: the host could not be reached or the transfer failed (retried).
     """
     if not _http_get_enabled(os.environ):
-        raise NonRetryableError(
-            f"http_get is disabled on this worker; set {HTTP_GET_ENV}=1 to allow it"
-        )
+        raise NonRetryableError(_http_get_refusal(os.environ))
     url = _arguments(arguments).get("url")
     if not isinstance(url, str):
         raise NonRetryableError("http_get needs a string argument 'url'")

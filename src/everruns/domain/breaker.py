@@ -37,12 +37,12 @@ Decisions that are easy to get wrong:
 from __future__ import annotations
 
 import datetime as dt
-import math
 from collections.abc import Callable
 from typing import Literal, get_args
 
 import attrs
 
+from everruns.domain.limits import is_finite_number
 from everruns.errors import InvalidArgument
 
 __all__ = [
@@ -74,12 +74,7 @@ def _non_negative_int(_inst: object, attr: attrs.Attribute[int], value: int) -> 
 
 def _seconds(*, allow_zero: bool) -> Callable[[object, attrs.Attribute[float], float], None]:
     def check(_inst: object, attr: attrs.Attribute[float], value: float) -> None:
-        ok = (
-            isinstance(value, (int, float))
-            and not isinstance(value, bool)
-            and math.isfinite(value)
-            and (value >= 0 if allow_zero else value > 0)
-        )
+        ok = is_finite_number(value) and (value >= 0 if allow_zero else value > 0)
         if not ok:
             bound = ">= 0" if allow_zero else "> 0"
             raise InvalidArgument(

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-import math
 import random
 import uuid
 from collections import deque
@@ -34,7 +33,7 @@ from everruns.domain.commands import (
     StartTimer,
 )
 from everruns.domain.history import HistoryEvent
-from everruns.domain.limits import MAX_SECONDS, MAX_SECONDS_TEXT
+from everruns.domain.limits import MAX_SECONDS, MAX_SECONDS_TEXT, is_finite_number
 from everruns.domain.registry import (
     ActivityDefinition,
     Registry,
@@ -260,7 +259,7 @@ _MAX_REFUSALS = 1000
 
 
 def _check_seconds(what: str, value: float, *, allow_zero: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_finite_number(value):
         raise InvalidArgument(f"{what} must be a finite number of seconds, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         raise InvalidArgument(f"{what} must be >= 0 seconds, got {value!r}")

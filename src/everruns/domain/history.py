@@ -9,13 +9,13 @@ vocabulary: no I/O, no clock, no decisions about what a workflow does.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import attrs
 
+from everruns.domain.limits import is_finite_number
 from everruns.errors import InvalidArgument
 
 __all__ = [
@@ -314,7 +314,7 @@ def _sendable(text: str) -> str:
 
 
 def _seconds(value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_finite_number(value):
         raise InvalidArgument(f"seconds must be a finite number, got {value!r}")
     return float(value)
 

@@ -10,6 +10,7 @@ they come in, and the caller gets one line naming the field instead. No I/O here
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from everruns.errors import InvalidArgument
@@ -154,3 +155,15 @@ def _escaped(value: Any) -> Any:
     if isinstance(value, dict):
         return {_escaped(k): _escaped(v) for k, v in value.items()}
     return value
+
+
+def is_finite_number(value: object) -> bool:
+    """Whether ``value`` is a real number a float can hold: an int or float, not a bool, not
+    NaN or infinite, and no int past a float's range (``math.isfinite`` raises OverflowError
+    for one: ``ctx.sleep(10**400)`` failed the run with it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False

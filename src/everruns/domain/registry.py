@@ -314,7 +314,7 @@ def workflow(
 
     def decorate(f: F) -> F:
         target = registry if registry is not None else default_registry
-        setattr(f, DEFINITION_ATTRIBUTE, target.add_workflow(f, name=name))
+        _attach(f, target.add_workflow(f, name=name))
         return f
 
     return decorate(fn) if fn is not None else decorate
@@ -396,7 +396,22 @@ def activity(
 
     def decorate(f: F) -> F:
         target = registry if registry is not None else default_registry
-        setattr(f, DEFINITION_ATTRIBUTE, target.add_activity(f, name=name, options=options))
+        _attach(f, target.add_activity(f, name=name, options=options))
         return f
 
     return decorate(fn) if fn is not None else decorate
+
+
+def _attach(fn: Any, definition: Any) -> None:
+    """Attach ``definition`` to a decorated ``fn`` (`name_of` reads it back). A bound method
+    (``activity(service.send)``, an object holding its clients) takes no attributes of its
+    own: its function carries it, which the method's attribute lookup finds. An object that
+    takes none at all stays registered, under its name (pass that name to start it)."""
+    for target in (fn, getattr(fn, "__func__", None)):
+        if target is None:
+            continue
+        try:
+            setattr(target, DEFINITION_ATTRIBUTE, definition)
+            return
+        except (AttributeError, TypeError):
+            continue

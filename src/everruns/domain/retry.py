@@ -17,7 +17,7 @@ from typing import Any
 
 import attrs
 
-from everruns.domain.limits import MAX_INT4, MAX_SECONDS, MAX_SECONDS_TEXT
+from everruns.domain.limits import MAX_INT4, MAX_SECONDS, MAX_SECONDS_TEXT, is_finite_number
 from everruns.errors import InvalidArgument
 
 __all__ = [
@@ -49,7 +49,7 @@ def _check_positive(_inst: object, attr: attrs.Attribute[float], value: float) -
 
 
 def _check_coefficient(_inst: object, _attr: attrs.Attribute[float], value: float) -> None:
-    if not _is_number(value) or not math.isfinite(value) or value < 1:
+    if not is_finite_number(value) or value < 1:
         raise InvalidArgument(
             f"retry policy backoff_coefficient must be a finite number >= 1, got {value!r}"
         )
