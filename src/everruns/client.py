@@ -33,6 +33,7 @@ from everruns.domain.address import (
     parse_address,
 )
 from everruns.domain.limits import check_name
+from everruns.domain.limits import check_utf8 as _check_text
 from everruns.domain.packing import pack_blobs, unpack_uuids
 from everruns.domain.payload import decode, encode
 from everruns.domain.registry import ActivityDefinition, definition_of, name_of
@@ -468,18 +469,6 @@ class WorkflowStart:
     workflow: WorkflowRef
     input: Any = None
     workflow_id: str | None = None
-
-
-def _check_text(value: str, what: str) -> str:
-    """Return ``value`` if the wire (UTF-8) can carry it: a lone surrogate cannot."""
-    try:
-        value.encode()
-    except UnicodeEncodeError as exc:
-        raise InvalidArgument(
-            f"{what} {value!r} cannot be sent: UTF-8 cannot encode the character at position "
-            f"{exc.start} ({exc.reason})"
-        ) from None
-    return value
 
 
 _MAX_INT64 = 2**63 - 1

@@ -97,25 +97,44 @@ class Undelivered(Protocol):
         ...
 
 
-def _give_back_soon(
-    undelivered: Undelivered, aio: AioLoop, nursery: trio.Nursery, handed: Sequence[Any]
-) -> None:
-    """On the asyncio thread: start ``undelivered.give_back(handed)`` in ``nursery``, unless
-    the server is already gone (its callers' connections then drop, and the control plane
-    releases what they held)."""
-    if not handed:
-        return
+class _GiveBack:
+    """A server's `Undelivered` (or none), bound to the loop and the nursery its methods run
+    in; used on the asyncio thread."""
 
-    def start() -> None:  # on the Trio thread
+    def __init__(self, undelivered: Undelivered | None, aio: AioLoop, nursery: trio.Nursery):
+        self._undelivered = undelivered
+        self._aio = aio
+        self._nursery = nursery
+
+    def handed(self, reply: Any) -> Sequence[Any]:
+        """What ``reply`` hands out (`Undelivered.handed`); empty without an `Undelivered`."""
+        return () if self._undelivered is None else self._undelivered.handed(reply)
+
+    def orphaned(self, reply: Any) -> None:
+        """``reply`` reaches nobody: give back what it hands out."""
+        self.soon(self.handed(reply))
+
+    def soon(self, handed: Sequence[Any]) -> None:
+        """Start the give-back of ``handed`` in the methods' nursery, unless the server is
+        already gone (its callers' connections then drop, and the control plane releases what
+        they held)."""
+        undelivered = self._undelivered
+        if not handed or undelivered is None:
+            return
+        nursery = self._nursery
+
+        def start() -> None:  # on the Trio thread
+            try:
+                nursery.start_soon(undelivered.give_back, handed)
+            except RuntimeError:  # the nursery has closed: the server is stopping
+                log.debug(
+                    "server stopping: %d undelivered item(s) left to the release", len(handed)
+                )
+
         try:
-            nursery.start_soon(undelivered.give_back, handed)
-        except RuntimeError:  # the nursery has closed: the server is stopping
-            log.debug("server stopping: %d undelivered item(s) left to the release", len(handed))
-
-    try:
-        aio.token.run_sync_soon(start)
-    except trio.RunFinishedError:
-        pass
+            self._aio.token.run_sync_soon(start)
+        except trio.RunFinishedError:
+            pass
 
 
 # everruns error -> gRPC status, most specific first.
@@ -208,13 +227,9 @@ def _wrap_handler(
     token: str | None,
     aio: AioLoop,
     nursery: trio.Nursery,
-    undelivered: Undelivered | None = None,
+    give_back: _GiveBack,
 ) -> grpclib.const.Handler:
     streaming = handler.cardinality is grpclib.const.Cardinality.UNARY_STREAM
-
-    def orphaned(reply: Any) -> None:  # a reply made for a caller that has gone
-        if undelivered is not None:
-            _give_back_soon(undelivered, aio, nursery, undelivered.handed(reply))
 
     async def serve_one(stream: grpclib.server.Stream[Any, Any]) -> None:  # runs on asyncio
         if not _bearer_ok(stream.metadata, token):
@@ -230,7 +245,7 @@ def _wrap_handler(
 
                 await aio.run_trio(nursery, impl, request, send)
             else:
-                reply = await aio.run_trio(nursery, impl, request, orphan=orphaned)
+                reply = await aio.run_trio(nursery, impl, request, orphan=give_back.orphaned)
                 try:
                     await stream.send_message(reply)
                 except (
@@ -238,7 +253,7 @@ def _wrap_handler(
                     grpclib.exceptions.StreamTerminatedError,
                     asyncio.CancelledError,  # the stream was reset while the reply waited
                 ):
-                    orphaned(reply)
+                    give_back.orphaned(reply)
                     raise
         except grpclib.exceptions.GRPCError:
             raise
@@ -266,24 +281,17 @@ def _calls_handler(
     token: str | None,
     aio: AioLoop,
     nursery: trio.Nursery,
-    undelivered: Undelivered | None,
+    give_back: _GiveBack,
     codec: FastCodec,
 ) -> grpclib.const.Handler:
     """The handler of `CallService.Calls`: each `Call` runs the unary method it names, as a
     unary call of that method would, and is answered by a `CallReply` as it finishes.
 
     A cancel notice stops a call still running; one that crosses a reply already made (the
-    caller gave up on it, and drops the reply when it comes) has ``undelivered`` take back
+    caller gave up on it, and drops the reply when it comes) has ``give_back`` take back
     what the reply handed out. So do a reply the method made in spite of the cancellation and
     one that could not be sent."""
     from everruns._proto.everruns import v1 as pb
-
-    def give_back(handed: Sequence[Any]) -> None:
-        if undelivered is not None:
-            _give_back_soon(undelivered, aio, nursery, handed)
-
-    def handed_by(reply: Any) -> Sequence[Any]:
-        return undelivered.handed(reply) if undelivered is not None else ()
 
     async def run(call: Any) -> tuple[Any, Sequence[Any]]:
         """The `CallReply` of one call (its method's reply, or the status it failed with),
@@ -302,13 +310,11 @@ def _calls_handler(
                 raise grpclib.exceptions.GRPCError(
                     Status.INVALID_ARGUMENT, f"{call.route}: malformed request: {exc}"
                 ) from exc
-            reply = await aio.run_trio(
-                nursery, impl, request, orphan=lambda lost: give_back(handed_by(lost))
-            )
-            handed = handed_by(reply)
+            reply = await aio.run_trio(nursery, impl, request, orphan=give_back.orphaned)
+            handed = give_back.handed(reply)
             return pb.CallReply(id=call.id, reply=codec.encode(reply, reply_type)), handed
         except Exception as exc:  # a reply that cannot be encoded fails as INTERNAL too
-            give_back(handed)  # the failure goes instead of the reply
+            give_back.soon(handed)  # the failure goes instead of the reply
             error = (
                 exc if isinstance(exc, grpclib.exceptions.GRPCError) else _verdict(exc, call.route)
             )
@@ -354,7 +360,7 @@ def _calls_handler(
                 asyncio.CancelledError,  # the stream was reset (or ended) while the reply waited
             ) as exc:
                 if answered.get(call.id) is handed:
-                    give_back(answered.pop(call.id))
+                    give_back.soon(answered.pop(call.id))
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 log.debug("%s: the client went away before the reply", call.route)
@@ -376,7 +382,7 @@ def _calls_handler(
                         task.cancel()
                         counted.discard(task)
                     else:  # answered already: the caller drops the reply when it comes
-                        give_back(answered.pop(call.id, ()))
+                        give_back.soon(answered.pop(call.id, ()))
                 elif call.id in cancellable:
                     raise grpclib.exceptions.GRPCError(
                         Status.INVALID_ARGUMENT, f"call id {call.id} is already in flight"
@@ -646,7 +652,7 @@ def _servable(
     token: str | None,
     aio: AioLoop,
     nursery: trio.Nursery,
-    undelivered: Undelivered | None,
+    give_back: _GiveBack,
 ) -> _Servable:
     return _Servable(
         {
@@ -657,7 +663,7 @@ def _servable(
                 token,
                 aio,
                 nursery,
-                undelivered,
+                give_back,
             )
             for route, handler in base.__mapping__().items()
         }
@@ -701,9 +707,10 @@ async def serve_services(
     methods_scope = trio.CancelScope(shield=True)
     async with trio.open_nursery() as nursery:
         handlers: trio.Nursery = await nursery.start(_host_methods, methods_scope)
+        give_back = _GiveBack(undelivered, aio, handlers)
         try:
             servables = [
-                _servable(base, impl, auth_token, aio, handlers, undelivered)
+                _servable(base, impl, auth_token, aio, handlers, give_back)
                 for base, impl in services
             ]
             targets = _unary_targets(services)
@@ -711,7 +718,7 @@ async def serve_services(
                 partial(
                     _Server,
                     servables,
-                    partial(_calls_handler, targets, auth_token, aio, handlers, undelivered)
+                    partial(_calls_handler, targets, auth_token, aio, handlers, give_back)
                     if calls
                     else None,
                 )

@@ -31,6 +31,7 @@ import attrs
 
 from everruns.agent import _http
 from everruns.agent.tools import MAX_SLEEP_SECONDS
+from everruns.domain.payload import copy_json
 from everruns.errors import (
     ConfigError,
     EverrunsError,
@@ -491,29 +492,10 @@ def _clean(value: Any) -> Any:
     """Return parsed JSON ``value`` with `_clean_text` applied to every string, keys included.
 
     JSON's ``\\uXXXX`` escapes can carry half a surrogate pair, which UTF-8 (so the ``reason``
-    activity's result) cannot.
+    activity's result) cannot. Iterative (`copy_json`): the reply may nest as deep as the JSON
+    parser allowed.
     """
-    # Iterative: the reply may nest as deep as the JSON parser allowed.
-    root: list[Any] = [None]
-    pending: list[tuple[Any, Any, Any]] = [(value, root, 0)]  # (value, container, its key)
-    while pending:
-        item, into, key = pending.pop()
-        if isinstance(item, str):
-            into[key] = _clean_text(item)
-        elif isinstance(item, dict):
-            fields: dict[Any, Any] = {}
-            into[key] = fields
-            for name, child in item.items():
-                clean_name = _clean_text(name) if isinstance(name, str) else name
-                fields[clean_name] = None  # keeps the order; the child's value comes later
-                pending.append((child, fields, clean_name))
-        elif isinstance(item, list):
-            items: list[Any] = [None] * len(item)
-            into[key] = items
-            pending.extend((child, items, index) for index, child in enumerate(item))
-        else:
-            into[key] = item
-    return root[0]
+    return copy_json(value, text=_clean_text)
 
 
 def _tool_arguments(text: Any) -> tuple[dict[str, Any] | None, str]:

@@ -11,7 +11,6 @@ I/O, no trio or asyncio — only the bookkeeping between workflow code and the d
 
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
 import random
@@ -272,47 +271,6 @@ def _json_copy(value: Any, what: str) -> Any:
     # Round-trip through exact JSON: refuses what the wire cannot carry (here, inside workflow
     # code, where the user can see it) and detaches the command from later mutation.
     return payload.decode(payload.encode_text(value, what=what), what=what)
-
-
-_IMMUTABLE = frozenset({str, int, float, bool, type(None)})
-
-
-def _detached(value: Any) -> Any:
-    """Return a deep copy of a JSON value from the history, for workflow code to own.
-
-    What the code does to the copy cannot change the recorded event, which a kept replay or
-    the next one reads again. Iterative: a value nested as deeply as the payload layer accepts
-    (up to Python's recursion limit) is copied, where `copy.deepcopy` needs two frames a level
-    and fails half-way there. Shared and cyclic dicts and lists stay so, as with
-    `copy.deepcopy`; anything but the JSON types (never in a recorded history) is left to it.
-    """
-    kind = type(value)
-    if kind in _IMMUTABLE:
-        return value
-    if kind is not dict and kind is not list:
-        return copy.deepcopy(value)
-    top: Any = {} if kind is dict else []
-    memo: dict[int, Any] = {id(value): top}
-    stack: list[tuple[Any, Any]] = [(value, top)]
-    while stack:
-        source, target = stack.pop()
-        pairs = source.items() if type(source) is dict else enumerate(source)
-        for key, item in pairs:
-            kind = type(item)
-            if kind in _IMMUTABLE:
-                copied = item
-            elif kind is dict or kind is list:
-                copied = memo.get(id(item))
-                if copied is None:
-                    copied = memo[id(item)] = {} if kind is dict else []
-                    stack.append((item, copied))
-            else:
-                copied = copy.deepcopy(item)
-            if type(target) is dict:
-                target[key] = copied
-            else:
-                target.append(copied)
-    return top
 
 
 class WorkflowContext:
@@ -816,7 +774,7 @@ class WorkflowContext:
             return False
         if kind == history.ACTIVITY_COMPLETED:
             entry = self._live(event, "activity", "activity_id")
-            entry.future.set_result(_detached(data.get("result")))
+            entry.future.set_result(payload.copy_json(data.get("result")))
             return False
         if kind in (history.ACTIVITY_FAILED, history.ACTIVITY_TIMED_OUT):
             if data.get("will_retry"):
@@ -848,7 +806,7 @@ class WorkflowContext:
             return False
         if kind == history.CHILD_WORKFLOW_COMPLETED:
             entry = self._live(event, "child", "child_id")
-            entry.future.set_result(_detached(data.get("result")))
+            entry.future.set_result(payload.copy_json(data.get("result")))
             return False
         if kind == history.CHILD_WORKFLOW_FAILED:
             entry = self._live(event, "child", "child_id")
@@ -932,7 +890,7 @@ class WorkflowContext:
             raise nondeterminism(
                 self._info, f"signal at seq {event.sequence_num} has no valid name ({name!r})"
             )
-        value = _detached(event.data.get("payload"))
+        value = payload.copy_json(event.data.get("payload"))
         waiters = self._signal_waiters.get(name)
         if waiters:
             waiters.popleft().set_result(value)

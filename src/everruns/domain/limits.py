@@ -103,6 +103,23 @@ def check_text(value: str, what: str, *, limit: int = MAX_NAME_LENGTH) -> str:
     return value
 
 
+def check_utf8(value: str, what: str) -> str:
+    """Return ``value`` if the wire (UTF-8) can carry it: a lone surrogate (a file name from
+    ``os.fsdecode``, a JSON ``"\\udce9"`` escape) cannot.
+
+    Raises:
+        InvalidArgument: names ``what`` and the position of the character.
+    """
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidArgument(
+            f"{what} {shown(value)} cannot be sent: UTF-8 cannot encode the character at "
+            f"position {exc.start} ({exc.reason})"
+        ) from None
+    return value
+
+
 def check_worker_id(value: object) -> str:
     """`check_name` for a worker id, whose column allows `MAX_WORKER_ID_LENGTH` characters."""
     return check_name(value, "worker_id", limit=MAX_WORKER_ID_LENGTH)

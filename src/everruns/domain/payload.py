@@ -7,6 +7,7 @@ naming the offending type and where it sits. No I/O here.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from typing import Any
 
 from everruns.errors import PayloadError
 
-__all__ = ["decode", "encode", "encode_text", "json_error"]
+__all__ = ["copy_json", "decode", "encode", "encode_text", "json_error"]
 
 # One encoder for every payload: `json.dumps` with any option builds a new JSONEncoder per call,
 # which costs as much as encoding a small payload.
@@ -194,3 +195,51 @@ def decode(data: bytes | str, *, what: str = "payload") -> Any:
         raise PayloadError(f"{what} is not valid JSON: {exc}") from exc
     except RecursionError:
         raise PayloadError(f"{what} is nested too deeply to be read") from None
+
+
+_IMMUTABLE = frozenset({str, int, float, bool, type(None)})
+
+
+def copy_json(value: Any, *, text: Callable[[str], str] | None = None) -> Any:
+    """Return a deep copy of a JSON value, its strings (keys included) passed through
+    ``text`` when given.
+
+    Iterative: a value nested as deeply as the JSON parser and the payload layer accept (up to
+    Python's recursion limit) is copied, where `copy.deepcopy` needs two frames a level and
+    fails half-way there. Shared and cyclic dicts and lists stay so, as with `copy.deepcopy`;
+    anything but the JSON types is left to it.
+    """
+    kind = type(value)
+    if kind is str and text is not None:
+        return text(value)
+    if kind in _IMMUTABLE:
+        return value
+    if kind is not dict and kind is not list:
+        return copy.deepcopy(value)
+    top: Any = {} if kind is dict else []
+    memo: dict[int, Any] = {id(value): top}
+    stack: list[tuple[Any, Any]] = [(value, top)]
+    while stack:
+        source, target = stack.pop()
+        into_dict = type(source) is dict
+        for key, item in source.items() if into_dict else enumerate(source):
+            kind = type(item)
+            copied: Any
+            if kind is str and text is not None:
+                copied = text(item)
+            elif kind in _IMMUTABLE:
+                copied = item
+            elif kind is dict or kind is list:
+                copied = memo.get(id(item))
+                if copied is None:
+                    copied = memo[id(item)] = {} if kind is dict else []
+                    stack.append((item, copied))
+            else:
+                copied = copy.deepcopy(item)
+            if not into_dict:
+                target.append(copied)
+            elif text is not None and type(key) is str:
+                target[text(key)] = copied
+            else:
+                target[key] = copied
+    return top

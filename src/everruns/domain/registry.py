@@ -17,7 +17,7 @@ from typing import Any, TypeVar, overload
 import attrs
 
 from everruns.domain.commands import ActivityOptions
-from everruns.domain.limits import check_type_name, shown
+from everruns.domain.limits import check_type_name, check_utf8, shown
 from everruns.domain.retry import RetryPolicy
 from everruns.errors import AlreadyExists, InvalidArgument, NotFound
 
@@ -51,15 +51,7 @@ def _check_storable(name: str, what: str) -> str:
         InvalidArgument: longer than `MAX_NAME_LENGTH`, a NUL character, or a character UTF-8
             cannot encode (a lone surrogate); every worker serving it would fail to register.
     """
-    check_type_name(name, what)
-    try:
-        name.encode()
-    except UnicodeEncodeError as exc:
-        raise InvalidArgument(
-            f"{what} {shown(name)} cannot be sent: UTF-8 cannot encode the character at "
-            f"position {exc.start} ({exc.reason})"
-        ) from None
-    return name
+    return check_utf8(check_type_name(name, what), what)
 
 
 def _check_name(inst: object, attr: attrs.Attribute[str], value: str) -> None:

@@ -43,7 +43,6 @@ from everruns.domain.commands import (
 from everruns.domain.context import (
     WorkflowContext,
     WorkflowInfo,
-    _detached,
     _Future,
     _Wait,
     nondeterminism,
@@ -266,7 +265,7 @@ class _Driver:
 
 
 async def _main(workflow_fn: Callable[..., Any], ctx: WorkflowContext, input: Any) -> Any:
-    return await workflow_fn(ctx, _detached(input))
+    return await workflow_fn(ctx, payload.copy_json(input))
 
 
 def _close_quietly(coro: Coroutine[Any, Any, Any]) -> None:

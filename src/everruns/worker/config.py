@@ -25,8 +25,14 @@ from everruns.domain.address import (
     parse_address,
     switch_from_env,
 )
-from everruns.domain.limits import MAX_SECONDS, MAX_SECONDS_TEXT, MAX_WORKER_ID_LENGTH, shown
-from everruns.errors import ConfigError
+from everruns.domain.limits import (
+    MAX_SECONDS,
+    MAX_SECONDS_TEXT,
+    MAX_WORKER_ID_LENGTH,
+    check_utf8,
+    shown,
+)
+from everruns.errors import ConfigError, InvalidArgument
 
 __all__ = [
     "DEFAULT_GRACE_PERIOD",
@@ -96,12 +102,9 @@ def _check_worker_id(_inst: object, _attr: attrs.Attribute[str], value: str) -> 
     if "\x00" in value:
         raise ConfigError(f"WORKER_ID={value!r} must not contain NUL characters")
     try:
-        value.encode()
-    except UnicodeEncodeError as exc:
-        raise ConfigError(
-            f"WORKER_ID={value!r} cannot be sent: UTF-8 cannot encode the character at "
-            f"position {exc.start} ({exc.reason})"
-        ) from None
+        check_utf8(value, "WORKER_ID")
+    except InvalidArgument as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _check_capacity(_inst: object, _attr: attrs.Attribute[int], value: int) -> None:
