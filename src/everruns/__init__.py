@@ -17,6 +17,7 @@ from everruns.errors import ActivityError as ActivityError
 from everruns.errors import ChildWorkflowError as ChildWorkflowError
 from everruns.errors import EverrunsError as EverrunsError
 from everruns.errors import NonRetryableError as NonRetryableError
+from everruns.errors import RetryAfter as RetryAfter
 from everruns.errors import WorkflowCancelled as WorkflowCancelled
 from everruns.errors import WorkflowFailed as WorkflowFailed
 from everruns.server import ServerConfig as ServerConfig

@@ -30,7 +30,8 @@ edges and chained with ``raise ... from``; code outside the edges never sees the
     │   ├── NonDeterminismError     replay disagrees with the recorded history
     │   └── IllegalAwait            workflow code awaited something that is not a ctx operation
     ├── WorkflowFailed              a client awaited a workflow that ended failed or cancelled
-    └── NonRetryableError           raise from an activity to fail it at once, without retries
+    ├── NonRetryableError           raise from an activity to fail it at once, without retries
+    └── RetryAfter                  raise from an activity to retry it, not before a given delay
 """
 
 from __future__ import annotations
@@ -193,6 +194,36 @@ class WorkflowFailed(EverrunsError):
 
 class NonRetryableError(EverrunsError):
     """Raise from an activity to fail it at once: no further attempts are made."""
+
+
+class RetryAfter(EverrunsError):
+    """Raise from an activity to have its next attempt wait at least ``seconds``.
+
+    The attempt fails as any other does (it counts against ``max_attempts``, and a type the
+    retry policy lists as non-retryable still fails at once), but the next one is not made
+    before ``seconds`` have passed: the delay is the larger of ``seconds`` and the policy's
+    backoff, and may exceed the policy's ``maximum_interval`` (a service that says when to
+    come back is not asked earlier). For a rate limit's ``Retry-After``, say.
+
+    Args:
+        seconds: the least delay before the next attempt, a finite number from 0 to
+            `everruns.domain.limits.MAX_SECONDS` (100 years).
+        message: what went wrong, for the recorded error.
+
+    Raises:
+        InvalidArgument: ``seconds`` is not such a number.
+    """
+
+    def __init__(self, seconds: float, message: str = "") -> None:
+        from everruns.domain.limits import MAX_SECONDS_TEXT, is_delay  # limits imports us
+
+        if not is_delay(seconds):
+            raise InvalidArgument(
+                f"RetryAfter seconds must be a finite number from 0 to {MAX_SECONDS_TEXT}, "
+                f"got {seconds!r}"
+            )
+        super().__init__(message or f"retry after {seconds:g} s")
+        self.seconds = float(seconds)
 
 
 WORKER_SHUTDOWN_ERROR = "everruns.WorkerShutdown"

@@ -14,7 +14,7 @@ import trio
 from everruns.client import Client
 from everruns.domain.registry import Registry, activity, workflow
 from everruns.domain.retry import RetryPolicy
-from everruns.errors import ActivityError
+from everruns.errors import ActivityError, RetryAfter
 from everruns.server import ServerConfig, serve
 from everruns.worker import ActivityContext, Worker
 
@@ -103,3 +103,44 @@ async def test_an_activity_calling_sys_exit_fails_the_activity_not_the_worker(
             # Still serving.
             again = await client.start_workflow(call_both, None)
             assert await again.result(timeout=10) == ["builtins.SystemExit"] * 2
+
+
+async def test_retry_after_holds_the_next_attempt_back_past_the_backoff(
+    database_url: str,
+) -> None:
+    """An activity that raises ``RetryAfter(1.5)`` is tried again no sooner than 1.5 s later,
+    though its policy's backoff is 50 ms; the attempt counts, and the recorded error says how
+    long it asked for. One with no attempt left fails as before: the delay adds no retry."""
+    registry = Registry()
+    started: list[float] = []
+
+    @activity(registry=registry)
+    async def rate_limited(ctx: ActivityContext, _: Any) -> Any:
+        started.append(trio.current_time())
+        if ctx.attempt == 1:
+            raise RetryAfter(1.5, "slow down")
+        return ctx.attempt
+
+    @workflow(registry=registry)
+    async def call(ctx: Any, attempts: int) -> Any:
+        policy = RetryPolicy(max_attempts=attempts, initial_interval=0.05, jitter=0.0)
+        try:
+            return await ctx.execute_activity(rate_limited, None, retry=policy)
+        except ActivityError as exc:
+            return exc.error_type
+
+    with trio.fail_after(30):
+        async with served(database_url, registry) as (client, _):
+            handle = await client.start_workflow(call, 3)
+            assert await handle.result(timeout=20) == 2
+            history = await handle.history()
+            started_once, ended_once = len(started), trio.current_time()
+            alone = await client.start_workflow(call, 1)
+            assert await alone.result(timeout=20) == "everruns.errors.RetryAfter"
+            assert trio.current_time() - ended_once < 1.5  # not held back: it failed at once
+    assert started_once == 2 and len(started) == 3
+    assert started[1] - started[0] >= 1.5
+    failed = [e.data for e in history if e.type == "activity_failed"]
+    assert len(failed) == 1
+    assert failed[0]["error"]["retry_after"] == 1.5
+    assert failed[0]["error"]["message"] == "slow down"

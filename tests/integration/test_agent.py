@@ -310,6 +310,8 @@ class FakeChatCompletions:
 
     replies: list[tuple[int, dict[str, Any], bool]]
     requests: list[dict[str, Any]] = attrs.field(factory=list)
+    # extra header lines of the reply of the same index ("Retry-After: 3\r\n")
+    headers: dict[int, str] = attrs.field(factory=dict)
 
     async def handle(self, stream: trio.SocketStream) -> None:
         data = b""
@@ -323,8 +325,15 @@ class FakeChatCompletions:
         }
         while len(body) < int(headers.get("content-length", "0")):
             body += await stream.receive_some(65536)
+        extra = self.headers.get(len(self.requests), "")
         self.requests.append(
-            {"method": method, "path": path, "headers": headers, "body": json.loads(body)}
+            {
+                "method": method,
+                "path": path,
+                "headers": headers,
+                "body": json.loads(body),
+                "at": trio.current_time(),
+            }
         )
         status, reply, chunked = self.replies.pop(0)
         payload = json.dumps(reply).encode()
@@ -336,7 +345,7 @@ class FakeChatCompletions:
             )
             response = (
                 (
-                    f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
+                    f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n{extra}"
                     "Transfer-Encoding: chunked\r\n\r\n"
                 ).encode()
                 + framed
@@ -344,7 +353,7 @@ class FakeChatCompletions:
             )
         else:
             response = (
-                f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
+                f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n{extra}"
                 f"Content-Length: {len(payload)}\r\n\r\n"
             ).encode() + payload
         await stream.send_all(response)
@@ -436,6 +445,35 @@ async def test_an_llm_api_refusal_fails_the_turn_without_retries(
                     await handle.result()
     assert len(fake.requests) == 1
     assert "HTTP 401: Incorrect API key provided" in str(failed.value)
+
+
+@pytest.mark.db
+async def test_a_rate_limited_llm_call_waits_as_long_as_the_api_asks(
+    database_url: str, state: State, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP 429 with ``Retry-After: 3``: the next call comes no sooner than 3 s later (the
+    LLM retry policy's own backoff is about 1 s), and the turn then completes. Before, the
+    header was ignored and the retry came after the backoff, into the same rate limit."""
+    fake = FakeChatCompletions(
+        replies=[
+            (429, {"error": {"message": "Rate limit reached"}}, False),
+            (200, completion({"content": "hello back"}, "stop"), False),
+        ],
+        headers={0: "Retry-After: 3\r\n"},
+    )
+    with trio.fail_after(60):
+        async with fake_server(fake) as port:
+            _use_fake_api(monkeypatch, port)
+            async with agent_system(database_url) as client:
+                handle = await send_message(client, "s-rate", "hello")
+                result = await handle.result()
+                history = await client.get_handle(handle.workflow_id).history()
+    assert result.answer == "hello back"
+    first, second = fake.requests
+    assert second["at"] - first["at"] >= 3.0
+    failed = [e.data["error"] for e in history if e.type == "activity_failed"]
+    assert failed and failed[0]["retry_after"] == 3.0
+    assert "HTTP 429: Rate limit reached" in failed[0]["message"]
 
 
 @pytest.mark.db

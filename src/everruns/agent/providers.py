@@ -22,8 +22,11 @@ import json
 import math
 import os
 import re
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -31,6 +34,7 @@ import attrs
 
 from everruns.agent import _http
 from everruns.agent.tools import MAX_SLEEP_SECONDS
+from everruns.domain.limits import MAX_SECONDS
 from everruns.domain.payload import copy_json
 from everruns.errors import (
     ConfigError,
@@ -38,6 +42,7 @@ from everruns.errors import (
     InvalidArgument,
     NonRetryableError,
     NotFound,
+    RetryAfter,
 )
 
 __all__ = [
@@ -619,6 +624,32 @@ def _check_base_url(base: str) -> None:
         )
 
 
+_DELTA_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+
+
+def retry_after_seconds(value: str | None, now: float) -> float | None:
+    """Return the seconds a ``Retry-After`` header value asks to wait from ``now`` (a Unix
+    time), or None when there is none or it is malformed.
+
+    The value is a number of seconds (a decimal fraction is accepted too) or an HTTP date
+    (RFC 9110, 10.2.3); a date already past asks for 0. A wait past `MAX_SECONDS` is read as
+    `MAX_SECONDS`.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if _DELTA_SECONDS.fullmatch(text):
+        # float() reads any length; a decimal fraction is beyond the RFC, but meant plainly
+        return min(float(text), MAX_SECONDS)
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # "-0000": the date is in UTC, as HTTP dates are
+        when = when.replace(tzinfo=UTC)
+    return min(max(0.0, when.timestamp() - now), MAX_SECONDS)
+
+
 @attrs.frozen
 class OpenAIProvider:
     """An OpenAI-compatible chat-completions endpoint.
@@ -675,7 +706,10 @@ class OpenAIProvider:
 
         Raises:
             NonRetryableError: the service refused the request (HTTP 4xx other than 408/409/429).
-            EverrunsError: the service is unreachable, failing (5xx, 429) or answered nonsense.
+            RetryAfter: the service is failing or busy (5xx, 408, 409, 429) and said when to
+                come back (``Retry-After``): the next attempt waits at least that long.
+            EverrunsError: the service is unreachable, failing or busy with no
+                ``Retry-After``, or answered nonsense.
 
         Cancellation closes the connection at once.
         """
@@ -695,6 +729,9 @@ class OpenAIProvider:
             message = f"the LLM API answered HTTP {response.status}: {detail}"
             if 400 <= response.status < 500 and response.status not in (408, 409, 429):
                 raise NonRetryableError(message)
+            wait = retry_after_seconds(response.header("retry-after"), time.time())
+            if wait is not None:
+                raise RetryAfter(wait, f"{message} (Retry-After: {wait:g} s)")
             raise EverrunsError(message)
         return parse_openai_reply(response.json(), model=request.model or self.model)
 

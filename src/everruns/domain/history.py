@@ -287,20 +287,29 @@ def exception_text(exc: BaseException) -> str:
 
 
 def error_info(
-    type: str, message: str, *, traceback: str = "", non_retryable: bool = False
+    type: str,
+    message: str,
+    *,
+    traceback: str = "",
+    non_retryable: bool = False,
+    retry_after: float | None = None,
 ) -> dict[str, Any]:
     """Return the ``error`` object carried by failure events (text UTF-8 cannot carry, a
     lone surrogate, written as its escape: the object must reach the control plane).
 
     Returns:
-        ``{"type", "message", "traceback", "non_retryable"}``.
+        ``{"type", "message", "traceback", "non_retryable"}``, and ``"retry_after"`` (the
+        least delay before the next attempt, `everruns.RetryAfter`'s) when given.
     """
-    return {
+    info: dict[str, Any] = {
         "type": _sendable(type),
         "message": _sendable(message),
         "traceback": _sendable(traceback),
         "non_retryable": non_retryable,
     }
+    if retry_after is not None:
+        info["retry_after"] = retry_after
+    return info
 
 
 def _sendable(text: str) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, TypeGuard
 
 from everruns.errors import InvalidArgument
 
@@ -27,6 +27,7 @@ __all__ = [
     "check_type_name",
     "check_worker_id",
     "escape_nul_in_json",
+    "is_delay",
     "shown",
 ]
 
@@ -172,6 +173,15 @@ def _escaped(value: Any) -> Any:
     if isinstance(value, dict):
         return {_escaped(k): _escaped(v) for k, v in value.items()}
     return value
+
+
+def is_delay(value: object) -> TypeGuard[int | float]:
+    """Whether ``value`` is a number of seconds from 0 to `MAX_SECONDS`: an int or float, not
+    a bool (NaN compares false, infinity and an int past a float's range exceed the bound, so
+    ``now() + value`` stays inside PostgreSQL's timestamps)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return 0 <= value <= MAX_SECONDS
 
 
 def is_finite_number(value: object) -> bool:

@@ -17,7 +17,13 @@ from typing import Any
 
 import attrs
 
-from everruns.domain.limits import MAX_INT4, MAX_SECONDS, MAX_SECONDS_TEXT, is_finite_number
+from everruns.domain.limits import (
+    MAX_INT4,
+    MAX_SECONDS,
+    MAX_SECONDS_TEXT,
+    is_delay,
+    is_finite_number,
+)
 from everruns.errors import InvalidArgument
 
 __all__ = [
@@ -27,6 +33,7 @@ __all__ = [
     "backoff_delay",
     "decide_retry",
     "is_non_retryable_type",
+    "retry_after_of",
     "should_retry",
 ]
 
@@ -287,8 +294,24 @@ def should_retry(policy: RetryPolicy, attempt: int, error_type: str, non_retryab
     return not is_non_retryable_type(policy, error_type)
 
 
+def retry_after_of(error: Mapping[str, Any]) -> float | None:
+    """Return the least delay a failed attempt's error object asks for before the next one
+    (its ``retry_after``, set by `everruns.RetryAfter`), or None when it asks for none.
+
+    A value that is not a number of seconds from 0 to `MAX_SECONDS` (a hand-made error
+    object's) asks for nothing: the error is recorded as it came, and the backoff applies.
+    """
+    value = error.get("retry_after")
+    return float(value) if is_delay(value) else None
+
+
 def decide_retry(
-    policy: RetryPolicy, attempt: int, error_type: str, non_retryable: bool, rng_value: float
+    policy: RetryPolicy,
+    attempt: int,
+    error_type: str,
+    non_retryable: bool,
+    rng_value: float,
+    retry_after: float | None = None,
 ) -> RetryDecision:
     """Decide whether and when to retry after attempt ``attempt`` failed.
 
@@ -298,14 +321,27 @@ def decide_retry(
         error_type: the error's type name, bare or qualified.
         non_retryable: the error was flagged non-retryable.
         rng_value: a uniform random number in [0, 1) drawn by the caller.
+        retry_after: the least delay the error asked for (`retry_after_of`), if any. It
+            never makes a retry that would not happen otherwise, and it may exceed the
+            policy's ``maximum_interval``: a service that says when to come back is not
+            asked earlier.
 
     Returns:
-        ``RetryDecision(retry=True, delay=backoff_delay(...))`` or ``RetryDecision(False, 0.0)``.
+        ``RetryDecision(retry=True, delay=...)``, the delay being `backoff_delay`'s or
+        ``retry_after`` when that is larger; or ``RetryDecision(False, 0.0)``.
 
     Raises:
-        InvalidArgument: ``attempt`` < 1 or ``rng_value`` outside [0, 1).
+        InvalidArgument: ``attempt`` < 1, ``rng_value`` outside [0, 1), or ``retry_after``
+            not a number of seconds from 0 to `MAX_SECONDS`.
     """
     delay = backoff_delay(policy, attempt, rng_value)
+    if retry_after is not None:
+        if not is_delay(retry_after):
+            raise InvalidArgument(
+                f"retry_after must be a number of seconds from 0 to {MAX_SECONDS_TEXT}, "
+                f"got {retry_after!r}"
+            )
+        delay = max(delay, float(retry_after))
     if not should_retry(policy, attempt, error_type, non_retryable):
         return RetryDecision(retry=False, delay=0.0)
     return RetryDecision(retry=True, delay=delay)

@@ -23,7 +23,7 @@ from everruns._aio.pg import Connection, Pool, Row
 from everruns.domain import breaker as breaker_math
 from everruns.domain.limits import MAX_SECONDS
 from everruns.domain.payload import encode_text
-from everruns.domain.retry import RetryPolicy, decide_retry
+from everruns.domain.retry import RetryPolicy, decide_retry, retry_after_of
 from everruns.errors import (
     AlreadyExists,
     ConcurrencyConflict,
@@ -1007,6 +1007,7 @@ class Store:
             str(error.get("type", "")),
             non_retryable or bool(error.get("non_retryable")),
             self._rng.random(),
+            retry_after_of(error),
         )
         if decision.retry:
             row = await conn.fetchrow(

@@ -26,10 +26,10 @@ from everruns.domain.address import (
     switch_from_env,
 )
 from everruns.domain.limits import (
-    MAX_SECONDS,
     MAX_SECONDS_TEXT,
     MAX_WORKER_ID_LENGTH,
     check_utf8,
+    is_delay,
     shown,
 )
 from everruns.errors import ConfigError, InvalidArgument
@@ -119,11 +119,7 @@ def _check_capacity(_inst: object, _attr: attrs.Attribute[int], value: int) -> N
 def _check_grace(_inst: object, _attr: attrs.Attribute[float], value: float) -> None:
     # Bounded, as the variable is: an infinite grace period would never cancel the tasks of a
     # worker told to stop, and an integer past a float's range fails only as it stops.
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not 0 <= value <= MAX_SECONDS  # also NaN
-    ):
+    if not is_delay(value):
         raise ConfigError(
             "EVERRUNS_WORKER_GRACE_PERIOD must be a number of seconds from 0 to "
             f"{MAX_SECONDS_TEXT}, got {value!r}"

@@ -12,7 +12,8 @@ import traceback
 from typing import Any
 
 from everruns.domain.history import error_info, exception_text
-from everruns.errors import NonRetryableError
+from everruns.domain.limits import is_delay
+from everruns.errors import NonRetryableError, RetryAfter
 
 __all__ = [
     "MAX_MESSAGE_CHARS",
@@ -72,9 +73,16 @@ def error_from_exception(
         non_retryable: override; by default true exactly for `NonRetryableError`.
 
     Returns:
-        ``{"type", "message", "traceback", "non_retryable"}``.
+        ``{"type", "message", "traceback", "non_retryable"}``, and ``"retry_after"`` for a
+        `RetryAfter`.
     """
     flag = isinstance(exc, NonRetryableError) if non_retryable is None else non_retryable
+    # Checked again: the attribute may have been changed since, and a NaN would not encode.
+    wait = getattr(exc, "seconds", None) if isinstance(exc, RetryAfter) else None
     return error_info(
-        type_name(exc), _message(exc), traceback=short_traceback(exc), non_retryable=flag
+        type_name(exc),
+        _message(exc),
+        traceback=short_traceback(exc),
+        non_retryable=flag,
+        retry_after=float(wait) if is_delay(wait) else None,
     )
