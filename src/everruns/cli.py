@@ -199,7 +199,9 @@ def render_description(d: WorkflowDescription) -> str:
                 (
                     a.activity_id,
                     a.activity_type,
-                    a.status,
+                    a.status
+                    if a.next_attempt_at is None
+                    else f"{a.status} until {_when(a.next_attempt_at)}",
                     f"{a.attempt}/{a.max_attempts}",
                     a.claimed_by or "-",
                     describe_error(a.last_error) or "-",

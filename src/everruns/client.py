@@ -175,6 +175,9 @@ class PendingActivity:
         last_error: error object of the latest failure, or None.
         error_history: every failure's error object, oldest first.
         claimed_by: worker holding the current claim, or None.
+        next_attempt_at: when a pending activity held back (its retry backoff, or the least
+            delay a failed attempt asked for with `everruns.RetryAfter`) is due; None when it
+            is due now or not pending.
     """
 
     activity_id: str
@@ -185,6 +188,7 @@ class PendingActivity:
     last_error: dict[str, Any] | None
     error_history: tuple[dict[str, Any], ...]
     claimed_by: str | None
+    next_attempt_at: datetime | None = None
 
     @classmethod
     def from_proto(cls, msg: Any) -> PendingActivity:
@@ -198,6 +202,7 @@ class PendingActivity:
             last_error=_error(msg.last_error, "last_error"),
             error_history=_error_list(msg.error_history, "error_history"),
             claimed_by=msg.claimed_by or None,
+            next_attempt_at=_time(msg.next_attempt_at),
         )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -144,3 +145,38 @@ async def test_retry_after_holds_the_next_attempt_back_past_the_backoff(
     assert len(failed) == 1
     assert failed[0]["error"]["retry_after"] == 1.5
     assert failed[0]["error"]["message"] == "slow down"
+
+
+async def test_describe_says_when_a_held_back_retry_is_due(database_url: str) -> None:
+    """While an activity waits out its ``RetryAfter(30)``, ``describe()`` (and so
+    ``everruns workflow show``) gives the time its next attempt is due; before, an operator
+    saw a pending activity and no reason it did not run."""
+    registry = Registry()
+    failed = trio.Event()
+
+    @activity(registry=registry)
+    async def rate_limited_long(ctx: ActivityContext, _: Any) -> Any:
+        failed.set()
+        raise RetryAfter(30.0, "come back in half a minute")
+
+    @workflow(registry=registry)
+    async def call_later(ctx: Any, _: Any) -> Any:
+        policy = RetryPolicy(max_attempts=2, initial_interval=0.05)
+        return await ctx.execute_activity(rate_limited_long, None, retry=policy)
+
+    with trio.fail_after(30):
+        async with served(database_url, registry) as (client, _):
+            handle = await client.start_workflow(call_later, None)
+            await failed.wait()
+            raised = datetime.now(UTC)
+            while True:  # the decision and the failure's report land a moment later
+                tasks = (await handle.describe()).pending_activities
+                if tasks and tasks[0].status == "pending" and tasks[0].attempt == 1:
+                    (pending,) = tasks
+                    break
+                await trio.sleep(0.05)
+            await handle.cancel()
+    assert pending.attempt == 1 and pending.last_error is not None
+    assert pending.next_attempt_at is not None
+    wait = (pending.next_attempt_at - raised).total_seconds()
+    assert 29.0 < wait < 32.0

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+import attrs
 import pytest
 import trio
 from hypothesis import given
@@ -328,6 +329,25 @@ def test_render_description_shows_attempts_and_errors() -> None:
     assert "attempt 2: TimeoutError: slow" in text
     assert "second line" not in text
     assert "2025-03-01 12:00:05Z" in text
+
+
+def test_render_description_says_until_when_a_retry_is_held_back() -> None:
+    held = PendingActivity(
+        activity_id="1",
+        activity_type="charge",
+        status="pending",
+        attempt=1,
+        max_attempts=5,
+        last_error={"type": "everruns.errors.RetryAfter", "message": "rate limited"},
+        error_history=(),
+        claimed_by=None,
+        next_attempt_at=datetime(2025, 3, 1, 13, 30, tzinfo=UTC),
+    )
+    due = attrs.evolve(held, activity_id="2", next_attempt_at=None)
+    text = cli.render_description(_description(pending_activities=(held, due)))
+    rows = {line.split()[0]: line for line in text.splitlines() if line.startswith("  ")}
+    assert "pending until 2025-03-01 13:30:00Z" in rows["1"]
+    assert "until" not in rows["2"] and "pending" in rows["2"]
 
 
 def test_render_description_says_waiting_for_worker_and_stuck() -> None:

@@ -565,6 +565,7 @@ class WorkflowService:
 
     async def _describe(self, run: WorkflowRun) -> pb.WorkflowDescription:
         tasks = await self.store.tasks_of_run(run.run_id)
+        now = datetime.now(UTC)
         waiting = False
         timers: list[tuple[str, datetime]] = []
         if run.is_open:
@@ -593,7 +594,7 @@ class WorkflowService:
             completed_at=_ts(run.completed_at),
             stuck_reason=run.stuck_reason or "",
             parent_workflow_id=parent_wid,
-            pending_activities=[_activity_info(t) for t in tasks],
+            pending_activities=[_activity_info(t, now) for t in tasks],
             waiting_for_worker=waiting,
             pending_timers=[pb.PendingTimer(timer_id=t, fire_at=_ts(at)) for t, at in timers],
         )
@@ -824,7 +825,8 @@ def _columnar_starts(request: pb.StartWorkflowsRequest) -> list[StartRequest]:
     )
 
 
-def _activity_info(task: Task) -> pb.ActivityInfo:
+def _activity_info(task: Task, now: datetime) -> pb.ActivityInfo:
+    held = task.status == "pending" and task.visible_at > now  # a retry not yet due
     return pb.ActivityInfo(
         activity_id=task.activity_id or "",
         activity_type=task.type_name,
@@ -834,6 +836,7 @@ def _activity_info(task: Task) -> pb.ActivityInfo:
         last_error=_json_bytes(task.last_error),
         error_history=_json_bytes(task.error_history) if task.error_history else b"",
         claimed_by=task.claimed_by or "",
+        next_attempt_at=_ts(task.visible_at) if held else 0.0,
     )
 
 

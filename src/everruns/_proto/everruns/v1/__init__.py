@@ -141,6 +141,12 @@ class ActivityInfo(betterproto2.Message):
     worker id holding the current claim; empty: unclaimed
     """
 
+    next_attempt_at: "float" = betterproto2.field(9, betterproto2.TYPE_DOUBLE)
+    """
+    Pending and held back until then (retry backoff, or the least delay a failed attempt
+    asked for with RetryAfter): Unix seconds. 0: due now, or not pending.
+    """
+
 
 default_message_pool.register_message("everruns.v1", "ActivityInfo", ActivityInfo)
 
