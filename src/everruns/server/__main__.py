@@ -89,7 +89,7 @@ async def _run(config: ServerConfig) -> None:
 async def _migrate(config: ServerConfig) -> None:
     async def migrating() -> None:
         async with open_aio_loop(), open_database(config) as url:
-            applied = await migrate_database(url)
+            applied = await migrate_database(url, lock_timeout=config.migrate_lock_timeout)
         names = f" ({', '.join(applied)})" if applied else ""
         print(f"migrations applied: {len(applied)}{names}", flush=True)
 

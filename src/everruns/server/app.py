@@ -98,7 +98,7 @@ def _sole_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | None
 
 async def _serve(config: ServerConfig, report: Callable[[ServerInfo], None]) -> None:
     async with open_aio_loop(), open_database(config) as url:
-        await migrate_database(url)
+        await migrate_database(url, lock_timeout=config.migrate_lock_timeout)
         async with pg.open_pool(
             url, min_size=2, max_size=config.pool_size, settings=POOL_SETTINGS
         ) as pool:

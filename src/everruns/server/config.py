@@ -23,6 +23,7 @@ from everruns.domain.address import (
 )
 from everruns.domain.limits import MAX_SECONDS
 from everruns.errors import ConfigError
+from everruns.store.migrate import DEFAULT_LOCK_TIMEOUT
 
 __all__ = ["ServerConfig", "validate_database_url"]
 
@@ -239,6 +240,8 @@ class ServerConfig:
         start_to_close_timeout: default limit on one attempt's run time (None: off).
         retention_interval: how often the retention duty looks for expired runs.
         tls_cert, tls_key: PEM files; when both are set, gRPC is served over TLS.
+        migrate_lock_timeout: how long a migration waits for a lock before it is rolled back
+            and tried again (None: as long as it takes).
     """
 
     database_url: str | None = None
@@ -259,6 +262,7 @@ class ServerConfig:
     retention_interval: float = 300.0
     tls_cert: str | None = None
     tls_key: str | None = None
+    migrate_lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT
 
     @property
     def grpc_address(self) -> str:
@@ -311,4 +315,6 @@ class ServerConfig:
             retention_interval=_float(env, "EVERRUNS_RETENTION_INTERVAL", 300.0, minimum=1.0),
             tls_cert=tls_cert,
             tls_key=tls_key,
+            migrate_lock_timeout=_float(env, "EVERRUNS_MIGRATE_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT)
+            or None,
         )

@@ -121,10 +121,15 @@ async def _keep_embedded_running(
             log.warning("database: the embedded PostgreSQL was started again by another process")
 
 
-async def migrate_database(url: str) -> list[str]:
-    """Apply pending migrations; return the names applied."""
+async def migrate_database(url: str, *, lock_timeout: float | None) -> list[str]:
+    """Apply pending migrations, each waiting at most ``lock_timeout`` seconds for a lock at
+    a try (None: no limit); return the names applied.
+
+    Raises:
+        MigrationError: see `apply_migrations`.
+    """
     async with pg.connect(url) as conn:
-        applied = await apply_migrations(conn)
+        applied = await apply_migrations(conn, lock_timeout=lock_timeout, log=log.warning)
     for name in applied:
         log.info("migration applied: %s", name)
     return applied

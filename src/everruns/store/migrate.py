@@ -1,15 +1,20 @@
 """Apply ``migrations/NNN_name.sql`` in order, once each, recorded with a checksum.
 
 Each migration runs in its own transaction, under a PostgreSQL advisory lock so that several
-control planes starting together apply it exactly once. An applied migration whose file has
-changed since, or one recorded that this code has no file for (a newer release migrated the
-database), stops everything with a clear error: the database no longer matches the code. With
-nothing to apply it only reads, so a role without CREATE on the schema can start.
+control planes starting together apply it exactly once. Its statements wait a bounded time for
+their locks (``lock_timeout``), and it is tried again a few times when another session holds
+them: waiting on, it would hold the advisory lock every other control plane waits for, and its
+queued ACCESS EXCLUSIVE request would block every later query on the table it alters. An
+applied migration whose file has changed since, or one recorded that this code has no file for
+(a newer release migrated the database), stops everything with a clear error: the database no
+longer matches the code. With nothing to apply it only reads, so a role without CREATE on the
+schema can start.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -21,7 +26,14 @@ import trio
 from everruns._aio.pg import Connection, sqlstate_of
 from everruns.errors import MigrationError
 
-__all__ = ["Migration", "apply_migrations", "load_migrations"]
+__all__ = [
+    "DEFAULT_LOCK_TIMEOUT",
+    "LOCK_PAUSE",
+    "LOCK_TRIES",
+    "Migration",
+    "apply_migrations",
+    "load_migrations",
+]
 
 # Arbitrary but fixed: the advisory lock key every everruns control plane agrees on.
 MIGRATION_LOCK_KEY = 0x65766572_72756E73 & 0x7FFFFFFFFFFFFFFF
@@ -70,22 +82,70 @@ CREATE TABLE IF NOT EXISTS {_LEDGER} (
 
 # PostgreSQL's insufficient_privilege: the role may not create or alter what a migration does.
 _INSUFFICIENT_PRIVILEGE = "42501"
+# PostgreSQL's lock_not_available: lock_timeout ran out while a statement waited for a lock.
+_LOCK_NOT_AVAILABLE = "55P03"
+
+DEFAULT_LOCK_TIMEOUT = 5.0
+"""Seconds a migration's statements wait for one lock before its transaction is rolled back."""
+
+LOCK_TRIES = 5
+"""How many times a migration that could not get its locks is tried in all."""
+
+LOCK_PAUSE = 1.0
+"""Seconds before the second try of a migration that could not get its locks, doubled before
+each later one: with the defaults, 5 tries of 5 s and pauses of 1, 2, 4 and 8 s, 40 s in all."""
+
+# lock_timeout is an int of milliseconds in PostgreSQL: anything longer is as good as forever.
+_MAX_LOCK_TIMEOUT_MS = 2**31 - 1
+
+# The sessions holding a lock on a table or index of the search path named in the migration's
+# text ($1): whoever made it wait, and perhaps a few bystanders. The longest in their state first.
+_LOCK_HOLDERS = """
+SELECT a.pid, a.state, extract(epoch FROM now() - a.state_change)::float8 AS seconds
+FROM pg_stat_activity a
+WHERE a.pid IN (
+    SELECT l.pid
+    FROM pg_locks l
+    JOIN pg_class c ON c.oid = l.relation
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE l.locktype = 'relation' AND l.granted AND l.pid <> pg_backend_pid()
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND n.nspname = ANY (current_schemas(false))
+      AND position(c.relname IN $1) > 0
+)
+ORDER BY a.state_change NULLS LAST, a.pid
+LIMIT 5"""
 
 
 async def apply_migrations(
-    conn: Connection, migrations: list[Migration] | None = None
+    conn: Connection,
+    migrations: list[Migration] | None = None,
+    *,
+    lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
+    lock_tries: int = LOCK_TRIES,
+    lock_pause: float = LOCK_PAUSE,
+    log: Callable[[str], object] | None = None,
 ) -> list[str]:
     """Apply every migration not yet recorded; return the names applied (in order).
 
     With nothing to apply, only reads: a role that may use the tables but not create any (the
     schema's owner having migrated) gets through.
 
+    Each migration's statements wait at most ``lock_timeout`` seconds for a lock (None: as
+    long as it takes). When one runs out, the migration's transaction is rolled back and it is
+    tried again after ``lock_pause`` seconds, doubled each time, ``lock_tries`` times in all;
+    each such retry is reported to ``log``. Cancellation stops it at once, also in a pause (the
+    migration in progress rolls back; the advisory lock is released, shielded).
+
     Raises:
         MigrationError: the database records a migration this code has no file for (a newer
             release migrated it), an applied migration was edited, a pending one needs a
-            privilege the role lacks, or a migration failed (its transaction is rolled back
-            and the ones before it stay applied).
+            privilege the role lacks, could not get its locks in ``lock_tries`` tries (the
+            message names the sessions holding them), or a migration failed (its transaction
+            is rolled back and the ones before it stay applied).
     """
+    if lock_tries < 1:
+        raise ValueError(f"lock_tries must be at least 1, not {lock_tries}")
     todo = load_migrations() if migrations is None else migrations
     applied: list[str] = []
     # The lock comes before the look at the ledger: two control planes starting on an empty
@@ -121,6 +181,12 @@ async def apply_migrations(
 
             async def apply(migration: Migration = migration) -> None:
                 async with conn.transaction():
+                    # Local to the transaction: the ledger's reads and the advisory lock keep
+                    # the session's own setting.
+                    await conn.execute(
+                        "SELECT set_config('lock_timeout', $1, true)",
+                        _lock_timeout_ms(lock_timeout),
+                    )
                     await conn.execute(migration.sql)
                     await conn.execute(
                         f"INSERT INTO {_LEDGER} (version, name, checksum) VALUES ($1, $2, $3)",
@@ -129,12 +195,74 @@ async def apply_migrations(
                         migration.checksum,
                     )
 
-            await _schema_change(apply, f"migration {label}")
+            pause = lock_pause
+            for attempt in range(1, lock_tries + 1):
+                try:
+                    await _schema_change(apply, f"migration {label}")
+                    break
+                except MigrationError as exc:
+                    if lock_timeout is None or sqlstate_of(exc) != _LOCK_NOT_AVAILABLE:
+                        raise
+                    holders = await _lock_holders(conn, migration)
+                    waited = f"could not lock its tables within {lock_timeout:g} s"
+                    if attempt == lock_tries:
+                        raise MigrationError(
+                            f"migration {label} {waited} ({lock_tries} tries): "
+                            + _holders_advice(holders)
+                        ) from exc
+                    if log is not None:
+                        log(
+                            f"migration {label} {waited}, {_holders_text(holders)}; trying "
+                            f"again in {pause:g} s (try {attempt + 1} of {lock_tries})"
+                        )
+                await trio.sleep(pause)
+                pause *= 2
             applied.append(label)
     finally:
         with trio.move_on_after(5, shield=True):
             await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
     return applied
+
+
+def _lock_timeout_ms(seconds: float | None) -> str:
+    """``seconds`` as a value of PostgreSQL's ``lock_timeout`` (None: ``0``, no limit)."""
+    if seconds is None:
+        return "0"
+    return f"{min(max(1, math.ceil(seconds * 1000)), _MAX_LOCK_TIMEOUT_MS)}ms"
+
+
+async def _lock_holders(conn: Connection, migration: Migration) -> list[str]:
+    """The sessions holding locks on the tables ``migration`` names, each as ``pid 1234 (idle
+    in transaction for 42 s)``; none if they cannot be read (the error at hand matters more)."""
+    try:
+        rows = await conn.fetch(_LOCK_HOLDERS, migration.sql)
+    except Exception:
+        return []
+    holders = []
+    for row in rows:
+        # Another role's session shows no state without pg_read_all_stats.
+        if row["state"] is None or row["seconds"] is None:
+            holders.append(f"pid {row['pid']}")
+        else:
+            holders.append(f"pid {row['pid']} ({row['state']} for {row['seconds']:.0f} s)")
+    return holders
+
+
+def _holders_text(holders: list[str]) -> str:
+    if not holders:
+        return "no session holds its tables' locks any more"
+    return f"blocked by {', '.join(holders)}"
+
+
+def _holders_advice(holders: list[str]) -> str:
+    """What an operator reads when a migration gave up waiting for its locks."""
+    if not holders:
+        return (
+            "the sessions that held its tables' locks have ended since (see pg_locks and "
+            "pg_stat_activity for long transactions); retry"
+        )
+    those = "that session" if len(holders) == 1 else "those sessions"
+    return f"{_holders_text(holders)}; end {those} (pg_terminate_backend) or retry"
 
 
 async def _schema_change(change: Callable[[], Awaitable[object]], what: str) -> None:
