@@ -1,5 +1,5 @@
 """Which PostgreSQL the control plane uses, and getting it ready: embedded or DATABASE_URL,
-reachable, migrated.
+reachable, migrated, with room for the control plane's connections.
 
 The embedded server is started in a thread (its module blocks), or reused when it already
 runs. Either way it is watched while the control plane runs, and started again when it stops:
@@ -20,12 +20,13 @@ import attrs
 import trio
 
 from everruns._aio import pg
-from everruns.errors import EmbeddedPostgresError
+from everruns.errors import ConfigError, EmbeddedPostgresError
 from everruns.server.config import ServerConfig
 from everruns.store import embedded
+from everruns.store.capacity import ConnectionRoom, read_connection_room
 from everruns.store.migrate import apply_migrations
 
-__all__ = ["migrate_database", "open_database"]
+__all__ = ["check_connection_room", "migrate_database", "open_database", "pool_room_verdict"]
 
 log = logging.getLogger("everruns.server")
 
@@ -133,3 +134,46 @@ async def migrate_database(url: str, *, lock_timeout: float | None) -> list[str]
     for name in applied:
         log.info("migration applied: %s", name)
     return applied
+
+
+def pool_room_verdict(pool_size: int, others: int, room: ConnectionRoom) -> str | None:
+    """What to say of a pool of ``pool_size`` connections, beside ``others`` more of the
+    control plane's, on a server with ``room`` (counted by a connection of ours that closes
+    before the pool opens): None if it fits in what is free now, else a warning line.
+
+    Raises:
+        ConfigError: the server can never hold that many connections (the line says which
+            setting to change).
+    """
+    needed = pool_size + others
+    if needed > room.allowed:
+        raise ConfigError(
+            f"EVERRUNS_DB_POOL_SIZE={pool_size} needs {needed} PostgreSQL connections but the "
+            f"server allows {room.allowed} (max_connections {room.max_connections} minus "
+            f"{room.reserved} reserved); lower EVERRUNS_DB_POOL_SIZE or raise max_connections"
+        )
+    held = max(0, room.open_now - 1)  # not the connection that counted
+    free = room.allowed - held
+    if needed > free:
+        return (
+            f"EVERRUNS_DB_POOL_SIZE={pool_size} needs {needed} PostgreSQL connections but only "
+            f"{max(0, free)} of the server's {room.allowed} are free now ({held} held by other "
+            "sessions); connections beyond those fail until others disconnect"
+        )
+    return None
+
+
+async def check_connection_room(url: str, *, pool_size: int, others: int) -> None:
+    """Make sure the server can hold a pool of ``pool_size`` connections and ``others`` more:
+    refuse a pool it can never hold, and warn (in the log) of one it cannot hold now.
+
+    Raises:
+        ConfigError: the server's ``max_connections``, less its reserved connections, is below
+            what the control plane needs.
+        DatabaseError: the server could not be asked.
+    """
+    async with pg.connect(url) as conn:
+        room = await read_connection_room(conn)
+    warning = pool_room_verdict(pool_size, others, room)
+    if warning is not None:
+        log.warning("%s", warning)
