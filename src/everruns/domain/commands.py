@@ -32,6 +32,7 @@ __all__ = [
     "Command",
     "CompleteWorkflow",
     "FailWorkflow",
+    "RecordPatch",
     "ScheduleActivity",
     "StartChildWorkflow",
     "StartTimer",
@@ -276,6 +277,30 @@ class CancelTimer:
 
 
 @attrs.frozen
+class RecordPatch:
+    """Record that the run takes the new branch of ``ctx.patched(patch_id)``."""
+
+    patch_id: str = attrs.field(validator=_check_name)
+
+    @property
+    def command_id(self) -> str:
+        """The command id (here: the patch id)."""
+        return self.patch_id
+
+    def describe(self) -> str:
+        """Return e.g. ``RecordPatch(id=new-tax-rule)`` for error messages."""
+        return f"RecordPatch(id={self.patch_id})"
+
+    def to_event(self) -> dict[str, Any]:
+        """Return the ``patch_recorded`` event this command becomes."""
+        return history.patch_recorded(self.patch_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the command as a JSON object for the wire."""
+        return {"type": "record_patch", "patch_id": self.patch_id}
+
+
+@attrs.frozen
 class StartChildWorkflow:
     """Start a child run of ``workflow_type``; ``child_id`` is the command id."""
 
@@ -392,6 +417,7 @@ Command: TypeAlias = (
     | CompleteWorkflow
     | FailWorkflow
     | CancelWorkflow
+    | RecordPatch
 )
 
 
@@ -415,6 +441,7 @@ _WIRE_FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "complete_workflow": (frozenset(), frozenset({"result"})),
     "fail_workflow": (frozenset({"error"}), frozenset()),
     "cancel_workflow": (frozenset(), frozenset()),
+    "record_patch": (frozenset({"patch_id"}), frozenset()),
 }
 
 
@@ -468,4 +495,6 @@ def command_from_dict(d: Mapping[str, Any]) -> Command:
         return CompleteWorkflow(result=d.get("result"))
     if kind == "fail_workflow":
         return FailWorkflow(error=d["error"])
+    if kind == "record_patch":
+        return RecordPatch(patch_id=d["patch_id"])
     return CancelWorkflow()

@@ -27,12 +27,13 @@ from everruns.domain.commands import (
     ActivityOptions,
     CancelTimer,
     Command,
+    RecordPatch,
     ScheduleActivity,
     StartChildWorkflow,
     StartTimer,
 )
 from everruns.domain.history import HistoryEvent
-from everruns.domain.limits import MAX_SECONDS, MAX_SECONDS_TEXT, is_finite_number
+from everruns.domain.limits import MAX_SECONDS, MAX_SECONDS_TEXT, check_name, is_finite_number
 from everruns.domain.registry import (
     ActivityDefinition,
     Registry,
@@ -301,6 +302,9 @@ class WorkflowContext:
         self._pending: dict[str, _Pending] = {}
         self._signals: dict[str, deque[Any]] = {}
         self._signal_waiters: dict[str, deque[_Future]] = {}
+        self._patches: dict[str, bool] = {}  # ctx.patched's answers, once given
+        # The patch ids the decision being replayed recorded; None while deciding anew.
+        self._recorded_patches: frozenset[str] | None = None
 
     # ----------------------------------------------------------------- deterministic values
 
@@ -338,6 +342,42 @@ class WorkflowContext:
     def uuid4(self) -> uuid.UUID:
         """Return a version-4 UUID from the run's deterministic random stream."""
         return uuid.UUID(int=self._rng.getrandbits(128), version=4)
+
+    def patched(self, patch_id: str) -> bool:
+        """Return whether the run takes the new branch of a code change named ``patch_id``.
+
+        To change a workflow's code while runs of it are under way, keep the old code in the
+        ``else`` branch::
+
+            if ctx.patched("tax-in-cents"):
+                total = await ctx.execute_activity(total_in_cents, order)
+            else:
+                total = await ctx.execute_activity(total_in_euros, order)
+
+        A run deciding this point anew takes the new branch (True), and its history records
+        so (a ``patch_recorded`` event). A run replaying a decision made before the change
+        takes the old one (False), as it did then: its history stays valid. The answer is the
+        same for every call with the same id in a run. Once no run that took the old branch
+        is open, the old branch and the call can go: a recorded patch the code no longer
+        asks about is ignored on replay.
+
+        Args:
+            patch_id: a name for the change, unique within the workflow (as any name: 1 to
+                512 characters).
+
+        Raises:
+            InvalidArgument: ``patch_id`` is not a valid name.
+        """
+        self._check_open()
+        decided = self._patches.get(patch_id)
+        if decided is None:
+            check_name(patch_id, "patch_id")
+            recorded = self._recorded_patches
+            decided = recorded is None or patch_id in recorded
+            self._patches[patch_id] = decided
+            if decided:
+                self._emit(RecordPatch(patch_id))
+        return decided
 
     # ----------------------------------------------------------------------------- activities
 
@@ -741,6 +781,9 @@ class WorkflowContext:
     def _set_clock(self, now: datetime, *, replaying: bool) -> None:
         self._now = now
         self._replaying = replaying
+
+    def _set_recorded_patches(self, recorded: frozenset[str] | None) -> None:
+        self._recorded_patches = recorded
 
     def _begin_close(self) -> None:
         self._closing = True

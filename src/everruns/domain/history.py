@@ -34,6 +34,7 @@ __all__ = [
     "IGNORED_EVENT_TYPES",
     "INPUT_EVENT_TYPES",
     "MARKER_EVENT_TYPE",
+    "PATCH_RECORDED",
     "SIGNAL_RECEIVED",
     "TERMINAL_EVENT_TYPES",
     "TIMER_CANCELLED",
@@ -62,6 +63,7 @@ __all__ = [
     "exception_text",
     "format_time",
     "parse_time",
+    "patch_recorded",
     "signal_received",
     "timer_cancelled",
     "timer_fired",
@@ -98,6 +100,7 @@ WORKFLOW_CANCEL_REQUESTED = "workflow_cancel_requested"
 WORKFLOW_COMPLETED = "workflow_completed"
 WORKFLOW_FAILED = "workflow_failed"
 WORKFLOW_CANCELLED = "workflow_cancelled"
+PATCH_RECORDED = "patch_recorded"
 
 MARKER_EVENT_TYPE = WORKFLOW_TASK_COMPLETED
 """Ends a replay batch: the command events recorded after it are that workflow task's result."""
@@ -111,6 +114,7 @@ COMMAND_EVENT_TYPES: frozenset[str] = frozenset(
         WORKFLOW_COMPLETED,
         WORKFLOW_FAILED,
         WORKFLOW_CANCELLED,
+        PATCH_RECORDED,
     }
 )
 """Events written only when a workflow task's commands are applied."""
@@ -214,7 +218,7 @@ class HistoryEvent:
         """
         d = self.data
         parts: list[str] = []
-        for key in ("activity_id", "timer_id", "child_id"):
+        for key in ("activity_id", "timer_id", "child_id", "patch_id"):
             if key in d:
                 parts.append(f"id={d[key]}")
         if self.type == ACTIVITY_SCHEDULED:
@@ -467,6 +471,11 @@ def timer_fired(timer_id: str) -> dict[str, Any]:
 def timer_cancelled(timer_id: str) -> dict[str, Any]:
     """Return a ``timer_cancelled`` event."""
     return {"type": TIMER_CANCELLED, "timer_id": timer_id}
+
+
+def patch_recorded(patch_id: str) -> dict[str, Any]:
+    """Return a ``patch_recorded`` event: the run took the new branch of ``ctx.patched``."""
+    return {"type": PATCH_RECORDED, "patch_id": patch_id}
 
 
 def signal_received(name: str, payload: Any) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from everruns.domain.commands import (
     Command,
     CompleteWorkflow,
     FailWorkflow,
+    RecordPatch,
     ScheduleActivity,
     StartChildWorkflow,
     StartTimer,
@@ -678,6 +679,8 @@ def _matches(command: Command, event: HistoryEvent) -> bool:
             # written without the id, by an early version, matches any)
             and data.get("workflow_id") in (None, command.workflow_id)
         )
+    if isinstance(command, RecordPatch):
+        return event.type == h.PATCH_RECORDED and data.get("patch_id") == command.patch_id
     if isinstance(command, CompleteWorkflow):
         return event.type == h.WORKFLOW_COMPLETED
     if isinstance(command, FailWorkflow):
@@ -685,9 +688,28 @@ def _matches(command: Command, event: HistoryEvent) -> bool:
     return event.type == h.WORKFLOW_CANCELLED
 
 
+def _recorded_patches(batch: _Batch) -> frozenset[str]:
+    """The patch ids a replayed batch's decision recorded (`WorkflowContext.patched`)."""
+    return frozenset(
+        str(e.data.get("patch_id")) for e in batch.recorded if e.type == h.PATCH_RECORDED
+    )
+
+
 def _compare(driver: _Driver, batch: _Batch, issued: list[Command]) -> None:
     assert batch.marker is not None
-    recorded = batch.recorded
+    # Patches are compared apart, as a set: the code answers `patched` from what the batch
+    # recorded, and a recorded patch it no longer asks about (its old branch removed) is
+    # ignored. One it took that was not recorded (a decision that was not this one) is not.
+    asked = {c.patch_id for c in issued if isinstance(c, RecordPatch)}
+    unrecorded = asked - _recorded_patches(batch)
+    if unrecorded:
+        raise nondeterminism(
+            driver.info,
+            f"replay took patch {sorted(unrecorded)[0]!r}, which the workflow task completed "
+            f"at seq {batch.marker.sequence_num} did not record",
+        )
+    issued = [c for c in issued if not isinstance(c, RecordPatch)]
+    recorded = [e for e in batch.recorded if e.type != h.PATCH_RECORDED]
     for index in range(max(len(issued), len(recorded))):
         if index >= len(issued):
             event = recorded[index]
@@ -919,9 +941,11 @@ class Replayer:
             issued_before = self._issued if continuing and n == 0 else []
             if batch.marker is not None:
                 driver.ctx._set_clock(_marker_time(self._info, batch.marker), replaying=True)
+                driver.ctx._set_recorded_patches(_recorded_patches(batch))
             else:
                 self._clock = now.astimezone(UTC)
                 driver.ctx._set_clock(self._clock, replaying=False)
+                driver.ctx._set_recorded_patches(None)
             for event in batch.inputs:
                 driver.deliver(event)
             issued = issued_before + driver.ctx._take_commands()

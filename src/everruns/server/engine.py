@@ -29,6 +29,7 @@ from everruns.domain.commands import (
     Command,
     CompleteWorkflow,
     FailWorkflow,
+    RecordPatch,
     ScheduleActivity,
     StartChildWorkflow,
     StartTimer,
@@ -2352,6 +2353,9 @@ def _plan(
             )
         )
         outcome.events.append(NewEvent.of(command.to_event(), input=input_text))
+        return True
+    if isinstance(command, RecordPatch):  # only its event: the code took a new branch
+        outcome.events.append(NewEvent.of(command.to_event()))
         return True
     if isinstance(command, CompleteWorkflow | FailWorkflow | CancelWorkflow):
         if outcome.end is not None:
