@@ -225,6 +225,11 @@ class RetryAfter(EverrunsError):
         super().__init__(message or f"retry after {seconds:g} s")
         self.seconds = float(seconds)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled (a process pool's worker raised it) and copied with both arguments: the
+        # default would call RetryAfter(message).
+        return (type(self), (self.seconds, str(self)), self.__dict__)
+
 
 WORKER_SHUTDOWN_ERROR = "everruns.WorkerShutdown"
 """The error type of an activity attempt a stopping worker gives back when its grace period

@@ -10,11 +10,18 @@ import math
 from typing import Any
 
 import pytest
+import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
 import everruns
-from everruns.agent.providers import retry_after_seconds
+from everruns.agent import _http
+from everruns.agent.providers import (
+    MAX_RETRY_AFTER,
+    OpenAIProvider,
+    ReasonRequest,
+    retry_after_seconds,
+)
 from everruns.domain.limits import MAX_SECONDS
 from everruns.domain.retry import (
     RetryPolicy,
@@ -184,3 +191,34 @@ def test_malformed_retry_after_headers_ask_for_nothing(header: str | None) -> No
 def test_any_header_text_gives_none_or_a_valid_delay(header: str) -> None:
     got = retry_after_seconds(header, NOW)
     assert got is None or 0.0 <= got <= MAX_SECONDS
+
+
+@pytest.mark.parametrize(
+    ("status", "header", "expected"),
+    [
+        (429, "12", 12.0),
+        (503, "99999", MAX_RETRY_AFTER),  # a reset hours away: asked again after ten minutes
+        (429, None, None),  # no header: the policy's backoff
+        (500, "soon", None),
+    ],
+)
+async def test_the_openai_provider_raises_retry_after_bounded_for_a_turn(
+    monkeypatch: pytest.MonkeyPatch, status: int, header: str | None, expected: float | None
+) -> None:
+    headers = (("content-type", "application/json"),)
+    if header is not None:
+        headers += (("retry-after", header),)
+
+    async def answer(*_: Any, **__: Any) -> _http.HttpResponse:
+        return _http.HttpResponse(status, "X", headers, b'{"error": {"message": "busy"}}')
+
+    monkeypatch.setattr(_http, "request", answer)
+    provider = OpenAIProvider("sk-test", "https://llm.example/v1", "m")
+    request = ReasonRequest(messages=({"role": "user", "content": "hi"},), tools=(), model=None)
+    with trio.fail_after(5), pytest.raises(EverrunsError) as raised:
+        await provider.complete(request)
+    if expected is None:
+        assert not isinstance(raised.value, RetryAfter)
+    else:
+        assert isinstance(raised.value, RetryAfter) and raised.value.seconds == expected
+    assert f"HTTP {status}: busy" in str(raised.value)

@@ -624,6 +624,11 @@ def _check_base_url(base: str) -> None:
         )
 
 
+MAX_RETRY_AFTER = 600.0
+"""The longest ``Retry-After`` an LLM call honours, in seconds: a turn is interactive, and an
+endpoint asking for more (a bug, or a quota reset hours away) is asked again after ten minutes;
+the turn's LLM retry policy then decides, as for any failure."""
+
 _DELTA_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
@@ -731,6 +736,7 @@ class OpenAIProvider:
                 raise NonRetryableError(message)
             wait = retry_after_seconds(response.header("retry-after"), time.time())
             if wait is not None:
+                wait = min(wait, MAX_RETRY_AFTER)
                 raise RetryAfter(wait, f"{message} (Retry-After: {wait:g} s)")
             raise EverrunsError(message)
         return parse_openai_reply(response.json(), model=request.model or self.model)

@@ -21,6 +21,7 @@ from everruns.domain.limits import (
     MAX_SECONDS_TEXT,
     check_name,
     check_type_name,
+    check_utf8,
 )
 from everruns.domain.retry import RetryPolicy
 from everruns.errors import InvalidArgument
@@ -73,18 +74,23 @@ def _check_priority(_inst: object, _attr: attrs.Attribute[int], value: int) -> N
         raise InvalidArgument(f"priority must fit in 32 bits, got {value!r}")
 
 
+# A command's names are sent to the control plane: one UTF-8 cannot carry (a lone surrogate)
+# is refused here, in workflow code, where it fails the run with InvalidArgument; found only
+# when the decision is encoded, it failed every workflow task and left the run stuck.
+
+
 def _check_optional_name(_inst: object, attr: attrs.Attribute[Any], value: str | None) -> None:
     if value is not None:
-        check_name(value, attr.name)
+        check_utf8(check_name(value, attr.name), attr.name)
 
 
 def _check_name(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
     # The rule of every other name the control plane stores (workflow types, signal names).
-    check_name(value, attr.name)
+    check_utf8(check_name(value, attr.name), attr.name)
 
 
 def _check_type_name(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
-    check_type_name(value, attr.name)
+    check_utf8(check_type_name(value, attr.name), attr.name)
 
 
 def _check_retry(_inst: object, _attr: attrs.Attribute[Any], value: RetryPolicy | None) -> None:

@@ -33,7 +33,13 @@ from everruns.domain.commands import (
     StartTimer,
 )
 from everruns.domain.history import HistoryEvent
-from everruns.domain.limits import MAX_SECONDS, MAX_SECONDS_TEXT, check_name, is_finite_number
+from everruns.domain.limits import (
+    MAX_SECONDS,
+    MAX_SECONDS_TEXT,
+    check_name,
+    check_utf8,
+    is_finite_number,
+)
 from everruns.domain.registry import (
     ActivityDefinition,
     Registry,
@@ -369,9 +375,9 @@ class WorkflowContext:
             InvalidArgument: ``patch_id`` is not a valid name.
         """
         self._check_open()
-        decided = self._patches.get(patch_id)
+        decided = self._patches.get(patch_id) if isinstance(patch_id, str) else None
         if decided is None:
-            check_name(patch_id, "patch_id")
+            check_utf8(check_name(patch_id, "patch_id"), "patch_id")  # it is sent
             recorded = self._recorded_patches
             decided = recorded is None or patch_id in recorded
             self._patches[patch_id] = decided

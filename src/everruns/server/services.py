@@ -565,7 +565,8 @@ class WorkflowService:
 
     async def _describe(self, run: WorkflowRun) -> pb.WorkflowDescription:
         tasks = await self.store.tasks_of_run(run.run_id)
-        now = datetime.now(UTC)
+        # The database's clock, which wrote visible_at (this host's may differ).
+        now = await self.store.now() if any(t.status == "pending" for t in tasks) else None
         waiting = False
         timers: list[tuple[str, datetime]] = []
         if run.is_open:
@@ -825,8 +826,9 @@ def _columnar_starts(request: pb.StartWorkflowsRequest) -> list[StartRequest]:
     )
 
 
-def _activity_info(task: Task, now: datetime) -> pb.ActivityInfo:
-    held = task.status == "pending" and task.visible_at > now  # a retry not yet due
+def _activity_info(task: Task, now: datetime | None) -> pb.ActivityInfo:
+    # a retry not yet due (`now` is given when any task is pending)
+    held = task.status == "pending" and now is not None and task.visible_at > now
     return pb.ActivityInfo(
         activity_id=task.activity_id or "",
         activity_type=task.type_name,
