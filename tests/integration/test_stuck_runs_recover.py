@@ -1,7 +1,9 @@
-"""A run marked stuck (non-determinism) that recovers, once compatible code is deployed and a new
-event gives it another try, is no longer reported stuck: ``stuck_reason`` was never cleared, so
-``describe()``, ``everruns workflow show`` and the runbook's query went on listing it after it
-completed. From a review (session 18); the test failed before its fix."""
+"""A run marked stuck (non-determinism) recovers once compatible code is deployed: the new
+workers' registration gives it another try (session 22: before, each stuck run needed an event
+such as a signal, and the test sent one), and it is no longer reported stuck: ``stuck_reason``
+was never cleared, so ``describe()``, ``everruns workflow show`` and the runbook's query went on
+listing it after it completed. From a review (session 18); the test failed before its fix, and
+without a signal it failed before session 22's (the run stayed stuck)."""
 
 from __future__ import annotations
 
@@ -25,11 +27,11 @@ async def test_a_stuck_run_that_recovers_is_no_longer_reported_stuck(database_ur
     with trio.fail_after(40):
         async with stuck_evolving_run(database_url) as (info, handle, bad, old_registry):
             bad.shutdown()
-            # Compatible code is deployed again, and a new event gives the run another try.
+            # Compatible code is deployed again: its worker's registration gives the run
+            # another try (session 22; a new event, such as a signal, was needed before).
             fixed = Worker(old_registry, address=info.address, grace_period=0.5)
             async with trio.open_nursery() as inner:
                 await inner.start(fixed.run)
-                await handle.signal("poke", None)
                 assert await handle.result(timeout=10) == 1
                 described = await handle.describe()
                 fixed.shutdown()

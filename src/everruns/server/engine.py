@@ -1441,7 +1441,8 @@ class Engine:
         seen_sequence: int = 0,
     ) -> None:
         """Record a workflow task the worker could not complete; the run is marked stuck and
-        is not retried in a loop (a new event gives it another try). One the worker gives back
+        is not retried in a loop (a new event, or a worker of its type that registers or stops,
+        gives it another try: `Store.retry_stuck_runs`). One the worker gives back
         because it does not serve its type (`NOT_SERVED_ERROR`) goes back to the queue instead
         (``seen_sequence`` is not looked at then).
 

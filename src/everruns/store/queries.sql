@@ -36,6 +36,36 @@ SELECT * FROM durable_workflow_instances WHERE id = $1;
 SELECT * FROM durable_workflow_instances WHERE workflow_id = $1
 ORDER BY created_at DESC, id DESC LIMIT 1;
 
+-- name: retry_stuck_runs
+-- Give the open runs marked stuck whose workflow type is in $1 another try: a pending workflow
+-- task for each that has none out (at most $2 runs). Run rows another transaction holds are
+-- skipped (it is making the run move), and locked newest first, as every statement that holds
+-- several does. One NOTIFY per type. Returns the run ids.
+WITH stuck AS (
+    SELECT r.id, r.workflow_id, r.workflow_type FROM durable_workflow_instances r
+    WHERE r.stuck_reason IS NOT NULL AND r.status IN ('pending', 'running')
+      AND r.workflow_type = ANY($1::text[])
+    ORDER BY r.created_at DESC, r.id
+    LIMIT $2
+    FOR UPDATE OF r SKIP LOCKED
+), wft AS (
+    INSERT INTO durable_task_queue (id, run_id, workflow_id, kind, activity_type, max_attempts,
+                                    partition_key)
+    SELECT gen_random_uuid(), stuck.id, stuck.workflow_id, 'workflow', stuck.workflow_type,
+           2147483647, stuck.workflow_id
+    FROM stuck
+    WHERE NOT EXISTS (SELECT 1 FROM durable_task_queue w
+                      WHERE w.run_id = stuck.id AND w.kind = 'workflow'
+                        AND w.status IN ('pending', 'claimed'))
+    ON CONFLICT (run_id) WHERE kind = 'workflow' AND status = 'pending' DO NOTHING
+    RETURNING run_id, activity_type
+), woke AS (
+    SELECT count(*) AS n FROM (
+        SELECT pg_notify('everruns_tasks', 'workflow:' || t || E'\t' || n)
+        FROM (SELECT activity_type AS t, count(*) AS n FROM wft GROUP BY activity_type) d) x
+)
+SELECT wft.run_id FROM wft WHERE (SELECT n FROM woke) IS NOT NULL;
+
 -- name: lock_run
 -- Lock a run's row: the per-run mutex every history append takes.
 SELECT * FROM durable_workflow_instances WHERE id = $1 FOR UPDATE;
@@ -66,8 +96,9 @@ WHERE id = $1 AND completed_at IS NULL
 RETURNING *;
 
 -- name: set_run_stuck
--- Mark an open run as stuck (non-determinism): it stays visible and is not retried. Applying a
--- workflow task's decision, or ending the run, clears the mark.
+-- Mark an open run as stuck (non-determinism): it stays visible and is not retried in a loop
+-- (retry_stuck_runs gives it another try when a worker serving its type registers). Applying
+-- a workflow task's decision, or ending the run, clears the mark.
 UPDATE durable_workflow_instances SET stuck_reason = $2, updated_at = now()
 WHERE id = $1 AND completed_at IS NULL;
 

@@ -59,6 +59,9 @@ CHANNEL_TIMERS = "everruns_timers"
 CHANNEL_WORKERS = "everruns_workers"
 """A worker (re-)registered, maybe serving other types: its id (see `upsert_worker`)."""
 
+STUCK_RETRIES_AT_ONCE = 1000
+"""Stuck runs one worker's registration gives another try at most (the rest at the next)."""
+
 
 @attrs.frozen
 class NewEvent:
@@ -545,8 +548,20 @@ class Store:
         """Remember that cancellation of a run was requested (idempotent)."""
         await conn.execute(Q["set_cancel_requested"], run_id)
 
+    async def retry_stuck_runs(
+        self, workflow_types: Sequence[str], *, limit: int = STUCK_RETRIES_AT_ONCE
+    ) -> list[uuid.UUID]:
+        """Give open runs of ``workflow_types`` marked stuck another try (a pending workflow
+        task each, for those with none out; at most ``limit``); return their run ids. Runs
+        another transaction holds are skipped."""
+        if not workflow_types:
+            return []
+        rows = await self.pool.fetch(Q["retry_stuck_runs"], list(workflow_types), limit)
+        return [r["run_id"] for r in rows]
+
     async def set_stuck(self, conn: Connection, run_id: uuid.UUID, reason: str) -> None:
-        """Mark an open run stuck (it stays visible and is not retried)."""
+        """Mark an open run stuck (it stays visible and is not retried in a loop: see
+        `retry_stuck_runs`)."""
         await conn.execute(Q["set_run_stuck"], run_id, reason)
 
     # ---------------------------------------------------------------- events
