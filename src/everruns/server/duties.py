@@ -52,6 +52,7 @@ async def reclaim_once(engine: Engine) -> int:
     missed = engine.config.worker_lost_after
     for worker_id in await store.mark_lost_workers(missed_after=missed):
         log.warning("worker %s lost (no heartbeat for %.0f s)", worker_id, missed)
+        await engine.retry_stuck(worker_id, "lost")
     await engine.cancel_orphaned_children()
     await engine.cancel_abandoned_activities()
     return released + len(revived)

@@ -1919,6 +1919,33 @@ class Engine:
 
     # ------------------------------------------------------------------ liveness
 
+    async def retry_stuck(
+        self, worker_id: str, event: str, workflow_types: Sequence[str] | None = None
+    ) -> None:
+        """Give the stuck runs of the workflow types of a worker that registered, stopped or
+        was lost (``event``) another try (`Store.retry_stuck_runs`; ``workflow_types``: those
+        it registered, else those it serves): new code (a fix, or one that keeps an old branch
+        behind ``ctx.patched``) resumes them without an event sent to each, and in a rolling
+        deploy the runs an old worker made stuck get their try as the old workers leave. Best
+        effort: a failure leaves them stuck, as before, and is logged."""
+        try:
+            if workflow_types is None:
+                workflow_types = sorted(await self.workflow_types_of(worker_id))
+            retried = await self.store.retry_stuck_runs(workflow_types)
+        except DatabaseError as exc:
+            log.warning(
+                "could not give stuck runs another try (worker %s %s): %s", worker_id, event, exc
+            )
+            return
+        if retried:
+            log.info(
+                "%d stuck run(s) of %s get another try: worker %s %s",
+                len(retried),
+                ",".join(workflow_types),
+                worker_id,
+                event,
+            )
+
     async def release_worker(
         self, worker_id: str, reason: str, *, incarnation: Incarnation | None = None
     ) -> int:
@@ -1988,6 +2015,7 @@ class Engine:
                 worker_id,
                 reason,
             )
+        await self.retry_stuck(worker_id, "lost")  # as for a worker that stops cleanly
         return released
 
     async def _release_lost(self, conn: Connection, task: Task, reason: str) -> None:

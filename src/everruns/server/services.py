@@ -32,7 +32,7 @@ from everruns.domain.limits import (
     shown,
 )
 from everruns.domain.packing import pack_uuids, unpack_blobs
-from everruns.errors import DatabaseError, EverrunsError, InvalidArgument, NotFound
+from everruns.errors import EverrunsError, InvalidArgument, NotFound
 from everruns.server.engine import (
     ClaimedTask,
     Engine,
@@ -256,7 +256,7 @@ class WorkerService:
             ",".join(record.workflow_types) or "-",
             ",".join(record.activity_types) or "-",
         )
-        await self._retry_stuck(record.id, record.workflow_types, "registered")
+        await self.engine.retry_stuck(record.id, "registered", record.workflow_types)
         # Beat at least three times per stale limit, so a healthy task is never reclaimed.
         interval = min(
             HEARTBEAT_INTERVAL,
@@ -266,25 +266,6 @@ class WorkerService:
         return pb.RegisterWorkerResponse(
             heartbeat_interval_s=interval, server_time=_ts(record.last_heartbeat_at)
         )
-
-    async def _retry_stuck(self, worker_id: str, workflow_types: Sequence[str], event: str) -> None:
-        """Give the stuck runs of the types of a worker that registered (or stopped) another
-        try: new code (a fix, or one that keeps an old branch behind ``ctx.patched``) resumes
-        them without an event sent to each. Best effort: a failure leaves them stuck, as
-        before, and is logged."""
-        try:
-            retried = await self.store.retry_stuck_runs(workflow_types)
-        except DatabaseError as exc:
-            log.warning("could not give stuck runs another try for worker %s: %s", worker_id, exc)
-            return
-        if retried:
-            log.info(
-                "%d stuck run(s) of %s get another try: worker %s %s",
-                len(retried),
-                ",".join(workflow_types),
-                worker_id,
-                event,
-            )
 
     async def worker_heartbeat(
         self, request: pb.WorkerHeartbeatRequest
@@ -296,11 +277,7 @@ class WorkerService:
             await self.store.stop_worker(request.worker_id, incarnation=incarnation)
             # In a rolling deploy, a run the old code made stuck meanwhile gets another try
             # as the old workers leave (another worker serving its type takes it).
-            try:
-                served = await self.engine.workflow_types_of(request.worker_id)
-            except DatabaseError:
-                served = frozenset()
-            await self._retry_stuck(request.worker_id, sorted(served), "stopped")
+            await self.engine.retry_stuck(request.worker_id, "stopped")
             return pb.WorkerHeartbeatResponse(ok=True, known=True)
         if status not in ("active", "draining"):
             raise InvalidArgument(f"status must be active, draining or stopped, got {status!r}")

@@ -39,12 +39,18 @@ ORDER BY created_at DESC, id DESC LIMIT 1;
 -- name: retry_stuck_runs
 -- Give the open runs marked stuck whose workflow type is in $1 another try: a pending workflow
 -- task for each that has none out (at most $2 runs). Run rows another transaction holds are
--- skipped (it is making the run move), and locked newest first, as every statement that holds
--- several does. One NOTIFY per type. Returns the run ids.
+-- skipped, never waited for (the next registration, stop or loss of a worker of the type
+-- looks again), and locked newest first, as every statement that holds several does. One
+-- NOTIFY per type. Returns the run ids.
 WITH stuck AS (
+    -- Those with a workflow task out are left out before the limit: runs retried by an
+    -- earlier registration, their tasks still queued, must not take the places of the rest.
     SELECT r.id, r.workflow_id, r.workflow_type FROM durable_workflow_instances r
     WHERE r.stuck_reason IS NOT NULL AND r.status IN ('pending', 'running')
       AND r.workflow_type = ANY($1::text[])
+      AND NOT EXISTS (SELECT 1 FROM durable_task_queue w
+                      WHERE w.run_id = r.id AND w.kind = 'workflow'
+                        AND w.status IN ('pending', 'claimed'))
     ORDER BY r.created_at DESC, r.id
     LIMIT $2
     FOR UPDATE OF r SKIP LOCKED
@@ -54,9 +60,6 @@ WITH stuck AS (
     SELECT gen_random_uuid(), stuck.id, stuck.workflow_id, 'workflow', stuck.workflow_type,
            2147483647, stuck.workflow_id
     FROM stuck
-    WHERE NOT EXISTS (SELECT 1 FROM durable_task_queue w
-                      WHERE w.run_id = stuck.id AND w.kind = 'workflow'
-                        AND w.status IN ('pending', 'claimed'))
     ON CONFLICT (run_id) WHERE kind = 'workflow' AND status = 'pending' DO NOTHING
     RETURNING run_id, activity_type
 ), woke AS (
