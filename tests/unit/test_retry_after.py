@@ -200,6 +200,7 @@ def test_any_header_text_gives_none_or_a_valid_delay(header: str) -> None:
         (503, "99999", MAX_RETRY_AFTER),  # a reset hours away: asked again after ten minutes
         (429, None, None),  # no header: the policy's backoff
         (500, "soon", None),
+        (302, "5", None),  # not busy: a redirect's Retry-After is no rate limit
     ],
 )
 async def test_the_openai_provider_raises_retry_after_bounded_for_a_turn(

@@ -48,6 +48,7 @@ from everruns.errors import (
 __all__ = [
     "DEFAULT_OPENAI_BASE_URL",
     "DEFAULT_OPENAI_MODEL",
+    "MAX_RETRY_AFTER",
     "OPENAI_PROVIDER",
     "SCRIPTED_PROVIDER",
     "OpenAIProvider",
@@ -62,6 +63,7 @@ __all__ = [
     "parse_openai_reply",
     "provider_names",
     "register_provider",
+    "retry_after_seconds",
     "to_openai_messages",
     "to_openai_tools",
 ]
@@ -734,8 +736,9 @@ class OpenAIProvider:
             message = f"the LLM API answered HTTP {response.status}: {detail}"
             if 400 <= response.status < 500 and response.status not in (408, 409, 429):
                 raise NonRetryableError(message)
+            busy = response.status >= 500 or response.status in (408, 409, 429)
             wait = retry_after_seconds(response.header("retry-after"), time.time())
-            if wait is not None:
+            if busy and wait is not None:
                 wait = min(wait, MAX_RETRY_AFTER)
                 raise RetryAfter(wait, f"{message} (Retry-After: {wait:g} s)")
             raise EverrunsError(message)

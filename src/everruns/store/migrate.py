@@ -146,6 +146,15 @@ async def apply_migrations(
     """
     if lock_tries < 1:
         raise ValueError(f"lock_tries must be at least 1, not {lock_tries}")
+    if lock_timeout is not None and (
+        isinstance(lock_timeout, bool)
+        or not isinstance(lock_timeout, (int, float))
+        or not lock_timeout >= 0  # also NaN
+    ):
+        raise ValueError(
+            f"lock_timeout must be a number of seconds from 0, or None for no limit, not "
+            f"{lock_timeout!r}"
+        )
     todo = load_migrations() if migrations is None else migrations
     applied: list[str] = []
     # The lock comes before the look at the ledger: two control planes starting on an empty
@@ -228,7 +237,9 @@ def _lock_timeout_ms(seconds: float | None) -> str:
     """``seconds`` as a value of PostgreSQL's ``lock_timeout`` (None: ``0``, no limit)."""
     if seconds is None:
         return "0"
-    return f"{min(max(1, math.ceil(seconds * 1000)), _MAX_LOCK_TIMEOUT_MS)}ms"
+    # Capped before rounding: an infinite wait is the longest PostgreSQL takes.
+    capped = min(seconds, _MAX_LOCK_TIMEOUT_MS / 1000)
+    return f"{min(max(1, math.ceil(capped * 1000)), _MAX_LOCK_TIMEOUT_MS)}ms"
 
 
 async def _lock_holders(conn: Connection, migration: Migration) -> list[str]:
