@@ -8,6 +8,7 @@ import pytest
 import trio
 
 from everruns.store.models import WorkflowRun
+from everruns.store.queries import QUERIES
 from everruns.store.store import Store
 
 pytestmark = pytest.mark.db
@@ -73,11 +74,9 @@ async def test_the_look_reads_the_stuck_index_only(store: Store) -> None:
         for n in range(300):
             await _stuck_run(store, f"ok-{n}", "t", stuck=False)
         async with store.pool.acquire() as conn:
+            # The statement itself (not run: EXPLAIN alone plans it, writing nothing).
             plan = await conn.fetchval(
-                "EXPLAIN (ANALYZE, FORMAT JSON) SELECT id FROM durable_workflow_instances r "
-                "WHERE r.stuck_reason IS NOT NULL AND r.status IN ('pending', 'running') "
-                "AND r.workflow_type = ANY($1::text[])",
-                ["t"],
+                "EXPLAIN (FORMAT JSON) " + QUERIES["retry_stuck_runs"], ["t"], 1000
             )
     text = str(plan)
     assert "durable_workflow_instances_stuck" in text, text

@@ -695,21 +695,28 @@ def _recorded_patches(batch: _Batch) -> frozenset[str]:
     )
 
 
-def _compare(driver: _Driver, batch: _Batch, issued: list[Command]) -> None:
+def _compare(
+    driver: _Driver, batch: _Batch, issued: list[Command], patches: frozenset[str]
+) -> None:
+    """Check a replayed batch's commands against what its decision recorded (``patches``:
+    the patch ids it recorded, `_recorded_patches`)."""
     assert batch.marker is not None
-    # Patches are compared apart, as a set: the code answers `patched` from what the batch
-    # recorded, and a recorded patch it no longer asks about (its old branch removed) is
-    # ignored. One it took that was not recorded (a decision that was not this one) is not.
+    recorded: Sequence[HistoryEvent] = batch.recorded
     asked = {c.patch_id for c in issued if isinstance(c, RecordPatch)}
-    unrecorded = asked - _recorded_patches(batch)
-    if unrecorded:
-        raise nondeterminism(
-            driver.info,
-            f"replay took patch {sorted(unrecorded)[0]!r}, which the workflow task completed "
-            f"at seq {batch.marker.sequence_num} did not record",
-        )
-    issued = [c for c in issued if not isinstance(c, RecordPatch)]
-    recorded = [e for e in batch.recorded if e.type != h.PATCH_RECORDED]
+    if patches or asked:
+        # Patches are compared apart, as a set: the code answers `patched` from what the
+        # batch recorded, and a recorded patch it no longer asks about (its old branch
+        # removed) is ignored. One it took that was not recorded (a decision that was not
+        # this one) is not.
+        unrecorded = asked - patches
+        if unrecorded:
+            raise nondeterminism(
+                driver.info,
+                f"replay took patch {sorted(unrecorded)[0]!r}, which the workflow task "
+                f"completed at seq {batch.marker.sequence_num} did not record",
+            )
+        issued = [c for c in issued if not isinstance(c, RecordPatch)]
+        recorded = [e for e in recorded if e.type != h.PATCH_RECORDED]
     for index in range(max(len(issued), len(recorded))):
         if index >= len(issued):
             event = recorded[index]
@@ -939,9 +946,11 @@ class Replayer:
         self._seen = -1  # broken until this run ends well
         for n, batch in enumerate(batches):
             issued_before = self._issued if continuing and n == 0 else []
+            patches: frozenset[str] = frozenset()
             if batch.marker is not None:
                 driver.ctx._set_clock(_marker_time(self._info, batch.marker), replaying=True)
-                driver.ctx._set_recorded_patches(_recorded_patches(batch))
+                patches = _recorded_patches(batch)
+                driver.ctx._set_recorded_patches(patches)
             else:
                 self._clock = now.astimezone(UTC)
                 driver.ctx._set_clock(self._clock, replaying=False)
@@ -950,7 +959,7 @@ class Replayer:
                 driver.deliver(event)
             issued = issued_before + driver.ctx._take_commands()
             if batch.marker is not None:
-                _compare(driver, batch, issued)
+                _compare(driver, batch, issued, patches)
             else:
                 result = issued
         self._issued = result

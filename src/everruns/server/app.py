@@ -18,7 +18,7 @@ from everruns._aio.grpc import serve_services, server_tls
 from everruns._proto.everruns import v1 as pb
 from everruns.errors import EverrunsError
 from everruns.server.config import ServerConfig
-from everruns.server.database import check_connection_room, migrate_database, open_database
+from everruns.server.database import migrate_database, open_database
 from everruns.server.duties import run_due_scanner, run_duties, run_follow_ups
 from everruns.server.engine import Engine
 from everruns.server.notifier import Notifier
@@ -104,9 +104,12 @@ wait for the database, count its room and migrate it are closed before the pool 
 
 async def _serve(config: ServerConfig, report: Callable[[ServerInfo], None]) -> None:
     async with open_aio_loop(), open_database(config) as url:
-        # Before migrating: a pool that cannot fit leaves the schema as it was.
-        await check_connection_room(url, pool_size=config.pool_size, others=OTHER_CONNECTIONS)
-        await migrate_database(url, lock_timeout=config.migrate_lock_timeout)
+        # The room for the pool is checked before migrating, on the migration's connection.
+        await migrate_database(
+            url,
+            lock_timeout=config.migrate_lock_timeout,
+            room_for=(config.pool_size, OTHER_CONNECTIONS),
+        )
         async with pg.open_pool(
             url, min_size=2, max_size=config.pool_size, settings=POOL_SETTINGS
         ) as pool:

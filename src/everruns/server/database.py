@@ -122,14 +122,22 @@ async def _keep_embedded_running(
             log.warning("database: the embedded PostgreSQL was started again by another process")
 
 
-async def migrate_database(url: str, *, lock_timeout: float | None) -> list[str]:
+async def migrate_database(
+    url: str, *, lock_timeout: float | None, room_for: tuple[int, int] | None = None
+) -> list[str]:
     """Apply pending migrations, each waiting at most ``lock_timeout`` seconds for a lock at
-    a try (None: no limit); return the names applied.
+    a try (None: no limit); return the names applied. With ``room_for`` (a pool size and the
+    control plane's other connections), first make sure the server can hold them
+    (`check_connection_room`, on the same connection): a pool that cannot fit leaves the
+    schema as it was.
 
     Raises:
+        ConfigError: see `check_connection_room`.
         MigrationError: see `apply_migrations`.
     """
     async with pg.connect(url) as conn:
+        if room_for is not None:
+            await check_connection_room(conn, pool_size=room_for[0], others=room_for[1])
         applied = await apply_migrations(conn, lock_timeout=lock_timeout, log=log.warning)
     for name in applied:
         log.info("migration applied: %s", name)
@@ -163,17 +171,17 @@ def pool_room_verdict(pool_size: int, others: int, room: ConnectionRoom) -> str 
     return None
 
 
-async def check_connection_room(url: str, *, pool_size: int, others: int) -> None:
-    """Make sure the server can hold a pool of ``pool_size`` connections and ``others`` more:
-    refuse a pool it can never hold, and warn (in the log) of one it cannot hold now.
+async def check_connection_room(conn: pg.Connection, *, pool_size: int, others: int) -> None:
+    """Make sure the server ``conn`` is connected to (a connection that closes before the
+    pool opens) can hold a pool of ``pool_size`` connections and ``others`` more: refuse a
+    pool it can never hold, and warn (in the log) of one it cannot hold now.
 
     Raises:
         ConfigError: the server's ``max_connections``, less its reserved connections, is below
             what the control plane needs.
         DatabaseError: the server could not be asked.
     """
-    async with pg.connect(url) as conn:
-        room = await read_connection_room(conn)
+    room = await read_connection_room(conn)
     warning = pool_room_verdict(pool_size, others, room)
     if warning is not None:
         log.warning("%s", warning)

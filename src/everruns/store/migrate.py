@@ -238,8 +238,7 @@ def _lock_timeout_ms(seconds: float | None) -> str:
     if seconds is None:
         return "0"
     # Capped before rounding: an infinite wait is the longest PostgreSQL takes.
-    capped = min(seconds, _MAX_LOCK_TIMEOUT_MS / 1000)
-    return f"{min(max(1, math.ceil(capped * 1000)), _MAX_LOCK_TIMEOUT_MS)}ms"
+    return f"{max(1, math.ceil(min(seconds, _MAX_LOCK_TIMEOUT_MS / 1000) * 1000))}ms"
 
 
 async def _lock_holders(conn: Connection, migration: Migration) -> list[str]:
