@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from urllib.parse import parse_qsl, urlsplit
 
 import attrs
@@ -146,7 +146,7 @@ _BAD_HOST = (
 
 def _expand_home(path: str | None) -> str | None:
     # `~/pg` from an env file names the same directory as in a shell (and as the demo reads it)
-    return os.path.expanduser(path) if path else path
+    return os.path.expanduser(path) if path and isinstance(path, str) else path
 
 
 _SECONDS_PER_DAY = 86400.0
@@ -202,19 +202,95 @@ def _tls_file(env: Mapping[str, str], name: str, partner: str) -> str | None:
 
 
 def _tls_pair(env: Mapping[str, str]) -> tuple[str | None, str | None]:
-    """``EVERRUNS_TLS_CERT`` and ``EVERRUNS_TLS_KEY``: both or neither, and loadable together
-    (a file that is not PEM, or a key that does not match, is refused here in one line rather
-    than when the server starts serving)."""
+    """``EVERRUNS_TLS_CERT`` and ``EVERRUNS_TLS_KEY``: both or neither, each a file."""
     cert = _tls_file(env, "EVERRUNS_TLS_CERT", "EVERRUNS_TLS_KEY")
     key = _tls_file(env, "EVERRUNS_TLS_KEY", "EVERRUNS_TLS_CERT")
-    if cert is not None and key is not None:
-        try:
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
-        except (OSError, ssl.SSLError) as exc:
+    return cert, key  # ServerConfig loads them together
+
+
+# What a ServerConfig made in Python (embedding the control plane) may hold: the ranges
+# `from_env` accepts and a little more (shorter intervals, for tests and impatient apps). Each
+# refusal is a ConfigError naming the field and the variable that sets it from the environment.
+
+
+def _zero_is_none(value: float | None) -> float | None:
+    """0 turns a limit off, as the variable's 0 does (None in Python)."""
+    return None if value == 0 and not isinstance(value, bool) else value
+
+
+def _number_text(value: object) -> str:
+    return repr(value) if isinstance(value, (int, float, str)) else type(value).__name__
+
+
+def _seconds(variable: str, *, zero_ok: bool = False) -> Callable[..., None]:
+    def check(_inst: object, attr: attrs.Attribute[float], value: float) -> None:
+        number = not isinstance(value, bool) and isinstance(value, (int, float))
+        if number and (value >= 0 if zero_ok else value > 0) and value <= MAX_SECONDS:
+            return
+        floor = "from 0" if zero_ok else "above 0"
+        raise ConfigError(
+            f"ServerConfig.{attr.name} must be a number of seconds {floor} to {MAX_SECONDS:.0f} "
+            f"(100 years), not {_number_text(value)} ({variable})"
+        )
+
+    return check
+
+
+def _optional_seconds(variable: str) -> Callable[..., None]:
+    check = _seconds(variable)
+
+    def check_optional(
+        inst: object, attr: attrs.Attribute[float | None], value: float | None
+    ) -> None:
+        if value is not None:
+            check(inst, attr, value)
+
+    return check_optional
+
+
+def _count(variable: str, minimum: int) -> Callable[..., None]:
+    def check(_inst: object, attr: attrs.Attribute[int], value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ConfigError(
-                f"EVERRUNS_TLS_CERT={cert!r} with EVERRUNS_TLS_KEY={key!r} cannot be used: {exc}"
-            ) from exc
-    return cert, key
+                f"ServerConfig.{attr.name} must be an integer from {minimum}, not "
+                f"{_number_text(value)} ({variable})"
+            )
+
+    return check
+
+
+def _check_port(_inst: object, _attr: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise ConfigError(
+            f"ServerConfig.grpc_port must be an integer from 0 (any free port) to 65535, not "
+            f"{_number_text(value)} (GRPC_ADDRESS)"
+        )
+
+
+def _check_host(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
+    if not isinstance(value, str) or not value or value != value.strip() or "\x00" in value:
+        raise ConfigError(
+            f"ServerConfig.grpc_host must be a host name or address, not {value!r} (GRPC_ADDRESS)"
+        )
+
+
+def _check_url(_inst: object, _attr: attrs.Attribute[str | None], value: str | None) -> None:
+    if value is not None:
+        if not isinstance(value, str):
+            raise ConfigError(
+                f"ServerConfig.database_url must be a string or None, not "
+                f"{type(value).__name__} (DATABASE_URL)"
+            )
+        validate_database_url(value)
+
+
+def _check_token(_inst: object, _attr: attrs.Attribute[str | None], value: str | None) -> None:
+    check_auth_token(value, setting="ServerConfig.auth_token (EVERRUNS_AUTH_TOKEN)")
+
+
+def _check_path(_inst: object, attr: attrs.Attribute[str | None], value: str | None) -> None:
+    if value is not None and (not isinstance(value, str) or not value or "\x00" in value):
+        raise ConfigError(f"ServerConfig.{attr.name} must be a path or None, not {value!r}")
 
 
 @attrs.frozen
@@ -236,33 +312,82 @@ class ServerConfig:
         retention_seconds: ended workflows older than this are deleted (0: keep forever).
         auth_token: when set, every RPC must carry it as a bearer token.
         pool_size: PostgreSQL connections the control plane holds (all opened at start).
-        schedule_to_start_timeout: default limit on an activity's wait in the queue (None: off).
-        start_to_close_timeout: default limit on one attempt's run time (None: off).
+        schedule_to_start_timeout: default limit on an activity's wait in the queue (None or
+            0: off).
+        start_to_close_timeout: default limit on one attempt's run time (None or 0: off).
         retention_interval: how often the retention duty looks for expired runs.
         tls_cert, tls_key: PEM files; when both are set, gRPC is served over TLS.
         migrate_lock_timeout: how long a migration waits for a lock before it is rolled back
-            and tried again (None: as long as it takes).
+            and tried again (None or 0: as long as it takes).
+
+    Made in Python (embedding the control plane), each field is checked as its variable is:
+    a bad value is a one-line `ConfigError` naming the field and the variable.
     """
 
-    database_url: str | None = None
-    data_dir: str | None = attrs.field(default=None, converter=_expand_home)
-    grpc_host: str = "127.0.0.1"
-    grpc_port: int = 9001
-    db_connect_timeout: float = 30.0
-    stale_after: float = 30.0
-    reclaim_interval: float = 10.0
-    worker_lost_after: float = 30.0
-    max_pending_tasks: int = 0
-    max_payload_bytes: int = 2 * 1024 * 1024
-    retention_seconds: float = 7 * 24 * 3600.0
-    auth_token: str | None = None
-    pool_size: int = 10
-    schedule_to_start_timeout: float | None = 60.0
-    start_to_close_timeout: float | None = 300.0
-    retention_interval: float = 300.0
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    migrate_lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT
+    database_url: str | None = attrs.field(default=None, validator=_check_url)
+    data_dir: str | None = attrs.field(default=None, converter=_expand_home, validator=_check_path)
+    grpc_host: str = attrs.field(default="127.0.0.1", validator=_check_host)
+    grpc_port: int = attrs.field(default=9001, validator=_check_port)
+    db_connect_timeout: float = attrs.field(
+        default=30.0, validator=_seconds("EVERRUNS_DB_CONNECT_TIMEOUT", zero_ok=True)
+    )
+    stale_after: float = attrs.field(default=30.0, validator=_seconds("EVERRUNS_STALE_AFTER"))
+    reclaim_interval: float = attrs.field(
+        default=10.0, validator=_seconds("EVERRUNS_RECLAIM_INTERVAL")
+    )
+    worker_lost_after: float = attrs.field(
+        default=30.0, validator=_seconds("EVERRUNS_WORKER_LOST_AFTER")
+    )
+    max_pending_tasks: int = attrs.field(
+        default=0, validator=_count("EVERRUNS_MAX_PENDING_TASKS", 0)
+    )
+    max_payload_bytes: int = attrs.field(
+        default=2 * 1024 * 1024, validator=_count("EVERRUNS_MAX_PAYLOAD_BYTES", 1024)
+    )
+    retention_seconds: float = attrs.field(
+        default=7 * 24 * 3600.0, validator=_seconds("EVERRUNS_RETENTION_DAYS", zero_ok=True)
+    )
+    auth_token: str | None = attrs.field(default=None, validator=_check_token)
+    pool_size: int = attrs.field(default=10, validator=_count("EVERRUNS_DB_POOL_SIZE", 2))
+    schedule_to_start_timeout: float | None = attrs.field(
+        default=60.0,
+        converter=_zero_is_none,
+        validator=_optional_seconds("EVERRUNS_SCHEDULE_TO_START_TIMEOUT"),
+    )
+    start_to_close_timeout: float | None = attrs.field(
+        default=300.0,
+        converter=_zero_is_none,
+        validator=_optional_seconds("EVERRUNS_START_TO_CLOSE_TIMEOUT"),
+    )
+    retention_interval: float = attrs.field(
+        default=300.0, validator=_seconds("EVERRUNS_RETENTION_INTERVAL")
+    )
+    tls_cert: str | None = attrs.field(default=None, validator=_check_path)
+    tls_key: str | None = attrs.field(default=None, validator=_check_path)
+    migrate_lock_timeout: float | None = attrs.field(
+        default=DEFAULT_LOCK_TIMEOUT,
+        converter=_zero_is_none,
+        validator=_optional_seconds("EVERRUNS_MIGRATE_LOCK_TIMEOUT"),
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError(
+                "ServerConfig.tls_cert and tls_key go together: TLS needs both "
+                "(EVERRUNS_TLS_CERT, EVERRUNS_TLS_KEY)"
+            )
+        if self.tls_cert is not None and self.tls_key is not None:
+            # Loaded together here, so a file that is not PEM, or a key that does not match, is
+            # refused in one line rather than when the server starts serving.
+            try:
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                    self.tls_cert, self.tls_key
+                )
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(
+                    f"EVERRUNS_TLS_CERT={self.tls_cert!r} with EVERRUNS_TLS_KEY="
+                    f"{self.tls_key!r} (ServerConfig.tls_cert, tls_key) cannot be used: {exc}"
+                ) from exc
 
     @property
     def grpc_address(self) -> str:

@@ -131,11 +131,12 @@ async def apply_migrations(
     With nothing to apply, only reads: a role that may use the tables but not create any (the
     schema's owner having migrated) gets through.
 
-    Each migration's statements wait at most ``lock_timeout`` seconds for a lock (None: as
-    long as it takes). When one runs out, the migration's transaction is rolled back and it is
-    tried again after ``lock_pause`` seconds, doubled each time, ``lock_tries`` times in all;
-    each such retry is reported to ``log``. Cancellation stops it at once, also in a pause (the
-    migration in progress rolls back; the advisory lock is released, shielded).
+    Each migration's statements wait at most ``lock_timeout`` seconds for a lock (None or 0:
+    as long as it takes, as PostgreSQL's own ``lock_timeout = 0``). When one runs out, the
+    migration's transaction is rolled back and it is tried again after ``lock_pause`` seconds,
+    doubled each time, ``lock_tries`` times in all; each such retry is reported to ``log``.
+    Cancellation stops it at once, also in a pause (the migration in progress rolls back; the
+    advisory lock is released, shielded).
 
     Raises:
         MigrationError: the database records a migration this code has no file for (a newer
@@ -210,7 +211,7 @@ async def apply_migrations(
                     await _schema_change(apply, f"migration {label}")
                     break
                 except MigrationError as exc:
-                    if lock_timeout is None or sqlstate_of(exc) != _LOCK_NOT_AVAILABLE:
+                    if not lock_timeout or sqlstate_of(exc) != _LOCK_NOT_AVAILABLE:
                         raise
                     holders = await _lock_holders(conn, migration)
                     waited = f"could not lock its tables within {lock_timeout:g} s"
@@ -234,8 +235,8 @@ async def apply_migrations(
 
 
 def _lock_timeout_ms(seconds: float | None) -> str:
-    """``seconds`` as a value of PostgreSQL's ``lock_timeout`` (None: ``0``, no limit)."""
-    if seconds is None:
+    """``seconds`` as a value of PostgreSQL's ``lock_timeout`` (None or 0: ``0``, no limit)."""
+    if not seconds:
         return "0"
     # Capped before rounding: an infinite wait is the longest PostgreSQL takes.
     return f"{max(1, math.ceil(min(seconds, _MAX_LOCK_TIMEOUT_MS / 1000) * 1000))}ms"
