@@ -16,6 +16,7 @@ from everruns.domain.limits import is_delay
 from everruns.errors import NonRetryableError, RetryAfter
 
 __all__ = [
+    "MAX_LEAVES",
     "MAX_MESSAGE_CHARS",
     "MAX_TRACEBACK_CHARS",
     "TRACEBACK_FRAMES",
@@ -68,21 +69,58 @@ def error_from_exception(
 ) -> dict[str, Any]:
     """Return the error object for an exception raised by an activity.
 
+    An exception group (what a Trio nursery raises) is read by its leaves: one error alone,
+    wrapped by however many nurseries, is described as itself (its type, so a retry policy's
+    ``non_retryable_error_types`` matches it, and its message; the traceback is the group's),
+    the attempt is non-retryable when any leaf is a `NonRetryableError`, and it waits for the
+    longest `RetryAfter` among them.
+
     Args:
         exc: the exception.
-        non_retryable: override; by default true exactly for `NonRetryableError`.
+        non_retryable: override; by default true exactly when a `NonRetryableError` is raised
+            (alone or in a group).
 
     Returns:
         ``{"type", "message", "traceback", "non_retryable"}``, and ``"retry_after"`` for a
         `RetryAfter`.
     """
-    flag = isinstance(exc, NonRetryableError) if non_retryable is None else non_retryable
+    leaves = _leaves(exc)
+    described = leaves[0] if len(leaves) == 1 else exc
+    if non_retryable is None:
+        non_retryable = any(isinstance(leaf, NonRetryableError) for leaf in leaves)
     # Checked again: the attribute may have been changed since, and a NaN would not encode.
-    wait = getattr(exc, "seconds", None) if isinstance(exc, RetryAfter) else None
+    waits = [
+        float(wait)
+        for leaf in leaves
+        if isinstance(leaf, RetryAfter) and is_delay(wait := getattr(leaf, "seconds", None))
+    ]
     return error_info(
-        type_name(exc),
-        _message(exc),
+        type_name(described),
+        _message(described),
         traceback=short_traceback(exc),
-        non_retryable=flag,
-        retry_after=float(wait) if is_delay(wait) else None,
+        non_retryable=non_retryable,
+        retry_after=max(waits) if waits else None,
     )
+
+
+MAX_LEAVES = 1000
+"""How many of a group's errors are looked at (a group of more is described by these)."""
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The errors of ``exc`` that are not groups, in order (``[exc]`` for a plain one), at
+    most `MAX_LEAVES`; a group that holds itself is not looked into twice."""
+    if not isinstance(exc, BaseExceptionGroup):
+        return [exc]
+    leaves: list[BaseException] = []
+    seen: set[int] = set()
+    stack: list[BaseException] = [exc]
+    while stack and len(leaves) < MAX_LEAVES:
+        item = stack.pop()
+        if isinstance(item, BaseExceptionGroup):
+            if id(item) not in seen:
+                seen.add(id(item))
+                stack.extend(reversed(item.exceptions))
+        else:
+            leaves.append(item)
+    return leaves or [exc]
