@@ -1492,7 +1492,13 @@ class Engine:
                         run.run_id, after=seen_sequence, conn=conn
                     )
                     again = unseen_input(unseen)
-                await self.store.append_events(conn, run, [failed])
+                last = await self.store.load_events(
+                    run.run_id, after=run.last_sequence_num - 1, conn=conn
+                )
+                # The same failure again with nothing new in between (a stuck run's retry
+                # while the code it needs is not deployed): the history already says so.
+                if not (last and repeats_failure(last[-1].data, error)):
+                    await self.store.append_events(conn, run, [failed])
                 await self.store.set_stuck(conn, run.run_id, reason[:4000])
                 if again:
                     await self.store.ensure_workflow_task(conn, run)
@@ -2305,6 +2311,19 @@ class _Outcome:
     wake: bool = False
     """The commands added an input event of their own (a child refused at once): the run
     needs a workflow task to see it."""
+
+
+def repeats_failure(last_event: Mapping[str, Any], error: Mapping[str, Any]) -> bool:
+    """Whether ``last_event`` is a ``workflow_task_failed`` of the same error (type and
+    message; the worker, its traceback aside): recording ``error`` after it would add nothing."""
+    if last_event.get("type") != ev.WORKFLOW_TASK_FAILED:
+        return False
+    before = last_event.get("error")
+    return (
+        isinstance(before, Mapping)
+        and before.get("type") == error.get("type")
+        and before.get("message") == error.get("message")
+    )
 
 
 def _size_error(config: ServerConfig, text: str, what: str) -> str | None:
