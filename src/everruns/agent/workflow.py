@@ -42,6 +42,7 @@ __all__ = [
     "MAX_CONTEXT_TURNS",
     "MESSAGE_SIGNAL",
     "SESSION_WORKFLOW",
+    "TURNS_PER_RUN",
     "TURN_LIMIT_REACHED",
     "TURN_WORKFLOW",
     "agent_session",
@@ -59,6 +60,16 @@ ANSWERED = "answered"
 TURN_LIMIT_REACHED = "turn_limit_reached"
 MAX_CONTEXT_TURNS = 10
 """How many earlier turns of a session a new turn sees (older ones are left out)."""
+
+TURNS_PER_RUN = 100
+"""The turns one run of a session gives before it ends at the next quiet moment (no message
+waiting); the next message opens a new run with the numbering and the conversation carried
+over, as after a close. So the history a session's workflow task replays, and the one
+`send_message` reads, stay bounded however long the session lives. Part of the session's
+workflow code: a run replays with the value it was decided under."""
+
+ROLLOVER_PATCH = "session-rollover"
+"""The `ctx.patched` id of the rollover: runs begun before it keep waiting for messages."""
 
 MAX_CONTEXT_BYTES = 1_000_000
 """The most JSON text of earlier turns a new turn carries; older turns are left out first.
@@ -288,7 +299,9 @@ async def agent_session(ctx: WorkflowContext, state: Any) -> dict[str, Any]:
 
     Returns:
         After a close signal (``{"close": true}``): ``{"session_id", "closed": true,
-        "next_turn", "turns", "context"}``.
+        "next_turn", "turns", "context"}``. After `TURNS_PER_RUN` turns, as soon as no
+        message is waiting: the same with ``"closed": false, "rolled_over": true`` (the next
+        message opens a new run, as after a close).
 
     Raises:
         InvalidArgument: ``state`` is malformed (the session fails).
@@ -299,7 +312,20 @@ async def agent_session(ctx: WorkflowContext, state: Any) -> dict[str, Any]:
     budget = MAX_CONTEXT_BYTES
     received: set[str] = set()
     while True:
-        payload = await ctx.wait_signal(MESSAGE_SIGNAL)
+        if turn - first_turn >= TURNS_PER_RUN and ctx.patched(ROLLOVER_PATCH):
+            try:  # the messages already here get their turns; then the run ends
+                payload = await ctx.wait_signal(MESSAGE_SIGNAL, timeout=0)
+            except TimeoutError:
+                return {
+                    "session_id": session_id,
+                    "closed": False,
+                    "rolled_over": True,
+                    "next_turn": turn,
+                    "turns": turn - first_turn,
+                    "context": _within(turns, budget),
+                }
+        else:
+            payload = await ctx.wait_signal(MESSAGE_SIGNAL)
         if is_close(payload):
             return {
                 "session_id": session_id,
