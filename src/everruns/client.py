@@ -32,6 +32,7 @@ from everruns.domain.address import (
     check_auth_token,
     parse_address,
 )
+from everruns.domain.budget import ENVELOPE_BYTES, SEND_BUDGET, field_bytes, split, text_bytes
 from everruns.domain.limits import check_name
 from everruns.domain.limits import check_utf8 as _check_text
 from everruns.domain.packing import pack_blobs, unpack_uuids
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_ADDRESS",
     "MAX_PAGE_SIZE",
+    "MAX_STARTS_PER_CALL",
     "CircuitBreakerInfo",
     "Client",
     "DeadLetterInfo",
@@ -86,6 +88,14 @@ LATE_REPLY_SECONDS = 5.0
 # The largest page a listing may ask for: the wire's int32 is far larger (and wraps past it), the
 # control plane returns at most this many events per page and fewer runs or dead letters.
 MAX_PAGE_SIZE = 10_000
+# Starts per StartWorkflows call, the control plane's limit; a larger batch takes several calls.
+MAX_STARTS_PER_CALL = 10_000
+# The most a start's fields take in a StartWorkflows request beside its input, its type and its
+# workflow id (its end offset in the packed inputs, its request id).
+_START_FIELDS = 48
+# What every control plane reads in one message (EVERRUNS_MAX_MESSAGE_BYTES is at least 64 KiB
+# and 4 payloads more), its call stream's envelope left aside.
+_ALWAYS_READ = 64 * 1024 - ENVELOPE_BYTES
 
 Reply = TypeVar("Reply")
 WorkflowRef = str | Callable[..., Any]
@@ -908,12 +918,15 @@ class Client:
     async def start_workflows(
         self, starts: Sequence[WorkflowStart | tuple[Any, ...]]
     ) -> list[WorkflowHandle]:
-        """Start several runs in one round trip.
+        """Start several runs in one round trip (or a few, for a large batch).
 
-        The control plane writes up to 500 starts per statement; a larger batch is split into
-        statements that run side by side, each in its own transaction (the starts of one
-        workflow id share one). If the call fails, some of its runs may have started: name
-        workflow ids and a retry returns those runs instead of starting them again.
+        A batch is sent in calls of at most `MAX_STARTS_PER_CALL` starts and about
+        `everruns.domain.budget.SEND_BUDGET` bytes each (a single start larger than that goes
+        alone), one after another. The control plane writes up to 500 starts per statement; a
+        larger call is split into statements that run side by side, each in its own
+        transaction (the starts of one workflow id share one). If a call fails, some of the
+        runs may have started: name workflow ids and a retry returns those runs instead of
+        starting them again.
 
         Args:
             starts: `WorkflowStart` values, or tuples ``(workflow, input[, workflow_id])``.
@@ -924,6 +937,8 @@ class Client:
         Raises:
             PayloadError: an input is not exact JSON; nothing is sent.
             InvalidArgument: an entry is malformed, or names an @activity function.
+            ResourceExhausted: the control plane sheds load, or a start is over its limits
+                (the earlier calls' runs have started).
             ServerUnavailable: the control plane is unreachable (retried only when every entry
                 names its workflow id; as for `start_workflow`, a retry returns the runs its
                 first try started).
@@ -931,10 +946,53 @@ class Client:
         entries = [_start_fields(s) for s in starts]
         if not entries:
             return []
-        # Sent and answered in the packed form: a few blobs instead of a message per run.
         types = [_workflow_type(workflow) for workflow, _, _ in entries]
-        inputs, ends = pack_blobs(_encoded_inputs(entries, types))
+        encoded = _encoded_inputs(entries, types)
         retry = all(workflow_id is not None for _, _, workflow_id in entries)
+        handles = []
+        for chunk in await self._start_chunks(entries, types, encoded):
+            cut = slice(chunk.start, chunk.stop)
+            handles += await self._start_batch(entries[cut], types[cut], encoded[cut], retry)
+        return handles
+
+    async def _start_chunks(
+        self,
+        entries: Sequence[tuple[WorkflowRef, Any, str | None]],
+        types: Sequence[str],
+        encoded: Sequence[bytes],
+    ) -> list[range]:
+        """The starts of each StartWorkflows call: at most `MAX_STARTS_PER_CALL`, within
+        `SEND_BUDGET` bytes unless alone, and within the control plane's message limit where
+        its call stream tells it."""
+        # A bound first, at C speed (4 bytes per character at most in UTF-8): most batches
+        # fit any control plane's limit (it reads at least 64 KiB) and go in one call.
+        bound = sum(map(len, encoded)) + len(entries) * (_START_FIELDS + 20)
+        bound += 4 * (sum(map(len, types)) + sum(len(w or "") for _, _, w in entries))
+        if bound <= _ALWAYS_READ and len(entries) <= MAX_STARTS_PER_CALL:
+            return [range(len(entries))]
+        limit = await self._channel.message_limit()
+        budget = min(SEND_BUDGET, limit - ENVELOPE_BYTES) if limit > 0 else SEND_BUDGET
+        if bound <= budget and len(entries) <= MAX_STARTS_PER_CALL:
+            return [range(len(entries))]
+        sizes = [
+            len(data)
+            + field_bytes(text_bytes(name))
+            + field_bytes(text_bytes(workflow_id or ""))
+            + _START_FIELDS
+            for (_, _, workflow_id), name, data in zip(entries, types, encoded, strict=True)
+        ]
+        return split(sizes, budget=budget, max_items=MAX_STARTS_PER_CALL)
+
+    async def _start_batch(
+        self,
+        entries: Sequence[tuple[WorkflowRef, Any, str | None]],
+        types: Sequence[str],
+        encoded: Sequence[bytes],
+        retry: bool,
+    ) -> list[WorkflowHandle]:
+        """One StartWorkflows call for ``entries`` (their types and encoded inputs)."""
+        # Sent and answered in the packed form: a few blobs instead of a message per run.
+        inputs, ends = pack_blobs(encoded)
         request = pb.StartWorkflowsRequest(
             packed_workflow_types=[types[0]] if len(set(types)) == 1 else types,
             packed_inputs=inputs,

@@ -7,6 +7,9 @@ calls them as tasks of a Trio nursery (`AioLoop.run_trio`). Everruns errors rais
 become gRPC statuses with their message; anything else becomes INTERNAL with a short message (the
 traceback stays in the server log).
 Authentication (bearer token, constant-time comparison) happens here, before any method runs.
+Every message a method receives is checked against the message limit from its 5-byte prefix
+before its body is read (`_recv_capped`): grpclib itself would buffer whatever length a peer
+declares.
 
 Client side: `open_channel` and `RpcChannel.unary/stream` call generated stubs from Trio and map
 gRPC statuses back onto everruns errors. No engine logic here.
@@ -19,6 +22,8 @@ import hmac
 import itertools
 import logging
 import ssl
+import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
@@ -36,6 +41,7 @@ from grpclib.protocol import H2Protocol
 from everruns._aio.loop import AioLoop, CallAbandoned, call_in_loop, current_aio_loop, run_aio
 from everruns._aio.wire import FastCodec, WireError
 from everruns.domain.address import switch_from_env
+from everruns.domain.budget import field_bytes
 from everruns.errors import (
     AlreadyExists,
     ConcurrencyConflict,
@@ -57,6 +63,7 @@ from everruns.errors import (
 __all__ = [
     "CALLS_ROUTE",
     "CONNECT_TIMEOUT",
+    "DEFAULT_MAX_MESSAGE_BYTES",
     "CallStream",
     "RpcChannel",
     "Undelivered",
@@ -219,6 +226,63 @@ def _verdict(exc: Exception, route: str) -> grpclib.exceptions.GRPCError:
 
 _UNAUTHENTICATED = "missing or wrong bearer token; set EVERRUNS_AUTH_TOKEN to the server's token"
 
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+"""The largest message a server reads unless told otherwise (EVERRUNS_MAX_MESSAGE_BYTES)."""
+
+MAX_MESSAGE_HEADER = "everruns-max-message-bytes"
+"""The call stream's initial metadata: the server's message limit, so that a caller refuses a
+call over it itself instead of sending it (the server would end the stream, and every call on
+it, since the refused message's call id is in the part it does not read)."""
+
+_PREFIX = struct.Struct(">?I")  # gRPC's message prefix: compressed flag, length
+
+
+def _over_limit(what: str, size: int, limit: int) -> grpclib.exceptions.GRPCError:
+    return grpclib.exceptions.GRPCError(
+        Status.RESOURCE_EXHAUSTED,
+        f"{what} of {size} bytes is over the control plane's limit of {limit} bytes "
+        "(EVERRUNS_MAX_MESSAGE_BYTES)",
+    )
+
+
+async def _recv_capped(
+    stream: grpclib.server.Stream[Any, Any], limit: int, what: str
+) -> Any | None:
+    """`grpclib.server.Stream.recv_message`, refusing a message over ``limit`` bytes from its
+    prefix, before its body is read: grpclib reads any declared length in full, acknowledging
+    it as it comes (HTTP/2 flow control bounds only what is unread).
+
+    Otherwise as grpclib does it (`grpclib.stream.recv_message` and the server stream's
+    method, private attributes included: tests/unit/test_grpc_message_limit.py fails if they
+    change): the dispatch of the received message to grpclib's event listeners, and the
+    stream's and the connection's counts.
+
+    Returns:
+        The message, or None when the caller has ended its side of the stream.
+
+    Raises:
+        GRPCError: RESOURCE_EXHAUSTED, the message is over ``limit``; the stream is not read
+            further.
+    """
+    h2_stream = stream._stream
+    meta = await h2_stream.recv_data(5)
+    if not meta:
+        return None
+    compressed, size = _PREFIX.unpack(meta)
+    if compressed:
+        raise NotImplementedError("Compression not implemented")
+    if size > limit:
+        raise _over_limit(what, size, limit)
+    data = await h2_stream.recv_data(size)
+    assert len(data) == size, f"{len(data)} != {size}"
+    message = stream._codec.decode(data, stream._recv_type)
+    (message,) = await stream._dispatch.recv_message(message)
+    stream._messages_received += 1
+    connection = h2_stream.connection
+    connection.messages_received += 1
+    connection.last_message_received = time.monotonic()
+    return message
+
 
 def _wrap_handler(
     route: str,
@@ -228,13 +292,15 @@ def _wrap_handler(
     aio: AioLoop,
     nursery: trio.Nursery,
     give_back: _GiveBack,
+    max_message: int,
 ) -> grpclib.const.Handler:
     streaming = handler.cardinality is grpclib.const.Cardinality.UNARY_STREAM
+    what = f"{route.rpartition('/')[2]} request"
 
     async def serve_one(stream: grpclib.server.Stream[Any, Any]) -> None:  # runs on asyncio
         if not _bearer_ok(stream.metadata, token):
             raise grpclib.exceptions.GRPCError(Status.UNAUTHENTICATED, _UNAUTHENTICATED)
-        request = await stream.recv_message()
+        request = await _recv_capped(stream, max_message, what)
         if request is None:
             raise grpclib.exceptions.GRPCError(Status.INVALID_ARGUMENT, "empty request")
         try:
@@ -272,6 +338,7 @@ def _wrap_handler(
 _Target = tuple[Callable[..., Awaitable[Any]], type[Any], type[Any]]
 
 CALLS_ROUTE = "/everruns.v1.CallService/Calls"
+_CALL_MESSAGE = "call-stream message"
 MAX_CALLS_IN_FLIGHT = 1000  # per call stream, as HTTP/2 bounds a connection's unary calls
 _ANSWERED_KEPT = 64  # per call stream: the latest answered calls a cancel notice may cross
 
@@ -282,6 +349,7 @@ def _calls_handler(
     aio: AioLoop,
     nursery: trio.Nursery,
     give_back: _GiveBack,
+    max_message: int,
     codec: FastCodec,
 ) -> grpclib.const.Handler:
     """The handler of `CallService.Calls`: each `Call` runs the unary method it names, as a
@@ -324,7 +392,8 @@ def _calls_handler(
     async def serve_calls(stream: grpclib.server.Stream[Any, Any]) -> None:  # runs on asyncio
         if not _bearer_ok(stream.metadata, token):
             raise grpclib.exceptions.GRPCError(Status.UNAUTHENTICATED, _UNAUTHENTICATED)
-        await stream.send_initial_metadata()  # the caller waits for it before its first call
+        # The caller waits for it before its first call, and learns the message limit.
+        await stream.send_initial_metadata(metadata={MAX_MESSAGE_HEADER: str(max_message)})
         answering: set[asyncio.Task[None]] = set()  # every call not yet answered
         cancellable: dict[int, asyncio.Task[None]] = {}  # those still running their method
         # What the latest replies handed out, by call id, until a cancel notice that crossed
@@ -375,7 +444,8 @@ def _calls_handler(
         # call may follow in the same read, before the cancelled task has ended.
         counted: set[asyncio.Task[None]] = set()
         try:
-            while (call := await stream.recv_message()) is not None:
+            # A message over the limit ends the stream: its call id is in the part not read.
+            while (call := await _recv_capped(stream, max_message, _CALL_MESSAGE)) is not None:
                 if call.cancel:
                     task = cancellable.get(call.id)
                     if task is not None:
@@ -653,6 +723,7 @@ def _servable(
     aio: AioLoop,
     nursery: trio.Nursery,
     give_back: _GiveBack,
+    max_message: int,
 ) -> _Servable:
     return _Servable(
         {
@@ -664,6 +735,7 @@ def _servable(
                 aio,
                 nursery,
                 give_back,
+                max_message,
             )
             for route, handler in base.__mapping__().items()
         }
@@ -690,6 +762,7 @@ async def serve_services(
     closing: trio.Event | None = None,
     calls: bool = True,
     undelivered: Undelivered | None = None,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``(generated_base_instance, trio_impl)`` pairs on ``host:port`` until cancelled.
@@ -698,7 +771,8 @@ async def serve_services(
     called over it. Reports the bound port (the real one when ``port`` is 0) through
     ``task_status``. On the way out ``closing`` is set before connections are closed, so
     handlers can tell a server shutdown from a client that went away. ``undelivered`` takes
-    back what a reply its caller never takes handed out.
+    back what a reply its caller never takes handed out. A message over ``max_message_bytes``
+    is refused (RESOURCE_EXHAUSTED) before its body is read.
     """
     aio = current_aio_loop()
     # The methods' Trio tasks run in a nursery of their own, shielded from the cancellation that
@@ -710,7 +784,7 @@ async def serve_services(
         give_back = _GiveBack(undelivered, aio, handlers)
         try:
             servables = [
-                _servable(base, impl, auth_token, aio, handlers, give_back)
+                _servable(base, impl, auth_token, aio, handlers, give_back, max_message_bytes)
                 for base, impl in services
             ]
             targets = _unary_targets(services)
@@ -718,7 +792,15 @@ async def serve_services(
                 partial(
                     _Server,
                     servables,
-                    partial(_calls_handler, targets, auth_token, aio, handlers, give_back)
+                    partial(
+                        _calls_handler,
+                        targets,
+                        auth_token,
+                        aio,
+                        handlers,
+                        give_back,
+                        max_message_bytes,
+                    )
                     if calls
                     else None,
                 )
@@ -807,13 +889,17 @@ class _Unsupported(Exception):
     """The control plane does not serve `CallService.Calls`: the call was not run."""
 
 
+_CALL_FIELDS = 16  # the most a `Call`'s id and flags take
+
+
 class _Opened:
     """One open `Calls` stream: the grpclib stream, its write lock and its writes in flight."""
 
-    __slots__ = ("sending", "stream", "writes")
+    __slots__ = ("limit", "sending", "stream", "writes")
 
-    def __init__(self, stream: Any) -> None:
+    def __init__(self, stream: Any, limit: int) -> None:
         self.stream = stream
+        self.limit = limit  # the control plane's message limit (0: not said)
         self.sending = asyncio.Lock()  # one message at a time: a large one is several frames
         self.writes: set[asyncio.Task[None]] = set()
 
@@ -848,7 +934,9 @@ class CallStream:
 
         Raises:
             _Unsupported: the control plane has no `Calls`; the call was not run.
-            GRPCError: the method's verdict, as the unary call would have raised it.
+            GRPCError: the method's verdict, as the unary call would have raised it;
+                RESOURCE_EXHAUSTED, unsent, for a request over the control plane's message
+                limit (which it tells as the stream opens).
             StreamTerminatedError, OSError: the stream broke; the call may or may not have run.
             TimeoutError: no reply within ``timeout`` (opening the stream included); a call
                 already sent is cancelled at the server.
@@ -856,6 +944,11 @@ class CallStream:
         message = self._codec.encode(request, type(request))
         async with asyncio.timeout(timeout), self._slots:
             opened = self._opened or await self._open()
+            if opened.limit:
+                # Refused here rather than ending the stream, and the other calls on it.
+                size = field_bytes(len(message)) + field_bytes(len(route)) + _CALL_FIELDS
+                if size > opened.limit:
+                    raise _over_limit(f"{route.rpartition('/')[2]} request", size, opened.limit)
             call_id = next(self._ids)
             future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             self._pending[call_id] = future
@@ -877,6 +970,16 @@ class CallStream:
         if reply.status:
             raise grpclib.exceptions.GRPCError(_status_named(reply.status), reply.message or None)
         return self._codec.decode(reply.reply, reply_type)
+
+    async def message_limit(self) -> int:
+        """The control plane's message limit as the stream said when it opened (opening it
+        now if it is not open); 0: not said.
+
+        Raises:
+            _Unsupported, StreamTerminatedError, GRPCError, OSError: as `call` for opening.
+        """
+        opened = self._opened or await self._open()
+        return opened.limit
 
     def close(self) -> None:
         """Stop using the stream: calls in flight fail, later calls are refused."""
@@ -919,7 +1022,9 @@ class CallStream:
             except BaseException as exc:
                 await stream.__aexit__(type(exc), exc, None)
                 raise
-            opened = self._opened = _Opened(stream)
+            initial: Mapping[str, Any] = stream.initial_metadata or {}
+            said = str(initial.get(MAX_MESSAGE_HEADER) or "")
+            opened = self._opened = _Opened(stream, int(said) if said.isdigit() else 0)
             reader = asyncio.ensure_future(self._read(opened))
             self._readers.add(reader)
             reader.add_done_callback(self._readers.discard)
@@ -1033,6 +1138,18 @@ class RpcChannel:
     def raw(self) -> Channel:
         """The grpclib channel (give it to generated stubs)."""
         return self._channel
+
+    async def message_limit(self) -> int:
+        """The largest message the control plane reads, as its call stream says when it opens
+        (opened here if it is not yet); 0: not known (no call stream, an older control plane,
+        or the stream cannot be opened now: the next call will say why)."""
+        calls = self._calls
+        if calls is None or calls.unsupported:
+            return 0
+        try:
+            return await run_aio(calls.message_limit)
+        except (_Unsupported, *_CALL_ERRORS):
+            return 0
 
     async def unary(
         self,

@@ -139,6 +139,7 @@ async def _serve(config: ServerConfig, report: Callable[[ServerInfo], None]) -> 
                         tls=tls,
                         closing=closing,
                         undelivered=UndeliveredTasks(engine),
+                        max_message_bytes=config.max_message_bytes,
                         task_status=task_status,
                     )
                 )

@@ -309,6 +309,7 @@ class ServerConfig:
         max_pending_tasks: refuse new work with RESOURCE_EXHAUSTED at this many pending tasks
             (0: no limit).
         max_payload_bytes: the largest payload accepted in one request.
+        max_message_bytes: the largest gRPC message read; a larger one is refused unread.
         retention_seconds: ended workflows older than this are deleted (0: keep forever).
         auth_token: when set, every RPC must carry it as a bearer token.
         pool_size: PostgreSQL connections the control plane holds (all opened at start).
@@ -344,6 +345,21 @@ class ServerConfig:
     max_payload_bytes: int = attrs.field(
         default=2 * 1024 * 1024, validator=_count("EVERRUNS_MAX_PAYLOAD_BYTES", 1024)
     )
+    max_message_bytes: int = attrs.field(
+        default=64 * 1024 * 1024, validator=_count("EVERRUNS_MAX_MESSAGE_BYTES", 0)
+    )
+
+    @max_message_bytes.validator
+    def _holds_payloads(self, _: object, value: int) -> None:
+        # A request carrying a few maximal payloads (a start, a decision) must always fit.
+        least = 4 * self.max_payload_bytes + 64 * 1024
+        if value < least:
+            raise ConfigError(
+                f"EVERRUNS_MAX_MESSAGE_BYTES={value} (ServerConfig.max_message_bytes) must be at "
+                f"least 4 x EVERRUNS_MAX_PAYLOAD_BYTES + 64 KiB ({least}); raise it or lower "
+                "EVERRUNS_MAX_PAYLOAD_BYTES"
+            )
+
     retention_seconds: float = attrs.field(
         default=7 * 24 * 3600.0, validator=_seconds("EVERRUNS_RETENTION_DAYS", zero_ok=True)
     )
@@ -424,6 +440,7 @@ class ServerConfig:
             max_payload_bytes=_int(
                 env, "EVERRUNS_MAX_PAYLOAD_BYTES", 2 * 1024 * 1024, minimum=1024
             ),
+            max_message_bytes=_int(env, "EVERRUNS_MAX_MESSAGE_BYTES", 64 * 1024 * 1024),
             retention_seconds=_float(
                 env,
                 "EVERRUNS_RETENTION_DAYS",

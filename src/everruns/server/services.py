@@ -264,7 +264,9 @@ class WorkerService:
             self.engine.config.worker_lost_after / 3,
         )
         return pb.RegisterWorkerResponse(
-            heartbeat_interval_s=interval, server_time=_ts(record.last_heartbeat_at)
+            heartbeat_interval_s=interval,
+            server_time=_ts(record.last_heartbeat_at),
+            max_message_bytes=self.engine.config.max_message_bytes,
         )
 
     async def worker_heartbeat(

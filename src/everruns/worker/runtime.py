@@ -22,7 +22,7 @@ import socket
 import ssl
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import aclosing
 from datetime import UTC, datetime
 from importlib import metadata
@@ -36,6 +36,7 @@ from everruns._aio import open_aio_loop
 from everruns._aio.grpc import RpcChannel, client_tls_from_env, error_for_status, open_channel
 from everruns._proto.everruns import v1 as pb
 from everruns.domain import payload
+from everruns.domain.budget import ENVELOPE_BYTES, SEND_BUDGET, field_bytes, text_bytes, within
 from everruns.domain.commands import (
     CancelWorkflow,
     CompleteWorkflow,
@@ -128,7 +129,9 @@ def _refuses_size(exc: BaseException) -> bool:
     # RESOURCE_EXHAUSTED means both "busy, retry later" and "payload too large"; only the
     # second must not be retried forever. The message is all the status carries.
     text = str(exc).lower()
-    return isinstance(exc, ResourceExhausted) and ("too large" in text or "payload" in text)
+    return isinstance(exc, ResourceExhausted) and (
+        "too large" in text or "payload" in text or "max_message_bytes" in text
+    )
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -447,14 +450,17 @@ class Worker:
         self._stub: Any = None
         self._task_nursery: trio.Nursery | None = None
         self._results: Batcher[_RunningTask, BaseException | None] = Batcher(
-            self._send_results, max_batch=MAX_RESULTS_PER_CALL
+            self._send_results, max_batch=MAX_RESULTS_PER_CALL, size=_result_bytes
         )
         self._heartbeats: Heartbeats[_RunningTask] = Heartbeats(self._send_heartbeat)
         self._replays = ReplayCache(KEPT_REPLAYS)
         self._decided_ahead = 0
         self._decisions: Batcher[Any, Any] = Batcher(
-            self._send_decisions, max_batch=MAX_RESULTS_PER_CALL
+            self._send_decisions, max_batch=MAX_RESULTS_PER_CALL, size=_request_bytes
         )
+        # The largest message the control plane reads, as it said at registration (0: not
+        # said, an older one): a decision over it fails its workflow task instead of being sent.
+        self._max_message_bytes = 0
         self._token: trio.lowlevel.TrioToken | None = None
         # Names this run of the worker (made when `run` starts) on every registration,
         # heartbeat and cancellation stream: the control plane releases the tasks of this
@@ -695,6 +701,9 @@ class Worker:
         )
         interval = float(reply.heartbeat_interval_s)
         self._heartbeat_interval = interval if interval > 0 else DEFAULT_HEARTBEAT_INTERVAL
+        limit = self._max_message_bytes = max(0, int(reply.max_message_bytes))
+        budget = min(SEND_BUDGET, limit - ENVELOPE_BYTES) if limit else SEND_BUDGET
+        self._results.max_bytes = self._decisions.max_bytes = budget
 
     async def _goodbye(self) -> None:
         request = pb.WorkerHeartbeatRequest(
@@ -1297,6 +1306,8 @@ class Worker:
         """Report a result with the other results ready now (one call for all of them), and
         with the decision its workflow's next task will make, when this worker can tell."""
         handle.ahead = self._decide_ahead(handle, outcome)
+        if handle.ahead is not None and not within(_result_bytes(handle), self._max_message_bytes):
+            self._settle_ahead(handle)  # too large to send: its workflow task will say so
         try:
             refusal = await self._results.submit(handle)
         except BatcherClosed:
@@ -1717,14 +1728,27 @@ class Worker:
         except Exception as exc:
             kept.close()
             return _WorkflowTaskFailed(error_from_exception(exc), False)
-        if result.completed:
-            kept.close()
-        else:
-            self._replays.keep(task.run_id, definition.fn, kept)
         ends = any(isinstance(c, _RUN_ENDS) for c in result.commands)
         activities = (
             () if ends else tuple(c for c in result.commands if isinstance(c, ScheduleActivity))
         )
+        size = _decision_bytes(
+            task.task_id, self.config.worker_id, commands, (a.activity_id for a in activities)
+        )
+        if not within(size, self._max_message_bytes):
+            # Sent, it would be refused unread, and again at every try: the run is stuck
+            # with why instead, as with a replay error.
+            kept.close()
+            too_large = ResourceExhausted(
+                f"the {len(result.commands)} commands of this workflow task take {size} bytes, "
+                f"over the control plane's limit of {self._max_message_bytes} bytes "
+                "(EVERRUNS_MAX_MESSAGE_BYTES); issue fewer or smaller commands per workflow task"
+            )
+            return _WorkflowTaskFailed(make_error(type_name(too_large), str(too_large)), False)
+        if result.completed:
+            kept.close()
+        else:
+            self._replays.keep(task.run_id, definition.fn, kept)
         return _Decided(commands, result.seen_sequence, activities)
 
     async def _finish_workflow_task(self, handle: _RunningTask, *, eager: bool = True) -> None:
@@ -1934,6 +1958,51 @@ class Worker:
             self._dropped(handle, exc)
         except (RpcError, InvalidArgument, ResourceExhausted) as exc:
             self._refused(handle, exc)
+
+
+_INTEGERS = 64  # the most a request's integer, float and flag fields take together
+
+
+def _result_bytes(handle: _RunningTask) -> int:
+    """At most what a completed activity adds to a CompleteActivityTasks request: its
+    result and its decision made ahead."""
+    task = handle.task
+    outcome = handle.outcome
+    result = len(outcome.result) if isinstance(outcome, _Completed) else 0
+    size = field_bytes(field_bytes(result) + field_bytes(text_bytes(task.task_id)) + _INTEGERS)
+    ahead = handle.ahead
+    if ahead is not None:
+        size += field_bytes(
+            field_bytes(len(ahead.commands))
+            + field_bytes(text_bytes(task.run_id))
+            + field_bytes(text_bytes(task.activity_id))
+            + _INTEGERS
+        )
+    return size
+
+
+def _decision_bytes(task_id: str, worker_id: str, commands: bytes, started: Iterable[str]) -> int:
+    """At most what a workflow task's decision takes in a CompleteWorkflowTasks request,
+    ``started`` the ids of the activities it may start ahead."""
+    size = (
+        field_bytes(len(commands))
+        + field_bytes(text_bytes(task_id))
+        + field_bytes(text_bytes(worker_id))
+        + _INTEGERS
+    )
+    for activity_id in started:
+        size += field_bytes(field_bytes(text_bytes(activity_id)) + field_bytes(36))  # a UUID
+    return field_bytes(size)
+
+
+def _request_bytes(request: Any) -> int:
+    """`_decision_bytes` of a CompleteWorkflowTaskRequest."""
+    return _decision_bytes(
+        request.task_id,
+        request.worker_id,
+        request.commands,
+        (started.activity_id for started in request.started),
+    )
 
 
 def _refusals(

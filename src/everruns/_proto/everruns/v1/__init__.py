@@ -1222,6 +1222,12 @@ class RegisterWorkerResponse(betterproto2.Message):
     the server's clock, to spot skew
     """
 
+    max_message_bytes: "int" = betterproto2.field(3, betterproto2.TYPE_INT64)
+    """
+    The largest message the control plane reads (EVERRUNS_MAX_MESSAGE_BYTES); a larger one is
+    refused unread. 0: not said (an older control plane).
+    """
+
 
 default_message_pool.register_message(
     "everruns.v1", "RegisterWorkerResponse", RegisterWorkerResponse
