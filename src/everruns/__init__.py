@@ -15,6 +15,7 @@ from everruns.domain.retry import RetryPolicy as RetryPolicy
 from everruns.errors import ActivityCancelled as ActivityCancelled
 from everruns.errors import ActivityError as ActivityError
 from everruns.errors import ChildWorkflowError as ChildWorkflowError
+from everruns.errors import ContinueAsNew as ContinueAsNew
 from everruns.errors import EverrunsError as EverrunsError
 from everruns.errors import NonRetryableError as NonRetryableError
 from everruns.errors import RetryAfter as RetryAfter

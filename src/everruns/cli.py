@@ -171,6 +171,8 @@ def render_description(d: WorkflowDescription) -> str:
     fields.append(("input", _compact(d.input)))
     if d.status == "completed":
         fields.append(("result", _compact(d.result)))
+    if d.continued_run_id:
+        fields.append(("continued", f"as run {d.continued_run_id}"))
     if d.error:
         fields.append(("error", describe_error(d.error)))
     if d.stuck_reason:

@@ -147,7 +147,7 @@ class WorkflowSummary:
         workflow_id: the business key.
         run_id: this execution of it.
         workflow_type: registered workflow name.
-        status: pending, running, completed, failed or cancelled.
+        status: pending, running, completed, failed, cancelled or continued_as_new.
         created_at: when the run was started.
         completed_at: when the run ended; None while it is open.
     """
@@ -258,7 +258,7 @@ class WorkflowDescription:
         workflow_id: the business key.
         run_id: this execution of it.
         workflow_type: registered workflow name.
-        status: pending, running, completed, failed or cancelled.
+        status: pending, running, completed, failed, cancelled or continued_as_new.
         input: the start input (decoded JSON).
         result: the result (decoded JSON); None until completed.
         error: the error object (``{"type", "message", "traceback", ...}``) when failed, else None.
@@ -270,6 +270,8 @@ class WorkflowDescription:
         pending_activities: activities not finished yet, with their attempts and errors.
         waiting_for_worker: no live worker serves a type this run needs.
         pending_timers: timers not fired yet (an open run's), soonest first.
+        continued_run_id: for a run that ended ``continued_as_new``, the run its workflow
+            goes on in; else None.
     """
 
     workflow_id: str
@@ -287,6 +289,7 @@ class WorkflowDescription:
     pending_activities: tuple[PendingActivity, ...]
     waiting_for_worker: bool
     pending_timers: tuple[PendingTimer, ...] = ()
+    continued_run_id: str | None = None
 
     @property
     def is_open(self) -> bool:
@@ -312,6 +315,7 @@ class WorkflowDescription:
             pending_activities=tuple(PendingActivity.from_proto(a) for a in msg.pending_activities),
             waiting_for_worker=msg.waiting_for_worker,
             pending_timers=tuple(PendingTimer.from_proto(t) for t in msg.pending_timers),
+            continued_run_id=msg.continued_run_id or None,
         )
 
 
@@ -607,7 +611,9 @@ class WorkflowHandle:
         """Wait for the run to end and return its result.
 
         Long-polls the control plane, so the answer arrives as soon as the run ends. A handle
-        without a run id follows the run that is the latest when the wait begins.
+        without a run id follows the run that is the latest when the wait begins. A run that
+        continued as new (`WorkflowContext.continue_as_new`) is followed to the last run of
+        its chain, whose end is the answer.
 
         Args:
             timeout: seconds to wait in all; None (or ``math.inf``, or a number too large
@@ -1071,7 +1077,8 @@ class Client:
 
         Args:
             workflow_type: only runs of this workflow (function or name).
-            status: only runs in this status (pending, running, completed, failed, cancelled).
+            status: only runs in this status (pending, running, completed, failed, cancelled,
+                continued_as_new).
             limit: page size, 1 to `MAX_PAGE_SIZE` (the server may return fewer per page).
             page_token: the token returned with the previous page.
 

@@ -32,6 +32,9 @@ edges and chained with ``raise ... from``; code outside the edges never sees the
     ├── WorkflowFailed              a client awaited a workflow that ended failed or cancelled
     ├── NonRetryableError           raise from an activity to fail it at once, without retries
     └── RetryAfter                  raise from an activity to retry it, not before a given delay
+
+    ContinueAsNew (a BaseException)  raised by ctx.continue_as_new: the run ends, its workflow
+                                     goes on in a new run
 """
 
 from __future__ import annotations
@@ -239,3 +242,16 @@ NOT_SERVED_ERROR = "everruns.NotServed"
 """The error type of a task a worker gives back because it does not serve its type (handed to
 it by a control plane that remembered an older registration): the control plane puts it back
 in the queue for another worker, without charging the attempt or failing the run."""
+
+
+class ContinueAsNew(BaseException):
+    """Raised by `WorkflowContext.continue_as_new`: this run ends and its workflow goes on in
+    a new run of the same workflow id, started with ``input`` in the same transaction.
+
+    A BaseException, so that an ``except Exception`` in workflow code does not stop it; let it
+    propagate out of the workflow function.
+    """
+
+    def __init__(self, input: Any = None) -> None:
+        super().__init__("the workflow continues as new")
+        self.input = input

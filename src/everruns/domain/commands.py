@@ -9,7 +9,7 @@ commands; it neither applies them nor performs I/O.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeAlias
 
 import attrs
@@ -32,6 +32,7 @@ __all__ = [
     "CancelWorkflow",
     "Command",
     "CompleteWorkflow",
+    "ContinueAsNewWorkflow",
     "FailWorkflow",
     "RecordPatch",
     "ScheduleActivity",
@@ -415,6 +416,54 @@ class CancelWorkflow:
         return {"type": "cancel_workflow"}
 
 
+def _check_signals(
+    _inst: object, _attr: attrs.Attribute[Any], value: tuple[Mapping[str, Any], ...]
+) -> None:
+    for signal in value:
+        if not isinstance(signal, Mapping) or set(signal) != {"name", "payload"}:
+            raise InvalidArgument(
+                f"a carried signal must be an object of name and payload, got {signal!r}"
+            )
+        check_utf8(check_name(signal["name"], "signal name"), "signal name")
+
+
+def _signal_tuple(value: Iterable[Mapping[str, Any]]) -> tuple[Mapping[str, Any], ...]:
+    return tuple(value)
+
+
+@attrs.frozen
+class ContinueAsNewWorkflow:
+    """End the workflow ``continued_as_new``: its workflow id goes on in a new run started
+    with ``input``, which gets the ``signals`` this run had not consumed, in order."""
+
+    input: Any = None
+    signals: tuple[Mapping[str, Any], ...] = attrs.field(
+        default=(), converter=_signal_tuple, validator=_check_signals
+    )
+
+    @property
+    def command_id(self) -> None:
+        """Terminal commands have no id."""
+        return None
+
+    def describe(self) -> str:
+        """Return ``ContinueAsNewWorkflow()`` for error messages."""
+        return "ContinueAsNewWorkflow()"
+
+    def to_event(self) -> dict[str, Any]:
+        """Return the ``workflow_continued_as_new`` event this command becomes (the control
+        plane adds the new run's id)."""
+        return history.workflow_continued_as_new(self.input, self.signals)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the command as a JSON object for the wire."""
+        return {
+            "type": "continue_as_new",
+            "input": self.input,
+            "signals": [dict(signal) for signal in self.signals],
+        }
+
+
 Command: TypeAlias = (
     ScheduleActivity
     | StartTimer
@@ -423,13 +472,17 @@ Command: TypeAlias = (
     | CompleteWorkflow
     | FailWorkflow
     | CancelWorkflow
+    | ContinueAsNewWorkflow
     | RecordPatch
 )
 
 
 def is_terminal(command: Command) -> bool:
-    """Return whether ``command`` ends the workflow (complete, fail or cancel)."""
-    return isinstance(command, (CompleteWorkflow, FailWorkflow, CancelWorkflow))
+    """Return whether ``command`` ends the workflow (complete, fail, cancel or continue as
+    new)."""
+    return isinstance(
+        command, (CompleteWorkflow, FailWorkflow, CancelWorkflow, ContinueAsNewWorkflow)
+    )
 
 
 _WIRE_FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
@@ -447,6 +500,7 @@ _WIRE_FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "complete_workflow": (frozenset(), frozenset({"result"})),
     "fail_workflow": (frozenset({"error"}), frozenset()),
     "cancel_workflow": (frozenset(), frozenset()),
+    "continue_as_new": (frozenset(), frozenset({"input", "signals"})),
     "record_patch": (frozenset({"patch_id"}), frozenset()),
 }
 
@@ -503,4 +557,9 @@ def command_from_dict(d: Mapping[str, Any]) -> Command:
         return FailWorkflow(error=d["error"])
     if kind == "record_patch":
         return RecordPatch(patch_id=d["patch_id"])
+    if kind == "continue_as_new":
+        signals = d.get("signals") or []
+        if not isinstance(signals, list):
+            raise InvalidArgument(f"continue_as_new signals must be a list, got {signals!r}")
+        return ContinueAsNewWorkflow(input=d.get("input"), signals=signals)
     return CancelWorkflow()

@@ -18,7 +18,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import attrs
 
@@ -27,6 +27,7 @@ from everruns.domain.commands import (
     ActivityOptions,
     CancelTimer,
     Command,
+    ContinueAsNewWorkflow,
     RecordPatch,
     ScheduleActivity,
     StartChildWorkflow,
@@ -52,6 +53,7 @@ from everruns.errors import (
     ActivityCancelled,
     ActivityError,
     ChildWorkflowError,
+    ContinueAsNew,
     IllegalAwait,
     InvalidArgument,
     NonDeterminismError,
@@ -306,7 +308,9 @@ class WorkflowContext:
         self._counter = 0
         self._commands: list[Command] = []
         self._pending: dict[str, _Pending] = {}
-        self._signals: dict[str, deque[Any]] = {}
+        # Signals not consumed yet, by name, each with its place in arrival order.
+        self._signals: dict[str, deque[tuple[int, Any]]] = {}
+        self._signals_delivered = 0
         self._signal_waiters: dict[str, deque[_Future]] = {}
         self._patches: dict[str, bool] = {}  # ctx.patched's answers, once given
         # The patch ids the decision being replayed recorded; None while deciding anew.
@@ -384,6 +388,31 @@ class WorkflowContext:
             if decided:
                 self._emit(RecordPatch(patch_id))
         return decided
+
+    def continue_as_new(self, input: Any = None) -> NoReturn:
+        """End this run and go on in a new run of the same workflow id, started with
+        ``input``, in one transaction: the way to keep a long-lived workflow's history (what
+        each of its workflow tasks replays) bounded. Raises `everruns.ContinueAsNew`; let it
+        propagate out of the workflow function::
+
+            if iteration >= 1000:
+                ctx.continue_as_new({"iteration": 0, "total": total})
+
+        The new run has a new run id and a fresh history (its ``workflow_started`` names the
+        run it continues); its parent, if any, stays its parent and is told only when the
+        last run of the chain ends. Signals that arrived and no ``wait_signal`` took are
+        delivered to the new run, in order. Like any end of a run, it cancels the run's
+        activities, timers and children still open. A client awaiting the result of any run
+        of the chain gets the result of the last one.
+
+        Raises:
+            ContinueAsNew: always.
+            PayloadError: ``input`` is not exact JSON.
+        """
+        self._check_open()
+        raise ContinueAsNew(
+            payload.decode(payload.encode_text(input, what="input of continue_as_new"))
+        )
 
     # ----------------------------------------------------------------------------- activities
 
@@ -649,7 +678,7 @@ class WorkflowContext:
         limit = None if timeout is None else _check_seconds("timeout", timeout, allow_zero=True)
         buffered = self._signals.get(name)
         if buffered:
-            return buffered.popleft()
+            return buffered.popleft()[1]
         if limit == 0:
             raise TimeoutError(f"no signal {name!r} has arrived (timeout=0)")
         self._check_open()
@@ -781,7 +810,12 @@ class WorkflowContext:
             self._commands.append(command)
 
     def _take_commands(self) -> list[Command]:
+        """The commands issued since the last call: at the end of a batch, once all its
+        events are delivered. A run that continues as new carries every signal no
+        ``wait_signal`` took, also those of its batch delivered after its code ended."""
         taken, self._commands = self._commands, []
+        if taken and isinstance(taken[-1], ContinueAsNewWorkflow):
+            taken[-1] = attrs.evolve(taken[-1], signals=self._unconsumed_signals())
         return taken
 
     def _set_clock(self, now: datetime, *, replaying: bool) -> None:
@@ -941,10 +975,20 @@ class WorkflowContext:
             )
         value = payload.copy_json(event.data.get("payload"))
         waiters = self._signal_waiters.get(name)
+        self._signals_delivered += 1
         if waiters:
             waiters.popleft().set_result(value)
         else:
-            self._signals.setdefault(name, deque()).append(value)
+            self._signals.setdefault(name, deque()).append((self._signals_delivered, value))
+
+    def _unconsumed_signals(self) -> list[dict[str, Any]]:
+        """The signals that arrived and no ``wait_signal`` took, in arrival order."""
+        waiting = sorted(
+            (order, name, value)
+            for name, buffered in self._signals.items()
+            for order, value in buffered
+        )
+        return [{"name": name, "payload": value} for _, name, value in waiting]
 
 
 def _error_of(data: Mapping[str, Any]) -> dict[str, Any]:

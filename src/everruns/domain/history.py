@@ -9,7 +9,7 @@ vocabulary: no I/O, no clock, no decisions about what a workflow does.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -43,6 +43,7 @@ __all__ = [
     "WORKFLOW_CANCELLED",
     "WORKFLOW_CANCEL_REQUESTED",
     "WORKFLOW_COMPLETED",
+    "WORKFLOW_CONTINUED_AS_NEW",
     "WORKFLOW_FAILED",
     "WORKFLOW_STARTED",
     "WORKFLOW_TASK_COMPLETED",
@@ -71,6 +72,7 @@ __all__ = [
     "workflow_cancel_requested",
     "workflow_cancelled",
     "workflow_completed",
+    "workflow_continued_as_new",
     "workflow_failed",
     "workflow_started",
     "workflow_task_completed",
@@ -100,6 +102,7 @@ WORKFLOW_CANCEL_REQUESTED = "workflow_cancel_requested"
 WORKFLOW_COMPLETED = "workflow_completed"
 WORKFLOW_FAILED = "workflow_failed"
 WORKFLOW_CANCELLED = "workflow_cancelled"
+WORKFLOW_CONTINUED_AS_NEW = "workflow_continued_as_new"
 PATCH_RECORDED = "patch_recorded"
 
 MARKER_EVENT_TYPE = WORKFLOW_TASK_COMPLETED
@@ -114,13 +117,14 @@ COMMAND_EVENT_TYPES: frozenset[str] = frozenset(
         WORKFLOW_COMPLETED,
         WORKFLOW_FAILED,
         WORKFLOW_CANCELLED,
+        WORKFLOW_CONTINUED_AS_NEW,
         PATCH_RECORDED,
     }
 )
 """Events written only when a workflow task's commands are applied."""
 
 TERMINAL_EVENT_TYPES: frozenset[str] = frozenset(
-    {WORKFLOW_COMPLETED, WORKFLOW_FAILED, WORKFLOW_CANCELLED}
+    {WORKFLOW_COMPLETED, WORKFLOW_FAILED, WORKFLOW_CANCELLED, WORKFLOW_CONTINUED_AS_NEW}
 )
 
 INPUT_EVENT_TYPES: frozenset[str] = frozenset(
@@ -339,8 +343,10 @@ def workflow_started(
     input: Any,
     *,
     parent: Mapping[str, Any] | None = None,
+    continued_from: str | None = None,
 ) -> dict[str, Any]:
-    """Return a ``workflow_started`` event (``parent`` only when the run is a child)."""
+    """Return a ``workflow_started`` event (``parent`` only when the run is a child,
+    ``continued_from`` only when it goes on from that run, which continued as new)."""
     event: dict[str, Any] = {
         "type": WORKFLOW_STARTED,
         "workflow_type": workflow_type,
@@ -350,6 +356,8 @@ def workflow_started(
     }
     if parent is not None:
         event["parent"] = dict(parent)
+    if continued_from is not None:
+        event["continued_from"] = continued_from
     return event
 
 
@@ -524,3 +532,18 @@ def workflow_failed(error: Mapping[str, Any]) -> dict[str, Any]:
 def workflow_cancelled() -> dict[str, Any]:
     """Return a ``workflow_cancelled`` event."""
     return {"type": WORKFLOW_CANCELLED}
+
+
+def workflow_continued_as_new(
+    input: Any, signals: Sequence[Mapping[str, Any]] = (), new_run_id: str | None = None
+) -> dict[str, Any]:
+    """Return a ``workflow_continued_as_new`` event: the run ended, and its workflow goes on
+    in run ``new_run_id`` with ``input`` and the ``signals`` it had not consumed."""
+    event: dict[str, Any] = {
+        "type": WORKFLOW_CONTINUED_AS_NEW,
+        "input": input,
+        "signals": [dict(signal) for signal in signals],
+    }
+    if new_run_id is not None:
+        event["new_run_id"] = new_run_id
+    return event

@@ -34,6 +34,7 @@ from everruns.domain.commands import (
     CancelWorkflow,
     Command,
     CompleteWorkflow,
+    ContinueAsNewWorkflow,
     FailWorkflow,
     RecordPatch,
     ScheduleActivity,
@@ -51,6 +52,7 @@ from everruns.domain.context import (
 from everruns.domain.history import HistoryEvent
 from everruns.domain.registry import Registry
 from everruns.errors import (
+    ContinueAsNew,
     IllegalAwait,
     InvalidArgument,
     PayloadError,
@@ -239,7 +241,11 @@ class _Driver:
             task.future.set_exception(exc)
         if task.index == 0:
             self.ended = True
-            self.ctx._emit(_terminal_command(value, exc))
+            if isinstance(exc, ContinueAsNew):
+                # the signals it carries are filled in at the batch's end (`_take_commands`)
+                self.ctx._emit(_continue_command(exc))
+            else:
+                self.ctx._emit(_terminal_command(value, exc))
 
     # --------------------------------------------------------------------------- history
 
@@ -290,6 +296,16 @@ def _terminal_command(value: Any, exc: BaseException | None) -> Command:
     if isinstance(exc, WorkflowCancelled):
         return CancelWorkflow()
     return FailWorkflow(error=error_from_exception(exc))
+
+
+def _continue_command(exc: ContinueAsNew) -> Command:
+    """`ctx.continue_as_new` checked its input; a `ContinueAsNew` raised by hand may hold
+    anything: not exact JSON, the run fails saying so."""
+    try:
+        exact = payload.decode(payload.encode_text(exc.input, what="input of continue_as_new"))
+    except PayloadError as bad:
+        return FailWorkflow(error=error_from_exception(bad))
+    return ContinueAsNewWorkflow(input=exact)
 
 
 def _json_value(value: Any) -> Any:
@@ -685,6 +701,8 @@ def _matches(command: Command, event: HistoryEvent) -> bool:
         return event.type == h.WORKFLOW_COMPLETED
     if isinstance(command, FailWorkflow):
         return event.type == h.WORKFLOW_FAILED
+    if isinstance(command, ContinueAsNewWorkflow):
+        return event.type == h.WORKFLOW_CONTINUED_AS_NEW
     return event.type == h.WORKFLOW_CANCELLED
 
 

@@ -35,7 +35,9 @@ __all__ = [
     "is_terminal",
 ]
 
-WorkflowStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
+WorkflowStatus = Literal[
+    "pending", "running", "completed", "failed", "cancelled", "continued_as_new"
+]
 TaskStatus = Literal["pending", "claimed", "completed", "failed", "dead", "cancelled"]
 WorkerStatus = Literal["active", "draining", "stopped", "lost"]
 
@@ -43,7 +45,9 @@ WORKFLOW_STATUSES: tuple[WorkflowStatus, ...] = get_args(WorkflowStatus)
 TASK_STATUSES: tuple[TaskStatus, ...] = get_args(TaskStatus)
 WORKER_STATUSES: tuple[WorkerStatus, ...] = get_args(WorkerStatus)
 
-TERMINAL_WORKFLOW_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+TERMINAL_WORKFLOW_STATUSES: frozenset[str] = frozenset(
+    {"completed", "failed", "cancelled", "continued_as_new"}
+)
 # A dead task has ended: its workflow has been told. An operator's dead-letter requeue is the one
 # way out, and it is a fresh start (new attempt count, new lease), hence the dead -> pending edge.
 TERMINAL_TASK_STATUSES: frozenset[str] = frozenset({"completed", "failed", "dead", "cancelled"})
@@ -51,11 +55,13 @@ TERMINAL_TASK_STATUSES: frozenset[str] = frozenset({"completed", "failed", "dead
 WORKFLOW_TRANSITIONS: Mapping[str, frozenset[str]] = {
     # pending -> a terminal status directly: cancelled before any worker picked it up, or the
     # first workflow task already completed or failed it.
-    "pending": frozenset({"running", "completed", "failed", "cancelled"}),
-    "running": frozenset({"completed", "failed", "cancelled"}),
+    "pending": frozenset({"running", "completed", "failed", "cancelled", "continued_as_new"}),
+    "running": frozenset({"completed", "failed", "cancelled", "continued_as_new"}),
     "completed": frozenset(),
     "failed": frozenset(),
     "cancelled": frozenset(),
+    # its workflow goes on in another run (continued_run_id)
+    "continued_as_new": frozenset(),
 }
 
 TASK_TRANSITIONS: Mapping[str, frozenset[str]] = {
@@ -84,6 +90,7 @@ _WHY: Mapping[str, str] = {
     "completed": "it has already completed",
     "failed": "it has already failed",
     "cancelled": "it has already been cancelled",
+    "continued_as_new": "it has continued as a new run",
     "dead": "it is in the dead-letter queue; requeue it first",
 }
 

@@ -28,6 +28,7 @@ from everruns.domain.commands import (
     CancelWorkflow,
     Command,
     CompleteWorkflow,
+    ContinueAsNewWorkflow,
     FailWorkflow,
     RecordPatch,
     ScheduleActivity,
@@ -57,6 +58,7 @@ from everruns.server.config import ServerConfig
 from everruns.server.notifier import Notifier, TaskInterest
 from everruns.store.models import Incarnation, StoredEvent, Task, TaskRef, WorkflowRun
 from everruns.store.store import (
+    Continuation,
     Decision,
     DecisionAhead,
     FailOutcome,
@@ -1252,6 +1254,8 @@ class Engine:
             events = await self._start_child(conn, run, command)
             outcome.events.extend(events)
             outcome.wake |= len(events) > 1
+        elif isinstance(command, ContinueAsNewWorkflow):
+            _continue_as_new(self.config, command, outcome)
         else:
             raise InvalidArgument(f"unknown command {command!r}")
 
@@ -1294,8 +1298,47 @@ class Engine:
         await self._cancel_children(
             conn, run, f"parent workflow {run.workflow_id!r} ended {end.status}"
         )
-        if run.parent_run_id is not None and run.parent_child_id is not None:
+        if end.continued is not None:
+            await self._continue(conn, run, end.continued)
+        elif run.parent_run_id is not None and run.parent_child_id is not None:
             await self._tell_parent(conn, run, end.status, result=end.result, error=end.error)
+
+    async def _continue(self, conn: Connection, run: WorkflowRun, next: Continuation) -> None:
+        """Start the run that ``run``, ended ``continued_as_new``, goes on in: same workflow id
+        and type, same parent (told only when the chain's last run ends), with the signals
+        ``run`` had not consumed delivered first."""
+        new, created = await self.store.create_workflow(
+            conn,
+            workflow_id=run.workflow_id,
+            workflow_type=run.workflow_type,
+            input=next.input,
+            run_id=next.run_id,
+            parent_run_id=run.parent_run_id,
+            parent_child_id=run.parent_child_id,
+        )
+        if not created:  # this transaction holds the one open run it ended: cannot happen
+            raise FailedPrecondition(
+                f"workflow {run.workflow_id!r} has another open run ({new.run_id})"
+            )
+        parent = None
+        if run.parent_run_id is not None:
+            parent_wid = (await self.store.get_run(run.parent_run_id, conn=conn)).workflow_id
+            parent = {"workflow_id": parent_wid, "run_id": str(run.parent_run_id)}
+        started = ev.workflow_started(
+            run.workflow_type,
+            run.workflow_id,
+            str(new.run_id),
+            None,
+            parent=parent,
+            continued_from=str(run.run_id),
+        )
+        events = [NewEvent.of(started, input=next.input)]
+        events += [
+            NewEvent.of(ev.signal_received(str(s["name"]), s["payload"])) for s in next.signals
+        ]
+        await self.store.append_events(conn, new, events, expected_last=0)
+        await self.store.ensure_workflow_task(conn, new)
+        await self.store.set_continued(conn, run.run_id, new.run_id)
 
     async def _cancel_children(self, conn: Connection, run: WorkflowRun, reason: str) -> None:
         """Pass a cancel request on to the open children of ``run`` (which this transaction
@@ -2425,6 +2468,29 @@ def _plan(
             outcome.events.append(NewEvent.of(command.to_event()))
         return True
     return False
+
+
+def _continue_as_new(
+    config: ServerConfig, command: ContinueAsNewWorkflow, outcome: _Outcome
+) -> None:
+    """Plan a run's end ``continued_as_new``: its event names the new run (its id chosen
+    here; `Engine._continue` starts it once the end is written). An input over the payload
+    limit fails the run instead, as a result over it does."""
+    if outcome.end is not None:
+        raise InvalidArgument(f"the run already ended {outcome.end.status}: {command!r}")
+    what = "input of continue_as_new"
+    input_text = encode_text(command.input, what=what)
+    error = _too_large(config, input_text, what)
+    if error is not None:
+        outcome.end = RunEnd("failed", error=error)
+        outcome.events.append(NewEvent.of(ev.workflow_failed(error)))
+        return
+    run_id = uuid.uuid4()
+    outcome.end = RunEnd(
+        "continued_as_new", continued=Continuation(run_id, input_text, command.signals)
+    )
+    event = ev.workflow_continued_as_new(None, command.signals, str(run_id))
+    outcome.events.append(NewEvent.of(event, input=input_text))
 
 
 def _starts_afresh(task: Task, history: Sequence[StoredEvent]) -> bool:

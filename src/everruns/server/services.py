@@ -32,6 +32,7 @@ from everruns.domain.limits import (
     shown,
 )
 from everruns.domain.packing import pack_uuids, unpack_blobs
+from everruns.domain.status import WORKFLOW_STATUSES
 from everruns.errors import EverrunsError, InvalidArgument, NotFound
 from everruns.server.engine import (
     ClaimedTask,
@@ -604,6 +605,7 @@ class WorkflowService:
             pending_activities=[_activity_info(t, now) for t in tasks],
             waiting_for_worker=waiting,
             pending_timers=[pb.PendingTimer(timer_id=t, fire_at=_ts(at)) for t, at in timers],
+            continued_run_id=str(run.continued_run_id or ""),
         )
 
     async def describe_workflow(
@@ -629,13 +631,7 @@ class WorkflowService:
 
     async def list_workflows(self, request: pb.ListWorkflowsRequest) -> pb.ListWorkflowsResponse:
         limit = _limit(request.limit, 50, 1000)
-        if request.status and request.status not in (
-            "pending",
-            "running",
-            "completed",
-            "failed",
-            "cancelled",
-        ):
+        if request.status and request.status not in WORKFLOW_STATUSES:
             raise InvalidArgument(f"unknown status {request.status!r}")
         workflow_type = request.workflow_type or None
         if workflow_type is not None:  # a NUL would reach PostgreSQL and fail as INTERNAL
@@ -667,14 +663,19 @@ class WorkflowService:
         wait_s = _wait_s(request.wait_s)
         run = await self.engine.find_run(request.workflow_id, request.run_id)
         with trio.move_on_after(wait_s):
-            while run.is_open:
+            # A run that continued as new ends in the chain's last run: its result is awaited.
+            while run.is_open or run.continued_run_id is not None:
+                if run.continued_run_id is not None:
+                    run = await self.store.get_run(run.continued_run_id)
+                    continue
                 with self.engine.notifier.watch_run(str(run.run_id)) as changed:
                     run = await self.store.get_run(run.run_id)
                     if not run.is_open:
-                        break
+                        continue
                     await changed.wait()
                 run = await self.store.get_run(run.run_id)
-        return pb.AwaitResultResponse(done=not run.is_open, workflow=await self._describe(run))
+        done = not run.is_open and run.continued_run_id is None
+        return pb.AwaitResultResponse(done=done, workflow=await self._describe(run))
 
     async def list_dead_letters(
         self, request: pb.ListDeadLettersRequest

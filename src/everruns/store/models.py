@@ -60,6 +60,7 @@ class WorkflowRun:
     updated_at: datetime
     started_at: datetime | None
     completed_at: datetime | None
+    continued_run_id: uuid.UUID | None = None  # ended continued_as_new: the run it goes on in
 
     @property
     def is_open(self) -> bool:
@@ -84,6 +85,7 @@ class WorkflowRun:
             updated_at=row["updated_at"],
             started_at=row["started_at"],
             completed_at=row["completed_at"],
+            continued_run_id=row.get("continued_run_id"),
         )
 
 

@@ -98,6 +98,12 @@ SET status = $2, result = $3::json, error = $4::json, completed_at = now(), upda
 WHERE id = $1 AND completed_at IS NULL
 RETURNING *;
 
+-- name: set_continued
+-- The run a run that ended continued_as_new goes on in (written in the transaction that ended
+-- it and started that one).
+UPDATE durable_workflow_instances SET continued_run_id = $2
+WHERE id = $1 AND status = 'continued_as_new';
+
 -- name: set_run_stuck
 -- Mark an open run as stuck (non-determinism): it stays visible and is not retried in a loop
 -- (retry_stuck_runs gives it another try when a worker serving its type registers). Applying

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from functools import partial
@@ -110,13 +110,24 @@ class NewTask:
 
 
 @attrs.frozen
+class Continuation:
+    """The run a run that continues as new goes on in: its id (chosen ahead, so that the
+    ending run's event names it), its input (JSON text), and the signals it gets first."""
+
+    run_id: uuid.UUID
+    input: str
+    signals: tuple[Mapping[str, Any], ...] = ()
+
+
+@attrs.frozen
 class RunEnd:
     """How a workflow task ends its run: completed with ``result`` (JSON text), failed with
-    ``error``, or cancelled."""
+    ``error``, cancelled, or continued as new in the run ``continued`` names."""
 
     status: str
     result: str | None = None
     error: dict[str, Any] | None = None
+    continued: Continuation | None = None
 
 
 @attrs.frozen
@@ -479,6 +490,12 @@ class Store:
             raise FailedPrecondition(f"workflow {run.workflow_id!r} has already ended {run.status}")
         await self.notify(conn, CHANNEL_RUNS, str(run_id))
         return WorkflowRun.from_row(row)
+
+    async def set_continued(
+        self, conn: Connection, run_id: uuid.UUID, continued_run_id: uuid.UUID
+    ) -> None:
+        """Record the run that ``run_id``, ended ``continued_as_new``, goes on in."""
+        await conn.execute(Q["set_continued"], run_id, continued_run_id)
 
     async def lock_open_children(
         self, conn: Connection, run_id: uuid.UUID

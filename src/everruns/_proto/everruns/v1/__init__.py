@@ -1728,7 +1728,7 @@ class WorkflowDescription(betterproto2.Message):
 
     status: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
     """
-    pending, running, completed, failed, cancelled
+    pending, running, completed, failed, cancelled, continued_as_new
     """
 
     input: "bytes" = betterproto2.field(5, betterproto2.TYPE_BYTES)
@@ -1790,6 +1790,11 @@ class WorkflowDescription(betterproto2.Message):
     timers (ctx.sleep) not fired yet, soonest first
     """
 
+    continued_run_id: "str" = betterproto2.field(16, betterproto2.TYPE_STRING)
+    """
+    ended continued_as_new: the run it goes on in
+    """
+
 
 default_message_pool.register_message("everruns.v1", "WorkflowDescription", WorkflowDescription)
 
@@ -1817,7 +1822,7 @@ class WorkflowSummary(betterproto2.Message):
 
     status: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
     """
-    pending, running, completed, failed, cancelled
+    pending, running, completed, failed, cancelled, continued_as_new
     """
 
     created_at: "float" = betterproto2.field(5, betterproto2.TYPE_DOUBLE)
