@@ -1,7 +1,7 @@
-"""A long session is served by a chain of runs: after `TURNS_PER_RUN` turns a run ends at its
-next quiet moment and the next message opens a new one, with the numbering and the
-conversation carried over, so no run's history grows without bound. Messages sent while a run
-rolls over all get their turn, once, in order."""
+"""A long session is served by a chain of runs: after `TURNS_PER_RUN` turns a run continues as
+new, handing on the numbering, the conversation and the messages waiting, so no run's history
+grows without bound. Messages sent while a run rolls over all get their turn, once, in
+order."""
 
 from __future__ import annotations
 
@@ -38,12 +38,11 @@ async def test_a_session_rolls_over_to_a_new_run_keeping_numbers_and_context(
             listed, _ = await client.list_workflows("agent_session", limit=100)
             runs = [w for w in listed if w.workflow_id == "session:long"]
             latest = await session.describe()
-            first_run = await client.get_handle("session:long", runs[-1].run_id).result()
+            first_run = await client.get_handle("session:long", runs[-1].run_id).describe()
     assert answers == [(n, "answered") for n in range(1, 6)]
     # two runs of two turns each, then the open one (turn 5)
-    assert [r.status for r in runs] == ["running", "completed", "completed"]
-    assert first_run["rolled_over"] is True and first_run["closed"] is False
-    assert first_run["next_turn"] == 3 and first_run["turns"] == 2
+    assert [r.status for r in runs] == ["running", "continued_as_new", "continued_as_new"]
+    assert first_run.continued_run_id == runs[1].run_id
     assert latest.is_open and latest.input["first_turn"] == 5
     assert {"role": "user", "content": "what is 10 / 4"} in latest.input["context"][0]
 

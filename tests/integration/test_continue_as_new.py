@@ -110,14 +110,18 @@ async def test_a_chain_of_runs_ends_with_the_last_runs_result(database_url: str)
 
 async def test_signals_are_never_lost_across_continuations(database_url: str) -> None:
     """Signals sent as fast as the client can, while the runs continue every second one: each
-    arrives once, in a run that takes it (those a run had not taken go on with it)."""
+    arrives once, in a run that takes it (those a run had not taken go on with it), also
+    those sent through a handle pinned to the chain's first run."""
     values = list(range(1, 12))
     with trio.fail_after(60):
         async with system(database_url) as client:
             handle = await client.start_workflow(adder, {"total": 0, "taken": 0}, workflow_id="a1")
             for value in values:
-                await client.get_handle("a1").signal("add", value)
-            await client.get_handle("a1").signal("add", None)
+                # a handle pinned to the first run reaches the chain's open run, as the
+                # handle of the workflow id does
+                target = handle if value % 2 else client.get_handle("a1")
+                await target.signal("add", value)
+            await handle.signal("add", None)
             result = await handle.result()
             runs = await _runs(client, "adder", "a1")
     assert result == {"total": sum(values), "taken": len(values)}

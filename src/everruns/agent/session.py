@@ -206,11 +206,18 @@ class TurnHandle:
         return self._handle
 
     async def _session_open(self) -> bool:
-        handle = self._client.get_handle(session_workflow_id(self.session_id), self._session_run_id)
-        try:
-            return (await handle.describe()).is_open
-        except NotFound:
-            return False
+        """Whether the session run that received the message, or the run it continued as
+        (with the messages it had not answered), is open."""
+        run_id = self._session_run_id
+        while True:
+            handle = self._client.get_handle(session_workflow_id(self.session_id), run_id)
+            try:
+                description = await handle.describe()
+            except NotFound:
+                return False
+            if description.continued_run_id is None:
+                return description.is_open
+            run_id = description.continued_run_id
 
     async def stream(self) -> AsyncIterator[TurnEvent]:
         """Yield the turn's events from its start, as they are recorded, until it ends.
@@ -411,19 +418,28 @@ async def _open_session_run(client: Client, session_id: str) -> str:
     return handle.run_id
 
 
-async def _turn_of(handle: WorkflowHandle, message_id: str, text: str) -> int | None:
-    """Return the turn the session run will give ``message_id``, or None if it was closed
-    before that message (it will never be answered by this run).
+async def _turn_of(
+    client: Client, handle: WorkflowHandle, message_id: str, text: str
+) -> tuple[int | None, str]:
+    """Return the turn the session will give ``message_id`` (None if the run that received
+    it was closed before it: it will never be answered there) and the session run that
+    received it: the one ``handle`` names or, when that run continued as new meanwhile, the
+    chain's run the signal went on to.
 
     Raises:
         InvalidArgument: another send of ``message_id``, with another text, got there first.
     """
-    found, turn = await _find_turn(handle, message_id, text)
-    if not found:
-        raise FailedPrecondition(
-            f"the message {message_id} is not in the history of session run {handle.run_id}"
-        )
-    return turn
+    while True:
+        found, turn = await _find_turn(handle, message_id, text)
+        if found:
+            assert handle.run_id is not None
+            return turn, handle.run_id
+        continued = (await handle.describe()).continued_run_id
+        if continued is None:
+            raise FailedPrecondition(
+                f"the message {message_id} is not in the history of session run {handle.run_id}"
+            )
+        handle = client.get_handle(handle.workflow_id, continued)
 
 
 async def _find_turn(
@@ -441,7 +457,8 @@ async def _find_turn(
     start = events[0].data.get("input") if events else None
     turn = int(start.get("first_turn") or 1) if isinstance(start, dict) else 1
     closed = False
-    received: set[str] = set()
+    carried = start.get("received") if isinstance(start, dict) else None
+    received: set[str] = set(carried) if isinstance(carried, list) else set()
     for event in events:
         if event.type != "signal_received" or event.data.get("name") != MESSAGE_SIGNAL:
             continue
@@ -525,7 +542,8 @@ async def send_message(
                 await handle.signal(MESSAGE_SIGNAL, message)
             except FailedPrecondition:
                 continue  # the run ended between finding it and signalling it: the next one
-            turn = await _turn_of(handle, message["message_id"], text)
+            turn, run_id = await _turn_of(client, handle, message["message_id"], text)
+            handle = client.get_handle(workflow_id, run_id)
         if turn is not None:
             return TurnHandle(
                 client, session_id, turn, message_id=message["message_id"], session_run_id=run_id

@@ -41,6 +41,7 @@ __all__ = [
     "ANSWERED",
     "MAX_CONTEXT_TURNS",
     "MESSAGE_SIGNAL",
+    "RECEIVED_KEPT",
     "SESSION_WORKFLOW",
     "TURNS_PER_RUN",
     "TURN_LIMIT_REACHED",
@@ -62,14 +63,18 @@ MAX_CONTEXT_TURNS = 10
 """How many earlier turns of a session a new turn sees (older ones are left out)."""
 
 TURNS_PER_RUN = 100
-"""The turns one run of a session gives before it ends at the next quiet moment (no message
-waiting); the next message opens a new run with the numbering and the conversation carried
-over, as after a close. So the history a session's workflow task replays, and the one
-`send_message` reads, stay bounded however long the session lives. Part of the session's
-workflow code: a run replays with the value it was decided under."""
+"""The turns one run of a session gives before it continues as new (`ctx.continue_as_new`):
+the next run carries the turn numbering, the conversation and the messages already waiting, so
+the history a session's workflow task replays, and the one `send_message` reads, stay bounded
+however long the session lives. Part of the session's workflow code: a run replays with the
+value it was decided under."""
 
 ROLLOVER_PATCH = "session-rollover"
-"""The `ctx.patched` id of the rollover: runs begun before it keep waiting for messages."""
+"""The `ctx.patched` id of the rollover: runs begun before it keep all their turns."""
+
+RECEIVED_KEPT = 1000
+"""How many of the latest message ids a session run hands on when it continues as new, so that
+a second copy of a message (two sends that raced) arriving in the next run gets no turn."""
 
 MAX_CONTEXT_BYTES = 1_000_000
 """The most JSON text of earlier turns a new turn carries; older turns are left out first.
@@ -237,7 +242,7 @@ async def agent_turn(ctx: WorkflowContext, turn: Any) -> dict[str, Any]:
 # -------------------------------------------------------------------------------- session
 
 
-def _session_state(state: Any) -> tuple[str, int, list[list[dict[str, Any]]]]:
+def _session_state(state: Any) -> tuple[str, int, list[list[dict[str, Any]]], list[str]]:
     if not isinstance(state, dict):
         raise InvalidArgument(f"the session input must be a JSON object, got {state!r}"[:300])
     session_id = state.get("session_id")
@@ -249,7 +254,10 @@ def _session_state(state: Any) -> tuple[str, int, list[list[dict[str, Any]]]]:
         raise InvalidArgument(f"first_turn must be an integer >= 1, got {first_turn!r}")
     if not isinstance(context, list) or not all(isinstance(t, list) for t in context):
         raise InvalidArgument("the session context must be a list of turns (lists of messages)")
-    return session_id, first_turn, context[-MAX_CONTEXT_TURNS:]
+    received = state.get("received") or []
+    if not isinstance(received, list) or not all(isinstance(m, str) for m in received):
+        raise InvalidArgument("the session's received message ids must be a list of strings")
+    return session_id, first_turn, context[-MAX_CONTEXT_TURNS:], received[-RECEIVED_KEPT:]
 
 
 def _size(turns: list[list[dict[str, Any]]]) -> int:
@@ -294,38 +302,36 @@ async def agent_session(ctx: WorkflowContext, state: Any) -> dict[str, Any]:
 
     Args:
         ctx: the workflow context.
-        state: ``{"session_id", "first_turn"?: 1, "context"?: [[message, ...], ...]}``; a
-            session reopened after a close continues the numbering and the conversation.
+        state: ``{"session_id", "first_turn"?: 1, "context"?: [[message, ...], ...],
+            "received"?: [message_id, ...]}``; a session reopened after a close continues the
+            numbering and the conversation, and one that continued as new (after
+            `TURNS_PER_RUN` turns) also the message ids it received.
 
     Returns:
         After a close signal (``{"close": true}``): ``{"session_id", "closed": true,
-        "next_turn", "turns", "context"}``. After `TURNS_PER_RUN` turns, as soon as no
-        message is waiting: the same with ``"closed": false, "rolled_over": true`` (the next
-        message opens a new run, as after a close).
+        "next_turn", "turns", "context"}``.
 
     Raises:
         InvalidArgument: ``state`` is malformed (the session fails).
         WorkflowCancelled: the session was cancelled (a running turn is cancelled with it).
     """
-    session_id, turn, turns = _session_state(state)
+    session_id, turn, turns, carried = _session_state(state)
     first_turn = turn
     budget = MAX_CONTEXT_BYTES
-    received: set[str] = set()
+    received = set(carried)
+    arrived = list(carried)  # the same, in arrival order
     while True:
         if turn - first_turn >= TURNS_PER_RUN and ctx.patched(ROLLOVER_PATCH):
-            try:  # the messages already here get their turns; then the run ends
-                payload = await ctx.wait_signal(MESSAGE_SIGNAL, timeout=0)
-            except TimeoutError:
-                return {
+            # The messages waiting go on with it, and get their turns there first.
+            ctx.continue_as_new(
+                {
                     "session_id": session_id,
-                    "closed": False,
-                    "rolled_over": True,
-                    "next_turn": turn,
-                    "turns": turn - first_turn,
+                    "first_turn": turn,
                     "context": _within(turns, budget),
+                    "received": arrived[-RECEIVED_KEPT:],
                 }
-        else:
-            payload = await ctx.wait_signal(MESSAGE_SIGNAL)
+            )
+        payload = await ctx.wait_signal(MESSAGE_SIGNAL)
         if is_close(payload):
             return {
                 "session_id": session_id,
@@ -339,6 +345,7 @@ async def agent_session(ctx: WorkflowContext, state: Any) -> dict[str, Any]:
             if message_id in received:
                 continue  # a second copy: the first one has (or had) its turn
             received.add(message_id)
+            arrived.append(message_id)
         turns = _within(turns, budget)
         child_input: dict[str, Any] = {
             "session_id": session_id,

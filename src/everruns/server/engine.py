@@ -497,8 +497,17 @@ class Engine:
         return run
 
     async def _locked(self, conn: Connection, workflow_id: str, run_id: str) -> WorkflowRun:
+        """The run named, locked; for a run that continued as new, the run its workflow goes
+        on in (a signal or cancel sent to a handle of an earlier run of the chain reaches the
+        open one)."""
         run = await self.find_run(workflow_id, run_id, conn=conn)
-        return await self.store.lock_run(conn, run.run_id)
+        while True:
+            while run.continued_run_id is not None:
+                run = await self.store.get_run(run.continued_run_id, conn=conn)
+            locked = await self.store.lock_run(conn, run.run_id)
+            if locked.continued_run_id is None:
+                return locked
+            run = locked  # it continued while this waited for its lock
 
     # ------------------------------------------------------------------ signals and cancel
 
