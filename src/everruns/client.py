@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import ssl
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -43,6 +44,7 @@ from everruns.errors import (
     ClientClosed,
     InvalidArgument,
     PayloadError,
+    ResourceExhausted,
     RpcError,
     ServerTimeout,
     ServerUnavailable,
@@ -566,6 +568,15 @@ def _start_request(workflow: WorkflowRef, input: Any, workflow_id: str | None) -
     )
 
 
+_LIMIT_SAID = re.compile(r"limit of (\d+) bytes \(EVERRUNS_MAX_MESSAGE_BYTES\)")
+
+
+def _message_limit_in(message: str) -> int | None:
+    """The message limit a control plane's refusal names, or None for another refusal."""
+    found = _LIMIT_SAID.search(message)
+    return int(found.group(1)) if found else None
+
+
 def _request_key() -> str:
     """A fresh idempotency key for one start request (sent again, unchanged, by its retries)."""
     return uuid.uuid4().hex
@@ -949,34 +960,68 @@ class Client:
                 names its workflow id; as for `start_workflow`, a retry returns the runs its
                 first try started).
         """
-        entries = [_start_fields(s) for s in starts]
-        if not entries:
+        given = [_start_fields(s) for s in starts]
+        if not given:
             return []
+        # A workflow id named twice is sent once: the later starts answer as the control
+        # plane answers them in one call (the first's run, not created), also when a large
+        # batch is cut into calls and the run ends between them.
+        first: dict[str, int] = {}
+        for n, (_, _, workflow_id) in enumerate(given):
+            if workflow_id is not None:
+                first.setdefault(workflow_id, n)
+        sent = [n for n, (_, _, w) in enumerate(given) if w is None or first[w] == n]
+        entries = [given[n] for n in sent]
         types = [_workflow_type(workflow) for workflow, _, _ in entries]
         encoded = _encoded_inputs(entries, types)
         retry = all(workflow_id is not None for _, _, workflow_id in entries)
-        handles = []
-        for chunk in await self._start_chunks(entries, types, encoded):
+        handles: list[WorkflowHandle] = []
+        chunks = await self._start_chunks(entries, types, encoded)
+        learnt = False
+        while chunks:
+            chunk = chunks.pop(0)
             cut = slice(chunk.start, chunk.stop)
-            handles += await self._start_batch(entries[cut], types[cut], encoded[cut], retry)
-        return handles
+            try:
+                handles += await self._start_batch(entries[cut], types[cut], encoded[cut], retry)
+            except ResourceExhausted as exc:
+                # Over a message limit the client did not know (no call stream): refused
+                # unread, so the rest is cut again to it and sent, once.
+                said = _message_limit_in(str(exc))
+                if said is None or learnt:
+                    raise
+                learnt = True
+                rest = await self._start_chunks(
+                    entries[cut.start :], types[cut.start :], encoded[cut.start :], limit=said
+                )
+                chunks = [range(r.start + cut.start, r.stop + cut.start) for r in rest]
+        if len(sent) == len(given):
+            return handles
+        by_index = dict(zip(sent, handles, strict=True))
+        return [
+            by_index.get(n)
+            or WorkflowHandle(self, str(w), by_index[first[str(w)]].run_id, created=False)
+            for n, (_, _, w) in enumerate(given)
+        ]
 
     async def _start_chunks(
         self,
         entries: Sequence[tuple[WorkflowRef, Any, str | None]],
         types: Sequence[str],
         encoded: Sequence[bytes],
+        *,
+        limit: int | None = None,
     ) -> list[range]:
         """The starts of each StartWorkflows call: at most `MAX_STARTS_PER_CALL`, within
-        `SEND_BUDGET` bytes unless alone, and within the control plane's message limit where
-        its call stream tells it."""
+        `SEND_BUDGET` bytes unless alone, and within the control plane's message limit
+        (``limit``, else as its call stream tells it)."""
         # A bound first, at C speed (4 bytes per character at most in UTF-8): most batches
         # fit any control plane's limit (it reads at least 64 KiB) and go in one call.
         bound = sum(map(len, encoded)) + len(entries) * (_START_FIELDS + 20)
         bound += 4 * (sum(map(len, types)) + sum(len(w or "") for _, _, w in entries))
         if bound <= _ALWAYS_READ and len(entries) <= MAX_STARTS_PER_CALL:
             return [range(len(entries))]
-        limit = await self._channel.message_limit()
+        if limit is None:
+            limit = await self._channel.message_limit()
         budget = min(SEND_BUDGET, limit - ENVELOPE_BYTES) if limit > 0 else SEND_BUDGET
         if bound <= budget and len(entries) <= MAX_STARTS_PER_CALL:
             return [range(len(entries))]

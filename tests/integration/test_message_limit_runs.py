@@ -78,7 +78,7 @@ async def test_a_decision_over_the_limit_fails_its_workflow_task_with_why(
                     await trio.sleep(0.05)
             reason = description.stuck_reason
             assert reason.startswith("workflow task failed: the 8 commands of this workflow ")
-            assert f"over the control plane's limit of {LIMIT} bytes" in reason
+            assert f"under the control plane's limit of {LIMIT} bytes" in reason
             assert "(EVERRUNS_MAX_MESSAGE_BYTES)" in reason
             assert description.status == "running"
             history = await handle.history()

@@ -18,7 +18,7 @@ from everruns.domain.commands import (
 )
 from everruns.domain.history import HistoryEvent
 from everruns.domain.replay import replay, superseded_by
-from everruns.errors import ContinueAsNew, InvalidArgument
+from everruns.errors import ContinueAsNew, InvalidArgument, WorkflowCancelled
 from tests.unit.test_replay import Sim
 
 
@@ -107,19 +107,23 @@ def test_the_signals_no_wait_took_go_on_in_arrival_order(
             continue
         expected.append({"name": name, "payload": value})
     expected += [{"name": name, "payload": value} for name, value in after]
-    assert [dict(s) for s in command.signals] == expected
+    # named by sequence number: the control plane copies the events themselves
+    carried = [sim.events[seq - 1] for seq in command.signals]
+    assert [{"name": e["name"], "payload": e["payload"]} for e in carried] == expected
     sim.check_replays()
 
 
 def test_the_command_travels_as_json_and_is_checked() -> None:
-    command = ContinueAsNewWorkflow(input={"n": 1}, signals=[{"name": "go", "payload": [1]}])
+    command = ContinueAsNewWorkflow(input={"n": 1}, signals=[4, 7], cancel=True)
     assert is_terminal(command)
     assert command_from_dict(command.to_dict()) == command
     assert command_from_dict({"type": "continue_as_new"}) == ContinueAsNewWorkflow()
     for bad in (
         {"type": "continue_as_new", "signals": "go"},
-        {"type": "continue_as_new", "signals": [{"name": "", "payload": 1}]},
+        {"type": "continue_as_new", "signals": [0]},
+        {"type": "continue_as_new", "signals": [True]},
         {"type": "continue_as_new", "signals": [{"name": "go"}]},
+        {"type": "continue_as_new", "cancel": "yes"},
         {"type": "continue_as_new", "new_run_id": "x"},
     ):
         with pytest.raises(InvalidArgument):
@@ -130,3 +134,62 @@ def test_any_input_arriving_while_it_travels_supersedes_it() -> None:
     """Ending the run without seeing a signal would lose it: the decision is made again."""
     signal = HistoryEvent.of(9, h.signal_received("go", 1), time=datetime(2024, 1, 1, tzinfo=UTC))
     assert superseded_by([ContinueAsNewWorkflow(input=1)], [signal]) == signal
+
+
+def _continued(wf: Any, input: Any, *carried: tuple[str, Any]) -> Sim:
+    """A run that continues another: its start names the run, the signals it carries follow."""
+    sim = Sim(wf, input)
+    sim.events[0] = {**sim.events[0], "continued_from": "run-0"}
+    for name, value in carried:
+        sim.events.append({**h.signal_received(name, value), "carried": True})
+    return sim
+
+
+def test_a_continued_runs_code_finds_the_carried_signals_waiting() -> None:
+    """Its code takes its first step once they are buffered, as the run it continues left
+    them: a poll at the start finds them (delivered one by one, the code ran at the start
+    event and found none)."""
+
+    async def counter(ctx: Any, _: Any) -> Any:
+        taken = []
+        while True:
+            try:
+                taken.append(await ctx.wait_signal("blob", timeout=0))
+            except TimeoutError:
+                return taken
+
+    final = _continued(counter, None, ("blob", 1), ("other", 2), ("blob", 3)).run()
+    assert final == {"type": h.WORKFLOW_COMPLETED, "result": [1, 3]}
+
+
+def test_a_cancel_in_a_continued_runs_first_task_reaches_its_code() -> None:
+    async def cleans_up(ctx: Any, _: Any) -> Any:
+        try:
+            return await ctx.wait_signal("never")
+        except WorkflowCancelled:
+            await ctx.execute_activity("compensate", 1)
+            raise
+
+    sim = _continued(cleans_up, None, ("x", 1))
+    sim.cancel()
+    commands = sim.step()
+    assert [c.describe() for c in commands] == ["ScheduleActivity(id=1, type=compensate)"]
+
+
+def test_a_cancel_the_code_did_not_see_goes_on_with_the_run() -> None:
+    async def continues(ctx: Any, _: Any) -> Any:
+        await ctx.execute_activity("tick", 1)
+        ctx.continue_as_new(None)
+
+    sim = Sim(continues, None)
+    sim.step()
+    sim.release_all()  # the activity's result: the code continues at once
+    sim.cancel()  # in the same workflow task, after the code ended
+    (command,) = sim.step()
+    assert isinstance(command, ContinueAsNewWorkflow) and command.cancel
+    seen = Sim(continues, None)
+    seen.step()
+    seen.cancel()  # before the result: the code sees it and fails at its await
+    seen.release_all()
+    (command,) = seen.step()
+    assert not isinstance(command, ContinueAsNewWorkflow)

@@ -31,7 +31,10 @@ def test_the_default_is_64_mib_and_a_value_is_read() -> None:
             r"EVERRUNS_MAX_PAYLOAD_BYTES \+ 64 KiB \(8454144\)",
         ),
         (
-            {"EVERRUNS_MAX_PAYLOAD_BYTES": str(20 * MIB)},
+            {
+                "EVERRUNS_MAX_PAYLOAD_BYTES": str(20 * MIB),
+                "EVERRUNS_MAX_MESSAGE_BYTES": str(64 * MIB),
+            },
             r"^EVERRUNS_MAX_MESSAGE_BYTES=67108864 .* must be at least .*lower "
             r"EVERRUNS_MAX_PAYLOAD_BYTES$",
         ),
@@ -45,6 +48,15 @@ def test_a_limit_too_low_for_the_payloads_or_not_a_number_is_refused(
     with pytest.raises(ConfigError, match=match) as info:
         ServerConfig.from_env(env)
     assert "\n" not in str(info.value)
+
+
+def test_unset_it_grows_with_a_raised_payload_limit() -> None:
+    """Raising EVERRUNS_MAX_PAYLOAD_BYTES alone past 16 MiB used to make the default message
+    limit a ConfigError at start (an upgrade that stopped a working control plane)."""
+    least = 4 * 20 * MIB + 64 * 1024
+    config = ServerConfig.from_env({"EVERRUNS_MAX_PAYLOAD_BYTES": str(20 * MIB)})
+    assert config.max_message_bytes == least
+    assert ServerConfig(max_payload_bytes=20 * MIB).max_message_bytes == least
 
 
 def test_a_lower_payload_limit_allows_a_lower_message_limit() -> None:

@@ -1146,10 +1146,14 @@ class RpcChannel:
         calls = self._calls
         if calls is None or calls.unsupported:
             return 0
-        try:
-            return await run_aio(calls.message_limit)
-        except (_Unsupported, *_CALL_ERRORS):
-            return 0
+        # Bounded: a control plane that takes the connection but never opens the stream
+        # must not hold the caller past a connection's own timeout.
+        with trio.move_on_after(CONNECT_TIMEOUT):
+            try:
+                return await run_aio(calls.message_limit)
+            except (_Unsupported, *_CALL_ERRORS):
+                return 0
+        return 0
 
     async def unary(
         self,

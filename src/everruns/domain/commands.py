@@ -416,30 +416,36 @@ class CancelWorkflow:
         return {"type": "cancel_workflow"}
 
 
-def _check_signals(
-    _inst: object, _attr: attrs.Attribute[Any], value: tuple[Mapping[str, Any], ...]
-) -> None:
-    for signal in value:
-        if not isinstance(signal, Mapping) or set(signal) != {"name", "payload"}:
+def _check_signals(_inst: object, _attr: attrs.Attribute[Any], value: tuple[int, ...]) -> None:
+    for seq in value:
+        if isinstance(seq, bool) or not isinstance(seq, int) or not 1 <= seq <= MAX_INT4:
             raise InvalidArgument(
-                f"a carried signal must be an object of name and payload, got {signal!r}"
+                f"a carried signal is named by its sequence number (1 to {MAX_INT4}), not {seq!r}"
             )
-        check_utf8(check_name(signal["name"], "signal name"), "signal name")
 
 
-def _signal_tuple(value: Iterable[Mapping[str, Any]]) -> tuple[Mapping[str, Any], ...]:
+def _check_flag(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{attr.name} must be true or false, not {value!r}")
+
+
+def _signal_tuple(value: Iterable[int]) -> tuple[int, ...]:
     return tuple(value)
 
 
 @attrs.frozen
 class ContinueAsNewWorkflow:
     """End the workflow ``continued_as_new``: its workflow id goes on in a new run started
-    with ``input``, which gets the ``signals`` this run had not consumed, in order."""
+    with ``input``. ``signals`` names by sequence number the ``signal_received`` events this
+    run had not consumed, which the new run gets first, in order (the control plane copies
+    them from the history: they do not travel back); ``cancel``: a cancel request arrived
+    after the code ended, which the new run gets."""
 
     input: Any = None
-    signals: tuple[Mapping[str, Any], ...] = attrs.field(
+    signals: tuple[int, ...] = attrs.field(
         default=(), converter=_signal_tuple, validator=_check_signals
     )
+    cancel: bool = attrs.field(default=False, validator=_check_flag)
 
     @property
     def command_id(self) -> None:
@@ -457,11 +463,12 @@ class ContinueAsNewWorkflow:
 
     def to_dict(self) -> dict[str, Any]:
         """Return the command as a JSON object for the wire."""
-        return {
-            "type": "continue_as_new",
-            "input": self.input,
-            "signals": [dict(signal) for signal in self.signals],
-        }
+        wire: dict[str, Any] = {"type": "continue_as_new", "input": self.input}
+        if self.signals:
+            wire["signals"] = list(self.signals)
+        if self.cancel:
+            wire["cancel"] = True
+        return wire
 
 
 Command: TypeAlias = (
@@ -500,7 +507,7 @@ _WIRE_FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "complete_workflow": (frozenset(), frozenset({"result"})),
     "fail_workflow": (frozenset({"error"}), frozenset()),
     "cancel_workflow": (frozenset(), frozenset()),
-    "continue_as_new": (frozenset(), frozenset({"input", "signals"})),
+    "continue_as_new": (frozenset(), frozenset({"input", "signals", "cancel"})),
     "record_patch": (frozenset({"patch_id"}), frozenset()),
 }
 
@@ -561,5 +568,7 @@ def command_from_dict(d: Mapping[str, Any]) -> Command:
         signals = d.get("signals") or []
         if not isinstance(signals, list):
             raise InvalidArgument(f"continue_as_new signals must be a list, got {signals!r}")
-        return ContinueAsNewWorkflow(input=d.get("input"), signals=signals)
+        return ContinueAsNewWorkflow(
+            input=d.get("input"), signals=signals, cancel=d.get("cancel", False)
+        )
     return CancelWorkflow()

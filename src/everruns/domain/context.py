@@ -308,9 +308,12 @@ class WorkflowContext:
         self._counter = 0
         self._commands: list[Command] = []
         self._pending: dict[str, _Pending] = {}
-        # Signals not consumed yet, by name, each with its place in arrival order.
+        # Signals not consumed yet, by name, each with its sequence number (arrival order).
         self._signals: dict[str, deque[tuple[int, Any]]] = {}
-        self._signals_delivered = 0
+        # The workflow function has returned or raised: what arrives now is for no code
+        # (a run that continues as new hands it on: signals, a cancel request).
+        self._main_ended = False
+        self._cancel_after_end = False
         self._signal_waiters: dict[str, deque[_Future]] = {}
         self._patches: dict[str, bool] = {}  # ctx.patched's answers, once given
         # The patch ids the decision being replayed recorded; None while deciding anew.
@@ -812,10 +815,13 @@ class WorkflowContext:
     def _take_commands(self) -> list[Command]:
         """The commands issued since the last call: at the end of a batch, once all its
         events are delivered. A run that continues as new carries every signal no
-        ``wait_signal`` took, also those of its batch delivered after its code ended."""
+        ``wait_signal`` took, also those of its batch delivered after its code ended, and a
+        cancel request its code did not see."""
         taken, self._commands = self._commands, []
         if taken and isinstance(taken[-1], ContinueAsNewWorkflow):
-            taken[-1] = attrs.evolve(taken[-1], signals=self._unconsumed_signals())
+            taken[-1] = attrs.evolve(
+                taken[-1], signals=self._unconsumed_signals(), cancel=self._cancel_after_end
+            )
         return taken
 
     def _set_clock(self, now: datetime, *, replaying: bool) -> None:
@@ -975,20 +981,15 @@ class WorkflowContext:
             )
         value = payload.copy_json(event.data.get("payload"))
         waiters = self._signal_waiters.get(name)
-        self._signals_delivered += 1
-        if waiters:
+        if waiters and not self._main_ended:
             waiters.popleft().set_result(value)
-        else:
-            self._signals.setdefault(name, deque()).append((self._signals_delivered, value))
+        else:  # after the end, not for a branch that will never run again
+            self._signals.setdefault(name, deque()).append((event.sequence_num, value))
 
-    def _unconsumed_signals(self) -> list[dict[str, Any]]:
-        """The signals that arrived and no ``wait_signal`` took, in arrival order."""
-        waiting = sorted(
-            (order, name, value)
-            for name, buffered in self._signals.items()
-            for order, value in buffered
-        )
-        return [{"name": name, "payload": value} for _, name, value in waiting]
+    def _unconsumed_signals(self) -> list[int]:
+        """The sequence numbers of the signals that arrived and no ``wait_signal`` took, in
+        arrival order."""
+        return sorted(seq for buffered in self._signals.values() for seq, _ in buffered)
 
 
 def _error_of(data: Mapping[str, Any]) -> dict[str, Any]:

@@ -535,14 +535,15 @@ def workflow_cancelled() -> dict[str, Any]:
 
 
 def workflow_continued_as_new(
-    input: Any, signals: Sequence[Mapping[str, Any]] = (), new_run_id: str | None = None
+    input: Any, signals: Sequence[int] = (), new_run_id: str | None = None
 ) -> dict[str, Any]:
     """Return a ``workflow_continued_as_new`` event: the run ended, and its workflow goes on
-    in run ``new_run_id`` with ``input`` and the ``signals`` it had not consumed."""
+    in run ``new_run_id`` with ``input`` and the ``signal_received`` events (by sequence
+    number) it had not consumed."""
     event: dict[str, Any] = {
         "type": WORKFLOW_CONTINUED_AS_NEW,
         "input": input,
-        "signals": [dict(signal) for signal in signals],
+        "signals": list(signals),
     }
     if new_run_id is not None:
         event["new_run_id"] = new_run_id

@@ -241,6 +241,7 @@ class _Driver:
             task.future.set_exception(exc)
         if task.index == 0:
             self.ended = True
+            self.ctx._main_ended = True
             if isinstance(exc, ContinueAsNew):
                 # the signals it carries are filled in at the batch's end (`_take_commands`)
                 self.ctx._emit(_continue_command(exc))
@@ -257,8 +258,19 @@ class _Driver:
                 )
             self.started = True
             self.spawn(_main(self.workflow_fn, self.ctx, event.data.get("input")))
-        elif self.ctx._apply_input(event):
-            self.interrupt_blocked(str(event.data.get("reason") or ""))
+            if _before_code(event):
+                return  # its code starts once the signals it carries are buffered
+        elif _before_code(event):
+            self.ctx._apply_input(event)  # a carried signal: buffered, no code runs yet
+            return
+        else:
+            # Only a continued run's code that has not taken its first step is ready here:
+            # it takes it before any other event (as a run's code does at its start).
+            self.run()
+            if self.ctx._apply_input(event):
+                if self.ended:  # a cancel no code will see (one that continues hands it on)
+                    self.ctx._cancel_after_end = True
+                self.interrupt_blocked(str(event.data.get("reason") or ""))
         self.run()
 
     def close(self) -> None:
@@ -296,6 +308,15 @@ def _terminal_command(value: Any, exc: BaseException | None) -> Command:
     if isinstance(exc, WorkflowCancelled):
         return CancelWorkflow()
     return FailWorkflow(error=error_from_exception(exc))
+
+
+def _before_code(event: HistoryEvent) -> bool:
+    """Whether ``event`` is delivered before any code runs: the start of a run that continues
+    another, and the signals it carries (``carried``), which its code finds waiting, as the
+    run it continues left them, before it takes its first step."""
+    if event.type == h.WORKFLOW_STARTED:
+        return event.data.get("continued_from") is not None
+    return event.type == h.SIGNAL_RECEIVED and event.data.get("carried") is True
 
 
 def _continue_command(exc: ContinueAsNew) -> Command:
@@ -975,6 +996,7 @@ class Replayer:
                 driver.ctx._set_recorded_patches(None)
             for event in batch.inputs:
                 driver.deliver(event)
+            driver.run()  # a batch of a continued run's start and carried signals alone
             issued = issued_before + driver.ctx._take_commands()
             if batch.marker is not None:
                 _compare(driver, batch, issued, patches)

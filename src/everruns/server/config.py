@@ -144,9 +144,24 @@ _BAD_HOST = (
 )
 
 
-def _expand_home(path: str | None) -> str | None:
+def _default_message_bytes(max_payload_bytes: object) -> int:
+    """64 MiB, or what a few maximal payloads need when the payload limit is raised that far
+    (so raising EVERRUNS_MAX_PAYLOAD_BYTES alone never makes the default limit refused)."""
+    least = 64 * 1024 * 1024
+    if isinstance(max_payload_bytes, int) and not isinstance(max_payload_bytes, bool):
+        return max(least, 4 * max_payload_bytes + 64 * 1024)
+    return least
+
+
+def _path_text(path: str | os.PathLike[str] | None) -> str | None:
+    """A path as text (a `pathlib.Path` too); anything else is left for the validator."""
+    return os.fspath(path) if isinstance(path, os.PathLike) else path
+
+
+def _expand_home(path: str | os.PathLike[str] | None) -> str | None:
     # `~/pg` from an env file names the same directory as in a shell (and as the demo reads it)
-    return os.path.expanduser(path) if path and isinstance(path, str) else path
+    text = _path_text(path)
+    return os.path.expanduser(text) if text and isinstance(text, str) else text
 
 
 _SECONDS_PER_DAY = 86400.0
@@ -346,7 +361,8 @@ class ServerConfig:
         default=2 * 1024 * 1024, validator=_count("EVERRUNS_MAX_PAYLOAD_BYTES", 1024)
     )
     max_message_bytes: int = attrs.field(
-        default=64 * 1024 * 1024, validator=_count("EVERRUNS_MAX_MESSAGE_BYTES", 0)
+        default=attrs.Factory(lambda self: _default_message_bytes(self.max_payload_bytes), True),
+        validator=_count("EVERRUNS_MAX_MESSAGE_BYTES", 0),
     )
 
     @max_message_bytes.validator
@@ -378,8 +394,8 @@ class ServerConfig:
     retention_interval: float = attrs.field(
         default=300.0, validator=_seconds("EVERRUNS_RETENTION_INTERVAL")
     )
-    tls_cert: str | None = attrs.field(default=None, validator=_check_path)
-    tls_key: str | None = attrs.field(default=None, validator=_check_path)
+    tls_cert: str | None = attrs.field(default=None, converter=_path_text, validator=_check_path)
+    tls_key: str | None = attrs.field(default=None, converter=_path_text, validator=_check_path)
     migrate_lock_timeout: float | None = attrs.field(
         default=DEFAULT_LOCK_TIMEOUT,
         converter=_zero_is_none,
@@ -424,6 +440,7 @@ class ServerConfig:
             raise ConfigError(f"RUNNER_MODE={mode!r} is not supported; the only mode is 'durable'")
         url = env.get("DATABASE_URL") or None
         tls_cert, tls_key = _tls_pair(env)
+        payload_bytes = _int(env, "EVERRUNS_MAX_PAYLOAD_BYTES", 2 * 1024 * 1024, minimum=1024)
         host, port = parse_address(
             env.get("GRPC_ADDRESS") or DEFAULT_GRPC_ADDRESS, allow_any_port=True
         )
@@ -437,10 +454,10 @@ class ServerConfig:
             reclaim_interval=_float(env, "EVERRUNS_RECLAIM_INTERVAL", 10.0, minimum=0.05),
             worker_lost_after=_float(env, "EVERRUNS_WORKER_LOST_AFTER", 30.0, minimum=0.1),
             max_pending_tasks=_int(env, "EVERRUNS_MAX_PENDING_TASKS", 0),
-            max_payload_bytes=_int(
-                env, "EVERRUNS_MAX_PAYLOAD_BYTES", 2 * 1024 * 1024, minimum=1024
+            max_payload_bytes=payload_bytes,
+            max_message_bytes=_int(
+                env, "EVERRUNS_MAX_MESSAGE_BYTES", _default_message_bytes(payload_bytes)
             ),
-            max_message_bytes=_int(env, "EVERRUNS_MAX_MESSAGE_BYTES", 64 * 1024 * 1024),
             retention_seconds=_float(
                 env,
                 "EVERRUNS_RETENTION_DAYS",

@@ -1264,9 +1264,35 @@ class Engine:
             outcome.events.extend(events)
             outcome.wake |= len(events) > 1
         elif isinstance(command, ContinueAsNewWorkflow):
-            _continue_as_new(self.config, command, outcome)
+            signals = await self._carried_signals(conn, run, command.signals)
+            _continue_as_new(self.config, command, signals, outcome)
         else:
             raise InvalidArgument(f"unknown command {command!r}")
+
+    async def _carried_signals(
+        self, conn: Connection, run: WorkflowRun, seqs: Sequence[int]
+    ) -> tuple[NewEvent, ...]:
+        """The ``signal_received`` events of ``run`` that a decision continuing as new names
+        (by sequence number), to be appended to the new run as they are.
+
+        Raises:
+            InvalidArgument: a number names no signal of the run.
+        """
+        if not seqs:
+            return ()
+        wanted = set(seqs)
+        found = {
+            e.sequence_num: e
+            for e in await self.store.load_events(run.run_id, after=min(wanted) - 1, conn=conn)
+            if e.sequence_num in wanted and e.type == ev.SIGNAL_RECEIVED
+        }
+        missing = sorted(wanted - set(found))
+        if missing:
+            raise InvalidArgument(
+                f"continue_as_new: seq {missing[0]} of run {run.run_id} is not a signal"
+            )
+        # Marked so that replay buffers them before the new run's code takes its first step.
+        return tuple(NewEvent.of({**decode(found[seq].payload), "carried": True}) for seq in seqs)
 
     async def _start_child(
         self, conn: Connection, run: WorkflowRun, command: StartChildWorkflow
@@ -1315,7 +1341,16 @@ class Engine:
     async def _continue(self, conn: Connection, run: WorkflowRun, next: Continuation) -> None:
         """Start the run that ``run``, ended ``continued_as_new``, goes on in: same workflow id
         and type, same parent (told only when the chain's last run ends), with the signals
-        ``run`` had not consumed delivered first."""
+        ``run`` had not consumed delivered first. Its code has been running: it starts
+        ``running``, so a cancel request is one its code sees (and may clean up after), as
+        are a cancel request ``run``'s code did not see and a parent's end or cancellation
+        that passed the ended run by (another transaction held it, so it was skipped)."""
+        parent: WorkflowRun | None = None
+        if run.parent_run_id is not None:
+            try:  # child, then parent: the order of every transaction that holds both
+                parent = await self.store.lock_run(conn, run.parent_run_id)
+            except NotFound:
+                parent = None
         new, created = await self.store.create_workflow(
             conn,
             workflow_id=run.workflow_id,
@@ -1329,25 +1364,34 @@ class Engine:
             raise FailedPrecondition(
                 f"workflow {run.workflow_id!r} has another open run ({new.run_id})"
             )
-        parent = None
-        if run.parent_run_id is not None:
-            parent_wid = (await self.store.get_run(run.parent_run_id, conn=conn)).workflow_id
-            parent = {"workflow_id": parent_wid, "run_id": str(run.parent_run_id)}
         started = ev.workflow_started(
             run.workflow_type,
             run.workflow_id,
             str(new.run_id),
             None,
-            parent=parent,
+            parent=(
+                {"workflow_id": parent.workflow_id, "run_id": str(parent.run_id)}
+                if parent is not None
+                else None
+            ),
             continued_from=str(run.run_id),
         )
-        events = [NewEvent.of(started, input=next.input)]
-        events += [
-            NewEvent.of(ev.signal_received(str(s["name"]), s["payload"])) for s in next.signals
-        ]
+        events = [NewEvent.of(started, input=next.input), *next.signals]
         await self.store.append_events(conn, new, events, expected_last=0)
+        await self.store.set_running(conn, new.run_id)
         await self.store.ensure_workflow_task(conn, new)
         await self.store.set_continued(conn, run.run_id, new.run_id)
+        reason = (
+            f"cancel requested of run {run.run_id} as it continued as new"
+            if next.cancel
+            # judged as for the run it continues: the chain's child started before
+            else _orphaned_because(attrs.evolve(new, created_at=run.created_at), parent)
+            if run.parent_child_id is not None
+            else None
+        )
+        if reason is not None:
+            new = await self.store.lock_run(conn, new.run_id)
+            await self._request_cancel(conn, new, reason)
 
     async def _cancel_children(self, conn: Connection, run: WorkflowRun, reason: str) -> None:
         """Pass a cancel request on to the open children of ``run`` (which this transaction
@@ -2480,7 +2524,10 @@ def _plan(
 
 
 def _continue_as_new(
-    config: ServerConfig, command: ContinueAsNewWorkflow, outcome: _Outcome
+    config: ServerConfig,
+    command: ContinueAsNewWorkflow,
+    signals: tuple[NewEvent, ...],
+    outcome: _Outcome,
 ) -> None:
     """Plan a run's end ``continued_as_new``: its event names the new run (its id chosen
     here; `Engine._continue` starts it once the end is written). An input over the payload
@@ -2496,7 +2543,8 @@ def _continue_as_new(
         return
     run_id = uuid.uuid4()
     outcome.end = RunEnd(
-        "continued_as_new", continued=Continuation(run_id, input_text, command.signals)
+        "continued_as_new",
+        continued=Continuation(run_id, input_text, signals, command.cancel),
     )
     event = ev.workflow_continued_as_new(None, command.signals, str(run_id))
     outcome.events.append(NewEvent.of(event, input=input_text))

@@ -674,8 +674,9 @@ class WorkflowService:
                         continue
                     await changed.wait()
                 run = await self.store.get_run(run.run_id)
-        done = not run.is_open and run.continued_run_id is None
-        return pb.AwaitResultResponse(done=done, workflow=await self._describe(run))
+        while run.continued_run_id is not None:  # a chain that ended within the wait's time
+            run = await self.store.get_run(run.continued_run_id)
+        return pb.AwaitResultResponse(done=not run.is_open, workflow=await self._describe(run))
 
     async def list_dead_letters(
         self, request: pb.ListDeadLettersRequest

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from functools import partial
@@ -112,11 +112,14 @@ class NewTask:
 @attrs.frozen
 class Continuation:
     """The run a run that continues as new goes on in: its id (chosen ahead, so that the
-    ending run's event names it), its input (JSON text), and the signals it gets first."""
+    ending run's event names it), its input (JSON text), the ``signal_received`` events it
+    gets first (copied from the ending run's history), and whether a cancel request the code
+    did not see goes on with it."""
 
     run_id: uuid.UUID
     input: str
-    signals: tuple[Mapping[str, Any], ...] = ()
+    signals: tuple[NewEvent, ...] = ()
+    cancel: bool = False
 
 
 @attrs.frozen

@@ -97,7 +97,7 @@ def error_from_exception(
     return error_info(
         type_name(described),
         _message(described),
-        traceback=short_traceback(exc),
+        traceback=short_traceback(_trimmed(exc, leaves)),
         non_retryable=non_retryable,
         retry_after=max(waits) if waits else None,
     )
@@ -105,6 +105,29 @@ def error_from_exception(
 
 MAX_LEAVES = 1000
 """How many of a group's errors are looked at (a group of more is described by these)."""
+
+
+TRACEBACK_LEAVES = 15
+"""How many of a group's errors its traceback shows (Python's own display stops at 15 too, but
+builds an entry for every one first)."""
+
+
+def _trimmed(exc: BaseException, leaves: list[BaseException]) -> BaseException:
+    """A group of more errors than a traceback shows, as one group of its first few, with its
+    own traceback and chain: formatting the whole would build an entry for every error."""
+    if not isinstance(exc, BaseExceptionGroup) or len(leaves) <= TRACEBACK_LEAVES:
+        return exc
+    try:
+        shown = exc.derive(leaves[:TRACEBACK_LEAVES])
+    except Exception:  # a subclass whose derive() is broken: only its first error
+        return leaves[0]
+    shown.__traceback__ = exc.__traceback__
+    shown.__cause__ = exc.__cause__
+    shown.__context__ = exc.__context__
+    shown.__suppress_context__ = exc.__suppress_context__
+    more = "more" if len(leaves) >= MAX_LEAVES else str(len(leaves) - TRACEBACK_LEAVES)
+    shown.add_note(f"(the first {TRACEBACK_LEAVES} of its errors; {more} left out)")
+    return shown
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

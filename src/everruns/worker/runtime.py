@@ -37,12 +37,7 @@ from everruns._aio.grpc import RpcChannel, client_tls_from_env, error_for_status
 from everruns._proto.everruns import v1 as pb
 from everruns.domain import payload
 from everruns.domain.budget import ENVELOPE_BYTES, SEND_BUDGET, field_bytes, text_bytes, within
-from everruns.domain.commands import (
-    CancelWorkflow,
-    CompleteWorkflow,
-    FailWorkflow,
-    ScheduleActivity,
-)
+from everruns.domain.commands import ScheduleActivity, is_terminal
 from everruns.domain.context import WorkflowInfo
 from everruns.domain.history import HistoryEvent, exception_text
 from everruns.domain.limits import MAX_SECONDS, MAX_SECONDS_TEXT
@@ -326,8 +321,6 @@ class _RunningTask:
         if self.scope is not None:
             self.scope.cancel()
 
-
-_RUN_ENDS = (CompleteWorkflow, FailWorkflow, CancelWorkflow)
 
 # ----------------------------------------------------------------------------------- worker
 
@@ -1728,7 +1721,7 @@ class Worker:
         except Exception as exc:
             kept.close()
             return _WorkflowTaskFailed(error_from_exception(exc), False)
-        ends = any(isinstance(c, _RUN_ENDS) for c in result.commands)
+        ends = any(is_terminal(c) for c in result.commands)
         activities = (
             () if ends else tuple(c for c in result.commands if isinstance(c, ScheduleActivity))
         )
@@ -1740,8 +1733,11 @@ class Worker:
             # with why instead, as with a replay error.
             kept.close()
             too_large = ResourceExhausted(
-                f"the {len(result.commands)} commands of this workflow task take {size} bytes, "
-                f"over the control plane's limit of {self._max_message_bytes} bytes "
+                # The commands' own size: the same on any worker (a stuck run's retry that
+                # fails the same way is not recorded again).
+                f"the {len(result.commands)} commands of this workflow task "
+                f"({len(commands)} bytes) do not fit in one message under the control "
+                f"plane's limit of {self._max_message_bytes} bytes "
                 "(EVERRUNS_MAX_MESSAGE_BYTES); issue fewer or smaller commands per workflow task"
             )
             return _WorkflowTaskFailed(make_error(type_name(too_large), str(too_large)), False)
