@@ -72,7 +72,7 @@ value it was decided under."""
 ROLLOVER_PATCH = "session-rollover"
 """The `ctx.patched` id of the rollover: runs begun before it keep all their turns."""
 
-RECEIVED_KEPT = 1000
+RECEIVED_KEPT = 100
 """How many of the latest message ids a session run hands on when it continues as new, so that
 a second copy of a message (two sends that raced) arriving in the next run gets no turn."""
 
