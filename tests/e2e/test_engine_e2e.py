@@ -326,6 +326,50 @@ async def test_kill_9_of_the_worker_mid_workflow_loses_nothing_and_repeats_nothi
             assert completed_ids(events) == {"1": 1, "2": 1, "3": 1}
 
 
+async def test_kill_9_in_a_chain_of_runs_continues_it_on_another_worker(
+    database_url: str, tmp_path: Path, pool: Pool
+) -> None:
+    """A workflow that continues as new, its worker killed in the chain's second run: the
+    killed attempt runs again on another worker, the chain goes on from where it was (no run
+    started twice, none lost), and the first run's handle returns the last run's result."""
+    with trio.fail_after(90):
+        async with open_cluster(database_url, tmp_path) as cluster:
+            await cluster.start_server()
+            worker_a = await cluster.start_worker("worker-a")
+            async with cluster.client() as client:
+                first = await client.start_workflow(
+                    workflows.slow_countdown,
+                    {"left": 3, "total": 0, "seconds": 1.5},
+                    workflow_id="chain",
+                )
+
+            def started(left: int) -> bool:
+                return any(
+                    r.data["input"]["value"] == left
+                    for r in cluster.log.records("start", activity="slow_step")
+                )
+
+            await wait_until(lambda: started(2), timeout=30, what="the 2nd run's step started")
+            assert await worker_a.kill_and_wait() == -9
+            await cluster.start_worker("worker-b")
+            async with cluster.client() as client:
+                # the first run's handle: followed to the chain's last run
+                result = await client.get_handle("chain", first.run_id).result(timeout=45)
+            rows = await pool.fetch(
+                "SELECT id, status, continued_run_id FROM durable_workflow_instances "
+                "WHERE workflow_id = 'chain' ORDER BY created_at"
+            )
+    assert result == {"total": (3 + 2 + 1 + 0) * 10}
+    assert [r["status"] for r in rows] == ["continued_as_new"] * 3 + ["completed"]
+    # each run names the next: one chain, no run started twice
+    assert [r["continued_run_id"] for r in rows[:-1]] == [r["id"] for r in rows[1:]]
+    ends = Counter(r.data["result"] for r in cluster.log.records("end", activity="slow_step"))
+    assert ends == {30: 1, 20: 1, 10: 1, 0: 1}
+    starts = cluster.log.records("start", activity="slow_step")
+    assert next(r.worker for r in starts if r.data["input"]["value"] == 2) == "worker-a"
+    assert starts[-1].worker == "worker-b"
+
+
 async def test_start_is_idempotent_for_a_running_workflow_id(
     database_url: str, tmp_path: Path, pool: Pool
 ) -> None:

@@ -359,3 +359,14 @@ async def fan_out_sleepy(ctx: WorkflowContext, spec: dict[str, Any]) -> list[Any
     handles = [ctx.start_activity(sleepy, {**template, "i": i}) for i in range(spec["count"])]
     results: list[Any] = await ctx.gather(*handles)
     return results
+
+
+@workflow
+async def slow_countdown(ctx: WorkflowContext, state: dict[str, Any]) -> dict[str, Any]:
+    """One slow step a run, then continues as new until ``left`` is 0: a chain of runs."""
+    total = state["total"] + await ctx.execute_activity(
+        slow_step, {"value": state["left"], "seconds": state["seconds"]}
+    )
+    if state["left"] == 0:
+        return {"total": total}
+    ctx.continue_as_new({**state, "left": state["left"] - 1, "total": total})
