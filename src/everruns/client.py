@@ -971,9 +971,12 @@ class Client:
             if workflow_id is not None:
                 first.setdefault(workflow_id, n)
         sent = [n for n, (_, _, w) in enumerate(given) if w is None or first[w] == n]
+        # Every entry is checked (its type, its input) before anything is sent.
+        all_types = [_workflow_type(workflow) for workflow, _, _ in given]
+        all_encoded = _encoded_inputs(given, all_types)
         entries = [given[n] for n in sent]
-        types = [_workflow_type(workflow) for workflow, _, _ in entries]
-        encoded = _encoded_inputs(entries, types)
+        types = [all_types[n] for n in sent]
+        encoded = [all_encoded[n] for n in sent]
         retry = all(workflow_id is not None for _, _, workflow_id in entries)
         handles: list[WorkflowHandle] = []
         chunks = await self._start_chunks(entries, types, encoded)

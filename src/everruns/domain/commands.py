@@ -422,6 +422,10 @@ def _check_signals(_inst: object, _attr: attrs.Attribute[Any], value: tuple[int,
             raise InvalidArgument(
                 f"a carried signal is named by its sequence number (1 to {MAX_INT4}), not {seq!r}"
             )
+    if list(value) != sorted(set(value)):
+        raise InvalidArgument(
+            "carried signals are named once each, in arrival order (increasing sequence numbers)"
+        )
 
 
 def _check_flag(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:

@@ -49,14 +49,64 @@ def _message(exc: BaseException) -> str:
     return _bounded(exception_text(exc), MAX_MESSAGE_CHARS)
 
 
+_CAUSE = "\nThe above exception was the direct cause of the following exception:\n\n"
+_CONTEXT = "\nDuring handling of the above exception, another exception occurred:\n\n"
+_CHAIN_LINKS = 5  # chained exceptions shown at most, the latest ones
+
+
 def short_traceback(exc: BaseException, *, frames: int = TRACEBACK_FRAMES) -> str:
     """Return the traceback of ``exc`` limited to its last ``frames`` frames (per chained
-    exception) and to `MAX_TRACEBACK_CHARS` characters, keeping the end."""
+    exception), its latest `_CHAIN_LINKS` chained exceptions, an exception group's first
+    `TRACEBACK_LEAVES` errors (anywhere in the chain: formatting builds an entry for every
+    error first), and `MAX_TRACEBACK_CHARS` characters, keeping the end. ``exc`` and its chain
+    are read, never changed."""
     try:
-        text = "".join(traceback.format_exception(exc, limit=-frames))
+        blocks: list[str] = []
+        current: BaseException | None = exc
+        seen: set[int] = set()
+        while current is not None and id(current) not in seen and len(blocks) < _CHAIN_LINKS:
+            seen.add(id(current))
+            block = _link_text(current, frames)
+            if current.__cause__ is not None:
+                blocks.append(_CAUSE + block)
+                current = current.__cause__
+            elif current.__context__ is not None and not current.__suppress_context__:
+                blocks.append(_CONTEXT + block)
+                current = current.__context__
+            else:
+                blocks.append(block)
+                current = None
+        text = "".join(reversed(blocks))
+        for separator in (_CAUSE, _CONTEXT):
+            text = text.removeprefix(separator)
     except Exception:  # formatting must never turn one failure into another
         text = f"{type_name(exc)}: {_message(exc)}\n"
     return _bounded(text, MAX_TRACEBACK_CHARS, keep_end=True)
+
+
+def _link_text(exc: BaseException, frames: int) -> str:
+    """One exception of a chain, without its chain. Python's formatting builds an entry for
+    the whole chain (and every error of every group in it) even when it shows one link, so
+    a plain exception is formatted here from its frames, and a group as a stand-in (a new
+    group of its first `TRACEBACK_LEAVES` errors, without its chain)."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = _leaves(exc)
+        message = exc.message if isinstance(exc.message, str) else ""
+        shown = BaseExceptionGroup(f"{type_name(exc)}: {message}", leaves[:TRACEBACK_LEAVES])
+        shown.__traceback__ = exc.__traceback__
+        if len(leaves) > TRACEBACK_LEAVES:
+            more = "more" if len(leaves) >= MAX_LEAVES else str(len(leaves) - TRACEBACK_LEAVES)
+            shown.add_note(f"(the first {TRACEBACK_LEAVES} of its errors; {more} left out)")
+        return "".join(traceback.format_exception(shown, limit=-frames, chain=False))
+    lines = []
+    if exc.__traceback__ is not None:
+        lines.append("Traceback (most recent call last):\n")
+        lines += traceback.format_list(traceback.extract_tb(exc.__traceback__, limit=-frames))
+    lines.append(f"{type_name(exc)}: {_message(exc)}\n")
+    notes = getattr(exc, "__notes__", None)
+    if isinstance(notes, list):
+        lines += [f"{note}\n" for note in notes[:TRACEBACK_LEAVES] if isinstance(note, str)]
+    return "".join(lines)
 
 
 def make_error(type: str, message: str, *, non_retryable: bool = False) -> dict[str, Any]:
@@ -97,7 +147,7 @@ def error_from_exception(
     return error_info(
         type_name(described),
         _message(described),
-        traceback=short_traceback(_trimmed(exc, leaves)),
+        traceback=short_traceback(exc),
         non_retryable=non_retryable,
         retry_after=max(waits) if waits else None,
     )
@@ -110,24 +160,6 @@ MAX_LEAVES = 1000
 TRACEBACK_LEAVES = 15
 """How many of a group's errors its traceback shows (Python's own display stops at 15 too, but
 builds an entry for every one first)."""
-
-
-def _trimmed(exc: BaseException, leaves: list[BaseException]) -> BaseException:
-    """A group of more errors than a traceback shows, as one group of its first few, with its
-    own traceback and chain: formatting the whole would build an entry for every error."""
-    if not isinstance(exc, BaseExceptionGroup) or len(leaves) <= TRACEBACK_LEAVES:
-        return exc
-    try:
-        shown = exc.derive(leaves[:TRACEBACK_LEAVES])
-    except Exception:  # a subclass whose derive() is broken: only its first error
-        return leaves[0]
-    shown.__traceback__ = exc.__traceback__
-    shown.__cause__ = exc.__cause__
-    shown.__context__ = exc.__context__
-    shown.__suppress_context__ = exc.__suppress_context__
-    more = "more" if len(leaves) >= MAX_LEAVES else str(len(leaves) - TRACEBACK_LEAVES)
-    shown.add_note(f"(the first {TRACEBACK_LEAVES} of its errors; {more} left out)")
-    return shown
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
