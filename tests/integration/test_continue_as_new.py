@@ -6,8 +6,7 @@ run that is open."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import pytest
@@ -16,8 +15,8 @@ import trio
 from everruns.client import Client
 from everruns.domain.registry import Registry, activity, workflow
 from everruns.errors import ContinueAsNew, WorkflowFailed
-from everruns.server import ServerConfig, serve
-from everruns.worker import ActivityContext, Worker
+from everruns.worker import ActivityContext
+from tests.integration.agent_harness import serve_agent
 
 pytestmark = pytest.mark.db
 
@@ -70,17 +69,9 @@ async def by_hand(ctx: Any, _: Any) -> None:
     raise ContinueAsNew({"not": {1, 2}})  # not JSON: the run fails saying so
 
 
-@asynccontextmanager
-async def system(database_url: str) -> AsyncIterator[Client]:
-    async with trio.open_nursery() as nursery:
-        info = await nursery.start(serve, ServerConfig(database_url=database_url, grpc_port=0))
-        async with trio.open_nursery() as workers:
-            worker = Worker(REGISTRY, address=info.address, grace_period=1)
-            await workers.start(worker.run)
-            async with Client.connect(info.address) as client:
-                yield client
-            worker.shutdown()
-        nursery.cancel_scope.cancel()
+def system(database_url: str) -> AbstractAsyncContextManager[Client]:
+    """The control plane, one worker serving this module's workflows, a client."""
+    return serve_agent(database_url, REGISTRY)
 
 
 async def _runs(client: Client, workflow_type: str, workflow_id: str) -> list[Any]:

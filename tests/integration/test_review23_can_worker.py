@@ -5,8 +5,7 @@ Each test fails on 6c9379e and passes once its defect is mended."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import pytest
@@ -14,8 +13,8 @@ import trio
 
 from everruns.client import Client
 from everruns.domain.registry import Registry, activity, workflow
-from everruns.server import ServerConfig, serve
-from everruns.worker import ActivityContext, Worker
+from everruns.worker import ActivityContext
+from tests.integration.agent_harness import serve_agent
 
 pytestmark = pytest.mark.db
 
@@ -43,17 +42,9 @@ async def fire_and_continue(ctx: Any, state: Any) -> str:
     return "done"
 
 
-@asynccontextmanager
-async def system(database_url: str) -> AsyncIterator[Client]:
-    async with trio.open_nursery() as nursery:
-        info = await nursery.start(serve, ServerConfig(database_url=database_url, grpc_port=0))
-        async with trio.open_nursery() as workers:
-            worker = Worker(REGISTRY, address=info.address, grace_period=1)
-            await workers.start(worker.run)
-            async with Client.connect(info.address) as client:
-                yield client
-            worker.shutdown()
-        nursery.cancel_scope.cancel()
+def system(database_url: str) -> AbstractAsyncContextManager[Client]:
+    """The control plane, one worker serving this module's workflows, a client."""
+    return serve_agent(database_url, REGISTRY)
 
 
 async def test_activities_of_a_decision_that_continues_as_new_are_not_started_ahead(
@@ -104,29 +95,21 @@ async def test_a_run_holding_many_signals_can_continue_as_new(database_url: str)
     workflow task and the run is stuck for good. The workflow code can do nothing about it
     (it cannot continue, and every retry carries the same signals): the one way a
     long-lived workflow keeps its history bounded is closed to it."""
-    config = ServerConfig(
-        database_url=database_url,
-        grpc_port=0,
-        max_payload_bytes=PAYLOAD,
-        max_message_bytes=4 * PAYLOAD + 64 * 1024,
-    )
     result: Any = None
     stuck: str | None = None
     with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            info = await nursery.start(serve, config)
-            async with trio.open_nursery() as workers:
-                worker = Worker(REGISTRY, address=info.address, grace_period=1)
-                await workers.start(worker.run)
-                async with Client.connect(info.address) as client:
-                    handle = await client.start_workflow(hoarder, None, workflow_id="h")
-                    for n in range(6):
-                        await handle.signal("blob", f"{n}" + "x" * (PAYLOAD - 1024))
-                    await handle.signal("go")
-                    with trio.move_on_after(10):
-                        result = await client.get_handle("h").result()
-                    if result is None:
-                        stuck = (await client.get_handle("h").describe()).stuck_reason
-                worker.shutdown()
-            nursery.cancel_scope.cancel()
+        async with serve_agent(
+            database_url,
+            REGISTRY,
+            max_payload_bytes=PAYLOAD,
+            max_message_bytes=4 * PAYLOAD + 64 * 1024,
+        ) as client:
+            handle = await client.start_workflow(hoarder, None, workflow_id="h")
+            for n in range(6):
+                await handle.signal("blob", f"{n}" + "x" * (PAYLOAD - 1024))
+            await handle.signal("go")
+            with trio.move_on_after(10):
+                result = await client.get_handle("h").result()
+            if result is None:
+                stuck = (await client.get_handle("h").describe()).stuck_reason
     assert result == 6, f"the run could not continue as new with its signals; stuck: {stuck}"

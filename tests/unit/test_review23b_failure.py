@@ -8,21 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from everruns.worker.failure import MAX_LEAVES, error_from_exception
-
-
-class _Counted(Exception):
-    asked = 0
-
-    def __str__(self) -> str:
-        _Counted.asked += 1
-        return "the network went away"
-
-
-def _raised(exc: BaseException) -> BaseException:
-    try:
-        raise exc
-    except BaseException as caught:
-        return caught
+from tests.unit.test_review23_cap_failure import _Counted, _raised
 
 
 def test_review23b_a_huge_group_in_the_context_of_the_error_is_formatted_whole() -> None:

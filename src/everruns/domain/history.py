@@ -61,6 +61,7 @@ __all__ = [
     "child_workflow_failed",
     "child_workflow_started",
     "error_info",
+    "exception_chain",
     "exception_text",
     "format_time",
     "parse_time",
@@ -267,6 +268,20 @@ def parse_time(text: str) -> datetime:
     if value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value.astimezone(UTC)
+
+
+def exception_chain(exc: BaseException, limit: int) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling (``__cause__``, else
+    ``__context__`` unless suppressed, as a traceback shows them), newest first, each once,
+    at most ``limit``."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and len(chain) < limit and all(current is not e for e in chain):
+        chain.append(current)
+        current = current.__cause__ or (
+            None if current.__suppress_context__ else current.__context__
+        )
+    return chain
 
 
 def exception_text(exc: BaseException) -> str:

@@ -342,15 +342,8 @@ def _type_name(exc: BaseException) -> str:
 
 def _format_traceback(exc: BaseException) -> str:
     # Source lines are left out on purpose: looking them up reads files, and replay is pure.
-    chain: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in chain and len(chain) < 5:
-        chain.append(current)
-        current = current.__cause__ or (
-            None if current.__suppress_context__ else current.__context__
-        )
     blocks: list[str] = []
-    for item in reversed(chain):
+    for item in reversed(h.exception_chain(exc, 5)):
         lines = ["Traceback (most recent call last):"]
         tb = item.__traceback__
         while tb is not None:

@@ -144,12 +144,18 @@ _BAD_HOST = (
 )
 
 
+def _least_message_bytes(max_payload_bytes: int) -> int:
+    """The least message limit a payload limit allows: a request carrying a few maximal
+    payloads (a start, a decision) must always fit."""
+    return 4 * max_payload_bytes + 64 * 1024
+
+
 def _default_message_bytes(max_payload_bytes: object) -> int:
-    """64 MiB, or what a few maximal payloads need when the payload limit is raised that far
-    (so raising EVERRUNS_MAX_PAYLOAD_BYTES alone never makes the default limit refused)."""
+    """64 MiB, or the least the payload limit allows when it is raised that far (so raising
+    EVERRUNS_MAX_PAYLOAD_BYTES alone never makes the default limit refused)."""
     least = 64 * 1024 * 1024
     if isinstance(max_payload_bytes, int) and not isinstance(max_payload_bytes, bool):
-        return max(least, 4 * max_payload_bytes + 64 * 1024)
+        return max(least, _least_message_bytes(max_payload_bytes))
     return least
 
 
@@ -367,8 +373,7 @@ class ServerConfig:
 
     @max_message_bytes.validator
     def _holds_payloads(self, _: object, value: int) -> None:
-        # A request carrying a few maximal payloads (a start, a decision) must always fit.
-        least = 4 * self.max_payload_bytes + 64 * 1024
+        least = _least_message_bytes(self.max_payload_bytes)
         if value < least:
             raise ConfigError(
                 f"EVERRUNS_MAX_MESSAGE_BYTES={value} (ServerConfig.max_message_bytes) must be at "

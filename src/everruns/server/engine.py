@@ -23,6 +23,7 @@ import trio
 from everruns._aio.pg import Connection
 from everruns.domain import history as ev
 from everruns.domain.breaker import BreakerConfig
+from everruns.domain.budget import text_bytes
 from everruns.domain.commands import (
     CancelTimer,
     CancelWorkflow,
@@ -448,13 +449,19 @@ class Engine:
         *,
         parent: WorkflowRun | None = None,
         child_id: str | None = None,
+        continues: WorkflowRun | None = None,
+        then: Sequence[NewEvent] = (),
     ) -> tuple[WorkflowRun, bool]:
+        """Create a run (with ``request.run_id`` if given) and its start, or find the open run
+        of its workflow id; ``continues``: the run it goes on from (`_continue`), ``then``: the
+        events that follow its start (the signals it carries)."""
         workflow_id = request.workflow_id or str(uuid.uuid4())
         run, created = await self.store.create_workflow(
             conn,
             workflow_id=workflow_id,
             workflow_type=request.workflow_type,
             input=request.input,
+            run_id=request.run_id,
             parent_run_id=parent.run_id if parent else None,
             parent_child_id=child_id,
         )
@@ -469,10 +476,10 @@ class Engine:
                     if parent
                     else None
                 ),
+                continued_from=str(continues.run_id) if continues else None,
             )
-            await self.store.append_events(
-                conn, run, [NewEvent.of(started, input=request.input)], expected_last=0
-            )
+            events = [NewEvent.of(started, input=request.input), *then]
+            await self.store.append_events(conn, run, events, expected_last=0)
             await self.store.ensure_workflow_task(conn, run)
         return run, created
 
@@ -1345,53 +1352,33 @@ class Engine:
         ``running``, so a cancel request is one its code sees (and may clean up after), as
         are a cancel request ``run``'s code did not see and a parent's end or cancellation
         that passed the ended run by (another transaction held it, so it was skipped)."""
-        parent: WorkflowRun | None = None
+        # Child, then parent: the order of every transaction that holds both. (A parent row
+        # retention deleted has set parent_run_id to NULL, under this run's lock.)
+        parent = None
         if run.parent_run_id is not None:
-            try:  # child, then parent: the order of every transaction that holds both
-                parent = await self.store.lock_run(conn, run.parent_run_id)
-            except NotFound:
-                parent = None
-        new, created = await self.store.create_workflow(
+            parent = await self.store.lock_run(conn, run.parent_run_id)
+        new, created = await self._start(
             conn,
-            workflow_id=run.workflow_id,
-            workflow_type=run.workflow_type,
-            input=next.input,
-            run_id=next.run_id,
-            parent_run_id=run.parent_run_id,
-            parent_child_id=run.parent_child_id,
+            StartRequest(run.workflow_type, next.input, run.workflow_id, next.run_id),
+            parent=parent,
+            child_id=run.parent_child_id,
+            continues=run,
+            then=next.signals,
         )
         if not created:  # this transaction holds the one open run it ended: cannot happen
             raise FailedPrecondition(
                 f"workflow {run.workflow_id!r} has another open run ({new.run_id})"
             )
-        started = ev.workflow_started(
-            run.workflow_type,
-            run.workflow_id,
-            str(new.run_id),
-            None,
-            parent=(
-                {"workflow_id": parent.workflow_id, "run_id": str(parent.run_id)}
-                if parent is not None
-                else None
-            ),
-            continued_from=str(run.run_id),
-        )
-        events = [NewEvent.of(started, input=next.input), *next.signals]
-        await self.store.append_events(conn, new, events, expected_last=0)
         await self.store.set_running(conn, new.run_id)
-        await self.store.ensure_workflow_task(conn, new)
         await self.store.set_continued(conn, run.run_id, new.run_id)
-        reason = (
-            f"cancel requested of run {run.run_id} as it continued as new"
-            if next.cancel
-            # judged as for the run it continues: the chain's child started before
-            else _orphaned_because(attrs.evolve(new, created_at=run.created_at), parent)
-            if run.parent_child_id is not None
-            else None
-        )
+        reason: str | None
+        if next.cancel:
+            reason = f"cancel requested of run {run.run_id} as it continued as new"
+        else:  # judged as for the run it continues: the chain's child started before
+            reason = _orphaned_because(attrs.evolve(new, created_at=run.created_at), parent)
         if reason is not None:
-            new = await self.store.lock_run(conn, new.run_id)
-            await self._request_cancel(conn, new, reason)
+            running = await self.store.lock_run(conn, new.run_id)  # read again: running now
+            await self._request_cancel(conn, running, reason)
 
     async def _cancel_children(self, conn: Connection, run: WorkflowRun, reason: str) -> None:
         """Pass a cancel request on to the open children of ``run`` (which this transaction
@@ -1583,12 +1570,14 @@ class Engine:
                 ended = await self.store.end_run(conn, run.run_id, "cancelled")
                 await self._after_end(conn, ended, RunEnd("cancelled"))
             else:
+                unseen: list[StoredEvent] = []
                 if 0 < seen_sequence < run.last_sequence_num:
                     unseen = await self.store.load_events(
                         run.run_id, after=seen_sequence, conn=conn
                     )
                     again = unseen_input(unseen)
-                last = await self.store.load_events(
+                # The history's last event: the last of those just read, if any were.
+                last = unseen or await self.store.load_events(
                     run.run_id, after=run.last_sequence_num - 1, conn=conn
                 )
                 # The same failure again with nothing new in between (a stuck run's retry
@@ -2424,7 +2413,7 @@ def repeats_failure(last_event: Mapping[str, Any], error: Mapping[str, Any]) -> 
 
 def _size_error(config: ServerConfig, text: str, what: str) -> str | None:
     """Why a payload is over ``EVERRUNS_MAX_PAYLOAD_BYTES``, or None when it is not."""
-    size = len(text) if text.isascii() else len(text.encode())
+    size = text_bytes(text)
     if size <= config.max_payload_bytes:
         return None
     return (

@@ -11,7 +11,7 @@ from __future__ import annotations
 import traceback
 from typing import Any
 
-from everruns.domain.history import error_info, exception_text
+from everruns.domain.history import error_info, exception_chain, exception_text
 from everruns.domain.limits import is_delay
 from everruns.errors import NonRetryableError, RetryAfter
 
@@ -61,24 +61,11 @@ def short_traceback(exc: BaseException, *, frames: int = TRACEBACK_FRAMES) -> st
     error first), and `MAX_TRACEBACK_CHARS` characters, keeping the end. ``exc`` and its chain
     are read, never changed."""
     try:
-        blocks: list[str] = []
-        current: BaseException | None = exc
-        seen: set[int] = set()
-        while current is not None and id(current) not in seen and len(blocks) < _CHAIN_LINKS:
-            seen.add(id(current))
-            block = _link_text(current, frames)
-            if current.__cause__ is not None:
-                blocks.append(_CAUSE + block)
-                current = current.__cause__
-            elif current.__context__ is not None and not current.__suppress_context__:
-                blocks.append(_CONTEXT + block)
-                current = current.__context__
-            else:
-                blocks.append(block)
-                current = None
-        text = "".join(reversed(blocks))
-        for separator in (_CAUSE, _CONTEXT):
-            text = text.removeprefix(separator)
+        links = exception_chain(exc, _CHAIN_LINKS)  # newest first
+        text = _link_text(links[-1], frames)
+        for newer, older in zip(links[-2::-1], links[:0:-1], strict=True):
+            separator = _CAUSE if newer.__cause__ is older else _CONTEXT
+            text += separator + _link_text(newer, frames)
     except Exception:  # formatting must never turn one failure into another
         text = f"{type_name(exc)}: {_message(exc)}\n"
     return _bounded(text, MAX_TRACEBACK_CHARS, keep_end=True)
