@@ -1,4 +1,5 @@
-"""The `everruns` command: an operator's view of workflows, workers, dead letters and breakers.
+"""The `everruns` command: an operator's view of workflows, schedules, workers, dead letters and
+breakers.
 
 It parses arguments (argparse), validates what it can before touching the network (JSON
 arguments, numbers), calls the control plane through `everruns.Client`, and prints aligned
@@ -31,6 +32,7 @@ from everruns.client import (
     Client,
     DeadLetterInfo,
     HistoryEvent,
+    ScheduleInfo,
     WorkerInfo,
     WorkflowDescription,
     WorkflowSummary,
@@ -39,6 +41,7 @@ from everruns.client import (
 )
 from everruns.domain.status import TERMINAL_WORKFLOW_STATUSES, WORKFLOW_STATUSES
 from everruns.errors import (
+    AlreadyExists,
     ConfigError,
     EverrunsError,
     FailedPrecondition,
@@ -66,6 +69,7 @@ __all__ = [
     "render_dead_letters",
     "render_description",
     "render_history",
+    "render_schedules",
     "render_workers",
     "render_workflows",
     "to_json",
@@ -84,9 +88,10 @@ EXIT_CODES = {
     EXIT_OK: "success",
     EXIT_FAILED: "the operation failed (workflow failed or cancelled, server error)",
     EXIT_USAGE: "usage error or bad input (bad flag, invalid JSON, invalid value)",
-    EXIT_NOT_FOUND: "no such workflow, run or dead letter",
+    EXIT_NOT_FOUND: "no such workflow, run, schedule or dead letter",
     EXIT_UNREACHABLE: "the control plane is unreachable",
-    EXIT_PRECONDITION: "the object's state forbids the operation (e.g. the workflow has ended)",
+    EXIT_PRECONDITION: "the object's state forbids the operation (e.g. the workflow has ended, "
+    "or the schedule id has another definition)",
     EXIT_TIMEOUT: "--timeout expired while the workflow was still open",
     EXIT_BROKEN_PIPE: "the reader of the output went away (e.g. `| head -1`)",
 }
@@ -305,6 +310,52 @@ def render_breakers(breakers: Sequence[CircuitBreakerInfo]) -> str:
             for b in breakers
         ],
     )
+
+
+def render_schedules(schedules: Sequence[ScheduleInfo], next_page_token: str | None) -> str:
+    """The human form of `schedule list`."""
+    if not schedules:
+        return "(no schedules)"
+    table = format_table(
+        ("ID", "SPEC", "TYPE", "OVERLAP", "NEXT", "LAST", "FIRED", "SKIPPED"),
+        [
+            (
+                x.schedule_id,
+                x.spec,
+                x.workflow_type,
+                x.overlap,
+                "paused" if x.paused else _when(x.next_fire_at),
+                _when(x.last_fired_at),
+                str(x.fired_count),
+                str(x.skipped_count),
+            )
+            for x in schedules
+        ],
+    )
+    if next_page_token:
+        table += f"\n\nmore: --page-token {next_page_token}"
+    return table
+
+
+def render_schedule(schedule: ScheduleInfo) -> str:
+    """The human form of `schedule show` and of what the other schedule verbs answer."""
+    rows = [
+        ("schedule", schedule.schedule_id),
+        (
+            "spec",
+            f"{schedule.spec} (UTC)" if not schedule.spec.startswith("@every") else schedule.spec,
+        ),
+        ("workflow type", schedule.workflow_type),
+        ("input", _compact(schedule.input)),
+        ("overlap", schedule.overlap),
+        ("next firing", "paused" if schedule.paused else _when(schedule.next_fire_at)),
+        ("last firing", _when(schedule.last_fired_at)),
+        ("last workflow", schedule.last_workflow_id or "-"),
+        ("fired / skipped", f"{schedule.fired_count} / {schedule.skipped_count}"),
+        ("created", _when(schedule.created_at)),
+    ]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label.ljust(width)}  {value}" for label, value in rows)
 
 
 def to_json(value: Any) -> Any:
@@ -581,6 +632,60 @@ async def _breakers_reset(client: Client, args: argparse.Namespace, out: Output)
     return EXIT_OK
 
 
+async def _schedule_create(client: Client, args: argparse.Namespace, out: Output) -> int:
+    schedule, created = await client.create_schedule(
+        args.schedule_id,
+        args.type,
+        args.input_value,
+        spec=args.spec,
+        overlap=args.overlap,
+        paused=args.paused,
+        replace=args.replace,
+    )
+    said = "created" if created else "unchanged" if not args.replace else "created or replaced"
+    out.emit(
+        {"schedule": schedule, "created": created},
+        f"schedule {schedule.schedule_id} {said}\n{render_schedule(schedule)}",
+    )
+    return EXIT_OK
+
+
+async def _schedule_list(client: Client, args: argparse.Namespace, out: Output) -> int:
+    schedules, token = await client.list_schedules(limit=args.limit, page_token=args.page_token)
+    out.emit({"schedules": schedules, "next_page_token": token}, render_schedules(schedules, token))
+    return EXIT_OK
+
+
+async def _schedule_show(client: Client, args: argparse.Namespace, out: Output) -> int:
+    schedule = await client.describe_schedule(args.schedule_id)
+    out.emit({"schedule": schedule}, render_schedule(schedule))
+    return EXIT_OK
+
+
+async def _schedule_pause(client: Client, args: argparse.Namespace, out: Output) -> int:
+    schedule = await client.pause_schedule(args.schedule_id)
+    out.emit({"schedule": schedule}, f"schedule {schedule.schedule_id} paused")
+    return EXIT_OK
+
+
+async def _schedule_resume(client: Client, args: argparse.Namespace, out: Output) -> int:
+    schedule = await client.resume_schedule(args.schedule_id)
+    out.emit(
+        {"schedule": schedule},
+        f"schedule {schedule.schedule_id} resumed; next firing {_when(schedule.next_fire_at)}",
+    )
+    return EXIT_OK
+
+
+async def _schedule_delete(client: Client, args: argparse.Namespace, out: Output) -> int:
+    await client.delete_schedule(args.schedule_id)
+    out.emit(
+        {"ok": True, "schedule_id": args.schedule_id},
+        f"schedule {args.schedule_id} deleted (the runs it started go on)",
+    )
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------------------------
 # Delegation to the other programs (their own trio.run, their own exit codes).
 
@@ -844,6 +949,73 @@ def _add_workflow(commands: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--run", metavar="R", help="run id (default: the open run)")
 
 
+def _add_schedule(commands: Any, common: argparse.ArgumentParser) -> None:
+    _, verbs = _group(
+        commands,
+        "schedule",
+        "start workflows on a cron schedule (UTC) or every interval",
+        _example("everruns schedule create nightly-report report --spec '0 3 * * *'"),
+    )
+    p = _leaf(
+        verbs,
+        "create",
+        common,
+        "create a schedule (the same definition again changes nothing)",
+        _example(
+            "everruns schedule create nightly-report report --spec '0 3 * * *'",
+            "everruns schedule create poll-feed poll --spec '@every 30s' --input '{\"feed\": 7}'",
+        ),
+        run=_schedule_create,
+    )
+    p.add_argument("schedule_id", metavar="ID", help="schedule id")
+    p.add_argument("type", metavar="TYPE", help="registered workflow name")
+    p.add_argument(
+        "--spec",
+        required=True,
+        metavar="SPEC",
+        help="cron expression in UTC ('0 3 * * mon-fri', '@daily') or '@every 30s'",
+    )
+    p.add_argument("--input", metavar="JSON", help="each run's input as JSON, or @FILE")
+    p.add_argument(
+        "--overlap",
+        choices=("skip", "allow"),
+        default="skip",
+        help="while the last run is open: skip the firing (default) or start another",
+    )
+    p.add_argument("--paused", action="store_true", help="create it paused")
+    p.add_argument(
+        "--replace", action="store_true", help="replace another definition under this id"
+    )
+
+    p = _leaf(
+        verbs,
+        "list",
+        common,
+        "list schedules by id",
+        _example("everruns schedule list"),
+        run=_schedule_list,
+    )
+    p.add_argument(
+        "--limit", type=_page_size, default=100, metavar="N", help=f"page size (1-{MAX_PAGE_SIZE})"
+    )
+    p.add_argument("--page-token", metavar="P", help="the token printed after the last page")
+    for verb, summary, run in (
+        ("show", "describe a schedule: its spec, next and last firing, counts", _schedule_show),
+        ("pause", "pause a schedule (it fires no more until resumed)", _schedule_pause),
+        ("resume", "resume a schedule (missed firings are not made up)", _schedule_resume),
+        ("delete", "delete a schedule (the runs it started go on)", _schedule_delete),
+    ):
+        p = _leaf(
+            verbs,
+            verb,
+            common,
+            summary,
+            _example(f"everruns schedule {verb} nightly-report"),
+            run=run,
+        )
+        p.add_argument("schedule_id", metavar="ID", help="schedule id")
+
+
 def _add_workers(commands: Any, common: argparse.ArgumentParser) -> None:
     _, verbs = _group(
         commands, "workers", "inspect registered workers", _example("everruns workers list")
@@ -969,6 +1141,7 @@ def _add_message(commands: Any, common: argparse.ArgumentParser) -> None:
 # Each entry adds one command group.
 _GROUPS: tuple[Callable[[Any, argparse.ArgumentParser], None], ...] = (
     _add_workflow,
+    _add_schedule,
     _add_message,
     _add_workers,
     _add_dlq,
@@ -981,8 +1154,8 @@ def build_parser() -> argparse.ArgumentParser:
     """Return the parser of the whole command line."""
     parser = argparse.ArgumentParser(
         prog="everruns",
-        description="Operate an everruns control plane: workflows, workers, dead letters, "
-        "circuit breakers.",
+        description="Operate an everruns control plane: workflows, schedules, workers, dead "
+        "letters, circuit breakers.",
         epilog=_example(
             "everruns workflow start checkout --input '{\"order\": 42}' --wait",
             "everruns --json workflow list --status failed",
@@ -1059,7 +1232,7 @@ def exit_code_for(exc: BaseException) -> int:
         return EXIT_UNREACHABLE
     if isinstance(exc, NotFound):
         return EXIT_NOT_FOUND
-    if isinstance(exc, FailedPrecondition):
+    if isinstance(exc, (FailedPrecondition, AlreadyExists)):
         return EXIT_PRECONDITION
     if isinstance(exc, (UsageError, InvalidArgument, PayloadError, ConfigError)):
         return EXIT_USAGE

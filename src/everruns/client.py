@@ -64,6 +64,7 @@ __all__ = [
     "HistoryEvent",
     "PendingActivity",
     "PendingTimer",
+    "ScheduleInfo",
     "WorkerInfo",
     "WorkflowDescription",
     "WorkflowHandle",
@@ -474,6 +475,61 @@ class CircuitBreakerInfo:
             probes_in_flight=msg.probes_in_flight,
             opened_at=_time(msg.opened_at),
             updated_at=_time(msg.updated_at),
+        )
+
+
+@attrs.frozen
+class ScheduleInfo:
+    """A schedule: a workflow started at the times its spec names.
+
+    Attributes:
+        schedule_id: its id; each run it starts has the workflow id
+            ``<schedule_id>@<UTC time it was due, e.g. 2026-11-28T03:00:00Z>``.
+        spec: the cron expression (UTC) or ``@every <duration>``, normalized.
+        workflow_type: the workflow each firing starts.
+        input: each run's input (decoded JSON).
+        overlap: ``"skip"`` (a firing while the last run is open starts nothing) or ``"allow"``.
+        paused: whether it is paused.
+        next_fire_at: when it fires next (a paused one: when it would have).
+        last_fired_at: when the last run it started was due, or None.
+        last_workflow_id: that run's workflow id, or None.
+        last_run_id: that run's id, or None.
+        fired_count: runs started.
+        skipped_count: firings skipped (overlap, or ``EVERRUNS_MAX_PENDING_TASKS`` reached).
+        created_at: when it was created.
+    """
+
+    schedule_id: str
+    spec: str
+    workflow_type: str
+    input: Any
+    overlap: str
+    paused: bool
+    next_fire_at: datetime
+    last_fired_at: datetime | None
+    last_workflow_id: str | None
+    last_run_id: str | None
+    fired_count: int
+    skipped_count: int
+    created_at: datetime
+
+    @classmethod
+    def from_proto(cls, msg: Any) -> ScheduleInfo:
+        """Build from a ``pb.Schedule``."""
+        return cls(
+            schedule_id=msg.schedule_id,
+            spec=msg.spec,
+            workflow_type=msg.workflow_type,
+            input=decode(msg.input, what="input"),
+            overlap=msg.overlap,
+            paused=msg.paused,
+            next_fire_at=_required_time(msg.next_fire_at),
+            last_fired_at=_time(msg.last_fired_at),
+            last_workflow_id=msg.last_workflow_id or None,
+            last_run_id=msg.last_run_id or None,
+            fired_count=msg.fired_count,
+            skipped_count=msg.skipped_count,
+            created_at=_required_time(msg.created_at),
         )
 
 
@@ -1238,6 +1294,141 @@ class Client:
             self._stub.reset_circuit_breaker,
             pb.ResetCircuitBreakerRequest(key=_check_text(check_name(key, "key"), "key")),
             retry=True,
+        )
+
+    async def create_schedule(
+        self,
+        schedule_id: str,
+        workflow: WorkflowRef,
+        input: Any = None,
+        *,
+        spec: str,
+        overlap: str = "skip",
+        paused: bool = False,
+        replace: bool = False,
+    ) -> tuple[ScheduleInfo, bool]:
+        """Start ``workflow`` with ``input`` at every time ``spec`` names, from now on.
+
+        The control plane fires a due schedule once, whichever of its replicas is up; a
+        schedule due several times while none was fires once when one is back, then keeps its
+        times. Each firing's run has the workflow id ``<schedule_id>@<time it was due>``.
+
+        Args:
+            schedule_id: the schedule's id (at most 491 characters).
+            workflow: the decorated workflow function or its registered name.
+            input: each run's input, any exact-JSON value.
+            spec: a cron expression of five fields (minute hour day-of-month month
+                day-of-week, in UTC; ``@hourly``, ``@daily``... too), or ``@every <duration>``
+                (``@every 30s``, ``@every 1h30m``: times at multiples of it since the Unix
+                epoch).
+            overlap: ``"skip"``: a firing while the run it started last is still open starts
+                nothing (counted in ``skipped_count``); ``"allow"``: it starts another run.
+            paused: create it paused (`resume_schedule` starts it).
+            replace: replace another definition under ``schedule_id`` instead of refusing.
+
+        Returns:
+            ``(schedule, created)``. The same definition again returns the existing schedule
+            unchanged with ``created`` False, so a create may be retried or run at every
+            deploy.
+
+        Raises:
+            InvalidArgument: a malformed field; a spec's fault is named (``minute 75 is out of
+                range``), and a spec that can never fire is refused.
+            AlreadyExists: ``schedule_id`` names a schedule with another definition (and not
+                ``replace``).
+            PayloadError: ``input`` is not exact JSON; raised before anything is sent.
+            ServerUnavailable: the control plane stayed unreachable through the retries.
+        """
+        name = _workflow_type(workflow)
+        request = pb.CreateScheduleRequest(
+            schedule_id=_check_string(schedule_id, "schedule_id"),
+            spec=_check_string(spec, "spec"),
+            workflow_type=name,
+            input=encode(input, what=f"input of schedule {schedule_id!r}"),
+            overlap=_check_string(overlap, "overlap"),
+            paused=_check_flag(paused, "paused"),
+            replace=_check_flag(replace, "replace"),
+        )
+        # Retried: a create whose first try was applied finds the same definition.
+        reply = await self._call(self._stub.create_schedule, request, retry=True)
+        return ScheduleInfo.from_proto(reply.schedule), bool(reply.created)
+
+    async def describe_schedule(self, schedule_id: str) -> ScheduleInfo:
+        """One schedule.
+
+        Raises:
+            NotFound: no such schedule.
+            ServerUnavailable: the control plane stayed unreachable through the retries.
+        """
+        reply = await self._call(
+            self._stub.describe_schedule,
+            pb.DescribeScheduleRequest(schedule_id=_check_string(schedule_id, "schedule_id")),
+            retry=True,
+        )
+        return ScheduleInfo.from_proto(reply.schedule)
+
+    async def list_schedules(
+        self, limit: int = 100, page_token: str | None = None
+    ) -> tuple[list[ScheduleInfo], str | None]:
+        """Return one page of schedules, by id.
+
+        Returns:
+            ``(schedules, next_page_token)``; the token is None on the last page.
+
+        Raises:
+            InvalidArgument: a limit outside 1 to `MAX_PAGE_SIZE`, or a bad page token.
+            ServerUnavailable: the control plane stayed unreachable through the retries.
+        """
+        _check_page_size(limit, "limit", 1)
+        reply = await self._call(
+            self._stub.list_schedules,
+            pb.ListSchedulesRequest(limit=limit, page_token=_page_token(page_token)),
+            retry=True,
+        )
+        schedules = [ScheduleInfo.from_proto(s) for s in reply.schedules]
+        return schedules, reply.next_page_token or None
+
+    async def pause_schedule(self, schedule_id: str) -> ScheduleInfo:
+        """Pause a schedule: it fires no more until resumed (idempotent).
+
+        Raises:
+            NotFound: no such schedule.
+            ServerUnavailable: the control plane stayed unreachable through the retries.
+        """
+        return await self._pause_schedule(schedule_id, paused=True)
+
+    async def resume_schedule(self, schedule_id: str) -> ScheduleInfo:
+        """Resume a paused schedule (idempotent): it fires next at its spec's next time from
+        now; the times it missed while paused are not fired.
+
+        Raises:
+            NotFound: no such schedule.
+            ServerUnavailable: the control plane stayed unreachable through the retries.
+        """
+        return await self._pause_schedule(schedule_id, paused=False)
+
+    async def _pause_schedule(self, schedule_id: str, *, paused: bool) -> ScheduleInfo:
+        reply = await self._call(
+            self._stub.pause_schedule,
+            pb.PauseScheduleRequest(
+                schedule_id=_check_string(schedule_id, "schedule_id"), paused=paused
+            ),
+            retry=True,
+        )
+        return ScheduleInfo.from_proto(reply.schedule)
+
+    async def delete_schedule(self, schedule_id: str) -> None:
+        """Delete a schedule; the runs it started go on.
+
+        Raises:
+            NotFound: no such schedule.
+            ServerUnavailable: the control plane is unreachable (not retried: a retry of a
+                delete that was applied would say NotFound).
+        """
+        await self._call(
+            self._stub.delete_schedule,
+            pb.DeleteScheduleRequest(schedule_id=_check_string(schedule_id, "schedule_id")),
+            retry=False,
         )
 
 

@@ -1957,9 +1957,11 @@ async def test_a_task_handed_to_a_poll_that_left_goes_back_to_the_queue(
 # slots; pending tasks are swept through the index of their deadlines), every requeue an
 # operator wrote is due, every open child with no cancel request may have lost its parent,
 # and every activity task a run's end or cancel skipped is still to settle (their records);
-# the next due timer, a min() that reads one end of its index; and a page of the operator's
-# dead-letter listing.
+# the next due timer, a min() that reads one end of its index; a page of the operator's
+# dead-letter listing; and the due schedules, a table of a row per schedule an operator made
+# (read in due order under a limit where it is large enough for its index to pay; empty here).
 _WHOLE_BY_DESIGN = {
+    "lock_due_schedules",
     "find_stale_tasks",
     "find_timed_out_tasks",
     "next_timeout",

@@ -51,6 +51,11 @@ WORKFLOW_METHODS = {
     "list_workers",
     "list_circuit_breakers",
     "reset_circuit_breaker",
+    "create_schedule",
+    "describe_schedule",
+    "list_schedules",
+    "pause_schedule",
+    "delete_schedule",
 }
 
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)

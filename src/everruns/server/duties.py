@@ -131,7 +131,7 @@ async def run_follow_ups(
 async def run_due_scanner(
     engine: Engine, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Fire timers when due and wake claimers when delayed tasks become visible.
+    """Fire timers and schedules when due and wake claimers when delayed tasks become visible.
 
     Sleeps until the next due moment (read from the tables), or until a new timer or retry is
     announced by NOTIFY, whichever comes first; never polls on a fixed interval.
@@ -157,6 +157,7 @@ async def _scan_once(engine: Engine, since: datetime | None) -> tuple[datetime, 
     if since is None:
         since = await engine.store.now()
     await engine.fire_due_timers()
+    await engine.fire_due_schedules()
     await engine.enforce_timeouts()
     async with engine.store.transaction() as conn:
         await engine.store.apply_operator_requeues(conn)

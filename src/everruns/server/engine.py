@@ -37,6 +37,7 @@ from everruns.domain.commands import (
     StartTimer,
     command_from_dict,
 )
+from everruns.domain.cron import Spec, parse_spec
 from everruns.domain.lease import timeout_kind
 from everruns.domain.limits import check_name, check_type_name, shown
 from everruns.domain.parts import split_keeping_keys
@@ -46,6 +47,7 @@ from everruns.domain.retry import RetryPolicy
 from everruns.errors import (
     NOT_SERVED_ERROR,
     WORKER_SHUTDOWN_ERROR,
+    AlreadyExists,
     DatabaseError,
     EverrunsError,
     FailedPrecondition,
@@ -57,7 +59,15 @@ from everruns.errors import (
 from everruns.server.claims import CLAIM_LIMIT_SECONDS, ClaimGroups, claim_overran
 from everruns.server.config import ServerConfig
 from everruns.server.notifier import Notifier, TaskInterest
-from everruns.store.models import Incarnation, StoredEvent, Task, TaskRef, WorkflowRun
+from everruns.store.models import (
+    Incarnation,
+    ScheduleDefinition,
+    ScheduleRecord,
+    StoredEvent,
+    Task,
+    TaskRef,
+    WorkflowRun,
+)
 from everruns.store.store import (
     Continuation,
     Decision,
@@ -104,6 +114,16 @@ class StartRequest(NamedTuple):
 CAPACITY_LOCK = 0x6576_0003
 """Advisory lock under which a start counts the queue and inserts (EVERRUNS_MAX_PENDING_TASKS);
 beside the duties' locks (`duties.RECLAIM_LOCK`, `duties.RETENTION_LOCK`)."""
+
+SCHEDULE_OVERLAPS = ("skip", "allow")
+"""What a schedule does when it fires while the run it started last is still open: skip the
+firing (the default), or start another run beside it."""
+
+MAX_SCHEDULE_ID_LENGTH = 491
+"""The longest schedule id: a firing's workflow id is the schedule id, '@' and the firing's UTC
+time (`schedule_workflow_id`), within `MAX_NAME_LENGTH`."""
+
+_FIRE_BATCH = 100  # due schedules fired in one transaction
 
 _REQUEST_IDS = uuid.UUID("5f0e2a6c-3b8d-4c51-9a7e-2d4b8c1f6e93")
 
@@ -2313,6 +2333,196 @@ class Engine:
                 return fired
             after = due[-1]
 
+    # ------------------------------------------------------------------ schedules
+
+    def _schedule_fields(
+        self, schedule_id: str, spec: str, workflow_type: str, input: str, overlap: str
+    ) -> Spec:
+        check_name(schedule_id, "schedule_id", limit=MAX_SCHEDULE_ID_LENGTH)
+        parsed = parse_spec(spec, "spec")
+        check_type_name(workflow_type, "workflow_type")
+        self.check_payload(input, "input")
+        if overlap not in SCHEDULE_OVERLAPS:
+            raise InvalidArgument(
+                f"overlap must be one of {', '.join(SCHEDULE_OVERLAPS)}, got {shown(overlap)}"
+            )
+        return parsed
+
+    async def create_schedule(
+        self,
+        schedule_id: str,
+        *,
+        spec: str,
+        workflow_type: str,
+        input: str,
+        overlap: str = "skip",
+        paused: bool = False,
+        replace: bool = False,
+    ) -> tuple[ScheduleRecord, bool]:
+        """Create a schedule; returns it and whether it was created. The same definition
+        again returns the schedule unchanged (a retried create); another one is refused unless
+        ``replace``, which keeps what the schedule fired so far and its next firing when its
+        spec and pause are unchanged (else the next firing is the spec's next one from now).
+
+        Raises:
+            InvalidArgument: a field is malformed (the spec names its fault).
+            AlreadyExists: the id names a schedule with another definition, without
+                ``replace``.
+        """
+        parsed = self._schedule_fields(schedule_id, spec, workflow_type, input, overlap)
+        definition = ScheduleDefinition(parsed.text, workflow_type, input, overlap, paused)
+        async with self.store.transaction() as conn:
+            now = await self.store.now(conn)
+            existing = await self.store.lock_schedule(conn, schedule_id)
+            if existing is None:
+                created = await self.store.insert_schedule(
+                    conn, schedule_id, definition, next_fire_at=parsed.next_after(now)
+                )
+                if created is not None:
+                    return created, True
+                # Another create of this id committed first: judged as if it came before.
+                existing = await self.store.lock_schedule(conn, schedule_id)
+                if existing is None:  # and was deleted since
+                    raise FailedPrecondition(
+                        f"schedule {schedule_id!r} was created and deleted meanwhile; retry"
+                    )
+            if existing.definition == definition:
+                return existing, False
+            if not replace:
+                raise AlreadyExists(
+                    f"schedule {schedule_id!r} exists with another definition "
+                    "(replace it to change it)"
+                )
+            keep = existing.spec == parsed.text and existing.paused == paused
+            next_fire_at = existing.next_fire_at if keep else parsed.next_after(now)
+            replaced = await self.store.insert_schedule(
+                conn, schedule_id, definition, next_fire_at=next_fire_at, replace=True
+            )
+            assert replaced is not None  # its row is locked
+            return replaced, False
+
+    async def pause_schedule(self, schedule_id: str, *, paused: bool) -> ScheduleRecord:
+        """Pause a schedule, or resume it (idempotent). A resumed schedule fires next at its
+        spec's next time from now: what it missed while paused is not fired.
+
+        Raises:
+            NotFound: no such schedule.
+        """
+        check_name(schedule_id, "schedule_id", limit=MAX_SCHEDULE_ID_LENGTH)
+        async with self.store.transaction() as conn:
+            existing = await self.store.lock_schedule(conn, schedule_id)
+            if existing is None:
+                raise NotFound(f"no schedule {schedule_id!r}")
+            if existing.paused == paused:
+                return existing
+            next_fire_at = None
+            if not paused:
+                next_fire_at = parse_spec(existing.spec, "spec").next_after(
+                    await self.store.now(conn)
+                )
+            changed = await self.store.pause_schedule(
+                conn, schedule_id, paused=paused, next_fire_at=next_fire_at
+            )
+            assert changed is not None  # its row is locked
+            return changed
+
+    async def delete_schedule(self, schedule_id: str) -> None:
+        """Delete a schedule; the runs it started go on.
+
+        Raises:
+            NotFound: no such schedule (a retried delete whose first try succeeded, too).
+        """
+        check_name(schedule_id, "schedule_id", limit=MAX_SCHEDULE_ID_LENGTH)
+        if not await self.store.delete_schedule(schedule_id):
+            raise NotFound(f"no schedule {schedule_id!r}")
+
+    async def get_schedule(self, schedule_id: str) -> ScheduleRecord:
+        """One schedule.
+
+        Raises:
+            NotFound: no such schedule.
+        """
+        check_name(schedule_id, "schedule_id", limit=MAX_SCHEDULE_ID_LENGTH)
+        found = await self.store.get_schedule(schedule_id)
+        if found is None:
+            raise NotFound(f"no schedule {schedule_id!r}")
+        return found
+
+    async def fire_due_schedules(self) -> int:
+        """Fire every due schedule that is not paused; return how many runs started.
+
+        Each batch of up to `_FIRE_BATCH` is one transaction that locks the due rows (SKIP
+        LOCKED: a schedule another control plane is firing is left to it), starts their runs
+        and moves each schedule's next firing on, so that a firing starts its run exactly
+        once. A schedule due several times over (the control plane was down) fires once, for
+        the first time it missed, then at its next time from now. A firing is skipped, and
+        counted so, when the schedule's overlap is 'skip' and the run it started last is
+        still open (a run that continued as new counts as open), or when
+        ``EVERRUNS_MAX_PENDING_TASKS`` tasks already wait."""
+        started = 0
+        while True:
+            async with self.store.transaction() as conn:
+                due = await self.store.lock_due_schedules(conn, limit=_FIRE_BATCH)
+                if not due:
+                    return started
+                now = await self.store.now(conn)
+                room = await self._room_for_firings(conn)
+                for schedule in due:
+                    if await self._fire(conn, schedule, now, room):
+                        started += 1
+                        room = None if room is None else room - 1
+            if len(due) < _FIRE_BATCH:
+                return started
+
+    async def _room_for_firings(self, conn: Connection) -> int | None:
+        """How many runs the firings may start under ``EVERRUNS_MAX_PENDING_TASKS`` (None: no
+        limit), counted under the starts' advisory lock (held to the commit)."""
+        limit = self.config.max_pending_tasks
+        if not limit:
+            return None
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", CAPACITY_LOCK)
+        return max(0, limit - await self.store.count_pending(conn))
+
+    async def _fire(
+        self, conn: Connection, schedule: ScheduleRecord, now: datetime, room: int | None
+    ) -> bool:
+        """Fire one locked, due schedule; True when it started a run."""
+        try:
+            spec = parse_spec(schedule.spec, "spec")
+        except InvalidArgument as exc:  # written by hand into the table: paused, not retried
+            log.error("schedule %r paused: its %s", schedule.schedule_id, exc)
+            await self.store.pause_schedule(
+                conn, schedule.schedule_id, paused=True, next_fire_at=None
+            )
+            return False
+        next_fire_at = spec.next_after(max(schedule.next_fire_at, now))
+        run: WorkflowRun | None = None
+        last = schedule.last_workflow_id
+        if schedule.overlap == "skip" and last and await self.store.workflow_id_open(conn, last):
+            log.info(
+                "schedule %r skipped its firing of %s: %s is still open",
+                schedule.schedule_id,
+                schedule.next_fire_at.isoformat(),
+                last,
+            )
+        elif room is not None and room <= 0:
+            log.warning(
+                "schedule %r skipped its firing of %s: %d tasks are already waiting "
+                "(EVERRUNS_MAX_PENDING_TASKS)",
+                schedule.schedule_id,
+                schedule.next_fire_at.isoformat(),
+                self.config.max_pending_tasks,
+            )
+        else:
+            request = StartRequest(
+                schedule.workflow_type,
+                schedule.input,
+                schedule_workflow_id(schedule.schedule_id, schedule.next_fire_at),
+            )
+            run, _ = await self._start(conn, request)
+        await self.store.advance_schedule(conn, schedule, next_fire_at=next_fire_at, started=run)
+        return run is not None
+
 
 class _UnclosedBreakers:
     """Whether some circuit breaker may be open or half-open, as the database said at most a
@@ -2621,6 +2831,12 @@ def _parse_commands(text: str) -> list[Command]:
 
 
 _YEAR_3000 = 32503680000.0
+
+
+def schedule_workflow_id(schedule_id: str, fire_at: datetime) -> str:
+    """The workflow id of a schedule's firing at ``fire_at``: ``nightly@2026-11-28T03:00:00Z``
+    (so each firing starts at most one run, and its id tells when it was due)."""
+    return f"{schedule_id}@{fire_at.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}"
 
 
 def utc_from_timestamp(value: float, what: str = "time") -> datetime:

@@ -47,6 +47,7 @@ from everruns.server.engine import (
 from everruns.store.models import (
     DeadLetter,
     Incarnation,
+    ScheduleRecord,
     StoredEvent,
     Task,
     TaskRef,
@@ -729,6 +730,41 @@ class WorkflowService:
         await self.store.reset_breaker(check_name(request.key, "key"))
         return pb.ResetCircuitBreakerResponse()
 
+    async def create_schedule(self, request: pb.CreateScheduleRequest) -> pb.CreateScheduleResponse:
+        schedule, created = await self.engine.create_schedule(
+            request.schedule_id,
+            spec=request.spec,
+            workflow_type=request.workflow_type,
+            input=_text(request.input, "input"),
+            overlap=request.overlap or "skip",
+            paused=request.paused,
+            replace=request.replace,
+        )
+        return pb.CreateScheduleResponse(schedule=_schedule(schedule), created=created)
+
+    async def describe_schedule(
+        self, request: pb.DescribeScheduleRequest
+    ) -> pb.DescribeScheduleResponse:
+        schedule = await self.engine.get_schedule(request.schedule_id)
+        return pb.DescribeScheduleResponse(schedule=_schedule(schedule))
+
+    async def list_schedules(self, request: pb.ListSchedulesRequest) -> pb.ListSchedulesResponse:
+        limit = _limit(request.limit, 100, 1000)
+        after = _schedule_cursor(request.page_token)
+        schedules = await self.store.list_schedules(after=after, limit=limit)
+        token = _schedule_token(schedules[-1].schedule_id) if len(schedules) == limit else ""
+        return pb.ListSchedulesResponse(
+            schedules=[_schedule(s) for s in schedules], next_page_token=token
+        )
+
+    async def pause_schedule(self, request: pb.PauseScheduleRequest) -> pb.PauseScheduleResponse:
+        schedule = await self.engine.pause_schedule(request.schedule_id, paused=request.paused)
+        return pb.PauseScheduleResponse(schedule=_schedule(schedule))
+
+    async def delete_schedule(self, request: pb.DeleteScheduleRequest) -> pb.DeleteScheduleResponse:
+        await self.engine.delete_schedule(request.schedule_id)
+        return pb.DeleteScheduleResponse()
+
 
 def _refused(why: EverrunsError) -> dict[str, str]:
     """The fields of a batch item's outcome that say why it was refused: the gRPC status the
@@ -881,6 +917,38 @@ def _worker(worker: WorkerRecord) -> pb.WorkerInfo:
         started_at=_ts(worker.started_at),
         last_heartbeat_at=_ts(worker.last_heartbeat_at),
     )
+
+
+def _schedule(schedule: ScheduleRecord) -> pb.Schedule:
+    return pb.Schedule(
+        schedule_id=schedule.schedule_id,
+        spec=schedule.spec,
+        workflow_type=schedule.workflow_type,
+        input=_bytes(schedule.input),
+        overlap=schedule.overlap,
+        paused=schedule.paused,
+        next_fire_at=_ts(schedule.next_fire_at),
+        last_fired_at=_ts(schedule.last_fired_at),
+        last_workflow_id=schedule.last_workflow_id or "",
+        last_run_id=str(schedule.last_run_id) if schedule.last_run_id else "",
+        fired_count=schedule.fired_count,
+        skipped_count=schedule.skipped_count,
+        created_at=_ts(schedule.created_at),
+    )
+
+
+def _schedule_token(schedule_id: str) -> str:
+    return base64.urlsafe_b64encode(schedule_id.encode()).decode()
+
+
+def _schedule_cursor(token: str) -> str | None:
+    if not token:
+        return None
+    try:
+        after = base64.urlsafe_b64decode(token.encode()).decode()
+    except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
+        raise InvalidArgument(f"page_token {shown(token)} is not one this server issued") from None
+    return check_name(after, "page_token")
 
 
 def _page_token(at: datetime, row_id: uuid.UUID) -> str:

@@ -21,6 +21,8 @@ __all__ = [
     "DeadLetter",
     "DueTimer",
     "Incarnation",
+    "ScheduleDefinition",
+    "ScheduleRecord",
     "Signal",
     "StoredEvent",
     "Task",
@@ -247,6 +249,61 @@ class BreakerRecord:
                 last_failure_at=row["last_failure_at"],
                 recent_failures=tuple(row["recent_failures"] or ()),
             ),
+            updated_at=row["updated_at"],
+        )
+
+
+class ScheduleDefinition(NamedTuple):
+    """What a schedule starts and when: the fields a create sets and compares."""
+
+    spec: str  # normalized (`everruns.domain.cron.Spec.text`)
+    workflow_type: str
+    input: str  # exact JSON text
+    overlap: str  # 'skip': no firing while the last run is open; 'allow'
+    paused: bool
+
+
+@attrs.frozen
+class ScheduleRecord:
+    """A schedule's row: what it starts, when, and what it did so far."""
+
+    schedule_id: str
+    spec: str
+    workflow_type: str
+    input: str
+    overlap: str
+    paused: bool
+    next_fire_at: datetime
+    last_fired_at: datetime | None
+    last_workflow_id: str | None
+    last_run_id: uuid.UUID | None
+    fired_count: int
+    skipped_count: int
+    created_at: datetime
+    updated_at: datetime
+
+    @property
+    def definition(self) -> ScheduleDefinition:
+        return ScheduleDefinition(
+            self.spec, self.workflow_type, self.input, self.overlap, self.paused
+        )
+
+    @classmethod
+    def from_row(cls, row: Row) -> ScheduleRecord:
+        return cls(
+            schedule_id=row["id"],
+            spec=row["spec"],
+            workflow_type=row["workflow_type"],
+            input=row["input"],
+            overlap=row["overlap"],
+            paused=row["paused"],
+            next_fire_at=row["next_fire_at"],
+            last_fired_at=row["last_fired_at"],
+            last_workflow_id=row["last_workflow_id"],
+            last_run_id=row["last_run_id"],
+            fired_count=row["fired_count"],
+            skipped_count=row["skipped_count"],
+            created_at=row["created_at"],
             updated_at=row["updated_at"],
         )
 

@@ -597,14 +597,16 @@ UPDATE durable_timers SET status = 'cancelled'
 WHERE run_id = $1 AND status NOT IN ('fired', 'cancelled');
 
 -- name: next_due
--- Seconds until the next timer fires, a delayed task becomes visible, or an open breaker may
--- admit probes ($1: the breakers' open duration) (NULL: nothing waits).
+-- Seconds until the next timer fires, a delayed task becomes visible, an open breaker may
+-- admit probes ($1: the breakers' open duration) or a schedule fires (NULL: nothing waits;
+-- negative: a schedule is past due, another control plane firing it).
 SELECT extract(epoch FROM least(
     (SELECT min(fire_at) FROM durable_timers WHERE status = 'pending'),
     (SELECT min(visible_at) FROM durable_task_queue
      WHERE status = 'pending' AND visible_at > created_at AND visible_at > now()),
     (SELECT min(opened_at) + make_interval(secs => $1) FROM durable_circuit_breaker_state
-     WHERE state = 'open' AND opened_at + make_interval(secs => $1) > now())
+     WHERE state = 'open' AND opened_at + make_interval(secs => $1) > now()),
+    (SELECT min(next_fire_at) FROM durable_schedules WHERE NOT paused)
 ) - now())::float8;
 
 -- name: breakers_due_since
@@ -1551,3 +1553,82 @@ LEFT JOIN ins mine ON mine.id = req.run_id
 LEFT JOIN ins same ON mine.id IS NULL AND same.workflow_id = req.workflow_id
 WHERE (SELECT n FROM woke) IS NOT NULL
 ORDER BY req.ord;
+
+-- name: lock_schedule
+-- One schedule's row, locked (NULL: none).
+SELECT * FROM durable_schedules WHERE id = $1 FOR UPDATE;
+
+-- name: get_schedule
+-- One schedule's row (NULL: none).
+SELECT * FROM durable_schedules WHERE id = $1;
+
+-- name: insert_schedule
+-- Create a schedule unless its id is taken (then return nothing). NOTIFY wakes the
+-- due-scanners, which sleep until the next firing they know of.
+WITH s AS (
+    INSERT INTO durable_schedules (id, spec, workflow_type, input, overlap, paused, next_fire_at)
+    VALUES ($1, $2, $3, $4::json, $5, $6, $7)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING *
+)
+SELECT s.* FROM s, LATERAL (SELECT pg_notify('everruns_timers', '')) n;
+
+-- name: replace_schedule
+-- Replace a schedule's definition (its row locked by the caller); what it fired so far stays.
+WITH s AS (
+    UPDATE durable_schedules
+    SET spec = $2, workflow_type = $3, input = $4::json, overlap = $5, paused = $6,
+        next_fire_at = $7, updated_at = now()
+    WHERE id = $1
+    RETURNING *
+)
+SELECT s.* FROM s, LATERAL (SELECT pg_notify('everruns_timers', '')) n;
+
+-- name: pause_schedule
+-- Pause a schedule ($2 true) or resume it with its next firing $3 (what it missed while paused
+-- is not fired).
+WITH s AS (
+    UPDATE durable_schedules
+    SET paused = $2, next_fire_at = coalesce($3, next_fire_at), updated_at = now()
+    WHERE id = $1
+    RETURNING *
+)
+SELECT s.* FROM s, LATERAL (SELECT pg_notify('everruns_timers', '')) n;
+
+-- name: delete_schedule
+-- Delete a schedule (the runs it started are left alone); NULL when there was none.
+DELETE FROM durable_schedules WHERE id = $1 RETURNING id;
+
+-- name: list_schedules
+-- Schedules by id, after $1 (keyset paging), at most $2.
+SELECT * FROM durable_schedules
+WHERE ($1::text IS NULL OR id > $1)
+ORDER BY id
+LIMIT $2;
+
+-- name: lock_due_schedules
+-- Due schedules that are not paused, in due order, at most $1; rows another transaction holds
+-- (another control plane firing them) are skipped, never waited for.
+SELECT * FROM durable_schedules
+WHERE NOT paused AND next_fire_at <= now()
+ORDER BY next_fire_at, id
+LIMIT $1
+FOR UPDATE SKIP LOCKED;
+
+-- name: workflow_id_open
+-- Whether a workflow id has an open run (a run that continued as new goes on under its id).
+SELECT EXISTS (SELECT 1 FROM durable_workflow_instances
+               WHERE workflow_id = $1 AND status IN ('pending', 'running'));
+
+-- name: advance_schedule
+-- Record a firing of a locked schedule: the run it started ($3 its workflow id, $4 its run
+-- id, $5 the firing's time), or a firing skipped ($3 NULL); its next firing is $2.
+UPDATE durable_schedules
+SET next_fire_at = $2,
+    last_fired_at = CASE WHEN $3::text IS NULL THEN last_fired_at ELSE $5 END,
+    last_workflow_id = coalesce($3, last_workflow_id),
+    last_run_id = CASE WHEN $3::text IS NULL THEN last_run_id ELSE $4 END,
+    fired_count = fired_count + CASE WHEN $3::text IS NULL THEN 0 ELSE 1 END,
+    skipped_count = skipped_count + CASE WHEN $3::text IS NULL THEN 1 ELSE 0 END,
+    updated_at = now()
+WHERE id = $1;

@@ -35,6 +35,8 @@ from everruns.store.models import (
     BreakerRecord,
     DeadLetter,
     DueTimer,
+    ScheduleDefinition,
+    ScheduleRecord,
     Signal,
     StoredEvent,
     Task,
@@ -1677,6 +1679,81 @@ class Store:
     async def list_breakers(self) -> list[BreakerRecord]:
         """Every breaker by key, with when its row last changed."""
         return [BreakerRecord.from_row(r) for r in await self.pool.fetch(Q["list_breakers"])]
+
+    # ---------------------------------------------------------------- schedules
+
+    async def lock_schedule(self, conn: Connection, schedule_id: str) -> ScheduleRecord | None:
+        """A schedule, its row locked (None: there is none)."""
+        row = await conn.fetchrow(Q["lock_schedule"], schedule_id)
+        return None if row is None else ScheduleRecord.from_row(row)
+
+    async def get_schedule(self, schedule_id: str) -> ScheduleRecord | None:
+        """A schedule (None: there is none)."""
+        row = await self.pool.fetchrow(Q["get_schedule"], schedule_id)
+        return None if row is None else ScheduleRecord.from_row(row)
+
+    async def insert_schedule(
+        self,
+        conn: Connection,
+        schedule_id: str,
+        definition: ScheduleDefinition,
+        *,
+        next_fire_at: datetime,
+        replace: bool = False,
+    ) -> ScheduleRecord | None:
+        """Create the schedule (``replace``: replace the definition of the one the caller has
+        locked); None when creating found the id taken. Wakes the due-scanners."""
+        row = await conn.fetchrow(
+            Q["replace_schedule" if replace else "insert_schedule"],
+            schedule_id,
+            *definition,
+            next_fire_at,
+        )
+        return None if row is None else ScheduleRecord.from_row(row)
+
+    async def pause_schedule(
+        self, conn: Connection, schedule_id: str, *, paused: bool, next_fire_at: datetime | None
+    ) -> ScheduleRecord | None:
+        """Pause or resume a schedule (resumed: its next firing is ``next_fire_at``)."""
+        row = await conn.fetchrow(Q["pause_schedule"], schedule_id, paused, next_fire_at)
+        return None if row is None else ScheduleRecord.from_row(row)
+
+    async def delete_schedule(self, schedule_id: str) -> bool:
+        """Delete a schedule; False when there was none."""
+        return await self.pool.fetchval(Q["delete_schedule"], schedule_id) is not None
+
+    async def list_schedules(self, *, after: str | None, limit: int) -> list[ScheduleRecord]:
+        """Schedules by id, those after ``after``, at most ``limit``."""
+        rows = await self.pool.fetch(Q["list_schedules"], after, limit)
+        return [ScheduleRecord.from_row(r) for r in rows]
+
+    async def lock_due_schedules(self, conn: Connection, *, limit: int) -> list[ScheduleRecord]:
+        """Lock due schedules that are not paused (those another transaction holds are
+        skipped), in due order."""
+        rows = await conn.fetch(Q["lock_due_schedules"], limit)
+        return [ScheduleRecord.from_row(r) for r in rows]
+
+    async def workflow_id_open(self, conn: Connection, workflow_id: str) -> bool:
+        """Whether ``workflow_id`` has an open run."""
+        return bool(await conn.fetchval(Q["workflow_id_open"], workflow_id))
+
+    async def advance_schedule(
+        self,
+        conn: Connection,
+        schedule: ScheduleRecord,
+        *,
+        next_fire_at: datetime,
+        started: WorkflowRun | None,
+    ) -> None:
+        """Record a firing of a locked schedule: the run it started, or none (skipped)."""
+        await conn.execute(
+            Q["advance_schedule"],
+            schedule.schedule_id,
+            next_fire_at,
+            started.workflow_id if started else None,
+            started.run_id if started else None,
+            schedule.next_fire_at,
+        )
 
     async def reset_breaker(self, key: str) -> None:
         """Close a breaker and forget its counts (idempotent).

@@ -25,7 +25,13 @@ __all__ = (
     "CompleteWorkflowTaskResponse",
     "CompleteWorkflowTasksRequest",
     "CompleteWorkflowTasksResponse",
+    "CreateScheduleRequest",
+    "CreateScheduleResponse",
     "DeadLetter",
+    "DeleteScheduleRequest",
+    "DeleteScheduleResponse",
+    "DescribeScheduleRequest",
+    "DescribeScheduleResponse",
     "DescribeWorkflowRequest",
     "DescribeWorkflowResponse",
     "FailActivityTaskRequest",
@@ -40,10 +46,14 @@ __all__ = (
     "ListCircuitBreakersResponse",
     "ListDeadLettersRequest",
     "ListDeadLettersResponse",
+    "ListSchedulesRequest",
+    "ListSchedulesResponse",
     "ListWorkersRequest",
     "ListWorkersResponse",
     "ListWorkflowsRequest",
     "ListWorkflowsResponse",
+    "PauseScheduleRequest",
+    "PauseScheduleResponse",
     "PendingTimer",
     "PollTasksRequest",
     "PollTasksResponse",
@@ -55,6 +65,7 @@ __all__ = (
     "RequeueDeadLetterResponse",
     "ResetCircuitBreakerRequest",
     "ResetCircuitBreakerResponse",
+    "Schedule",
     "SignalWorkflowRequest",
     "SignalWorkflowResponse",
     "StartWorkflowRequest",
@@ -609,6 +620,53 @@ default_message_pool.register_message(
 
 
 @dataclass(eq=False, repr=False)
+class CreateScheduleRequest(betterproto2.Message):
+    schedule_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+    """
+    at most 491 characters (a run's workflow id adds '@' and its time)
+    """
+
+    spec: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+
+    workflow_type: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+
+    input: "bytes" = betterproto2.field(4, betterproto2.TYPE_BYTES)
+    """
+    JSON; empty means null
+    """
+
+    overlap: "str" = betterproto2.field(5, betterproto2.TYPE_STRING)
+    """
+    empty means "skip"
+    """
+
+    paused: "bool" = betterproto2.field(6, betterproto2.TYPE_BOOL)
+
+    replace: "bool" = betterproto2.field(7, betterproto2.TYPE_BOOL)
+    """
+    replace another definition under this id instead of refusing
+    """
+
+
+default_message_pool.register_message("everruns.v1", "CreateScheduleRequest", CreateScheduleRequest)
+
+
+@dataclass(eq=False, repr=False)
+class CreateScheduleResponse(betterproto2.Message):
+    schedule: "Schedule | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
+
+    created: "bool" = betterproto2.field(2, betterproto2.TYPE_BOOL)
+    """
+    false: the id named a schedule already (same definition, or replaced)
+    """
+
+
+default_message_pool.register_message(
+    "everruns.v1", "CreateScheduleResponse", CreateScheduleResponse
+)
+
+
+@dataclass(eq=False, repr=False)
 class DeadLetter(betterproto2.Message):
     """
     A task that exhausted its attempts or failed non-retryably.
@@ -671,6 +729,44 @@ class DeadLetter(betterproto2.Message):
 
 
 default_message_pool.register_message("everruns.v1", "DeadLetter", DeadLetter)
+
+
+@dataclass(eq=False, repr=False)
+class DeleteScheduleRequest(betterproto2.Message):
+    schedule_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+
+default_message_pool.register_message("everruns.v1", "DeleteScheduleRequest", DeleteScheduleRequest)
+
+
+@dataclass(eq=False, repr=False)
+class DeleteScheduleResponse(betterproto2.Message):
+    pass
+
+
+default_message_pool.register_message(
+    "everruns.v1", "DeleteScheduleResponse", DeleteScheduleResponse
+)
+
+
+@dataclass(eq=False, repr=False)
+class DescribeScheduleRequest(betterproto2.Message):
+    schedule_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+
+default_message_pool.register_message(
+    "everruns.v1", "DescribeScheduleRequest", DescribeScheduleRequest
+)
+
+
+@dataclass(eq=False, repr=False)
+class DescribeScheduleResponse(betterproto2.Message):
+    schedule: "Schedule | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
+
+
+default_message_pool.register_message(
+    "everruns.v1", "DescribeScheduleResponse", DescribeScheduleResponse
+)
 
 
 @dataclass(eq=False, repr=False)
@@ -998,6 +1094,35 @@ default_message_pool.register_message(
 
 
 @dataclass(eq=False, repr=False)
+class ListSchedulesRequest(betterproto2.Message):
+    limit: "int" = betterproto2.field(1, betterproto2.TYPE_INT32)
+    """
+    page size (0: the default, 100)
+    """
+
+    page_token: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    from the previous page
+    """
+
+
+default_message_pool.register_message("everruns.v1", "ListSchedulesRequest", ListSchedulesRequest)
+
+
+@dataclass(eq=False, repr=False)
+class ListSchedulesResponse(betterproto2.Message):
+    schedules: "list[Schedule]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
+
+    next_page_token: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    empty on the last page
+    """
+
+
+default_message_pool.register_message("everruns.v1", "ListSchedulesResponse", ListSchedulesResponse)
+
+
+@dataclass(eq=False, repr=False)
 class ListWorkersRequest(betterproto2.Message):
     include_stopped: "bool" = betterproto2.field(1, betterproto2.TYPE_BOOL)
     """
@@ -1061,6 +1186,27 @@ class ListWorkflowsResponse(betterproto2.Message):
 
 
 default_message_pool.register_message("everruns.v1", "ListWorkflowsResponse", ListWorkflowsResponse)
+
+
+@dataclass(eq=False, repr=False)
+class PauseScheduleRequest(betterproto2.Message):
+    schedule_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    paused: "bool" = betterproto2.field(2, betterproto2.TYPE_BOOL)
+    """
+    true: pause; false: resume
+    """
+
+
+default_message_pool.register_message("everruns.v1", "PauseScheduleRequest", PauseScheduleRequest)
+
+
+@dataclass(eq=False, repr=False)
+class PauseScheduleResponse(betterproto2.Message):
+    schedule: "Schedule | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
+
+
+default_message_pool.register_message("everruns.v1", "PauseScheduleResponse", PauseScheduleResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -1281,6 +1427,62 @@ class ResetCircuitBreakerResponse(betterproto2.Message):
 default_message_pool.register_message(
     "everruns.v1", "ResetCircuitBreakerResponse", ResetCircuitBreakerResponse
 )
+
+
+@dataclass(eq=False, repr=False)
+class Schedule(betterproto2.Message):
+    schedule_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    spec: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    a cron expression (UTC) or `@every <duration>`, normalized
+    """
+
+    workflow_type: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+
+    input: "bytes" = betterproto2.field(4, betterproto2.TYPE_BYTES)
+    """
+    JSON, each run's input
+    """
+
+    overlap: "str" = betterproto2.field(5, betterproto2.TYPE_STRING)
+    """
+    "skip" (no firing while the last run is open) or "allow"
+    """
+
+    paused: "bool" = betterproto2.field(6, betterproto2.TYPE_BOOL)
+
+    next_fire_at: "float" = betterproto2.field(7, betterproto2.TYPE_DOUBLE)
+    """
+    unix seconds
+    """
+
+    last_fired_at: "float" = betterproto2.field(8, betterproto2.TYPE_DOUBLE)
+    """
+    unix seconds; 0 when it never started a run
+    """
+
+    last_workflow_id: "str" = betterproto2.field(9, betterproto2.TYPE_STRING)
+    """
+    the run it started last ("" when none)
+    """
+
+    last_run_id: "str" = betterproto2.field(10, betterproto2.TYPE_STRING)
+
+    fired_count: "int" = betterproto2.field(11, betterproto2.TYPE_INT64)
+    """
+    runs started
+    """
+
+    skipped_count: "int" = betterproto2.field(12, betterproto2.TYPE_INT64)
+    """
+    firings skipped (overlap, or the queue full)
+    """
+
+    created_at: "float" = betterproto2.field(13, betterproto2.TYPE_DOUBLE)
+
+
+default_message_pool.register_message("everruns.v1", "Schedule", Schedule)
 
 
 @dataclass(eq=False, repr=False)
@@ -2409,6 +2611,111 @@ class WorkflowServiceStub(betterproto2_grpclib.ServiceStub):
             metadata=metadata,
         )
 
+    async def create_schedule(
+        self,
+        message: "CreateScheduleRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "CreateScheduleResponse":
+        """
+        Create a schedule: a workflow started at the times a cron expression or `@every` names.
+        """
+
+        return await self._unary_unary(
+            "/everruns.v1.WorkflowService/CreateSchedule",
+            message,
+            CreateScheduleResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def describe_schedule(
+        self,
+        message: "DescribeScheduleRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "DescribeScheduleResponse":
+        """
+        One schedule.
+        """
+
+        return await self._unary_unary(
+            "/everruns.v1.WorkflowService/DescribeSchedule",
+            message,
+            DescribeScheduleResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def list_schedules(
+        self,
+        message: "ListSchedulesRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "ListSchedulesResponse":
+        """
+        Schedules by id, keyset-paged.
+        """
+
+        return await self._unary_unary(
+            "/everruns.v1.WorkflowService/ListSchedules",
+            message,
+            ListSchedulesResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def pause_schedule(
+        self,
+        message: "PauseScheduleRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "PauseScheduleResponse":
+        """
+        Pause or resume a schedule.
+        """
+
+        return await self._unary_unary(
+            "/everruns.v1.WorkflowService/PauseSchedule",
+            message,
+            PauseScheduleResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def delete_schedule(
+        self,
+        message: "DeleteScheduleRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "DeleteScheduleResponse":
+        """
+        Delete a schedule (the runs it started go on).
+        """
+
+        return await self._unary_unary(
+            "/everruns.v1.WorkflowService/DeleteSchedule",
+            message,
+            DeleteScheduleResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
 
 class CallServiceBase(betterproto2_grpclib.ServiceBase):
     async def calls(self, messages: "AsyncIterator[Call]") -> "AsyncIterator[CallReply]":
@@ -2808,6 +3115,43 @@ class WorkflowServiceBase(betterproto2_grpclib.ServiceBase):
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
+    async def create_schedule(self, message: "CreateScheduleRequest") -> "CreateScheduleResponse":
+        """
+        Create a schedule: a workflow started at the times a cron expression or `@every` names.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def describe_schedule(
+        self, message: "DescribeScheduleRequest"
+    ) -> "DescribeScheduleResponse":
+        """
+        One schedule.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def list_schedules(self, message: "ListSchedulesRequest") -> "ListSchedulesResponse":
+        """
+        Schedules by id, keyset-paged.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def pause_schedule(self, message: "PauseScheduleRequest") -> "PauseScheduleResponse":
+        """
+        Pause or resume a schedule.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def delete_schedule(self, message: "DeleteScheduleRequest") -> "DeleteScheduleResponse":
+        """
+        Delete a schedule (the runs it started go on).
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
     async def __rpc_start_workflow(
         self, stream: "grpclib.server.Stream[StartWorkflowRequest, StartWorkflowResponse]"
     ) -> None:
@@ -2914,6 +3258,46 @@ class WorkflowServiceBase(betterproto2_grpclib.ServiceBase):
         response = await self.reset_circuit_breaker(request)
         await stream.send_message(response)
 
+    async def __rpc_create_schedule(
+        self, stream: "grpclib.server.Stream[CreateScheduleRequest, CreateScheduleResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.create_schedule(request)
+        await stream.send_message(response)
+
+    async def __rpc_describe_schedule(
+        self, stream: "grpclib.server.Stream[DescribeScheduleRequest, DescribeScheduleResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.describe_schedule(request)
+        await stream.send_message(response)
+
+    async def __rpc_list_schedules(
+        self, stream: "grpclib.server.Stream[ListSchedulesRequest, ListSchedulesResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.list_schedules(request)
+        await stream.send_message(response)
+
+    async def __rpc_pause_schedule(
+        self, stream: "grpclib.server.Stream[PauseScheduleRequest, PauseScheduleResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.pause_schedule(request)
+        await stream.send_message(response)
+
+    async def __rpc_delete_schedule(
+        self, stream: "grpclib.server.Stream[DeleteScheduleRequest, DeleteScheduleResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.delete_schedule(request)
+        await stream.send_message(response)
+
     def __mapping__(self) -> "dict[str, grpclib.const.Handler]":
         return {
             "/everruns.v1.WorkflowService/StartWorkflow": grpclib.const.Handler(
@@ -2993,5 +3377,35 @@ class WorkflowServiceBase(betterproto2_grpclib.ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 ResetCircuitBreakerRequest,
                 ResetCircuitBreakerResponse,
+            ),
+            "/everruns.v1.WorkflowService/CreateSchedule": grpclib.const.Handler(
+                self.__rpc_create_schedule,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                CreateScheduleRequest,
+                CreateScheduleResponse,
+            ),
+            "/everruns.v1.WorkflowService/DescribeSchedule": grpclib.const.Handler(
+                self.__rpc_describe_schedule,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                DescribeScheduleRequest,
+                DescribeScheduleResponse,
+            ),
+            "/everruns.v1.WorkflowService/ListSchedules": grpclib.const.Handler(
+                self.__rpc_list_schedules,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                ListSchedulesRequest,
+                ListSchedulesResponse,
+            ),
+            "/everruns.v1.WorkflowService/PauseSchedule": grpclib.const.Handler(
+                self.__rpc_pause_schedule,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                PauseScheduleRequest,
+                PauseScheduleResponse,
+            ),
+            "/everruns.v1.WorkflowService/DeleteSchedule": grpclib.const.Handler(
+                self.__rpc_delete_schedule,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                DeleteScheduleRequest,
+                DeleteScheduleResponse,
             ),
         }

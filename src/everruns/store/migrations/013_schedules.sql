@@ -1,0 +1,25 @@
+-- Schedules: a workflow started again and again at the times a cron expression (or an
+-- `@every` interval) names. The control plane's due-scanner fires a due schedule in one
+-- transaction that locks its row (SKIP LOCKED: several control planes fire each time once),
+-- starts the run and moves next_fire_at on. The last run is named by id only: retention may
+-- delete it.
+CREATE TABLE IF NOT EXISTS durable_schedules (
+    -- a run's workflow id is the schedule id, '@' and the firing's UTC time (21 characters)
+    id               text PRIMARY KEY CHECK (length(id) BETWEEN 1 AND 491),
+    spec             text NOT NULL,
+    workflow_type    text NOT NULL,
+    input            json NOT NULL,
+    overlap          text NOT NULL DEFAULT 'skip' CHECK (overlap IN ('skip', 'allow')),
+    paused           boolean NOT NULL DEFAULT false,
+    next_fire_at     timestamptz NOT NULL,
+    last_fired_at    timestamptz,
+    last_workflow_id text,
+    last_run_id      uuid,
+    fired_count      bigint NOT NULL DEFAULT 0 CHECK (fired_count >= 0),
+    skipped_count    bigint NOT NULL DEFAULT 0 CHECK (skipped_count >= 0),
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now()
+);
+-- the due-scanner's look: the next firing of a schedule that is not paused
+CREATE INDEX IF NOT EXISTS durable_schedules_due ON durable_schedules (next_fire_at)
+    WHERE NOT paused;
