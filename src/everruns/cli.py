@@ -677,6 +677,16 @@ async def _schedule_resume(client: Client, args: argparse.Namespace, out: Output
     return EXIT_OK
 
 
+async def _schedule_trigger(client: Client, args: argparse.Namespace, out: Output) -> int:
+    handle = await client.trigger_schedule(args.schedule_id)
+    out.emit(
+        {"workflow_id": handle.workflow_id, "run_id": handle.run_id},
+        f"schedule {args.schedule_id} triggered: workflow {handle.workflow_id} "
+        f"(run {handle.run_id})",
+    )
+    return EXIT_OK
+
+
 async def _schedule_delete(client: Client, args: argparse.Namespace, out: Output) -> int:
     await client.delete_schedule(args.schedule_id)
     out.emit(
@@ -1003,6 +1013,7 @@ def _add_schedule(commands: Any, common: argparse.ArgumentParser) -> None:
         ("show", "describe a schedule: its spec, next and last firing, counts", _schedule_show),
         ("pause", "pause a schedule (it fires no more until resumed)", _schedule_pause),
         ("resume", "resume a schedule (missed firings are not made up)", _schedule_resume),
+        ("trigger", "start a run of a schedule now, besides its times", _schedule_trigger),
         ("delete", "delete a schedule (the runs it started go on)", _schedule_delete),
     ):
         p = _leaf(

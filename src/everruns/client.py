@@ -1417,6 +1417,27 @@ class Client:
         )
         return ScheduleInfo.from_proto(reply.schedule)
 
+    async def trigger_schedule(self, schedule_id: str) -> WorkflowHandle:
+        """Start a run of a schedule now, besides its times (paused or not, whatever its
+        overlap); its next time stays. The run's workflow id is ``<schedule_id>@<now>``, to
+        the second: a trigger in the second a time falls due shares that firing's run.
+
+        Returns:
+            A handle pinned to the run started (or to the open run of that workflow id).
+
+        Raises:
+            NotFound: no such schedule.
+            ResourceExhausted: ``EVERRUNS_MAX_PENDING_TASKS`` tasks already wait.
+            ServerUnavailable: the control plane is unreachable (not retried: a retry of a
+                trigger that was applied would start a second run).
+        """
+        reply = await self._call(
+            self._stub.trigger_schedule,
+            pb.TriggerScheduleRequest(schedule_id=_check_string(schedule_id, "schedule_id")),
+            retry=False,
+        )
+        return WorkflowHandle(self, reply.workflow_id, reply.run_id, created=reply.created)
+
     async def delete_schedule(self, schedule_id: str) -> None:
         """Delete a schedule; the runs it started go on.
 

@@ -18,7 +18,7 @@ import trio
 from everruns import cli
 from everruns._aio import pg
 from everruns.client import Client
-from everruns.errors import AlreadyExists, InvalidArgument, NotFound
+from everruns.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from everruns.server import ServerConfig
 from everruns.server.engine import Engine, StartRequest, schedule_workflow_id
 from everruns.server.notifier import Notifier
@@ -435,3 +435,70 @@ async def test_the_due_scan_reads_the_due_index_among_many_schedules(
         " WHERE id IN ('many-1', 'many-2', 'many-3')"
     )
     assert await _engine(store, database_url).fire_due_schedules() == 3
+
+
+@fail_after(30)
+async def test_trigger_starts_a_run_now_whatever_the_pause_and_overlap(
+    store: Store, pool: pg.Pool, database_url: str
+) -> None:
+    engine = _engine(store, database_url)
+    created = await _create(engine, paused=True)
+    schedule, run, started = await engine.trigger_schedule("tick")
+    assert started and run.workflow_id.startswith("tick@") and run.is_open
+    assert (schedule.fired_count, schedule.last_workflow_id) == (1, run.workflow_id)
+    assert schedule.paused and schedule.next_fire_at == created.next_fire_at
+    # Overlap skip does not hold back an explicit trigger; within the same second it is the
+    # same firing, so the open run is answered.
+    _, second, started_again = await engine.trigger_schedule("tick")
+    if second.workflow_id == run.workflow_id:
+        assert not started_again and second.run_id == run.run_id
+    else:
+        assert started_again and second.run_id != run.run_id
+    assert (await engine.get_schedule("tick")).fired_count == 1 + started_again
+    with pytest.raises(NotFound, match="no schedule 'nope'"):
+        await engine.trigger_schedule("nope")
+
+
+@fail_after(30)
+async def test_trigger_is_refused_while_the_queue_is_full(
+    store: Store, pool: pg.Pool, database_url: str
+) -> None:
+    engine = _engine(store, database_url, max_pending_tasks=1)
+    await engine.start_workflows([StartRequest("report", "null", "filler")])
+    await _create(engine)
+    with pytest.raises(ResourceExhausted, match="EVERRUNS_MAX_PENDING_TASKS"):
+        await engine.trigger_schedule("tick")
+    assert (await engine.get_schedule("tick")).fired_count == 0
+    assert await _runs_of(pool, "tick") == []
+
+
+@fail_after(60)
+async def test_trigger_through_the_client_and_the_command(
+    address: str, pool: pg.Pool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with Client.connect(address) as client:
+        await client.create_schedule("nightly", "report", {"n": 2}, spec="0 3 * * *")
+        handle = await client.trigger_schedule("nightly")
+        assert handle.created and handle.workflow_id.startswith("nightly@")
+        assert (await handle.describe()).input == {"n": 2}
+    code, out, _ = await _cli(capsys, address, "--json", "schedule", "trigger", "nightly")
+    assert code == cli.EXIT_OK and json.loads(out)["workflow_id"].startswith("nightly@")
+    code, _, err = await _cli(capsys, address, "schedule", "trigger", "nope")
+    assert code == cli.EXIT_NOT_FOUND and "no schedule 'nope'" in err
+
+
+@fail_after(30)
+async def test_a_firing_whose_workflow_id_is_open_already_takes_that_run(
+    store: Store, pool: pg.Pool, database_url: str
+) -> None:
+    engine = _engine(store, database_url)
+    await _create(engine)
+    due = await _make_due(pool, "tick")
+    ((mine, created),) = await engine.start_workflows(
+        [StartRequest("report", "null", schedule_workflow_id("tick", due))]
+    )
+    assert created
+    assert await engine.fire_due_schedules() == 0  # nothing started
+    after = await engine.get_schedule("tick")
+    assert (after.fired_count, after.last_run_id) == (0, mine.run_id)
+    assert len(await _runs_of(pool, "tick")) == 1

@@ -56,6 +56,7 @@ WORKFLOW_METHODS = {
     "list_schedules",
     "pause_schedule",
     "delete_schedule",
+    "trigger_schedule",
 }
 
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)

@@ -2448,6 +2448,47 @@ class Engine:
             raise NotFound(f"no schedule {schedule_id!r}")
         return found
 
+    async def trigger_schedule(self, schedule_id: str) -> tuple[ScheduleRecord, WorkflowRun, bool]:
+        """Start a run of a schedule now, besides its times (an operator's "run it now"), with
+        the workflow id its firing would have at this second; whether paused or not, and
+        whatever its overlap (asked for explicitly). It counts as a firing (``fired_count``,
+        its last run); its next time stays. Returns the schedule, the run and whether it was
+        created (not when the firing of this very second started it).
+
+        Raises:
+            NotFound: no such schedule.
+            ResourceExhausted: ``EVERRUNS_MAX_PENDING_TASKS`` tasks already wait.
+        """
+        check_name(schedule_id, "schedule_id", limit=MAX_SCHEDULE_ID_LENGTH)
+        async with self.store.transaction() as conn:
+            schedule = await self.store.lock_schedule(conn, schedule_id)
+            if schedule is None:
+                raise NotFound(f"no schedule {schedule_id!r}")
+            room = await self._room_for_firings(conn)
+            if room is not None and room <= 0:
+                raise ResourceExhausted(
+                    f"{self.config.max_pending_tasks} tasks are already waiting "
+                    "(EVERRUNS_MAX_PENDING_TASKS); retry later"
+                )
+            now = (await self.store.now(conn)).replace(microsecond=0)
+            request = StartRequest(
+                schedule.workflow_type,
+                schedule.input,
+                schedule_workflow_id(schedule.schedule_id, now),
+            )
+            run, created = await self._start(conn, request)
+            await self.store.advance_schedule(
+                conn,
+                schedule,
+                next_fire_at=schedule.next_fire_at,
+                run=run,
+                created=created,
+                fired_at=now,
+            )
+            triggered = await self.store.lock_schedule(conn, schedule_id)
+            assert triggered is not None  # its row is locked
+            return triggered, run, created
+
     async def fire_due_schedules(self) -> int:
         """Fire every due schedule that is not paused; return how many runs started.
 
@@ -2497,6 +2538,7 @@ class Engine:
             return False
         next_fire_at = spec.next_after(max(schedule.next_fire_at, now))
         run: WorkflowRun | None = None
+        created = False
         last = schedule.last_workflow_id
         if schedule.overlap == "skip" and last and await self.store.workflow_id_open(conn, last):
             log.info(
@@ -2519,9 +2561,13 @@ class Engine:
                 schedule.input,
                 schedule_workflow_id(schedule.schedule_id, schedule.next_fire_at),
             )
-            run, _ = await self._start(conn, request)
-        await self.store.advance_schedule(conn, schedule, next_fire_at=next_fire_at, started=run)
-        return run is not None
+            # A run open under that workflow id already (started by hand, or by a trigger in
+            # the second this time fell due) is this firing's run: not started twice.
+            run, created = await self._start(conn, request)
+        await self.store.advance_schedule(
+            conn, schedule, next_fire_at=next_fire_at, run=run, created=created
+        )
+        return created
 
 
 class _UnclosedBreakers:

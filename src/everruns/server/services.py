@@ -761,6 +761,17 @@ class WorkflowService:
         schedule = await self.engine.pause_schedule(request.schedule_id, paused=request.paused)
         return pb.PauseScheduleResponse(schedule=_schedule(schedule))
 
+    async def trigger_schedule(
+        self, request: pb.TriggerScheduleRequest
+    ) -> pb.TriggerScheduleResponse:
+        schedule, run, created = await self.engine.trigger_schedule(request.schedule_id)
+        return pb.TriggerScheduleResponse(
+            schedule=_schedule(schedule),
+            workflow_id=run.workflow_id,
+            run_id=str(run.run_id),
+            created=created,
+        )
+
     async def delete_schedule(self, request: pb.DeleteScheduleRequest) -> pb.DeleteScheduleResponse:
         await self.engine.delete_schedule(request.schedule_id)
         return pb.DeleteScheduleResponse()

@@ -1621,14 +1621,15 @@ SELECT EXISTS (SELECT 1 FROM durable_workflow_instances
                WHERE workflow_id = $1 AND status IN ('pending', 'running'));
 
 -- name: advance_schedule
--- Record a firing of a locked schedule: the run it started ($3 its workflow id, $4 its run
--- id, $5 the firing's time), or a firing skipped ($3 NULL); its next firing is $2.
+-- Record a firing of a locked schedule: the run it started or found open under its workflow id
+-- ($3 that id, $4 the run id, $5 the time it fired for: its due time, or now for a trigger;
+-- $6 whether it started the run), or a firing skipped ($3 NULL); its next firing is $2.
 UPDATE durable_schedules
 SET next_fire_at = $2,
     last_fired_at = CASE WHEN $3::text IS NULL THEN last_fired_at ELSE $5 END,
     last_workflow_id = coalesce($3, last_workflow_id),
     last_run_id = CASE WHEN $3::text IS NULL THEN last_run_id ELSE $4 END,
-    fired_count = fired_count + CASE WHEN $3::text IS NULL THEN 0 ELSE 1 END,
+    fired_count = fired_count + CASE WHEN $6 THEN 1 ELSE 0 END,
     skipped_count = skipped_count + CASE WHEN $3::text IS NULL THEN 1 ELSE 0 END,
     updated_at = now()
 WHERE id = $1;

@@ -1743,16 +1743,21 @@ class Store:
         schedule: ScheduleRecord,
         *,
         next_fire_at: datetime,
-        started: WorkflowRun | None,
+        run: WorkflowRun | None,
+        created: bool = False,
+        fired_at: datetime | None = None,
     ) -> None:
-        """Record a firing of a locked schedule: the run it started, or none (skipped)."""
+        """Record a firing of a locked schedule: its run (``created``: started by it, else
+        found open under its workflow id), or none (skipped); ``fired_at``: the time it fired
+        for (default: its due time)."""
         await conn.execute(
             Q["advance_schedule"],
             schedule.schedule_id,
             next_fire_at,
-            started.workflow_id if started else None,
-            started.run_id if started else None,
-            schedule.next_fire_at,
+            run.workflow_id if run else None,
+            run.run_id if run else None,
+            fired_at or schedule.next_fire_at,
+            created,
         )
 
     async def reset_breaker(self, key: str) -> None:

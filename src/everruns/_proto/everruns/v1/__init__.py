@@ -75,6 +75,8 @@ __all__ = (
     "StartedActivity",
     "StreamCancellationsRequest",
     "Task",
+    "TriggerScheduleRequest",
+    "TriggerScheduleResponse",
     "WorkerHeartbeatRequest",
     "WorkerHeartbeatResponse",
     "WorkerInfo",
@@ -1796,6 +1798,38 @@ default_message_pool.register_message("everruns.v1", "Task", Task)
 
 
 @dataclass(eq=False, repr=False)
+class TriggerScheduleRequest(betterproto2.Message):
+    schedule_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+
+default_message_pool.register_message(
+    "everruns.v1", "TriggerScheduleRequest", TriggerScheduleRequest
+)
+
+
+@dataclass(eq=False, repr=False)
+class TriggerScheduleResponse(betterproto2.Message):
+    schedule: "Schedule | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
+
+    workflow_id: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    the run started: "<schedule_id>@<now, to the second>"
+    """
+
+    run_id: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+
+    created: "bool" = betterproto2.field(4, betterproto2.TYPE_BOOL)
+    """
+    false: that workflow id had an open run already (this second's firing)
+    """
+
+
+default_message_pool.register_message(
+    "everruns.v1", "TriggerScheduleResponse", TriggerScheduleResponse
+)
+
+
+@dataclass(eq=False, repr=False)
 class WorkerHeartbeatRequest(betterproto2.Message):
     worker_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
     """
@@ -2716,6 +2750,27 @@ class WorkflowServiceStub(betterproto2_grpclib.ServiceStub):
             metadata=metadata,
         )
 
+    async def trigger_schedule(
+        self,
+        message: "TriggerScheduleRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "TriggerScheduleResponse":
+        """
+        Start a run of a schedule now, besides its times.
+        """
+
+        return await self._unary_unary(
+            "/everruns.v1.WorkflowService/TriggerSchedule",
+            message,
+            TriggerScheduleResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
 
 class CallServiceBase(betterproto2_grpclib.ServiceBase):
     async def calls(self, messages: "AsyncIterator[Call]") -> "AsyncIterator[CallReply]":
@@ -3152,6 +3207,15 @@ class WorkflowServiceBase(betterproto2_grpclib.ServiceBase):
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
+    async def trigger_schedule(
+        self, message: "TriggerScheduleRequest"
+    ) -> "TriggerScheduleResponse":
+        """
+        Start a run of a schedule now, besides its times.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
     async def __rpc_start_workflow(
         self, stream: "grpclib.server.Stream[StartWorkflowRequest, StartWorkflowResponse]"
     ) -> None:
@@ -3298,6 +3362,14 @@ class WorkflowServiceBase(betterproto2_grpclib.ServiceBase):
         response = await self.delete_schedule(request)
         await stream.send_message(response)
 
+    async def __rpc_trigger_schedule(
+        self, stream: "grpclib.server.Stream[TriggerScheduleRequest, TriggerScheduleResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.trigger_schedule(request)
+        await stream.send_message(response)
+
     def __mapping__(self) -> "dict[str, grpclib.const.Handler]":
         return {
             "/everruns.v1.WorkflowService/StartWorkflow": grpclib.const.Handler(
@@ -3407,5 +3479,11 @@ class WorkflowServiceBase(betterproto2_grpclib.ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 DeleteScheduleRequest,
                 DeleteScheduleResponse,
+            ),
+            "/everruns.v1.WorkflowService/TriggerSchedule": grpclib.const.Handler(
+                self.__rpc_trigger_schedule,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                TriggerScheduleRequest,
+                TriggerScheduleResponse,
             ),
         }
