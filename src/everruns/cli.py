@@ -337,6 +337,12 @@ def render_schedules(schedules: Sequence[ScheduleInfo], next_page_token: str | N
     return table
 
 
+def _next_firing(schedule: ScheduleInfo) -> str:
+    if not schedule.paused:
+        return _when(schedule.next_fire_at)
+    return f"paused ({schedule.paused_reason})" if schedule.paused_reason else "paused"
+
+
 def render_schedule(schedule: ScheduleInfo) -> str:
     """The human form of `schedule show` and of what the other schedule verbs answer."""
     rows = [
@@ -348,7 +354,7 @@ def render_schedule(schedule: ScheduleInfo) -> str:
         ("workflow type", schedule.workflow_type),
         ("input", _compact(schedule.input)),
         ("overlap", schedule.overlap),
-        ("next firing", "paused" if schedule.paused else _when(schedule.next_fire_at)),
+        ("next firing", _next_firing(schedule)),
         ("last firing", _when(schedule.last_fired_at)),
         ("last workflow", schedule.last_workflow_id or "-"),
         ("fired / skipped", f"{schedule.fired_count} / {schedule.skipped_count}"),
@@ -642,7 +648,13 @@ async def _schedule_create(client: Client, args: argparse.Namespace, out: Output
         paused=args.paused,
         replace=args.replace,
     )
-    said = "created" if created else "unchanged" if not args.replace else "created or replaced"
+    said = (
+        "created"
+        if created
+        else "exists (replaced where it differed)"
+        if args.replace
+        else "exists, unchanged"
+    )
     out.emit(
         {"schedule": schedule, "created": created},
         f"schedule {schedule.schedule_id} {said}\n{render_schedule(schedule)}",

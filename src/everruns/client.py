@@ -34,6 +34,7 @@ from everruns.domain.address import (
     parse_address,
 )
 from everruns.domain.budget import ENVELOPE_BYTES, SEND_BUDGET, field_bytes, split, text_bytes
+from everruns.domain.cron import SCHEDULE_OVERLAPS
 from everruns.domain.limits import check_name
 from everruns.domain.limits import check_utf8 as _check_text
 from everruns.domain.packing import pack_blobs, unpack_uuids
@@ -490,7 +491,10 @@ class ScheduleInfo:
         input: each run's input (decoded JSON).
         overlap: ``"skip"`` (a firing while the last run is open starts nothing) or ``"allow"``.
         paused: whether it is paused.
-        next_fire_at: when it fires next (a paused one: when it would have).
+        paused_reason: why the control plane paused it (a spec or a row edited by hand
+            into one it cannot fire), or None.
+        next_fire_at: when it fires next (a paused one: the time it had when paused;
+            resuming sets the spec's next time from then).
         last_fired_at: when the last run it started was due, or None.
         last_workflow_id: that run's workflow id, or None.
         last_run_id: that run's id, or None.
@@ -505,6 +509,7 @@ class ScheduleInfo:
     input: Any
     overlap: str
     paused: bool
+    paused_reason: str | None
     next_fire_at: datetime
     last_fired_at: datetime | None
     last_workflow_id: str | None
@@ -523,6 +528,7 @@ class ScheduleInfo:
             input=decode(msg.input, what="input"),
             overlap=msg.overlap,
             paused=msg.paused,
+            paused_reason=msg.paused_reason or None,
             next_fire_at=_required_time(msg.next_fire_at),
             last_fired_at=_time(msg.last_fired_at),
             last_workflow_id=msg.last_workflow_id or None,
@@ -1323,13 +1329,15 @@ class Client:
                 epoch).
             overlap: ``"skip"``: a firing while the run it started last is still open starts
                 nothing (counted in ``skipped_count``); ``"allow"``: it starts another run.
-            paused: create it paused (`resume_schedule` starts it).
-            replace: replace another definition under ``schedule_id`` instead of refusing.
+            paused: create it paused (`resume_schedule` starts it); a schedule that exists
+                stays as it is, paused or not.
+            replace: replace another definition under ``schedule_id`` instead of refusing
+                (what it fired so far, and whether it is paused, stay).
 
         Returns:
             ``(schedule, created)``. The same definition again returns the existing schedule
             unchanged with ``created`` False, so a create may be retried or run at every
-            deploy.
+            deploy (a retry whose first try was applied also says False).
 
         Raises:
             InvalidArgument: a malformed field; a spec's fault is named (``minute 75 is out of
@@ -1337,9 +1345,14 @@ class Client:
             AlreadyExists: ``schedule_id`` names a schedule with another definition (and not
                 ``replace``).
             PayloadError: ``input`` is not exact JSON; raised before anything is sent.
+            ResourceExhausted: ``input`` is over the control plane's payload limit.
             ServerUnavailable: the control plane stayed unreachable through the retries.
         """
         name = _workflow_type(workflow)
+        if overlap not in SCHEDULE_OVERLAPS:
+            raise InvalidArgument(
+                f"overlap must be one of {', '.join(SCHEDULE_OVERLAPS)}, got {overlap!r}"
+            )
         request = pb.CreateScheduleRequest(
             schedule_id=_check_string(schedule_id, "schedule_id"),
             spec=_check_string(spec, "spec"),

@@ -293,7 +293,13 @@ async def test_a_spec_broken_by_hand_pauses_its_schedule_instead_of_failing_the_
     await pool.execute("UPDATE durable_schedules SET spec = 'every tuesday' WHERE id = 'broken'")
     await pool.execute("UPDATE durable_schedules SET next_fire_at = now() - interval '1 s'")
     assert await engine.fire_due_schedules() == 1  # "fine" fired all the same
-    assert (await engine.get_schedule("broken")).paused
+    broken = await engine.get_schedule("broken")
+    assert broken.paused and broken.paused_reason is not None
+    assert "InvalidArgument: spec:" in broken.paused_reason
+    # Resumed (after the operator mends it), the reason is gone.
+    await pool.execute("UPDATE durable_schedules SET spec = '@hourly' WHERE id = 'broken'")
+    resumed = await engine.pause_schedule("broken", paused=False)
+    assert not resumed.paused and resumed.paused_reason is None
     assert [r["workflow_id"][:5] for r in await _runs_of(pool, "fine")] == ["fine@"]
 
 
@@ -427,7 +433,9 @@ async def test_the_due_scan_reads_the_due_index_among_many_schedules(
         " FROM generate_series(1, 5000) g"
     )
     await pool.execute("ANALYZE durable_schedules")
-    (row,) = await pool.fetch("EXPLAIN (FORMAT JSON) " + QUERIES["lock_due_schedules"], 100)
+    (row,) = await pool.fetch(
+        "EXPLAIN (FORMAT JSON) " + QUERIES["lock_due_schedules"], 100, datetime.now(UTC)
+    )
     plan = json.dumps(json.loads(row[0]))
     assert "durable_schedules_due" in plan and "Seq Scan" not in plan
     await pool.execute(
@@ -502,3 +510,23 @@ async def test_a_firing_whose_workflow_id_is_open_already_takes_that_run(
     after = await engine.get_schedule("tick")
     assert (after.fired_count, after.last_run_id) == (0, mine.run_id)
     assert len(await _runs_of(pool, "tick")) == 1
+
+
+@fail_after(30)
+async def test_replace_keeps_a_paused_schedule_paused(
+    store: Store, pool: pg.Pool, database_url: str
+) -> None:
+    engine = _engine(store, database_url)
+    await _create(engine)
+    await engine.pause_schedule("tick", paused=True)
+    replaced, _ = await engine.create_schedule(
+        "tick", spec="@every 2h", workflow_type="report", input="2", replace=True
+    )
+    assert replaced.paused and (replaced.spec, replaced.input) == ("@every 2h", "2")
+    # Created paused: applies to a new schedule only.
+    fresh = await _create(engine, "fresh", paused=True)
+    assert fresh.paused
+    again, created = await engine.create_schedule(
+        "fresh", spec="@every 1h", workflow_type="report", input='{"n": 1}', paused=False
+    )
+    assert not created and again.paused

@@ -29,10 +29,14 @@ import attrs
 from everruns.domain.limits import shown
 from everruns.errors import InvalidArgument
 
-__all__ = ["MAX_SPEC_LENGTH", "Spec", "parse_spec"]
+__all__ = ["MAX_SPEC_LENGTH", "SCHEDULE_OVERLAPS", "Spec", "parse_spec"]
 
 MAX_SPEC_LENGTH: Final = 200
 """The longest spec accepted, in characters, surrounding spaces included."""
+
+SCHEDULE_OVERLAPS: Final = ("skip", "allow")
+"""What a schedule does when it fires while the run it started last is still open: skip the
+firing (the default), or start another run beside it."""
 
 _MAX_EVERY_SECONDS: Final = 366 * 86400
 _EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)

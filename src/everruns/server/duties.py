@@ -157,7 +157,10 @@ async def _scan_once(engine: Engine, since: datetime | None) -> tuple[datetime, 
     if since is None:
         since = await engine.store.now()
     await engine.fire_due_timers()
-    await engine.fire_due_schedules()
+    try:
+        await engine.fire_due_schedules()
+    except Exception as exc:  # the round's other duties go on; the next round tries again
+        log.warning("firing due schedules failed: %s", exc)
     await engine.enforce_timeouts()
     async with engine.store.transaction() as conn:
         await engine.store.apply_operator_requeues(conn)

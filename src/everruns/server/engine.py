@@ -37,7 +37,7 @@ from everruns.domain.commands import (
     StartTimer,
     command_from_dict,
 )
-from everruns.domain.cron import Spec, parse_spec
+from everruns.domain.cron import SCHEDULE_OVERLAPS, Spec, parse_spec
 from everruns.domain.lease import timeout_kind
 from everruns.domain.limits import check_name, check_type_name, shown
 from everruns.domain.parts import split_keeping_keys
@@ -49,6 +49,7 @@ from everruns.errors import (
     WORKER_SHUTDOWN_ERROR,
     AlreadyExists,
     DatabaseError,
+    DatabaseUnavailable,
     EverrunsError,
     FailedPrecondition,
     InvalidArgument,
@@ -114,10 +115,6 @@ class StartRequest(NamedTuple):
 CAPACITY_LOCK = 0x6576_0003
 """Advisory lock under which a start counts the queue and inserts (EVERRUNS_MAX_PENDING_TASKS);
 beside the duties' locks (`duties.RECLAIM_LOCK`, `duties.RETENTION_LOCK`)."""
-
-SCHEDULE_OVERLAPS = ("skip", "allow")
-"""What a schedule does when it fires while the run it started last is still open: skip the
-firing (the default), or start another run beside it."""
 
 MAX_SCHEDULE_ID_LENGTH = 491
 """The longest schedule id: a firing's workflow id is the schedule id, '@' and the firing's UTC
@@ -2359,24 +2356,31 @@ class Engine:
         paused: bool = False,
         replace: bool = False,
     ) -> tuple[ScheduleRecord, bool]:
-        """Create a schedule; returns it and whether it was created. The same definition
-        again returns the schedule unchanged (a retried create); another one is refused unless
-        ``replace``, which keeps what the schedule fired so far and its next firing when its
-        spec and pause are unchanged (else the next firing is the spec's next one from now).
+        """Create a schedule (``paused``: created paused); returns it and whether it was
+        created. The same definition again returns the schedule unchanged, paused or not (a
+        retried create, or one made at every deploy); another one is refused unless
+        ``replace``, which keeps what the schedule fired so far, whether it is paused, and its
+        next firing when its spec is unchanged (else the next firing is the spec's next one
+        from now).
 
         Raises:
             InvalidArgument: a field is malformed (the spec names its fault).
+            ResourceExhausted: the input is over ``EVERRUNS_MAX_PAYLOAD_BYTES``.
             AlreadyExists: the id names a schedule with another definition, without
                 ``replace``.
         """
         parsed = self._schedule_fields(schedule_id, spec, workflow_type, input, overlap)
-        definition = ScheduleDefinition(parsed.text, workflow_type, input, overlap, paused)
+        definition = ScheduleDefinition(parsed.text, workflow_type, input, overlap)
         async with self.store.transaction() as conn:
             now = await self.store.now(conn)
             existing = await self.store.lock_schedule(conn, schedule_id)
             if existing is None:
                 created = await self.store.insert_schedule(
-                    conn, schedule_id, definition, next_fire_at=parsed.next_after(now)
+                    conn,
+                    schedule_id,
+                    definition,
+                    next_fire_at=parsed.next_after(now),
+                    paused=paused,
                 )
                 if created is not None:
                     return created, True
@@ -2393,10 +2397,10 @@ class Engine:
                     f"schedule {schedule_id!r} exists with another definition "
                     "(replace it to change it)"
                 )
-            keep = existing.spec == parsed.text and existing.paused == paused
+            keep = existing.spec == parsed.text
             next_fire_at = existing.next_fire_at if keep else parsed.next_after(now)
-            replaced = await self.store.insert_schedule(
-                conn, schedule_id, definition, next_fire_at=next_fire_at, replace=True
+            replaced = await self.store.replace_schedule(
+                conn, schedule_id, definition, next_fire_at=next_fire_at
             )
             assert replaced is not None  # its row is locked
             return replaced, False
@@ -2501,9 +2505,12 @@ class Engine:
         still open (a run that continued as new counts as open), or when
         ``EVERRUNS_MAX_PENDING_TASKS`` tasks already wait."""
         started = 0
+        # Only what was due when the call began: a batch that takes longer than a schedule's
+        # interval must not find the schedules it fired due again (the call would not end).
+        due_by = await self.store.now()
         while True:
             async with self.store.transaction() as conn:
-                due = await self.store.lock_due_schedules(conn, limit=_FIRE_BATCH)
+                due = await self.store.lock_due_schedules(conn, due_by=due_by, limit=_FIRE_BATCH)
                 if not due:
                     return started
                 now = await self.store.now(conn)
@@ -2527,15 +2534,27 @@ class Engine:
     async def _fire(
         self, conn: Connection, schedule: ScheduleRecord, now: datetime, room: int | None
     ) -> bool:
-        """Fire one locked, due schedule; True when it started a run."""
+        """Fire one locked, due schedule; True when it started a run. A schedule the firing
+        cannot use (a spec that does not parse, a row the database refuses to start a run of:
+        edited by hand) is paused with the reason, not retried, and the batch goes on; only a
+        lost connection or an aborted transaction fails the batch (its next round retries)."""
         try:
-            spec = parse_spec(schedule.spec, "spec")
-        except InvalidArgument as exc:  # written by hand into the table: paused, not retried
-            log.error("schedule %r paused: its %s", schedule.schedule_id, exc)
+            async with conn.transaction():  # a savepoint: a firing that fails is undone alone
+                return await self._fire_once(conn, schedule, now, room)
+        except DatabaseUnavailable:
+            raise
+        except EverrunsError as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            log.error("schedule %r paused: %s", schedule.schedule_id, reason)
             await self.store.pause_schedule(
-                conn, schedule.schedule_id, paused=True, next_fire_at=None
+                conn, schedule.schedule_id, paused=True, next_fire_at=None, reason=reason
             )
             return False
+
+    async def _fire_once(
+        self, conn: Connection, schedule: ScheduleRecord, now: datetime, room: int | None
+    ) -> bool:
+        spec = parse_spec(schedule.spec, "spec")
         next_fire_at = spec.next_after(max(schedule.next_fire_at, now))
         run: WorkflowRun | None = None
         created = False

@@ -945,6 +945,7 @@ def _schedule(schedule: ScheduleRecord) -> pb.Schedule:
         fired_count=schedule.fired_count,
         skipped_count=schedule.skipped_count,
         created_at=_ts(schedule.created_at),
+        paused_reason=schedule.paused_reason or "",
     )
 
 

@@ -254,13 +254,13 @@ class BreakerRecord:
 
 
 class ScheduleDefinition(NamedTuple):
-    """What a schedule starts and when: the fields a create sets and compares."""
+    """What a schedule starts and when: the fields a create sets and compares (whether it is
+    paused is its state, not its definition)."""
 
     spec: str  # normalized (`everruns.domain.cron.Spec.text`)
     workflow_type: str
     input: str  # exact JSON text
     overlap: str  # 'skip': no firing while the last run is open; 'allow'
-    paused: bool
 
 
 @attrs.frozen
@@ -273,6 +273,7 @@ class ScheduleRecord:
     input: str
     overlap: str
     paused: bool
+    paused_reason: str | None  # why the control plane paused it
     next_fire_at: datetime
     last_fired_at: datetime | None
     last_workflow_id: str | None
@@ -284,9 +285,7 @@ class ScheduleRecord:
 
     @property
     def definition(self) -> ScheduleDefinition:
-        return ScheduleDefinition(
-            self.spec, self.workflow_type, self.input, self.overlap, self.paused
-        )
+        return ScheduleDefinition(self.spec, self.workflow_type, self.input, self.overlap)
 
     @classmethod
     def from_row(cls, row: Row) -> ScheduleRecord:
@@ -297,6 +296,7 @@ class ScheduleRecord:
             input=row["input"],
             overlap=row["overlap"],
             paused=row["paused"],
+            paused_reason=row["paused_reason"],
             next_fire_at=row["next_fire_at"],
             last_fired_at=row["last_fired_at"],
             last_workflow_id=row["last_workflow_id"],

@@ -606,7 +606,12 @@ SELECT extract(epoch FROM least(
      WHERE status = 'pending' AND visible_at > created_at AND visible_at > now()),
     (SELECT min(opened_at) + make_interval(secs => $1) FROM durable_circuit_breaker_state
      WHERE state = 'open' AND opened_at + make_interval(secs => $1) > now()),
-    (SELECT min(next_fire_at) FROM durable_schedules WHERE NOT paused)
+    -- A schedule still due after this round fired what it could is held by another
+    -- transaction (another control plane firing it, an operator's edit): look again in a
+    -- second, not at once.
+    (SELECT CASE WHEN min(next_fire_at) <= now() THEN now() + interval '1 second'
+                 ELSE min(next_fire_at) END
+     FROM durable_schedules WHERE NOT paused)
 ) - now())::float8;
 
 -- name: breakers_due_since
@@ -1566,7 +1571,7 @@ SELECT * FROM durable_schedules WHERE id = $1;
 -- Create a schedule unless its id is taken (then return nothing). NOTIFY wakes the
 -- due-scanners, which sleep until the next firing they know of.
 WITH s AS (
-    INSERT INTO durable_schedules (id, spec, workflow_type, input, overlap, paused, next_fire_at)
+    INSERT INTO durable_schedules (id, spec, workflow_type, input, overlap, next_fire_at, paused)
     VALUES ($1, $2, $3, $4::json, $5, $6, $7)
     ON CONFLICT (id) DO NOTHING
     RETURNING *
@@ -1574,22 +1579,24 @@ WITH s AS (
 SELECT s.* FROM s, LATERAL (SELECT pg_notify('everruns_timers', '')) n;
 
 -- name: replace_schedule
--- Replace a schedule's definition (its row locked by the caller); what it fired so far stays.
+-- Replace a schedule's definition (its row locked by the caller); what it fired so far, and
+-- whether it is paused, stay.
 WITH s AS (
     UPDATE durable_schedules
-    SET spec = $2, workflow_type = $3, input = $4::json, overlap = $5, paused = $6,
-        next_fire_at = $7, updated_at = now()
+    SET spec = $2, workflow_type = $3, input = $4::json, overlap = $5, next_fire_at = $6,
+        updated_at = now()
     WHERE id = $1
     RETURNING *
 )
 SELECT s.* FROM s, LATERAL (SELECT pg_notify('everruns_timers', '')) n;
 
 -- name: pause_schedule
--- Pause a schedule ($2 true) or resume it with its next firing $3 (what it missed while paused
--- is not fired).
+-- Pause a schedule ($2 true; $4: why, when the control plane pauses it) or resume it with its
+-- next firing $3 (what it missed while paused is not fired).
 WITH s AS (
     UPDATE durable_schedules
-    SET paused = $2, next_fire_at = coalesce($3, next_fire_at), updated_at = now()
+    SET paused = $2, next_fire_at = coalesce($3, next_fire_at), paused_reason = $4,
+        updated_at = now()
     WHERE id = $1
     RETURNING *
 )
@@ -1607,10 +1614,10 @@ ORDER BY id
 LIMIT $2;
 
 -- name: lock_due_schedules
--- Due schedules that are not paused, in due order, at most $1; rows another transaction holds
--- (another control plane firing them) are skipped, never waited for.
+-- Schedules that are not paused and were due by $2, in due order, at most $1; rows another
+-- transaction holds (another control plane firing them) are skipped, never waited for.
 SELECT * FROM durable_schedules
-WHERE NOT paused AND next_fire_at <= now()
+WHERE NOT paused AND next_fire_at <= $2
 ORDER BY next_fire_at, id
 LIMIT $1
 FOR UPDATE SKIP LOCKED;

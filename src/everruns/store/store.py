@@ -1322,8 +1322,8 @@ class Store:
         return keys, rows[0]["now"], None if later is None else max(0.0, float(later))
 
     async def seconds_until_due(self, *, breaker_open_duration: float) -> float | None:
-        """Seconds until the next timer fires, delayed task becomes visible or open breaker may
-        admit probes (None: none)."""
+        """Seconds until the next timer fires, delayed task becomes visible, open breaker may
+        admit probes or schedule fires (None: none)."""
         value = await self.pool.fetchval(Q["next_due"], breaker_open_duration)
         return None if value is None else float(value)
 
@@ -1699,23 +1699,40 @@ class Store:
         definition: ScheduleDefinition,
         *,
         next_fire_at: datetime,
-        replace: bool = False,
+        paused: bool = False,
     ) -> ScheduleRecord | None:
-        """Create the schedule (``replace``: replace the definition of the one the caller has
-        locked); None when creating found the id taken. Wakes the due-scanners."""
+        """Create the schedule, ``paused`` or not; None when its id is taken. Wakes the
+        due-scanners."""
         row = await conn.fetchrow(
-            Q["replace_schedule" if replace else "insert_schedule"],
-            schedule_id,
-            *definition,
-            next_fire_at,
+            Q["insert_schedule"], schedule_id, *definition, next_fire_at, paused
         )
         return None if row is None else ScheduleRecord.from_row(row)
 
-    async def pause_schedule(
-        self, conn: Connection, schedule_id: str, *, paused: bool, next_fire_at: datetime | None
+    async def replace_schedule(
+        self,
+        conn: Connection,
+        schedule_id: str,
+        definition: ScheduleDefinition,
+        *,
+        next_fire_at: datetime,
     ) -> ScheduleRecord | None:
-        """Pause or resume a schedule (resumed: its next firing is ``next_fire_at``)."""
-        row = await conn.fetchrow(Q["pause_schedule"], schedule_id, paused, next_fire_at)
+        """Replace the definition of a schedule the caller has locked (paused or not, it stays
+        so). Wakes the due-scanners."""
+        row = await conn.fetchrow(Q["replace_schedule"], schedule_id, *definition, next_fire_at)
+        return None if row is None else ScheduleRecord.from_row(row)
+
+    async def pause_schedule(
+        self,
+        conn: Connection,
+        schedule_id: str,
+        *,
+        paused: bool,
+        next_fire_at: datetime | None,
+        reason: str | None = None,
+    ) -> ScheduleRecord | None:
+        """Pause or resume a schedule (resumed: its next firing is ``next_fire_at``;
+        ``reason``: why the control plane paused it)."""
+        row = await conn.fetchrow(Q["pause_schedule"], schedule_id, paused, next_fire_at, reason)
         return None if row is None else ScheduleRecord.from_row(row)
 
     async def delete_schedule(self, schedule_id: str) -> bool:
@@ -1727,10 +1744,12 @@ class Store:
         rows = await self.pool.fetch(Q["list_schedules"], after, limit)
         return [ScheduleRecord.from_row(r) for r in rows]
 
-    async def lock_due_schedules(self, conn: Connection, *, limit: int) -> list[ScheduleRecord]:
-        """Lock due schedules that are not paused (those another transaction holds are
-        skipped), in due order."""
-        rows = await conn.fetch(Q["lock_due_schedules"], limit)
+    async def lock_due_schedules(
+        self, conn: Connection, *, due_by: datetime, limit: int
+    ) -> list[ScheduleRecord]:
+        """Lock schedules that are not paused and were due by ``due_by`` (those another
+        transaction holds are skipped), in due order."""
+        rows = await conn.fetch(Q["lock_due_schedules"], limit, due_by)
         return [ScheduleRecord.from_row(r) for r in rows]
 
     async def workflow_id_open(self, conn: Connection, workflow_id: str) -> bool:

@@ -2,17 +2,20 @@
 -- `@every` interval) names. The control plane's due-scanner fires a due schedule in one
 -- transaction that locks its row (SKIP LOCKED: several control planes fire each time once),
 -- starts the run and moves next_fire_at on. The last run is named by id only: retention may
--- delete it.
+-- delete it. The CHECKs keep rows edited by hand within what the firing can use: names as the
+-- runs table takes them, finite times (next_due subtracts them from now()).
 CREATE TABLE IF NOT EXISTS durable_schedules (
     -- a run's workflow id is the schedule id, '@' and the firing's UTC time (21 characters)
     id               text PRIMARY KEY CHECK (length(id) BETWEEN 1 AND 491),
-    spec             text NOT NULL,
-    workflow_type    text NOT NULL,
+    spec             text NOT NULL CHECK (length(spec) BETWEEN 1 AND 200),
+    workflow_type    text NOT NULL CHECK (length(workflow_type) BETWEEN 1 AND 512),
     input            json NOT NULL,
     overlap          text NOT NULL DEFAULT 'skip' CHECK (overlap IN ('skip', 'allow')),
     paused           boolean NOT NULL DEFAULT false,
-    next_fire_at     timestamptz NOT NULL,
-    last_fired_at    timestamptz,
+    -- why the control plane paused it (a spec or a firing it could not use), until resumed
+    paused_reason    text,
+    next_fire_at     timestamptz NOT NULL CHECK (isfinite(next_fire_at)),
+    last_fired_at    timestamptz CHECK (isfinite(last_fired_at)),
     last_workflow_id text,
     last_run_id      uuid,
     fired_count      bigint NOT NULL DEFAULT 0 CHECK (fired_count >= 0),

@@ -1483,6 +1483,11 @@ class Schedule(betterproto2.Message):
 
     created_at: "float" = betterproto2.field(13, betterproto2.TYPE_DOUBLE)
 
+    paused_reason: "str" = betterproto2.field(14, betterproto2.TYPE_STRING)
+    """
+    why the control plane paused it ("" when it did not)
+    """
+
 
 default_message_pool.register_message("everruns.v1", "Schedule", Schedule)
 
