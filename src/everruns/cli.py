@@ -691,10 +691,19 @@ async def _schedule_resume(client: Client, args: argparse.Namespace, out: Output
 
 async def _schedule_trigger(client: Client, args: argparse.Namespace, out: Output) -> int:
     handle = await client.trigger_schedule(args.schedule_id)
+    if handle.created:
+        text = (
+            f"schedule {args.schedule_id} triggered: workflow {handle.workflow_id} "
+            f"(run {handle.run_id})"
+        )
+    else:
+        text = (
+            f"workflow {handle.workflow_id} is already open as run {handle.run_id} (this "
+            "second's firing); not started again"
+        )
     out.emit(
-        {"workflow_id": handle.workflow_id, "run_id": handle.run_id},
-        f"schedule {args.schedule_id} triggered: workflow {handle.workflow_id} "
-        f"(run {handle.run_id})",
+        {"workflow_id": handle.workflow_id, "run_id": handle.run_id, "created": handle.created},
+        text,
     )
     return EXIT_OK
 

@@ -495,7 +495,8 @@ class ScheduleInfo:
             into one it cannot fire), or None.
         next_fire_at: when it fires next (a paused one: the time it had when paused;
             resuming sets the spec's next time from then).
-        last_fired_at: when the last run it started was due, or None.
+        last_fired_at: the time its last run was for (when it was due, or when it was
+            triggered), or None.
         last_workflow_id: that run's workflow id, or None.
         last_run_id: that run's id, or None.
         fired_count: runs started.

@@ -18,7 +18,13 @@ import trio
 from everruns import cli
 from everruns._aio import pg
 from everruns.client import Client
-from everruns.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from everruns.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from everruns.server import ServerConfig
 from everruns.server.engine import Engine, StartRequest, schedule_workflow_id
 from everruns.server.notifier import Notifier
@@ -296,6 +302,8 @@ async def test_a_spec_broken_by_hand_pauses_its_schedule_instead_of_failing_the_
     broken = await engine.get_schedule("broken")
     assert broken.paused and broken.paused_reason is not None
     assert "InvalidArgument: spec:" in broken.paused_reason
+    with pytest.raises(FailedPrecondition, match="cannot resume: its spec:"):
+        await engine.pause_schedule("broken", paused=False)
     # Resumed (after the operator mends it), the reason is gone.
     await pool.execute("UPDATE durable_schedules SET spec = '@hourly' WHERE id = 'broken'")
     resumed = await engine.pause_schedule("broken", paused=False)

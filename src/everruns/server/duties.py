@@ -1,6 +1,7 @@
 """The control plane's background duties: stale-task reclamation, lost workers, the
-dead-letter requeues operators write with the runbook's SQL, and the cancellation of child runs
-and activities their parent or run left open.
+dead-letter requeues operators write with the runbook's SQL, the cancellation of child runs
+and activities their parent or run left open, and (in the due-scanner) timers, schedules and
+timeouts.
 
 Each duty is a loop in the server's nursery. Duties that must run once across several control
 planes take a PostgreSQL advisory lock for each round (try-lock: a replica that does not get it
@@ -175,7 +176,10 @@ async def _scan_once(engine: Engine, since: datetime | None) -> tuple[datetime, 
     waits = [
         w
         for w in (
-            await engine.store.seconds_until_due(breaker_open_duration=open_duration),
+            await engine.store.seconds_until_due(
+                breaker_open_duration=open_duration,
+                schedules_fired_by=engine.schedules_fired_by,
+            ),
             await engine.store.seconds_until_timeout(),
             # A task waiting now is claimed within a second unless its wake-up was lost (a
             # claim that skipped its locked row, say): look again when it would straggle,

@@ -20,7 +20,7 @@ from typing import Any, Literal, NamedTuple
 import attrs
 import trio
 
-from everruns._aio.pg import Connection
+from everruns._aio.pg import Connection, sqlstate_of
 from everruns.domain import history as ev
 from everruns.domain.breaker import BreakerConfig
 from everruns.domain.budget import text_bytes
@@ -120,7 +120,10 @@ MAX_SCHEDULE_ID_LENGTH = 491
 """The longest schedule id: a firing's workflow id is the schedule id, '@' and the firing's UTC
 time (`schedule_workflow_id`), within `MAX_NAME_LENGTH`."""
 
-_FIRE_BATCH = 100  # due schedules fired in one transaction
+_FIRE_BATCH = 50
+"""Due schedules fired in one transaction, each in a savepoint: under the 64 subtransactions
+PostgreSQL keeps in a backend's cache (beyond them, every snapshot taken meanwhile looks
+subtransactions up on disk)."""
 
 _REQUEST_IDS = uuid.UUID("5f0e2a6c-3b8d-4c51-9a7e-2d4b8c1f6e93")
 
@@ -244,6 +247,10 @@ def _check_open(run: WorkflowRun, workflow_id: str, verb: str) -> None:
 
 class Engine:
     """Durable operations the control plane serves."""
+
+    schedules_fired_by: datetime | None = None
+    """When the last call of `fire_due_schedules` began: what was due by then and is due still
+    is held by another transaction (`Store.seconds_until_due`)."""
 
     def __init__(self, store: Store, config: ServerConfig, notifier: Notifier) -> None:
         self.store = store
@@ -2421,9 +2428,14 @@ class Engine:
                 return existing
             next_fire_at = None
             if not paused:
-                next_fire_at = parse_spec(existing.spec, "spec").next_after(
-                    await self.store.now(conn)
-                )
+                try:
+                    spec = parse_spec(existing.spec, "spec")
+                except InvalidArgument as exc:
+                    raise FailedPrecondition(
+                        f"schedule {schedule_id!r} cannot resume: its {exc}; create it again "
+                        "with a spec that parses (replace)"
+                    ) from None
+                next_fire_at = spec.next_after(await self.store.now(conn))
             changed = await self.store.pause_schedule(
                 conn, schedule_id, paused=paused, next_fire_at=next_fire_at
             )
@@ -2474,7 +2486,8 @@ class Engine:
                     f"{self.config.max_pending_tasks} tasks are already waiting "
                     "(EVERRUNS_MAX_PENDING_TASKS); retry later"
                 )
-            now = (await self.store.now(conn)).replace(microsecond=0)
+            # The clock after the row's lock was had (a firing may have held it).
+            now = (await self.store.statement_now(conn)).replace(microsecond=0)
             request = StartRequest(
                 schedule.workflow_type,
                 schedule.input,
@@ -2507,7 +2520,7 @@ class Engine:
         started = 0
         # Only what was due when the call began: a batch that takes longer than a schedule's
         # interval must not find the schedules it fired due again (the call would not end).
-        due_by = await self.store.now()
+        due_by = self.schedules_fired_by = await self.store.now()
         while True:
             async with self.store.transaction() as conn:
                 due = await self.store.lock_due_schedules(conn, due_by=due_by, limit=_FIRE_BATCH)
@@ -2541,9 +2554,9 @@ class Engine:
         try:
             async with conn.transaction():  # a savepoint: a firing that fails is undone alone
                 return await self._fire_once(conn, schedule, now, room)
-        except DatabaseUnavailable:
-            raise
-        except EverrunsError as exc:
+        except (EverrunsError, ValueError) as exc:
+            if not _refused_by_data(exc):  # passing (a timeout, a lost connection): retried
+                raise
             reason = f"{type(exc).__name__}: {exc}"
             log.error("schedule %r paused: %s", schedule.schedule_id, reason)
             await self.store.pause_schedule(
@@ -2896,6 +2909,25 @@ def _parse_commands(text: str) -> list[Command]:
 
 
 _YEAR_3000 = 32503680000.0
+
+
+# SQLSTATE classes of errors a row's contents cause (data exceptions, integrity constraint
+# violations), and an error raised by a trigger of the operator's: a firing refused so is
+# refused again next time. Any other (a statement timeout, a lock timeout, a lost connection,
+# a deadlock) may pass.
+_DATA_ERROR_CLASSES = ("22", "23")
+_RAISED_BY_TRIGGER = "P0001"
+
+
+def _refused_by_data(exc: BaseException) -> bool:
+    """Whether a schedule's firing failed because of the schedule's row (its spec, its names,
+    what a trigger makes of them), not because of the database's state."""
+    if isinstance(exc, DatabaseUnavailable):
+        return False
+    state = sqlstate_of(exc)
+    if state is None:  # raised by everruns itself: a spec that does not parse, a year 9999
+        return not isinstance(exc, DatabaseError)
+    return state[:2] in _DATA_ERROR_CLASSES or state == _RAISED_BY_TRIGGER
 
 
 def schedule_workflow_id(schedule_id: str, fire_at: datetime) -> str:

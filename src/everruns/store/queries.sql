@@ -367,6 +367,11 @@ RETURNING t.*;
 -- The database's clock (transaction time).
 SELECT now();
 
+-- name: statement_now
+-- The database's clock when this statement began (later than now() in a transaction that
+-- waited for a lock).
+SELECT statement_timestamp();
+
 -- name: count_pending_tasks
 -- How many tasks wait in the queue.
 SELECT count(*) FROM durable_task_queue WHERE status = 'pending';
@@ -598,19 +603,20 @@ WHERE run_id = $1 AND status NOT IN ('fired', 'cancelled');
 
 -- name: next_due
 -- Seconds until the next timer fires, a delayed task becomes visible, an open breaker may
--- admit probes ($1: the breakers' open duration) or a schedule fires (NULL: nothing waits;
--- negative: a schedule is past due, another control plane firing it).
+-- admit probes ($1: the breakers' open duration) or a schedule fires ($2: when the round's
+-- firing of schedules began) (NULL: nothing waits; negative: something is due now).
 SELECT extract(epoch FROM least(
     (SELECT min(fire_at) FROM durable_timers WHERE status = 'pending'),
     (SELECT min(visible_at) FROM durable_task_queue
      WHERE status = 'pending' AND visible_at > created_at AND visible_at > now()),
     (SELECT min(opened_at) + make_interval(secs => $1) FROM durable_circuit_breaker_state
      WHERE state = 'open' AND opened_at + make_interval(secs => $1) > now()),
-    -- A schedule still due after this round fired what it could is held by another
+    -- A schedule due by $2, when this round's firing began, and due still, is held by another
     -- transaction (another control plane firing it, an operator's edit): look again in a
-    -- second, not at once.
-    (SELECT CASE WHEN min(next_fire_at) <= now() THEN now() + interval '1 second'
-                 ELSE min(next_fire_at) END
+    -- second, not at once. One due since (or with $2 NULL, none fired) is looked at now.
+    (SELECT least(min(next_fire_at) FILTER (WHERE next_fire_at > coalesce($2::timestamptz, now())),
+                  CASE WHEN bool_or(next_fire_at <= coalesce($2::timestamptz, now()))
+                       THEN now() + interval '1 second' END)
      FROM durable_schedules WHERE NOT paused)
 ) - now())::float8;
 

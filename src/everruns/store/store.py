@@ -296,6 +296,11 @@ class Store:
         async with self.pool.transaction() as conn:
             yield conn
 
+    async def statement_now(self, conn: Connection) -> datetime:
+        """The database clock as of this statement (`now` is the transaction's start)."""
+        value: datetime = await conn.fetchval(Q["statement_now"])
+        return value
+
     async def now(self, conn: Connection | None = None) -> datetime:
         """The database clock."""
         if conn is not None:
@@ -1321,10 +1326,14 @@ class Store:
         keys = [r["key"] for r in rows if r["key"] is not None]
         return keys, rows[0]["now"], None if later is None else max(0.0, float(later))
 
-    async def seconds_until_due(self, *, breaker_open_duration: float) -> float | None:
+    async def seconds_until_due(
+        self, *, breaker_open_duration: float, schedules_fired_by: datetime | None = None
+    ) -> float | None:
         """Seconds until the next timer fires, delayed task becomes visible, open breaker may
-        admit probes or schedule fires (None: none)."""
-        value = await self.pool.fetchval(Q["next_due"], breaker_open_duration)
+        admit probes or schedule fires (None: none). A schedule due by
+        ``schedules_fired_by`` (when the round's firing began) and due still is held by another
+        transaction: it counts as a second away."""
+        value = await self.pool.fetchval(Q["next_due"], breaker_open_duration, schedules_fired_by)
         return None if value is None else float(value)
 
     async def breakers_due_since(self, since: datetime, *, open_duration: float) -> bool:
