@@ -34,7 +34,7 @@ from everruns.domain.address import (
     parse_address,
 )
 from everruns.domain.budget import ENVELOPE_BYTES, SEND_BUDGET, field_bytes, split, text_bytes
-from everruns.domain.cron import SCHEDULE_OVERLAPS
+from everruns.domain.cron import check_overlap
 from everruns.domain.limits import check_name
 from everruns.domain.limits import check_utf8 as _check_text
 from everruns.domain.packing import pack_blobs, unpack_uuids
@@ -1350,16 +1350,12 @@ class Client:
             ServerUnavailable: the control plane stayed unreachable through the retries.
         """
         name = _workflow_type(workflow)
-        if overlap not in SCHEDULE_OVERLAPS:
-            raise InvalidArgument(
-                f"overlap must be one of {', '.join(SCHEDULE_OVERLAPS)}, got {overlap!r}"
-            )
         request = pb.CreateScheduleRequest(
             schedule_id=_check_string(schedule_id, "schedule_id"),
             spec=_check_string(spec, "spec"),
             workflow_type=name,
             input=encode(input, what=f"input of schedule {schedule_id!r}"),
-            overlap=_check_string(overlap, "overlap"),
+            overlap=check_overlap(overlap),
             paused=_check_flag(paused, "paused"),
             replace=_check_flag(replace, "replace"),
         )

@@ -241,19 +241,11 @@ async def test_schedule_created_and_shown_through_the_cli(
     async with open_cluster(database_url, tmp_path / "run") as cluster:
         await cluster.start_server()
         await cluster.start_worker("worker-a")
-        created = await cluster.cli(
-            "--json",
-            "schedule",
-            "create",
-            "cli-tick",
-            "three_steps",
-            "--spec",
-            "@every 1s",
-            "--input",
-            "3",
-            "--overlap",
-            "allow",
+        create = (
+            *("schedule", "create", "cli-tick", "three_steps", "--spec", "@every 1s"),
+            *("--input", "3", "--overlap", "allow"),
         )
+        created = await cluster.cli("--json", *create)
         assert created.code == 0, created.describe()
         document = created.json()
         assert document["created"] is True
@@ -268,18 +260,7 @@ async def test_schedule_created_and_shown_through_the_cli(
         assert "three_steps" in shown.stdout and "@every 1s" in shown.stdout
         described = (await cluster.cli("--json", "schedule", "show", "cli-tick")).json()
         assert described["schedule"]["fired_count"] >= 1
-        again = await cluster.cli(
-            "schedule",
-            "create",
-            "cli-tick",
-            "three_steps",
-            "--spec",
-            "@every 1s",
-            "--input",
-            "3",
-            "--overlap",
-            "allow",
-        )
+        again = await cluster.cli(*create)
         assert again.code == 0, again.describe()
         assert "unchanged" in again.stdout
         runs = await stop_and_settle(cluster, pool, "cli-tick")

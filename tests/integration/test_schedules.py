@@ -379,9 +379,7 @@ async def _cli(
 
 @fail_after(60)
 async def test_the_schedule_commands(address: str, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = await _cli(
-        capsys,
-        address,
+    create = (
         "schedule",
         "create",
         "nightly",
@@ -391,19 +389,9 @@ async def test_the_schedule_commands(address: str, capsys: pytest.CaptureFixture
         "--input",
         '{"n": 1}',
     )
+    code, out, _ = await _cli(capsys, address, *create)
     assert code == cli.EXIT_OK and "schedule nightly created" in out and "03:00:00Z" in out
-    code, out, _ = await _cli(
-        capsys,
-        address,
-        "schedule",
-        "create",
-        "nightly",
-        "report",
-        "--spec",
-        "0 3 * * *",
-        "--input",
-        '{"n": 1}',
-    )
+    code, out, _ = await _cli(capsys, address, *create)
     assert code == cli.EXIT_OK and "unchanged" in out
     code, _, err = await _cli(
         capsys, address, "schedule", "create", "nightly", "report", "--spec", "0 4 * * *"

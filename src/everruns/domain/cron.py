@@ -29,7 +29,7 @@ import attrs
 from everruns.domain.limits import shown
 from everruns.errors import InvalidArgument
 
-__all__ = ["MAX_SPEC_LENGTH", "SCHEDULE_OVERLAPS", "Spec", "parse_spec"]
+__all__ = ["MAX_SPEC_LENGTH", "SCHEDULE_OVERLAPS", "Spec", "check_overlap", "parse_spec"]
 
 MAX_SPEC_LENGTH: Final = 200
 """The longest spec accepted, in characters, surrounding spaces included."""
@@ -37,6 +37,19 @@ MAX_SPEC_LENGTH: Final = 200
 SCHEDULE_OVERLAPS: Final = ("skip", "allow")
 """What a schedule does when it fires while the run it started last is still open: skip the
 firing (the default), or start another run beside it."""
+
+
+def check_overlap(value: object) -> str:
+    """Return ``value`` if it is one of `SCHEDULE_OVERLAPS`.
+
+    Raises:
+        InvalidArgument: it is not; the one-line message lists them.
+    """
+    if not isinstance(value, str) or value not in SCHEDULE_OVERLAPS:
+        got = shown(value) if isinstance(value, str) else repr(value)
+        raise InvalidArgument(f"overlap must be one of {', '.join(SCHEDULE_OVERLAPS)}, got {got}")
+    return value
+
 
 _MAX_EVERY_SECONDS: Final = 366 * 86400
 _EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)

@@ -37,7 +37,7 @@ from everruns.domain.commands import (
     StartTimer,
     command_from_dict,
 )
-from everruns.domain.cron import SCHEDULE_OVERLAPS, Spec, parse_spec
+from everruns.domain.cron import Spec, check_overlap, parse_spec
 from everruns.domain.lease import timeout_kind
 from everruns.domain.limits import check_name, check_type_name, shown
 from everruns.domain.parts import split_keeping_keys
@@ -49,7 +49,6 @@ from everruns.errors import (
     WORKER_SHUTDOWN_ERROR,
     AlreadyExists,
     DatabaseError,
-    DatabaseUnavailable,
     EverrunsError,
     FailedPrecondition,
     InvalidArgument,
@@ -311,10 +310,15 @@ class Engine:
                 conn, [(r.workflow_id or None, r.run_id) for r in requests]
             )
             if adding and await self.store.count_pending(conn) + adding > limit:
-                raise ResourceExhausted(
-                    f"{limit} tasks are already waiting (EVERRUNS_MAX_PENDING_TASKS); retry later"
-                )
+                raise self._queue_full()
             yield
+
+    def _queue_full(self) -> ResourceExhausted:
+        """What a start refused under ``EVERRUNS_MAX_PENDING_TASKS`` raises."""
+        return ResourceExhausted(
+            f"{self.config.max_pending_tasks} tasks are already waiting "
+            "(EVERRUNS_MAX_PENDING_TASKS); retry later"
+        )
 
     # ------------------------------------------------------------------ starting
 
@@ -2346,10 +2350,7 @@ class Engine:
         parsed = parse_spec(spec, "spec")
         check_type_name(workflow_type, "workflow_type")
         self.check_payload(input, "input")
-        if overlap not in SCHEDULE_OVERLAPS:
-            raise InvalidArgument(
-                f"overlap must be one of {', '.join(SCHEDULE_OVERLAPS)}, got {shown(overlap)}"
-            )
+        check_overlap(overlap)
         return parsed
 
     async def create_schedule(
@@ -2482,29 +2483,10 @@ class Engine:
                 raise NotFound(f"no schedule {schedule_id!r}")
             room = await self._room_for_firings(conn)
             if room is not None and room <= 0:
-                raise ResourceExhausted(
-                    f"{self.config.max_pending_tasks} tasks are already waiting "
-                    "(EVERRUNS_MAX_PENDING_TASKS); retry later"
-                )
+                raise self._queue_full()
             # The clock after the row's lock was had (a firing may have held it).
             now = (await self.store.statement_now(conn)).replace(microsecond=0)
-            request = StartRequest(
-                schedule.workflow_type,
-                schedule.input,
-                schedule_workflow_id(schedule.schedule_id, now),
-            )
-            run, created = await self._start(conn, request)
-            await self.store.advance_schedule(
-                conn,
-                schedule,
-                next_fire_at=schedule.next_fire_at,
-                run=run,
-                created=created,
-                fired_at=now,
-            )
-            triggered = await self.store.lock_schedule(conn, schedule_id)
-            assert triggered is not None  # its row is locked
-            return triggered, run, created
+            return await self._fire_at(conn, schedule, now, next_fire_at=schedule.next_fire_at)
 
     async def fire_due_schedules(self) -> int:
         """Fire every due schedule that is not paused; return how many runs started.
@@ -2518,15 +2500,18 @@ class Engine:
         still open (a run that continued as new counts as open), or when
         ``EVERRUNS_MAX_PENDING_TASKS`` tasks already wait."""
         started = 0
-        # Only what was due when the call began: a batch that takes longer than a schedule's
-        # interval must not find the schedules it fired due again (the call would not end).
-        due_by = self.schedules_fired_by = await self.store.now()
+        due_by: datetime | None = None
         while True:
             async with self.store.transaction() as conn:
+                now = await self.store.now(conn)
+                if due_by is None:
+                    # Only what was due when the call began: a batch that takes longer than a
+                    # schedule's interval must not find the schedules it fired due again (the
+                    # call would not end).
+                    due_by = self.schedules_fired_by = now
                 due = await self.store.lock_due_schedules(conn, due_by=due_by, limit=_FIRE_BATCH)
                 if not due:
                     return started
-                now = await self.store.now(conn)
                 room = await self._room_for_firings(conn)
                 for schedule in due:
                     if await self._fire(conn, schedule, now, room):
@@ -2569,8 +2554,6 @@ class Engine:
     ) -> bool:
         spec = parse_spec(schedule.spec, "spec")
         next_fire_at = spec.next_after(max(schedule.next_fire_at, now))
-        run: WorkflowRun | None = None
-        created = False
         last = schedule.last_workflow_id
         if schedule.overlap == "skip" and last and await self.store.workflow_id_open(conn, last):
             log.info(
@@ -2588,18 +2571,31 @@ class Engine:
                 self.config.max_pending_tasks,
             )
         else:
-            request = StartRequest(
-                schedule.workflow_type,
-                schedule.input,
-                schedule_workflow_id(schedule.schedule_id, schedule.next_fire_at),
+            _, _, created = await self._fire_at(
+                conn, schedule, schedule.next_fire_at, next_fire_at=next_fire_at
             )
-            # A run open under that workflow id already (started by hand, or by a trigger in
-            # the second this time fell due) is this firing's run: not started twice.
-            run, created = await self._start(conn, request)
+            return created
         await self.store.advance_schedule(
-            conn, schedule, next_fire_at=next_fire_at, run=run, created=created
+            conn, schedule, next_fire_at=next_fire_at, run=None, fired_at=schedule.next_fire_at
         )
-        return created
+        return False
+
+    async def _fire_at(
+        self, conn: Connection, schedule: ScheduleRecord, at: datetime, *, next_fire_at: datetime
+    ) -> tuple[ScheduleRecord, WorkflowRun, bool]:
+        """Start the run of ``schedule``'s firing for ``at`` (a time it fell due, or a
+        trigger's) and record it, with ``next_fire_at`` its next time; returns the schedule as
+        recorded, the run and whether it was created. A run open under that workflow id
+        already (started by hand, or by a trigger in the second this time fell due) is the
+        firing's run: not started twice."""
+        request = StartRequest(
+            schedule.workflow_type, schedule.input, schedule_workflow_id(schedule.schedule_id, at)
+        )
+        run, created = await self._start(conn, request)
+        recorded = await self.store.advance_schedule(
+            conn, schedule, next_fire_at=next_fire_at, run=run, created=created, fired_at=at
+        )
+        return recorded, run, created
 
 
 class _UnclosedBreakers:
@@ -2922,8 +2918,6 @@ _RAISED_BY_TRIGGER = "P0001"
 def _refused_by_data(exc: BaseException) -> bool:
     """Whether a schedule's firing failed because of the schedule's row (its spec, its names,
     what a trigger makes of them), not because of the database's state."""
-    if isinstance(exc, DatabaseUnavailable):
-        return False
     state = sqlstate_of(exc)
     if state is None:  # raised by everruns itself: a spec that does not parse, a year 9999
         return not isinstance(exc, DatabaseError)

@@ -1637,6 +1637,7 @@ SELECT EXISTS (SELECT 1 FROM durable_workflow_instances
 -- Record a firing of a locked schedule: the run it started or found open under its workflow id
 -- ($3 that id, $4 the run id, $5 the time it fired for: its due time, or now for a trigger;
 -- $6 whether it started the run), or a firing skipped ($3 NULL); its next firing is $2.
+-- Returns the row as recorded.
 UPDATE durable_schedules
 SET next_fire_at = $2,
     last_fired_at = CASE WHEN $3::text IS NULL THEN last_fired_at ELSE $5 END,
@@ -1645,4 +1646,5 @@ SET next_fire_at = $2,
     fired_count = fired_count + CASE WHEN $6 THEN 1 ELSE 0 END,
     skipped_count = skipped_count + CASE WHEN $3::text IS NULL THEN 1 ELSE 0 END,
     updated_at = now()
-WHERE id = $1;
+WHERE id = $1
+RETURNING *;

@@ -1772,21 +1772,23 @@ class Store:
         *,
         next_fire_at: datetime,
         run: WorkflowRun | None,
+        fired_at: datetime,
         created: bool = False,
-        fired_at: datetime | None = None,
-    ) -> None:
-        """Record a firing of a locked schedule: its run (``created``: started by it, else
-        found open under its workflow id), or none (skipped); ``fired_at``: the time it fired
-        for (default: its due time)."""
-        await conn.execute(
+    ) -> ScheduleRecord:
+        """Record a firing of a locked schedule for ``fired_at``: its run (``created``: started
+        by it, else found open under its workflow id), or none (skipped). Returns the schedule
+        as recorded."""
+        row = await conn.fetchrow(
             Q["advance_schedule"],
             schedule.schedule_id,
             next_fire_at,
             run.workflow_id if run else None,
             run.run_id if run else None,
-            fired_at or schedule.next_fire_at,
+            fired_at,
             created,
         )
+        assert row is not None  # its row is locked
+        return ScheduleRecord.from_row(row)
 
     async def reset_breaker(self, key: str) -> None:
         """Close a breaker and forget its counts (idempotent).
